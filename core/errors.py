@@ -1,0 +1,168 @@
+"""The domain's errors.
+
+Each error names a stable, machine-readable `reason` and a `category` saying what kind of
+failure it is; the API boundary maps categories to status codes in one table. `retryable`
+says whether the same request may succeed if sent again unchanged.
+
+    CofferError
+    ├── InvalidArgument        bad input, named by field             (INVALID_ARGUMENT)
+    ├── NotFound               UnitNotFound, WalletNotFound, …       (NOT_FOUND)
+    ├── AlreadyExists          IdempotencyKeyReused, UnitExists      (ALREADY_EXISTS)
+    ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …   (FAILED_PRECONDITION)
+    ├── LinkedOperationFailed  another operation of a linked chain failed (ABORTED)
+    ├── Overloaded             the batcher's queue is full           (RESOURCE_EXHAUSTED)
+    └── Unavailable            the store cannot be reached now       (UNAVAILABLE)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import ClassVar
+
+
+class Category(Enum):
+    invalid_argument = "invalid_argument"
+    not_found = "not_found"
+    already_exists = "already_exists"
+    failed_precondition = "failed_precondition"
+    aborted = "aborted"
+    resource_exhausted = "resource_exhausted"
+    unavailable = "unavailable"
+
+
+class CofferError(Exception):
+    reason: ClassVar[str] = "INTERNAL"
+    category: ClassVar[Category] = Category.unavailable
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.message == other.message  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.message))
+
+
+class InvalidArgument(CofferError):
+    reason = "INVALID_ARGUMENT"
+    category = Category.invalid_argument
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(CofferError):
+    category = Category.not_found
+
+
+class UnitNotFound(NotFound):
+    reason = "UNIT_NOT_FOUND"
+
+
+class WalletNotFound(NotFound):
+    reason = "WALLET_NOT_FOUND"
+
+
+class TransferNotFound(NotFound):
+    reason = "TRANSFER_NOT_FOUND"
+
+
+class HoldNotFound(NotFound):
+    reason = "HOLD_NOT_FOUND"
+
+
+class AlreadyExists(CofferError):
+    category = Category.already_exists
+
+
+class IdempotencyKeyReused(AlreadyExists):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class UnitExists(AlreadyExists):
+    reason = "UNIT_EXISTS"
+
+
+class FailedPrecondition(CofferError):
+    category = Category.failed_precondition
+
+
+class InsufficientFunds(FailedPrecondition):
+    reason = "INSUFFICIENT_FUNDS"
+
+
+class WalletNotActive(FailedPrecondition):
+    reason = "WALLET_NOT_ACTIVE"
+
+
+class WalletNotEmpty(FailedPrecondition):
+    reason = "WALLET_NOT_EMPTY"
+
+
+class WalletKindMismatch(FailedPrecondition):
+    reason = "WALLET_KIND_MISMATCH"
+
+
+class UnitMismatch(FailedPrecondition):
+    reason = "UNIT_MISMATCH"
+
+
+class SameWallet(FailedPrecondition):
+    reason = "SAME_WALLET"
+
+
+class AlreadyVoided(FailedPrecondition):
+    reason = "ALREADY_VOIDED"
+
+
+class NotVoidable(FailedPrecondition):
+    reason = "NOT_VOIDABLE"
+
+
+class HoldExpired(FailedPrecondition):
+    reason = "HOLD_EXPIRED"
+
+
+class HoldNotPending(FailedPrecondition):
+    reason = "HOLD_NOT_PENDING"
+
+
+class CaptureExceedsHold(FailedPrecondition):
+    reason = "CAPTURE_EXCEEDS_HOLD"
+
+
+class BalanceOverflow(FailedPrecondition):
+    reason = "BALANCE_OVERFLOW"
+
+
+class LinkedOperationFailed(CofferError):
+    reason = "LINKED_OPERATION_FAILED"
+    category = Category.aborted
+
+
+class Overloaded(CofferError):
+    reason = "OVERLOADED"
+    category = Category.resource_exhausted
+    retryable = True
+
+
+class Unavailable(CofferError):
+    reason = "UNAVAILABLE"
+    category = Category.unavailable
+    retryable = True
+
+
+def reasons() -> dict[str, type[CofferError]]:
+    """Every concrete error by its reason."""
+    found: dict[str, type[CofferError]] = {}
+    pending: list[type[CofferError]] = [CofferError]
+    while pending:
+        error = pending.pop()
+        pending.extend(error.__subclasses__())
+        if error.reason != "INTERNAL" and error.__subclasses__() == []:
+            found[error.reason] = error
+    return found
