@@ -1,0 +1,990 @@
+"""The ledger on PostgreSQL: applies batches of operations, and answers queries.
+
+A batch is one database transaction:
+1. find the batch's idempotency keys already stored (replays, or keys reused for another
+   request) and its duplicates;
+2. read the earlier transfers and holds that voids, captures and releases name;
+3. lock every wallet the batch touches, once, with SELECT … FOR UPDATE in ascending id order
+   (so batches never deadlock), then the open holds it resolves;
+4. validate each operation in order against that state in memory (`rules.apply_all`);
+5. write all transfers with one set-based INSERT, and update each touched wallet row once.
+
+Keys are stored on the transfers themselves, in the same transaction as the postings: a
+replay after a crash or a restart finds them. Two batches racing on one new key meet at the
+unique index; the loser retries, and then finds the key stored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from . import errors, rules
+from .model import (
+    Applied,
+    Balance,
+    CaptureHold,
+    Credit,
+    Debit,
+    Deposit,
+    ExpireHold,
+    Hold,
+    HoldStatus,
+    NewWallet,
+    Operation,
+    OwnerKind,
+    Payment,
+    PlaceHold,
+    ReleaseHold,
+    SystemWallet,
+    Transfer,
+    TransferKind,
+    Unit,
+    UnitKind,
+    Void,
+    Wallet,
+    WalletStatus,
+    WalletTransfer,
+    Withdrawal,
+)
+
+T = TypeVar("T")
+
+batch_operations_max = 8000
+page_size_max = 1000
+transaction_retries_max = 5
+wallet_unit_cache_max = 100_000
+expiry_batch_max = 1000
+# The caller under which the ledger writes on its own behalf (hold expiry).
+system_caller = "@coffer"
+
+_retryable_database_errors = (
+    asyncpg.UniqueViolationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFilter:
+    wallet_id: int | None = None
+    kinds: tuple[TransferKind, ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    # Where the next page starts (an id to pass back as the cursor); None on the last page.
+    cursor: int | None
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await connection.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min(2, size_max), max_size=size_max, init=_init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+class Ledger:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        # Facts that never change once written: a wallet's unit, a unit's system wallets.
+        self._wallet_units: dict[int, str] = {}
+        self._system_wallets: dict[tuple[str, SystemWallet], int] = {}
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    # Units -------------------------------------------------------------------------------------
+
+    async def create_unit(self, unit: Unit) -> Unit:
+        """Creates the unit and its system wallets; idempotent for the same definition."""
+        async with self._connection() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                """
+                insert into units (code, kind, name, plural, description, scale)
+                values ($1, $2, $3, $4, $5, $6)
+                on conflict (code) do nothing
+                returning *
+                """,
+                unit.code,
+                unit.kind,
+                unit.name,
+                unit.plural,
+                unit.description,
+                unit.scale,
+            )
+            if row is None:
+                existing = _unit(
+                    await connection.fetchrow("select * from units where code = $1", unit.code)
+                )
+                if not existing.same_definition(unit):
+                    raise errors.UnitExists(f"unit {unit.code} exists with another definition")
+                return existing
+            await connection.executemany(
+                "insert into wallets (owner_id, owner_kind, unit) values ($1, $2, $3)",
+                [(which.name, OwnerKind.system, unit.code) for which in SystemWallet],
+            )
+            return _unit(row)
+
+    async def get_unit(self, code: str) -> Unit:
+        async with self._connection() as connection:
+            row = await connection.fetchrow("select * from units where code = $1", code)
+        if row is None:
+            raise errors.UnitNotFound(f"unit {code} does not exist")
+        return _unit(row)
+
+    async def list_units(self) -> list[Unit]:
+        async with self._connection() as connection:
+            rows = await connection.fetch("select * from units order by code")
+        return [_unit(row) for row in rows]
+
+    # Wallets -----------------------------------------------------------------------------------
+
+    async def create_wallet(self, new: NewWallet) -> Wallet:
+        request_hash = new.request_hash()
+        async with self._connection() as connection, connection.transaction():
+            if not await connection.fetchval("select true from units where code = $1", new.unit):
+                raise errors.UnitNotFound(f"unit {new.unit} does not exist")
+            row = await connection.fetchrow(
+                f"""
+                insert into wallets (owner_id, owner_kind, unit, balance_minimum, metadata,
+                                     caller, idempotency_key, request_hash)
+                values ($1, $2, $3, $4, $5, $6, $7, $8)
+                on conflict (caller, idempotency_key) where idempotency_key is not null
+                do nothing
+                returning {_wallet_columns}
+                """,
+                new.owner_id,
+                new.owner_kind,
+                new.unit,
+                new.balance_minimum,
+                dict(new.metadata) or None,
+                new.caller,
+                new.idempotency_key,
+                request_hash,
+            )
+            if row is None:
+                row = await connection.fetchrow(
+                    f"""
+                    select {_wallet_columns}, request_hash from wallets
+                    where caller = $1 and idempotency_key = $2
+                    """,
+                    new.caller,
+                    new.idempotency_key,
+                )
+                assert row is not None
+                if row["request_hash"] != request_hash:
+                    raise _key_reused(new.idempotency_key)
+        return _wallet(row)
+
+    async def get_wallet(self, wallet_id: int) -> Wallet:
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                f"select {_wallet_columns} from wallets where id = $1", wallet_id
+            )
+        if row is None:
+            raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+        return _wallet(row)
+
+    async def list_wallets(
+        self,
+        *,
+        owner_id: str | None = None,
+        owner_kind: OwnerKind | None = None,
+        unit: str | None = None,
+        page_size: int = 100,
+        after_id: int = 0,
+    ) -> Page[Wallet]:
+        assert 0 < page_size <= page_size_max
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                f"""
+                select {_wallet_columns} from wallets
+                where id > $1
+                  and ($2::text is null or owner_id = $2)
+                  and ($3::smallint is null or owner_kind = $3)
+                  and ($4::text is null or unit = $4)
+                order by id
+                limit $5
+                """,
+                after_id,
+                owner_id,
+                owner_kind,
+                unit,
+                page_size + 1,
+            )
+        wallets = [_wallet(row) for row in rows[:page_size]]
+        cursor = wallets[-1].id if len(rows) > page_size else None
+        return Page(wallets, cursor)
+
+    async def cancel_wallet(self, wallet_id: int) -> Wallet:
+        async with self._connection() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                f"select {_wallet_columns} from wallets where id = $1 for update", wallet_id
+            )
+            if row is None:
+                raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+            wallet = _wallet(row)
+            if wallet.owner_kind == OwnerKind.system:
+                raise errors.WalletKindMismatch(f"wallet {wallet_id} is a system wallet")
+            if wallet.status == WalletStatus.cancelled:
+                return wallet
+            if wallet.balance.posted != 0 or wallet.balance.pending != 0:
+                raise errors.WalletNotEmpty(
+                    f"wallet {wallet_id} holds {wallet.balance.posted}"
+                    f" with {wallet.balance.pending} on hold; empty it first"
+                )
+            row = await connection.fetchrow(
+                f"update wallets set status = $2 where id = $1 returning {_wallet_columns}",
+                wallet_id,
+                WalletStatus.cancelled,
+            )
+        return _wallet(row)
+
+    # Operations --------------------------------------------------------------------------------
+
+    async def apply(
+        self, operations: Sequence[Operation], *, now: datetime | None = None
+    ) -> list[Applied | errors.CofferError]:
+        """Applies a batch of operations in one database transaction: one result each.
+        `now` is the batch's time (tests move it); by default the clock's."""
+        assert 0 < len(operations) <= batch_operations_max, len(operations)
+        for _ in range(transaction_retries_max):
+            try:
+                async with self._connection() as connection, connection.transaction():
+                    batch = _Batch(self, connection, operations, now or datetime.now(UTC))
+                    return await batch.run()
+            except _retryable_database_errors:
+                continue
+        raise errors.Unavailable("the batch met conflicting writes too often; send it again")
+
+    async def expire_holds(self, now: datetime | None = None) -> int:
+        """Releases holds past their expiry; returns how many."""
+        now = now or datetime.now(UTC)
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                """
+                select transfer_id from pending_holds where expires_at <= $1
+                order by expires_at limit $2
+                """,
+                now,
+                expiry_batch_max,
+            )
+        if not rows:
+            return 0
+        outcomes = await self.apply(
+            [
+                ExpireHold(
+                    hold_id=row["transfer_id"],
+                    idempotency_key=f"hold-expiry:{row['transfer_id']}",
+                    caller=system_caller,
+                )
+                for row in rows
+            ],
+            now=now,
+        )
+        return sum(1 for outcome in outcomes if isinstance(outcome, Applied))
+
+    # Queries -----------------------------------------------------------------------------------
+
+    async def get_transfer(self, transfer_id: int) -> Transfer:
+        async with self._connection() as connection:
+            rows = await connection.fetch(f"{_select_transfers} where t.id = $1", transfer_id)
+        if not rows:
+            raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
+        return _transfer(rows[0])
+
+    async def list_transfers(
+        self, where: TransferFilter, *, page_size: int = 100, before_id: int | None = None
+    ) -> Page[Transfer]:
+        """Newest first."""
+        assert 0 < page_size <= page_size_max
+        arguments: list[Any] = []
+
+        def argument(value: Any, cast: str) -> str:
+            arguments.append(value)
+            return f"${len(arguments)}::{cast}"
+
+        conditions = []
+        if before_id is not None:
+            conditions.append(f"t.id < {argument(before_id, 'bigint')}")
+        if where.kinds:
+            conditions.append(f"t.kind = any({argument(list(where.kinds), 'smallint[]')})")
+        if where.start is not None:
+            conditions.append(f"t.created_at >= {argument(where.start, 'timestamptz')}")
+        if where.end is not None:
+            conditions.append(f"t.created_at < {argument(where.end, 'timestamptz')}")
+        if where.reference:
+            conditions.append(f"t.reference = {argument(where.reference, 'text')}")
+        limit = page_size + 1
+        if where.wallet_id is not None:
+            # One index range scan per side of the transfer, merged.
+            wallet = argument(where.wallet_id, "bigint")
+            sides = [
+                f"""(select t.id from transfers t where t.{side} = {wallet}
+                     {"".join(" and " + condition for condition in conditions)}
+                     order by t.id desc limit {limit})"""
+                for side in ("source_wallet_id", "target_wallet_id")
+            ]
+            query = f"""
+                {_select_transfers}
+                where t.id in (select id from ({" union all ".join(sides)}) ids)
+                order by t.id desc limit {limit}
+            """
+        else:
+            where_clause = " and ".join(conditions) or "true"
+            query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
+        async with self._connection() as connection:
+            rows = await connection.fetch(query, *arguments)
+        transfers = [_transfer(row) for row in rows[:page_size]]
+        cursor = transfers[-1].id if len(rows) > page_size else None
+        return Page(transfers, cursor)
+
+    async def get_hold(self, hold_id: int) -> Hold:
+        async with self._connection() as connection:
+            holds = await _holds(connection, [hold_id], datetime.now(UTC))
+        if hold_id not in holds:
+            raise errors.HoldNotFound(f"hold {hold_id} does not exist")
+        return holds[hold_id]
+
+    # Plumbing ----------------------------------------------------------------------------------
+
+    def _connection(self) -> Any:
+        return _guarded(self._pool.acquire())
+
+    async def _wallet_unit_map(
+        self, connection: asyncpg.Connection, wallet_ids: set[int]
+    ) -> dict[int, str]:
+        missing = [wallet_id for wallet_id in wallet_ids if wallet_id not in self._wallet_units]
+        if missing:
+            if len(self._wallet_units) + len(missing) > wallet_unit_cache_max:
+                self._wallet_units.clear()
+            rows = await connection.fetch(
+                "select id, unit from wallets where id = any($1::bigint[])", missing
+            )
+            self._wallet_units.update((row["id"], row["unit"]) for row in rows)
+        return {
+            wallet_id: self._wallet_units[wallet_id]
+            for wallet_id in wallet_ids
+            if wallet_id in self._wallet_units
+        }
+
+    async def _system_wallet_map(
+        self, connection: asyncpg.Connection, units: set[str]
+    ) -> dict[tuple[str, SystemWallet], int]:
+        missing = [
+            unit for unit in units if (unit, SystemWallet.operator) not in self._system_wallets
+        ]
+        if missing:
+            rows = await connection.fetch(
+                """
+                select unit, owner_id, id from wallets
+                where owner_kind = $1 and unit = any($2::text[])
+                """,
+                OwnerKind.system,
+                missing,
+            )
+            for row in rows:
+                self._system_wallets[(row["unit"], SystemWallet[row["owner_id"]])] = row["id"]
+        return {
+            key: wallet_id for key, wallet_id in self._system_wallets.items() if key[0] in units
+        }
+
+
+class _guarded:
+    """Acquires a connection; turns a lost database into Unavailable."""
+
+    def __init__(self, acquiring: Any) -> None:
+        self._acquiring = acquiring
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await self._acquiring.__aenter__()
+        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as error:
+            raise errors.Unavailable("the database cannot be reached") from error
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self._acquiring.__aexit__(*exc_info)
+        kind, value = exc_info[0], exc_info[1]
+        if kind is not None and issubclass(
+            kind, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+        ):
+            raise errors.Unavailable("the database connection was lost") from value
+
+
+# A batch -----------------------------------------------------------------------------------------
+
+_needs_system_wallet: dict[type[Operation], SystemWallet] = {
+    Credit: SystemWallet.operator,
+    Debit: SystemWallet.operator,
+    PlaceHold: SystemWallet.operator,
+    Deposit: SystemWallet.funding,
+    Withdrawal: SystemWallet.funding,
+}
+
+
+class _Batch:
+    def __init__(
+        self,
+        ledger: Ledger,
+        connection: asyncpg.Connection,
+        operations: Sequence[Operation],
+        now: datetime,
+    ) -> None:
+        self.ledger = ledger
+        self.connection = connection
+        self.operations = operations
+        self.now = now
+
+    async def run(self) -> list[Applied | errors.CofferError]:
+        operations = self.operations
+        settled, replays, duplicates = await self._settle_keys()
+        fresh = [index for index in range(len(operations)) if index not in settled]
+
+        book = rules.Book()
+        transfer_ids = set()
+        hold_ids = set()
+        for index in fresh:
+            operation = operations[index]
+            if isinstance(operation, Void):
+                transfer_ids.add(operation.transfer_id)
+            elif isinstance(operation, (CaptureHold, ReleaseHold, ExpireHold)):
+                hold_ids.add(operation.hold_id)
+        referenced = await self._referenced_transfers(transfer_ids | hold_ids)
+
+        wallet_ids = set()
+        for index in fresh:
+            wallet_ids.update(_wallets_named(operations[index]))
+        for transfer in referenced.values():
+            wallet_ids.update((transfer["source_wallet_id"], transfer["target_wallet_id"]))
+        units = await self.ledger._wallet_unit_map(self.connection, wallet_ids)
+        system_units = {
+            units[wallet_id]
+            for index in fresh
+            if type(operations[index]) in _needs_system_wallet
+            for wallet_id in _wallets_named(operations[index])
+            if wallet_id in units
+        }
+        if system_units:
+            book.system_wallets = await self.ledger._system_wallet_map(
+                self.connection, system_units
+            )
+            wallet_ids.update(book.system_wallets.values())
+
+        await self._lock_wallets(book, wallet_ids)
+        await self._lock_holds(book, referenced, hold_ids)
+        await self._load_voids(book, referenced, transfer_ids)
+
+        outcomes = rules.apply_all(book, operations, self.now, settled)
+        results = await self._write(book, outcomes)
+        if replays:
+            replayed = await _operation_results(self.connection, set(replays.values()), self.now)
+            for index, operation_id in replays.items():
+                results[index] = replayed[operation_id]
+        for index, first in duplicates.items():
+            results[index] = results[first]
+        assert all(result is not None for result in results)
+        return results  # type: ignore[return-value]
+
+    async def _settle_keys(
+        self,
+    ) -> tuple[dict[int, errors.CofferError | None], dict[int, int], dict[int, int]]:
+        """Which operations are replays of stored ones, which reuse a key for another
+        request, and which repeat an earlier one of this batch."""
+        operations = self.operations
+        settled: dict[int, errors.CofferError | None] = {}
+        replays: dict[int, int] = {}
+        duplicates: dict[int, int] = {}
+        first: dict[tuple[str, str], int] = {}
+        hashes = self.hashes = [operation.request_hash() for operation in operations]
+        for index, operation in enumerate(operations):
+            key = (operation.caller, operation.idempotency_key)
+            if key in first:
+                earlier = first[key]
+                if hashes[earlier] != hashes[index]:
+                    settled[index] = _key_reused(operation.idempotency_key)
+                else:
+                    settled[index] = None
+                    duplicates[index] = earlier
+            else:
+                first[key] = index
+        rows = await self.connection.fetch(
+            """
+            select t.caller, t.idempotency_key, t.request_hash, t.operation_id
+            from transfers t
+            join unnest($1::text[], $2::text[]) as k (caller, key)
+              on t.caller = k.caller and t.idempotency_key = k.key
+            """,
+            [key[0] for key in first],
+            [key[1] for key in first],
+        )
+        for row in rows:
+            index = first[(row["caller"], row["idempotency_key"])]
+            if row["request_hash"] != hashes[index]:
+                settled[index] = _key_reused(row["idempotency_key"])
+            else:
+                settled[index] = None
+                replays[index] = row["operation_id"]
+        # A duplicate of an operation that turned out to be stored is a replay too.
+        for index, earlier in list(duplicates.items()):
+            if earlier in replays:
+                replays[index] = replays[earlier]
+                del duplicates[index]
+            elif isinstance(settled.get(earlier), errors.CofferError):
+                settled[index] = settled[earlier]
+                del duplicates[index]
+        return settled, replays, duplicates
+
+    async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
+        if not ids:
+            return {}
+        rows = await self.connection.fetch(
+            """
+            select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at
+            from transfers where id = any($1::bigint[])
+            """,
+            list(ids),
+        )
+        return {row["id"]: row for row in rows}
+
+    async def _lock_wallets(self, book: rules.Book, wallet_ids: set[int]) -> None:
+        rows = await self.connection.fetch(
+            """
+            select id, unit, owner_kind, status, balance_minimum, posted, pending
+            from wallets where id = any($1::bigint[])
+            order by id
+            for update
+            """,
+            sorted(wallet_ids),
+        )
+        for row in rows:
+            book.wallets[row["id"]] = rules.WalletState(
+                id=row["id"],
+                unit=row["unit"],
+                owner_kind=OwnerKind(row["owner_kind"]),
+                status=WalletStatus(row["status"]),
+                balance_minimum=row["balance_minimum"],
+                posted=row["posted"],
+                pending=row["pending"],
+            )
+        self.original = {
+            wallet.id: (wallet.posted, wallet.pending) for wallet in book.wallets.values()
+        }
+
+    async def _lock_holds(
+        self, book: rules.Book, referenced: dict[int, asyncpg.Record], hold_ids: set[int]
+    ) -> None:
+        ids = sorted(
+            hold_id
+            for hold_id in hold_ids
+            if hold_id in referenced and referenced[hold_id]["kind"] == TransferKind.hold
+        )
+        if not ids:
+            return
+        rows = await self.connection.fetch(
+            """
+            select transfer_id from pending_holds where transfer_id = any($1::bigint[])
+            order by transfer_id
+            for update
+            """,
+            ids,
+        )
+        open_ids = {row["transfer_id"] for row in rows}
+        resolutions: dict[int, TransferKind] = {}
+        if len(open_ids) < len(ids):
+            for row in await self.connection.fetch(
+                "select hold_id, kind from transfers where hold_id = any($1::bigint[])",
+                [hold_id for hold_id in ids if hold_id not in open_ids],
+            ):
+                resolutions[row["hold_id"]] = TransferKind(row["kind"])
+        for hold_id in ids:
+            hold = referenced[hold_id]
+            book.holds[hold_id] = rules.HoldState(
+                id=hold_id,
+                source_wallet_id=hold["source_wallet_id"],
+                target_wallet_id=hold["target_wallet_id"],
+                amount=hold["amount"],
+                expires_at=hold["hold_expires_at"],
+                resolution=None
+                if hold_id in open_ids
+                else resolutions.get(hold_id, TransferKind.release),
+            )
+
+    async def _load_voids(
+        self, book: rules.Book, referenced: dict[int, asyncpg.Record], transfer_ids: set[int]
+    ) -> None:
+        ids = [transfer_id for transfer_id in transfer_ids if transfer_id in referenced]
+        if not ids:
+            return
+        for transfer_id in ids:
+            row = referenced[transfer_id]
+            book.transfers[transfer_id] = rules.TransferState(
+                id=transfer_id,
+                kind=TransferKind(row["kind"]),
+                source_wallet_id=row["source_wallet_id"],
+                target_wallet_id=row["target_wallet_id"],
+                amount=row["amount"],
+            )
+        rows = await self.connection.fetch(
+            """
+            select voids_transfer_id from transfers
+            where voids_transfer_id = any($1::bigint[])
+            """,
+            ids,
+        )
+        book.voided.update(row["voids_transfer_id"] for row in rows)
+
+    async def _write(
+        self, book: rules.Book, outcomes: list[rules.Outcome]
+    ) -> list[Applied | errors.CofferError | None]:
+        count = sum(len(outcome) for outcome in outcomes if isinstance(outcome, list))
+        results: list[Applied | errors.CofferError | None] = []
+        if count == 0:
+            return [outcome if isinstance(outcome, Exception) else None for outcome in outcomes]
+        ids = await self.connection.fetchval(
+            "select array(select nextval('transfers_id') from generate_series(1, $1))", count
+        )
+        columns: dict[str, list[Any]] = {name: [] for name, _ in _insert_columns}
+        new_holds: list[tuple[int, int, int, int, datetime]] = []
+        resolved_holds: list[int] = []
+        next_id = iter(ids)
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, Exception):
+                results.append(outcome)
+                continue
+            if not outcome:
+                results.append(None)
+                continue
+            operation = self.operations[index]
+            transfers = []
+            operation_id = 0
+            for position, posting in enumerate(outcome):
+                transfer_id = next(next_id)
+                if position == 0:
+                    operation_id = transfer_id
+                transfer = Transfer(
+                    id=transfer_id,
+                    operation_id=operation_id,
+                    kind=posting.kind,
+                    source_wallet_id=posting.source_wallet_id,
+                    target_wallet_id=posting.target_wallet_id,
+                    unit=book.wallets[posting.source_wallet_id].unit,
+                    amount=posting.amount,
+                    amount_requested=posting.amount_requested,
+                    note=operation.note,
+                    reference=operation.reference,
+                    performed_by=operation.performed_by,
+                    metadata=operation.metadata,
+                    created_at=self.now,
+                    voids_transfer_id=posting.voids_transfer_id,
+                    hold_id=posting.hold_id,
+                    hold_expires_at=posting.hold_expires_at,
+                )
+                transfers.append(transfer)
+                first = position == 0
+                columns["id"].append(transfer_id)
+                columns["operation_id"].append(operation_id)
+                columns["kind"].append(posting.kind)
+                columns["source_wallet_id"].append(posting.source_wallet_id)
+                columns["target_wallet_id"].append(posting.target_wallet_id)
+                columns["amount"].append(posting.amount)
+                columns["amount_requested"].append(posting.amount_requested)
+                columns["caller"].append(operation.caller if first else None)
+                columns["idempotency_key"].append(operation.idempotency_key if first else None)
+                columns["request_hash"].append(self.hashes[index] if first else None)
+                columns["note"].append(operation.note or None)
+                columns["reference"].append(operation.reference or None)
+                columns["performed_by"].append(operation.performed_by or None)
+                columns["metadata"].append(dict(operation.metadata) or None)
+                columns["voids_transfer_id"].append(posting.voids_transfer_id)
+                columns["hold_id"].append(posting.hold_id)
+                columns["hold_expires_at"].append(posting.hold_expires_at)
+                columns["created_at"].append(self.now)
+                if posting.kind == TransferKind.hold:
+                    assert posting.hold_expires_at is not None
+                    new_holds.append(
+                        (
+                            transfer_id,
+                            posting.source_wallet_id,
+                            posting.target_wallet_id,
+                            posting.amount,
+                            posting.hold_expires_at,
+                        )
+                    )
+                if posting.hold_id is not None:
+                    resolved_holds.append(posting.hold_id)
+            results.append(self._applied(index, transfers, book))
+        await self.connection.execute(_insert_transfers, *columns.values())
+        if new_holds:
+            await self.connection.execute(
+                """
+                insert into pending_holds
+                    (transfer_id, source_wallet_id, target_wallet_id, amount, expires_at)
+                select * from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                                     $5::timestamptz[])
+                """,
+                *zip(*new_holds, strict=True),
+            )
+        if resolved_holds:
+            await self.connection.execute(
+                "delete from pending_holds where transfer_id = any($1::bigint[])", resolved_holds
+            )
+        changed = [
+            wallet
+            for wallet in book.wallets.values()
+            if (wallet.posted, wallet.pending) != self.original[wallet.id]
+        ]
+        if changed:
+            await self.connection.execute(
+                """
+                update wallets w set posted = v.posted, pending = v.pending
+                from unnest($1::bigint[], $2::bigint[], $3::bigint[]) as v (id, posted, pending)
+                where w.id = v.id
+                """,
+                [wallet.id for wallet in changed],
+                [wallet.posted for wallet in changed],
+                [wallet.pending for wallet in changed],
+            )
+        return results
+
+    def _applied(self, index: int, transfers: list[Transfer], book: rules.Book) -> Applied:
+        first = transfers[0]
+        remaining = 0
+        if first.amount_requested is not None:
+            remaining = first.amount_requested - first.amount
+        hold = None
+        if first.kind == TransferKind.hold:
+            assert first.hold_expires_at is not None
+            hold = Hold(
+                id=first.id,
+                source_wallet_id=first.source_wallet_id,
+                target_wallet_id=first.target_wallet_id,
+                unit=first.unit,
+                amount=first.amount,
+                status=HoldStatus.pending,
+                expires_at=first.hold_expires_at,
+                created_at=first.created_at,
+            )
+        elif first.hold_id is not None:
+            state = book.holds[first.hold_id]
+            hold = Hold(
+                id=state.id,
+                source_wallet_id=state.source_wallet_id,
+                target_wallet_id=state.target_wallet_id,
+                unit=first.unit,
+                amount=state.amount,
+                status=_hold_status[first.kind],
+                expires_at=state.expires_at,
+                created_at=first.created_at,
+                resolved_by_transfer_id=first.id,
+                amount_captured=first.amount if first.kind == TransferKind.capture else 0,
+            )
+        return Applied(tuple(transfers), amount_remaining=remaining, hold=hold)
+
+
+_hold_status = {
+    TransferKind.capture: HoldStatus.captured,
+    TransferKind.release: HoldStatus.released,
+    TransferKind.hold_expiry: HoldStatus.expired,
+}
+
+
+def _wallets_named(operation: Operation) -> tuple[int, ...]:
+    match operation:
+        case Credit() | Debit() | Deposit() | Withdrawal():
+            return (operation.wallet_id,)
+        case WalletTransfer():
+            return (operation.source_wallet_id, operation.target_wallet_id)
+        case Payment():
+            return (operation.payer_wallet_id, operation.payee_wallet_id)
+        case PlaceHold():
+            if operation.target_wallet_id is None:
+                return (operation.wallet_id,)
+            return (operation.wallet_id, operation.target_wallet_id)
+    return ()
+
+
+async def _operation_results(
+    connection: asyncpg.Connection, operation_ids: set[int], now: datetime
+) -> dict[int, Applied]:
+    rows = await connection.fetch(
+        f"{_select_transfers} where t.operation_id = any($1::bigint[]) order by t.id",
+        list(operation_ids),
+    )
+    grouped: dict[int, list[Transfer]] = {}
+    for row in rows:
+        grouped.setdefault(row["operation_id"], []).append(_transfer(row))
+    hold_ids = {
+        transfer.id if transfer.kind == TransferKind.hold else transfer.hold_id
+        for transfers in grouped.values()
+        for transfer in transfers[:1]
+        if transfer.kind == TransferKind.hold or transfer.hold_id is not None
+    }
+    holds = await _holds(connection, {hold_id for hold_id in hold_ids if hold_id}, now)
+    results = {}
+    for operation_id, transfers in grouped.items():
+        first = transfers[0]
+        hold_id = first.id if first.kind == TransferKind.hold else first.hold_id
+        remaining = 0
+        if first.amount_requested is not None:
+            remaining = first.amount_requested - first.amount
+        results[operation_id] = Applied(
+            tuple(transfers),
+            amount_remaining=remaining,
+            hold=holds.get(hold_id) if hold_id else None,
+            replayed=True,
+        )
+    return results
+
+
+async def _holds(
+    connection: asyncpg.Connection, hold_ids: Sequence[int] | set[int], now: datetime
+) -> dict[int, Hold]:
+    rows = await connection.fetch(
+        """
+        select h.id, h.source_wallet_id, h.target_wallet_id, w.unit, h.amount,
+               h.hold_expires_at, h.created_at, r.id as resolved_by, r.kind as resolved_kind,
+               r.amount as resolved_amount
+        from transfers h
+        join wallets w on w.id = h.source_wallet_id
+        left join transfers r on r.hold_id = h.id
+        where h.id = any($1::bigint[]) and h.kind = $2
+        """,
+        list(hold_ids),
+        TransferKind.hold,
+    )
+    holds = {}
+    for row in rows:
+        if row["resolved_kind"] is not None:
+            status = _hold_status[TransferKind(row["resolved_kind"])]
+        elif row["hold_expires_at"] <= now:
+            status = HoldStatus.expired
+        else:
+            status = HoldStatus.pending
+        holds[row["id"]] = Hold(
+            id=row["id"],
+            source_wallet_id=row["source_wallet_id"],
+            target_wallet_id=row["target_wallet_id"],
+            unit=row["unit"],
+            amount=row["amount"],
+            status=status,
+            expires_at=row["hold_expires_at"],
+            created_at=row["created_at"],
+            resolved_by_transfer_id=row["resolved_by"],
+            amount_captured=row["resolved_amount"] if status == HoldStatus.captured else 0,
+        )
+    return holds
+
+
+def _key_reused(key: str) -> errors.IdempotencyKeyReused:
+    return errors.IdempotencyKeyReused(
+        f"idempotency key {key!r} was used for another request; use a new key"
+    )
+
+
+# Rows --------------------------------------------------------------------------------------------
+
+_wallet_columns = (
+    "id, owner_id, owner_kind, unit, status, balance_minimum, posted, pending, metadata, created_at"
+)
+
+_select_transfers = """
+    select t.id, t.operation_id, t.kind, t.source_wallet_id, t.target_wallet_id, w.unit,
+           t.amount, t.amount_requested, t.note, t.reference, t.performed_by, t.metadata,
+           t.created_at, t.voids_transfer_id, t.hold_id, t.hold_expires_at,
+           v.id as voided_by
+    from transfers t
+    join wallets w on w.id = t.source_wallet_id
+    left join transfers v on v.voids_transfer_id = t.id
+"""
+
+_insert_columns = [
+    ("id", "bigint"),
+    ("operation_id", "bigint"),
+    ("kind", "smallint"),
+    ("source_wallet_id", "bigint"),
+    ("target_wallet_id", "bigint"),
+    ("amount", "bigint"),
+    ("amount_requested", "bigint"),
+    ("caller", "text"),
+    ("idempotency_key", "text"),
+    ("request_hash", "bytea"),
+    ("note", "text"),
+    ("reference", "text"),
+    ("performed_by", "text"),
+    ("metadata", "jsonb"),
+    ("voids_transfer_id", "bigint"),
+    ("hold_id", "bigint"),
+    ("hold_expires_at", "timestamptz"),
+    ("created_at", "timestamptz"),
+]
+
+_insert_transfers = "insert into transfers ({}) select * from unnest({})".format(
+    ", ".join(name for name, _ in _insert_columns),
+    ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(_insert_columns, 1)),
+)
+
+
+def _unit(row: asyncpg.Record) -> Unit:
+    return Unit(
+        code=row["code"],
+        kind=UnitKind(row["kind"]),
+        name=row["name"],
+        plural=row["plural"],
+        description=row["description"],
+        scale=row["scale"],
+        created_at=row["created_at"],
+    )
+
+
+def _wallet(row: asyncpg.Record) -> Wallet:
+    return Wallet(
+        id=row["id"],
+        owner_id=row["owner_id"],
+        owner_kind=OwnerKind(row["owner_kind"]),
+        unit=row["unit"],
+        status=WalletStatus(row["status"]),
+        balance_minimum=row["balance_minimum"],
+        balance=Balance(posted=row["posted"], pending=row["pending"]),
+        metadata=row["metadata"] or {},
+        created_at=row["created_at"],
+    )
+
+
+def _transfer(row: asyncpg.Record) -> Transfer:
+    return Transfer(
+        id=row["id"],
+        operation_id=row["operation_id"],
+        kind=TransferKind(row["kind"]),
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        unit=row["unit"],
+        amount=row["amount"],
+        amount_requested=row["amount_requested"],
+        note=row["note"] or "",
+        reference=row["reference"] or "",
+        performed_by=row["performed_by"] or "",
+        metadata=row["metadata"] or {},
+        created_at=row["created_at"],
+        voids_transfer_id=row["voids_transfer_id"],
+        hold_id=row["hold_id"],
+        hold_expires_at=row["hold_expires_at"],
+        voided_by_transfer_id=row["voided_by"],
+    )

@@ -1,0 +1,463 @@
+"""Validation: whether an operation can be applied to the locked state, and what it writes.
+
+Pure and synchronous: `apply` takes the book (the states of the wallets, holds and earlier
+transfers a batch touches, locked by the caller) and one operation; it either raises one
+specific `CofferError`, leaving the book as it was, or returns the postings to write and
+updates the book. Each function runs its checks first, then — after the line
+`# Checks done.` — only writes, which cannot fail.
+
+`apply_all` runs a batch in order, with linked chains applied all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from . import errors
+from .model import (
+    CaptureHold,
+    Credit,
+    Debit,
+    DebitMode,
+    Deposit,
+    ExpireHold,
+    Operation,
+    OwnerKind,
+    Payment,
+    PlaceHold,
+    ReleaseHold,
+    SystemWallet,
+    TransferKind,
+    Void,
+    WalletStatus,
+    WalletTransfer,
+    Withdrawal,
+    balance_max,
+    balance_min,
+    posting_kinds,
+)
+
+
+@dataclass(slots=True)
+class WalletState:
+    id: int
+    unit: str
+    owner_kind: OwnerKind
+    status: WalletStatus
+    # None for system wallets, which have no floor.
+    balance_minimum: int | None
+    posted: int
+    pending: int
+
+    @property
+    def available(self) -> int:
+        return self.posted - self.pending
+
+
+@dataclass(slots=True)
+class HoldState:
+    id: int
+    source_wallet_id: int
+    target_wallet_id: int
+    amount: int
+    expires_at: datetime
+    # None while open; else the kind of transfer that resolved it.
+    resolution: TransferKind | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TransferState:
+    """An earlier transfer, as a void sees it."""
+
+    id: int
+    kind: TransferKind
+    source_wallet_id: int
+    target_wallet_id: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """A transfer to write; the ledger gives it an id and the operation's details."""
+
+    kind: TransferKind
+    source_wallet_id: int
+    target_wallet_id: int
+    amount: int
+    amount_requested: int | None = None
+    voids_transfer_id: int | None = None
+    hold_id: int | None = None
+    hold_expires_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class Book:
+    wallets: dict[int, WalletState] = field(default_factory=dict)
+    holds: dict[int, HoldState] = field(default_factory=dict)
+    transfers: dict[int, TransferState] = field(default_factory=dict)
+    voided: set[int] = field(default_factory=set)
+    system_wallets: dict[tuple[str, SystemWallet], int] = field(default_factory=dict)
+    # While a linked chain runs: how to undo what it changed.
+    undo: list[tuple[str, object, object]] | None = None
+
+    def adjust(self, wallet: WalletState, posted: int = 0, pending: int = 0) -> None:
+        if self.undo is not None:
+            self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending)))
+        wallet.posted += posted
+        wallet.pending += pending
+        assert wallet.pending >= 0, wallet
+        assert balance_min <= wallet.posted <= balance_max, wallet
+
+    def resolve(self, hold: HoldState, kind: TransferKind) -> None:
+        if self.undo is not None:
+            self.undo.append(("hold", hold, hold.resolution))
+        hold.resolution = kind
+
+    def mark_voided(self, transfer_id: int) -> None:
+        if self.undo is not None:
+            self.undo.append(("voided", transfer_id, None))
+        self.voided.add(transfer_id)
+
+    def rollback(self) -> None:
+        assert self.undo is not None
+        for kind, target, before in reversed(self.undo):
+            if kind == "wallet":
+                assert isinstance(target, WalletState) and isinstance(before, tuple)
+                target.posted, target.pending = before
+            elif kind == "hold":
+                assert isinstance(target, HoldState)
+                target.resolution = before  # type: ignore[assignment]
+            else:
+                self.voided.discard(target)  # type: ignore[arg-type]
+        self.undo.clear()
+
+
+Outcome = list[Posting] | errors.CofferError
+
+
+def apply_all(
+    book: Book,
+    operations: Sequence[Operation],
+    now: datetime,
+    settled: Mapping[int, errors.CofferError | None] | None = None,
+) -> list[Outcome]:
+    """Applies operations in order. The indexes in `settled` were settled before: with None,
+    elsewhere (a replay), succeeding with nothing to write; with an error, failing with it.
+    A failing operation fails only itself, unless it is in a linked chain: then the whole
+    chain is undone, the failing operation keeps its error and the others fail with
+    LinkedOperationFailed."""
+    settled = settled or {}
+    outcomes: list[Outcome] = []
+    count = len(operations)
+    start = 0
+    while start < count:
+        end = start
+        while end < count and operations[end].linked:
+            end += 1
+        if end == count:
+            # A chain left open by the batch's last operation.
+            outcomes.extend(_linked_failed() for _ in range(start, count - 1))
+            outcomes.append(
+                errors.InvalidArgument("linked", "the last operation of a batch cannot be linked")
+            )
+            break
+        book.undo = [] if end > start else None
+        chain: list[Outcome] = []
+        for index in range(start, end + 1):
+            if index in settled:
+                prior = settled[index]
+                if prior is None:
+                    chain.append([])
+                    continue
+                error = prior
+            else:
+                try:
+                    chain.append(apply(book, operations[index], now))
+                    continue
+                except errors.CofferError as raised:
+                    error = raised
+            chain.append(error)
+            if book.undo is not None:
+                book.rollback()
+                chain = [
+                    outcome if isinstance(outcome, errors.CofferError) else _linked_failed()
+                    for outcome in chain
+                ]
+                chain.extend(_linked_failed() for _ in range(index + 1, end + 1))
+                break
+        book.undo = None
+        outcomes.extend(chain)
+        start = end + 1
+    return outcomes
+
+
+def _linked_failed() -> errors.CofferError:
+    return errors.LinkedOperationFailed("another operation of the linked chain failed")
+
+
+def apply(book: Book, operation: Operation, now: datetime) -> list[Posting]:
+    match operation:
+        case Credit():
+            return _credit(book, operation)
+        case Debit():
+            return _debit(book, operation)
+        case WalletTransfer():
+            return _transfer(book, operation)
+        case Deposit():
+            return _deposit(book, operation)
+        case Withdrawal():
+            return _withdrawal(book, operation)
+        case Payment():
+            return _payment(book, operation)
+        case Void():
+            return _void(book, operation)
+        case PlaceHold():
+            return _place_hold(book, operation, now)
+        case CaptureHold():
+            return _capture_hold(book, operation, now)
+        case ReleaseHold():
+            return _release_hold(book, operation, now)
+        case ExpireHold():
+            return _expire_hold(book, operation, now)
+    raise AssertionError(f"unknown operation {operation!r}")
+
+
+def _credit(book: Book, operation: Credit) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
+    operator = _system_wallet(book, wallet.unit, SystemWallet.operator)
+    _check_move(operator, wallet, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.credit, operator, wallet, operation.amount)]
+
+
+def _debit(book: Book, operation: Debit) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
+    operator = _system_wallet(book, wallet.unit, SystemWallet.operator)
+    if operation.mode == DebitMode.up_to:
+        assert wallet.balance_minimum is not None
+        amount = min(operation.amount, max(0, wallet.available - wallet.balance_minimum))
+        # Checks done.
+        posting = _move(book, TransferKind.debit, wallet, operator, amount)
+        return [_with_request(posting, operation.amount)]
+    _check_move(wallet, operator, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.debit, wallet, operator, operation.amount)]
+
+
+def _transfer(book: Book, operation: WalletTransfer) -> list[Posting]:
+    source, target = _wallet_pair(book, operation.source_wallet_id, operation.target_wallet_id)
+    _check_move(source, target, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.transfer, source, target, operation.amount)]
+
+
+def _deposit(book: Book, operation: Deposit) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
+    funding = _system_wallet(book, wallet.unit, SystemWallet.funding)
+    _check_move(funding, wallet, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.deposit, funding, wallet, operation.amount)]
+
+
+def _withdrawal(book: Book, operation: Withdrawal) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
+    funding = _system_wallet(book, wallet.unit, SystemWallet.funding)
+    _check_move(wallet, funding, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.withdrawal, wallet, funding, operation.amount)]
+
+
+def _payment(book: Book, operation: Payment) -> list[Posting]:
+    payer, payee = _wallet_pair(book, operation.payer_wallet_id, operation.payee_wallet_id)
+    if payer.owner_kind != OwnerKind.customer:
+        raise errors.WalletKindMismatch(f"payer wallet {payer.id} is not a customer's")
+    if payee.owner_kind != OwnerKind.merchant:
+        raise errors.WalletKindMismatch(f"payee wallet {payee.id} is not a merchant's")
+    _check_move(payer, payee, operation.amount)
+    # Checks done.
+    return [_move(book, TransferKind.payment, payer, payee, operation.amount)]
+
+
+def _void(book: Book, operation: Void) -> list[Posting]:
+    original = book.transfers.get(operation.transfer_id)
+    if original is None:
+        raise errors.TransferNotFound(f"transfer {operation.transfer_id} does not exist")
+    if original.kind == TransferKind.void:
+        raise errors.NotVoidable(f"transfer {original.id} is a void; a void cannot be voided")
+    if original.kind not in posting_kinds:
+        raise errors.NotVoidable(
+            f"transfer {original.id} is a {original.kind.name}, which moves no posted money"
+        )
+    if original.id in book.voided:
+        raise errors.AlreadyVoided(f"transfer {original.id} is voided already")
+    # The reverse: back from the original target to the original source.
+    source = _wallet(book, original.target_wallet_id)
+    target = _wallet(book, original.source_wallet_id)
+    _check_active(source)
+    _check_active(target)
+    _check_move(source, target, original.amount)
+    # Checks done.
+    book.mark_voided(original.id)
+    posting = _move(book, TransferKind.void, source, target, original.amount)
+    return [_replace(posting, voids_transfer_id=original.id)]
+
+
+def _place_hold(book: Book, operation: PlaceHold, now: datetime) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
+    if operation.target_wallet_id is None:
+        target = _system_wallet(book, wallet.unit, SystemWallet.operator)
+    else:
+        wallet, target = _wallet_pair(book, operation.wallet_id, operation.target_wallet_id)
+    _check_move(wallet, target, operation.amount)
+    # Checks done.
+    book.adjust(wallet, pending=operation.amount)
+    expires_at = now + timedelta(seconds=operation.timeout_s)
+    return [
+        Posting(
+            TransferKind.hold, wallet.id, target.id, operation.amount, hold_expires_at=expires_at
+        )
+    ]
+
+
+def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Posting]:
+    hold = _open_hold(book, operation.hold_id, now)
+    amount = hold.amount if operation.amount is None else operation.amount
+    if amount > hold.amount:
+        raise errors.CaptureExceedsHold(
+            f"hold {hold.id} holds {hold.amount}; cannot capture {amount}"
+        )
+    source = _wallet(book, hold.source_wallet_id)
+    target = _wallet(book, hold.target_wallet_id)
+    _check_active(target)
+    if target.posted + amount > balance_max:
+        raise errors.BalanceOverflow(f"wallet {target.id} would exceed {balance_max}")
+    # Checks done: the source keeps its floor, as the hold reserved more than is captured.
+    book.resolve(hold, TransferKind.capture)
+    book.adjust(source, posted=-amount, pending=-hold.amount)
+    book.adjust(target, posted=amount)
+    return [Posting(TransferKind.capture, source.id, target.id, amount, hold_id=hold.id)]
+
+
+def _release_hold(book: Book, operation: ReleaseHold, now: datetime) -> list[Posting]:
+    hold = _open_hold(book, operation.hold_id, now)
+    # Checks done.
+    return [_unhold(book, hold, TransferKind.release)]
+
+
+def _expire_hold(book: Book, operation: ExpireHold, now: datetime) -> list[Posting]:
+    hold = _hold(book, operation.hold_id)
+    if hold.resolution is not None:
+        raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
+    if hold.expires_at > now:
+        raise errors.HoldNotPending(f"hold {hold.id} has not expired")
+    # Checks done.
+    return [_unhold(book, hold, TransferKind.hold_expiry)]
+
+
+# Lookups and checks ----------------------------------------------------------------------------
+
+
+def _wallet(book: Book, wallet_id: int) -> WalletState:
+    wallet = book.wallets.get(wallet_id)
+    if wallet is None:
+        raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+    return wallet
+
+
+def _user_wallet(book: Book, wallet_id: int) -> WalletState:
+    """A customer's or merchant's active wallet: system wallets are moved only by the ledger."""
+    wallet = _wallet(book, wallet_id)
+    if wallet.owner_kind == OwnerKind.system:
+        raise errors.WalletKindMismatch(f"wallet {wallet_id} is a system wallet")
+    _check_active(wallet)
+    return wallet
+
+
+def _wallet_pair(book: Book, source_id: int, target_id: int) -> tuple[WalletState, WalletState]:
+    if source_id == target_id:
+        raise errors.SameWallet(f"source and target are both wallet {source_id}")
+    source = _user_wallet(book, source_id)
+    target = _user_wallet(book, target_id)
+    if source.unit != target.unit:
+        raise errors.UnitMismatch(
+            f"wallet {source.id} holds {source.unit}, wallet {target.id} holds {target.unit}"
+        )
+    return source, target
+
+
+def _system_wallet(book: Book, unit: str, which: SystemWallet) -> WalletState:
+    wallet_id = book.system_wallets[(unit, which)]
+    return book.wallets[wallet_id]
+
+
+def _check_active(wallet: WalletState) -> None:
+    if wallet.status != WalletStatus.active:
+        raise errors.WalletNotActive(f"wallet {wallet.id} is {wallet.status.name}")
+
+
+def _check_move(source: WalletState, target: WalletState, amount: int) -> None:
+    if source.balance_minimum is None:
+        if source.posted - amount < balance_min:
+            raise errors.BalanceOverflow(f"wallet {source.id} would fall below {balance_min}")
+    elif source.available - amount < source.balance_minimum:
+        raise errors.InsufficientFunds(
+            f"wallet {source.id} has {source.available} available"
+            + (f" above its minimum {source.balance_minimum}" if source.balance_minimum else "")
+            + f", needs {amount}"
+        )
+    if target.posted + amount > balance_max:
+        raise errors.BalanceOverflow(f"wallet {target.id} would exceed {balance_max}")
+
+
+def _hold(book: Book, hold_id: int) -> HoldState:
+    hold = book.holds.get(hold_id)
+    if hold is None:
+        raise errors.HoldNotFound(f"hold {hold_id} does not exist")
+    return hold
+
+
+def _open_hold(book: Book, hold_id: int, now: datetime) -> HoldState:
+    hold = _hold(book, hold_id)
+    if hold.resolution == TransferKind.hold_expiry:
+        raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
+    if hold.resolution is not None:
+        raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
+    if hold.expires_at <= now:
+        raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
+    return hold
+
+
+def _resolution_name(hold: HoldState) -> str:
+    assert hold.resolution is not None
+    return {
+        TransferKind.capture: "captured",
+        TransferKind.release: "released",
+        TransferKind.hold_expiry: "expired",
+    }[hold.resolution]
+
+
+# Writes ----------------------------------------------------------------------------------------
+
+
+def _move(
+    book: Book, kind: TransferKind, source: WalletState, target: WalletState, amount: int
+) -> Posting:
+    book.adjust(source, posted=-amount)
+    book.adjust(target, posted=amount)
+    return Posting(kind, source.id, target.id, amount)
+
+
+def _unhold(book: Book, hold: HoldState, kind: TransferKind) -> Posting:
+    book.resolve(hold, kind)
+    book.adjust(book.wallets[hold.source_wallet_id], pending=-hold.amount)
+    return Posting(kind, hold.source_wallet_id, hold.target_wallet_id, hold.amount, hold_id=hold.id)
+
+
+def _with_request(posting: Posting, amount_requested: int) -> Posting:
+    return _replace(posting, amount_requested=amount_requested)
+
+
+def _replace(posting: Posting, **changes: object) -> Posting:
+    return replace(posting, **changes)  # type: ignore[arg-type]

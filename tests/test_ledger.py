@@ -1,0 +1,359 @@
+"""The ledger against a real PostgreSQL: each operation, its errors, idempotency, holds."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import pytest_asyncio
+from coffer.core import errors
+from coffer.core.ledger import Ledger, TransferFilter, create_pool
+from coffer.core.model import (
+    Applied,
+    CaptureHold,
+    Credit,
+    Debit,
+    DebitMode,
+    Deposit,
+    HoldStatus,
+    NewWallet,
+    OwnerKind,
+    Payment,
+    PlaceHold,
+    ReleaseHold,
+    TransferKind,
+    Unit,
+    UnitKind,
+    Void,
+    WalletTransfer,
+    Withdrawal,
+)
+
+_keys = itertools.count(1)
+
+
+def key() -> str:
+    return f"key-{next(_keys)}"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+    pool = await create_pool(database_url, size_max=4)
+    try:
+        ledger = Ledger(pool)
+        await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro", scale=2))
+        await ledger.create_unit(
+            Unit(code="seat", kind=UnitKind.credit, name="Seat", plural="Seats")
+        )
+        yield ledger
+    finally:
+        await pool.close()
+
+
+async def wallet(
+    ledger: Ledger, unit: str = "EUR", kind: OwnerKind = OwnerKind.customer, minimum: int = 0
+) -> int:
+    created = await ledger.create_wallet(
+        NewWallet(
+            idempotency_key=key(),
+            owner_id=f"owner-{next(_keys)}",
+            owner_kind=kind,
+            unit=unit,
+            balance_minimum=minimum,
+        )
+    )
+    return created.id
+
+
+async def one(ledger: Ledger, operation: object) -> Applied:
+    [outcome] = await ledger.apply([operation])  # type: ignore[list-item]
+    if isinstance(outcome, errors.CofferError):
+        raise outcome
+    return outcome
+
+
+async def balance(ledger: Ledger, wallet_id: int) -> tuple[int, int]:
+    found = await ledger.get_wallet(wallet_id)
+    return found.balance.posted, found.balance.pending
+
+
+async def assert_books_balance(ledger: Ledger) -> None:
+    """The invariants: every unit sums to zero, and every wallet's posted balance is the sum
+    of the posting transfers into it less those out of it."""
+    async with ledger.pool.acquire() as connection:
+        sums = await connection.fetch(
+            "select unit, sum(posted) as total from wallets group by unit"
+        )
+        assert all(row["total"] == 0 for row in sums), sums
+        mismatched = await connection.fetch(
+            """
+            select w.id, w.posted, coalesce(i.total, 0) - coalesce(o.total, 0) as journal
+            from wallets w
+            left join (select target_wallet_id id, sum(amount) total from transfers
+                       where kind not in (7, 9, 10) group by 1) i on i.id = w.id
+            left join (select source_wallet_id id, sum(amount) total from transfers
+                       where kind not in (7, 9, 10) group by 1) o on o.id = w.id
+            where w.posted <> coalesce(i.total, 0) - coalesce(o.total, 0)
+            """
+        )
+        assert mismatched == []
+        pending = await connection.fetch(
+            """
+            select w.id from wallets w
+            left join (select source_wallet_id id, sum(amount) total from pending_holds group by 1) h
+              on h.id = w.id
+            where w.pending <> coalesce(h.total, 0)
+            """
+        )
+        assert pending == []
+
+
+async def test_credit_debit_and_history(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    credit = await one(
+        ledger,
+        Credit(
+            idempotency_key=key(),
+            wallet_id=customer,
+            amount=1500,
+            note="prepaid pack",
+            performed_by="ops@shop",
+        ),
+    )
+    assert credit.transfer.kind == TransferKind.credit
+    assert credit.transfer.amount == 1500
+    debit = await one(
+        ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=400, reference="order-1")
+    )
+    assert debit.transfer.kind == TransferKind.debit
+    assert await balance(ledger, customer) == (1100, 0)
+    history = await ledger.list_transfers(TransferFilter(wallet_id=customer))
+    assert [t.id for t in history.items] == [debit.transfer.id, credit.transfer.id]
+    assert history.items[1].note == "prepaid pack"
+    assert history.items[1].performed_by == "ops@shop"
+    by_reference = await ledger.list_transfers(TransferFilter(reference="order-1"))
+    assert [t.id for t in by_reference.items] == [debit.transfer.id]
+    await assert_books_balance(ledger)
+
+
+async def test_all_or_nothing_and_up_to(ledger: Ledger) -> None:
+    customer = await wallet(ledger, "seat")
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=3))
+    with pytest.raises(errors.InsufficientFunds):
+        await one(ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=5))
+    assert await balance(ledger, customer) == (3, 0)
+    partial = await one(
+        ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=5, mode=DebitMode.up_to)
+    )
+    assert partial.transfer.amount == 3
+    assert partial.amount_remaining == 2
+    assert await balance(ledger, customer) == (0, 0)
+    empty = await one(
+        ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=5, mode=DebitMode.up_to)
+    )
+    assert (empty.transfer.amount, empty.amount_remaining) == (0, 5)
+    await assert_books_balance(ledger)
+
+
+async def test_overdraft_minimum(ledger: Ledger) -> None:
+    customer = await wallet(ledger, minimum=-500)
+    await one(ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=500))
+    assert await balance(ledger, customer) == (-500, 0)
+    with pytest.raises(errors.InsufficientFunds):
+        await one(ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=1))
+
+
+async def test_transfer_rules(ledger: Ledger) -> None:
+    source, target, seats = await wallet(ledger), await wallet(ledger), await wallet(ledger, "seat")
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=source, amount=100))
+    moved = await one(
+        ledger,
+        WalletTransfer(
+            idempotency_key=key(), source_wallet_id=source, target_wallet_id=target, amount=60
+        ),
+    )
+    assert moved.transfer.kind == TransferKind.transfer
+    assert await balance(ledger, target) == (60, 0)
+    with pytest.raises(errors.UnitMismatch):
+        await one(
+            ledger,
+            WalletTransfer(
+                idempotency_key=key(), source_wallet_id=source, target_wallet_id=seats, amount=1
+            ),
+        )
+    with pytest.raises(errors.SameWallet):
+        await one(
+            ledger,
+            WalletTransfer(
+                idempotency_key=key(), source_wallet_id=source, target_wallet_id=source, amount=1
+            ),
+        )
+    with pytest.raises(errors.WalletNotFound):
+        await one(
+            ledger,
+            WalletTransfer(
+                idempotency_key=key(), source_wallet_id=source, target_wallet_id=999999, amount=1
+            ),
+        )
+    with pytest.raises(errors.InsufficientFunds):
+        await one(
+            ledger,
+            WalletTransfer(
+                idempotency_key=key(), source_wallet_id=source, target_wallet_id=target, amount=41
+            ),
+        )
+
+
+async def test_emi_deposit_payment_withdrawal(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    merchant = await wallet(ledger, kind=OwnerKind.merchant)
+    await one(
+        ledger,
+        Deposit(
+            idempotency_key=key(), wallet_id=customer, amount=10_000, reference="IBAN DE89 3704"
+        ),
+    )
+    paid = await one(
+        ledger,
+        Payment(
+            idempotency_key=key(), payer_wallet_id=customer, payee_wallet_id=merchant, amount=2_500
+        ),
+    )
+    assert paid.transfer.kind == TransferKind.payment
+    with pytest.raises(errors.WalletKindMismatch):
+        await one(
+            ledger,
+            Payment(
+                idempotency_key=key(), payer_wallet_id=merchant, payee_wallet_id=customer, amount=1
+            ),
+        )
+    await one(
+        ledger,
+        Withdrawal(
+            idempotency_key=key(), wallet_id=merchant, amount=2_000, reference="IBAN FR76 3000"
+        ),
+    )
+    assert await balance(ledger, customer) == (7_500, 0)
+    assert await balance(ledger, merchant) == (500, 0)
+    await assert_books_balance(ledger)
+
+
+async def test_void_rules(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    credit = await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    spent = await one(ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=70))
+    with pytest.raises(errors.InsufficientFunds):
+        await one(ledger, Void(idempotency_key=key(), transfer_id=credit.transfer.id))
+    voided = await one(ledger, Void(idempotency_key=key(), transfer_id=spent.transfer.id))
+    assert voided.transfer.voids_transfer_id == spent.transfer.id
+    assert await balance(ledger, customer) == (100, 0)
+    original = await ledger.get_transfer(spent.transfer.id)
+    assert original.voided_by_transfer_id == voided.transfer.id
+    with pytest.raises(errors.AlreadyVoided):
+        await one(ledger, Void(idempotency_key=key(), transfer_id=spent.transfer.id))
+    with pytest.raises(errors.NotVoidable):
+        await one(ledger, Void(idempotency_key=key(), transfer_id=voided.transfer.id))
+    with pytest.raises(errors.TransferNotFound):
+        await one(ledger, Void(idempotency_key=key(), transfer_id=987654))
+    await assert_books_balance(ledger)
+
+
+async def test_holds(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=1000))
+    placed = await one(ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=600))
+    assert placed.hold is not None and placed.hold.status == HoldStatus.pending
+    assert await balance(ledger, customer) == (1000, 600)
+    with pytest.raises(errors.InsufficientFunds):
+        await one(ledger, Debit(idempotency_key=key(), wallet_id=customer, amount=401))
+    with pytest.raises(errors.CaptureExceedsHold):
+        await one(ledger, CaptureHold(idempotency_key=key(), hold_id=placed.hold.id, amount=601))
+    captured = await one(
+        ledger, CaptureHold(idempotency_key=key(), hold_id=placed.hold.id, amount=250)
+    )
+    assert captured.transfer.amount == 250
+    assert captured.hold is not None and captured.hold.status == HoldStatus.captured
+    assert await balance(ledger, customer) == (750, 0)
+    with pytest.raises(errors.HoldNotPending):
+        await one(ledger, ReleaseHold(idempotency_key=key(), hold_id=placed.hold.id))
+    second = await one(ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=100))
+    assert second.hold is not None
+    released = await one(ledger, ReleaseHold(idempotency_key=key(), hold_id=second.hold.id))
+    assert released.hold is not None and released.hold.status == HoldStatus.released
+    assert await balance(ledger, customer) == (750, 0)
+    with pytest.raises(errors.HoldNotFound):
+        await one(ledger, CaptureHold(idempotency_key=key(), hold_id=captured.transfer.id))
+    await assert_books_balance(ledger)
+
+
+async def test_holds_expire(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=1000))
+    placed = await one(
+        ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=300, timeout_s=1)
+    )
+    assert placed.hold is not None
+    assert await ledger.expire_holds(datetime.now(UTC)) == 0
+    later = datetime.now(UTC) + timedelta(seconds=2)
+    assert await ledger.expire_holds(later) == 1
+    assert await balance(ledger, customer) == (1000, 0)
+    hold = await ledger.get_hold(placed.hold.id)
+    assert hold.status == HoldStatus.expired
+    with pytest.raises(errors.HoldExpired):
+        await one(ledger, CaptureHold(idempotency_key=key(), hold_id=placed.hold.id))
+    await assert_books_balance(ledger)
+
+
+async def test_idempotency(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    request = Credit(idempotency_key="same", wallet_id=customer, amount=10)
+    first = await one(ledger, request)
+    again = await one(ledger, request)
+    assert again.replayed and again.transfer == first.transfer
+    assert await balance(ledger, customer) == (10, 0)
+    with pytest.raises(errors.IdempotencyKeyReused):
+        await one(ledger, Credit(idempotency_key="same", wallet_id=customer, amount=11))
+    other_caller = await one(
+        ledger, Credit(idempotency_key="same", caller="b", wallet_id=customer, amount=11)
+    )
+    assert not other_caller.replayed
+    # Duplicates inside one batch: the first applies, the copy returns its result.
+    outcomes = await ledger.apply(
+        [
+            Credit(idempotency_key="dup", wallet_id=customer, amount=5),
+            Credit(idempotency_key="dup", wallet_id=customer, amount=5),
+            Credit(idempotency_key="dup", wallet_id=customer, amount=6),
+        ]
+    )
+    assert isinstance(outcomes[0], Applied) and outcomes[1] == outcomes[0]
+    assert isinstance(outcomes[2], errors.IdempotencyKeyReused)
+    assert await balance(ledger, customer) == (26, 0)
+
+
+async def test_batch_failures_are_independent_unless_linked(ledger: Ledger) -> None:
+    customer, other = await wallet(ledger), await wallet(ledger)
+    outcomes = await ledger.apply(
+        [
+            Credit(idempotency_key=key(), wallet_id=customer, amount=100),
+            Debit(idempotency_key=key(), wallet_id=customer, amount=1000),
+            WalletTransfer(
+                idempotency_key=key(),
+                source_wallet_id=customer,
+                target_wallet_id=other,
+                amount=30,
+                linked=True,
+            ),
+            Debit(idempotency_key=key(), wallet_id=other, amount=31),
+            Debit(idempotency_key=key(), wallet_id=customer, amount=10),
+        ]
+    )
+    assert isinstance(outcomes[0], Applied)
+    assert isinstance(outcomes[1], errors.InsufficientFunds)
+    assert isinstance(outcomes[2], errors.LinkedOperationFailed)
+    assert isinstance(outcomes[3], errors.InsufficientFunds)
+    assert isinstance(outcomes[4], Applied)
+    assert await balance(ledger, customer) == (90, 0)
+    assert await balance(ledger, other) == (0, 0)
+    await assert_books_balance(ledger)
