@@ -40,6 +40,7 @@ from .model import (
     OwnerKind,
     Payment,
     PlaceHold,
+    Rejected,
     ReleaseHold,
     SystemWallet,
     Transfer,
@@ -261,10 +262,11 @@ class Ledger:
     # Operations --------------------------------------------------------------------------------
 
     async def apply(
-        self, operations: Sequence[Operation], *, now: datetime | None = None
+        self, operations: Sequence[Operation | Rejected], *, now: datetime | None = None
     ) -> list[Applied | errors.CofferError]:
         """Applies a batch of operations in one database transaction: one result each.
-        `now` is the batch's time (tests move it); by default the clock's."""
+        `Rejected` entries fail as they are (with their linked chain). `now` is the batch's
+        time (tests move it); by default the clock's."""
         assert 0 < len(operations) <= batch_operations_max, len(operations)
         for _ in range(transaction_retries_max):
             try:
@@ -445,7 +447,7 @@ class _Batch:
         self,
         ledger: Ledger,
         connection: asyncpg.Connection,
-        operations: Sequence[Operation],
+        operations: Sequence[Operation | Rejected],
         now: datetime,
     ) -> None:
         self.ledger = ledger
@@ -456,7 +458,11 @@ class _Batch:
     async def run(self) -> list[Applied | errors.CofferError]:
         operations = self.operations
         settled, replays, duplicates = await self._settle_keys()
-        fresh = [index for index in range(len(operations)) if index not in settled]
+        fresh = [
+            index
+            for index, operation in enumerate(operations)
+            if index not in settled and not isinstance(operation, Rejected)
+        ]
 
         book = rules.Book()
         transfer_ids = set()
@@ -513,8 +519,13 @@ class _Batch:
         replays: dict[int, int] = {}
         duplicates: dict[int, int] = {}
         first: dict[tuple[str, str], int] = {}
-        hashes = self.hashes = [operation.request_hash() for operation in operations]
+        hashes = self.hashes = [
+            b"" if isinstance(operation, Rejected) else operation.request_hash()
+            for operation in operations
+        ]
         for index, operation in enumerate(operations):
+            if isinstance(operation, Rejected):
+                continue
             key = (operation.caller, operation.idempotency_key)
             if key in first:
                 earlier = first[key]
@@ -673,6 +684,7 @@ class _Batch:
                 results.append(None)
                 continue
             operation = self.operations[index]
+            assert not isinstance(operation, Rejected)
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
@@ -806,7 +818,7 @@ _hold_status = {
 }
 
 
-def _wallets_named(operation: Operation) -> tuple[int, ...]:
+def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
     match operation:
         case Credit() | Debit() | Deposit() | Withdrawal():
             return (operation.wallet_id,)

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import IntEnum
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import CofferError, InvalidArgument
 
 # Limits: every string, map and number that comes in has one.
 amount_max = 2**63 - 1
@@ -385,6 +385,15 @@ class ExpireHold(Operation):
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
         _check_id("hold_id", self.hold_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An operation of a batch that could not even be built: it fails with `error`, and so
+    does its linked chain."""
+
+    error: CofferError
+    linked: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from .model import (
     OwnerKind,
     Payment,
     PlaceHold,
+    Rejected,
     ReleaseHold,
     SystemWallet,
     TransferKind,
@@ -139,7 +140,7 @@ Outcome = list[Posting] | errors.CofferError
 
 def apply_all(
     book: Book,
-    operations: Sequence[Operation],
+    operations: Sequence[Operation | Rejected],
     now: datetime,
     settled: Mapping[int, errors.CofferError | None] | None = None,
 ) -> list[Outcome]:
@@ -166,7 +167,10 @@ def apply_all(
         book.undo = [] if end > start else None
         chain: list[Outcome] = []
         for index in range(start, end + 1):
-            if index in settled:
+            operation = operations[index]
+            if isinstance(operation, Rejected):
+                error = operation.error
+            elif index in settled:
                 prior = settled[index]
                 if prior is None:
                     chain.append([])
@@ -174,7 +178,7 @@ def apply_all(
                 error = prior
             else:
                 try:
-                    chain.append(apply(book, operations[index], now))
+                    chain.append(apply(book, operation, now))
                     continue
                 except errors.CofferError as raised:
                     error = raised

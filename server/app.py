@@ -1,0 +1,153 @@
+"""The server: the gRPC services over one Ledger, its batcher and its hold-expiry sweep.
+
+    server = await Server.start(Settings(database_url=dsn, listen="127.0.0.1:0"))
+    print(server.port)
+    await server.stop()
+
+`start` migrates the database first. `stop` shuts down in order: stop taking calls and let
+those in flight finish (within the grace period), apply what the batcher holds, stop the
+sweep, close the connection pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coffer.clients.v1 import (
+    holds_pb2,
+    holds_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+from coffer.core.ledger import Ledger, create_pool
+from coffer.core.migrate import migrate
+
+from . import services
+from .batcher import Batcher
+from .errors import ErrorInterceptor
+
+logger = logging.getLogger(__name__)
+
+message_bytes_max = 64 * 1024 * 1024
+
+service_names = (
+    units_pb2.DESCRIPTOR.services_by_name["UnitService"].full_name,
+    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
+    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"].full_name,
+    holds_pb2.DESCRIPTOR.services_by_name["HoldService"].full_name,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    listen: str = "127.0.0.1:50051"
+    # Connections to PostgreSQL: batches in flight at once, plus queries.
+    pool_size: int = 8
+    batch_size_max: int = 1000
+    batch_wait_ms: float = 0.0
+    queue_max: int = 10_000
+    batch_workers: int = 2
+    hold_expiry_interval_s: float = 1.0
+    shutdown_grace_s: float = 10.0
+
+
+class Server:
+    def __init__(
+        self,
+        settings: Settings,
+        server: grpc.aio.Server,
+        port: int,
+        ledger: Ledger,
+        batcher: Batcher,
+        health_servicer: health.aio.HealthServicer,
+    ) -> None:
+        self.settings = settings
+        self.port = port
+        self.ledger = ledger
+        self.batcher = batcher
+        self._server = server
+        self._health = health_servicer
+        self._sweep = asyncio.create_task(self._expire_holds())
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Server:
+        pool = await create_pool(settings.database_url, size_max=settings.pool_size)
+        try:
+            async with pool.acquire() as connection:
+                applied = await migrate(connection)
+            if applied:
+                logger.info("applied migrations %s", applied)
+            ledger = Ledger(pool)
+            batcher = Batcher(
+                ledger.apply,
+                batch_size_max=settings.batch_size_max,
+                batch_wait_s=settings.batch_wait_ms / 1000,
+                queue_max=settings.queue_max,
+                workers=settings.batch_workers,
+            )
+            server = grpc.aio.server(
+                interceptors=[ErrorInterceptor()],
+                options=[
+                    ("grpc.max_receive_message_length", message_bytes_max),
+                    ("grpc.max_send_message_length", message_bytes_max),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            units_pb2_grpc.add_UnitServiceServicer_to_server(services.UnitService(ledger), server)
+            wallets_pb2_grpc.add_WalletServiceServicer_to_server(
+                services.WalletService(ledger), server
+            )
+            transfers_pb2_grpc.add_TransferServiceServicer_to_server(
+                services.TransferService(ledger, batcher), server
+            )
+            holds_pb2_grpc.add_HoldServiceServicer_to_server(
+                services.HoldService(ledger, batcher), server
+            )
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(
+                (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            port = server.add_insecure_port(settings.listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {settings.listen}")
+            await server.start()
+            for name in ("", *service_names):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(settings, server, port, ledger, batcher, health_servicer)
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s)
+        await self.batcher.close()
+        self._sweep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sweep
+        await self.ledger.pool.close()
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def _expire_holds(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.hold_expiry_interval_s)
+            try:
+                while await self.ledger.expire_holds():
+                    pass
+            except Exception:
+                logger.exception("the hold expiry sweep failed; trying again shortly")

@@ -1,0 +1,100 @@
+"""Coalesces concurrent single operations into batches.
+
+Each RPC that carries one operation submits it here and waits for its result. A few workers
+take whatever is queued, up to `batch_size_max`, and apply it as one batch: while one batch
+waits for its commit, the next one gathers, so under load batches grow by themselves and the
+database sees few, large transactions. `batch_wait_s` lets a worker linger for more before
+it applies a small batch (0: never). The queue is bounded: past `queue_max` waiting
+operations, `submit` fails at once with Overloaded instead of letting latency grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+
+from coffer.core import errors
+from coffer.core.model import Applied, Operation
+
+logger = logging.getLogger(__name__)
+
+Apply = Callable[[Sequence[Operation]], Awaitable[list[Applied | errors.CofferError]]]
+
+
+class Batcher:
+    def __init__(
+        self,
+        apply: Apply,
+        *,
+        batch_size_max: int = 1000,
+        batch_wait_s: float = 0.0,
+        queue_max: int = 10_000,
+        workers: int = 2,
+    ) -> None:
+        assert batch_size_max > 0 and 0 <= batch_wait_s <= 1 and queue_max > 0 and workers > 0
+        self._apply = apply
+        self._batch_size_max = batch_size_max
+        self._batch_wait_s = batch_wait_s
+        self._queue_max = queue_max
+        self._queue: deque[tuple[Operation, asyncio.Future[Applied]]] = deque()
+        self._ready = asyncio.Event()
+        self._closing = False
+        self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
+        self.batches_applied = 0
+        self.operations_applied = 0
+
+    async def submit(self, operation: Operation) -> Applied:
+        if self._closing:
+            raise errors.Unavailable("the server is shutting down")
+        if len(self._queue) >= self._queue_max:
+            raise errors.Overloaded(
+                f"{len(self._queue)} operations are waiting already; retry shortly"
+            )
+        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
+        self._queue.append((operation, future))
+        self._ready.set()
+        return await future
+
+    async def close(self) -> None:
+        """Refuses new operations, applies those queued, and stops the workers."""
+        self._closing = True
+        self._ready.set()
+        await asyncio.gather(*self._workers)
+
+    async def _work(self) -> None:
+        while True:
+            await self._ready.wait()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._ready.clear()
+                continue
+            if self._batch_wait_s and len(self._queue) < self._batch_size_max:
+                await asyncio.sleep(self._batch_wait_s)
+            batch = [
+                self._queue.popleft() for _ in range(min(self._batch_size_max, len(self._queue)))
+            ]
+            if not self._queue and not self._closing:
+                self._ready.clear()
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[tuple[Operation, asyncio.Future[Applied]]]) -> None:
+        try:
+            outcomes = await self._apply([operation for operation, _ in batch])
+        except errors.CofferError as error:
+            outcomes = [error] * len(batch)
+        except Exception:
+            logger.exception("a batch of %d operations failed", len(batch))
+            outcomes = [errors.Unavailable("the batch failed; send it again")] * len(batch)
+        self.batches_applied += 1
+        self.operations_applied += len(batch)
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller went away
+                continue
+            if isinstance(outcome, errors.CofferError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)

@@ -1,0 +1,156 @@
+"""The `coffer` command: `serve` and `migrate` run here; every other subcommand is an operator
+command of the client (`coffer.clients.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import uvloop
+
+from coffer.core.migrate import migrate
+
+from .app import Server, Settings
+from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+
+logger = logging.getLogger("coffer")
+
+server_commands = ("serve", "migrate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in server_commands:
+        from coffer.clients.cli import main as operator_main
+
+        if not argv or argv[0] in ("-h", "--help"):
+            print(_usage_header, end="")
+        return operator_main(argv)
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=arguments.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if arguments.command == "serve":
+            return uvloop.run(_serve(arguments))
+        return uvloop.run(_migrate(arguments))
+    except EmbeddedPostgresError as error:
+        print(f"coffer: {error}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as error:
+        print(f"coffer: {error}", file=sys.stderr)
+        return 1
+
+
+_usage_header = """\
+coffer serve [--listen HOST:PORT] [--database-url URL]   run the ledger server
+coffer migrate [--database-url URL]                      apply the schema migrations
+
+Operator commands (against a running server):
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coffer", description="The Coffer ledger server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC ledger server")
+    migrate_command = commands.add_parser("migrate", help="apply the schema migrations")
+    for command in (serve, migrate_command):
+        command.add_argument(
+            "--database-url",
+            default=os.environ.get("DATABASE_URL"),
+            help="PostgreSQL to use (env DATABASE_URL); without it, an embedded PostgreSQL",
+        )
+        command.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="where the embedded PostgreSQL keeps its data (env COFFER_DATA_DIR; default: "
+            f"{default_data_dir()})",
+        )
+        command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("COFFER_LISTEN", "127.0.0.1:50051"),
+        help="address to serve gRPC on (env COFFER_LISTEN; default 127.0.0.1:50051)",
+    )
+    defaults = Settings(database_url="")
+    serve.add_argument("--pool-size", type=int, default=defaults.pool_size)
+    serve.add_argument(
+        "--batch-size-max",
+        type=int,
+        default=defaults.batch_size_max,
+        help="most single operations coalesced into one database transaction",
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=defaults.batch_wait_ms,
+        help="how long a batch may wait for more operations (default 0: never)",
+    )
+    serve.add_argument(
+        "--queue-max",
+        type=int,
+        default=defaults.queue_max,
+        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED",
+    )
+    return parser
+
+
+@asynccontextmanager
+async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
+    """The database URL, and how to describe it: the given one, or an embedded cluster."""
+    if arguments.database_url:
+        yield arguments.database_url, "DATABASE_URL"
+        return
+    data_dir = arguments.data_dir or default_data_dir()
+    cluster = EmbeddedPostgres(data_dir / "postgres")
+    dsn = await asyncio.to_thread(cluster.start)
+    try:
+        yield dsn, f"embedded PostgreSQL in {cluster.data_dir}"
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _serve(arguments: argparse.Namespace) -> int:
+    async with _database(arguments) as (database_url, description):
+        settings = Settings(
+            database_url=database_url,
+            listen=arguments.listen,
+            pool_size=arguments.pool_size,
+            batch_size_max=arguments.batch_size_max,
+            batch_wait_ms=arguments.batch_wait_ms,
+            queue_max=arguments.queue_max,
+        )
+        server = await Server.start(settings)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stopping.set)
+        host = arguments.listen.rsplit(":", 1)[0]
+        print(f"coffer: serving on {host}:{server.port} ({description})", flush=True)
+        await stopping.wait()
+        print("coffer: shutting down", flush=True)
+        await server.stop()
+    print("coffer: stopped", flush=True)
+    return 0
+
+
+async def _migrate(arguments: argparse.Namespace) -> int:
+    async with _database(arguments) as (database_url, description):
+        connection = await asyncpg.connect(database_url)
+        try:
+            applied = await migrate(connection)
+        finally:
+            await connection.close()
+    print(f"coffer: applied migrations {applied or 'none'} ({description})")
+    return 0

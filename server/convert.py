@@ -1,0 +1,373 @@
+"""Protobuf messages to core values and back; nothing else.
+
+Requests become core operations, whose constructors check every field (raising
+InvalidArgument naming it). Proto3 cannot tell an unset number from zero, so an unset id or
+amount arrives as 0 and is refused by the core as missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coffer.clients.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.core import errors, model
+
+# Requests --------------------------------------------------------------------------------------
+
+
+def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
+    return model.Unit(
+        code=request.code,
+        kind=request.kind,  # type: ignore[arg-type]
+        name=request.name,
+        plural=request.plural,
+        description=request.description,
+        scale=request.scale,
+    )
+
+
+def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.NewWallet:
+    return model.NewWallet(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        owner_id=request.owner_id,
+        owner_kind=request.owner_kind,  # type: ignore[arg-type]
+        unit=request.unit,
+        balance_minimum=request.balance_minimum if request.HasField("balance_minimum") else 0,
+        metadata=dict(request.metadata),
+    )
+
+
+def credit(request: transfers_pb2.CreditRequest, caller: str, linked: bool = False) -> model.Credit:
+    return model.Credit(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+_debit_modes = {
+    types_pb2.DEBIT_MODE_UNSPECIFIED: model.DebitMode.all_or_nothing,
+    types_pb2.DEBIT_MODE_ALL_OR_NOTHING: model.DebitMode.all_or_nothing,
+    types_pb2.DEBIT_MODE_UP_TO: model.DebitMode.up_to,
+}
+
+
+def debit(request: transfers_pb2.DebitRequest, caller: str, linked: bool = False) -> model.Debit:
+    if request.mode not in _debit_modes:
+        raise errors.InvalidArgument("mode", "must be ALL_OR_NOTHING or UP_TO")
+    return model.Debit(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        mode=_debit_modes[request.mode],
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def transfer(
+    request: transfers_pb2.TransferRequest, caller: str, linked: bool = False
+) -> model.WalletTransfer:
+    return model.WalletTransfer(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        source_wallet_id=request.source_wallet_id,
+        target_wallet_id=request.target_wallet_id,
+        amount=request.amount,
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def deposit(
+    request: transfers_pb2.DepositRequest, caller: str, linked: bool = False
+) -> model.Deposit:
+    return model.Deposit(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        reference=request.funding_source,
+        note=request.note,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def withdrawal(
+    request: transfers_pb2.WithdrawRequest, caller: str, linked: bool = False
+) -> model.Withdrawal:
+    return model.Withdrawal(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        reference=request.funding_source,
+        note=request.note,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def payment(request: transfers_pb2.PayRequest, caller: str, linked: bool = False) -> model.Payment:
+    return model.Payment(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        payer_wallet_id=request.payer_wallet_id,
+        payee_wallet_id=request.payee_wallet_id,
+        amount=request.amount,
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def void(request: transfers_pb2.VoidRequest, caller: str, linked: bool = False) -> model.Void:
+    return model.Void(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        transfer_id=request.transfer_id,
+        note=request.note,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def place_hold(
+    request: holds_pb2.PlaceHoldRequest, caller: str, linked: bool = False
+) -> model.PlaceHold:
+    timeout_s = model.hold_timeout_s_default
+    if request.HasField("timeout"):
+        if request.timeout.nanos:
+            raise errors.InvalidArgument("timeout", "must be whole seconds")
+        timeout_s = request.timeout.seconds
+    return model.PlaceHold(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        wallet_id=request.wallet_id,
+        target_wallet_id=request.target_wallet_id or None,
+        amount=request.amount,
+        timeout_s=timeout_s,
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def capture_hold(
+    request: holds_pb2.CaptureHoldRequest, caller: str, linked: bool = False
+) -> model.CaptureHold:
+    return model.CaptureHold(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        hold_id=request.hold_id,
+        amount=request.amount if request.HasField("amount") else None,
+        note=request.note,
+        reference=request.reference,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+def release_hold(
+    request: holds_pb2.ReleaseHoldRequest, caller: str, linked: bool = False
+) -> model.ReleaseHold:
+    return model.ReleaseHold(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        hold_id=request.hold_id,
+        note=request.note,
+        performed_by=request.performed_by,
+        metadata=dict(request.metadata),
+        linked=linked,
+    )
+
+
+_operation_builders = {
+    "credit": credit,
+    "debit": debit,
+    "transfer": transfer,
+    "deposit": deposit,
+    "withdraw": withdrawal,
+    "pay": payment,
+    "void": void,
+    "place_hold": place_hold,
+    "capture_hold": capture_hold,
+    "release_hold": release_hold,
+}
+
+
+def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | model.Rejected:
+    """One operation of a batch; one that cannot be built is Rejected, not raised, so the rest
+    of the batch goes on."""
+    which = pb.WhichOneof("operation")
+    try:
+        if which is None:
+            raise errors.InvalidArgument("operation", "is empty: set one of its kinds")
+        return _operation_builders[which](getattr(pb, which), caller, pb.linked)  # type: ignore[operator]
+    except errors.CofferError as error:
+        return model.Rejected(error, linked=pb.linked)
+
+
+def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
+    try:
+        return tuple(model.TransferKind(kind) for kind in kinds)
+    except ValueError:
+        raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
+
+
+def time(pb: Timestamp) -> datetime:
+    return pb.ToDatetime(tzinfo=UTC)
+
+
+def page_token(cursor: int | None, prefix: str) -> str:
+    if cursor is None:
+        return ""
+    return base64.urlsafe_b64encode(f"{prefix}:{cursor}".encode()).decode().rstrip("=")
+
+
+def cursor(token: str, prefix: str) -> int | None:
+    if not token:
+        return None
+    try:
+        decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        kind, _, value = decoded.partition(":")
+        if kind == prefix and value.isdigit():
+            return int(value)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise errors.InvalidArgument("page_token", "is not a token this list returned")
+
+
+def page_size(size: int, default: int = 100, size_max: int = 1000) -> int:
+    if size == 0:
+        return default
+    if not 0 < size <= size_max:
+        raise errors.InvalidArgument("page_size", f"must be 1 to {size_max}")
+    return size
+
+
+# Replies ---------------------------------------------------------------------------------------
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def unit_pb(value: model.Unit) -> types_pb2.Unit:
+    pb = types_pb2.Unit(
+        code=value.code,
+        kind=value.kind,  # type: ignore[arg-type]
+        name=value.name,
+        plural=value.plural,
+        description=value.description,
+        scale=value.scale,
+    )
+    if value.created_at is not None:
+        pb.create_time.CopyFrom(_timestamp(value.created_at))
+    return pb
+
+
+def balance_pb(value: model.Balance) -> types_pb2.Balance:
+    return types_pb2.Balance(posted=value.posted, pending=value.pending, available=value.available)
+
+
+def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
+    pb = types_pb2.Wallet(
+        id=value.id,
+        owner_id=value.owner_id,
+        owner_kind=value.owner_kind,  # type: ignore[arg-type]
+        unit=value.unit,
+        status=value.status,  # type: ignore[arg-type]
+        balance=balance_pb(value.balance),
+        metadata=value.metadata,
+        create_time=_timestamp(value.created_at),
+    )
+    if value.balance_minimum is not None:
+        pb.balance_minimum = value.balance_minimum
+    return pb
+
+
+def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
+    pb = types_pb2.Transfer(
+        id=value.id,
+        operation_id=value.operation_id,
+        kind=value.kind,  # type: ignore[arg-type]
+        source_wallet_id=value.source_wallet_id,
+        target_wallet_id=value.target_wallet_id,
+        unit=value.unit,
+        amount=value.amount,
+        amount_requested=value.amount_requested or 0,
+        note=value.note,
+        reference=value.reference,
+        performed_by=value.performed_by,
+        metadata=value.metadata,
+        create_time=_timestamp(value.created_at),
+        voids_transfer_id=value.voids_transfer_id or 0,
+        hold_id=value.hold_id or 0,
+        voided_by_transfer_id=value.voided_by_transfer_id or 0,
+    )
+    if value.hold_expires_at is not None:
+        pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
+    return pb
+
+
+def hold_pb(value: model.Hold) -> types_pb2.Hold:
+    return types_pb2.Hold(
+        id=value.id,
+        source_wallet_id=value.source_wallet_id,
+        target_wallet_id=value.target_wallet_id,
+        unit=value.unit,
+        amount=value.amount,
+        status=value.status,  # type: ignore[arg-type]
+        expire_time=_timestamp(value.expires_at),
+        resolved_by_transfer_id=value.resolved_by_transfer_id or 0,
+        amount_captured=value.amount_captured,
+        create_time=_timestamp(value.created_at),
+    )
+
+
+def operation_result_pb(
+    outcome: model.Applied | errors.CofferError, code_of: dict[errors.Category, int]
+) -> transfers_pb2.OperationResult:
+    if isinstance(outcome, errors.CofferError):
+        return transfers_pb2.OperationResult(
+            error=transfers_pb2.OperationError(
+                reason=outcome.reason, message=outcome.message, code=code_of[outcome.category]
+            )
+        )
+    pb = transfers_pb2.OperationResult(
+        transfers=[transfer_pb(each) for each in outcome.transfers],
+        amount_remaining=outcome.amount_remaining,
+    )
+    if outcome.hold is not None:
+        pb.hold.CopyFrom(hold_pb(outcome.hold))
+    return pb

