@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
 import pytest_asyncio
 
+from coffer.server.app import Server, Settings
 from coffer.server.embedded import EmbeddedPostgres
 
 TEMPLATE_DATABASE = "coffer_template"
@@ -81,3 +83,21 @@ async def database_url(
             await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await administration.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def server(database_url: str) -> AsyncIterator[Server]:
+    """A real Coffer server on a free port, over this test's own database."""
+    running = await Server.start(
+        Settings(database_url=database_url, listen="127.0.0.1:0", hold_expiry_interval_s=0.2)
+    )
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+        yield opened
