@@ -361,7 +361,10 @@ def operation_result_pb(
     if isinstance(outcome, errors.CofferError):
         return transfers_pb2.OperationResult(
             error=transfers_pb2.OperationError(
-                reason=outcome.reason, message=outcome.message, code=code_of[outcome.category]
+                reason=outcome.reason,
+                message=outcome.message,
+                code=code_of[outcome.category],
+                field=outcome.field if isinstance(outcome, errors.InvalidArgument) else "",
             )
         )
     pb = transfers_pb2.OperationResult(

@@ -177,7 +177,9 @@ class DebitResponse(_message.Message):
     amount_remaining: _builtins.int
     """Up-to mode: what the wallet could not cover, to be charged otherwise."""
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """An up-to debit of a wallet with nothing available still records a transfer, of 0."""
+
     def __init__(
         self,
         *,
@@ -309,7 +311,9 @@ class DepositRequest(_message.Message):
     wallet_id: _builtins.int
     amount: _builtins.int
     funding_source: _builtins.str
-    """The external funding source, e.g. a bank account or card reference."""
+    """The external funding source, e.g. a bank account or card reference; required. It is the
+    transfer's `reference`, so history can be filtered by it.
+    """
     note: _builtins.str
     performed_by: _builtins.str
     @_builtins.property
@@ -657,21 +661,25 @@ class OperationError(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Stable and machine-readable, e.g. INSUFFICIENT_FUNDS."""
     message: _builtins.str
     code: _builtins.int
     """The gRPC status code the error has as a single call."""
+    field: _builtins.str
+    """For INVALID_ARGUMENT: the field at fault."""
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         code: _builtins.int = ...,
+        field: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -430,6 +430,7 @@ class Hold(_message.Message):
     AMOUNT_CAPTURED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.int
+    """The id of the hold's own transfer (kind HOLD)."""
     source_wallet_id: _builtins.int
     target_wallet_id: _builtins.int
     unit: _builtins.str

@@ -34,6 +34,7 @@ class CreateUnitRequest(_message.Message):
     """1 to 32 letters, digits, '_', '-' or '.'. Currencies: the ISO-4217 code."""
     kind: _types_pb2.UnitKind.ValueType
     name: _builtins.str
+    """Required: e.g. "Euro", "Seat"."""
     plural: _builtins.str
     description: _builtins.str
     scale: _builtins.int

@@ -1,0 +1,815 @@
+"""The client without the Coffer server: a real gRPC server in the test plays it.
+
+The scripted server answers each call with the next outcome the test planned (a rich status
+built with `rpc_status.to_status`, as the real server builds them, a delay, or a response), or
+with a plain response when nothing is planned; it records every call it got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from coffer import clients
+from coffer.clients import Client, SyncClient, errors, operations
+from coffer.clients.cli import _parser, main
+from coffer.clients.v1 import (
+    holds_pb2,
+    holds_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
+    types_pb2,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+from coffer.core import errors as core_errors
+
+key_pattern = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass
+class Call:
+    method: str
+    request: Any
+    caller: str | None
+
+
+@dataclass
+class Delay:
+    seconds: float
+
+
+class Script:
+    def __init__(self) -> None:
+        self.outcomes: deque[grpc.Status | Delay | Message] = deque()
+        self.calls: list[Call] = []
+
+    def plan(self, *outcomes: grpc.Status | Delay | Message) -> None:
+        self.outcomes.extend(outcomes)
+
+    async def answer(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext[Any, Any], default: Any
+    ) -> Any:
+        metadata = dict(context.invocation_metadata() or ())
+        caller = metadata.get("coffer-caller")
+        self.calls.append(Call(method, request, caller if isinstance(caller, str) else None))
+        outcome = self.outcomes.popleft() if self.outcomes else default
+        if isinstance(outcome, grpc.Status):
+            await context.abort_with_status(outcome)
+        if isinstance(outcome, Delay):
+            await asyncio.sleep(outcome.seconds)
+            return default
+        return outcome
+
+
+def rich_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str | None = None,
+    *,
+    field: str | None = None,
+    domain: str = "coffer.v1",
+) -> grpc.Status:
+    status = status_pb2.Status(code=code.value[0], message=message)
+    if reason is not None:
+        info = error_details_pb2.ErrorInfo(reason=reason, domain=domain)
+        if field is not None:
+            info.metadata["field"] = field
+        status.details.add().Pack(info)
+    return rpc_status.to_status(status)
+
+
+def eur_transfer(**fields: Any) -> types_pb2.Transfer:
+    return types_pb2.Transfer(unit="EUR", **fields)
+
+
+history = [
+    eur_transfer(
+        id=number,
+        kind=types_pb2.TRANSFER_KIND_CREDIT,
+        source_wallet_id=1,
+        target_wallet_id=7,
+        amount=100 * number,
+    )
+    for number in range(5, 0, -1)
+]
+
+
+class Units(units_pb2_grpc.UnitServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def GetUnit(self, request: Any, context: Any) -> Any:
+        default = units_pb2.GetUnitResponse(unit=types_pb2.Unit(code=request.code))
+        return await self.script.answer("GetUnit", request, context, default)
+
+
+class Wallets(wallets_pb2_grpc.WalletServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def GetBalance(self, request: Any, context: Any) -> Any:
+        default = wallets_pb2.GetBalanceResponse(
+            wallet_id=request.wallet_id,
+            unit="EUR",
+            balance=types_pb2.Balance(posted=2000, pending=300, available=1700),
+        )
+        return await self.script.answer("GetBalance", request, context, default)
+
+
+class Transfers(transfers_pb2_grpc.TransferServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def Credit(self, request: Any, context: Any) -> Any:
+        transfer = eur_transfer(
+            id=42,
+            kind=types_pb2.TRANSFER_KIND_CREDIT,
+            source_wallet_id=1,
+            target_wallet_id=request.wallet_id,
+            amount=request.amount,
+            reference=request.reference,
+            performed_by=request.performed_by,
+        )
+        default = transfers_pb2.CreditResponse(transfer=transfer)
+        return await self.script.answer("Credit", request, context, default)
+
+    async def SubmitBatch(self, request: Any, context: Any) -> Any:
+        results = [transfers_pb2.OperationResult() for _ in request.operations]
+        default = transfers_pb2.SubmitBatchResponse(results=results)
+        return await self.script.answer("SubmitBatch", request, context, default)
+
+    async def ListTransfers(self, request: Any, context: Any) -> Any:
+        start = int(request.page_token or 0)
+        end = start + (request.page_size or 100)
+        default = transfers_pb2.ListTransfersResponse(
+            transfers=history[start:end],
+            next_page_token=str(end) if end < len(history) else "",
+        )
+        return await self.script.answer("ListTransfers", request, context, default)
+
+
+class Holds(holds_pb2_grpc.HoldServiceServicer):
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    async def PlaceHold(self, request: Any, context: Any) -> Any:
+        hold = types_pb2.Hold(
+            id=5,
+            source_wallet_id=request.wallet_id,
+            target_wallet_id=request.target_wallet_id or 1,
+            unit="EUR",
+            amount=request.amount,
+            status=types_pb2.HOLD_STATUS_PENDING,
+        )
+        default = holds_pb2.PlaceHoldResponse(hold=hold, transfer=eur_transfer(id=43))
+        return await self.script.answer("PlaceHold", request, context, default)
+
+
+@dataclass
+class Server:
+    target: str
+    script: Script
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server() -> AsyncIterator[Server]:
+    script = Script()
+    grpc_server = grpc.aio.server()
+    units_pb2_grpc.add_UnitServiceServicer_to_server(Units(script), grpc_server)
+    wallets_pb2_grpc.add_WalletServiceServicer_to_server(Wallets(script), grpc_server)
+    transfers_pb2_grpc.add_TransferServiceServicer_to_server(Transfers(script), grpc_server)
+    holds_pb2_grpc.add_HoldServiceServicer_to_server(Holds(script), grpc_server)
+    health_servicer = health.aio.HealthServicer()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    try:
+        yield Server(f"127.0.0.1:{port}", script)
+    finally:
+        await grpc_server.stop(grace=None)
+
+
+@pytest.fixture
+def script(server: Server) -> Script:
+    server.script.outcomes.clear()
+    server.script.calls.clear()
+    return server.script
+
+
+@pytest.fixture
+def closed_target() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+# The error tree.
+
+
+def test_reasons_mirror_the_domain_errors() -> None:
+    client_reasons = errors.reasons()
+    domain_reasons = core_errors.reasons()
+    assert set(client_reasons) == set(domain_reasons)
+    for reason, domain_class in domain_reasons.items():
+        client_class = client_reasons[reason]
+        assert client_class.__name__ == domain_class.__name__
+        assert client_class.code.name.lower() == domain_class.category.value
+        assert client_class.retryable == domain_class.retryable
+        for domain_parent in domain_class.__mro__[1:]:
+            if domain_parent is core_errors.CofferError:
+                break
+            assert domain_parent.__name__ in {c.__name__ for c in client_class.__mro__}
+
+
+@pytest.mark.parametrize("reason", sorted(errors.reasons()))
+async def test_each_reason_raises_its_class(reason: str, server: Server, script: Script) -> None:
+    error_class = errors.reasons()[reason]
+    script.plan(rich_status(error_class.code, f"{reason.lower()} happened", reason))
+    async with Client(server.target, retries_max=0) as coffer:
+        with pytest.raises(error_class) as raised:
+            await coffer.get_unit(code="EUR")
+    error = raised.value
+    assert type(error) is error_class
+    assert error.reason == reason
+    assert error.code == error_class.code
+    assert error.message == f"{reason.lower()} happened"
+    assert str(error) == f"{reason}: {reason.lower()} happened"
+    assert isinstance(error.__cause__, grpc.aio.AioRpcError)
+
+
+async def test_invalid_argument_names_its_field(server: Server, script: Script) -> None:
+    script.plan(
+        rich_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "amount: must be positive",
+            "INVALID_ARGUMENT",
+            field="amount",
+        )
+    )
+    async with Client(server.target) as coffer:
+        with pytest.raises(errors.InvalidArgument) as raised:
+            await coffer.credit(wallet_id=7, amount=0)
+    assert raised.value.field == "amount"
+    assert raised.value.metadata == {"field": "amount"}
+    assert raised.value.retryable is False
+    assert len(script.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class", "reason"),
+    [
+        (rich_status(grpc.StatusCode.NOT_FOUND, "gone"), errors.NotFound, "NOT_FOUND"),
+        (
+            rich_status(grpc.StatusCode.FAILED_PRECONDITION, "new rule", "A_NEW_REASON"),
+            errors.FailedPrecondition,
+            "A_NEW_REASON",
+        ),
+        (
+            rich_status(grpc.StatusCode.NOT_FOUND, "elsewhere", "WALLET_NOT_FOUND", domain="x.y"),
+            errors.NotFound,
+            "NOT_FOUND",
+        ),
+        (
+            rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "too big"),
+            errors.ResourceExhausted,
+            "RESOURCE_EXHAUSTED",
+        ),
+        (rich_status(grpc.StatusCode.DATA_LOSS, "oops"), errors.Internal, "DATA_LOSS"),
+    ],
+)
+async def test_status_without_a_known_reason_becomes_its_code_class(
+    status: grpc.Status,
+    error_class: type[errors.CofferError],
+    reason: str,
+    server: Server,
+    script: Script,
+) -> None:
+    script.plan(status)
+    async with Client(server.target) as coffer:
+        with pytest.raises(errors.CofferError) as raised:
+            await coffer.get_unit(code="EUR")
+    assert type(raised.value) is error_class
+    assert raised.value.reason == reason
+    assert raised.value.field is None
+    # None of these is worth retrying.
+    assert len(script.calls) == 1
+
+
+async def test_unimplemented_method_is_internal(server: Server, script: Script) -> None:
+    async with Client(server.target) as coffer:
+        with pytest.raises(errors.Internal) as raised:
+            await coffer.cancel_wallet(wallet_id=7)
+    assert raised.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.reason == "UNIMPLEMENTED"
+
+
+async def test_sync_rpc_error_is_translated_too(server: Server, script: Script) -> None:
+    script.plan(
+        rich_status(
+            grpc.StatusCode.FAILED_PRECONDITION, "wallet 7 is cancelled", "WALLET_NOT_ACTIVE"
+        )
+    )
+
+    def call() -> errors.CofferError:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = units_pb2_grpc.UnitServiceStub(channel)
+            try:
+                stub.GetUnit(units_pb2.GetUnitRequest(code="EUR"), timeout=5)
+            except grpc.RpcError as error:
+                return errors.from_rpc_error(error)
+        raise AssertionError("the call succeeded")
+
+    error = await asyncio.to_thread(call)
+    assert type(error) is errors.WalletNotActive
+    assert error.message == "wallet 7 is cancelled"
+
+
+def test_from_operation_error() -> None:
+    failed_precondition = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    error = errors.from_operation_error(
+        transfers_pb2.OperationError(
+            reason="INSUFFICIENT_FUNDS",
+            message="wallet 7 has 300 available, needs 500",
+            code=failed_precondition,
+        )
+    )
+    assert type(error) is errors.InsufficientFunds
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(error) == "INSUFFICIENT_FUNDS: wallet 7 has 300 available, needs 500"
+    linked = errors.from_operation_error(
+        transfers_pb2.OperationError(
+            reason="LINKED_OPERATION_FAILED", message="", code=grpc.StatusCode.ABORTED.value[0]
+        )
+    )
+    assert type(linked) is errors.LinkedOperationFailed
+    unknown = errors.from_operation_error(
+        transfers_pb2.OperationError(reason="A_NEW_REASON", message="", code=failed_precondition)
+    )
+    assert type(unknown) is errors.FailedPrecondition
+    assert unknown.reason == "A_NEW_REASON"
+    assert (
+        type(errors.from_operation_error(transfers_pb2.OperationError(code=99))) is errors.Internal
+    )
+
+
+# Calls: metadata, idempotency keys, retries, deadlines.
+
+
+async def test_call_sends_caller_and_a_fresh_key(server: Server, script: Script) -> None:
+    async with Client(server.target, caller="shop-1") as coffer:
+        first = await coffer.credit(wallet_id=7, amount=1500, reference="order-1")
+        await coffer.credit(wallet_id=7, amount=1500)
+    assert first.amount == 1500
+    assert first.reference == "order-1"
+    assert [call.caller for call in script.calls] == ["shop-1", "shop-1"]
+    keys = [call.request.idempotency_key for call in script.calls]
+    assert all(key_pattern.fullmatch(key) for key in keys)
+    assert keys[0] != keys[1]
+
+
+async def test_given_key_is_sent_as_is(server: Server, script: Script) -> None:
+    async with Client(server.target) as coffer:
+        await coffer.credit(wallet_id=7, amount=1, idempotency_key="order-1:credit")
+    assert script.calls[0].request.idempotency_key == "order-1:credit"
+    assert script.calls[0].caller == "default"
+
+
+async def test_unavailable_is_retried_with_the_same_key(server: Server, script: Script) -> None:
+    unavailable = rich_status(grpc.StatusCode.UNAVAILABLE, "store unreachable", "UNAVAILABLE")
+    overloaded = rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "OVERLOADED")
+    script.plan(unavailable, overloaded)
+    async with Client(server.target, retries_max=2) as coffer:
+        transfer = await coffer.credit(wallet_id=7, amount=500)
+    assert transfer.id == 42
+    assert len(script.calls) == 3
+    assert len({call.request.idempotency_key for call in script.calls}) == 1
+
+
+async def test_retries_are_bounded(server: Server, script: Script) -> None:
+    overloaded = rich_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full", "OVERLOADED")
+    script.plan(overloaded, overloaded, overloaded, overloaded)
+    async with Client(server.target, retries_max=2) as coffer:
+        with pytest.raises(errors.Overloaded) as raised:
+            await coffer.credit(wallet_id=7, amount=500)
+    assert raised.value.retryable is True
+    assert len(script.calls) == 3
+
+
+async def test_domain_errors_are_not_retried(server: Server, script: Script) -> None:
+    script.plan(
+        rich_status(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "wallet 7 has 300 available, needs 500",
+            "INSUFFICIENT_FUNDS",
+        )
+    )
+    async with Client(server.target, retries_max=3) as coffer:
+        with pytest.raises(errors.InsufficientFunds):
+            await coffer.credit(wallet_id=7, amount=500)
+    assert len(script.calls) == 1
+
+
+async def test_deadline(server: Server, script: Script) -> None:
+    script.plan(Delay(2.0))
+    async with Client(server.target, timeout_s=0.2) as coffer:
+        with pytest.raises(errors.DeadlineExceeded) as raised:
+            await coffer.get_unit(code="EUR")
+    assert raised.value.reason == "DEADLINE_EXCEEDED"
+    assert len(script.calls) == 1
+
+
+async def test_unreachable_server(closed_target: str) -> None:
+    async with Client(closed_target, timeout_s=5, retries_max=1) as coffer:
+        with pytest.raises(errors.Unavailable) as raised:
+            await coffer.get_unit(code="EUR")
+    assert raised.value.reason == "UNAVAILABLE"
+    assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_server_that_comes_up_during_the_retries_is_reached(closed_target: str) -> None:
+    script = Script()
+
+    async def start_late() -> grpc.aio.Server:
+        await asyncio.sleep(0.3)
+        late = grpc.aio.server()
+        units_pb2_grpc.add_UnitServiceServicer_to_server(Units(script), late)
+        late.add_insecure_port(closed_target)
+        await late.start()
+        return late
+
+    starting = asyncio.create_task(start_late())
+    try:
+        async with Client(closed_target, timeout_s=10, retries_max=6) as coffer:
+            unit = await coffer.get_unit(code="EUR")
+    finally:
+        await (await starting).stop(grace=None)
+    assert unit.code == "EUR"
+
+
+def test_client_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="caller"):
+        Client(caller="")
+    with pytest.raises(ValueError, match="caller"):
+        Client(caller="naïve")
+    with pytest.raises(ValueError, match="retries_max"):
+        Client(retries_max=11)
+    with pytest.raises(ValueError, match="timeout_s"):
+        Client(timeout_s=0)
+
+
+async def test_iterator_walks_every_page(server: Server, script: Script) -> None:
+    async with Client(server.target) as coffer:
+        page = await coffer.list_transfers(
+            wallet_id=7, kinds=["credit", "hold_expiry"], page_size=2
+        )
+        transfers = [transfer async for transfer in coffer.iter_transfers(wallet_id=7, page_size=2)]
+    assert [transfer.id for transfer in page.items] == [5, 4]
+    assert page.next_page_token == "2"
+    assert list(script.calls[0].request.kinds) == [
+        types_pb2.TRANSFER_KIND_CREDIT,
+        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
+    ]
+    assert [transfer.id for transfer in transfers] == [5, 4, 3, 2, 1]
+    assert [call.request.page_token for call in script.calls[1:]] == ["", "2", "4"]
+
+
+async def test_batch_fills_missing_keys_only(server: Server, script: Script) -> None:
+    keyed = operations.credit(wallet_id=7, amount=5, idempotency_key="k-1", linked=True)
+    bare = transfers_pb2.Operation(credit=transfers_pb2.CreditRequest(wallet_id=7, amount=6))
+    async with Client(server.target) as coffer:
+        results = await coffer.submit_batch([keyed, bare])
+    assert len(results) == 2
+    sent = script.calls[0].request.operations
+    assert sent[0].credit.idempotency_key == "k-1"
+    assert sent[0].linked is True
+    assert key_pattern.fullmatch(sent[1].credit.idempotency_key)
+    # The caller's messages are left as they were.
+    assert bare.credit.idempotency_key == ""
+
+
+async def test_hold_timeout_is_a_duration(server: Server, script: Script) -> None:
+    async with Client(server.target) as coffer:
+        result = await coffer.place_hold(wallet_id=7, amount=500, timeout=timedelta(minutes=5))
+    assert result.hold.status == types_pb2.HOLD_STATUS_PENDING
+    assert script.calls[0].request.timeout.seconds == 300
+
+
+async def test_health(server: Server, script: Script) -> None:
+    async with Client(server.target) as coffer:
+        assert await coffer.health() == "SERVING"
+
+
+async def test_sync_client(server: Server, script: Script) -> None:
+    script.plan(
+        rich_status(
+            grpc.StatusCode.FAILED_PRECONDITION, "wallet 7 is cancelled", "WALLET_NOT_ACTIVE"
+        )
+    )
+
+    def use() -> tuple[type[errors.CofferError], types_pb2.Transfer, list[int]]:
+        with SyncClient(server.target, caller="batch-job") as coffer:
+            with pytest.raises(errors.CofferError) as raised:
+                coffer.credit(wallet_id=7, amount=1)
+            transfer = coffer.credit(wallet_id=7, amount=250)
+            ids = [transfer.id for transfer in coffer.iter_transfers(wallet_id=7, page_size=3)]
+        with pytest.raises(RuntimeError, match="closed"):
+            coffer.get_unit(code="EUR")
+        return type(raised.value), transfer, ids
+
+    error_class, transfer, ids = await asyncio.to_thread(use)
+    assert error_class is errors.WalletNotActive
+    assert transfer.amount == 250
+    assert ids == [5, 4, 3, 2, 1]
+    assert {call.caller for call in script.calls} == {"batch-job"}
+
+
+# Operation builders.
+
+
+def test_operation_builders() -> None:
+    built = {
+        "credit": operations.credit(wallet_id=7, amount=1),
+        "debit": operations.debit(wallet_id=7, amount=1, mode="up_to"),
+        "transfer": operations.transfer(source_wallet_id=7, target_wallet_id=8, amount=1),
+        "deposit": operations.deposit(wallet_id=7, amount=1, funding_source="iban:DE89"),
+        "withdraw": operations.withdraw(wallet_id=7, amount=1, funding_source="iban:DE89"),
+        "pay": operations.pay(payer_wallet_id=7, payee_wallet_id=8, amount=1),
+        "void": operations.void(transfer_id=42),
+        "place_hold": operations.place_hold(wallet_id=7, amount=1, timeout=timedelta(hours=2)),
+        "capture_hold": operations.capture_hold(hold_id=5),
+        "release_hold": operations.release_hold(hold_id=5),
+    }
+    oneof = transfers_pb2.Operation.DESCRIPTOR.oneofs_by_name["operation"]
+    assert set(built) == {field.name for field in oneof.fields}
+    keys = set()
+    for kind, operation in built.items():
+        assert operation.WhichOneof("operation") == kind
+        assert operation.linked is False
+        key = getattr(operation, kind).idempotency_key
+        assert key_pattern.fullmatch(key)
+        keys.add(key)
+    assert len(keys) == len(built)
+    assert built["debit"].debit.mode == types_pb2.DEBIT_MODE_UP_TO
+    assert built["place_hold"].place_hold.timeout.seconds == 7200
+    assert not built["capture_hold"].capture_hold.HasField("amount")
+    assert operations.capture_hold(hold_id=5, amount=0).capture_hold.HasField("amount")
+    linked = operations.credit(
+        wallet_id=7, amount=1, idempotency_key="k", metadata={"a": "b"}, linked=True
+    )
+    assert linked.linked is True
+    assert linked.credit.idempotency_key == "k"
+    assert dict(linked.credit.metadata) == {"a": "b"}
+    with pytest.raises(ValueError, match="all_or_nothing, up_to"):
+        operations.debit(wallet_id=7, amount=1, mode="sometimes")  # type: ignore[arg-type]
+
+
+def test_public_names() -> None:
+    assert set(clients.__all__) == {
+        "Balance",
+        "Client",
+        "CofferError",
+        "DebitResult",
+        "Hold",
+        "HoldResult",
+        "Operation",
+        "OperationResult",
+        "Operations",
+        "Page",
+        "SyncClient",
+        "Transfer",
+        "Unit",
+        "Wallet",
+        "WalletBalance",
+        "errors",
+        "holds_pb2",
+        "operations",
+        "transfers_pb2",
+        "types_pb2",
+        "units_pb2",
+        "wallets_pb2",
+    }
+    for name in clients.__all__:
+        assert getattr(clients, name) is not None
+
+
+def test_sync_client_offers_every_client_method() -> None:
+    public = {name for name in vars(Client) if not name.startswith("_")}
+    assert public - {"close"} <= set(vars(SyncClient))
+
+
+# The CLI.
+
+
+def test_cli_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    usage = capsys.readouterr().err
+    for command in ["unit", "wallet", "credit", "debit", "transfer", "hold", "history", "health"]:
+        assert command in usage
+    assert main(["--help"]) == 0
+    assert "operator commands" in capsys.readouterr().out
+    assert main(["hold", "place", "--help"]) == 0
+    assert "minor units" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["frobnicate"],
+        ["wallet"],
+        ["credit", "7"],
+        ["credit", "7", "12.50"],
+        ["credit", "seven", "1250"],
+        ["credit", "7", "9223372036854775808"],
+        ["debit", "7", "5", "--mode", "sometimes"],
+        ["wallet", "create", "--owner", "c-1", "--owner-kind", "system", "--unit", "EUR"],
+        [
+            "wallet",
+            "create",
+            "--owner",
+            "c-1",
+            "--owner-kind",
+            "customer",
+            "--unit",
+            "EUR",
+            "--metadata",
+            "x",
+        ],
+        ["history", "7", "--kind", "refund"],
+        ["history", "7", "--limit", "0"],
+        ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro"],
+        ["--caller", "", "health"],
+    ],
+)
+def test_cli_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert capsys.readouterr().err
+
+
+def test_cli_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "ada")
+    monkeypatch.setenv("COFFER_TARGET", "ledger:50051")
+    arguments = _parser().parse_args(
+        [
+            "hold",
+            "place",
+            "7",
+            "500",
+            "--target",
+            "9",
+            "--timeout",
+            "60",
+            "--json",
+            "--note",
+            "deposit",
+        ]
+    )
+    assert (arguments.wallet, arguments.amount, arguments.target_wallet) == (7, 500, 9)
+    assert arguments.timeout == timedelta(seconds=60)
+    assert arguments.json is True
+    assert arguments.performed_by == "ada"
+    assert arguments.target == "ledger:50051"
+    assert arguments.reference == ""
+    arguments = _parser().parse_args(["--target", "h:1", "--caller", "ops", "balance", "7"])
+    assert (arguments.target, arguments.caller, arguments.json) == ("h:1", "ops", False)
+    arguments = _parser().parse_args(["--target", "h:1", "transfer", "7", "8", "100", "--json"])
+    assert (arguments.source_wallet, arguments.target_wallet, arguments.amount) == (7, 8, 100)
+    assert arguments.target == "h:1"
+    arguments = _parser().parse_args(["transfer", "7", "8", "100", "--target", "h:2"])
+    assert arguments.target == "h:2"
+    arguments = _parser().parse_args(["balance", "7"])
+    assert arguments.target == "ledger:50051"
+    arguments = _parser().parse_args(
+        [
+            *["wallet", "create", "--owner", "c-1", "--owner-kind", "customer", "--unit", "EUR"],
+            *["--minimum", "-500", "--metadata", "tier=gold", "region=eu", "--metadata", "x="],
+        ]
+    )
+    assert arguments.minimum == -500
+    assert dict(arguments.metadata) == {"tier": "gold", "region": "eu", "x": ""}
+    arguments = _parser().parse_args(
+        ["history", "7", "--kind", "credit", "hold-expiry", "--limit", "5"]
+    )
+    assert arguments.kind == ["credit", "hold-expiry"]
+    arguments = _parser().parse_args(["deposit", "7", "100", "--source", "iban:DE89"])
+    assert arguments.source == "iban:DE89"
+    assert "reference" not in arguments
+
+
+def test_cli_options_of_commands_never_shadow_the_global_ones() -> None:
+    """A command's own argument stored under a global option's name (`transfer … TARGET` as
+    "target") would replace the server address parsed before the command."""
+    parser = _parser()
+    global_names = {action.dest for action in parser._actions}
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+            elif current is not parser and action.dest in global_names:
+                # Only the global options repeated after the command, which have no default.
+                assert action.default is argparse.SUPPRESS, (current.prog, action.dest)
+
+
+async def test_cli_credit(
+    server: Server, script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--target", server.target, "credit", "7", "1500", "--reference", "order-1"]
+    argv += ["--performed-by", "ada", "--idempotency-key", "order-1:credit"]
+    assert await asyncio.to_thread(main, argv) == 0
+    output = capsys.readouterr().out
+    assert output == (
+        "transfer 42  credit  +1500 EUR  wallet 7  reference order-1"
+        "  balance 2000 (available 1700)\n"
+    )
+    request = script.calls[0].request
+    assert (request.idempotency_key, request.performed_by, request.reference) == (
+        "order-1:credit",
+        "ada",
+        "order-1",
+    )
+    assert script.calls[0].caller == "cli"
+
+
+async def test_cli_json(server: Server, script: Script, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--target", server.target, "credit", "7", "1500", "--json"]
+    assert await asyncio.to_thread(main, argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["transfer"]["amount"] == "1500"
+    assert printed["transfer"]["kind"] == "TRANSFER_KIND_CREDIT"
+    # No balance is asked for: the JSON is the response as it came.
+    assert [call.method for call in script.calls] == ["Credit"]
+
+
+async def test_cli_history(
+    server: Server, script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--target", server.target, "history", "7", "--limit", "3"]
+    assert await asyncio.to_thread(main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "TIME",
+        "(UTC)",
+        "KIND",
+        "AMOUNT",
+        "UNIT",
+        "WALLET",
+        "REFERENCE",
+        "NOTE",
+    ]
+    assert [line.split()[:5] for line in lines[1:4]] == [
+        ["5", "-", "credit", "+500", "EUR"],
+        ["4", "-", "credit", "+400", "EUR"],
+        ["3", "-", "credit", "+300", "EUR"],
+    ]
+    assert "raise --limit" in lines[4]
+
+
+async def test_cli_domain_error(
+    server: Server, script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script.plan(
+        rich_status(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "wallet 7 has 300 available, needs 500",
+            "INSUFFICIENT_FUNDS",
+        )
+    )
+    assert await asyncio.to_thread(main, ["--target", server.target, "credit", "7", "500"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == "error: INSUFFICIENT_FUNDS: wallet 7 has 300 available, needs 500\n"
+    assert captured.out == ""
+
+
+async def test_cli_unreachable(closed_target: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--target", closed_target, "--deadline", "5", "balance", "7"]
+    assert await asyncio.to_thread(main, argv) == 3
+    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
+
+
+async def test_cli_health(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await asyncio.to_thread(main, ["health", "--target", server.target]) == 0
+    assert capsys.readouterr().out == "SERVING\n"
