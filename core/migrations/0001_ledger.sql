@@ -62,7 +62,7 @@ create table transfers (
     created_at timestamptz not null
 );
 
-create sequence transfers_id cache 1000 owned by transfers.id;
+create sequence transfers_id owned by transfers.id;
 
 create unique index transfers_idempotency on transfers (caller, idempotency_key)
     where idempotency_key is not null;
