@@ -65,7 +65,6 @@ expiry_batch_max = 1000
 system_caller = "@coffer"
 
 _retryable_database_errors = (
-    asyncpg.UniqueViolationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
@@ -89,8 +88,22 @@ class Page(Generic[T]):
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        "jsonb",
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
+        schema="pg_catalog",
+        format="binary",
     )
+
+
+def _encode_jsonb(value: Any) -> bytes:
+    # jsonb's binary format: a version byte, then the text.
+    return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+
+
+def _decode_jsonb(data: bytes) -> Any:
+    assert data[:1] == b"\x01", data[:1]
+    return json.loads(data[1:])
 
 
 async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
@@ -268,11 +281,19 @@ class Ledger:
         `Rejected` entries fail as they are (with their linked chain). `now` is the batch's
         time (tests move it); by default the clock's."""
         assert 0 < len(operations) <= batch_operations_max, len(operations)
+        # First optimistically, as if no key were stored yet: the insert of the transfers
+        # finds out. If one was, the batch starts over and looks its keys up first.
+        optimistic = True
         for _ in range(transaction_retries_max):
             try:
                 async with self._connection() as connection, connection.transaction():
-                    batch = _Batch(self, connection, operations, now or datetime.now(UTC))
+                    batch = _Batch(
+                        self, connection, operations, now or datetime.now(UTC), optimistic
+                    )
                     return await batch.run()
+            except asyncpg.UniqueViolationError:
+                # A key was stored already, or a concurrent batch took it first.
+                optimistic = False
             except _retryable_database_errors:
                 continue
         raise errors.Unavailable("the batch met conflicting writes too often; send it again")
@@ -449,11 +470,13 @@ class _Batch:
         connection: asyncpg.Connection,
         operations: Sequence[Operation | Rejected],
         now: datetime,
+        optimistic: bool,
     ) -> None:
         self.ledger = ledger
         self.connection = connection
         self.operations = operations
         self.now = now
+        self.optimistic = optimistic
 
     async def run(self) -> list[Applied | errors.CofferError]:
         operations = self.operations
@@ -536,6 +559,8 @@ class _Batch:
                     duplicates[index] = earlier
             else:
                 first[key] = index
+        if self.optimistic:
+            return settled, replays, duplicates
         rows = await self.connection.fetch(
             """
             select t.caller, t.idempotency_key, t.request_hash, t.operation_id
@@ -672,10 +697,11 @@ class _Batch:
         ids = await self.connection.fetchval(
             "select array(select nextval('transfers_id') from generate_series(1, $1))", count
         )
-        columns: dict[str, list[Any]] = {name: [] for name, _ in _insert_columns}
+        rows: list[tuple[Any, ...]] = []
         new_holds: list[tuple[int, int, int, int, datetime]] = []
         resolved_holds: list[int] = []
         next_id = iter(ids)
+        now = self.now
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, Exception):
                 results.append(outcome)
@@ -685,50 +711,57 @@ class _Batch:
                 continue
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
+            metadata = dict(operation.metadata) or None
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
                 transfer_id = next(next_id)
-                if position == 0:
-                    operation_id = transfer_id
-                transfer = Transfer(
-                    id=transfer_id,
-                    operation_id=operation_id,
-                    kind=posting.kind,
-                    source_wallet_id=posting.source_wallet_id,
-                    target_wallet_id=posting.target_wallet_id,
-                    unit=book.wallets[posting.source_wallet_id].unit,
-                    amount=posting.amount,
-                    amount_requested=posting.amount_requested,
-                    note=operation.note,
-                    reference=operation.reference,
-                    performed_by=operation.performed_by,
-                    metadata=operation.metadata,
-                    created_at=self.now,
-                    voids_transfer_id=posting.voids_transfer_id,
-                    hold_id=posting.hold_id,
-                    hold_expires_at=posting.hold_expires_at,
-                )
-                transfers.append(transfer)
                 first = position == 0
-                columns["id"].append(transfer_id)
-                columns["operation_id"].append(operation_id)
-                columns["kind"].append(posting.kind)
-                columns["source_wallet_id"].append(posting.source_wallet_id)
-                columns["target_wallet_id"].append(posting.target_wallet_id)
-                columns["amount"].append(posting.amount)
-                columns["amount_requested"].append(posting.amount_requested)
-                columns["caller"].append(operation.caller if first else None)
-                columns["idempotency_key"].append(operation.idempotency_key if first else None)
-                columns["request_hash"].append(self.hashes[index] if first else None)
-                columns["note"].append(operation.note or None)
-                columns["reference"].append(operation.reference or None)
-                columns["performed_by"].append(operation.performed_by or None)
-                columns["metadata"].append(dict(operation.metadata) or None)
-                columns["voids_transfer_id"].append(posting.voids_transfer_id)
-                columns["hold_id"].append(posting.hold_id)
-                columns["hold_expires_at"].append(posting.hold_expires_at)
-                columns["created_at"].append(self.now)
+                if first:
+                    operation_id = transfer_id
+                transfers.append(
+                    Transfer(
+                        transfer_id,
+                        operation_id,
+                        posting.kind,
+                        posting.source_wallet_id,
+                        posting.target_wallet_id,
+                        book.wallets[posting.source_wallet_id].unit,
+                        posting.amount,
+                        posting.amount_requested,
+                        operation.note,
+                        operation.reference,
+                        operation.performed_by,
+                        operation.metadata,
+                        now,
+                        posting.voids_transfer_id,
+                        posting.hold_id,
+                        posting.hold_expires_at,
+                    )
+                )
+                # In the order of _transfer_columns.
+                rows.append(
+                    (
+                        transfer_id,
+                        operation_id,
+                        posting.kind,
+                        posting.source_wallet_id,
+                        posting.target_wallet_id,
+                        posting.amount,
+                        posting.amount_requested,
+                        operation.caller if first else None,
+                        operation.idempotency_key if first else None,
+                        self.hashes[index] if first else None,
+                        operation.note or None,
+                        operation.reference or None,
+                        operation.performed_by or None,
+                        metadata,
+                        posting.voids_transfer_id,
+                        posting.hold_id,
+                        posting.hold_expires_at,
+                        now,
+                    )
+                )
                 if posting.kind == TransferKind.hold:
                     assert posting.hold_expires_at is not None
                     new_holds.append(
@@ -742,8 +775,12 @@ class _Batch:
                     )
                 if posting.hold_id is not None:
                     resolved_holds.append(posting.hold_id)
-            results.append(self._applied(index, transfers, book))
-        await self.connection.execute(_insert_transfers, *columns.values())
+            results.append(self._applied(transfers, book))
+        # COPY is the cheapest way in. A key stored already (by an earlier batch, or by one
+        # committing just now) fails it on the unique index: the batch then starts over.
+        await self.connection.copy_records_to_table(
+            "transfers", records=rows, columns=_transfer_columns
+        )
         if new_holds:
             await self.connection.execute(
                 """
@@ -776,7 +813,7 @@ class _Batch:
             )
         return results
 
-    def _applied(self, index: int, transfers: list[Transfer], book: rules.Book) -> Applied:
+    def _applied(self, transfers: list[Transfer], book: rules.Book) -> Applied:
         first = transfers[0]
         remaining = 0
         if first.amount_requested is not None:
@@ -927,30 +964,25 @@ _select_transfers = """
     left join transfers v on v.voids_transfer_id = t.id
 """
 
-_insert_columns = [
-    ("id", "bigint"),
-    ("operation_id", "bigint"),
-    ("kind", "smallint"),
-    ("source_wallet_id", "bigint"),
-    ("target_wallet_id", "bigint"),
-    ("amount", "bigint"),
-    ("amount_requested", "bigint"),
-    ("caller", "text"),
-    ("idempotency_key", "text"),
-    ("request_hash", "bytea"),
-    ("note", "text"),
-    ("reference", "text"),
-    ("performed_by", "text"),
-    ("metadata", "jsonb"),
-    ("voids_transfer_id", "bigint"),
-    ("hold_id", "bigint"),
-    ("hold_expires_at", "timestamptz"),
-    ("created_at", "timestamptz"),
-]
-
-_insert_transfers = "insert into transfers ({}) select * from unnest({})".format(
-    ", ".join(name for name, _ in _insert_columns),
-    ", ".join(f"${n}::{kind}[]" for n, (_, kind) in enumerate(_insert_columns, 1)),
+_transfer_columns = (
+    "id",
+    "operation_id",
+    "kind",
+    "source_wallet_id",
+    "target_wallet_id",
+    "amount",
+    "amount_requested",
+    "caller",
+    "idempotency_key",
+    "request_hash",
+    "note",
+    "reference",
+    "performed_by",
+    "metadata",
+    "voids_transfer_id",
+    "hold_id",
+    "hold_expires_at",
+    "created_at",
 )
 
 

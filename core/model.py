@@ -8,12 +8,11 @@ later, against the locked wallet states, by `rules.apply`.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 from .errors import CofferError, InvalidArgument
@@ -32,7 +31,7 @@ owner_id_length_max = 256
 metadata_entries_max = 16
 metadata_key_length_max = 64
 metadata_value_length_max = 512
-unit_code_pattern = re.compile(r"^[A-Za-z0-9_.\-]{1,32}$")
+unit_code_pattern = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
@@ -116,7 +115,7 @@ class Unit:
     created_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if not unit_code_pattern.match(self.code):
+        if not unit_code_pattern.fullmatch(self.code):
             raise InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
         _check_enum("kind", self.kind, UnitKind)
         _check_text("name", self.name, unit_name_length_max, required=True)
@@ -432,7 +431,7 @@ def _check_text(name: str, value: str, length_max: int, *, required: bool = Fals
 def _check_unit_code(name: str, value: str) -> None:
     if not value:
         raise InvalidArgument(name, "is required")
-    if not unit_code_pattern.match(value):
+    if not unit_code_pattern.fullmatch(value):
         raise InvalidArgument(name, "must be 1 to 32 letters, digits, '_', '-' or '.'")
 
 
@@ -468,15 +467,24 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
 
 
 _unhashed = frozenset({"idempotency_key", "caller", "linked"})
+_hashed_fields: dict[type, tuple[str, ...]] = {}
 
 
 def _hash(value: Any) -> bytes:
-    """A digest of what a request asks for, to tell a replay from a reused key."""
-    body: dict[str, Any] = {"type": type(value).__name__}
-    for each in fields(value):
-        if each.name in _unhashed:
-            continue
-        item = getattr(value, each.name)
-        body[each.name] = dict(sorted(item.items())) if isinstance(item, Mapping) else item
-    encoded = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.blake2b(encoded, digest_size=16).digest()
+    """A digest of what a request asks for, to tell a replay from a reused key: of the repr of
+    its type's name and its fields' values, which is stable across processes and versions."""
+    kind = type(value)
+    names = _hashed_fields.get(kind)
+    if names is None:
+        names = _hashed_fields[kind] = tuple(
+            each.name for each in fields(value) if each.name not in _unhashed
+        )
+    items: list[Any] = [kind.__name__]
+    for name in names:
+        item = getattr(value, name)
+        if name == "metadata":
+            item = tuple(sorted(item.items())) if item else ()
+        elif isinstance(item, Enum):
+            item = item.value
+        items.append(item)
+    return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()

@@ -242,6 +242,7 @@ def _debit(book: Book, operation: Debit) -> list[Posting]:
     if operation.mode == DebitMode.up_to:
         assert wallet.balance_minimum is not None
         amount = min(operation.amount, max(0, wallet.available - wallet.balance_minimum))
+        _check_move(wallet, operator, amount)
         # Checks done.
         posting = _move(book, TransferKind.debit, wallet, operator, amount)
         return [_with_request(posting, operation.amount)]

@@ -276,9 +276,17 @@ def page_size(size: int, default: int = 100, size_max: int = 1000) -> int:
 # Replies ---------------------------------------------------------------------------------------
 
 
+_last_timestamp: tuple[datetime, Timestamp] | None = None
+
+
 def _timestamp(value: datetime) -> Timestamp:
+    # The transfers of a batch share one time: convert it once.
+    global _last_timestamp
+    if _last_timestamp is not None and _last_timestamp[0] == value:
+        return _last_timestamp[1]
     stamp = Timestamp()
     stamp.FromDatetime(value)
+    _last_timestamp = (value, stamp)
     return stamp
 
 

@@ -68,7 +68,7 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def GetUnit(
         self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.GetUnitResponse:
-        if not model.unit_code_pattern.match(request.code):
+        if not model.unit_code_pattern.fullmatch(request.code):
             raise errors.InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
         unit = await self._ledger.get_unit(request.code)
         return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
@@ -111,7 +111,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
             raise errors.InvalidArgument(
                 "owner_id", f"must be at most {model.owner_id_length_max} characters"
             )
-        if request.unit and not model.unit_code_pattern.match(request.unit):
+        if request.unit and not model.unit_code_pattern.fullmatch(request.unit):
             raise errors.InvalidArgument("unit", "is not a unit code")
         if request.owner_kind not in model.OwnerKind.__members__.values() and request.owner_kind:
             raise errors.InvalidArgument("owner_kind", "is not an owner kind")
