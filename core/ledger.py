@@ -96,6 +96,11 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The ledger leaves no session state behind (no LISTEN, no open cursors, no session
+    settings, advisory locks released explicitly): skip the round trip that resets it."""
+
+
 def _encode_jsonb(value: Any) -> bytes:
     # jsonb's binary format: a version byte, then the text.
     return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
@@ -108,7 +113,11 @@ def _decode_jsonb(data: bytes) -> Any:
 
 async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min(2, size_max), max_size=size_max, init=_init_connection
+        dsn,
+        min_size=min(2, size_max),
+        max_size=size_max,
+        init=_init_connection,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool

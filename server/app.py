@@ -35,7 +35,6 @@ from coffer.core.migrate import migrate
 
 from . import services
 from .batcher import Batcher
-from .errors import ErrorInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,6 @@ class Server:
                 workers=settings.batch_workers,
             )
             server = grpc.aio.server(
-                interceptors=[ErrorInterceptor()],
                 options=[
                     ("grpc.max_receive_message_length", message_bytes_max),
                     ("grpc.max_send_message_length", message_bytes_max),

@@ -1,7 +1,7 @@
 """The gRPC servicers: each call converts its request, asks the core, converts the answer.
 
 Errors are not handled here: what a handler raises is turned into a status by
-`errors.ErrorInterceptor`, in one place.
+`errors.translate_errors`, in one place.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max, sys
 
 from . import convert
 from .batcher import Batcher
-from .errors import status_codes
+from .errors import status_codes, translate_errors
 
 caller_metadata_key = "coffer-caller"
 caller_default = "default"
@@ -55,6 +55,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     return caller_default
 
 
+@translate_errors
 class UnitService(units_pb2_grpc.UnitServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -80,6 +81,7 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
         return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
 
 
+@translate_errors
 class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -134,6 +136,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
 
 
+@translate_errors
 class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
         self._ledger = ledger
@@ -233,6 +236,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         )
 
 
+@translate_errors
 class HoldService(holds_pb2_grpc.HoldServiceServicer):
     def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
         self._ledger = ledger
