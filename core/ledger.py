@@ -321,17 +321,7 @@ class Ledger:
             )
         if not rows:
             return 0
-        outcomes = await self.apply(
-            [
-                ExpireHold(
-                    hold_id=row["transfer_id"],
-                    idempotency_key=f"hold-expiry:{row['transfer_id']}",
-                    caller=system_caller,
-                )
-                for row in rows
-            ],
-            now=now,
-        )
+        outcomes = await self.apply([_expiry(row["transfer_id"]) for row in rows], now=now)
         return sum(1 for outcome in outcomes if isinstance(outcome, Applied))
 
     # Queries -----------------------------------------------------------------------------------
@@ -527,11 +517,17 @@ class _Batch:
             wallet_ids.update(book.system_wallets.values())
 
         await self._lock_wallets(book, wallet_ids)
-        await self._lock_holds(book, referenced, hold_ids)
+        lapsed = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
 
+        expiries: list[rules.Outcome] = [rules.apply(book, expiry, self.now) for expiry in lapsed]
         outcomes = rules.apply_all(book, operations, self.now, settled)
-        results = await self._write(book, outcomes)
+        if lapsed:
+            # Written like any operation, ahead of the batch's own; their results are not
+            # the caller's.
+            self.operations = [*lapsed, *operations]
+            self.hashes = [expiry.request_hash() for expiry in lapsed] + self.hashes
+        results = (await self._write(book, [*expiries, *outcomes]))[len(lapsed) :]
         if replays:
             replayed = await _operation_results(self.connection, set(replays.values()), self.now)
             for index, operation_id in replays.items():
@@ -635,31 +631,42 @@ class _Batch:
 
     async def _lock_holds(
         self, book: rules.Book, referenced: dict[int, asyncpg.Record], hold_ids: set[int]
-    ) -> None:
+    ) -> list[ExpireHold]:
+        """Locks the open holds the batch names, and the lapsed holds of the wallets it
+        locked: those release themselves now, first, so that no expired hold keeps holding
+        money until the sweep comes by. Returns their expiries, to apply before the rest
+        (a lapsed hold the batch names is the batch's to resolve: a capture or release
+        fails with HoldExpired, the sweep's expiry applies)."""
         ids = sorted(
             hold_id
             for hold_id in hold_ids
             if hold_id in referenced and referenced[hold_id]["kind"] == TransferKind.hold
         )
-        if not ids:
-            return
+        held = [wallet.id for wallet in book.wallets.values() if wallet.pending > 0]
+        if not ids and not held:
+            return []
         rows = await self.connection.fetch(
             """
-            select transfer_id from pending_holds where transfer_id = any($1::bigint[])
+            select transfer_id, source_wallet_id, target_wallet_id, amount, expires_at
+            from pending_holds
+            where transfer_id = any($1::bigint[])
+               or (source_wallet_id = any($2::bigint[]) and expires_at <= $3)
             order by transfer_id
             for update
             """,
             ids,
+            held,
+            self.now,
         )
-        open_ids = {row["transfer_id"] for row in rows}
+        open_holds = {row["transfer_id"]: row for row in rows}
         resolutions: dict[int, TransferKind] = {}
-        if len(open_ids) < len(ids):
+        closed = [hold_id for hold_id in ids if hold_id not in open_holds]
+        if closed:
             for row in await self.connection.fetch(
-                "select hold_id, kind from transfers where hold_id = any($1::bigint[])",
-                [hold_id for hold_id in ids if hold_id not in open_ids],
+                "select hold_id, kind from transfers where hold_id = any($1::bigint[])", closed
             ):
                 resolutions[row["hold_id"]] = TransferKind(row["kind"])
-        for hold_id in ids:
+        for hold_id in closed:
             hold = referenced[hold_id]
             book.holds[hold_id] = rules.HoldState(
                 id=hold_id,
@@ -667,10 +674,20 @@ class _Batch:
                 target_wallet_id=hold["target_wallet_id"],
                 amount=hold["amount"],
                 expires_at=hold["hold_expires_at"],
-                resolution=None
-                if hold_id in open_ids
-                else resolutions.get(hold_id, TransferKind.release),
+                resolution=resolutions.get(hold_id, TransferKind.release),
             )
+        lapsed = []
+        for hold_id, row in open_holds.items():
+            book.holds[hold_id] = rules.HoldState(
+                id=hold_id,
+                source_wallet_id=row["source_wallet_id"],
+                target_wallet_id=row["target_wallet_id"],
+                amount=row["amount"],
+                expires_at=row["expires_at"],
+            )
+            if row["expires_at"] <= self.now and hold_id not in hold_ids:
+                lapsed.append(_expiry(hold_id))
+        return lapsed
 
     async def _load_voids(
         self, book: rules.Book, referenced: dict[int, asyncpg.Record], transfer_ids: set[int]
@@ -951,6 +968,12 @@ async def _holds(
     return holds
 
 
+def _expiry(hold_id: int) -> ExpireHold:
+    return ExpireHold(
+        hold_id=hold_id, idempotency_key=f"hold-expiry:{hold_id}", caller=system_caller
+    )
+
+
 def _key_reused(key: str) -> errors.IdempotencyKeyReused:
     return errors.IdempotencyKeyReused(
         f"idempotency key {key!r} was used for another request; use a new key"
@@ -959,9 +982,14 @@ def _key_reused(key: str) -> errors.IdempotencyKeyReused:
 
 # Rows --------------------------------------------------------------------------------------------
 
-_wallet_columns = (
-    "id, owner_id, owner_kind, unit, status, balance_minimum, posted, pending, metadata, created_at"
-)
+# A hold past its expiry holds nothing, even before it is released in the journal.
+_wallet_columns = """
+    id, owner_id, owner_kind, unit, status, balance_minimum, posted, metadata, created_at,
+    pending - case when pending = 0 then 0 else coalesce(
+        (select sum(h.amount) from pending_holds h
+         where h.source_wallet_id = wallets.id and h.expires_at <= now()), 0) end::bigint
+    as pending
+"""
 
 _select_transfers = """
     select t.id, t.operation_id, t.kind, t.source_wallet_id, t.target_wallet_id, w.unit,

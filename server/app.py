@@ -39,6 +39,7 @@ from .batcher import Batcher
 logger = logging.getLogger(__name__)
 
 message_bytes_max = 64 * 1024 * 1024
+concurrent_calls_max = 1024
 
 service_names = (
     units_pb2.DESCRIPTOR.services_by_name["UnitService"].full_name,
@@ -100,6 +101,8 @@ class Server:
                 options=[
                     ("grpc.max_receive_message_length", message_bytes_max),
                     ("grpc.max_send_message_length", message_bytes_max),
+                    # Past this many calls at once on a connection, gRPC makes callers wait.
+                    ("grpc.max_concurrent_streams", concurrent_calls_max),
                     ("grpc.so_reuseport", 0),
                 ],
             )

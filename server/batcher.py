@@ -6,6 +6,8 @@ waits for its commit, the next one gathers, so under load batches grow by themse
 database sees few, large transactions. `batch_wait_s` lets a worker linger for more before
 it applies a small batch (0: never). The queue is bounded: past `queue_max` waiting
 operations, `submit` fails at once with Overloaded instead of letting latency grow.
+
+Batches that arrive whole (the batch RPC) go through `apply_batch`, bounded the same way.
 """
 
 from __future__ import annotations
@@ -32,9 +34,15 @@ class Batcher:
         batch_wait_s: float = 0.0,
         queue_max: int = 10_000,
         workers: int = 2,
+        batch_calls_max: int = 4,
+        batch_calls_waiting_max: int = 64,
     ) -> None:
         assert batch_size_max > 0 and 0 <= batch_wait_s <= 1 and queue_max > 0 and workers > 0
+        assert batch_calls_max > 0 and batch_calls_waiting_max >= 0
         self._apply = apply
+        self._batch_calls = asyncio.Semaphore(batch_calls_max)
+        self._batch_calls_waiting = 0
+        self._batch_calls_waiting_max = batch_calls_waiting_max
         self._batch_size_max = batch_size_max
         self._batch_wait_s = batch_wait_s
         self._queue_max = queue_max
@@ -56,6 +64,29 @@ class Batcher:
         self._queue.append((operation, future))
         self._ready.set()
         return await future
+
+    async def apply_batch(
+        self, operations: Sequence[Operation]
+    ) -> list[Applied | errors.CofferError]:
+        """A whole batch from one call, applied as it is beside the coalesced ones: at most
+        `batch_calls_max` at once; past `batch_calls_waiting_max` waiting, Overloaded."""
+        if self._closing:
+            raise errors.Unavailable("the server is shutting down")
+        if self._batch_calls.locked() and (
+            self._batch_calls_waiting >= self._batch_calls_waiting_max
+        ):
+            raise errors.Overloaded(
+                f"{self._batch_calls_waiting} batches are waiting already; retry shortly"
+            )
+        self._batch_calls_waiting += 1
+        try:
+            await self._batch_calls.acquire()
+        finally:
+            self._batch_calls_waiting -= 1
+        try:
+            return await self._apply(operations)
+        finally:
+            self._batch_calls.release()
 
     async def close(self) -> None:
         """Refuses new operations, applies those queued, and stops the workers."""

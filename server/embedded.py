@@ -91,8 +91,13 @@ BINARIES_REQUIRED = ("initdb", "pg_ctl", "postgres", "psql")
 SETTINGS_COMMON = {
     "listen_addresses": "",
     "max_connections": "200",
-    "shared_buffers": "256MB",
+    "shared_buffers": "512MB",
     "log_min_messages": "warning",
+    # Fewer checkpoints: after each, the first change of every page logs the whole page, and
+    # the ledger's indexes on caller-chosen keys change pages all over.
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "wal_compression": "on",
 }
 SETTINGS_DURABLE = {
     "fsync": "on",

@@ -198,7 +198,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
             )
         caller = caller_of(context)
         operations = [convert.operation(each, caller) for each in request.operations]
-        outcomes = await self._ledger.apply(operations)
+        outcomes = await self._batcher.apply_batch(operations)
         return transfers_pb2.SubmitBatchResponse(
             results=[convert.operation_result_pb(outcome, _codes) for outcome in outcomes]
         )

@@ -799,3 +799,31 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     await invalid(h.GetHold(holds_pb2.GetHoldRequest()), "hold_id")
     # Nothing was written by any of them.
     assert await api.balance(wallet) == (100, 0, 100)
+
+
+async def test_a_lapsed_hold_frees_its_money_before_the_sweep(database_url: str) -> None:
+    import asyncio
+
+    settings = Settings(
+        database_url=database_url, listen="127.0.0.1:0", hold_expiry_interval_s=3600
+    )
+    server = await Server.start(settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            api = Api(channel)
+            await api.setup_units()
+            wallet = await api.funded(100)
+            await api.holds.PlaceHold(
+                holds_pb2.PlaceHoldRequest(
+                    idempotency_key=key(), wallet_id=wallet, amount=60, timeout=Duration(seconds=1)
+                )
+            )
+            assert await api.balance(wallet) == (100, 60, 40)
+            await asyncio.sleep(1.2)
+            assert await api.balance(wallet) == (100, 0, 100)
+            await api.transfers.Debit(
+                transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet, amount=100)
+            )
+            assert await api.balance(wallet) == (0, 0, 0)
+    finally:
+        await server.stop()

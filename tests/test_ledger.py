@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import pytest_asyncio
+
 from coffer.core import errors
 from coffer.core.ledger import Ledger, TransferFilter, create_pool
 from coffer.core.model import (
@@ -102,7 +103,8 @@ async def assert_books_balance(ledger: Ledger) -> None:
         pending = await connection.fetch(
             """
             select w.id from wallets w
-            left join (select source_wallet_id id, sum(amount) total from pending_holds group by 1) h
+            left join (select source_wallet_id id, sum(amount) total from pending_holds
+                       group by 1) h
               on h.id = w.id
             where w.pending <> coalesce(h.total, 0)
             """
@@ -356,4 +358,27 @@ async def test_batch_failures_are_independent_unless_linked(ledger: Ledger) -> N
     assert isinstance(outcomes[4], Applied)
     assert await balance(ledger, customer) == (90, 0)
     assert await balance(ledger, other) == (0, 0)
+    await assert_books_balance(ledger)
+
+
+async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger) -> None:
+    customer = await wallet(ledger)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    placed = await one(
+        ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=60, timeout_s=1)
+    )
+    assert placed.hold is not None
+    later = datetime.now(UTC) + timedelta(seconds=2)
+    # No sweep has run: the batch that touches the wallet releases the lapsed hold first.
+    [debit] = await ledger.apply(
+        [Debit(idempotency_key=key(), wallet_id=customer, amount=100)], now=later
+    )
+    assert isinstance(debit, Applied)
+    assert await balance(ledger, customer) == (0, 0)
+    history = await ledger.list_transfers(TransferFilter(wallet_id=customer))
+    assert [t.kind for t in history.items[:2]] == [TransferKind.debit, TransferKind.hold_expiry]
+    [capture] = await ledger.apply(
+        [CaptureHold(idempotency_key=key(), hold_id=placed.hold.id)], now=later
+    )
+    assert isinstance(capture, errors.HoldExpired)
     await assert_books_balance(ledger)

@@ -84,3 +84,4 @@ create table pending_holds (
 );
 
 create index pending_holds_expiry on pending_holds (expires_at);
+create index pending_holds_source on pending_holds (source_wallet_id, expires_at);

@@ -1,0 +1,353 @@
+"""The operator CLI end to end: `coffer.clients.cli.main` against the real server.
+
+`main` blocks (it runs a SyncClient); the server runs on the test's event loop, so every
+command goes through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coffer.clients.cli import main
+from coffer.server.app import Server
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_code: int
+    out: str
+    err: str
+
+
+class Cli:
+    def __init__(self, target: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.target = target
+        self.capsys = capsys
+
+    async def __call__(self, *argv: str) -> Result:
+        exit_code = await asyncio.to_thread(main, ["--target", self.target, *argv])
+        captured = self.capsys.readouterr()
+        return Result(exit_code, captured.out, captured.err)
+
+    async def ok(self, *argv: str) -> list[str]:
+        """Runs a command that must succeed; its output lines."""
+        result = await self(*argv)
+        assert (result.exit_code, result.err) == (0, ""), result
+        return result.out.splitlines()
+
+    async def json(self, *argv: str) -> Any:
+        result = await self(*argv, "--json")
+        assert (result.exit_code, result.err) == (0, ""), result
+        return json.loads(result.out)
+
+    async def wallet(self, owner: str, owner_kind: str = "customer") -> int:
+        """Creates an EUR wallet; its id."""
+        created = await self.json(
+            "wallet", "create", "--owner", owner, "--owner-kind", owner_kind, "--unit", "EUR"
+        )
+        return int(created["wallet"]["id"])
+
+
+@pytest.fixture
+def cli(server: Server, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(f"127.0.0.1:{server.port}", capsys)
+
+
+@pytest.fixture
+def closed_target() -> str:
+    """An address where nothing listens."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+def number(pattern: str, line: str) -> int:
+    """The first group of `pattern`, which must match the start of `line`, as an int."""
+    match = re.match(pattern, line)
+    assert match, (pattern, line)
+    return int(match.group(1))
+
+
+def column(lines: list[str], index: int) -> list[str]:
+    return [line.split()[index] for line in lines]
+
+
+async def test_operator_walkthrough(cli: Cli) -> None:
+    assert await cli.ok(
+        "unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro",
+        "--plural", "Euros",
+    ) == ["unit EUR  currency  scale 2  Euro/Euros"]  # fmt: skip
+    units = await cli.ok("unit", "list")
+    assert units[0].split() == ["CODE", "KIND", "SCALE", "NAME", "PLURAL"]
+    assert units[1].split() == ["EUR", "currency", "2", "Euro", "Euros"]
+
+    created = await cli.json(
+        "wallet", "create", "--owner", "ada", "--owner-kind", "customer", "--unit", "EUR"
+    )
+    customer = int(created["wallet"]["id"])
+    assert created["wallet"]["status"] == "WALLET_STATUS_ACTIVE"
+    merchant_lines = await cli.ok(
+        "wallet", "create", "--owner", "bakery", "--owner-kind", "merchant", "--unit", "EUR",
+        "--minimum", "-500", "--metadata", "tier=gold", "city=Lyon",
+    )  # fmt: skip
+    merchant = number(r"wallet (\d+)  merchant bakery  EUR  active$", merchant_lines[0])
+    assert merchant_lines[1] == "balance   posted 0  pending 0  available 0  minimum -500"
+    assert merchant_lines[2].startswith("created   20")
+    assert merchant_lines[3] == "metadata  city=Lyon, tier=gold"
+    friend = await cli.wallet("bo")
+
+    # Credit, and the same credit again under its key: applied once.
+    credit = ["credit", str(customer), "1500", "--reference", "order-1"]
+    credit += ["--idempotency-key", "order-1:credit", "--performed-by", "ops:ana"]
+    (line,) = await cli.ok(*credit)
+    credit_id = number(r"transfer (\d+)  credit  \+1500 EUR  ", line)
+    assert line == (
+        f"transfer {credit_id}  credit  +1500 EUR  wallet {customer}  reference order-1"
+        "  balance 1500"
+    )
+    assert await cli.ok(*credit) == [line]
+
+    (line,) = await cli.ok("debit", str(customer), "200", "--note", "coffee")
+    debit_id = number(r"transfer (\d+)  debit  -200 EUR  ", line)
+    assert line.endswith(f"wallet {customer}  balance 1300")
+    refused = await cli("debit", str(customer), "5000")
+    assert refused.exit_code == 1 and refused.out == ""
+    assert refused.err.startswith("error: INSUFFICIENT_FUNDS: ")
+    assert refused.err.endswith("\n") and refused.err.count("\n") == 1
+    (line,) = await cli.ok("debit", str(customer), "5000", "--mode", "up-to")
+    assert re.fullmatch(
+        rf"transfer \d+  debit  -1300 EUR  wallet {customer}  requested 5000"
+        r"  remaining 3700 due  balance 0",
+        line,
+    )
+
+    (line,) = await cli.ok("deposit", str(customer), "5000", "--source", "iban:DE89")
+    assert re.fullmatch(
+        rf"transfer \d+  deposit  \+5000 EUR  wallet {customer}  reference iban:DE89"
+        r"  balance 5000",
+        line,
+    )
+    (line,) = await cli.ok("pay", str(customer), str(merchant), "1200", "--reference", "o-55")
+    assert re.fullmatch(
+        rf"transfer \d+  payment  1200 EUR  wallet {customer} -> wallet {merchant}"
+        r"  reference o-55",
+        line,
+    )
+    (line,) = await cli.ok("transfer", str(customer), str(friend), "300")
+    assert re.fullmatch(
+        rf"transfer \d+  transfer  300 EUR  wallet {customer} -> wallet {friend}", line
+    )
+    (line,) = await cli.ok("withdraw", str(merchant), "1000", "--source", "iban:FR76")
+    assert re.fullmatch(
+        rf"transfer \d+  withdrawal  -1000 EUR  wallet {merchant}  reference iban:FR76"
+        r"  balance 200",
+        line,
+    )
+
+    # Holds: the server's --target comes before the command, the capture's after it.
+    placed = await cli.ok(
+        "hold", "place", str(customer), "500", "--target", str(merchant), "--timeout", "60"
+    )
+    hold = number(r"hold (\d+)  pending  500 EUR  ", placed[0])
+    assert re.fullmatch(
+        rf"hold {hold}  pending  500 EUR  wallet {customer} -> wallet {merchant}"
+        r"  expires \d{4}-\d\d-\d\d \d\d:\d\d:\d\d",
+        placed[0],
+    )
+    assert placed[1].startswith(f"transfer {hold}  hold  500 EUR  wallet {customer} -> ")
+    balance = await cli.json("balance", str(customer))
+    assert balance == {
+        "walletId": str(customer),
+        "unit": "EUR",
+        "balance": {"posted": "3500", "pending": "500", "available": "3000"},
+    }
+    captured = await cli.ok("hold", "capture", str(hold), "--amount", "300")
+    assert captured[0] == (
+        f"hold {hold}  captured  300 of 500 EUR  wallet {customer} -> wallet {merchant}"
+    )
+    assert re.fullmatch(rf"transfer \d+  capture  300 EUR  .*  hold {hold}", captured[1])
+    assert (await cli.ok("hold", "show", str(hold)))[0] == captured[0]
+    second = number(
+        r"hold (\d+)  pending", (await cli.ok("hold", "place", str(customer), "100"))[0]
+    )
+    released = await cli.ok("hold", "release", str(second))
+    assert released[0].startswith(f"hold {second}  released  100 EUR  wallet {customer} -> ")
+    assert re.fullmatch(rf"transfer \d+  release  100 EUR  .*  hold {second}", released[1])
+    refused = await cli("hold", "release", str(second))
+    assert refused.exit_code == 1 and refused.err.startswith("error: HOLD_NOT_PENDING: ")
+
+    (line,) = await cli.ok("void", str(debit_id), "--note", "refund")
+    void_id = number(r"transfer (\d+)  void  200 EUR  ", line)
+    assert line.endswith(f"voids transfer {debit_id}")
+    refused = await cli("void", str(debit_id))
+    assert refused.exit_code == 1 and refused.err.startswith("error: ALREADY_VOIDED: ")
+
+    assert await cli.ok("balance", str(customer)) == [
+        f"wallet {customer}  EUR  posted 3400  pending 0  available 3400"
+    ]
+    assert await cli.ok("balance", str(merchant)) == [
+        f"wallet {merchant}  EUR  posted 500  pending 0  available 500"
+    ]
+
+    history = await cli.ok("history", str(customer), "--limit", "4")
+    assert history[0].split() == [
+        "ID", "TIME", "(UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "REFERENCE", "NOTE",
+    ]  # fmt: skip
+    rows = history[1:5]
+    assert column(rows, 0)[0] == str(void_id)
+    assert column(rows, 3) == ["void", "release", "hold", "capture"]
+    # Signed by the transfer's direction; a hold and its release both point to the operator.
+    amounts = column(rows, 4)
+    assert (amounts[0], amounts[3]) == ("+200", "-300")
+    assert column(rows, 6) == ["1", "1", "1", str(merchant)]
+    assert history[5] == "(more than 4; raise --limit to see them)"
+    everything = (await cli.ok("history", str(customer), "--limit", "100"))[1:]
+    assert len(everything) == 11 and "raise --limit" not in everything[-1]
+    assert column(everything, 0)[-1] == str(credit_id)
+    credits = await cli.ok("history", str(customer), "--kind", "credit", "deposit")
+    assert column(credits[1:], 3) == ["deposit", "credit"]
+    by_reference = await cli.json("history", str(customer), "--reference", "o-55")
+    assert [each["kind"] for each in by_reference["transfers"]] == ["TRANSFER_KIND_PAYMENT"]
+
+    listed = await cli.ok("wallet", "list", "--unit", "EUR")
+    assert listed[0].split() == [
+        "ID", "OWNER", "KIND", "UNIT", "STATUS", "POSTED", "PENDING", "AVAILABLE",
+    ]  # fmt: skip
+    ours = [row.split() for row in listed[1:] if row.split()[1] in ("ada", "bakery", "bo")]
+    assert ours == [
+        [str(customer), "ada", "customer", "EUR", "active", "3400", "0", "3400"],
+        [str(merchant), "bakery", "merchant", "EUR", "active", "500", "0", "500"],
+        [str(friend), "bo", "customer", "EUR", "active", "300", "0", "300"],
+    ]
+    assert column(await cli.ok("wallet", "list", "--owner", "bo"), 0)[1:] == [str(friend)]
+    limited = await cli.ok("wallet", "list", "--limit", "2")
+    assert len(limited) == 4 and limited[-1] == "(more than 2; raise --limit to see them)"
+    shown = await cli.ok("wallet", "show", str(customer))
+    assert shown[0] == f"wallet {customer}  customer ada  EUR  active"
+    assert shown[1] == "balance   posted 3400  pending 0  available 3400  minimum 0"
+
+    empty = await cli.wallet("cy")
+    cancelled = await cli.ok("wallet", "cancel", str(empty))
+    assert cancelled[0] == f"wallet {empty}  customer cy  EUR  cancelled"
+    refused = await cli("wallet", "cancel", str(customer))
+    assert refused.exit_code == 1 and refused.err.startswith("error: WALLET_NOT_EMPTY: ")
+    refused = await cli("wallet", "show", "424242")
+    assert refused.exit_code == 1 and refused.err.startswith("error: WALLET_NOT_FOUND: ")
+
+    assert await cli.ok("health") == ["SERVING"]
+    assert await cli.json("health") == {"status": "SERVING"}
+
+
+async def test_json_output_is_the_response(cli: Cli) -> None:
+    unit = await cli.json(
+        "unit", "create", "pts", "--kind", "credit", "--scale", "0", "--name", "P"
+    )
+    assert unit["unit"]["code"] == "pts" and unit["unit"]["kind"] == "UNIT_KIND_CREDIT"
+    wallet = (
+        await cli.json(
+            "wallet", "create", "--owner", "w", "--owner-kind", "customer", "--unit", "pts",
+            "--idempotency-key", "w-1",
+        )
+    )["wallet"]  # fmt: skip
+    wallet_id = wallet["id"]
+    credited = await cli.json("credit", wallet_id, "10", "--metadata", "batch=7")
+    assert credited["transfer"]["amount"] == "10"
+    assert credited["transfer"]["kind"] == "TRANSFER_KIND_CREDIT"
+    assert credited["transfer"]["metadata"] == {"batch": "7"}
+    placed = await cli.json("hold", "place", wallet_id, "4")
+    assert placed["hold"]["status"] == "HOLD_STATUS_PENDING"
+    assert placed["transfer"]["id"] == placed["hold"]["id"]
+    debited = await cli.json("debit", wallet_id, "15", "--mode", "up-to")
+    assert (debited["amountDebited"], debited["amountRemaining"]) == ("6", "9")
+    balance = await cli.json("balance", wallet_id)
+    assert balance["balance"] == {"posted": "4", "pending": "4", "available": "0"}
+    listed = await cli.json("wallet", "list", "--owner", "w")
+    assert [each["id"] for each in listed["wallets"]] == [wallet_id]
+    assert listed["nextPageToken"] == ""
+
+
+async def test_refusals_print_one_line_and_exit_1(cli: Cli) -> None:
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    wallet = await cli.wallet("a")
+    await cli.ok("credit", str(wallet), "100")
+    refusals: list[tuple[list[str], str]] = [
+        (["debit", str(wallet), "101"], "INSUFFICIENT_FUNDS"),
+        (["debit", str(wallet), "101", "--json"], "INSUFFICIENT_FUNDS"),
+        (["transfer", str(wallet), str(wallet), "1"], "SAME_WALLET"),
+        (["credit", "424242", "1"], "WALLET_NOT_FOUND"),
+        (["void", "424242"], "TRANSFER_NOT_FOUND"),
+        (["hold", "show", "424242"], "HOLD_NOT_FOUND"),
+        (["credit", str(wallet), "0"], "INVALID_ARGUMENT"),
+        (["credit", str(wallet), "5", "--idempotency-key", "k", "--note", "a"], ""),
+        (["credit", str(wallet), "6", "--idempotency-key", "k"], "IDEMPOTENCY_KEY_REUSED"),
+        (["unit", "create", "EUR", "--kind", "currency", "--scale", "3", "--name", "E"],
+         "UNIT_EXISTS"),
+    ]  # fmt: skip
+    for argv, reason in refusals:
+        result = await cli(*argv)
+        if not reason:
+            assert result.exit_code == 0, result
+            continue
+        assert result.exit_code == 1, (argv, result)
+        assert result.out == ""
+        assert result.err.startswith(f"error: {reason}: "), (argv, result)
+        assert result.err.count("\n") == 1 and result.err.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["bogus"],
+        ["credit"],
+        ["credit", "x", "5"],
+        ["credit", "7", "1.5"],
+        ["debit", "7", "5", "--mode", "sideways"],
+        ["wallet", "create", "--owner", "a", "--owner-kind", "system", "--unit", "EUR"],
+        ["hold"],
+        ["balance", "7", "--deadline", "0"],
+        ["--caller", "", "balance", "7"],
+    ],
+)
+async def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # Nothing is sent: no server needed, the target is never reached.
+    assert await asyncio.to_thread(main, ["--target", "127.0.0.1:9", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err
+
+
+async def test_unreachable_server_exits_3(
+    closed_target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--target", closed_target, "--deadline", "1", "balance", "7"]
+    assert await asyncio.to_thread(main, argv) == 3
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(r"error: (UNAVAILABLE|DEADLINE_EXCEEDED): .*\n", captured.err)
+
+
+async def test_console_script(server: Server) -> None:
+    script = Path(sys.executable).parent / "coffer"
+    assert script.exists(), script
+    process = await asyncio.create_subprocess_exec(
+        str(script),
+        "health",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode == 0, err
+    assert out.decode() == "SERVING\n"

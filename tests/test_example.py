@@ -1,0 +1,89 @@
+"""The EMI merchant example, run as its users run it: a separate process against the server."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import sys
+
+from coffer.clients import Client
+from coffer.server.app import Server
+
+example_module = "coffer.clients.examples.emi_merchant"
+example_timeout_s = 30.0
+
+
+async def run_example(target: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        example_module,
+        "--target",
+        target,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=example_timeout_s)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_checkout(server: Server) -> None:
+    target = f"127.0.0.1:{server.port}"
+    exit_code, out, err = await run_example(target)
+    assert exit_code == 0, err
+    lines = out.splitlines()
+    wallets = re.fullmatch(r"customer wallet (\d+), merchant wallet (\d+)", lines[0])
+    assert wallets, lines[0]
+    customer, merchant = (int(group) for group in wallets.groups())
+    deposit = re.fullmatch(r"deposited 50\.00 EUR \(transfer (\d+)\)", lines[1])
+    assert deposit, lines[1]
+    payment = re.fullmatch(r"paid 25\.99 EUR for (order-[0-9a-f]{8}) \(transfer (\d+)\)", lines[2])
+    assert payment, lines[2]
+    order, payment_id = payment.group(1), payment.group(2)
+    deposit_id = deposit.group(1)
+    assert lines[3].startswith("a payment of 10000.00 EUR was refused: INSUFFICIENT_FUNDS: ")
+    assert [line.split() for line in lines[4:]] == [
+        [],
+        ["customer", "wallet", f"{customer},", "newest", "first:"],
+        [f"#{payment_id}", "payment", "-25.99", "EUR", order],
+        [f"#{deposit_id}", "deposit", "+50.00", "EUR", "iban:DE89370400440532013000"],
+        ["balance", "24.01", "EUR,", "available", "24.01", "EUR"],
+        [],
+        ["merchant", "wallet", f"{merchant},", "newest", "first:"],
+        [f"#{payment_id}", "payment", "+25.99", "EUR", order],
+        ["balance", "25.99", "EUR,", "available", "25.99", "EUR"],
+    ]
+    assert err == ""
+    # What it printed is what the ledger holds.
+    async with Client(target) as coffer:
+        assert (await coffer.get_balance(wallet_id=customer)).balance.posted == 2401
+        assert (await coffer.get_balance(wallet_id=merchant)).balance.posted == 2599
+        refused = [
+            transfer async for transfer in coffer.iter_transfers(reference=f"{order}-too-big")
+        ]
+        assert refused == []
+
+
+async def test_checkout_with_an_existing_unit_of_other_names(server: Server) -> None:
+    """EUR made before by someone else, with other names: the example uses it as it is."""
+    target = f"127.0.0.1:{server.port}"
+    async with Client(target, caller="someone-else") as coffer:
+        await coffer.create_unit(code="EUR", kind="currency", scale=2, name="Euro")
+    exit_code, out, err = await run_example(target)
+    assert exit_code == 0, err
+    assert "  balance 24.01 EUR, available 24.01 EUR\n" in out
+    async with Client(target) as coffer:
+        unit = await coffer.get_unit(code="EUR")
+    assert (unit.name, unit.plural, unit.description) == ("Euro", "", "")
+
+
+async def test_unreachable_server() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exit_code, out, err = await run_example(f"127.0.0.1:{port}")
+    assert exit_code == 3
+    assert out == ""
+    assert err.startswith("error: UNAVAILABLE: ")
