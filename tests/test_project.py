@@ -1,0 +1,232 @@
+"""Project checks, as ordinary tests: the layering of imports, fresh generated stubs, a clean
+`buf lint`, one status code and one client class per error reason, and a wheel that installs
+what the Dockerfile needs."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib
+import importlib.util
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from coffer.core import errors
+
+root = Path(__file__).resolve().parent.parent
+# Where each source folder is installed.
+packages = {"core": "coffer.core", "server": "coffer.server", "clients": "coffer.clients"}
+subprocess_timeout_s = 120
+
+
+def imports(folder: str, *, excluded: tuple[str, ...] = ()) -> Iterator[tuple[str, int, str]]:
+    """(file, line, absolute module name) for every import in every module under `folder`,
+    relative imports resolved against the installed package name."""
+    base = root / folder
+    for path in sorted(base.rglob("*.py")):
+        relative = path.relative_to(base)
+        if relative.parts[0] in excluded:
+            continue
+        package = ".".join((packages[folder], *relative.parent.parts))
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield str(path.relative_to(root)), node.lineno, alias.name
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parent = package.split(".")
+                    parent = parent[: len(parent) - node.level + 1]
+                    module = ".".join([*parent, *([node.module] if node.module else [])])
+                else:
+                    assert node.module is not None
+                    module = node.module
+                yield str(path.relative_to(root)), node.lineno, module
+
+
+def within(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def test_core_imports_only_the_standard_library_and_asyncpg() -> None:
+    found = list(imports("core"))
+    assert found
+    forbidden = ("grpc", "google.protobuf", "coffer.server", "coffer.clients")
+    wrong = [
+        f"{path}:{line}: {module}"
+        for path, line, module in found
+        if any(within(module, prefix) for prefix in forbidden)
+        or not (
+            module.split(".")[0] in sys.stdlib_module_names
+            or within(module, "asyncpg")
+            or within(module, "coffer.core")
+        )
+    ]
+    assert not wrong, "core/ must import only the standard library and asyncpg:\n" + "\n".join(
+        wrong
+    )
+
+
+def test_clients_import_neither_core_nor_server() -> None:
+    found = list(imports("clients", excluded=("v1",)))
+    assert found
+    wrong = [
+        f"{path}:{line}: {module}"
+        for path, line, module in found
+        if within(module, "coffer.core") or within(module, "coffer.server")
+    ]
+    assert not wrong, "clients/ must not import coffer.core or coffer.server:\n" + "\n".join(wrong)
+
+
+def test_generated_stubs_are_fresh() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout_s,
+    )
+    assert result.returncode == 0, (
+        "clients/v1 is stale; run `python scripts/gen_protos.py`\n" + result.stdout + result.stderr
+    )
+
+
+def test_buf_lint(tmp_path: Path) -> None:
+    buf = Path(sys.executable).parent / "buf"
+    assert buf.exists(), f"no buf next to {sys.executable}: pip install buf-bin"
+    result = subprocess.run(
+        [str(buf), "lint"],
+        cwd=root / "protos",
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout_s,
+        env={**os.environ, "BUF_CACHE_DIR": str(tmp_path / "buf-cache")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_reason_has_a_status_code() -> None:
+    from coffer.server.errors import status_codes
+
+    reasons = errors.reasons()
+    assert reasons
+    missing = [reason for reason, error in reasons.items() if error.category not in status_codes]
+    assert not missing, missing
+
+
+def test_every_reason_has_a_client_class() -> None:
+    if importlib.util.find_spec("coffer.clients.errors") is None:
+        pytest.skip("clients/errors.py is not written yet")
+    from coffer.server.errors import status_codes
+
+    client_errors = importlib.import_module("coffer.clients.errors")
+    base = client_errors.CofferError
+    classes = {
+        value.reason: value
+        for value in vars(client_errors).values()
+        if isinstance(value, type) and issubclass(value, base) and value is not base
+    }
+    for reason, error in errors.reasons().items():
+        client_class = classes.get(reason)
+        assert client_class is not None, f"clients/errors.py has no class for {reason}"
+        assert client_class.__name__ == error.__name__, (reason, client_class)
+        assert client_class.code == status_codes[error.category], reason
+        assert client_class.retryable == error.retryable, reason
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions, continuation lines joined: (INSTRUCTION, arguments)."""
+    instructions = []
+    pending = ""
+    for line in (root / "Dockerfile").read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        whole = pending + stripped
+        pending = ""
+        instruction, _, arguments = whole.partition(" ")
+        instructions.append((instruction.upper(), arguments.strip()))
+    return instructions
+
+
+def test_dockerfile_runs_coffer_as_a_user_with_a_healthcheck() -> None:
+    instructions = dockerfile_instructions()
+    by_name: dict[str, list[str]] = {}
+    for name, arguments in instructions:
+        by_name.setdefault(name, []).append(arguments)
+    assert any("pip install" in arguments for arguments in by_name.get("RUN", []))
+    users = by_name.get("USER", [])
+    assert users, "the image must not run as root"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    assert by_name.get("HEALTHCHECK"), "no HEALTHCHECK"
+    assert by_name.get("ENTRYPOINT") == ['["coffer"]']
+
+
+def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> None:
+    # The build context as the Dockerfile copies it, so that its COPY lines are checked too.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name, arguments in dockerfile_instructions():
+        if name != "COPY":
+            continue
+        *sources, destination = shlex.split(arguments)
+        for pattern in sources:
+            for path in root.glob(pattern):
+                target = source / destination
+                if path.is_dir():
+                    if destination.endswith("/") or destination == ".":
+                        target = target / path.name
+                    shutil.copytree(
+                        path, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+                    )
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, target / path.name)
+    assert (source / "pyproject.toml").exists()
+    dist = tmp_path / "dist"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(dist),
+            ".",
+        ],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout_s,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [wheel] = dist.glob("coffer-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        entry_text = archive.read(entry_points).decode()
+
+    assert "coffer/core/migrations/0001_ledger.sql" in names
+    stubs = sorted(path.name for path in (root / "clients" / "v1").glob("*_pb2.py"))
+    assert stubs
+    missing = [stub for stub in stubs if f"coffer/clients/v1/{stub}" not in names]
+    assert not missing, missing
+    assert "coffer/clients/py.typed" in names
+    parser = configparser.ConfigParser()
+    parser.read_string(entry_text)
+    assert parser["console_scripts"]["coffer"].strip() == "coffer.server.cli:main"
