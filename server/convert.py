@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -42,17 +44,36 @@ def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.N
     )
 
 
+class _Annotated(Protocol):
+    """What every operation request carries."""
+
+    @property
+    def idempotency_key(self) -> str: ...
+    @property
+    def note(self) -> str: ...
+    @property
+    def performed_by(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+def _common(request: _Annotated, caller: str, linked: bool, reference: str = "") -> dict[str, Any]:
+    return {
+        "idempotency_key": request.idempotency_key,
+        "caller": caller,
+        "note": request.note,
+        "reference": reference,
+        "performed_by": request.performed_by,
+        "metadata": dict(request.metadata),
+        "linked": linked,
+    }
+
+
 def credit(request: transfers_pb2.CreditRequest, caller: str, linked: bool = False) -> model.Credit:
     return model.Credit(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         wallet_id=request.wallet_id,
         amount=request.amount,
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
@@ -67,16 +88,10 @@ def debit(request: transfers_pb2.DebitRequest, caller: str, linked: bool = False
     if request.mode not in _debit_modes:
         raise errors.InvalidArgument("mode", "must be ALL_OR_NOTHING or UP_TO")
     return model.Debit(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         wallet_id=request.wallet_id,
         amount=request.amount,
         mode=_debit_modes[request.mode],
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
@@ -84,16 +99,10 @@ def transfer(
     request: transfers_pb2.TransferRequest, caller: str, linked: bool = False
 ) -> model.WalletTransfer:
     return model.WalletTransfer(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         source_wallet_id=request.source_wallet_id,
         target_wallet_id=request.target_wallet_id,
         amount=request.amount,
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
@@ -101,15 +110,9 @@ def deposit(
     request: transfers_pb2.DepositRequest, caller: str, linked: bool = False
 ) -> model.Deposit:
     return model.Deposit(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         wallet_id=request.wallet_id,
         amount=request.amount,
-        reference=request.funding_source,
-        note=request.note,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.funding_source),
     )
 
 
@@ -117,43 +120,23 @@ def withdrawal(
     request: transfers_pb2.WithdrawRequest, caller: str, linked: bool = False
 ) -> model.Withdrawal:
     return model.Withdrawal(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         wallet_id=request.wallet_id,
         amount=request.amount,
-        reference=request.funding_source,
-        note=request.note,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.funding_source),
     )
 
 
 def payment(request: transfers_pb2.PayRequest, caller: str, linked: bool = False) -> model.Payment:
     return model.Payment(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         payer_wallet_id=request.payer_wallet_id,
         payee_wallet_id=request.payee_wallet_id,
         amount=request.amount,
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
 def void(request: transfers_pb2.VoidRequest, caller: str, linked: bool = False) -> model.Void:
-    return model.Void(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
-        transfer_id=request.transfer_id,
-        note=request.note,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
-    )
+    return model.Void(transfer_id=request.transfer_id, **_common(request, caller, linked))
 
 
 def place_hold(
@@ -165,17 +148,11 @@ def place_hold(
             raise errors.InvalidArgument("timeout", "must be whole seconds")
         timeout_s = request.timeout.seconds
     return model.PlaceHold(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         wallet_id=request.wallet_id,
         target_wallet_id=request.target_wallet_id or None,
         amount=request.amount,
         timeout_s=timeout_s,
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
@@ -183,30 +160,16 @@ def capture_hold(
     request: holds_pb2.CaptureHoldRequest, caller: str, linked: bool = False
 ) -> model.CaptureHold:
     return model.CaptureHold(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
         hold_id=request.hold_id,
         amount=request.amount if request.HasField("amount") else None,
-        note=request.note,
-        reference=request.reference,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
+        **_common(request, caller, linked, request.reference),
     )
 
 
 def release_hold(
     request: holds_pb2.ReleaseHoldRequest, caller: str, linked: bool = False
 ) -> model.ReleaseHold:
-    return model.ReleaseHold(
-        idempotency_key=request.idempotency_key,
-        caller=caller,
-        hold_id=request.hold_id,
-        note=request.note,
-        performed_by=request.performed_by,
-        metadata=dict(request.metadata),
-        linked=linked,
-    )
+    return model.ReleaseHold(hold_id=request.hold_id, **_common(request, caller, linked))
 
 
 _operation_builders = {
