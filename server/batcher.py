@@ -1,11 +1,13 @@
 """Coalesces concurrent single operations into batches.
 
-Each RPC that carries one operation submits it here and waits for its result. A few workers
-take whatever is queued, up to `batch_size_max`, and apply it as one batch: while one batch
-waits for its commit, the next one gathers, so under load batches grow by themselves and the
-database sees few, large transactions. `batch_wait_s` lets a worker linger for more before
-it applies a small batch (0: never). The queue is bounded: past `queue_max` waiting
-operations, `submit` fails at once with Overloaded instead of letting latency grow.
+Each RPC that carries one operation submits it here and waits for its result. A dispatcher
+takes whatever is queued, up to `batch_size_max`, and applies it as one batch. While a batch
+is being applied the next one gathers, and is applied when that one returns: so batches grow
+with the load by themselves, one at a time while the queue is short, and the database sees
+few, large transactions. Only a backlog of `batch_size_max` or more starts another batch
+beside those running, up to `workers` at once. `batch_wait_s` lets a batch that would start
+alone and small linger for more first (0: never). The queue is bounded: past `queue_max`
+waiting operations, `submit` fails at once with Overloaded instead of letting latency grow.
 
 Batches that arrive whole (the batch RPC) go through `apply_batch`, bounded the same way.
 """
@@ -47,9 +49,13 @@ class Batcher:
         self._batch_wait_s = batch_wait_s
         self._queue_max = queue_max
         self._queue: deque[tuple[Operation, asyncio.Future[Applied]]] = deque()
-        self._ready = asyncio.Event()
+        self._workers = workers
+        # Set when the dispatcher may have something to do: operations arrived, a batch
+        # returned, or the server is closing.
+        self._wake = asyncio.Event()
         self._closing = False
-        self._workers = [asyncio.create_task(self._work()) for _ in range(workers)]
+        self._running: set[asyncio.Task[None]] = set()
+        self._dispatcher = asyncio.create_task(self._dispatch())
         self.batches_applied = 0
         self.operations_applied = 0
 
@@ -62,7 +68,8 @@ class Batcher:
             )
         future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
         self._queue.append((operation, future))
-        self._ready.set()
+        if not self._running or len(self._queue) >= self._batch_size_max:
+            self._wake.set()
         return await future
 
     async def apply_batch(
@@ -89,28 +96,37 @@ class Batcher:
             self._batch_calls.release()
 
     async def close(self) -> None:
-        """Refuses new operations, applies those queued, and stops the workers."""
+        """Refuses new operations, applies those queued, and stops."""
         self._closing = True
-        self._ready.set()
-        await asyncio.gather(*self._workers)
+        self._wake.set()
+        await self._dispatcher
 
-    async def _work(self) -> None:
+    async def _dispatch(self) -> None:
         while True:
-            await self._ready.wait()
+            await self._wake.wait()
+            self._wake.clear()
             if not self._queue:
-                if self._closing:
+                if self._closing and not self._running:
                     return
-                self._ready.clear()
                 continue
-            if self._batch_wait_s and len(self._queue) < self._batch_size_max:
+            if self._running and (
+                len(self._queue) < self._batch_size_max or len(self._running) >= self._workers
+            ):
+                continue  # the running batch will wake us when it returns
+            if not self._running and self._batch_wait_s and len(self._queue) < self._batch_size_max:
                 await asyncio.sleep(self._batch_wait_s)
             batch = [
                 self._queue.popleft() for _ in range(min(self._batch_size_max, len(self._queue)))
             ]
-            if not self._queue and not self._closing:
-                self._ready.clear()
-            if batch:
-                await self._run(batch)
+            task = asyncio.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._returned)
+            if self._queue:
+                self._wake.set()
+
+    def _returned(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._wake.set()
 
     async def _run(self, batch: list[tuple[Operation, asyncio.Future[Applied]]]) -> None:
         try:

@@ -23,7 +23,7 @@ from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
 
 logger = logging.getLogger("coffer")
 
-server_commands = ("serve", "migrate")
+server_commands = ("serve", "migrate", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         if not argv or argv[0] in ("-h", "--help"):
             print(_usage_header, end="")
         return operator_main(argv)
+    if argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     arguments = _parser().parse_args(argv)
     logging.basicConfig(
         level=arguments.log_level.upper(),
@@ -54,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 _usage_header = """\
 coffer serve [--listen HOST:PORT] [--database-url URL]   run the ledger server
 coffer migrate [--database-url URL]                      apply the schema migrations
+coffer bench [--scenario NAME] [--duration S] [--json]   measure throughput and latency
 
 Operator commands (against a running server):
 """
@@ -98,10 +103,21 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a batch may wait for more operations (default 0: never)",
     )
     serve.add_argument(
+        "--batch-workers",
+        type=int,
+        default=defaults.batch_workers,
+        help="coalesced batches applied at once",
+    )
+    serve.add_argument(
         "--queue-max",
         type=int,
         default=defaults.queue_max,
         help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT, so that several servers can listen on one port",
     )
     return parser
 
@@ -130,6 +146,7 @@ async def _serve(arguments: argparse.Namespace) -> int:
             batch_size_max=arguments.batch_size_max,
             batch_wait_ms=arguments.batch_wait_ms,
             queue_max=arguments.queue_max,
+            batch_workers=arguments.batch_workers,
         )
         server = await Server.start(settings)
         stopping = asyncio.Event()
