@@ -20,8 +20,7 @@ RUN groupadd --system --gid 10001 coffer \
     && chmod 0700 /var/lib/coffer
 
 WORKDIR /usr/src/coffer
-# README.md* : the readme is optional for the build, and COPY must not fail without it.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml README.md ./
 COPY core core
 COPY server server
 COPY clients clients
