@@ -619,8 +619,8 @@ class _Batch:
             book.wallets[row["id"]] = rules.WalletState(
                 id=row["id"],
                 unit=row["unit"],
-                owner_kind=OwnerKind(row["owner_kind"]),
-                status=WalletStatus(row["status"]),
+                owner_kind=_owner_kinds[row["owner_kind"]],
+                status=_wallet_statuses[row["status"]],
                 balance_minimum=row["balance_minimum"],
                 posted=row["posted"],
                 pending=row["pending"],
@@ -699,7 +699,7 @@ class _Batch:
             row = referenced[transfer_id]
             book.transfers[transfer_id] = rules.TransferState(
                 id=transfer_id,
-                kind=TransferKind(row["kind"]),
+                kind=_transfer_kinds[row["kind"]],
                 source_wallet_id=row["source_wallet_id"],
                 target_wallet_id=row["target_wallet_id"],
                 amount=row["amount"],
@@ -980,6 +980,11 @@ def _key_reused(key: str) -> errors.IdempotencyKeyReused:
     )
 
 
+# Enum members by value: faster than calling the enum, row after row.
+_owner_kinds = {member.value: member for member in OwnerKind}
+_wallet_statuses = {member.value: member for member in WalletStatus}
+_transfer_kinds = {member.value: member for member in TransferKind}
+
 # Rows --------------------------------------------------------------------------------------------
 
 # A hold past its expiry holds nothing, even before it is released in the journal.
@@ -1039,9 +1044,9 @@ def _wallet(row: asyncpg.Record) -> Wallet:
     return Wallet(
         id=row["id"],
         owner_id=row["owner_id"],
-        owner_kind=OwnerKind(row["owner_kind"]),
+        owner_kind=_owner_kinds[row["owner_kind"]],
         unit=row["unit"],
-        status=WalletStatus(row["status"]),
+        status=_wallet_statuses[row["status"]],
         balance_minimum=row["balance_minimum"],
         balance=Balance(posted=row["posted"], pending=row["pending"]),
         metadata=row["metadata"] or {},
@@ -1053,7 +1058,7 @@ def _transfer(row: asyncpg.Record) -> Transfer:
     return Transfer(
         id=row["id"],
         operation_id=row["operation_id"],
-        kind=TransferKind(row["kind"]),
+        kind=_transfer_kinds[row["kind"]],
         source_wallet_id=row["source_wallet_id"],
         target_wallet_id=row["target_wallet_id"],
         unit=row["unit"],

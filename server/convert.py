@@ -11,6 +11,7 @@ import base64
 import binascii
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -57,6 +58,9 @@ class _Annotated(Protocol):
     def metadata(self) -> Mapping[str, str]: ...
 
 
+_no_metadata: Mapping[str, str] = MappingProxyType({})
+
+
 def _common(request: _Annotated, caller: str, linked: bool, reference: str = "") -> dict[str, Any]:
     return {
         "idempotency_key": request.idempotency_key,
@@ -64,7 +68,7 @@ def _common(request: _Annotated, caller: str, linked: bool, reference: str = "")
         "note": request.note,
         "reference": reference,
         "performed_by": request.performed_by,
-        "metadata": dict(request.metadata),
+        "metadata": dict(request.metadata) if request.metadata else _no_metadata,
         "linked": linked,
     }
 
