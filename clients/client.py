@@ -397,8 +397,11 @@ class Client:
         timeout_s: float = timeout_s_default,
         retries_max: int = retries_max_default,
         credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """`credentials` (e.g. grpc.ssl_channel_credentials()) makes the channel use TLS."""
+        """`credentials` (e.g. grpc.ssl_channel_credentials()) makes the channel use TLS;
+        `channel_options` are added to the channel's gRPC arguments (e.g.
+        `("grpc.use_local_subchannel_pool", 1)` for a connection of its own)."""
         if not target:
             raise ValueError("target must name a server, e.g. 127.0.0.1:50051")
         if not (0 < len(caller) <= caller_length_max and caller.isascii() and caller.isprintable()):
@@ -412,6 +415,7 @@ class Client:
         self.timeout_s = timeout_s
         self.retries_max = retries_max
         self._credentials = credentials
+        self._channel_options = tuple(channel_options)
         self._call_metadata = ((caller_metadata_key, caller),)
         self._stubs_open: _Stubs | None = None
 
@@ -897,6 +901,7 @@ class Client:
                 ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms_min),
                 ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms_min),
                 ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms_max),
+                *self._channel_options,
             ]
             if self._credentials is None:
                 channel = grpc.aio.insecure_channel(self.target, options=options)

@@ -59,6 +59,9 @@ class Settings:
     batch_wait_ms: float = 0.0
     queue_max: int = 10_000
     batch_workers: int = 2
+    # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
+    # connections among them).
+    reuse_port: bool = False
     hold_expiry_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
 
@@ -103,7 +106,7 @@ class Server:
                     ("grpc.max_send_message_length", message_bytes_max),
                     # Past this many calls at once on a connection, gRPC makes callers wait.
                     ("grpc.max_concurrent_streams", concurrent_calls_max),
-                    ("grpc.so_reuseport", 0),
+                    ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 ],
             )
             units_pb2_grpc.add_UnitServiceServicer_to_server(services.UnitService(ledger), server)

@@ -147,6 +147,7 @@ async def _serve(arguments: argparse.Namespace) -> int:
             batch_wait_ms=arguments.batch_wait_ms,
             queue_max=arguments.queue_max,
             batch_workers=arguments.batch_workers,
+            reuse_port=arguments.reuse_port,
         )
         server = await Server.start(settings)
         stopping = asyncio.Event()
