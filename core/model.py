@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Any, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
@@ -467,24 +467,36 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
 
 
 _unhashed = frozenset({"idempotency_key", "caller", "linked"})
-_hashed_fields: dict[type, tuple[str, ...]] = {}
+# Per operation type: its hashed fields, each with whether it holds a mapping or an enum.
+_hashed_fields: dict[type, tuple[tuple[str, int], ...]] = {}
+_plain, _mapping, _enum = 0, 1, 2
 
 
 def _hash(value: Any) -> bytes:
     """A digest of what a request asks for, to tell a replay from a reused key: of the repr of
     its type's name and its fields' values, which is stable across processes and versions."""
     kind = type(value)
-    names = _hashed_fields.get(kind)
-    if names is None:
-        names = _hashed_fields[kind] = tuple(
-            each.name for each in fields(value) if each.name not in _unhashed
+    layout = _hashed_fields.get(kind)
+    if layout is None:
+        hints = get_type_hints(kind)
+        layout = _hashed_fields[kind] = tuple(
+            (
+                each.name,
+                _mapping
+                if each.name == "metadata"
+                else _enum
+                if isinstance(hints[each.name], type) and issubclass(hints[each.name], Enum)
+                else _plain,
+            )
+            for each in fields(value)
+            if each.name not in _unhashed
         )
     items: list[Any] = [kind.__name__]
-    for name in names:
+    for name, form in layout:
         item = getattr(value, name)
-        if name == "metadata":
+        if form == _mapping:
             item = tuple(sorted(item.items())) if item else ()
-        elif isinstance(item, Enum):
-            item = item.value
+        elif form == _enum:
+            item = int(item)
         items.append(item)
     return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()

@@ -292,6 +292,8 @@ def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
 
 
 def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
+    # Only what is set: protobuf charges for every argument, empty or not, and the results of
+    # a batch are thousands of these.
     pb = types_pb2.Transfer(
         id=value.id,
         operation_id=value.operation_id,
@@ -300,16 +302,24 @@ def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
         target_wallet_id=value.target_wallet_id,
         unit=value.unit,
         amount=value.amount,
-        amount_requested=value.amount_requested or 0,
-        note=value.note,
-        reference=value.reference,
-        performed_by=value.performed_by,
-        metadata=value.metadata,
-        create_time=_timestamp(value.created_at),
-        voids_transfer_id=value.voids_transfer_id or 0,
-        hold_id=value.hold_id or 0,
-        voided_by_transfer_id=value.voided_by_transfer_id or 0,
     )
+    pb.create_time.CopyFrom(_timestamp(value.created_at))
+    if value.amount_requested is not None:
+        pb.amount_requested = value.amount_requested
+    if value.note:
+        pb.note = value.note
+    if value.reference:
+        pb.reference = value.reference
+    if value.performed_by:
+        pb.performed_by = value.performed_by
+    if value.metadata:
+        pb.metadata.update(value.metadata)
+    if value.voids_transfer_id is not None:
+        pb.voids_transfer_id = value.voids_transfer_id
+    if value.hold_id is not None:
+        pb.hold_id = value.hold_id
+    if value.voided_by_transfer_id is not None:
+        pb.voided_by_transfer_id = value.voided_by_transfer_id
     if value.hold_expires_at is not None:
         pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
     return pb
