@@ -197,6 +197,17 @@ def apply_all(
     return outcomes
 
 
+def seal(operations: Sequence[Operation | Rejected]) -> list[Operation | Rejected]:
+    """A batch as it may be applied, also after others: its last operation, if linked (a
+    chain left open), is rejected, and so fails its chain."""
+    sealed = list(operations)
+    if sealed and sealed[-1].linked:
+        sealed[-1] = Rejected(
+            errors.InvalidArgument("linked", "the last operation of a batch cannot be linked")
+        )
+    return sealed
+
+
 def _linked_failed() -> errors.CofferError:
     return errors.LinkedOperationFailed("another operation of the linked chain failed")
 

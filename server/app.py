@@ -57,7 +57,7 @@ class Settings:
     pool_size: int = 8
     batch_size_max: int = 1000
     batch_wait_ms: float = 0.0
-    queue_max: int = 10_000
+    queue_max: int = 50_000
     batch_workers: int = 2
     # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
     # connections among them).

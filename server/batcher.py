@@ -1,15 +1,20 @@
-"""Coalesces concurrent single operations into batches.
+"""Coalesces concurrent calls into batches: one database transaction for many of them.
 
-Each RPC that carries one operation submits it here and waits for its result. A dispatcher
-takes whatever is queued, up to `batch_size_max`, and applies it as one batch. While a batch
-is being applied the next one gathers, and is applied when that one returns: so batches grow
-with the load by themselves, one at a time while the queue is short, and the database sees
-few, large transactions. Only a backlog of `batch_size_max` or more starts another batch
-beside those running, up to `workers` at once. `batch_wait_s` lets a batch that would start
-alone and small linger for more first (0: never). The queue is bounded: past `queue_max`
-waiting operations, `submit` fails at once with Overloaded instead of letting latency grow.
+Each call submits its operations — one, or a whole batch from the batch RPC — as a group,
+and waits for their results. A dispatcher takes the queued groups, whole and in order, up to
+`batch_size_max` operations (a larger group goes alone), and applies them as one batch.
+While a batch is being applied the next one gathers, and is applied when that one returns:
+so batches grow with the load by themselves, one at a time while the queue is short, and
+the database sees few, large transactions whose wallet locks never wait for each other.
+Only a backlog of `batch_size_max` operations or more starts another batch beside those
+running, up to `workers` at once. `batch_wait_s` lets a batch that would start alone and
+small linger for more first (0: never).
 
-Batches that arrive whole (the batch RPC) go through `apply_batch`, bounded the same way.
+The queue is bounded: past `queue_max` waiting operations, a call fails at once with
+Overloaded instead of letting latency and memory grow.
+
+A group's operations keep their linked chains; a chain never runs from one group into the
+next, as the caller makes sure a group does not end linked.
 """
 
 from __future__ import annotations
@@ -18,13 +23,23 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 
 from coffer.core import errors
-from coffer.core.model import Applied, Operation
+from coffer.core.model import Applied, Operation, Rejected
 
 logger = logging.getLogger(__name__)
 
-Apply = Callable[[Sequence[Operation]], Awaitable[list[Applied | errors.CofferError]]]
+Outcome = Applied | errors.CofferError
+Apply = Callable[[Sequence[Operation | Rejected]], Awaitable[list[Outcome]]]
+
+
+@dataclass(slots=True)
+class _Group:
+    operations: Sequence[Operation | Rejected]
+    future: asyncio.Future[list[Outcome]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Batcher:
@@ -34,23 +49,18 @@ class Batcher:
         *,
         batch_size_max: int = 1000,
         batch_wait_s: float = 0.0,
-        queue_max: int = 10_000,
+        queue_max: int = 50_000,
         workers: int = 2,
-        batch_calls_max: int = 4,
-        batch_calls_waiting_max: int = 64,
     ) -> None:
         assert batch_size_max > 0 and 0 <= batch_wait_s <= 1 and queue_max > 0 and workers > 0
-        assert batch_calls_max > 0 and batch_calls_waiting_max >= 0
         self._apply = apply
-        self._batch_calls = asyncio.Semaphore(batch_calls_max)
-        self._batch_calls_waiting = 0
-        self._batch_calls_waiting_max = batch_calls_waiting_max
         self._batch_size_max = batch_size_max
         self._batch_wait_s = batch_wait_s
         self._queue_max = queue_max
-        self._queue: deque[tuple[Operation, asyncio.Future[Applied]]] = deque()
         self._workers = workers
-        # Set when the dispatcher may have something to do: operations arrived, a batch
+        self._queue: deque[_Group] = deque()
+        self._queued = 0  # operations in the queue
+        # Set when the dispatcher may have something to do: calls arrived, a batch
         # returned, or the server is closing.
         self._wake = asyncio.Event()
         self._closing = False
@@ -60,43 +70,28 @@ class Batcher:
         self.operations_applied = 0
 
     async def submit(self, operation: Operation) -> Applied:
-        if self._closing:
-            raise errors.Unavailable("the server is shutting down")
-        if len(self._queue) >= self._queue_max:
-            raise errors.Overloaded(
-                f"{len(self._queue)} operations are waiting already; retry shortly"
-            )
-        future: asyncio.Future[Applied] = asyncio.get_running_loop().create_future()
-        self._queue.append((operation, future))
-        if not self._running or len(self._queue) >= self._batch_size_max:
-            self._wake.set()
-        return await future
+        """Applies one operation; raises its error."""
+        [outcome] = await self.submit_all([operation])
+        if isinstance(outcome, errors.CofferError):
+            raise outcome
+        return outcome
 
-    async def apply_batch(
-        self, operations: Sequence[Operation]
-    ) -> list[Applied | errors.CofferError]:
-        """A whole batch from one call, applied as it is beside the coalesced ones: at most
-        `batch_calls_max` at once; past `batch_calls_waiting_max` waiting, Overloaded."""
+    async def submit_all(self, operations: Sequence[Operation | Rejected]) -> list[Outcome]:
+        """Applies a group of operations, in order, within one batch; one outcome each."""
+        assert operations
         if self._closing:
             raise errors.Unavailable("the server is shutting down")
-        if self._batch_calls.locked() and (
-            self._batch_calls_waiting >= self._batch_calls_waiting_max
-        ):
-            raise errors.Overloaded(
-                f"{self._batch_calls_waiting} batches are waiting already; retry shortly"
-            )
-        self._batch_calls_waiting += 1
-        try:
-            await self._batch_calls.acquire()
-        finally:
-            self._batch_calls_waiting -= 1
-        try:
-            return await self._apply(operations)
-        finally:
-            self._batch_calls.release()
+        if self._queued and self._queued + len(operations) > self._queue_max:
+            raise errors.Overloaded(f"{self._queued} operations are waiting already; retry shortly")
+        group = _Group(operations)
+        self._queue.append(group)
+        self._queued += len(operations)
+        if not self._running or self._queued >= self._batch_size_max:
+            self._wake.set()
+        return await group.future
 
     async def close(self) -> None:
-        """Refuses new operations, applies those queued, and stops."""
+        """Refuses new calls, applies those queued, and stops."""
         self._closing = True
         self._wake.set()
         await self._dispatcher
@@ -110,15 +105,19 @@ class Batcher:
                     return
                 continue
             if self._running and (
-                len(self._queue) < self._batch_size_max or len(self._running) >= self._workers
+                self._queued < self._batch_size_max or len(self._running) >= self._workers
             ):
                 continue  # the running batch will wake us when it returns
-            if not self._running and self._batch_wait_s and len(self._queue) < self._batch_size_max:
+            if not self._running and self._batch_wait_s and self._queued < self._batch_size_max:
                 await asyncio.sleep(self._batch_wait_s)
-            batch = [
-                self._queue.popleft() for _ in range(min(self._batch_size_max, len(self._queue)))
-            ]
-            task = asyncio.create_task(self._run(batch))
+            groups = [self._queue.popleft()]
+            size = len(groups[0].operations)
+            while self._queue and size + len(self._queue[0].operations) <= self._batch_size_max:
+                group = self._queue.popleft()
+                groups.append(group)
+                size += len(group.operations)
+            self._queued -= size
+            task = asyncio.create_task(self._run(groups))
             self._running.add(task)
             task.add_done_callback(self._returned)
             if self._queue:
@@ -128,20 +127,21 @@ class Batcher:
         self._running.discard(task)
         self._wake.set()
 
-    async def _run(self, batch: list[tuple[Operation, asyncio.Future[Applied]]]) -> None:
+    async def _run(self, groups: list[_Group]) -> None:
+        operations = [operation for group in groups for operation in group.operations]
+        outcomes: list[Outcome]
         try:
-            outcomes = await self._apply([operation for operation, _ in batch])
+            outcomes = await self._apply(operations)
         except errors.CofferError as error:
-            outcomes = [error] * len(batch)
+            outcomes = [error] * len(operations)
         except Exception:
-            logger.exception("a batch of %d operations failed", len(batch))
-            outcomes = [errors.Unavailable("the batch failed; send it again")] * len(batch)
+            logger.exception("a batch of %d operations failed", len(operations))
+            outcomes = [errors.Unavailable("the batch failed; send it again")] * len(operations)
         self.batches_applied += 1
-        self.operations_applied += len(batch)
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():  # the caller went away
-                continue
-            if isinstance(outcome, errors.CofferError):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+        self.operations_applied += len(operations)
+        start = 0
+        for group in groups:
+            end = start + len(group.operations)
+            if not group.future.done():  # else the caller went away
+                group.future.set_result(outcomes[start:end])
+            start = end

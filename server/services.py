@@ -20,7 +20,7 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core import errors, model
+from coffer.core import errors, model, rules
 from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max, system_caller
 
 from . import convert
@@ -197,8 +197,8 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
                 "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
             )
         caller = caller_of(context)
-        operations = [convert.operation(each, caller) for each in request.operations]
-        outcomes = await self._batcher.apply_batch(operations)
+        operations = rules.seal([convert.operation(each, caller) for each in request.operations])
+        outcomes = await self._batcher.submit_all(operations)
         return transfers_pb2.SubmitBatchResponse(
             results=[convert.operation_result_pb(outcome, _codes) for outcome in outcomes]
         )
