@@ -1,23 +1,31 @@
 """The ledger on PostgreSQL: applies batches of operations, and answers queries.
 
 A batch is one database transaction:
-1. find the batch's idempotency keys already stored (replays, or keys reused for another
-   request) and its duplicates;
+1. find the batch's duplicate idempotency keys, and — when an earlier attempt met a stored
+   one — the keys already stored (replays, or keys reused for another request);
 2. read the earlier transfers and holds that voids, captures and releases name;
-3. lock every wallet the batch touches, once, with SELECT … FOR UPDATE in ascending id order
-   (so batches never deadlock), then the open holds it resolves;
-4. validate each operation in order against that state in memory (`rules.apply_all`);
-5. write all transfers with one set-based INSERT, and update each touched wallet row once.
+3. write ahead, with one COPY, the transfers whose postings do not depend on any balance
+   (credits, all-or-nothing debits, transfers, deposits, withdrawals, payments), as if they
+   will succeed: the journal is written before any lock is taken;
+4. lock every wallet the batch touches, once, with SELECT … FOR UPDATE in ascending id order
+   (so batches never deadlock), then the open holds it resolves, and release the lapsed
+   holds of those wallets first;
+5. validate each operation in order against that state in memory (`rules.apply_all`);
+6. remove what was written ahead and did not happen (never committed, so never seen), COPY
+   the other transfers, and update each touched wallet row once.
+
+The transfers of one batch share one time; their ids follow the order they were written in,
+which within a batch is not always the order the operations were applied in.
 
 Keys are stored on the transfers themselves, in the same transaction as the postings: a
 replay after a crash or a restart finds them. Two batches racing on one new key meet at the
-unique index; the loser retries, and then finds the key stored.
+unique index; the loser starts over, looks its keys up, and finds the key stored.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -516,6 +524,7 @@ class _Batch:
             )
             wallet_ids.update(book.system_wallets.values())
 
+        ahead = await self._write_ahead(fresh, units, book)
         await self._lock_wallets(book, wallet_ids)
         lapsed = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
@@ -527,7 +536,8 @@ class _Batch:
             # the caller's.
             self.operations = [*lapsed, *operations]
             self.hashes = [expiry.request_hash() for expiry in lapsed] + self.hashes
-        results = (await self._write(book, [*expiries, *outcomes]))[len(lapsed) :]
+            ahead = {index + len(lapsed): written for index, written in ahead.items()}
+        results = (await self._write(book, [*expiries, *outcomes], ahead))[len(lapsed) :]
         if replays:
             replayed = await _operation_results(self.connection, set(replays.values()), self.now)
             for index, operation_id in replays.items():
@@ -713,20 +723,96 @@ class _Batch:
         )
         book.voided.update(row["voids_transfer_id"] for row in rows)
 
-    async def _write(
-        self, book: rules.Book, outcomes: list[rules.Outcome]
-    ) -> list[Applied | errors.CofferError | None]:
-        count = sum(len(outcome) for outcome in outcomes if isinstance(outcome, list))
-        results: list[Applied | errors.CofferError | None] = []
-        if count == 0:
-            return [outcome if isinstance(outcome, Exception) else None for outcome in outcomes]
-        ids = await self.connection.fetchval(
+    async def _write_ahead(
+        self, fresh: list[int], units: Mapping[int, str], book: rules.Book
+    ) -> dict[int, tuple[int, rules.Posting]]:
+        """Writes, before any wallet is locked, the transfers whose postings do not depend on
+        the wallets' state, as if they will succeed: the lock is then held only to validate
+        and update balances, not to write the journal. Returns them by operation."""
+        expected: dict[int, rules.Posting] = {}
+        for index in fresh:
+            operation = self.operations[index]
+            assert not isinstance(operation, Rejected)
+            posting = rules.expected_posting(operation, units, book.system_wallets, self.now)
+            if posting is not None:
+                expected[index] = posting
+        if not expected:
+            return {}
+        ids = await self._transfer_ids(len(expected))
+        written = dict(zip(expected, zip(ids, expected.values(), strict=True), strict=True))
+        await self.connection.copy_records_to_table(
+            "transfers",
+            records=[
+                self._row(transfer_id, transfer_id, posting, index, first=True)
+                for index, (transfer_id, posting) in written.items()
+            ],
+            columns=_transfer_columns,
+        )
+        return written
+
+    async def _transfer_ids(self, count: int) -> list[int]:
+        ids: list[int] = await self.connection.fetchval(
             "select array(select nextval('transfers_id') from generate_series(1, $1))", count
         )
+        return ids
+
+    def _row(
+        self,
+        transfer_id: int,
+        operation_id: int,
+        posting: rules.Posting,
+        index: int,
+        *,
+        first: bool,
+    ) -> tuple[Any, ...]:
+        """A journal row, in the order of _transfer_columns."""
+        operation = self.operations[index]
+        assert not isinstance(operation, Rejected)
+        return (
+            transfer_id,
+            operation_id,
+            posting.kind,
+            posting.source_wallet_id,
+            posting.target_wallet_id,
+            posting.amount,
+            posting.amount_requested,
+            operation.caller if first else None,
+            operation.idempotency_key if first else None,
+            self.hashes[index] if first else None,
+            operation.note or None,
+            operation.reference or None,
+            operation.performed_by or None,
+            dict(operation.metadata) or None,
+            posting.voids_transfer_id,
+            posting.hold_id,
+            posting.hold_expires_at,
+            self.now,
+        )
+
+    async def _write(
+        self,
+        book: rules.Book,
+        outcomes: list[rules.Outcome],
+        ahead: dict[int, tuple[int, rules.Posting]],
+    ) -> list[Applied | errors.CofferError | None]:
+        """Writes what validation decided: the transfers not written ahead, the removal of
+        those written ahead that did not happen after all, holds, balances."""
+        confirmed = {
+            index
+            for index, (_, posting) in ahead.items()
+            if isinstance(outcomes[index], list) and outcomes[index] == [posting]
+        }
+        stale = [transfer_id for index, (transfer_id, _) in ahead.items() if index not in confirmed]
+        count = sum(
+            len(outcome)
+            for index, outcome in enumerate(outcomes)
+            if isinstance(outcome, list) and index not in confirmed
+        )
+        next_id = iter(await self._transfer_ids(count) if count else ())
+        results: list[Applied | errors.CofferError | None] = []
         rows: list[tuple[Any, ...]] = []
         new_holds: list[tuple[int, int, int, int, datetime]] = []
         resolved_holds: list[int] = []
-        next_id = iter(ids)
         now = self.now
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, Exception):
@@ -737,14 +823,15 @@ class _Batch:
                 continue
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
-            metadata = dict(operation.metadata) or None
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
-                transfer_id = next(next_id)
                 first = position == 0
+                transfer_id = ahead[index][0] if index in confirmed else next(next_id)
                 if first:
                     operation_id = transfer_id
+                if index not in confirmed:
+                    rows.append(self._row(transfer_id, operation_id, posting, index, first=first))
                 transfers.append(
                     Transfer(
                         transfer_id,
@@ -765,29 +852,6 @@ class _Batch:
                         posting.hold_expires_at,
                     )
                 )
-                # In the order of _transfer_columns.
-                rows.append(
-                    (
-                        transfer_id,
-                        operation_id,
-                        posting.kind,
-                        posting.source_wallet_id,
-                        posting.target_wallet_id,
-                        posting.amount,
-                        posting.amount_requested,
-                        operation.caller if first else None,
-                        operation.idempotency_key if first else None,
-                        self.hashes[index] if first else None,
-                        operation.note or None,
-                        operation.reference or None,
-                        operation.performed_by or None,
-                        metadata,
-                        posting.voids_transfer_id,
-                        posting.hold_id,
-                        posting.hold_expires_at,
-                        now,
-                    )
-                )
                 if posting.kind == TransferKind.hold:
                     assert posting.hold_expires_at is not None
                     new_holds.append(
@@ -802,11 +866,18 @@ class _Batch:
                 if posting.hold_id is not None:
                     resolved_holds.append(posting.hold_id)
             results.append(self._applied(transfers, book))
-        # COPY is the cheapest way in. A key stored already (by an earlier batch, or by one
-        # committing just now) fails it on the unique index: the batch then starts over.
-        await self.connection.copy_records_to_table(
-            "transfers", records=rows, columns=_transfer_columns
-        )
+        if stale:
+            # Written ahead, not confirmed: never committed, so never seen.
+            await self.connection.execute(
+                "delete from transfers where id = any($1::bigint[])", stale
+            )
+        if rows:
+            # COPY is the cheapest way in. A key stored already (by an earlier batch, or by
+            # one committing just now) fails it on the unique index: the batch then starts
+            # over.
+            await self.connection.copy_records_to_table(
+                "transfers", records=rows, columns=_transfer_columns
+            )
         if new_holds:
             await self.connection.execute(
                 """

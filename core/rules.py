@@ -208,6 +208,45 @@ def seal(operations: Sequence[Operation | Rejected]) -> list[Operation | Rejecte
     return sealed
 
 
+def expected_posting(
+    operation: Operation,
+    units: Mapping[int, str],
+    system_wallets: Mapping[tuple[str, SystemWallet], int],
+    now: datetime,
+) -> Posting | None:
+    """The posting `apply` makes of an operation if it succeeds, where that does not depend
+    on the wallets' state (None where it does, or cannot be told yet): such a posting may be
+    written before the wallets are locked, and `apply` then only confirms it."""
+    match operation:
+        case Credit(wallet_id=wallet_id) if wallet_id in units:
+            operator = system_wallets[(units[wallet_id], SystemWallet.operator)]
+            return Posting(TransferKind.credit, operator, wallet_id, operation.amount)
+        case Debit(wallet_id=wallet_id, mode=DebitMode.all_or_nothing) if wallet_id in units:
+            operator = system_wallets[(units[wallet_id], SystemWallet.operator)]
+            return Posting(TransferKind.debit, wallet_id, operator, operation.amount)
+        case WalletTransfer():
+            return Posting(
+                TransferKind.transfer,
+                operation.source_wallet_id,
+                operation.target_wallet_id,
+                operation.amount,
+            )
+        case Deposit(wallet_id=wallet_id) if wallet_id in units:
+            funding = system_wallets[(units[wallet_id], SystemWallet.funding)]
+            return Posting(TransferKind.deposit, funding, wallet_id, operation.amount)
+        case Withdrawal(wallet_id=wallet_id) if wallet_id in units:
+            funding = system_wallets[(units[wallet_id], SystemWallet.funding)]
+            return Posting(TransferKind.withdrawal, wallet_id, funding, operation.amount)
+        case Payment():
+            return Posting(
+                TransferKind.payment,
+                operation.payer_wallet_id,
+                operation.payee_wallet_id,
+                operation.amount,
+            )
+    return None
+
+
 def _linked_failed() -> errors.CofferError:
     return errors.LinkedOperationFailed("another operation of the linked chain failed")
 
