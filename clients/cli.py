@@ -648,7 +648,7 @@ def _history(client: SyncClient, arguments: argparse.Namespace) -> _Output:
                     str(transfer.id),
                     _time(transfer.create_time),
                     _name(types_pb2.TransferKind, transfer.kind),
-                    f"{'+' if incoming else '-'}{transfer.amount}",
+                    _signed_amount(transfer, incoming),
                     transfer.unit,
                     str(counterpart),
                     transfer.reference,
@@ -805,3 +805,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[i
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# Holds, releases and expiries reserve or free an amount without moving posted money.
+_reserving_kinds = frozenset(
+    {
+        types_pb2.TRANSFER_KIND_HOLD,
+        types_pb2.TRANSFER_KIND_RELEASE,
+        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
+    }
+)
+
+
+def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:
+    """+ into the wallet, - out of it; in parentheses what is only reserved or freed."""
+    if transfer.kind in _reserving_kinds:
+        return f"({transfer.amount})"
+    return f"{'+' if incoming else '-'}{transfer.amount}"

@@ -206,9 +206,10 @@ async def test_operator_walkthrough(cli: Cli) -> None:
     rows = history[1:5]
     assert column(rows, 0)[0] == str(void_id)
     assert column(rows, 3) == ["void", "release", "hold", "capture"]
-    # Signed by the transfer's direction; a hold and its release both point to the operator.
+    # Signed by the transfer's direction; what a hold reserves and its release frees, which
+    # moves no posted money, in parentheses.
     amounts = column(rows, 4)
-    assert (amounts[0], amounts[3]) == ("+200", "-300")
+    assert amounts == ["+200", "(100)", "(100)", "-300"]
     assert column(rows, 6) == ["1", "1", "1", str(merchant)]
     assert history[5] == "(more than 4; raise --limit to see them)"
     everything = (await cli.ok("history", str(customer), "--limit", "100"))[1:]
