@@ -118,9 +118,9 @@ class Unit:
         if not unit_code_pattern.fullmatch(self.code):
             raise InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
         _check_enum("kind", self.kind, UnitKind)
-        _check_text("name", self.name, unit_name_length_max, required=True)
-        _check_text("plural", self.plural, unit_name_length_max)
-        _check_text("description", self.description, unit_description_length_max)
+        check_text("name", self.name, unit_name_length_max, required=True)
+        check_text("plural", self.plural, unit_name_length_max)
+        check_text("description", self.description, unit_description_length_max)
         if not 0 <= self.scale <= unit_scale_max:
             raise InvalidArgument("scale", f"must be 0 to {unit_scale_max}")
 
@@ -170,7 +170,7 @@ class NewWallet:
 
     def __post_init__(self) -> None:
         _check_key(self.idempotency_key, self.caller)
-        _check_text("owner_id", self.owner_id, owner_id_length_max, required=True)
+        check_text("owner_id", self.owner_id, owner_id_length_max, required=True)
         if self.owner_kind not in (OwnerKind.customer, OwnerKind.merchant):
             raise InvalidArgument("owner_kind", "must be customer or merchant")
         _check_unit_code("unit", self.unit)
@@ -237,9 +237,9 @@ class Operation:
 
     def __post_init__(self) -> None:
         _check_key(self.idempotency_key, self.caller)
-        _check_text("note", self.note, note_length_max)
-        _check_text("reference", self.reference, reference_length_max)
-        _check_text("performed_by", self.performed_by, performed_by_length_max)
+        check_text("note", self.note, note_length_max)
+        check_text("reference", self.reference, reference_length_max)
+        check_text("performed_by", self.performed_by, performed_by_length_max)
         _check_metadata(self.metadata)
 
     def request_hash(self) -> bytes:
@@ -294,7 +294,7 @@ class Deposit(Operation):
         Operation.__post_init__(self)
         _check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
-        _check_text("funding_source", self.reference, reference_length_max, required=True)
+        check_text("funding_source", self.reference, reference_length_max, required=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -308,7 +308,7 @@ class Withdrawal(Operation):
         Operation.__post_init__(self)
         _check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
-        _check_text("funding_source", self.reference, reference_length_max, required=True)
+        check_text("funding_source", self.reference, reference_length_max, required=True)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -413,11 +413,11 @@ class Applied:
 
 
 def _check_key(idempotency_key: str, caller: str) -> None:
-    _check_text("idempotency_key", idempotency_key, idempotency_key_length_max, required=True)
-    _check_text("caller", caller, caller_length_max, required=True)
+    check_text("idempotency_key", idempotency_key, idempotency_key_length_max, required=True)
+    check_text("caller", caller, caller_length_max, required=True)
 
 
-def _check_text(name: str, value: str, length_max: int, *, required: bool = False) -> None:
+def check_text(name: str, value: str, length_max: int, *, required: bool = False) -> None:
     if not isinstance(value, str):
         raise InvalidArgument(name, "must be a string")
     if required and not value:
@@ -462,8 +462,8 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
     if len(metadata) > metadata_entries_max:
         raise InvalidArgument("metadata", f"must have at most {metadata_entries_max} entries")
     for key, value in metadata.items():
-        _check_text("metadata key", key, metadata_key_length_max, required=True)
-        _check_text(f"metadata[{key}]", value, metadata_value_length_max)
+        check_text("metadata key", key, metadata_key_length_max, required=True)
+        check_text(f"metadata[{key}]", value, metadata_value_length_max)
 
 
 _unhashed = frozenset({"idempotency_key", "caller", "linked"})

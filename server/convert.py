@@ -209,8 +209,11 @@ def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
         raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
 
 
-def time(pb: Timestamp) -> datetime:
-    return pb.ToDatetime(tzinfo=UTC)
+def time(pb: Timestamp, field: str) -> datetime:
+    try:
+        return pb.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.InvalidArgument(field, "must be a time from year 1 to 9999") from None
 
 
 def page_token(cursor: int | None, prefix: str) -> str:

@@ -109,10 +109,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def ListWallets(
         self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.ListWalletsResponse:
-        if len(request.owner_id) > model.owner_id_length_max:
-            raise errors.InvalidArgument(
-                "owner_id", f"must be at most {model.owner_id_length_max} characters"
-            )
+        model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
         if request.unit and not model.unit_code_pattern.fullmatch(request.unit):
             raise errors.InvalidArgument("unit", "is not a unit code")
         if request.owner_kind not in model.OwnerKind.__members__.values() and request.owner_kind:
@@ -214,15 +211,16 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     ) -> transfers_pb2.ListTransfersResponse:
         if request.wallet_id < 0:
             raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
-        if len(request.reference) > model.reference_length_max:
-            raise errors.InvalidArgument(
-                "reference", f"must be at most {model.reference_length_max} characters"
-            )
+        model.check_text("reference", request.reference, model.reference_length_max)
         where = TransferFilter(
             wallet_id=request.wallet_id or None,
             kinds=convert.transfer_kinds(list(request.kinds)),
-            start=convert.time(request.start_time) if request.HasField("start_time") else None,
-            end=convert.time(request.end_time) if request.HasField("end_time") else None,
+            start=convert.time(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None,
+            end=convert.time(request.end_time, "end_time")
+            if request.HasField("end_time")
+            else None,
             reference=request.reference or None,
         )
         page = await self._ledger.list_transfers(

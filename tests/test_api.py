@@ -721,6 +721,10 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     await invalid(w.GetBalance(wallets_pb2.GetBalanceRequest()), "wallet_id")
     await invalid(w.CancelWallet(wallets_pb2.CancelWalletRequest()), "wallet_id")
     await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(page_size=1001)), "page_size")
+    await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(owner_id="a\x00b")), "owner_id")
+    await invalid(
+        t.ListTransfers(transfers_pb2.ListTransfersRequest(reference="r\x00")), "reference"
+    )
     await invalid(
         w.ListWallets(wallets_pb2.ListWalletsRequest(page_token="garbage!")), "page_token"
     )
@@ -779,6 +783,14 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     await invalid(t.GetTransfer(transfers_pb2.GetTransferRequest()), "transfer_id")
     await invalid(t.ListTransfers(transfers_pb2.ListTransfersRequest(kinds=[99])), "kinds")
     await invalid(t.ListTransfers(transfers_pb2.ListTransfersRequest(page_size=-1)), "page_size")
+    await invalid(
+        t.ListTransfers(transfers_pb2.ListTransfersRequest(start_time=Timestamp(seconds=-(2**62)))),
+        "start_time",
+    )
+    await invalid(
+        t.ListTransfers(transfers_pb2.ListTransfersRequest(end_time=Timestamp(seconds=2**40))),
+        "end_time",
+    )
     await invalid(
         h.PlaceHold(
             holds_pb2.PlaceHoldRequest(
