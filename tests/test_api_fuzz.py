@@ -1,0 +1,189 @@
+"""Odd input of every kind, at random (seeded), to the real server: refused with the right
+kind of error, never INTERNAL."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coffer.clients.v1 import (
+    holds_pb2,
+    holds_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+
+calls = 600
+R = random.Random(7)  # seeded: the same calls every run
+
+
+def number() -> int:
+    return R.choice([0, 1, -1, 2**63 - 1, -(2**63), R.randint(-(10**6), 10**6), 3, 4, 5, 6])
+
+
+def text() -> str:
+    return R.choice(
+        [
+            "",
+            "a",
+            "x" * 2000,
+            "\x00",
+            "é",
+            "EUR",
+            "seat",
+            "".join(R.choice(string.printable) for _ in range(R.randint(0, 40))),
+        ]
+    )
+
+
+def metadata() -> dict[str, str]:
+    return R.choice([{}, {"k": "v"}, {text() or "k": text()}, {f"k{n}": "v" for n in range(20)}])
+
+
+async def test_odd_input_never_reaches_internal(channel: grpc.aio.Channel) -> None:
+    ch = channel
+    u, w, t, h = (
+        units_pb2_grpc.UnitServiceStub(ch),
+        wallets_pb2_grpc.WalletServiceStub(ch),
+        transfers_pb2_grpc.TransferServiceStub(ch),
+        holds_pb2_grpc.HoldServiceStub(ch),
+    )
+    await u.CreateUnit(units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2))
+    unexpected: list[str] = []
+    for _ in range(calls):
+        k = R.randrange(16)
+        try:
+            if k == 0:
+                await u.CreateUnit(
+                    units_pb2.CreateUnitRequest(
+                        code=text(),
+                        kind=R.randint(0, 3),
+                        name=text(),
+                        plural=text(),
+                        description=text(),
+                        scale=R.choice([0, 2, 18, 19, 2**32 - 1]),
+                    )
+                )
+            elif k == 1:
+                await w.CreateWallet(
+                    wallets_pb2.CreateWalletRequest(
+                        idempotency_key=text(),
+                        owner_id=text(),
+                        owner_kind=R.randint(0, 4),
+                        unit=text(),
+                        balance_minimum=number(),
+                        metadata=metadata(),
+                    )
+                )
+            elif k == 2:
+                await w.ListWallets(
+                    wallets_pb2.ListWalletsRequest(
+                        owner_id=text(),
+                        owner_kind=R.randint(0, 5),
+                        unit=text(),
+                        page_size=R.choice([0, -1, 5, 1001, 2**31 - 1]),
+                        page_token=text(),
+                    )
+                )
+            elif k == 3:
+                await t.Credit(
+                    transfers_pb2.CreditRequest(
+                        idempotency_key=text(),
+                        wallet_id=number(),
+                        amount=number(),
+                        note=text(),
+                        reference=text(),
+                        performed_by=text(),
+                        metadata=metadata(),
+                    )
+                )
+            elif k == 4:
+                await t.Debit(
+                    transfers_pb2.DebitRequest(
+                        idempotency_key=text(),
+                        wallet_id=number(),
+                        amount=number(),
+                        mode=R.randint(0, 4),
+                    )
+                )
+            elif k == 5:
+                await t.Transfer(
+                    transfers_pb2.TransferRequest(
+                        idempotency_key=text(),
+                        source_wallet_id=number(),
+                        target_wallet_id=number(),
+                        amount=number(),
+                    )
+                )
+            elif k == 6:
+                await t.Void(
+                    transfers_pb2.VoidRequest(idempotency_key=text(), transfer_id=number())
+                )
+            elif k == 7:
+                await t.ListTransfers(
+                    transfers_pb2.ListTransfersRequest(
+                        wallet_id=number(),
+                        kinds=[R.randint(-1, 12)],
+                        reference=text(),
+                        page_size=R.choice([0, 5, -5, 5000]),
+                        page_token=text(),
+                        start_time=Timestamp(seconds=number() % 2**40, nanos=R.choice([0, 5])),
+                    )
+                )
+            elif k == 8:
+                await h.PlaceHold(
+                    holds_pb2.PlaceHoldRequest(
+                        idempotency_key=text(),
+                        wallet_id=number(),
+                        target_wallet_id=number(),
+                        amount=number(),
+                        timeout=Duration(seconds=number(), nanos=R.choice([0, 1, -1])),
+                    )
+                )
+            elif k == 9:
+                await h.CaptureHold(
+                    holds_pb2.CaptureHoldRequest(
+                        idempotency_key=text(), hold_id=number(), amount=number()
+                    )
+                )
+            elif k == 10:
+                await h.ReleaseHold(
+                    holds_pb2.ReleaseHoldRequest(idempotency_key=text(), hold_id=number())
+                )
+            elif k == 11:
+                await h.GetHold(holds_pb2.GetHoldRequest(hold_id=number()))
+            elif k == 12:
+                await t.GetTransfer(transfers_pb2.GetTransferRequest(transfer_id=number()))
+            elif k == 13:
+                await w.GetBalance(wallets_pb2.GetBalanceRequest(wallet_id=number()))
+            elif k == 14:
+                await t.SubmitBatch(
+                    transfers_pb2.SubmitBatchRequest(
+                        operations=[
+                            transfers_pb2.Operation(
+                                deposit=transfers_pb2.DepositRequest(
+                                    idempotency_key=text(),
+                                    wallet_id=number(),
+                                    amount=number(),
+                                    funding_source=text(),
+                                ),
+                                linked=R.random() < 0.3,
+                            )
+                            for _ in range(R.randint(0, 5))
+                        ]
+                    )
+                )
+            elif k == 15:
+                await w.CancelWallet(wallets_pb2.CancelWalletRequest(wallet_id=number()))
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                unexpected.append(f"{k}: {e.details()}")
+    assert unexpected == []
