@@ -295,17 +295,21 @@ def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
 
 
 def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
-    # Only what is set: protobuf charges for every argument, empty or not, and the results of
-    # a batch are thousands of these.
-    pb = types_pb2.Transfer(
-        id=value.id,
-        operation_id=value.operation_id,
-        kind=value.kind,  # type: ignore[arg-type]
-        source_wallet_id=value.source_wallet_id,
-        target_wallet_id=value.target_wallet_id,
-        unit=value.unit,
-        amount=value.amount,
-    )
+    pb = types_pb2.Transfer()
+    fill_transfer(pb, value)
+    return pb
+
+
+def fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
+    """Sets a transfer into a message in place (a batch's results are built where they stand,
+    not copied in), and only what is set: protobuf charges for every field given."""
+    pb.id = value.id
+    pb.operation_id = value.operation_id
+    pb.kind = value.kind  # type: ignore[assignment]
+    pb.source_wallet_id = value.source_wallet_id
+    pb.target_wallet_id = value.target_wallet_id
+    pb.unit = value.unit
+    pb.amount = value.amount
     pb.create_time.CopyFrom(_timestamp(value.created_at))
     if value.amount_requested is not None:
         pb.amount_requested = value.amount_requested
@@ -325,7 +329,6 @@ def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
         pb.voided_by_transfer_id = value.voided_by_transfer_id
     if value.hold_expires_at is not None:
         pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
-    return pb
 
 
 def hold_pb(value: model.Hold) -> types_pb2.Hold:
@@ -343,22 +346,21 @@ def hold_pb(value: model.Hold) -> types_pb2.Hold:
     )
 
 
-def operation_result_pb(
-    outcome: model.Applied | errors.CofferError, code_of: dict[errors.Category, int]
-) -> transfers_pb2.OperationResult:
+def fill_operation_result(
+    pb: transfers_pb2.OperationResult,
+    outcome: model.Applied | errors.CofferError,
+    code_of: dict[errors.Category, int],
+) -> None:
     if isinstance(outcome, errors.CofferError):
-        return transfers_pb2.OperationResult(
-            error=transfers_pb2.OperationError(
-                reason=outcome.reason,
-                message=outcome.message,
-                code=code_of[outcome.category],
-                field=outcome.field if isinstance(outcome, errors.InvalidArgument) else "",
-            )
-        )
-    pb = transfers_pb2.OperationResult(
-        transfers=[transfer_pb(each) for each in outcome.transfers],
-        amount_remaining=outcome.amount_remaining,
-    )
+        pb.error.reason = outcome.reason
+        pb.error.message = outcome.message
+        pb.error.code = code_of[outcome.category]
+        if isinstance(outcome, errors.InvalidArgument):
+            pb.error.field = outcome.field
+        return
+    for each in outcome.transfers:
+        fill_transfer(pb.transfers.add(), each)
+    if outcome.amount_remaining:
+        pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:
         pb.hold.CopyFrom(hold_pb(outcome.hold))
-    return pb

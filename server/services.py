@@ -196,9 +196,11 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         caller = caller_of(context)
         operations = rules.seal([convert.operation(each, caller) for each in request.operations])
         outcomes = await self._batcher.submit_all(operations)
-        return transfers_pb2.SubmitBatchResponse(
-            results=[convert.operation_result_pb(outcome, _codes) for outcome in outcomes]
-        )
+        response = transfers_pb2.SubmitBatchResponse()
+        add = response.results.add
+        for outcome in outcomes:
+            convert.fill_operation_result(add(), outcome, _codes)
+        return response
 
     async def GetTransfer(
         self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
