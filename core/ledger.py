@@ -912,9 +912,6 @@ class _Batch:
 
     def _applied(self, transfers: list[Transfer], book: rules.Book) -> Applied:
         first = transfers[0]
-        remaining = 0
-        if first.amount_requested is not None:
-            remaining = first.amount_requested - first.amount
         hold = None
         if first.kind == TransferKind.hold:
             assert first.hold_expires_at is not None
@@ -942,7 +939,7 @@ class _Batch:
                 resolved_by_transfer_id=first.id,
                 amount_captured=first.amount if first.kind == TransferKind.capture else 0,
             )
-        return Applied(tuple(transfers), amount_remaining=remaining, hold=hold)
+        return Applied(tuple(transfers), hold=hold)
 
 
 _hold_status = {
@@ -977,27 +974,20 @@ async def _operation_results(
     grouped: dict[int, list[Transfer]] = {}
     for row in rows:
         grouped.setdefault(row["operation_id"], []).append(_transfer(row))
-    hold_ids = {
-        transfer.id if transfer.kind == TransferKind.hold else transfer.hold_id
-        for transfers in grouped.values()
-        for transfer in transfers[:1]
-        if transfer.kind == TransferKind.hold or transfer.hold_id is not None
+    # The hold an operation placed or resolved, as it stands now.
+    hold_of = {
+        operation_id: transfers[0].id
+        if transfers[0].kind == TransferKind.hold
+        else transfers[0].hold_id
+        for operation_id, transfers in grouped.items()
     }
-    holds = await _holds(connection, {hold_id for hold_id in hold_ids if hold_id}, now)
-    results = {}
-    for operation_id, transfers in grouped.items():
-        first = transfers[0]
-        hold_id = first.id if first.kind == TransferKind.hold else first.hold_id
-        remaining = 0
-        if first.amount_requested is not None:
-            remaining = first.amount_requested - first.amount
-        results[operation_id] = Applied(
-            tuple(transfers),
-            amount_remaining=remaining,
-            hold=holds.get(hold_id) if hold_id else None,
-            replayed=True,
+    holds = await _holds(connection, {hold_id for hold_id in hold_of.values() if hold_id}, now)
+    return {
+        operation_id: Applied(
+            tuple(transfers), hold=holds.get(hold_of[operation_id] or 0), replayed=True
         )
-    return results
+        for operation_id, transfers in grouped.items()
+    }
 
 
 async def _holds(

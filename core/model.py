@@ -400,13 +400,20 @@ class Applied:
     """What a successful operation produced (or, replayed, had produced)."""
 
     transfers: tuple[Transfer, ...]
-    amount_remaining: int = 0
     hold: Hold | None = None
     replayed: bool = False
 
     @property
     def transfer(self) -> Transfer:
         return self.transfers[0]
+
+    @property
+    def amount_remaining(self) -> int:
+        """For an up-to debit: what the wallet could not cover, due elsewhere."""
+        first = self.transfers[0]
+        if first.amount_requested is None:
+            return 0
+        return first.amount_requested - first.amount
 
 
 # Checks --------------------------------------------------------------------------------------

@@ -295,7 +295,7 @@ def _debit(book: Book, operation: Debit) -> list[Posting]:
         _check_move(wallet, operator, amount)
         # Checks done.
         posting = _move(book, TransferKind.debit, wallet, operator, amount)
-        return [_with_request(posting, operation.amount)]
+        return [replace(posting, amount_requested=operation.amount)]
     _check_move(wallet, operator, operation.amount)
     # Checks done.
     return [_move(book, TransferKind.debit, wallet, operator, operation.amount)]
@@ -356,7 +356,7 @@ def _void(book: Book, operation: Void) -> list[Posting]:
     # Checks done.
     book.mark_voided(original.id)
     posting = _move(book, TransferKind.void, source, target, original.amount)
-    return [_replace(posting, voids_transfer_id=original.id)]
+    return [replace(posting, voids_transfer_id=original.id)]
 
 
 def _place_hold(book: Book, operation: PlaceHold, now: datetime) -> list[Posting]:
@@ -508,11 +508,3 @@ def _unhold(book: Book, hold: HoldState, kind: TransferKind) -> Posting:
     book.resolve(hold, kind)
     book.adjust(book.wallets[hold.source_wallet_id], pending=-hold.amount)
     return Posting(kind, hold.source_wallet_id, hold.target_wallet_id, hold.amount, hold_id=hold.id)
-
-
-def _with_request(posting: Posting, amount_requested: int) -> Posting:
-    return _replace(posting, amount_requested=amount_requested)
-
-
-def _replace(posting: Posting, **changes: object) -> Posting:
-    return replace(posting, **changes)  # type: ignore[arg-type]
