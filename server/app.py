@@ -144,9 +144,6 @@ class Server:
             await self._sweep
         await self.ledger.pool.close()
 
-    async def wait_for_termination(self) -> None:
-        await self._server.wait_for_termination()
-
     async def _expire_holds(self) -> None:
         while True:
             await asyncio.sleep(self.settings.hold_expiry_interval_s)

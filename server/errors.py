@@ -35,17 +35,13 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
 }
 
 
-def status_code(error: errors.CofferError) -> grpc.StatusCode:
-    return status_codes[error.category]
-
-
 def to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
         info.metadata["field"] = error.field
     detail = any_pb2.Any()
     detail.Pack(info)
-    code = status_code(error)
+    code = status_codes[error.category]
     return rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     )
