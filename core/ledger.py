@@ -24,8 +24,9 @@ unique index; the loser starts over, looks its keys up, and finds the key stored
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -308,7 +309,7 @@ class Ledger:
                         self, connection, operations, now or datetime.now(UTC), optimistic
                     )
                     return await batch.run()
-            except asyncpg.UniqueViolationError:
+            except (asyncpg.UniqueViolationError, _KeyStored):
                 # A key was stored already, or a concurrent batch took it first.
                 optimistic = False
             except _retryable_database_errors:
@@ -484,6 +485,8 @@ class _Batch:
         self.operations = operations
         self.now = now
         self.optimistic = optimistic
+        # When the holds the batch resolves were placed.
+        self.hold_created_at: dict[int, datetime] = {}
 
     async def run(self) -> list[Applied | errors.CofferError]:
         operations = self.operations
@@ -531,6 +534,8 @@ class _Batch:
 
         expiries: list[rules.Outcome] = [rules.apply(book, expiry, self.now) for expiry in lapsed]
         outcomes = rules.apply_all(book, operations, self.now, settled)
+        refused = _refusals(operations, outcomes, settled)
+        await self._check_keys_free(fresh, refused, ahead)
         if lapsed:
             # Written like any operation, ahead of the batch's own; their results are not
             # the caller's.
@@ -538,12 +543,14 @@ class _Batch:
             self.hashes = [expiry.request_hash() for expiry in lapsed] + self.hashes
             ahead = {index + len(lapsed): written for index, written in ahead.items()}
         results = (await self._write(book, [*expiries, *outcomes], ahead))[len(lapsed) :]
+        if refused:
+            await self._record_refusals(refused, outcomes)
         if replays:
             replayed = await _operation_results(self.connection, set(replays.values()), self.now)
             for index, operation_id in replays.items():
                 results[index] = replayed[operation_id]
         for index, first in duplicates.items():
-            results[index] = results[first]
+            results[index] = _replay_of(results[first])
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
@@ -576,20 +583,13 @@ class _Batch:
                 first[key] = index
         if self.optimistic:
             return settled, replays, duplicates
-        rows = await self.connection.fetch(
-            """
-            select t.caller, t.idempotency_key, t.request_hash, t.operation_id
-            from transfers t
-            join unnest($1::text[], $2::text[]) as k (caller, key)
-              on t.caller = k.caller and t.idempotency_key = k.key
-            """,
-            [key[0] for key in first],
-            [key[1] for key in first],
-        )
+        rows = await self.connection.fetch(_select_stored_keys, *_key_columns(first))
         for row in rows:
             index = first[(row["caller"], row["idempotency_key"])]
             if row["request_hash"] != hashes[index]:
                 settled[index] = _key_reused(row["idempotency_key"])
+            elif row["operation_id"] is None:
+                settled[index] = errors.refusal(row["reason"], row["message"])
             else:
                 settled[index] = None
                 replays[index] = row["operation_id"]
@@ -603,12 +603,71 @@ class _Batch:
                 del duplicates[index]
         return settled, replays, duplicates
 
+    async def _check_keys_free(
+        self, fresh: list[int], refused: list[int], ahead: Mapping[int, object]
+    ) -> None:
+        """Raises _KeyStored if a key this batch is about to answer anew is stored already:
+        as a refusal (for any operation), or as a success (for one refused here; one written
+        ahead would have met the stored key at the unique index already). Run with the
+        wallets locked: a batch that stored the same request locked the same wallets, so it
+        has committed, and what it stored is seen."""
+        if not fresh:
+            return
+        keys = {self._key(index): index for index in fresh}
+        unwritten = {self._key(index): index for index in refused if index not in ahead}
+        found = await self.connection.fetchval(
+            """
+            select exists (
+                select from refusals r
+                join unnest($1::text[], $2::text[]) as k (caller, key)
+                  on r.caller = k.caller and r.idempotency_key = k.key
+            ) or exists (
+                select from transfers t
+                join unnest($3::text[], $4::text[]) as k (caller, key)
+                  on t.caller = k.caller and t.idempotency_key = k.key
+            )
+            """,
+            *_key_columns(keys),
+            *_key_columns(unwritten),
+        )
+        if found:
+            raise _KeyStored()
+
+    async def _record_refusals(self, refused: list[int], outcomes: list[rules.Outcome]) -> None:
+        """Stores the refusals under their keys: a retry gets the same answer. A concurrent
+        batch storing the same key meets this one at the primary key; the later starts over
+        and finds it."""
+        records = []
+        for index in refused:
+            error = outcomes[index]
+            assert isinstance(error, errors.CofferError) and error.refusal
+            caller, key = self._key(index)
+            records.append((caller, key, self.hashes[index], error.reason, error.message, self.now))
+        await self.connection.copy_records_to_table(
+            "refusals",
+            records=records,
+            columns=(
+                "caller",
+                "idempotency_key",
+                "request_hash",
+                "reason",
+                "message",
+                "created_at",
+            ),
+        )
+
+    def _key(self, index: int) -> tuple[str, str]:
+        operation = self.operations[index]
+        assert not isinstance(operation, Rejected)
+        return operation.caller, operation.idempotency_key
+
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:
             return {}
         rows = await self.connection.fetch(
             """
-            select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at
+            select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at,
+                   created_at
             from transfers where id = any($1::bigint[])
             """,
             list(ids),
@@ -657,12 +716,14 @@ class _Batch:
             return []
         rows = await self.connection.fetch(
             """
-            select transfer_id, source_wallet_id, target_wallet_id, amount, expires_at
-            from pending_holds
-            where transfer_id = any($1::bigint[])
-               or (source_wallet_id = any($2::bigint[]) and expires_at <= $3)
-            order by transfer_id
-            for update
+            select h.transfer_id, h.source_wallet_id, h.target_wallet_id, h.amount,
+                   h.expires_at, t.created_at
+            from pending_holds h
+            join transfers t on t.id = h.transfer_id
+            where h.transfer_id = any($1::bigint[])
+               or (h.source_wallet_id = any($2::bigint[]) and h.expires_at <= $3)
+            order by h.transfer_id
+            for update of h
             """,
             ids,
             held,
@@ -678,6 +739,7 @@ class _Batch:
                 resolutions[row["hold_id"]] = TransferKind(row["kind"])
         for hold_id in closed:
             hold = referenced[hold_id]
+            self.hold_created_at[hold_id] = hold["created_at"]
             book.holds[hold_id] = rules.HoldState(
                 id=hold_id,
                 source_wallet_id=hold["source_wallet_id"],
@@ -688,6 +750,7 @@ class _Batch:
             )
         lapsed = []
         for hold_id, row in open_holds.items():
+            self.hold_created_at[hold_id] = row["created_at"]
             book.holds[hold_id] = rules.HoldState(
                 id=hold_id,
                 source_wallet_id=row["source_wallet_id"],
@@ -823,6 +886,7 @@ class _Batch:
                 continue
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
+            assert len(outcome) <= rules.operation_transfers_max, outcome
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
@@ -935,7 +999,7 @@ class _Batch:
                 amount=state.amount,
                 status=_hold_status[first.kind],
                 expires_at=state.expires_at,
-                created_at=first.created_at,
+                created_at=self.hold_created_at[state.id],
                 resolved_by_transfer_id=first.id,
                 amount_captured=first.amount if first.kind == TransferKind.capture else 0,
             )
@@ -947,6 +1011,51 @@ _hold_status = {
     TransferKind.release: HoldStatus.released,
     TransferKind.hold_expiry: HoldStatus.expired,
 }
+
+
+class _KeyStored(Exception):
+    """A key the batch took for new was stored by then: the batch starts over, looking its
+    keys up first."""
+
+
+def _refusals(
+    operations: Sequence[Operation | Rejected],
+    outcomes: Sequence[rules.Outcome],
+    settled: Mapping[int, errors.CofferError | None],
+) -> list[int]:
+    """The operations refused anew, whose refusals are to be kept under their keys. A chain
+    that failed for a reason other than a refusal (an invalid operation, a reused key) never
+    ran: none of its refusals is kept. The ledger's own operations (hold expiry) are retried
+    by design, and not kept either."""
+    refused: list[int] = []
+    start = 0
+    for end, operation in enumerate(operations):
+        if operation.linked:
+            continue
+        chain = range(start, end + 1)
+        start = end + 1
+        failures = [outcomes[index] for index in chain if isinstance(outcomes[index], Exception)]
+        if not failures or not all(
+            isinstance(failure, errors.CofferError) and failure.refusal for failure in failures
+        ):
+            continue
+        refused.extend(
+            index
+            for index in chain
+            if index not in settled
+            and not isinstance(operations[index], Rejected)
+            and operations[index].caller != system_caller  # type: ignore[union-attr]
+        )
+    return refused
+
+
+def _key_columns(keys: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    callers: list[str] = []
+    names: list[str] = []
+    for caller, name in keys:
+        callers.append(caller)
+        names.append(name)
+    return callers, names
 
 
 def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
@@ -967,9 +1076,16 @@ def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
 async def _operation_results(
     connection: asyncpg.Connection, operation_ids: set[int], now: datetime
 ) -> dict[int, Applied]:
+    # An operation's transfers have consecutive ids from its own (operation_id).
     rows = await connection.fetch(
-        f"{_select_transfers} where t.operation_id = any($1::bigint[]) order by t.id",
+        f"""
+        {_select_transfers}
+        join unnest($1::bigint[]) as o (id)
+          on t.id between o.id and o.id + $2 - 1 and t.operation_id = o.id
+        order by t.id
+        """,
         list(operation_ids),
+        rules.operation_transfers_max,
     )
     grouped: dict[int, list[Transfer]] = {}
     for row in rows:
@@ -988,6 +1104,16 @@ async def _operation_results(
         )
         for operation_id, transfers in grouped.items()
     }
+
+
+def _replay_of(result: Applied | errors.CofferError | None) -> Applied | errors.CofferError:
+    """The answer to a request repeated within its batch: its first one, marked a replay."""
+    if isinstance(result, Applied):
+        return dataclasses.replace(result, replayed=True)
+    assert isinstance(result, errors.CofferError)
+    if isinstance(result, errors.InvalidArgument):
+        return result
+    return type(result)(result.message, replayed=True)
 
 
 async def _holds(
@@ -1055,6 +1181,20 @@ _wallet_columns = """
         (select sum(h.amount) from pending_holds h
          where h.source_wallet_id = wallets.id and h.expires_at <= now()), 0) end::bigint
     as pending
+"""
+
+# Where keys are stored: on the first transfer of a successful operation, or as a refusal.
+_select_stored_keys = """
+    select t.caller, t.idempotency_key, t.request_hash, t.operation_id,
+           null as reason, null as message
+    from transfers t
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on t.caller = k.caller and t.idempotency_key = k.key
+    union all
+    select r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
+    from refusals r
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on r.caller = k.caller and r.idempotency_key = k.key
 """
 
 _select_transfers = """

@@ -351,6 +351,8 @@ def fill_operation_result(
     outcome: model.Applied | errors.CofferError,
     code_of: dict[errors.Category, int],
 ) -> None:
+    if outcome.replayed:
+        pb.replayed = True
     if isinstance(outcome, errors.CofferError):
         pb.error.reason = outcome.reason
         pb.error.message = outcome.message

@@ -35,6 +35,10 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
 }
 
 
+# Trailing metadata of a replayed answer: the stored outcome of an earlier request.
+replayed_metadata = (("coffer-replayed", "true"),)
+
+
 def to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
@@ -42,9 +46,15 @@ def to_status(error: errors.CofferError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     code = status_codes[error.category]
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     )
+    if error.replayed:
+        # A named tuple, for all its type says.
+        return status._replace(  # type: ignore[attr-defined,no-any-return]
+            trailing_metadata=(*status.trailing_metadata, *replayed_metadata)
+        )
+    return status
 
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]

@@ -6,7 +6,8 @@ Errors are not handled here: what a handler raises is turned into a status by
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,7 +26,7 @@ from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max, sys
 
 from . import convert
 from .batcher import Batcher
-from .errors import status_codes, translate_errors
+from .errors import replayed_metadata, status_codes, translate_errors
 
 caller_metadata_key = "coffer-caller"
 caller_default = "default"
@@ -36,6 +37,7 @@ _HoldResponse = TypeVar(
     holds_pb2.CaptureHoldResponse,
     holds_pb2.ReleaseHoldResponse,
 )
+_Request = TypeVar("_Request", bound=Any)
 _codes = {category: code.value[0] for category, code in status_codes.items()}
 
 
@@ -142,13 +144,13 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Credit(
         self, request: transfers_pb2.CreditRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.CreditResponse:
-        applied = await self._batcher.submit(convert.credit(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.credit, request)
         return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Debit(
         self, request: transfers_pb2.DebitRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.DebitResponse:
-        applied = await self._batcher.submit(convert.debit(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.debit, request)
         return transfers_pb2.DebitResponse(
             transfer=convert.transfer_pb(applied.transfer),
             amount_debited=applied.transfer.amount,
@@ -158,31 +160,31 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Transfer(
         self, request: transfers_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.TransferResponse:
-        applied = await self._batcher.submit(convert.transfer(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.transfer, request)
         return transfers_pb2.TransferResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Deposit(
         self, request: transfers_pb2.DepositRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.DepositResponse:
-        applied = await self._batcher.submit(convert.deposit(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.deposit, request)
         return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Withdraw(
         self, request: transfers_pb2.WithdrawRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.WithdrawResponse:
-        applied = await self._batcher.submit(convert.withdrawal(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.withdrawal, request)
         return transfers_pb2.WithdrawResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Pay(
         self, request: transfers_pb2.PayRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.PayResponse:
-        applied = await self._batcher.submit(convert.payment(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.payment, request)
         return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Void(
         self, request: transfers_pb2.VoidRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.VoidResponse:
-        applied = await self._batcher.submit(convert.void(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.void, request)
         return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def SubmitBatch(
@@ -245,19 +247,19 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def PlaceHold(
         self, request: holds_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.PlaceHoldResponse:
-        applied = await self._batcher.submit(convert.place_hold(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.place_hold, request)
         return _hold_response(holds_pb2.PlaceHoldResponse, applied)
 
     async def CaptureHold(
         self, request: holds_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.CaptureHoldResponse:
-        applied = await self._batcher.submit(convert.capture_hold(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.capture_hold, request)
         return _hold_response(holds_pb2.CaptureHoldResponse, applied)
 
     async def ReleaseHold(
         self, request: holds_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.ReleaseHoldResponse:
-        applied = await self._batcher.submit(convert.release_hold(request, caller_of(context)))
+        applied = await _submit(self._batcher, context, convert.release_hold, request)
         return _hold_response(holds_pb2.ReleaseHoldResponse, applied)
 
     async def GetHold(
@@ -265,6 +267,20 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     ) -> holds_pb2.GetHoldResponse:
         hold = await self._ledger.get_hold(_id("hold_id", request.hold_id))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
+
+
+async def _submit(
+    batcher: Batcher,
+    context: grpc.aio.ServicerContext,
+    operation: Callable[[_Request, str], model.Operation],
+    request: _Request,
+) -> model.Applied:
+    """Applies the operation a request asks for; a replayed answer says so in the trailing
+    metadata (a replayed refusal too, through `errors.to_status`)."""
+    applied = await batcher.submit(operation(request, caller_of(context)))
+    if applied.replayed:
+        context.set_trailing_metadata(replayed_metadata)
+    return applied
 
 
 def _hold_response(response: type[_HoldResponse], applied: model.Applied) -> _HoldResponse:

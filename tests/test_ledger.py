@@ -329,7 +329,9 @@ async def test_idempotency(ledger: Ledger) -> None:
             Credit(idempotency_key="dup", wallet_id=customer, amount=6),
         ]
     )
-    assert isinstance(outcomes[0], Applied) and outcomes[1] == outcomes[0]
+    assert isinstance(outcomes[0], Applied) and isinstance(outcomes[1], Applied)
+    assert not outcomes[0].replayed and outcomes[1].replayed
+    assert outcomes[1].transfers == outcomes[0].transfers
     assert isinstance(outcomes[2], errors.IdempotencyKeyReused)
     assert await balance(ledger, customer) == (26, 0)
 

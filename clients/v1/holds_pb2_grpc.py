@@ -28,7 +28,9 @@ if _version_not_supported:
 
 class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     def __init__(self, channel):
@@ -61,7 +63,9 @@ class HoldServiceStub:
 
 class HoldServiceServicer:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     def PlaceHold(self, request, context):
@@ -121,7 +125,9 @@ def add_HoldServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class HoldService:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     @staticmethod

@@ -29,7 +29,9 @@ GRPC_VERSION: str
 
 class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     @_typing.overload
@@ -44,7 +46,9 @@ class HoldServiceStub:
 @_typing.type_check_only
 class HoldServiceAsyncStub(HoldServiceStub):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -55,7 +59,9 @@ class HoldServiceAsyncStub(HoldServiceStub):
 
 class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
     """
 
     @_abc_1.abstractmethod

@@ -693,7 +693,10 @@ class OperationResult(_message.Message):
     HOLD_FIELD_NUMBER: _builtins.int
     AMOUNT_REMAINING_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     amount_remaining: _builtins.int
+    replayed: _builtins.bool
+    """True when this is the stored outcome of an earlier request with the same key."""
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transfer]:
         """Empty when the operation failed."""
@@ -709,10 +712,11 @@ class OperationResult(_message.Message):
         hold: _types_pb2.Hold | None = ...,
         amount_remaining: _builtins.int = ...,
         error: Global___OperationError | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hold", b"hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_remaining", b"amount_remaining", "error", b"error", "hold", b"hold", "transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_remaining", b"amount_remaining", "error", b"error", "hold", b"hold", "replayed", b"replayed", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
