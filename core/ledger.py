@@ -536,6 +536,8 @@ class _Batch:
         outcomes = rules.apply_all(book, operations, self.now, settled)
         refused = _refusals(operations, outcomes, settled)
         await self._check_keys_free(fresh, refused, ahead)
+        if refused:
+            await self._record_refusals(refused, outcomes)
         if lapsed:
             # Written like any operation, ahead of the batch's own; their results are not
             # the caller's.
@@ -543,8 +545,6 @@ class _Batch:
             self.hashes = [expiry.request_hash() for expiry in lapsed] + self.hashes
             ahead = {index + len(lapsed): written for index, written in ahead.items()}
         results = (await self._write(book, [*expiries, *outcomes], ahead))[len(lapsed) :]
-        if refused:
-            await self._record_refusals(refused, outcomes)
         if replays:
             replayed = await _operation_results(self.connection, set(replays.values()), self.now)
             for index, operation_id in replays.items():
