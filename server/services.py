@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import grpc
 
+from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.v1 import (
     holds_pb2,
     holds_pb2_grpc,
@@ -21,14 +22,11 @@ from coffer.clients.v1 import (
     wallets_pb2_grpc,
 )
 from coffer.core import errors, model, rules
-from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max, system_caller
+from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max
 
 from . import convert
 from .batcher import Batcher
 from .errors import status_codes, translate_errors
-
-caller_metadata_key = "coffer-caller"
-caller_default = "default"
 
 _HoldResponse = TypeVar(
     "_HoldResponse",
@@ -40,19 +38,29 @@ _codes = {category: code.value[0] for category, code in status_codes.items()}
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: idempotency keys are scoped to it."""
-    for key, value in context.invocation_metadata() or ():
-        if key == caller_metadata_key:
-            if not isinstance(value, str) or not 0 < len(value) <= model.caller_length_max:
-                raise errors.InvalidArgument(
-                    caller_metadata_key, f"must be 1 to {model.caller_length_max} characters"
-                )
-            if value.startswith(system_caller[0]):
-                raise errors.InvalidArgument(
-                    caller_metadata_key, f"must not start with {system_caller[0]!r}"
-                )
-            return value
-    return caller_default
+    """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
+    caller = caller_sent(context)
+    if caller is None:
+        raise errors.InvalidArgument(
+            caller_metadata_key, "is required on every call that writes: name the caller"
+        )
+    return caller
+
+
+def caller_sent(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
+    names none. Reads call it for the check alone."""
+    sent = [
+        value for key, value in context.invocation_metadata() or () if key == caller_metadata_key
+    ]
+    if not sent:
+        return None
+    if len(sent) > 1:
+        raise errors.InvalidArgument(caller_metadata_key, "must be sent once")
+    try:
+        return check_caller(sent[0])
+    except ValueError as error:
+        raise errors.InvalidArgument(caller_metadata_key, str(error)) from None
 
 
 @translate_errors
@@ -63,12 +71,14 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def CreateUnit(
         self, request: units_pb2.CreateUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.CreateUnitResponse:
+        caller_of(context)
         unit = await self._ledger.create_unit(convert.unit(request))
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
         self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.GetUnitResponse:
+        caller_sent(context)
         if not model.unit_code_pattern.fullmatch(request.code):
             raise errors.InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
         unit = await self._ledger.get_unit(request.code)
@@ -77,6 +87,7 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def ListUnits(
         self, request: units_pb2.ListUnitsRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.ListUnitsResponse:
+        caller_sent(context)
         units = await self._ledger.list_units()
         return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
 
@@ -95,12 +106,14 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def GetWallet(
         self, request: wallets_pb2.GetWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetWalletResponse:
+        caller_sent(context)
         wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetBalance(
         self, request: wallets_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetBalanceResponse:
+        caller_sent(context)
         wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetBalanceResponse(
             wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
@@ -109,6 +122,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def ListWallets(
         self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.ListWalletsResponse:
+        caller_sent(context)
         model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
         if request.unit and not model.unit_code_pattern.fullmatch(request.unit):
             raise errors.InvalidArgument("unit", "is not a unit code")
@@ -129,6 +143,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def CancelWallet(
         self, request: wallets_pb2.CancelWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.CancelWalletResponse:
+        caller_of(context)
         wallet = await self._ledger.cancel_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
 
@@ -188,12 +203,12 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.SubmitBatchResponse:
+        caller = caller_of(context)
         count = len(request.operations)
         if not 0 < count <= batch_operations_max:
             raise errors.InvalidArgument(
                 "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
             )
-        caller = caller_of(context)
         operations = rules.seal([convert.operation(each, caller) for each in request.operations])
         outcomes = await self._batcher.submit_all(operations)
         response = transfers_pb2.SubmitBatchResponse()
@@ -205,12 +220,14 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def GetTransfer(
         self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.GetTransferResponse:
+        caller_sent(context)
         transfer = await self._ledger.get_transfer(_id("transfer_id", request.transfer_id))
         return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
 
     async def ListTransfers(
         self, request: transfers_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.ListTransfersResponse:
+        caller_sent(context)
         if request.wallet_id < 0:
             raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
         model.check_text("reference", request.reference, model.reference_length_max)
@@ -263,6 +280,7 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def GetHold(
         self, request: holds_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.GetHoldResponse:
+        caller_sent(context)
         hold = await self._ledger.get_hold(_id("hold_id", request.hold_id))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
 

@@ -318,6 +318,8 @@ async def test_refusals_print_one_line_and_exit_1(cli: Cli) -> None:
         ["hold"],
         ["balance", "7", "--deadline", "0"],
         ["--caller", "", "balance", "7"],
+        ["--caller", "@coffer", "balance", "7"],
+        ["--caller", "x" * 129, "balance", "7"],
     ],
 )
 async def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

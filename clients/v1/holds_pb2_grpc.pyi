@@ -30,6 +30,11 @@ GRPC_VERSION: str
 class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -45,6 +50,11 @@ class HoldServiceStub:
 class HoldServiceAsyncStub(HoldServiceStub):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -56,6 +66,11 @@ class HoldServiceAsyncStub(HoldServiceStub):
 class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod

@@ -32,6 +32,11 @@ class TransferServiceStub:
     to the caller named in the `coffer-caller` metadata): a retry with the same key and request
     returns the first result; the same key with another request fails with ALREADY_EXISTS
     (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -59,6 +64,11 @@ class TransferServiceAsyncStub(TransferServiceStub):
     to the caller named in the `coffer-caller` metadata): a retry with the same key and request
     returns the first result; the same key with another request fails with ALREADY_EXISTS
     (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -82,6 +92,11 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     to the caller named in the `coffer-caller` metadata): a retry with the same key and request
     returns the first result; the same key with another request fails with ALREADY_EXISTS
     (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod
