@@ -22,7 +22,7 @@ from coffer.clients.v1 import (
     wallets_pb2_grpc,
 )
 from coffer.core import errors, model, rules
-from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max
+from coffer.core.ledger import Ledger, batch_operations_max
 
 from . import convert
 from .batcher import Batcher
@@ -128,16 +128,20 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
             raise errors.InvalidArgument("unit", "is not a unit code")
         if request.owner_kind not in model.OwnerKind.__members__.values() and request.owner_kind:
             raise errors.InvalidArgument("owner_kind", "is not an owner kind")
+        owner_id = request.owner_id or None
+        owner_kind = model.OwnerKind(request.owner_kind) if request.owner_kind else None
+        unit = request.unit or None
+        scope = convert.page_scope("wallets", owner_id, owner_kind, unit)
         page = await self._ledger.list_wallets(
-            owner_id=request.owner_id or None,
-            owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,
-            unit=request.unit or None,
+            owner_id=owner_id,
+            owner_kind=owner_kind,
+            unit=unit,
             page_size=convert.page_size(request.page_size),
-            after_id=convert.cursor(request.page_token, "w") or 0,
+            after_id=convert.cursor(request.page_token, scope) or 0,
         )
         return wallets_pb2.ListWalletsResponse(
             wallets=[convert.wallet_pb(wallet) for wallet in page.items],
-            next_page_token=convert.page_token(page.cursor, "w"),
+            next_page_token=convert.page_token(page.cursor, scope),
         )
 
     async def CancelWallet(
@@ -228,28 +232,16 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         self, request: transfers_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.ListTransfersResponse:
         caller_sent(context)
-        if request.wallet_id < 0:
-            raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
-        model.check_text("reference", request.reference, model.reference_length_max)
-        where = TransferFilter(
-            wallet_id=request.wallet_id or None,
-            kinds=convert.transfer_kinds(list(request.kinds)),
-            start=convert.time(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else None,
-            end=convert.time(request.end_time, "end_time")
-            if request.HasField("end_time")
-            else None,
-            reference=request.reference or None,
-        )
+        where = convert.transfer_filter(request)
+        scope = convert.page_scope("transfers", where)
         page = await self._ledger.list_transfers(
             where,
             page_size=convert.page_size(request.page_size),
-            before_id=convert.cursor(request.page_token, "t"),
+            before_id=convert.cursor(request.page_token, scope),
         )
         return transfers_pb2.ListTransfersResponse(
             transfers=[convert.transfer_pb(transfer) for transfer in page.items],
-            next_page_token=convert.page_token(page.cursor, "t"),
+            next_page_token=convert.page_token(page.cursor, scope),
         )
 
 

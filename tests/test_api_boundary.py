@@ -4,6 +4,7 @@ new one is checked without anyone listing it here."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -204,3 +205,168 @@ async def test_client_and_server_agree_on_every_caller(
             assert (await sent).wallet.id
         else:
             assert await invalid_field(sent) == caller_metadata_key, caller
+
+
+# Page tokens ---------------------------------------------------------------------------------
+
+
+def paged_rpcs() -> dict[str, MethodDescriptor]:
+    """Every list RPC that pages: its request has a page_token."""
+    return {
+        method.full_name: method
+        for method in rpcs()
+        if "page_token" in method.input_type.fields_by_name
+    }
+
+
+def items_field(method: MethodDescriptor) -> str:
+    """The repeated field of the response that holds a page's items."""
+    (field,) = (
+        field.name
+        for field in method.output_type.fields
+        if field.is_repeated and field.message_type is not None
+    )
+    return field
+
+
+async def page(
+    channel: grpc.aio.Channel, method: MethodDescriptor, filters: Message, size: int, token: str
+) -> tuple[list[int], str]:
+    """The ids on one page, and the next page's token."""
+    request = type(filters)()
+    request.CopyFrom(filters)
+    request.page_size = size
+    request.page_token = token
+    response = await call(channel, method, request)
+    return [item.id for item in getattr(response, items_field(method))], response.next_page_token
+
+
+async def page_through(
+    channel: grpc.aio.Channel, method: MethodDescriptor, filters: Message, size: int
+) -> tuple[list[int], list[str]]:
+    """Every id, page after page, and the tokens it took."""
+    ids, tokens, token = [], [], ""
+    while True:
+        found, token = await page(channel, method, filters, size, token)
+        ids += found
+        if not token:
+            return ids, tokens
+        tokens.append(token)
+
+
+def encoded(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decoded(token: str) -> bytes:
+    return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+
+
+async def filters_of_each_list(channel: grpc.aio.Channel) -> dict[str, tuple[Message, Message]]:
+    """For each paged list: two requests with other filters, the first matching 4 items."""
+    wallets = rpc("WalletService", "CreateWallet")
+    credit = rpc("TransferService", "Credit")
+    await call(
+        channel,
+        rpc("UnitService", "CreateUnit"),
+        units_pb2.CreateUnitRequest(code="EUR", kind=types_pb2.UNIT_KIND_CURRENCY, name="Euro"),
+    )
+    ids = {}
+    for owner in ("ada", "ada", "ada", "ada", "bo"):
+        created = await call(
+            channel,
+            wallets,
+            wallets_pb2.CreateWalletRequest(
+                idempotency_key=key(),
+                owner_id=owner,
+                owner_kind=types_pb2.OWNER_KIND_CUSTOMER,
+                unit="EUR",
+            ),
+        )
+        ids.setdefault(owner, created.wallet.id)
+    for owner, count in (("ada", 4), ("bo", 1)):
+        for amount in range(1, count + 1):
+            await call(
+                channel,
+                credit,
+                transfers_pb2.CreditRequest(
+                    idempotency_key=key(), wallet_id=ids[owner], amount=amount
+                ),
+            )
+    return {
+        "coffer.v1.WalletService.ListWallets": (
+            wallets_pb2.ListWalletsRequest(owner_id="ada"),
+            wallets_pb2.ListWalletsRequest(owner_id="bo"),
+        ),
+        "coffer.v1.TransferService.ListTransfers": (
+            transfers_pb2.ListTransfersRequest(wallet_id=ids["ada"]),
+            transfers_pb2.ListTransfersRequest(wallet_id=ids["bo"]),
+        ),
+    }
+
+
+async def test_page_tokens_page_through_and_are_refused_anywhere_else(
+    channel: grpc.aio.Channel,
+) -> None:
+    lists = await filters_of_each_list(channel)
+    assert set(lists) == set(paged_rpcs()), "a new list RPC: give it filters here"
+    issued = {}
+    for name, (filters, other_filters) in lists.items():
+        method = paged_rpcs()[name]
+        everything, _ = await page(channel, method, filters, 1000, "")
+        assert len(everything) == 4, name
+        # Page by page, with the same filters: every item once, in order.
+        ids, tokens = await page_through(channel, method, filters, 1)
+        assert (ids, len(tokens)) == (everything, 3), name
+        # The page size may change from page to page; the filters may not.
+        assert (await page(channel, method, filters, 3, tokens[0]))[0] == everything[1:], name
+        assert await invalid_field(page(channel, method, other_filters, 1, tokens[0])) == (
+            "page_token"
+        ), name
+        issued[name] = tokens[0]
+
+    for name, method in paged_rpcs().items():
+        filters = lists[name][0]
+        token = issued[name]
+        scope = decoded(token)[8:]
+        foreign = [other for other_name, other in issued.items() if other_name != name]
+        assert foreign, "a token of another list"
+        bad = [
+            *foreign,
+            "!",
+            "not a token",
+            token + "A",
+            token[:-1],
+            token + "==",
+            token[:-2] + ("B" if token[-2] != "B" else "C") + token[-1],
+            encoded(b"w:3"),
+            encoded(b"t:3"),
+            encoded(b"w:9223372036854775808"),
+            encoded(b"t:" + b"9" * 30),
+            encoded(bytes(16)),
+            # The right digest, with a cursor of 0 or past int64.
+            encoded((0).to_bytes(8, "big") + scope),
+            encoded((2**63).to_bytes(8, "big") + scope),
+            encoded((2**64 - 1).to_bytes(8, "big") + scope),
+            "é" * 22,
+            "A" * 5000,
+        ]
+        for token_bad in bad:
+            field = await invalid_field(page(channel, method, filters, 1, token_bad))
+            assert field == "page_token", (name, token_bad)
+
+
+async def test_transfer_kinds_filter_as_a_set(channel: grpc.aio.Channel) -> None:
+    """Kinds in another order, or repeated, are the same filter: its tokens go on working."""
+    lists = await filters_of_each_list(channel)
+    method = rpc("TransferService", "ListTransfers")
+    wallet_id = lists[method.full_name][0].wallet_id
+    credit, debit = types_pb2.TRANSFER_KIND_CREDIT, types_pb2.TRANSFER_KIND_DEBIT
+    first = transfers_pb2.ListTransfersRequest(wallet_id=wallet_id, kinds=[credit, debit])
+    same = transfers_pb2.ListTransfersRequest(wallet_id=wallet_id, kinds=[debit, credit, debit])
+    ids, token = await page(channel, method, first, 2, "")
+    rest, _ = await page(channel, method, same, 10, token)
+    everything, _ = await page(channel, method, first, 10, "")
+    assert ids + rest == everything and len(everything) == 4
+    only_credits = transfers_pb2.ListTransfersRequest(wallet_id=wallet_id, kinds=[credit])
+    assert await invalid_field(page(channel, method, only_credits, 2, token)) == "page_token"
