@@ -210,6 +210,9 @@ def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilt
     model.check_text("reference", request.reference, model.reference_length_max)
     start = time(request.start_time, "start_time") if request.HasField("start_time") else None
     end = time(request.end_time, "end_time") if request.HasField("end_time") else None
+    # [start, end) is half-open: end == start is an empty range, allowed; end < start is not.
+    if start is not None and end is not None and end < start:
+        raise errors.InvalidArgument("end_time", "must not be before start_time")
     return TransferFilter(
         wallet_id=request.wallet_id or None,
         kinds=transfer_kinds(list(request.kinds)),

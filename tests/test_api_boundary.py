@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import itertools
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -370,3 +371,36 @@ async def test_transfer_kinds_filter_as_a_set(channel: grpc.aio.Channel) -> None
     assert ids + rest == everything and len(everything) == 4
     only_credits = transfers_pb2.ListTransfersRequest(wallet_id=wallet_id, kinds=[credit])
     assert await invalid_field(page(channel, method, only_credits, 2, token)) == "page_token"
+
+
+# Time ranges ---------------------------------------------------------------------------------
+
+
+async def test_time_ranges_are_half_open_and_never_inverted(channel: grpc.aio.Channel) -> None:
+    lists = await filters_of_each_list(channel)
+    method = rpc("TransferService", "ListTransfers")
+    wallet_id = lists[method.full_name][0].wallet_id
+    everything, _ = await page(
+        channel, method, transfers_pb2.ListTransfersRequest(wallet_id=wallet_id), 10, ""
+    )
+    assert len(everything) == 4
+    now = datetime.now(UTC)
+
+    def ranged(start: datetime | None, end: datetime | None) -> Message:
+        request = transfers_pb2.ListTransfersRequest(wallet_id=wallet_id)
+        if start is not None:
+            request.start_time.FromDatetime(start)
+        if end is not None:
+            request.end_time.FromDatetime(end)
+        return request
+
+    hour = timedelta(hours=1)
+    assert (await page(channel, method, ranged(now - hour, now + hour), 10, ""))[0] == everything
+    assert (await page(channel, method, ranged(now - hour, None), 10, ""))[0] == everything
+    assert (await page(channel, method, ranged(None, now - hour), 10, ""))[0] == []
+    # start == end: an empty range, allowed.
+    assert (await page(channel, method, ranged(now, now), 10, ""))[0] == []
+    # end before start: refused, by a microsecond or by years.
+    for end in (now - timedelta(microseconds=1), now - 1000 * 24 * hour):
+        field = await invalid_field(page(channel, method, ranged(now, end), 10, ""))
+        assert field == "end_time"

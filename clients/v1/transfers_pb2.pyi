@@ -831,7 +831,9 @@ class ListTransfersRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Exclusive."""
+        """Exclusive: [start_time, end_time) is half-open. Equal to start_time is an empty range
+        (no transfers); before start_time fails with INVALID_ARGUMENT (field `end_time`).
+        """
 
     def __init__(
         self,
