@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.v1 import (
     holds_pb2,
     holds_pb2_grpc,
@@ -22,14 +23,11 @@ from coffer.clients.v1 import (
     wallets_pb2_grpc,
 )
 from coffer.core import errors, model, rules
-from coffer.core.ledger import Ledger, TransferFilter, batch_operations_max, system_caller
+from coffer.core.ledger import Ledger, batch_operations_max
 
 from . import convert
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
-
-caller_metadata_key = "coffer-caller"
-caller_default = "default"
 
 _HoldResponse = TypeVar(
     "_HoldResponse",
@@ -42,19 +40,29 @@ _codes = {category: code.value[0] for category, code in status_codes.items()}
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> str:
-    """Who is calling: idempotency keys are scoped to it."""
-    for key, value in context.invocation_metadata() or ():
-        if key == caller_metadata_key:
-            if not isinstance(value, str) or not 0 < len(value) <= model.caller_length_max:
-                raise errors.InvalidArgument(
-                    caller_metadata_key, f"must be 1 to {model.caller_length_max} characters"
-                )
-            if value.startswith(system_caller[0]):
-                raise errors.InvalidArgument(
-                    caller_metadata_key, f"must not start with {system_caller[0]!r}"
-                )
-            return value
-    return caller_default
+    """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
+    caller = caller_sent(context)
+    if caller is None:
+        raise errors.InvalidArgument(
+            caller_metadata_key, "is required on every call that writes: name the caller"
+        )
+    return caller
+
+
+def caller_sent(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
+    names none. Reads call it for the check alone."""
+    sent = [
+        value for key, value in context.invocation_metadata() or () if key == caller_metadata_key
+    ]
+    if not sent:
+        return None
+    if len(sent) > 1:
+        raise errors.InvalidArgument(caller_metadata_key, "must be sent once")
+    try:
+        return check_caller(sent[0])
+    except ValueError as error:
+        raise errors.InvalidArgument(caller_metadata_key, str(error)) from None
 
 
 @translate_errors
@@ -65,12 +73,14 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def CreateUnit(
         self, request: units_pb2.CreateUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.CreateUnitResponse:
+        caller_of(context)
         unit = await self._ledger.create_unit(convert.unit(request))
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
         self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.GetUnitResponse:
+        caller_sent(context)
         if not model.unit_code_pattern.fullmatch(request.code):
             raise errors.InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
         unit = await self._ledger.get_unit(request.code)
@@ -79,6 +89,7 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def ListUnits(
         self, request: units_pb2.ListUnitsRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.ListUnitsResponse:
+        caller_sent(context)
         units = await self._ledger.list_units()
         return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
 
@@ -97,12 +108,14 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def GetWallet(
         self, request: wallets_pb2.GetWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetWalletResponse:
+        caller_sent(context)
         wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetBalance(
         self, request: wallets_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetBalanceResponse:
+        caller_sent(context)
         wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetBalanceResponse(
             wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
@@ -111,26 +124,32 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def ListWallets(
         self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.ListWalletsResponse:
+        caller_sent(context)
         model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
         if request.unit and not model.unit_code_pattern.fullmatch(request.unit):
             raise errors.InvalidArgument("unit", "is not a unit code")
         if request.owner_kind not in model.OwnerKind.__members__.values() and request.owner_kind:
             raise errors.InvalidArgument("owner_kind", "is not an owner kind")
+        owner_id = request.owner_id or None
+        owner_kind = model.OwnerKind(request.owner_kind) if request.owner_kind else None
+        unit = request.unit or None
+        scope = convert.page_scope("wallets", owner_id, owner_kind, unit)
         page = await self._ledger.list_wallets(
-            owner_id=request.owner_id or None,
-            owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,
-            unit=request.unit or None,
+            owner_id=owner_id,
+            owner_kind=owner_kind,
+            unit=unit,
             page_size=convert.page_size(request.page_size),
-            after_id=convert.cursor(request.page_token, "w") or 0,
+            after_id=convert.cursor(request.page_token, scope) or 0,
         )
         return wallets_pb2.ListWalletsResponse(
             wallets=[convert.wallet_pb(wallet) for wallet in page.items],
-            next_page_token=convert.page_token(page.cursor, "w"),
+            next_page_token=convert.page_token(page.cursor, scope),
         )
 
     async def CancelWallet(
         self, request: wallets_pb2.CancelWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.CancelWalletResponse:
+        caller_of(context)
         wallet = await self._ledger.cancel_wallet(_id("wallet_id", request.wallet_id))
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
 
@@ -190,12 +209,12 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.SubmitBatchResponse:
+        caller = caller_of(context)
         count = len(request.operations)
         if not 0 < count <= batch_operations_max:
             raise errors.InvalidArgument(
                 "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
             )
-        caller = caller_of(context)
         operations = rules.seal([convert.operation(each, caller) for each in request.operations])
         outcomes = await self._batcher.submit_all(operations)
         response = transfers_pb2.SubmitBatchResponse()
@@ -207,34 +226,24 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def GetTransfer(
         self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.GetTransferResponse:
+        caller_sent(context)
         transfer = await self._ledger.get_transfer(_id("transfer_id", request.transfer_id))
         return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
 
     async def ListTransfers(
         self, request: transfers_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.ListTransfersResponse:
-        if request.wallet_id < 0:
-            raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
-        model.check_text("reference", request.reference, model.reference_length_max)
-        where = TransferFilter(
-            wallet_id=request.wallet_id or None,
-            kinds=convert.transfer_kinds(list(request.kinds)),
-            start=convert.time(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else None,
-            end=convert.time(request.end_time, "end_time")
-            if request.HasField("end_time")
-            else None,
-            reference=request.reference or None,
-        )
+        caller_sent(context)
+        where = convert.transfer_filter(request)
+        scope = convert.page_scope("transfers", where)
         page = await self._ledger.list_transfers(
             where,
             page_size=convert.page_size(request.page_size),
-            before_id=convert.cursor(request.page_token, "t"),
+            before_id=convert.cursor(request.page_token, scope),
         )
         return transfers_pb2.ListTransfersResponse(
             transfers=[convert.transfer_pb(transfer) for transfer in page.items],
-            next_page_token=convert.page_token(page.cursor, "t"),
+            next_page_token=convert.page_token(page.cursor, scope),
         )
 
 
@@ -265,6 +274,7 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def GetHold(
         self, request: holds_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.GetHoldResponse:
+        caller_sent(context)
         hold = await self._ledger.get_hold(_id("hold_id", request.hold_id))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
 

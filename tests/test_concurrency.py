@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import asyncpg
 import grpc
@@ -43,12 +44,14 @@ refusals = {
 }
 
 
-async def test_concurrent_clients_keep_the_books(database_url: str) -> None:
+async def test_concurrent_clients_keep_the_books(
+    database_url: str, open_channel: Callable[[str], grpc.aio.Channel]
+) -> None:
     servers = [
         await Server.start(Settings(database_url=database_url, listen="127.0.0.1:0", pool_size=4))
         for _ in range(2)
     ]
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") for server in servers]
+    channels = [open_channel(f"127.0.0.1:{server.port}") for server in servers]
     try:
         wallet_ids = await _setup(channels[0])
         outcomes: Counter[str] = Counter()

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coffer.clients.caller import caller_metadata_key
 from coffer.clients.v1 import units_pb2, units_pb2_grpc
 
 coffer = str(Path(sys.executable).parent / "coffer")
@@ -75,7 +76,8 @@ async def test_serve_on_the_embedded_postgres(tmp_path: Path) -> None:
         assert await health(target) == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(target) as channel:
             await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
-                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2)
+                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2),
+                metadata=((caller_metadata_key, "tests"),),
             )
     finally:
         rest = await stop(process, signal.SIGTERM)

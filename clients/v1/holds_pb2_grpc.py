@@ -31,6 +31,11 @@ class HoldServiceStub:
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel):
@@ -66,6 +71,11 @@ class HoldServiceServicer:
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def PlaceHold(self, request, context):
@@ -128,6 +138,11 @@ class HoldService:
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @staticmethod

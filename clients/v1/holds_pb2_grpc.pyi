@@ -32,6 +32,11 @@ class HoldServiceStub:
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -49,6 +54,11 @@ class HoldServiceAsyncStub(HoldServiceStub):
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -62,6 +72,11 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
     refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod

@@ -43,6 +43,11 @@ class TransferServiceStub:
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel):
@@ -120,6 +125,11 @@ class TransferServiceServicer:
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def Credit(self, request, context):
@@ -263,6 +273,11 @@ class TransferService:
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @staticmethod

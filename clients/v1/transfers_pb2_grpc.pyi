@@ -44,6 +44,11 @@ class TransferServiceStub:
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -83,6 +88,11 @@ class TransferServiceAsyncStub(TransferServiceStub):
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -118,6 +128,11 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod
