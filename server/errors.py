@@ -18,11 +18,10 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from coffer.clients.errors import error_domain, replayed_metadata_key
 from coffer.core import errors
 
 logger = logging.getLogger(__name__)
-
-error_domain = "coffer.v1"
 
 status_codes: dict[errors.Category, grpc.StatusCode] = {
     errors.Category.invalid_argument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -36,7 +35,7 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
 
 
 # Trailing metadata of a replayed answer: the stored outcome of an earlier request.
-replayed_metadata = (("coffer-replayed", "true"),)
+replayed_metadata = ((replayed_metadata_key, "true"),)
 
 
 def to_status(error: errors.CofferError) -> grpc.Status:
