@@ -189,8 +189,11 @@ class Ledger:
 
     # Wallets -----------------------------------------------------------------------------------
 
-    async def create_wallet(self, new: NewWallet) -> Wallet:
+    async def create_wallet(self, new: NewWallet) -> tuple[Wallet, bool]:
+        """Creates the wallet; returns it, and whether this was a replay of an earlier
+        request with the same key (the wallet it created then)."""
         request_hash = new.request_hash()
+        replayed = False
         async with self._connection() as connection, connection.transaction():
             if not await connection.fetchval("select true from units where code = $1", new.unit):
                 raise errors.UnitNotFound(f"unit {new.unit} does not exist")
@@ -224,7 +227,8 @@ class Ledger:
                 assert row is not None
                 if row["request_hash"] != request_hash:
                     raise _key_reused(new.idempotency_key)
-        return _wallet(row)
+                replayed = True
+        return _wallet(row), replayed
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
         async with self._connection() as connection:

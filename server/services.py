@@ -102,7 +102,11 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def CreateWallet(
         self, request: wallets_pb2.CreateWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.CreateWalletResponse:
-        wallet = await self._ledger.create_wallet(convert.new_wallet(request, caller_of(context)))
+        wallet, replayed = await self._ledger.create_wallet(
+            convert.new_wallet(request, caller_of(context))
+        )
+        if replayed:
+            context.set_trailing_metadata(replayed_metadata)
         return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetWallet(

@@ -20,7 +20,7 @@ async def ledger_and_wallet(database_url: str) -> AsyncIterator[tuple[Ledger, in
     try:
         ledger = Ledger(pool)
         await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro"))
-        wallet = await ledger.create_wallet(
+        wallet, _ = await ledger.create_wallet(
             NewWallet(idempotency_key="w", owner_id="o", owner_kind=OwnerKind.customer, unit="EUR")
         )
         yield ledger, wallet.id

@@ -56,7 +56,7 @@ async def ledger(database_url: str) -> AsyncIterator[Ledger]:
 async def wallet(
     ledger: Ledger, unit: str = "EUR", kind: OwnerKind = OwnerKind.customer, minimum: int = 0
 ) -> int:
-    created = await ledger.create_wallet(
+    created, _ = await ledger.create_wallet(
         NewWallet(
             idempotency_key=key(),
             owner_id=f"owner-{next(_keys)}",

@@ -525,3 +525,19 @@ async def test_replays_survive_a_restart(database_url: str) -> None:
                 await connection.close()
     finally:
         await server.stop()
+
+
+async def test_create_wallet_replays_say_so(world: World) -> None:
+    request = wallets_pb2.CreateWalletRequest(
+        idempotency_key=key(),
+        owner_id="alice",
+        owner_kind=types_pb2.OWNER_KIND_CUSTOMER,
+        unit="EUR",
+    )
+    answers = []
+    for _ in range(2):
+        call = world.wallets.CreateWallet(request, metadata=metadata)
+        answers.append((await call, _replayed(await call.trailing_metadata())))
+    (first, first_replayed), (again, again_replayed) = answers
+    assert (first_replayed, again_replayed) == (False, True)
+    assert again == first
