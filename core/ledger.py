@@ -11,15 +11,22 @@ A batch is one database transaction:
    (so batches never deadlock), then the open holds it resolves, and release the lapsed
    holds of those wallets first;
 5. validate each operation in order against that state in memory (`rules.apply_all`);
-6. remove what was written ahead and did not happen (never committed, so never seen), COPY
+6. check, with the locks held, that no key it answers anew was stored meanwhile (as a refusal,
+   or as a success of an operation it refused), and keep its refusals under their keys;
+7. remove what was written ahead and did not happen (never committed, so never seen), COPY
    the other transfers, and update each touched wallet row once.
 
 The transfers of one batch share one time; their ids follow the order they were written in,
 which within a batch is not always the order the operations were applied in.
 
-Keys are stored on the transfers themselves, in the same transaction as the postings: a
-replay after a crash or a restart finds them. Two batches racing on one new key meet at the
-unique index; the loser starts over, looks its keys up, and finds the key stored.
+Keys are stored in the same transaction as the postings: a success's on its first transfer, a
+refusal's (NOT_FOUND, FAILED_PRECONDITION, LINKED_OPERATION_FAILED) in `refusals`; a replay
+after a crash or a restart finds them, and answers what was answered first. Two batches racing
+on one new key meet at a unique index, or at step 6: the same request locks the same wallets,
+so the later batch sees what the earlier one stored once it holds the locks. The later starts
+over, looks its keys up first, and answers with the stored outcome. (Two different requests
+racing under one key, on wallets apart, can each be answered before either is stored: each
+replays its own answer after, and any other request with that key is IDEMPOTENCY_KEY_REUSED.)
 """
 
 from __future__ import annotations
