@@ -20,12 +20,18 @@ which within a batch is not always the order the operations were applied in.
 Keys are stored on the transfers themselves, in the same transaction as the postings: a
 replay after a crash or a restart finds them. Two batches racing on one new key meet at the
 unique index; the loser starts over, looks its keys up, and finds the key stored.
+
+Every connection is used through one boundary (`_guarded`): what asyncpg raises when the
+database is gone or does not answer in time (a lost or refused connection, a server shutting
+down or restarting, a statement, lock, command or acquire timeout) becomes errors.Unavailable,
+which the same request with the same idempotency key may retry; anything else is a bug and
+passes unchanged.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -76,6 +82,28 @@ _retryable_database_errors = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+# What asyncpg raises when the database is gone or does not answer in time: the request may
+# succeed when sent again. Classes, never messages.
+_unreachable_errors: tuple[type[Exception], ...] = (
+    # The socket: refused, reset, broken, no socket file; and TimeoutError (a subclass of
+    # OSError), raised by a command, connect or acquire timeout on the client's side.
+    OSError,
+    # Class 08, connection exception: the connection does not exist, failed, was rejected.
+    asyncpg.PostgresConnectionError,
+    # Class 57, operator intervention: admin or crash shutdown, cannot connect now (starting
+    # or shutting down), and query_canceled (statement_timeout).
+    asyncpg.OperatorInterventionError,
+    # 55P03: lock_timeout.
+    asyncpg.LockNotAvailableError,
+    # 53300: too many connections.
+    asyncpg.TooManyConnectionsError,
+    # asyncpg's protocol lost track of the connection: e.g. the FATAL message a server shutting
+    # down sends to an idle connection leaves it in a state from which every later operation
+    # fails ("cannot switch to state ..."). The connection cannot be used again.
+    asyncpg.InternalClientError,
+)
+_timeout_errors = (TimeoutError, asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,7 +424,7 @@ class Ledger:
 
     # Plumbing ----------------------------------------------------------------------------------
 
-    def _connection(self) -> Any:
+    def _connection(self) -> _guarded:
         return _guarded(self._pool.acquire())
 
     async def _wallet_unit_map(
@@ -439,24 +467,76 @@ class Ledger:
 
 
 class _guarded:
-    """Acquires a connection; turns a lost database into Unavailable."""
+    """Acquires a connection and releases it: the one place where asyncpg's errors that mean
+    the database is gone or did not answer in time become errors.Unavailable. The connection
+    such an error met is closed rather than given back to the pool, whatever state it is in,
+    so the pool opens a fresh one when it next needs one. Other errors pass unchanged."""
+
+    __slots__ = ("_acquiring", "_connection")
 
     def __init__(self, acquiring: Any) -> None:
         self._acquiring = acquiring
+        self._connection: Any = None
 
     async def __aenter__(self) -> asyncpg.Connection:
         try:
-            return await self._acquiring.__aenter__()
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as error:
-            raise errors.Unavailable("the database cannot be reached") from error
+            self._connection = await self._acquiring.__aenter__()
+        except Exception as error:
+            if _unreachable(error, None):
+                raise _unavailable(error) from error
+            raise
+        return self._connection  # type: ignore[no-any-return]
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._acquiring.__aexit__(*exc_info)
-        kind, value = exc_info[0], exc_info[1]
-        if kind is not None and issubclass(
-            kind, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-        ):
-            raise errors.Unavailable("the database connection was lost") from value
+        error = exc_info[1]
+        lost = isinstance(error, Exception) and _unreachable(error, self._connection)
+        if lost and not _closed(self._connection):
+            self._connection.terminate()
+        try:
+            await self._acquiring.__aexit__(*exc_info)
+        except Exception as release_error:
+            if lost:
+                raise _unavailable(error) from error
+            if _unreachable(release_error, self._connection):
+                raise _unavailable(release_error) from release_error
+            raise
+        if lost:
+            raise _unavailable(error) from error
+
+
+def _unreachable(error: Exception, connection: asyncpg.Connection | None) -> bool:
+    """Whether `error` means the database is gone or did not answer in time: it, or an error
+    it was raised from or while handling, is one of `_unreachable_errors`; or it is asyncpg's
+    InterfaceError on a connection that is closed ("the underlying connection is closed")."""
+    if isinstance(error, errors.CofferError):
+        return False
+    if isinstance(error, asyncpg.InterfaceError) and connection is not None and _closed(connection):
+        return True
+    return any(isinstance(cause, _unreachable_errors) for cause in _causes(error))
+
+
+def _closed(connection: asyncpg.Connection) -> bool:
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool took the connection back when it closed: the proxy is detached from it.
+        return True
+
+
+def _unavailable(error: BaseException) -> errors.Unavailable:
+    if any(isinstance(cause, _timeout_errors) for cause in _causes(error)):
+        return errors.Unavailable("the database did not answer in time; send it again")
+    return errors.Unavailable("the database cannot be reached; send it again")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, the error it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 # A batch -----------------------------------------------------------------------------------------
