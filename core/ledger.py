@@ -21,11 +21,15 @@ Keys are stored on the transfers themselves, in the same transaction as the post
 replay after a crash or a restart finds them. Two batches racing on one new key meet at the
 unique index; the loser starts over, looks its keys up, and finds the key stored.
 
+Connections come from two pools: writes (batches, units, wallets) from one, queries from
+another, smaller one, so that long history scans cannot take the connections writes need.
 Every connection is used through one boundary (`_guarded`): what asyncpg raises when the
 database is gone or does not answer in time (a lost or refused connection, a server shutting
 down or restarting, a statement, lock, command or acquire timeout) becomes errors.Unavailable,
 which the same request with the same idempotency key may retry; anything else is a bug and
-passes unchanged.
+passes unchanged. A stalled database fails calls within about `statement_timeout_s`: the
+server cancels statements past it, and the client gives up on a server that answers nothing
+(a paused or unreachable one) shortly after.
 """
 
 from __future__ import annotations
@@ -77,6 +81,14 @@ wallet_unit_cache_max = 100_000
 expiry_batch_max = 1000
 # The caller under which the ledger writes on its own behalf (hold expiry).
 system_caller = "@coffer"
+
+statement_timeout_s_default = 5.0
+lock_timeout_s_default = 5.0
+timeout_s_max = 3600.0
+pool_size_max = 100
+# How much longer than statement_timeout the client waits for an answer before it gives up on
+# the connection: the server's own timeout, which leaves the connection usable, comes first.
+command_timeout_margin_s = 0.5
 
 _retryable_database_errors = (
     asyncpg.DeadlockDetectedError,
@@ -147,21 +159,50 @@ def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str,
+    *,
+    size_max: int = 10,
+    statement_timeout_s: float = statement_timeout_s_default,
+    lock_timeout_s: float = lock_timeout_s_default,
+) -> asyncpg.Pool:
+    """A pool of up to `size_max` connections, opened when needed (none kept open while the
+    database is down, so nothing retries in the background). Each statement is bounded on the
+    server (statement_timeout, lock_timeout) and on the client (command_timeout, a little
+    longer, for a server that answers nothing); connecting is bounded by statement_timeout_s."""
+    assert 0 < size_max <= pool_size_max, size_max
+    assert 0 < statement_timeout_s <= timeout_s_max and 0 < lock_timeout_s <= timeout_s_max
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=min(2, size_max),
+        min_size=0,
         max_size=size_max,
         init=_init_connection,
         reset=_keep_session,
+        timeout=statement_timeout_s,
+        command_timeout=statement_timeout_s + command_timeout_margin_s,
+        server_settings={
+            "statement_timeout": str(round(statement_timeout_s * 1000)),
+            "lock_timeout": str(round(lock_timeout_s * 1000)),
+        },
     )
     assert pool is not None
     return pool
 
 
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """`pool` serves writes; `read_pool` (by default the same) serves queries. Waiting for a
+    connection of either takes at most `acquire_timeout_s` (None: no bound)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        read_pool: asyncpg.Pool | None = None,
+        acquire_timeout_s: float | None = None,
+    ) -> None:
         self._pool = pool
+        self._read_pool = read_pool or pool
+        self._acquire_timeout_s = acquire_timeout_s
         # Facts that never change once written: a wallet's unit, a unit's system wallets.
         self._wallet_units: dict[int, str] = {}
         self._system_wallets: dict[tuple[str, SystemWallet], int] = {}
@@ -169,6 +210,15 @@ class Ledger:
     @property
     def pool(self) -> asyncpg.Pool:
         return self._pool
+
+    @property
+    def read_pool(self) -> asyncpg.Pool:
+        return self._read_pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+        if self._read_pool is not self._pool:
+            await self._read_pool.close()
 
     # Units -------------------------------------------------------------------------------------
 
@@ -203,14 +253,14 @@ class Ledger:
             return _unit(row)
 
     async def get_unit(self, code: str) -> Unit:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow("select * from units where code = $1", code)
         if row is None:
             raise errors.UnitNotFound(f"unit {code} does not exist")
         return _unit(row)
 
     async def list_units(self) -> list[Unit]:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch("select * from units order by code")
         return [_unit(row) for row in rows]
 
@@ -254,7 +304,7 @@ class Ledger:
         return _wallet(row)
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1", wallet_id
             )
@@ -272,7 +322,7 @@ class Ledger:
         after_id: int = 0,
     ) -> Page[Wallet]:
         assert 0 < page_size <= page_size_max
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(
                 f"""
                 select {_wallet_columns} from wallets
@@ -363,7 +413,7 @@ class Ledger:
     # Queries -----------------------------------------------------------------------------------
 
     async def get_transfer(self, transfer_id: int) -> Transfer:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(f"{_select_transfers} where t.id = $1", transfer_id)
         if not rows:
             raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
@@ -409,14 +459,14 @@ class Ledger:
         else:
             where_clause = " and ".join(conditions) or "true"
             query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(query, *arguments)
         transfers = [_transfer(row) for row in rows[:page_size]]
         cursor = transfers[-1].id if len(rows) > page_size else None
         return Page(transfers, cursor)
 
     async def get_hold(self, hold_id: int) -> Hold:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             holds = await _holds(connection, [hold_id], datetime.now(UTC))
         if hold_id not in holds:
             raise errors.HoldNotFound(f"hold {hold_id} does not exist")
@@ -425,7 +475,10 @@ class Ledger:
     # Plumbing ----------------------------------------------------------------------------------
 
     def _connection(self) -> _guarded:
-        return _guarded(self._pool.acquire())
+        return _guarded(self._pool.acquire(timeout=self._acquire_timeout_s))
+
+    def _read_connection(self) -> _guarded:
+        return _guarded(self._read_pool.acquire(timeout=self._acquire_timeout_s))
 
     async def _wallet_unit_map(
         self, connection: asyncpg.Connection, wallet_ids: set[int]

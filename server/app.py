@@ -6,7 +6,7 @@
 
 `start` migrates the database first. `stop` shuts down in order: stop taking calls and let
 those in flight finish (within the grace period), apply what the batcher holds, stop the
-sweep, close the connection pool.
+sweep, close the connection pools.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,7 +31,12 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core.ledger import Ledger, create_pool
+from coffer.core.ledger import (
+    Ledger,
+    create_pool,
+    lock_timeout_s_default,
+    statement_timeout_s_default,
+)
 from coffer.core.migrate import migrate
 
 from . import services
@@ -53,8 +59,15 @@ service_names = (
 class Settings:
     database_url: str
     listen: str = "127.0.0.1:50051"
-    # Connections to PostgreSQL: batches in flight at once, plus queries.
+    # Connections to PostgreSQL for writes: batches in flight at once, units, wallets.
     pool_size: int = 8
+    # Connections for queries (gets, lists, histories), apart from the writes' ones.
+    pool_size_read: int = 4
+    # A statement running longer, or waiting longer for a lock, fails its call with
+    # UNAVAILABLE; so does a database that does not answer for about as long, and a wait for a
+    # free connection.
+    statement_timeout_s: float = statement_timeout_s_default
+    lock_timeout_s: float = lock_timeout_s_default
     batch_size_max: int = 1000
     batch_wait_ms: float = 0.0
     queue_max: int = 50_000
@@ -86,13 +99,28 @@ class Server:
 
     @classmethod
     async def start(cls, settings: Settings) -> Server:
-        pool = await create_pool(settings.database_url, size_max=settings.pool_size)
+        # Migrations run on a connection of their own, without the pools' timeouts: one may
+        # take long, and waits for another server's under an advisory lock.
+        connection = await asyncpg.connect(
+            settings.database_url, timeout=settings.statement_timeout_s
+        )
         try:
-            async with pool.acquire() as connection:
-                applied = await migrate(connection)
-            if applied:
-                logger.info("applied migrations %s", applied)
-            ledger = Ledger(pool)
+            applied = await migrate(connection)
+        finally:
+            await connection.close()
+        if applied:
+            logger.info("applied migrations %s", applied)
+        timeouts = {
+            "statement_timeout_s": settings.statement_timeout_s,
+            "lock_timeout_s": settings.lock_timeout_s,
+        }
+        pools: list[asyncpg.Pool] = []
+        try:
+            for size in (settings.pool_size, settings.pool_size_read):
+                pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
+            ledger = Ledger(
+                pools[0], read_pool=pools[1], acquire_timeout_s=settings.statement_timeout_s
+            )
             batcher = Batcher(
                 ledger.apply,
                 batch_size_max=settings.batch_size_max,
@@ -131,7 +159,8 @@ class Server:
             for name in ("", *service_names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
-            await pool.close()
+            for pool in pools:
+                await pool.close()
             raise
         return cls(settings, server, port, ledger, batcher, health_servicer)
 
@@ -142,7 +171,7 @@ class Server:
         self._sweep.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._sweep
-        await self.ledger.pool.close()
+        await self.ledger.close()
 
     async def _expire_holds(self) -> None:
         while True:

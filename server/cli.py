@@ -12,10 +12,12 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import uvloop
 
+from coffer.core.ledger import pool_size_max, timeout_s_max
 from coffer.core.migrate import migrate
 
 from .app import Server, Settings
@@ -89,7 +91,37 @@ def _parser() -> argparse.ArgumentParser:
         help="address to serve gRPC on (env COFFER_LISTEN; default 127.0.0.1:50051)",
     )
     defaults = Settings(database_url="")
-    serve.add_argument("--pool-size", type=int, default=defaults.pool_size)
+    serve.add_argument(
+        "--pool-size",
+        type=_bounded(int, 1, pool_size_max),
+        default=defaults.pool_size,
+        metavar="N",
+        help=f"database connections for writes (default {defaults.pool_size})",
+    )
+    serve.add_argument(
+        "--pool-size-read",
+        type=_bounded(int, 1, pool_size_max),
+        default=defaults.pool_size_read,
+        metavar="N",
+        help="database connections for queries, apart from the writes' "
+        f"(default {defaults.pool_size_read})",
+    )
+    serve.add_argument(
+        "--statement-timeout-s",
+        type=_bounded(float, 0, timeout_s_max),
+        default=defaults.statement_timeout_s,
+        metavar="S",
+        help="a statement running longer, or a database not answering as long, fails the call "
+        f"with UNAVAILABLE (default {defaults.statement_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--lock-timeout-s",
+        type=_bounded(float, 0, timeout_s_max),
+        default=defaults.lock_timeout_s,
+        metavar="S",
+        help="a wait for a lock longer than this fails the call with UNAVAILABLE "
+        f"(default {defaults.lock_timeout_s:g})",
+    )
     serve.add_argument(
         "--batch-size-max",
         type=int,
@@ -122,6 +154,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """An argument type: a number above `low` (at least it, for integers) and at most `high`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low <= value if kind is int else low < value) or not value <= high:
+            bound = f"from {low}" if kind is int else f"more than {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} and at most {high:g}: {text}")
+        return value
+
+    return parse
+
+
 @asynccontextmanager
 async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
     """The database URL, and how to describe it: the given one, or an embedded cluster."""
@@ -143,6 +191,9 @@ async def _serve(arguments: argparse.Namespace) -> int:
             database_url=database_url,
             listen=arguments.listen,
             pool_size=arguments.pool_size,
+            pool_size_read=arguments.pool_size_read,
+            statement_timeout_s=arguments.statement_timeout_s,
+            lock_timeout_s=arguments.lock_timeout_s,
             batch_size_max=arguments.batch_size_max,
             batch_wait_ms=arguments.batch_wait_ms,
             queue_max=arguments.queue_max,
