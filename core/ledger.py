@@ -189,6 +189,13 @@ async def create_pool(
     return pool
 
 
+async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Raises errors.Unavailable unless the database answers `select 1` within about
+    `timeout_s` (connecting included)."""
+    async with _guarded(pool.acquire(timeout=timeout_s)) as connection:
+        await connection.fetchval("select 1", timeout=timeout_s)
+
+
 class Ledger:
     """`pool` serves writes; `read_pool` (by default the same) serves queries. Waiting for a
     connection of either takes at most `acquire_timeout_s` (None: no bound)."""

@@ -6,7 +6,12 @@
 
 `start` migrates the database first. `stop` shuts down in order: stop taking calls and let
 those in flight finish (within the grace period), apply what the batcher holds, stop the
-sweep, close the connection pools.
+sweep and the health check, close the connection pools.
+
+Health tells the truth: every `health_check_interval_s` a connection of its own asks the
+database `select 1`; while it gets no answer within `health_check_timeout_s`, every service
+(and "") is NOT_SERVING, and SERVING again once it does. An outage is logged when it starts
+and when it ends; the hold-expiry sweep, failing meanwhile, says so once.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -31,10 +37,12 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+from coffer.core import errors
 from coffer.core.ledger import (
     Ledger,
     create_pool,
     lock_timeout_s_default,
+    ping,
     statement_timeout_s_default,
 )
 from coffer.core.migrate import migrate
@@ -76,6 +84,8 @@ class Settings:
     # connections among them).
     reuse_port: bool = False
     hold_expiry_interval_s: float = 1.0
+    health_check_interval_s: float = 1.0
+    health_check_timeout_s: float = 1.0
     shutdown_grace_s: float = 10.0
 
 
@@ -88,6 +98,7 @@ class Server:
         ledger: Ledger,
         batcher: Batcher,
         health_servicer: health.aio.HealthServicer,
+        probe_pool: asyncpg.Pool,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -95,7 +106,9 @@ class Server:
         self.batcher = batcher
         self._server = server
         self._health = health_servicer
+        self._probe_pool = probe_pool
         self._sweep = asyncio.create_task(self._expire_holds())
+        self._health_check = asyncio.create_task(self._check_health())
 
     @classmethod
     async def start(cls, settings: Settings) -> Server:
@@ -118,6 +131,14 @@ class Server:
         try:
             for size in (settings.pool_size, settings.pool_size_read):
                 pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
+            probe_timeout_s = settings.health_check_timeout_s
+            probe_pool = await create_pool(
+                settings.database_url,
+                size_max=1,
+                statement_timeout_s=probe_timeout_s,
+                lock_timeout_s=probe_timeout_s,
+            )
+            pools.append(probe_pool)
             ledger = Ledger(
                 pools[0], read_pool=pools[1], acquire_timeout_s=settings.statement_timeout_s
             )
@@ -162,22 +183,78 @@ class Server:
             for pool in pools:
                 await pool.close()
             raise
-        return cls(settings, server, port, ledger, batcher, health_servicer)
+        return cls(settings, server, port, ledger, batcher, health_servicer, probe_pool)
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s)
         await self.batcher.close()
-        self._sweep.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweep
+        for task in (self._sweep, self._health_check):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.ledger.close()
+        await self._probe_pool.close()
 
     async def _expire_holds(self) -> None:
+        interval_s = self.settings.hold_expiry_interval_s
+        failing = False
         while True:
-            await asyncio.sleep(self.settings.hold_expiry_interval_s)
+            await asyncio.sleep(interval_s)
             try:
                 while await self.ledger.expire_holds():
                     pass
+            except errors.Unavailable as error:
+                if not failing:
+                    logger.warning(
+                        "the hold expiry sweep cannot reach the database (%s); "
+                        "trying again every %g s",
+                        _described(error.__cause__ or error),
+                        interval_s,
+                    )
+                failing = True
             except Exception:
-                logger.exception("the hold expiry sweep failed; trying again shortly")
+                if not failing:
+                    logger.exception(
+                        "the hold expiry sweep failed; trying again every %g s", interval_s
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.info("the hold expiry sweep works again")
+                failing = False
+
+    async def _check_health(self) -> None:
+        interval_s = self.settings.health_check_interval_s
+        down_since: float | None = None
+        while True:
+            started = time.monotonic()
+            try:
+                await ping(self._probe_pool, self.settings.health_check_timeout_s)
+            except Exception as error:
+                if down_since is None:
+                    down_since = started
+                    cause = error.__cause__ if isinstance(error, errors.Unavailable) else error
+                    logger.warning(
+                        "the database does not answer (%s): health is NOT_SERVING until it does",
+                        _described(cause or error),
+                        exc_info=not isinstance(error, errors.Unavailable),
+                    )
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                if down_since is not None:
+                    logger.warning(
+                        "the database answers again after %.1f s: health is SERVING",
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *service_names):
+            await self._health.set(name, status)
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
