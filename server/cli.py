@@ -178,9 +178,9 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
         return
     data_dir = arguments.data_dir or default_data_dir()
     cluster = EmbeddedPostgres(data_dir / "postgres")
-    dsn = await asyncio.to_thread(cluster.start)
+    await asyncio.to_thread(cluster.start)
     try:
-        yield dsn, f"embedded PostgreSQL in {cluster.data_dir}"
+        yield cluster.ledger_dsn, f"embedded PostgreSQL in {cluster.data_dir}"
     finally:
         await asyncio.to_thread(cluster.stop)
 

@@ -6,18 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.v1 import units_pb2, units_pb2_grpc
 
 coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path, which is private (0700): as root the embedded cluster runs as a
+    # system user, which must get through the directories above its data.
+    directory = Path(tempfile.mkdtemp(prefix="coffer-serve-test-"))
+    directory.chmod(0o711)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -65,10 +81,10 @@ async def health(target: str) -> int:
         return response.status
 
 
-async def test_serve_on_the_embedded_postgres(tmp_path: Path) -> None:
+async def test_serve_on_the_embedded_postgres(data_dir: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    environment = {"COFFER_DATA_DIR": str(tmp_path), "DATABASE_URL": ""}
+    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
     process, ready = await serve("--listen", target, environment=environment)
     try:
         assert f"serving on {target}" in ready and "embedded PostgreSQL" in ready
