@@ -57,6 +57,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -711,7 +712,7 @@ def _run(
     name = Path(arguments[0]).name
     try:
         completed = subprocess.run(
-            arguments,
+            _as_user(run_as, arguments),
             input=input_text,
             stdin=None if input_text is not None else subprocess.DEVNULL,
             capture_output=True,
@@ -719,9 +720,6 @@ def _run(
             timeout=timeout_seconds,
             env=env,
             cwd=cwd,
-            user=run_as.uid if run_as is not None else None,
-            group=run_as.gid if run_as is not None else None,
-            extra_groups=[] if run_as is not None else None,
         )
     except subprocess.TimeoutExpired as error:
         raise EmbeddedPostgresError(f"{name} did not finish in {timeout_seconds} s") from error
@@ -755,16 +753,42 @@ def _ensure_system_user() -> _RunAs:
 def _reachable(path: Path, run_as: _RunAs) -> bool:
     """Whether `run_as` can go through `path` (a directory) or run it (a file)."""
     completed = subprocess.run(
-        ["/bin/sh", "-c", 'test -x "$1"', "sh", str(path)],
+        _as_user(run_as, ["/bin/sh", "-c", 'test -x "$1"', "sh", str(path)]),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=TIMEOUT_COMMAND_SECONDS,
         cwd="/",
-        user=run_as.uid,
-        group=run_as.gid,
-        extra_groups=[],
     )
     return completed.returncode == 0
+
+
+# Sets the user and groups, then runs the command: argv is uid, gid, the command.
+_DROP_PRIVILEGES = (
+    "import os, sys; os.setgroups([]); os.setgid(int(sys.argv[2])); "
+    "os.setuid(int(sys.argv[1])); os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
+def _as_user(run_as: _RunAs | None, arguments: list[str]) -> list[str]:
+    """The command line that runs `arguments` as `run_as` (or as this process's user).
+
+    The user changes in the child, after exec, through Python itself: asking subprocess to
+    change it (user=, group=) makes it fork rather than vfork, and a fork runs the fork
+    handlers of libraries in this process, gRPC's among them, which crash the child now and
+    then while the server is busy (SIGSEGV, SIGABRT). Without those, the child runs none.
+    """
+    if run_as is None:
+        return arguments
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _DROP_PRIVILEGES,
+        str(run_as.uid),
+        str(run_as.gid),
+        *arguments,
+    ]
 
 
 def _chown_tree(root: Path, run_as: _RunAs) -> None:
