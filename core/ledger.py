@@ -35,7 +35,7 @@ server cancels statements past it, and the client gives up on a server that answ
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -165,18 +165,26 @@ async def create_pool(
     size_max: int = 10,
     statement_timeout_s: float = statement_timeout_s_default,
     lock_timeout_s: float = lock_timeout_s_default,
+    on_close: Callable[[], None] | None = None,
 ) -> asyncpg.Pool:
     """A pool of up to `size_max` connections, opened when needed (none kept open while the
     database is down, so nothing retries in the background). Each statement is bounded on the
     server (statement_timeout, lock_timeout) and on the client (command_timeout, a little
-    longer, for a server that answers nothing); connecting is bounded by statement_timeout_s."""
+    longer, for a server that answers nothing); connecting is bounded by statement_timeout_s.
+    `on_close` is called whenever one of its connections closes (the server went away, say)."""
+
+    async def init(connection: asyncpg.Connection) -> None:
+        await _init_connection(connection)
+        if on_close is not None:
+            connection.add_termination_listener(lambda _connection: on_close())
+
     assert 0 < size_max <= pool_size_max, size_max
     assert 0 < statement_timeout_s <= timeout_s_max and 0 < lock_timeout_s <= timeout_s_max
     pool = await asyncpg.create_pool(
         dsn,
         min_size=0,
         max_size=size_max,
-        init=_init_connection,
+        init=init,
         reset=_keep_session,
         timeout=statement_timeout_s,
         command_timeout=statement_timeout_s + command_timeout_margin_s,

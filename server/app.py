@@ -8,9 +8,10 @@
 those in flight finish (within the grace period), apply what the batcher holds, stop the
 sweep and the health check, close the connection pools.
 
-Health tells the truth: every `health_check_interval_s` a connection of its own asks the
-database `select 1`; while it gets no answer within `health_check_timeout_s`, every service
-(and "") is NOT_SERVING, and SERVING again once it does. An outage is logged when it starts
+Health tells the truth: every `health_check_interval_s`, and at once when its connection
+closes, a connection of its own asks the database `select 1`; while it gets no answer within
+`health_check_timeout_s`, every service (and "") is NOT_SERVING, and SERVING again once it
+does. An outage is logged when it starts
 and when it ends; the hold-expiry sweep, failing meanwhile, says so once.
 """
 
@@ -99,6 +100,7 @@ class Server:
         batcher: Batcher,
         health_servicer: health.aio.HealthServicer,
         probe_pool: asyncpg.Pool,
+        probe_lost: asyncio.Event,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -107,6 +109,8 @@ class Server:
         self._server = server
         self._health = health_servicer
         self._probe_pool = probe_pool
+        # Set when the health check's connection closes: check again at once.
+        self._probe_lost = probe_lost
         self._sweep = asyncio.create_task(self._expire_holds())
         self._health_check = asyncio.create_task(self._check_health())
 
@@ -132,11 +136,13 @@ class Server:
             for size in (settings.pool_size, settings.pool_size_read):
                 pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
             probe_timeout_s = settings.health_check_timeout_s
+            probe_lost = asyncio.Event()
             probe_pool = await create_pool(
                 settings.database_url,
                 size_max=1,
                 statement_timeout_s=probe_timeout_s,
                 lock_timeout_s=probe_timeout_s,
+                on_close=probe_lost.set,
             )
             pools.append(probe_pool)
             ledger = Ledger(
@@ -183,7 +189,7 @@ class Server:
             for pool in pools:
                 await pool.close()
             raise
-        return cls(settings, server, port, ledger, batcher, health_servicer, probe_pool)
+        return cls(settings, server, port, ledger, batcher, health_servicer, probe_pool, probe_lost)
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
@@ -249,7 +255,10 @@ class Server:
                     )
                     down_since = None
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s - (time.monotonic() - started)):
+                    await self._probe_lost.wait()
+            self._probe_lost.clear()
 
     async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
         for name in ("", *service_names):
