@@ -239,7 +239,7 @@ class Ledger:
 
     async def create_unit(self, unit: Unit) -> Unit:
         """Creates the unit and its system wallets; idempotent for the same definition."""
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 """
                 insert into units (code, kind, name, plural, description, scale)
@@ -283,7 +283,7 @@ class Ledger:
 
     async def create_wallet(self, new: NewWallet) -> Wallet:
         request_hash = new.request_hash()
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             if not await connection.fetchval("select true from units where code = $1", new.unit):
                 raise errors.UnitNotFound(f"unit {new.unit} does not exist")
             row = await connection.fetchrow(
@@ -359,7 +359,7 @@ class Ledger:
         return Page(wallets, cursor)
 
     async def cancel_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1 for update", wallet_id
             )
@@ -396,7 +396,7 @@ class Ledger:
         optimistic = True
         for _ in range(transaction_retries_max):
             try:
-                async with self._connection() as connection, connection.transaction():
+                async with self._connection(transaction=True) as connection:
                     batch = _Batch(
                         self, connection, operations, now or datetime.now(UTC), optimistic
                     )
@@ -489,8 +489,10 @@ class Ledger:
 
     # Plumbing ----------------------------------------------------------------------------------
 
-    def _connection(self) -> _guarded:
-        return _guarded(self._pool.acquire(timeout=self._acquire_timeout_s))
+    def _connection(self, *, transaction: bool = False) -> _guarded:
+        return _guarded(
+            self._pool.acquire(timeout=self._acquire_timeout_s), transaction=transaction
+        )
 
     def _read_connection(self) -> _guarded:
         return _guarded(self._read_pool.acquire(timeout=self._acquire_timeout_s))
@@ -535,16 +537,20 @@ class Ledger:
 
 
 class _guarded:
-    """Acquires a connection and releases it: the one place where asyncpg's errors that mean
-    the database is gone or did not answer in time become errors.Unavailable. The connection
-    such an error met is closed rather than given back to the pool, whatever state it is in,
-    so the pool opens a fresh one when it next needs one. Other errors pass unchanged."""
+    """Acquires a connection (and with `transaction`, begins a transaction on it), and ends
+    them: the one place where asyncpg's errors that mean the database is gone or did not
+    answer in time become errors.Unavailable. The connection such an error met is closed,
+    whatever state it is in, rather than rolled back (which would wait for an answer that may
+    not come; the server rolls back a transaction whose connection closed) or given back to
+    the pool, which opens a fresh one when it next needs one. Other errors pass unchanged."""
 
-    __slots__ = ("_acquiring", "_connection")
+    __slots__ = ("_acquiring", "_connection", "_transaction", "_transactional")
 
-    def __init__(self, acquiring: Any) -> None:
+    def __init__(self, acquiring: Any, *, transaction: bool = False) -> None:
         self._acquiring = acquiring
+        self._transactional = transaction
         self._connection: Any = None
+        self._transaction: Any = None
 
     async def __aenter__(self) -> asyncpg.Connection:
         try:
@@ -553,23 +559,41 @@ class _guarded:
             if _unreachable(error, None):
                 raise _unavailable(error) from error
             raise
+        if self._transactional:
+            transaction = self._connection.transaction()
+            try:
+                await transaction.start()
+            except Exception as error:
+                await self.__aexit__(type(error), error, error.__traceback__)
+                raise
+            self._transaction = transaction
         return self._connection  # type: ignore[no-any-return]
 
     async def __aexit__(self, *exc_info: Any) -> None:
         error = exc_info[1]
         lost = isinstance(error, Exception) and _unreachable(error, self._connection)
+        ending_error = None
+        if self._transaction is not None and not lost:
+            try:
+                await self._transaction.__aexit__(*exc_info)  # Commits, or rolls back.
+            except Exception as failure:
+                ending_error = failure
+                lost = _unreachable(failure, self._connection)
+                if lost:
+                    error = failure
         if lost and not _closed(self._connection):
             self._connection.terminate()
         try:
             await self._acquiring.__aexit__(*exc_info)
         except Exception as release_error:
-            if lost:
-                raise _unavailable(error) from error
-            if _unreachable(release_error, self._connection):
-                raise _unavailable(release_error) from release_error
-            raise
+            if not lost and ending_error is None:
+                if _unreachable(release_error, self._connection):
+                    raise _unavailable(release_error) from release_error
+                raise
         if lost:
             raise _unavailable(error) from error
+        if ending_error is not None:
+            raise ending_error
 
 
 def _unreachable(error: Exception, connection: asyncpg.Connection | None) -> bool:
