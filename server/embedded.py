@@ -883,13 +883,14 @@ async def supervise(
             with contextlib.suppress(Exception):
                 await starting
             raise
-        except EmbeddedPostgresError as error:
+        except Exception as error:
             if not failed:
                 logger.error(
                     "PostgreSQL in %s did not start again (trying every %g s): %s",
                     cluster.data_dir,
                     interval_s,
                     error,
+                    exc_info=not isinstance(error, EmbeddedPostgresError),
                 )
             failed = True
             continue
