@@ -27,13 +27,23 @@ so the later batch sees what the earlier one stored once it holds the locks. The
 over, looks its keys up first, and answers with the stored outcome. (Two different requests
 racing under one key, on wallets apart, can each be answered before either is stored: each
 replays its own answer after, and any other request with that key is IDEMPOTENCY_KEY_REUSED.)
+
+Connections come from two pools: writes (batches, units, wallets) from one, queries from
+another, smaller one, so that long history scans cannot take the connections writes need.
+Every connection is used through one boundary (`_guarded`): what asyncpg raises when the
+database is gone or does not answer in time (a lost or refused connection, a server shutting
+down or restarting, a statement, lock, command or acquire timeout) becomes errors.Unavailable,
+which the same request with the same idempotency key may retry; anything else is a bug and
+passes unchanged. A stalled database fails calls within about `statement_timeout_s`: the
+server cancels statements past it, and the client gives up on a server that answers nothing
+(a paused or unreachable one) shortly after.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -80,10 +90,40 @@ expiry_batch_max = 1000
 # The caller under which the ledger writes on its own behalf (hold expiry).
 system_caller = "@coffer"
 
+statement_timeout_s_default = 5.0
+lock_timeout_s_default = 5.0
+timeout_s_max = 3600.0
+pool_size_max = 100
+# How much longer than statement_timeout the client waits for an answer before it gives up on
+# the connection: the server's own timeout, which leaves the connection usable, comes first.
+command_timeout_margin_s = 0.5
+
 _retryable_database_errors = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+# What asyncpg raises when the database is gone or does not answer in time: the request may
+# succeed when sent again. Classes, never messages.
+_unreachable_errors: tuple[type[Exception], ...] = (
+    # The socket: refused, reset, broken, no socket file; and TimeoutError (a subclass of
+    # OSError), raised by a command, connect or acquire timeout on the client's side.
+    OSError,
+    # Class 08, connection exception: the connection does not exist, failed, was rejected.
+    asyncpg.PostgresConnectionError,
+    # Class 57, operator intervention: admin or crash shutdown, cannot connect now (starting
+    # or shutting down), and query_canceled (statement_timeout).
+    asyncpg.OperatorInterventionError,
+    # 55P03: lock_timeout.
+    asyncpg.LockNotAvailableError,
+    # 53300: too many connections.
+    asyncpg.TooManyConnectionsError,
+    # asyncpg's protocol lost track of the connection: e.g. the FATAL message a server shutting
+    # down sends to an idle connection leaves it in a state from which every later operation
+    # fails ("cannot switch to state ..."). The connection cannot be used again.
+    asyncpg.InternalClientError,
+)
+_timeout_errors = (TimeoutError, asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,21 +167,65 @@ def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str,
+    *,
+    size_max: int = 10,
+    statement_timeout_s: float = statement_timeout_s_default,
+    lock_timeout_s: float = lock_timeout_s_default,
+    on_close: Callable[[], None] | None = None,
+) -> asyncpg.Pool:
+    """A pool of up to `size_max` connections, opened when needed (none kept open while the
+    database is down, so nothing retries in the background). Each statement is bounded on the
+    server (statement_timeout, lock_timeout) and on the client (command_timeout, a little
+    longer, for a server that answers nothing); connecting is bounded by statement_timeout_s.
+    `on_close` is called whenever one of its connections closes (the server went away, say)."""
+
+    async def init(connection: asyncpg.Connection) -> None:
+        await _init_connection(connection)
+        if on_close is not None:
+            connection.add_termination_listener(lambda _connection: on_close())
+
+    assert 0 < size_max <= pool_size_max, size_max
+    assert 0 < statement_timeout_s <= timeout_s_max and 0 < lock_timeout_s <= timeout_s_max
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=min(2, size_max),
+        min_size=0,
         max_size=size_max,
-        init=_init_connection,
+        init=init,
         reset=_keep_session,
+        timeout=statement_timeout_s,
+        command_timeout=statement_timeout_s + command_timeout_margin_s,
+        server_settings={
+            "statement_timeout": str(round(statement_timeout_s * 1000)),
+            "lock_timeout": str(round(lock_timeout_s * 1000)),
+        },
     )
     assert pool is not None
     return pool
 
 
+async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Raises errors.Unavailable unless the database answers `select 1` within about
+    `timeout_s` (connecting included)."""
+    async with _guarded(pool.acquire(timeout=timeout_s)) as connection:
+        await connection.fetchval("select 1", timeout=timeout_s)
+
+
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """`pool` serves writes; `read_pool` (by default the same) serves queries. Waiting for a
+    connection of either takes at most `acquire_timeout_s` (None: no bound)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        read_pool: asyncpg.Pool | None = None,
+        acquire_timeout_s: float | None = None,
+    ) -> None:
         self._pool = pool
+        self._read_pool = read_pool or pool
+        self._acquire_timeout_s = acquire_timeout_s
         # Facts that never change once written: a wallet's unit, a unit's system wallets.
         self._wallet_units: dict[int, str] = {}
         self._system_wallets: dict[tuple[str, SystemWallet], int] = {}
@@ -150,11 +234,20 @@ class Ledger:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    @property
+    def read_pool(self) -> asyncpg.Pool:
+        return self._read_pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+        if self._read_pool is not self._pool:
+            await self._read_pool.close()
+
     # Units -------------------------------------------------------------------------------------
 
     async def create_unit(self, unit: Unit) -> Unit:
         """Creates the unit and its system wallets; idempotent for the same definition."""
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 """
                 insert into units (code, kind, name, plural, description, scale)
@@ -183,14 +276,14 @@ class Ledger:
             return _unit(row)
 
     async def get_unit(self, code: str) -> Unit:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow("select * from units where code = $1", code)
         if row is None:
             raise errors.UnitNotFound(f"unit {code} does not exist")
         return _unit(row)
 
     async def list_units(self) -> list[Unit]:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch("select * from units order by code")
         return [_unit(row) for row in rows]
 
@@ -201,7 +294,7 @@ class Ledger:
         request with the same key (the wallet it created then)."""
         request_hash = new.request_hash()
         replayed = False
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             if not await connection.fetchval("select true from units where code = $1", new.unit):
                 raise errors.UnitNotFound(f"unit {new.unit} does not exist")
             row = await connection.fetchrow(
@@ -238,7 +331,7 @@ class Ledger:
         return _wallet(row), replayed
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1", wallet_id
             )
@@ -256,7 +349,7 @@ class Ledger:
         after_id: int = 0,
     ) -> Page[Wallet]:
         assert 0 < page_size <= page_size_max
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(
                 f"""
                 select {_wallet_columns} from wallets
@@ -278,7 +371,7 @@ class Ledger:
         return Page(wallets, cursor)
 
     async def cancel_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1 for update", wallet_id
             )
@@ -315,7 +408,7 @@ class Ledger:
         optimistic = True
         for _ in range(transaction_retries_max):
             try:
-                async with self._connection() as connection, connection.transaction():
+                async with self._connection(transaction=True) as connection:
                     batch = _Batch(
                         self, connection, operations, now or datetime.now(UTC), optimistic
                     )
@@ -347,7 +440,7 @@ class Ledger:
     # Queries -----------------------------------------------------------------------------------
 
     async def get_transfer(self, transfer_id: int) -> Transfer:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(f"{_select_transfers} where t.id = $1", transfer_id)
         if not rows:
             raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
@@ -393,14 +486,14 @@ class Ledger:
         else:
             where_clause = " and ".join(conditions) or "true"
             query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(query, *arguments)
         transfers = [_transfer(row) for row in rows[:page_size]]
         cursor = transfers[-1].id if len(rows) > page_size else None
         return Page(transfers, cursor)
 
     async def get_hold(self, hold_id: int) -> Hold:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             holds = await _holds(connection, [hold_id], datetime.now(UTC))
         if hold_id not in holds:
             raise errors.HoldNotFound(f"hold {hold_id} does not exist")
@@ -408,8 +501,13 @@ class Ledger:
 
     # Plumbing ----------------------------------------------------------------------------------
 
-    def _connection(self) -> Any:
-        return _guarded(self._pool.acquire())
+    def _connection(self, *, transaction: bool = False) -> _guarded:
+        return _guarded(
+            self._pool.acquire(timeout=self._acquire_timeout_s), transaction=transaction
+        )
+
+    def _read_connection(self) -> _guarded:
+        return _guarded(self._read_pool.acquire(timeout=self._acquire_timeout_s))
 
     async def _wallet_unit_map(
         self, connection: asyncpg.Connection, wallet_ids: set[int]
@@ -451,24 +549,98 @@ class Ledger:
 
 
 class _guarded:
-    """Acquires a connection; turns a lost database into Unavailable."""
+    """Acquires a connection (and with `transaction`, begins a transaction on it), and ends
+    them: the one place where asyncpg's errors that mean the database is gone or did not
+    answer in time become errors.Unavailable. The connection such an error met is closed,
+    whatever state it is in, rather than rolled back (which would wait for an answer that may
+    not come; the server rolls back a transaction whose connection closed) or given back to
+    the pool, which opens a fresh one when it next needs one. Other errors pass unchanged."""
 
-    def __init__(self, acquiring: Any) -> None:
+    __slots__ = ("_acquiring", "_connection", "_transaction", "_transactional")
+
+    def __init__(self, acquiring: Any, *, transaction: bool = False) -> None:
         self._acquiring = acquiring
+        self._transactional = transaction
+        self._connection: Any = None
+        self._transaction: Any = None
 
     async def __aenter__(self) -> asyncpg.Connection:
         try:
-            return await self._acquiring.__aenter__()
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as error:
-            raise errors.Unavailable("the database cannot be reached") from error
+            self._connection = await self._acquiring.__aenter__()
+        except Exception as error:
+            if _unreachable(error, None):
+                raise _unavailable(error) from error
+            raise
+        if self._transactional:
+            transaction = self._connection.transaction()
+            try:
+                await transaction.start()
+            except Exception as error:
+                await self.__aexit__(type(error), error, error.__traceback__)
+                raise
+            self._transaction = transaction
+        return self._connection  # type: ignore[no-any-return]
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._acquiring.__aexit__(*exc_info)
-        kind, value = exc_info[0], exc_info[1]
-        if kind is not None and issubclass(
-            kind, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-        ):
-            raise errors.Unavailable("the database connection was lost") from value
+        error = exc_info[1]
+        lost = isinstance(error, Exception) and _unreachable(error, self._connection)
+        ending_error = None
+        if self._transaction is not None and not lost:
+            try:
+                await self._transaction.__aexit__(*exc_info)  # Commits, or rolls back.
+            except Exception as failure:
+                ending_error = failure
+                lost = _unreachable(failure, self._connection)
+                if lost:
+                    error = failure
+        if lost and not _closed(self._connection):
+            self._connection.terminate()
+        try:
+            await self._acquiring.__aexit__(*exc_info)
+        except Exception as release_error:
+            if not lost and ending_error is None:
+                if _unreachable(release_error, self._connection):
+                    raise _unavailable(release_error) from release_error
+                raise
+        if lost:
+            raise _unavailable(error) from error
+        if ending_error is not None:
+            raise ending_error
+
+
+def _unreachable(error: Exception, connection: asyncpg.Connection | None) -> bool:
+    """Whether `error` means the database is gone or did not answer in time: it, or an error
+    it was raised from or while handling, is one of `_unreachable_errors`; or it is asyncpg's
+    InterfaceError on a connection that is closed ("the underlying connection is closed")."""
+    if isinstance(error, errors.CofferError):
+        return False
+    if isinstance(error, asyncpg.InterfaceError) and connection is not None and _closed(connection):
+        return True
+    return any(isinstance(cause, _unreachable_errors) for cause in _causes(error))
+
+
+def _closed(connection: asyncpg.Connection) -> bool:
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool took the connection back when it closed: the proxy is detached from it.
+        return True
+
+
+def _unavailable(error: BaseException) -> errors.Unavailable:
+    if any(isinstance(cause, _timeout_errors) for cause in _causes(error)):
+        return errors.Unavailable("the database did not answer in time; send it again")
+    return errors.Unavailable("the database cannot be reached; send it again")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, the error it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 # A batch -----------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ def postgres_cluster() -> Iterator[EmbeddedPostgres]:
     Its `dsn` is the `postgres` database, for administration.
     """
     directory = Path(tempfile.mkdtemp(prefix="coffer-tests-"))
+    # As root the cluster runs as a system user, which must get through this directory.
+    directory.chmod(0o711)
     try:
         cluster = EmbeddedPostgres(directory / "postgres", durable=False, database="postgres")
         with cluster:
