@@ -8,6 +8,7 @@ Catch classes, never parse messages.
 
     CofferError                  .reason .code .message .field .retryable
     ├── InvalidArgument          bad input, named by .field              INVALID_ARGUMENT
+    │   └── MalformedRequest     the request's bytes did not decode
     ├── NotFound                                                         NOT_FOUND
     │   ├── UnitNotFound
     │   ├── WalletNotFound
@@ -25,9 +26,11 @@ Catch classes, never parse messages.
     ├── ResourceExhausted                                                RESOURCE_EXHAUSTED
     │   └── Overloaded           the server's queue is full       (retryable)
     ├── Unavailable              the server or its store can't be reached (retryable)
-    ├── DeadlineExceeded         no answer within the call's deadline     (retryable)
+    ├── DeadlineExceeded         no answer within the call's deadline, or the server
+    │                            dropped the operation unapplied when it passed (retryable)
     ├── Cancelled                                                        CANCELLED
-    └── Internal                 anything else: INTERNAL, UNKNOWN, UNIMPLEMENTED, …
+    └── Internal                 a server bug (details in its log), or any other code:
+                                 UNKNOWN, UNIMPLEMENTED, …
 
 `retryable` says whether sending the same request again, with the same idempotency key, may
 succeed. The client retries Unavailable and Overloaded itself, within the call's deadline.
@@ -88,6 +91,10 @@ class CofferError(Exception):
 class InvalidArgument(CofferError):
     reason = "INVALID_ARGUMENT"
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
 
 
 class NotFound(CofferError):
@@ -223,6 +230,7 @@ _error_by_reason: dict[str, type[CofferError]] = {
     error.reason: error
     for error in (
         InvalidArgument,
+        MalformedRequest,
         UnitNotFound,
         WalletNotFound,
         TransferNotFound,
@@ -243,7 +251,9 @@ _error_by_reason: dict[str, type[CofferError]] = {
         BalanceOverflow,
         LinkedOperationFailed,
         Overloaded,
+        DeadlineExceeded,
         Unavailable,
+        Internal,
     )
 }
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,11 @@ from coffer.core.model import Applied, Operation, Rejected
 logger = logging.getLogger(__name__)
 
 Outcome = Applied | errors.CofferError
+
+# Bounds of the retry-after hint given with Overloaded: the time the queue takes to drain at the
+# rate batches were last applied.
+retry_after_ms_min = 10
+retry_after_ms_max = 5000
 Apply = Callable[[Sequence[Operation | Rejected]], Awaitable[list[Outcome]]]
 
 
@@ -68,6 +74,8 @@ class Batcher:
         self._dispatcher = asyncio.create_task(self._dispatch())
         self.batches_applied = 0
         self.operations_applied = 0
+        # Operations applied per second, smoothed over the last batches; 0 before the first.
+        self._rate_per_s = 0
 
     async def submit(self, operation: Operation) -> Applied:
         """Applies one operation; raises its error."""
@@ -77,18 +85,29 @@ class Batcher:
         return outcome
 
     async def submit_all(self, operations: Sequence[Operation | Rejected]) -> list[Outcome]:
-        """Applies a group of operations, in order, within one batch; one outcome each."""
+        """Applies a group of operations, in order, within one batch; one outcome each.
+        Raises what failed the batch as a whole (Unavailable, Internal…), or Overloaded."""
         assert operations
         if self._closing:
             raise errors.Unavailable("the server is shutting down")
         if self._queued and self._queued + len(operations) > self._queue_max:
-            raise errors.Overloaded(f"{self._queued} operations are waiting already; retry shortly")
+            raise errors.Overloaded(
+                f"{self._queued} operations are waiting already; retry shortly",
+                retry_after_ms=self.retry_after_ms(),
+            )
         group = _Group(operations)
         self._queue.append(group)
         self._queued += len(operations)
         if not self._running or self._queued >= self._batch_size_max:
             self._wake.set()
         return await group.future
+
+    def retry_after_ms(self) -> int:
+        """How long the queued operations should take to apply: when to try again."""
+        if not self._rate_per_s:
+            return retry_after_ms_min
+        drain_ms = self._queued * 1000 // self._rate_per_s
+        return min(max(drain_ms, retry_after_ms_min), retry_after_ms_max)
 
     async def close(self) -> None:
         """Refuses new calls, applies those queued, and stops."""
@@ -129,19 +148,43 @@ class Batcher:
 
     async def _run(self, groups: list[_Group]) -> None:
         operations = [operation for group in groups for operation in group.operations]
-        outcomes: list[Outcome]
+        started_ns = time.monotonic_ns()
         try:
             outcomes = await self._apply(operations)
         except errors.CofferError as error:
-            outcomes = [error] * len(operations)
+            self._fail(groups, error)
+            return
         except Exception:
-            logger.exception("a batch of %d operations failed", len(operations))
-            outcomes = [errors.Unavailable("the batch failed; send it again")] * len(operations)
+            # A bug, or a failure nothing maps: not worth retrying, and told once, here.
+            logger.exception(
+                "a batch of %d operations in %d calls failed (first caller %r)",
+                len(operations),
+                len(groups),
+                _caller(operations[0]),
+            )
+            self._fail(groups, errors.Internal("the batch failed; see the server log"))
+            return
         self.batches_applied += 1
         self.operations_applied += len(operations)
+        elapsed_ns = max(time.monotonic_ns() - started_ns, 1)
+        rate_per_s = len(operations) * 1_000_000_000 // elapsed_ns
+        self._rate_per_s = (
+            (3 * self._rate_per_s + rate_per_s) // 4 if self._rate_per_s else rate_per_s
+        )
         start = 0
         for group in groups:
             end = start + len(group.operations)
             if not group.future.done():  # else the caller went away
                 group.future.set_result(outcomes[start:end])
             start = end
+
+    @staticmethod
+    def _fail(groups: list[_Group], error: errors.CofferError) -> None:
+        """The whole batch failed: every call fails with that error, as its status."""
+        for group in groups:
+            if not group.future.done():
+                group.future.set_exception(error)
+
+
+def _caller(operation: Operation | Rejected) -> str | None:
+    return None if isinstance(operation, Rejected) else operation.caller

@@ -1,8 +1,9 @@
 """Domain errors to gRPC statuses: one table, applied in one place (`translate_errors`).
 
 Every CofferError becomes its category's status code with a `google.rpc.ErrorInfo` detail
-carrying the stable reason (and, for bad input, the field). Anything else is a bug: it is
-logged with its traceback and the client gets INTERNAL with no details.
+carrying the stable reason (and, for bad input, the `field`; for OVERLOADED, `retry_after_ms`).
+Anything else is a bug: it is logged with its traceback and the client gets INTERNAL (reason
+INTERNAL), with the details only in the log.
 """
 
 from __future__ import annotations
@@ -31,14 +32,21 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
     errors.Category.failed_precondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Category.aborted: grpc.StatusCode.ABORTED,
     errors.Category.resource_exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Category.deadline_exceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Category.unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Category.internal: grpc.StatusCode.INTERNAL,
 }
+# ErrorInfo metadata keys.
+field_key = "field"
+retry_after_ms_key = "retry_after_ms"
 
 
 def to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
-        info.metadata["field"] = error.field
+        info.metadata[field_key] = error.field
+    elif isinstance(error, errors.Overloaded):
+        info.metadata[retry_after_ms_key] = str(error.retry_after_ms)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = status_codes[error.category]
@@ -46,6 +54,8 @@ def to_status(error: errors.CofferError) -> grpc.Status:
         status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     )
 
+
+internal_error = errors.Internal("internal error; see the server log")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Servicer = TypeVar("Servicer", bound=type)
@@ -72,6 +82,6 @@ def _guard(inner: Handler, method: str) -> Handler:
             raise
         except Exception:
             logger.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await context.abort_with_status(to_status(internal_error))
 
     return guarded
