@@ -30,7 +30,7 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core.ledger import Ledger, create_pool
+from coffer.core.ledger import Ledger, batch_operations_max, create_pool
 from coffer.core.migrate import migrate
 
 from . import services
@@ -49,21 +49,71 @@ service_names = (
 )
 
 
+# The longest a small batch may wait for more operations (the batcher's own bound).
+batch_wait_ms_max = 1000
+
+
+class SettingsError(ValueError):
+    """A setting out of the bounds of what it feeds; `setting` names it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What a server runs with; checked when made (SettingsError), so a bad value stops the
+    server at start with a clear message rather than failing calls later."""
+
     database_url: str
     listen: str = "127.0.0.1:50051"
     # Connections to PostgreSQL: batches in flight at once, plus queries.
     pool_size: int = 8
+    # Operations coalesced into one batch: at most the ledger's batch_operations_max.
     batch_size_max: int = 1000
     batch_wait_ms: float = 0.0
+    # Operations waiting for a batch: at least one batch of them.
     queue_max: int = 50_000
+    # Coalesced batches at once (each on a connection of its own): at most pool_size.
     batch_workers: int = 2
     # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
     # connections among them).
     reuse_port: bool = False
     hold_expiry_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("pool_size", self.pool_size >= 1, "must be 1 or more"),
+            (
+                "batch_size_max",
+                1 <= self.batch_size_max <= batch_operations_max,
+                f"must be 1 to {batch_operations_max} (the most operations the ledger applies "
+                "in one transaction)",
+            ),
+            (
+                "batch_wait_ms",
+                0 <= self.batch_wait_ms <= batch_wait_ms_max,
+                f"must be 0 to {batch_wait_ms_max}",
+            ),
+            (
+                "queue_max",
+                self.queue_max >= self.batch_size_max,
+                f"must be at least batch_size_max ({self.batch_size_max})",
+            ),
+            (
+                "batch_workers",
+                1 <= self.batch_workers <= self.pool_size,
+                f"must be 1 to pool_size ({self.pool_size}): each batch needs a connection",
+            ),
+            ("hold_expiry_interval_s", self.hold_expiry_interval_s > 0, "must be positive"),
+            ("shutdown_grace_s", self.shutdown_grace_s >= 0, "must not be negative"),
+        ]
+        for setting, passed, problem in checks:
+            if not passed:
+                raise SettingsError(setting, f"{problem}, not {getattr(self, setting)}")
 
 
 class Server:

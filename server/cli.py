@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -16,9 +17,10 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
+from coffer.core.ledger import batch_operations_max
 from coffer.core.migrate import migrate
 
-from .app import Server, Settings
+from .app import Server, Settings, SettingsError, batch_wait_ms_max
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
 
 logger = logging.getLogger("coffer")
@@ -45,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if arguments.command == "serve":
-            return uvloop.run(_serve(arguments))
+            try:
+                settings = _settings(arguments)
+            except SettingsError as error:
+                flag = "--" + error.setting.replace("_", "-")
+                print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
+                return 2
+            return uvloop.run(_serve(arguments, settings))
         return uvloop.run(_migrate(arguments))
     except EmbeddedPostgresError as error:
         print(f"coffer: {error}", file=sys.stderr)
@@ -89,30 +97,38 @@ def _parser() -> argparse.ArgumentParser:
         help="address to serve gRPC on (env COFFER_LISTEN; default 127.0.0.1:50051)",
     )
     defaults = Settings(database_url="")
-    serve.add_argument("--pool-size", type=int, default=defaults.pool_size)
+    serve.add_argument(
+        "--pool-size",
+        type=int,
+        default=defaults.pool_size,
+        help="connections to PostgreSQL (1 or more)",
+    )
     serve.add_argument(
         "--batch-size-max",
         type=int,
         default=defaults.batch_size_max,
-        help="most single operations coalesced into one database transaction",
+        help="most operations coalesced into one database transaction "
+        f"(1 to {batch_operations_max})",
     )
     serve.add_argument(
         "--batch-wait-ms",
         type=float,
         default=defaults.batch_wait_ms,
-        help="how long a batch may wait for more operations (default 0: never)",
+        help=f"how long a batch may wait for more operations (0 to {batch_wait_ms_max}; "
+        "default 0: never)",
     )
     serve.add_argument(
         "--batch-workers",
         type=int,
         default=defaults.batch_workers,
-        help="coalesced batches applied at once",
+        help="coalesced batches applied at once (1 to --pool-size)",
     )
     serve.add_argument(
         "--queue-max",
         type=int,
         default=defaults.queue_max,
-        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED",
+        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED "
+        "(at least --batch-size-max)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -137,19 +153,24 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
         await asyncio.to_thread(cluster.stop)
 
 
-async def _serve(arguments: argparse.Namespace) -> int:
+def _settings(arguments: argparse.Namespace) -> Settings:
+    """The server's settings from the flags (the database comes later): checked before anything
+    starts."""
+    return Settings(
+        database_url="",
+        listen=arguments.listen,
+        pool_size=arguments.pool_size,
+        batch_size_max=arguments.batch_size_max,
+        batch_wait_ms=arguments.batch_wait_ms,
+        queue_max=arguments.queue_max,
+        batch_workers=arguments.batch_workers,
+        reuse_port=arguments.reuse_port,
+    )
+
+
+async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     async with _database(arguments) as (database_url, description):
-        settings = Settings(
-            database_url=database_url,
-            listen=arguments.listen,
-            pool_size=arguments.pool_size,
-            batch_size_max=arguments.batch_size_max,
-            batch_wait_ms=arguments.batch_wait_ms,
-            queue_max=arguments.queue_max,
-            batch_workers=arguments.batch_workers,
-            reuse_port=arguments.reuse_port,
-        )
-        server = await Server.start(settings)
+        server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.v1 import units_pb2, units_pb2_grpc
@@ -115,3 +116,30 @@ async def test_migrate(database_url: str) -> None:
     assert process.returncode == 0, output
     # The test database is migrated already: nothing to apply.
     assert b"applied migrations none" in output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch-size-max", "9000"], "--batch-size-max must be 1 to 8000"),
+        (["--batch-size-max", "0"], "--batch-size-max must be 1 to 8000"),
+        (["--pool-size", "0"], "--pool-size must be 1 or more"),
+        (["--queue-max", "10"], "--queue-max must be at least batch_size_max (1000)"),
+        (["--batch-workers", "9"], "--batch-workers must be 1 to pool_size (8)"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 to 1000"),
+    ],
+)
+async def test_serve_refuses_settings_out_of_bounds(arguments: list[str], message: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        coffer,
+        "serve",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # Checked before anything starts: no database is ever reached.
+        env={**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )
+    output, errors = await process.communicate()
+    assert process.returncode == 2
+    assert errors.decode().startswith(f"coffer serve: {message}"), errors
+    assert output == b""
