@@ -20,33 +20,30 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coffer.clients.v1 import (
-    holds_pb2,
-    holds_pb2_grpc,
-    transfers_pb2,
-    transfers_pb2_grpc,
-    units_pb2,
-    units_pb2_grpc,
-    wallets_pb2,
-    wallets_pb2_grpc,
-)
+from coffer.clients.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 from coffer.core.ledger import Ledger, batch_operations_max, create_pool
 from coffer.core.migrate import migrate
 
-from . import services
+from . import admission, services
 from .batcher import Batcher
 
 logger = logging.getLogger(__name__)
 
-message_bytes_max = 64 * 1024 * 1024
-concurrent_calls_max = 1024
+# The largest answer: a page of transfers, or a batch's results, with their metadata.
+response_bytes_max = 64 * 1024 * 1024
+# gRPC's own limits on calls (at once, per server and per connection; waiting to be taken by
+# the server's event loop) are this many times Coffer's `calls_max`, so that Coffer refuses
+# first, with OVERLOADED and a retry-after hint: gRPC's refusals carry no ErrorInfo (or, past
+# the per-connection limit, make callers wait; past the pending limits, cancel them).
+grpc_calls_factor = 2
 
-service_names = (
-    units_pb2.DESCRIPTOR.services_by_name["UnitService"].full_name,
-    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
-    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"].full_name,
-    holds_pb2.DESCRIPTOR.services_by_name["HoldService"].full_name,
+services_described = (
+    units_pb2.DESCRIPTOR.services_by_name["UnitService"],
+    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"],
+    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
+    holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
 )
+service_names = tuple(service.full_name for service in services_described)
 
 
 # The longest a small batch may wait for more operations (the batcher's own bound).
@@ -78,6 +75,11 @@ class Settings:
     queue_max: int = 50_000
     # Coalesced batches at once (each on a connection of its own): at most pool_size.
     batch_workers: int = 2
+    # Request bytes in progress at once (decoded, queued or being applied), and calls: past
+    # either, calls are refused with OVERLOADED before their request is decoded. At least two
+    # of the largest requests (one of them kept for single calls and reads).
+    queued_bytes_max: int = 16 * 1024 * 1024
+    calls_max: int = 4096
     # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
     # connections among them).
     reuse_port: bool = False
@@ -108,6 +110,12 @@ class Settings:
                 1 <= self.batch_workers <= self.pool_size,
                 f"must be 1 to pool_size ({self.pool_size}): each batch needs a connection",
             ),
+            (
+                "queued_bytes_max",
+                self.queued_bytes_max >= 2 * admission.request_bytes_max,
+                f"must be at least twice the largest request ({admission.request_bytes_max} bytes)",
+            ),
+            ("calls_max", self.calls_max >= 1, "must be 1 or more"),
             ("hold_expiry_interval_s", self.hold_expiry_interval_s > 0, "must be positive"),
             ("shutdown_grace_s", self.shutdown_grace_s >= 0, "must not be negative"),
         ]
@@ -124,12 +132,14 @@ class Server:
         port: int,
         ledger: Ledger,
         batcher: Batcher,
+        admitting: admission.Admission,
         health_servicer: health.aio.HealthServicer,
     ) -> None:
         self.settings = settings
         self.port = port
         self.ledger = ledger
         self.batcher = batcher
+        self.admission = admitting
         self._server = server
         self._health = health_servicer
         self._sweep = asyncio.create_task(self._expire_holds())
@@ -150,25 +160,35 @@ class Server:
                 queue_max=settings.queue_max,
                 workers=settings.batch_workers,
             )
+            admitting = admission.Admission(
+                queued_bytes_max=settings.queued_bytes_max,
+                calls_max=settings.calls_max,
+                retry_after_ms=batcher.retry_after_ms,
+            )
+            grpc_calls_max = grpc_calls_factor * settings.calls_max
             server = grpc.aio.server(
                 options=[
-                    ("grpc.max_receive_message_length", message_bytes_max),
-                    ("grpc.max_send_message_length", message_bytes_max),
+                    # Larger requests are refused by gRPC before they are read whole.
+                    ("grpc.max_receive_message_length", admission.request_bytes_max),
+                    ("grpc.max_send_message_length", response_bytes_max),
                     # Past this many calls at once on a connection, gRPC makes callers wait.
-                    ("grpc.max_concurrent_streams", concurrent_calls_max),
+                    ("grpc.max_concurrent_streams", grpc_calls_max),
+                    # Calls arrived and not yet taken by the event loop: past the first,
+                    # gRPC starts refusing some at random, past the second all.
+                    ("grpc.server.max_pending_requests", grpc_calls_max),
+                    ("grpc.server.max_pending_requests_hard_limit", 2 * grpc_calls_max),
                     ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 ],
+                maximum_concurrent_rpcs=grpc_calls_max,
             )
-            units_pb2_grpc.add_UnitServiceServicer_to_server(services.UnitService(ledger), server)
-            wallets_pb2_grpc.add_WalletServiceServicer_to_server(
-                services.WalletService(ledger), server
+            servicers = (
+                services.UnitService(ledger),
+                services.WalletService(ledger),
+                services.TransferService(ledger, batcher),
+                services.HoldService(ledger, batcher),
             )
-            transfers_pb2_grpc.add_TransferServiceServicer_to_server(
-                services.TransferService(ledger, batcher), server
-            )
-            holds_pb2_grpc.add_HoldServiceServicer_to_server(
-                services.HoldService(ledger, batcher), server
-            )
+            for servicer, service in zip(servicers, services_described, strict=True):
+                admission.register(server, servicer, service, admitting)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.enable_server_reflection(
@@ -183,7 +203,7 @@ class Server:
         except BaseException:
             await pool.close()
             raise
-        return cls(settings, server, port, ledger, batcher, health_servicer)
+        return cls(settings, server, port, ledger, batcher, admitting, health_servicer)
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()

@@ -21,6 +21,8 @@ from grpc_status import rpc_status
 
 from coffer.core import errors
 
+from .admission import Admitted, Refused
+
 logger = logging.getLogger(__name__)
 
 error_domain = "coffer.v1"
@@ -64,7 +66,11 @@ Servicer = TypeVar("Servicer", bound=type)
 def translate_errors(servicer: Servicer) -> Servicer:
     """Class decorator for a servicer: what its RPC methods raise becomes the status the
     client sees. (A decorator rather than a server interceptor: grpc.aio runs interceptors on
-    every call, at a cost that shows at thousands of calls a second.)"""
+    every call, at a cost that shows at thousands of calls a second.)
+
+    The guarded methods take the request as `admission` hands it over: `Admitted` (unwrapped
+    for the method, released when the call completes), `Refused` (its error is the answer),
+    or a plain message."""
     for name, method in list(vars(servicer).items()):
         if name[:1].isupper() and inspect.iscoroutinefunction(method):
             setattr(servicer, name, _guard(method, f"{servicer.__name__}.{name}"))
@@ -74,7 +80,12 @@ def translate_errors(servicer: Servicer) -> Servicer:
 def _guard(inner: Handler, method: str) -> Handler:
     @functools.wraps(inner)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        admitted = request if type(request) is Admitted else None
         try:
+            if admitted is not None:
+                return await inner(self, admitted.message, context)
+            if type(request) is Refused:
+                raise request.error
             return await inner(self, request, context)
         except errors.CofferError as error:
             await context.abort_with_status(to_status(error))
@@ -83,5 +94,8 @@ def _guard(inner: Handler, method: str) -> Handler:
         except Exception:
             logger.exception("%s failed", method)
             await context.abort_with_status(to_status(internal_error))
+        finally:
+            if admitted is not None:
+                admitted.release()
 
     return guarded
