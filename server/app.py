@@ -73,7 +73,8 @@ class Settings:
     batch_wait_ms: float = 0.0
     # Operations waiting for a batch: at least one batch of them.
     queue_max: int = 50_000
-    # Coalesced batches at once (each on a connection of its own): at most pool_size.
+    # Coalesced batches at once, when there is a backlog, of single calls and of batch calls
+    # each (each batch on a connection of its own): at most half of pool_size.
     batch_workers: int = 2
     # Request bytes in progress at once (decoded, queued or being applied), and calls: past
     # either, calls are refused with OVERLOADED before their request is decoded. At least two
@@ -88,7 +89,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         checks = [
-            ("pool_size", self.pool_size >= 1, "must be 1 or more"),
+            ("pool_size", self.pool_size >= 2, "must be 2 or more"),
             (
                 "batch_size_max",
                 1 <= self.batch_size_max <= batch_operations_max,
@@ -107,8 +108,9 @@ class Settings:
             ),
             (
                 "batch_workers",
-                1 <= self.batch_workers <= self.pool_size,
-                f"must be 1 to pool_size ({self.pool_size}): each batch needs a connection",
+                1 <= 2 * self.batch_workers <= self.pool_size,
+                f"must be 1 to half of pool_size ({self.pool_size}): single calls and batch "
+                "calls each run up to that many batches at once, each on a connection",
             ),
             (
                 "queued_bytes_max",

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "--pool-size",
         type=int,
         default=defaults.pool_size,
-        help="connections to PostgreSQL (1 or more)",
+        help="connections to PostgreSQL (2 or more)",
     )
     serve.add_argument(
         "--batch-size-max",
@@ -121,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-workers",
         type=int,
         default=defaults.batch_workers,
-        help="coalesced batches applied at once (1 to --pool-size)",
+        help="coalesced batches applied at once, of single calls and of batch calls each "
+        "(1 to half of --pool-size)",
     )
     serve.add_argument(
         "--queue-max",

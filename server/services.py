@@ -142,13 +142,17 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Credit(
         self, request: transfers_pb2.CreditRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.CreditResponse:
-        applied = await self._batcher.submit(convert.credit(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.credit(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Debit(
         self, request: transfers_pb2.DebitRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.DebitResponse:
-        applied = await self._batcher.submit(convert.debit(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.debit(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.DebitResponse(
             transfer=convert.transfer_pb(applied.transfer),
             amount_debited=applied.transfer.amount,
@@ -158,31 +162,41 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Transfer(
         self, request: transfers_pb2.TransferRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.TransferResponse:
-        applied = await self._batcher.submit(convert.transfer(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.transfer(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.TransferResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Deposit(
         self, request: transfers_pb2.DepositRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.DepositResponse:
-        applied = await self._batcher.submit(convert.deposit(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.deposit(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Withdraw(
         self, request: transfers_pb2.WithdrawRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.WithdrawResponse:
-        applied = await self._batcher.submit(convert.withdrawal(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.withdrawal(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.WithdrawResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Pay(
         self, request: transfers_pb2.PayRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.PayResponse:
-        applied = await self._batcher.submit(convert.payment(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.payment(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Void(
         self, request: transfers_pb2.VoidRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.VoidResponse:
-        applied = await self._batcher.submit(convert.void(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.void(request, caller_of(context)), context.time_remaining()
+        )
         return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def SubmitBatch(
@@ -195,7 +209,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
             )
         caller = caller_of(context)
         operations = rules.seal([convert.operation(each, caller) for each in request.operations])
-        outcomes = await self._batcher.submit_all(operations)
+        outcomes = await self._batcher.submit_all(operations, context.time_remaining())
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
         for outcome in outcomes:
@@ -245,19 +259,25 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def PlaceHold(
         self, request: holds_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.PlaceHoldResponse:
-        applied = await self._batcher.submit(convert.place_hold(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.place_hold(request, caller_of(context)), context.time_remaining()
+        )
         return _hold_response(holds_pb2.PlaceHoldResponse, applied)
 
     async def CaptureHold(
         self, request: holds_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.CaptureHoldResponse:
-        applied = await self._batcher.submit(convert.capture_hold(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.capture_hold(request, caller_of(context)), context.time_remaining()
+        )
         return _hold_response(holds_pb2.CaptureHoldResponse, applied)
 
     async def ReleaseHold(
         self, request: holds_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.ReleaseHoldResponse:
-        applied = await self._batcher.submit(convert.release_hold(request, caller_of(context)))
+        applied = await self._batcher.submit(
+            convert.release_hold(request, caller_of(context)), context.time_remaining()
+        )
         return _hold_response(holds_pb2.ReleaseHoldResponse, applied)
 
     async def GetHold(

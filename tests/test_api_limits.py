@@ -32,7 +32,9 @@ Code = grpc.StatusCode
         ({"pool_size": 0}, "pool_size"),
         ({"queue_max": 999}, "queue_max"),
         ({"batch_workers": 0}, "batch_workers"),
-        ({"batch_workers": 9}, "batch_workers"),
+        ({"batch_workers": 5}, "batch_workers"),
+        ({"queued_bytes_max": 2 * request_bytes_max - 1}, "queued_bytes_max"),
+        ({"calls_max": 0}, "calls_max"),
         ({"batch_wait_ms": 1001}, "batch_wait_ms"),
         ({"hold_expiry_interval_s": 0}, "hold_expiry_interval_s"),
         ({"shutdown_grace_s": -1}, "shutdown_grace_s"),
@@ -228,7 +230,9 @@ async def test_large_requests_cannot_shut_out_small_ones(server: Server, databas
 
 
 async def large_and_small(server: Server, api: Api, database_url: str) -> None:
-    locked, other = await api.wallet(), await api.wallet()
+    locked = await api.wallet()
+    source = await api.wallet(balance_minimum=-(10**6))
+    target = await api.wallet()
     note = "n" * 900
 
     def large() -> transfers_pb2.SubmitBatchRequest:
@@ -247,17 +251,59 @@ async def large_and_small(server: Server, api: Api, database_url: str) -> None:
         admitted = asyncio.ensure_future(api.transfers.SubmitBatch(first, timeout=60))
         await until(lambda: server.admission.bytes >= size)
         # A second large request would pass the share large requests may take: refused,
-        # before it is decoded; a small call still gets in.
+        # before it is decoded; a small call still gets in, and is applied at once (a
+        # transfer between other wallets: a credit would wait for the unit's operator wallet,
+        # which the batch has locked).
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await api.transfers.SubmitBatch(second, timeout=60)
         overloaded(raised.value)
-        small = asyncio.ensure_future(api.transfers.Credit(credit(other)))
-        await until(lambda: server.admission.calls == 2)
+        small = transfers_pb2.TransferRequest(
+            idempotency_key=key(), source_wallet_id=source, target_wallet_id=target, amount=1
+        )
+        await api.transfers.Transfer(small, timeout=10)
+        assert not admitted.done()
     response = await admitted
     assert not [result for result in response.results if result.HasField("error")]
-    await small
     assert await api.balance(locked) == (batch_operations_max, 0, batch_operations_max)
-    assert await api.balance(other) == (1, 0, 1)
+    assert await api.balance(target) == (1, 0, 1)
+    assert (server.admission.calls, server.admission.bytes) == (0, 0)
+
+
+async def test_calls_whose_deadline_passed_while_queued_are_not_applied(
+    server: Server, channel: grpc.aio.Channel, database_url: str
+) -> None:
+    api = Api(channel)
+    await api.setup_units()
+    wallet = await api.wallet()
+
+    def batch(size: int) -> transfers_pb2.SubmitBatchRequest:
+        return transfers_pb2.SubmitBatchRequest(
+            operations=[transfers_pb2.Operation(credit=credit(wallet)) for _ in range(size)]
+        )
+
+    async with wallet_locked(database_url, wallet):
+        # A single call and a batch call applying, waiting for the lock; the late ones queue
+        # behind them in their lanes.
+        first = asyncio.ensure_future(api.transfers.Credit(credit(wallet)))
+        first_batch = asyncio.ensure_future(api.transfers.SubmitBatch(batch(2)))
+        await until(lambda: server.admission.calls == 2)
+        await asyncio.sleep(0.1)
+        late = [api.transfers.Credit(credit(wallet), timeout=0.2) for _ in range(20)] + [
+            api.transfers.SubmitBatch(
+                transfers_pb2.SubmitBatchRequest(
+                    operations=[transfers_pb2.Operation(credit=credit(wallet)) for _ in range(3)]
+                ),
+                timeout=0.2,
+            )
+            for _ in range(2)
+        ]
+        outcomes = await asyncio.gather(*late, return_exceptions=True)
+        codes = {getattr(outcome, "code", lambda: None)() for outcome in outcomes}
+        assert codes == {Code.DEADLINE_EXCEEDED}
+        await until(lambda: server.batcher.queued == 0)
+    await first
+    await first_batch
+    assert await api.balance(wallet) == (3, 0, 3)  # none of the late ones applied
     assert (server.admission.calls, server.admission.bytes) == (0, 0)
 
 

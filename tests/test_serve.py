@@ -123,9 +123,9 @@ async def test_migrate(database_url: str) -> None:
     [
         (["--batch-size-max", "9000"], "--batch-size-max must be 1 to 8000"),
         (["--batch-size-max", "0"], "--batch-size-max must be 1 to 8000"),
-        (["--pool-size", "0"], "--pool-size must be 1 or more"),
+        (["--pool-size", "0"], "--pool-size must be 2 or more"),
         (["--queue-max", "10"], "--queue-max must be at least batch_size_max (1000)"),
-        (["--batch-workers", "9"], "--batch-workers must be 1 to pool_size (8)"),
+        (["--batch-workers", "5"], "--batch-workers must be 1 to half of pool_size (8)"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 to 1000"),
     ],
 )
