@@ -24,7 +24,7 @@ Catch classes, never parse messages.
     ├── Aborted                                                          ABORTED
     │   └── LinkedOperationFailed   another operation of its linked chain failed
     ├── ResourceExhausted                                                RESOURCE_EXHAUSTED
-    │   └── Overloaded           the server's queue is full       (retryable)
+    │   └── Overloaded           the server has too much waiting (retryable; .retry_after_ms)
     ├── Unavailable              the server or its store can't be reached (retryable)
     ├── DeadlineExceeded         no answer within the call's deadline, or the server
     │                            dropped the operation unapplied when it passed (retryable)
@@ -49,6 +49,7 @@ from coffer.clients.v1 import transfers_pb2
 error_domain = "coffer.v1"
 status_details_metadata_key = "grpc-status-details-bin"
 field_metadata_key = "field"
+retry_after_ms_metadata_key = "retry_after_ms"
 
 
 class CofferError(Exception):
@@ -201,6 +202,12 @@ class ResourceExhausted(CofferError):
 class Overloaded(ResourceExhausted):
     reason = "OVERLOADED"
     retryable = True
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's hint: how long until a retry is likely to be admitted."""
+        value = self.metadata.get(retry_after_ms_metadata_key, "")
+        return int(value) if value.isdigit() else None
 
 
 class Unavailable(CofferError):
