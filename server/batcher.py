@@ -2,9 +2,16 @@
 
 Each call submits its operations — one, or a whole batch from the batch RPC — as a group,
 and waits for their results. Groups queue in one of two lanes: single operations (the
-single-call RPCs) and batches (SubmitBatch). Each lane has its own dispatching, so a single
-call never waits behind queued batches, only, at worst, for the wallet locks of the batches
-being applied:
+single-call RPCs) and batches (SubmitBatch), each dispatched on its own, as below, and
+single calls first:
+- a single call never waits behind queued batch calls: its lane starts a batch whenever
+  it has none running;
+- while single calls wait or are being applied, batch calls start only on their turn, one
+  at a time: after a batch of single calls that had the database to itself. So a single
+  call waits, at worst, for the wallet locks of one batch call already running (if it
+  touches the same wallets), then for its own small batch; batch calls are never starved,
+  and have every other turn.
+Within a lane:
 - a lane takes its queued groups, whole and in order, up to `batch_size_max` operations (a
   larger group goes alone), and applies them as one batch;
 - while a lane's batch is being applied its next one gathers, and is applied when that one
@@ -74,6 +81,12 @@ class _Lane:
     queue: deque[_Group] = field(default_factory=deque)
     queued: int = 0  # operations of the groups queued
     running: set[asyncio.Task[None]] = field(default_factory=set)
+    # Operations applied per second, smoothed over the last batches; 0 before the first.
+    rate_per_s: int = 0
+
+    def drain_ms(self) -> int:
+        """How long the queued operations should take to apply, at the last batches' rate."""
+        return self.queued * 1000 // self.rate_per_s if self.rate_per_s else 0
 
 
 class Batcher:
@@ -94,6 +107,8 @@ class Batcher:
         self._workers = workers
         self._singles = _Lane()
         self._batches = _Lane()
+        # Whether a batch call may start next although single calls are waiting.
+        self._batches_turn = False
         # Set when the dispatcher may have something to do: calls arrived, a batch
         # returned, or the server is closing.
         self._wake = asyncio.Event()
@@ -102,8 +117,6 @@ class Batcher:
         self.batches_applied = 0
         self.operations_applied = 0
         self.operations_expired = 0
-        # Operations applied per second, smoothed over the last batches; 0 before the first.
-        self._rate_per_s = 0
 
     @property
     def queued(self) -> int:
@@ -155,10 +168,12 @@ class Batcher:
 
     def retry_after_ms(self) -> int:
         """How long the queued operations should take to apply: when to try again."""
-        if not self._rate_per_s:
-            return retry_after_ms_min
-        drain_ms = self.queued * 1000 // self._rate_per_s
+        drain_ms = max(self._singles.drain_ms(), self._batches.drain_ms())
         return min(max(drain_ms, retry_after_ms_min), retry_after_ms_max)
+
+    def batch_calls_drain_ms(self) -> int:
+        """How long the queued batch calls should take to apply."""
+        return self._batches.drain_ms()
 
     async def close(self) -> None:
         """Refuses new calls, applies those queued, and stops."""
@@ -167,17 +182,16 @@ class Batcher:
         await self._dispatcher
 
     async def _dispatch(self) -> None:
-        lanes = (self._singles, self._batches)
         while True:
             await self._wake.wait()
             self._wake.clear()
+            lanes = (self._singles, self._batches)
             if self._closing and not any(lane.queued or lane.running for lane in lanes):
                 return
+            if self._batches_turn:
+                lanes = (self._batches, self._singles)
             for lane in lanes:
-                while lane.queued and (
-                    not lane.running
-                    or (lane.queued >= self._batch_size_max and len(lane.running) < self._workers)
-                ):
+                while self._may_start(lane):
                     if (
                         self._batch_wait_s
                         and not lane.running
@@ -185,10 +199,26 @@ class Batcher:
                     ):
                         await asyncio.sleep(self._batch_wait_s)
                     groups = self._take(lane)
-                    if groups:
-                        task = asyncio.create_task(self._run(groups))
-                        lane.running.add(task)
-                        task.add_done_callback(self._returned(lane))
+                    if not groups:
+                        continue
+                    if lane is self._batches:
+                        self._batches_turn = False
+                    alone = not self._batches.running
+                    task = asyncio.create_task(self._run(lane, groups))
+                    lane.running.add(task)
+                    task.add_done_callback(self._returned(lane, alone))
+
+    def _may_start(self, lane: _Lane) -> bool:
+        if not lane.queued:
+            return False
+        if lane is self._batches and (self._singles.queued or self._singles.running):
+            # Single calls first: while they wait or are being applied, a batch call starts
+            # only on its turn, one at a time, so that single calls wait for the wallet locks
+            # of at most the batch calls running already.
+            return self._batches_turn
+        return not lane.running or (
+            lane.queued >= self._batch_size_max and len(lane.running) < self._workers
+        )
 
     def _take(self, lane: _Lane) -> list[_Group]:
         """The lane's next batch: its queued groups, whole and in order, up to batch_size_max
@@ -222,14 +252,17 @@ class Batcher:
             size += count
         return groups
 
-    def _returned(self, lane: _Lane) -> Callable[[asyncio.Task[None]], None]:
+    def _returned(self, lane: _Lane, alone: bool) -> Callable[[asyncio.Task[None]], None]:
         def returned(task: asyncio.Task[None]) -> None:
             lane.running.discard(task)
+            if lane is self._singles and alone and self._batches.queued:
+                # Single calls had the database to themselves: batch calls go next.
+                self._batches_turn = True
             self._wake.set()
 
         return returned
 
-    async def _run(self, groups: list[_Group]) -> None:
+    async def _run(self, lane: _Lane, groups: list[_Group]) -> None:
         operations = [operation for group in groups for operation in group.operations]
         started_ns = time.monotonic_ns()
         try:
@@ -251,8 +284,8 @@ class Batcher:
         self.operations_applied += len(operations)
         elapsed_ns = max(time.monotonic_ns() - started_ns, 1)
         rate_per_s = len(operations) * 1_000_000_000 // elapsed_ns
-        smoothed = (3 * self._rate_per_s + rate_per_s) // 4
-        self._rate_per_s = smoothed if self._rate_per_s else rate_per_s
+        smoothed = (3 * lane.rate_per_s + rate_per_s) // 4
+        lane.rate_per_s = smoothed if lane.rate_per_s else rate_per_s
         start = 0
         for group in groups:
             end = start + len(group.operations)

@@ -282,10 +282,13 @@ async def test_calls_whose_deadline_passed_while_queued_are_not_applied(
         )
 
     async with wallet_locked(database_url, wallet):
-        # A single call and a batch call applying, waiting for the lock; the late ones queue
-        # behind them in their lanes.
-        first = asyncio.ensure_future(api.transfers.Credit(credit(wallet)))
+        # A batch call and a single call applying (in that order: no batch call starts while
+        # single calls are being applied), waiting for the lock; the late ones queue behind
+        # them in their lanes.
         first_batch = asyncio.ensure_future(api.transfers.SubmitBatch(batch(2)))
+        await until(lambda: server.admission.calls == 1)
+        await asyncio.sleep(0.05)
+        first = asyncio.ensure_future(api.transfers.Credit(credit(wallet)))
         await until(lambda: server.admission.calls == 2)
         await asyncio.sleep(0.1)
         late = [api.transfers.Credit(credit(wallet), timeout=0.2) for _ in range(20)] + [

@@ -18,6 +18,7 @@ import pytest_asyncio
 from coffer.core import errors
 from coffer.core.ledger import Ledger, create_pool
 from coffer.core.model import (
+    Applied,
     Credit,
     NewWallet,
     Operation,
@@ -227,11 +228,14 @@ async def test_calls_whose_deadline_passed_are_not_applied(
     batcher = Batcher(ledger.apply)
     try:
         async with locked(database_url, wallet):
+            # Both applying, waiting for the lock (the batch call first: none starts while
+            # single calls are being applied).
+            first_batch = asyncio.ensure_future(batcher.submit_all(credits("first-", wallet, 2)))
+            await asyncio.sleep(0.05)
             first = asyncio.ensure_future(
                 batcher.submit(Credit(idempotency_key="first", wallet_id=wallet, amount=1))
             )
-            first_batch = asyncio.ensure_future(batcher.submit_all(credits("first-", wallet, 2)))
-            await asyncio.sleep(0.1)  # both applying: waiting for the lock
+            await asyncio.sleep(0.1)
             late = [
                 asyncio.ensure_future(
                     batcher.submit(
@@ -310,3 +314,42 @@ async def test_an_unknown_failure_fails_the_whole_batch_as_internal(
         assert (await ledger.get_wallet(wallet)).balance.posted == 1
     finally:
         await batcher.close()
+
+
+async def test_batch_calls_take_turns_with_a_stream_of_single_calls(
+    ledger_and_wallet: tuple[Ledger, int],
+) -> None:
+    ledger, wallet = ledger_and_wallet
+    source, target = await other_wallet(ledger, "source"), await other_wallet(ledger, "target")
+    batcher = Batcher(ledger.apply)
+    singles: list[asyncio.Future[Applied]] = []
+    streaming = True
+
+    async def stream() -> None:
+        # Single calls arriving faster than their batches return: their lane is never idle.
+        number = 0
+        while streaming:
+            number += 1
+            transfer = WalletTransfer(
+                idempotency_key=f"s{number}",
+                source_wallet_id=source,
+                target_wallet_id=target,
+                amount=1,
+            )
+            singles.append(asyncio.ensure_future(batcher.submit(transfer)))
+            await asyncio.sleep(0)
+
+    streamer = asyncio.create_task(stream())
+    try:
+        await asyncio.sleep(0.05)
+        # Batch calls are not starved: they get every other turn.
+        async with asyncio.timeout(5):
+            for n in range(3):
+                assert len(await batcher.submit_all(credits(f"b{n}-", wallet, 10))) == 10
+    finally:
+        streaming = False
+        await streamer
+        await asyncio.gather(*singles)
+        await batcher.close()
+    assert (await ledger.get_wallet(wallet)).balance.posted == 30
+    assert (await ledger.get_wallet(target)).balance.posted == len(singles)
