@@ -145,6 +145,7 @@ class Server:
         self._server = server
         self._health = health_servicer
         self._sweep = asyncio.create_task(self._expire_holds())
+        self._loop_watch = asyncio.create_task(admitting.watch_loop())
 
     @classmethod
     async def start(cls, settings: Settings) -> Server:
@@ -166,6 +167,7 @@ class Server:
                 queued_bytes_max=settings.queued_bytes_max,
                 calls_max=settings.calls_max,
                 retry_after_ms=batcher.retry_after_ms,
+                batch_calls_drain_ms=batcher.batch_calls_drain_ms,
             )
             grpc_calls_max = grpc_calls_factor * settings.calls_max
             server = grpc.aio.server(
@@ -211,9 +213,10 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s)
         await self.batcher.close()
-        self._sweep.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sweep
+        for task in (self._sweep, self._loop_watch):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.ledger.pool.close()
 
     async def _expire_holds(self) -> None:
