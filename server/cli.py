@@ -20,6 +20,7 @@ import uvloop
 from coffer.core.ledger import batch_operations_max
 from coffer.core.migrate import migrate
 
+from .admission import request_bytes_max
 from .app import Server, Settings, SettingsError, batch_wait_ms_max
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
 
@@ -132,6 +133,19 @@ def _parser() -> argparse.ArgumentParser:
         "(at least --batch-size-max)",
     )
     serve.add_argument(
+        "--queued-bytes-max",
+        type=int,
+        default=defaults.queued_bytes_max,
+        help="request bytes in progress at once before calls get RESOURCE_EXHAUSTED "
+        f"(at least {2 * request_bytes_max})",
+    )
+    serve.add_argument(
+        "--calls-max",
+        type=int,
+        default=defaults.calls_max,
+        help="calls in progress at once before calls get RESOURCE_EXHAUSTED (1 or more)",
+    )
+    serve.add_argument(
         "--reuse-port",
         action="store_true",
         help="set SO_REUSEPORT, so that several servers can listen on one port",
@@ -165,6 +179,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         batch_wait_ms=arguments.batch_wait_ms,
         queue_max=arguments.queue_max,
         batch_workers=arguments.batch_workers,
+        queued_bytes_max=arguments.queued_bytes_max,
+        calls_max=arguments.calls_max,
         reuse_port=arguments.reuse_port,
     )
 

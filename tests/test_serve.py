@@ -127,6 +127,8 @@ async def test_migrate(database_url: str) -> None:
         (["--queue-max", "10"], "--queue-max must be at least batch_size_max (1000)"),
         (["--batch-workers", "5"], "--batch-workers must be 1 to half of pool_size (8)"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 to 1000"),
+        (["--queued-bytes-max", "1000"], "--queued-bytes-max must be at least twice"),
+        (["--calls-max", "0"], "--calls-max must be 1 or more"),
     ],
 )
 async def test_serve_refuses_settings_out_of_bounds(arguments: list[str], message: str) -> None:
