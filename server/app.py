@@ -31,11 +31,14 @@ logger = logging.getLogger(__name__)
 
 # The largest answer: a page of transfers, or a batch's results, with their metadata.
 response_bytes_max = 64 * 1024 * 1024
-# gRPC's own limits on calls (at once, per server and per connection; waiting to be taken by
-# the server's event loop) are this many times Coffer's `calls_max`, so that Coffer refuses
-# first, with OVERLOADED and a retry-after hint: gRPC's refusals carry no ErrorInfo (or, past
-# the per-connection limit, make callers wait; past the pending limits, cancel them).
+# gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
+# first, with OVERLOADED and a retry-after hint; gRPC's refusals carry no ErrorInfo. Calls the
+# server runs at once (past them, RESOURCE_EXHAUSTED), and calls arrived but not yet taken by
+# the event loop before gRPC starts refusing some of them (CANCELLED):
 grpc_calls_factor = 2
+# Calls at once on one connection (past them, callers wait, and calls racing in as others
+# end are refused with UNAVAILABLE), and calls not yet taken before gRPC refuses them all:
+grpc_streams_factor = 4
 
 services_described = (
     units_pb2.DESCRIPTOR.services_by_name["UnitService"],
@@ -170,17 +173,15 @@ class Server:
                 batch_calls_drain_ms=batcher.batch_calls_drain_ms,
             )
             grpc_calls_max = grpc_calls_factor * settings.calls_max
+            grpc_streams_max = grpc_streams_factor * settings.calls_max
             server = grpc.aio.server(
                 options=[
                     # Larger requests are refused by gRPC before they are read whole.
                     ("grpc.max_receive_message_length", admission.request_bytes_max),
                     ("grpc.max_send_message_length", response_bytes_max),
-                    # Past this many calls at once on a connection, gRPC makes callers wait.
-                    ("grpc.max_concurrent_streams", grpc_calls_max),
-                    # Calls arrived and not yet taken by the event loop: past the first,
-                    # gRPC starts refusing some at random, past the second all.
+                    ("grpc.max_concurrent_streams", grpc_streams_max),
                     ("grpc.server.max_pending_requests", grpc_calls_max),
-                    ("grpc.server.max_pending_requests_hard_limit", 2 * grpc_calls_max),
+                    ("grpc.server.max_pending_requests_hard_limit", grpc_streams_max),
                     ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 ],
                 maximum_concurrent_rpcs=grpc_calls_max,
