@@ -150,16 +150,9 @@ async def run(
     )
     stopped = time.perf_counter()
     note(f"overload: stopped with {len(in_flight):,} calls in flight; measuring recovery")
-    recovery_s = await _recovery(singles, client, threshold_ms, stopped)
-    drained_s = None
-    if in_flight:
-        _, late = await asyncio.wait(set(in_flight), timeout=drain_s_max)
-        for task in late:
-            task.cancel()
-        if not late:
-            drained_s = round(time.perf_counter() - stopped, 3)
-    else:
-        drained_s = 0.0
+    recovery_s, drained_s = await asyncio.gather(
+        _recovery(singles, client, threshold_ms, stopped), _drained(set(in_flight), stopped)
+    )
 
     point = recorder.summary()
     refusals = single_tally.reasons + batch_tally.reasons
@@ -254,6 +247,18 @@ async def _open_loop(
                 task.add_done_callback(in_flight.discard)
         await asyncio.sleep(tick_s)
     return unsent
+
+
+async def _drained(in_flight: set[asyncio.Task[None]], stopped: float) -> float | None:
+    """Seconds from the stop until the calls then in flight are done; None if some are not
+    within drain_s_max (they are cancelled)."""
+    if in_flight:
+        _, late = await asyncio.wait(in_flight, timeout=drain_s_max)
+        for task in late:
+            task.cancel()
+        if late:
+            return None
+    return round(time.perf_counter() - stopped, 3)
 
 
 async def _recovery(
