@@ -758,6 +758,23 @@ def _transfer_line(transfer: types_pb2.Transfer, wallet_id: int | None = None) -
     return "  ".join(parts)
 
 
+# Holds, releases and expiries reserve or free an amount without moving posted money.
+_reserving_kinds = frozenset(
+    {
+        types_pb2.TRANSFER_KIND_HOLD,
+        types_pb2.TRANSFER_KIND_RELEASE,
+        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
+    }
+)
+
+
+def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:
+    """+ into the wallet, - out of it; in parentheses what is only reserved or freed."""
+    if transfer.kind in _reserving_kinds:
+        return f"({transfer.amount})"
+    return f"{'+' if incoming else '-'}{transfer.amount}"
+
+
 def _hold_line(hold: types_pb2.Hold) -> str:
     """E.g. `hold 8  pending  500 EUR  wallet 7 -> wallet 1  expires …`."""
     amount = f"{hold.amount} {hold.unit}"
@@ -805,20 +822,3 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[i
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# Holds, releases and expiries reserve or free an amount without moving posted money.
-_reserving_kinds = frozenset(
-    {
-        types_pb2.TRANSFER_KIND_HOLD,
-        types_pb2.TRANSFER_KIND_RELEASE,
-        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
-    }
-)
-
-
-def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:
-    """+ into the wallet, - out of it; in parentheses what is only reserved or freed."""
-    if transfer.kind in _reserving_kinds:
-        return f"({transfer.amount})"
-    return f"{'+' if incoming else '-'}{transfer.amount}"

@@ -5,7 +5,8 @@
         transfer = await coffer.credit(wallet_id=wallet.id, amount=1500, note="welcome bonus")
 
 Every call:
-- sends the caller's name in the `coffer-caller` metadata (idempotency keys are scoped to it);
+- sends the caller's name in the `coffer-caller` metadata (idempotency keys are scoped to it;
+  `caller=`, "default" if not given; what a caller may be is `coffer.clients.caller`);
 - has a deadline, `timeout_s` from its start, which covers its retries too;
 - retries UNAVAILABLE and RESOURCE_EXHAUSTED (OVERLOADED) up to `retries_max` times with
   exponential backoff and jitter (waiting at least the server's retry-after hint), resending
@@ -45,6 +46,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
+from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.errors import Overloaded, Unavailable, from_rpc_error
 from coffer.clients.v1 import (
     holds_pb2,
@@ -61,10 +63,10 @@ from coffer.clients.v1.transfers_pb2 import Operation, OperationResult
 from coffer.clients.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
 
 target_default = "127.0.0.1:50051"
+# The caller of a client not told otherwise. (The server has no default: a call that writes
+# without a caller is refused.)
 caller_default = "default"
-caller_metadata_key = "coffer-caller"
 health_check_method = "/grpc.health.v1.Health/Check"
-caller_length_max = 256
 timeout_s_default = 10.0
 retries_max_default = 3
 retries_max_limit = 10
@@ -405,8 +407,10 @@ class Client:
         `("grpc.use_local_subchannel_pool", 1)` for a connection of its own)."""
         if not target:
             raise ValueError("target must name a server, e.g. 127.0.0.1:50051")
-        if not (0 < len(caller) <= caller_length_max and caller.isascii() and caller.isprintable()):
-            raise ValueError(f"caller must be 1 to {caller_length_max} printable ASCII characters")
+        try:
+            check_caller(caller)
+        except ValueError as error:
+            raise ValueError(f"caller {error}") from None
         if not timeout_s > 0:
             raise ValueError("timeout_s must be positive")
         if not 0 <= retries_max <= retries_max_limit:

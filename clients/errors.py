@@ -39,6 +39,7 @@ succeed. The client retries Unavailable and Overloaded itself, within the call's
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -50,6 +51,8 @@ error_domain = "coffer.v1"
 status_details_metadata_key = "grpc-status-details-bin"
 field_metadata_key = "field"
 retry_after_ms_metadata_key = "retry_after_ms"
+# Trailing metadata of a replayed answer, success or error: "true".
+replayed_metadata_key = "coffer-replayed"
 
 
 class CofferError(Exception):
@@ -67,9 +70,13 @@ class CofferError(Exception):
         code: grpc.StatusCode | None = None,
         field: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        replayed: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
+        # True when the server answered with the stored refusal of an earlier request with
+        # the same idempotency key (what it refused then, it refuses again).
+        self.replayed = replayed
         if reason is not None:
             self.reason = reason
         if code is not None:
@@ -301,14 +308,32 @@ def from_rpc_error(error: grpc.RpcError) -> CofferError:
         code=code,
         field=info.metadata.get(field_metadata_key) or None,
         metadata=info.metadata,
+        replayed=is_replay(error),
     )
 
 
-def from_operation_error(pb: transfers_pb2.OperationError) -> CofferError:
-    """The typed error for one failed operation of a batch (`OperationResult.error`)."""
+def is_replay(call: grpc.RpcError | Any) -> bool:
+    """Whether a finished call (failed, or a sync `with_call` Call) answered with the stored
+    outcome of an earlier request with the same idempotency key."""
+    trailing_metadata = getattr(call, "trailing_metadata", None)
+    entries = trailing_metadata() if callable(trailing_metadata) else None
+    return any(key == replayed_metadata_key and value == "true" for key, value in entries or ())
+
+
+def from_operation_error(
+    pb: transfers_pb2.OperationError, *, replayed: bool = False
+) -> CofferError:
+    """The typed error for one failed operation of a batch (`OperationResult.error`; pass
+    `OperationResult.replayed` too)."""
     code = _status_code_by_number.get(pb.code, grpc.StatusCode.UNKNOWN)
     error_class = _error_by_reason.get(pb.reason) or _error_by_code.get(code, Internal)
-    return error_class(pb.message, reason=pb.reason or code.name, code=code, field=pb.field or None)
+    return error_class(
+        pb.message,
+        reason=pb.reason or code.name,
+        code=code,
+        field=pb.field or None,
+        replayed=replayed,
+    )
 
 
 def _call_code(error: grpc.RpcError) -> grpc.StatusCode:

@@ -25,6 +25,7 @@ worth repeating blindly.
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import ClassVar
 
@@ -45,10 +46,15 @@ class CofferError(Exception):
     reason: ClassVar[str] = "INTERNAL"
     category: ClassVar[Category] = Category.internal
     retryable: ClassVar[bool] = False
+    # A refusal: the request was well-formed and ran, and the ledger's state said no. Refusals
+    # are kept under the operation's idempotency key, so a retry gets the same answer.
+    refusal: ClassVar[bool] = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, replayed: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        # True when this is the stored answer to an earlier request with the same key.
+        self.replayed = replayed
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.message == other.message  # type: ignore[attr-defined]
@@ -76,6 +82,7 @@ class MalformedRequest(CofferError):
 
 class NotFound(CofferError):
     category = Category.not_found
+    refusal = True
 
 
 class UnitNotFound(NotFound):
@@ -108,6 +115,7 @@ class UnitExists(AlreadyExists):
 
 class FailedPrecondition(CofferError):
     category = Category.failed_precondition
+    refusal = True
 
 
 class InsufficientFunds(FailedPrecondition):
@@ -161,6 +169,7 @@ class BalanceOverflow(FailedPrecondition):
 class LinkedOperationFailed(CofferError):
     reason = "LINKED_OPERATION_FAILED"
     category = Category.aborted
+    refusal = True
 
 
 class Overloaded(CofferError):
@@ -195,6 +204,14 @@ class Internal(CofferError):
     category = Category.internal
 
 
+def refusal(reason: str, message: str) -> CofferError:
+    """A stored refusal, as it is answered again."""
+    kind = reasons()[reason]
+    assert kind.refusal, reason
+    return kind(message, replayed=True)
+
+
+@functools.cache
 def reasons() -> dict[str, type[CofferError]]:
     """Every concrete error by its reason."""
     found: dict[str, type[CofferError]] = {}

@@ -11,21 +11,39 @@ A batch is one database transaction:
    (so batches never deadlock), then the open holds it resolves, and release the lapsed
    holds of those wallets first;
 5. validate each operation in order against that state in memory (`rules.apply_all`);
-6. remove what was written ahead and did not happen (never committed, so never seen), COPY
+6. check, with the locks held, that no key it answers anew was stored meanwhile (as a refusal,
+   or as a success of an operation it refused), and keep its refusals under their keys;
+7. remove what was written ahead and did not happen (never committed, so never seen), COPY
    the other transfers, and update each touched wallet row once.
 
 The transfers of one batch share one time; their ids follow the order they were written in,
 which within a batch is not always the order the operations were applied in.
 
-Keys are stored on the transfers themselves, in the same transaction as the postings: a
-replay after a crash or a restart finds them. Two batches racing on one new key meet at the
-unique index; the loser starts over, looks its keys up, and finds the key stored.
+Keys are stored in the same transaction as the postings: a success's on its first transfer, a
+refusal's (NOT_FOUND, FAILED_PRECONDITION, LINKED_OPERATION_FAILED) in `refusals`; a replay
+after a crash or a restart finds them, and answers what was answered first. Two batches racing
+on one new key meet at a unique index, or at step 6: the same request locks the same wallets,
+so the later batch sees what the earlier one stored once it holds the locks. The later starts
+over, looks its keys up first, and answers with the stored outcome. (Two different requests
+racing under one key, on wallets apart, can each be answered before either is stored: each
+replays its own answer after, and any other request with that key is IDEMPOTENCY_KEY_REUSED.)
+
+Connections come from two pools: writes (batches, units, wallets) from one, queries from
+another, smaller one, so that long history scans cannot take the connections writes need.
+Every connection is used through one boundary (`_guarded`): what asyncpg raises when the
+database is gone or does not answer in time (a lost or refused connection, a server shutting
+down or restarting, a statement, lock, command or acquire timeout) becomes errors.Unavailable,
+which the same request with the same idempotency key may retry; anything else is a bug and
+passes unchanged. A stalled database fails calls within about `statement_timeout_s`: the
+server cancels statements past it, and the client gives up on a server that answers nothing
+(a paused or unreachable one) shortly after.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
@@ -72,10 +90,40 @@ expiry_batch_max = 1000
 # The caller under which the ledger writes on its own behalf (hold expiry).
 system_caller = "@coffer"
 
+statement_timeout_s_default = 5.0
+lock_timeout_s_default = 5.0
+timeout_s_max = 3600.0
+pool_size_max = 100
+# How much longer than statement_timeout the client waits for an answer before it gives up on
+# the connection: the server's own timeout, which leaves the connection usable, comes first.
+command_timeout_margin_s = 0.5
+
 _retryable_database_errors = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+# What asyncpg raises when the database is gone or does not answer in time: the request may
+# succeed when sent again. Classes, never messages.
+_unreachable_errors: tuple[type[Exception], ...] = (
+    # The socket: refused, reset, broken, no socket file; and TimeoutError (a subclass of
+    # OSError), raised by a command, connect or acquire timeout on the client's side.
+    OSError,
+    # Class 08, connection exception: the connection does not exist, failed, was rejected.
+    asyncpg.PostgresConnectionError,
+    # Class 57, operator intervention: admin or crash shutdown, cannot connect now (starting
+    # or shutting down), and query_canceled (statement_timeout).
+    asyncpg.OperatorInterventionError,
+    # 55P03: lock_timeout.
+    asyncpg.LockNotAvailableError,
+    # 53300: too many connections.
+    asyncpg.TooManyConnectionsError,
+    # asyncpg's protocol lost track of the connection: e.g. the FATAL message a server shutting
+    # down sends to an idle connection leaves it in a state from which every later operation
+    # fails ("cannot switch to state ..."). The connection cannot be used again.
+    asyncpg.InternalClientError,
+)
+_timeout_errors = (TimeoutError, asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,21 +167,65 @@ def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-async def create_pool(dsn: str, *, size_max: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str,
+    *,
+    size_max: int = 10,
+    statement_timeout_s: float = statement_timeout_s_default,
+    lock_timeout_s: float = lock_timeout_s_default,
+    on_close: Callable[[], None] | None = None,
+) -> asyncpg.Pool:
+    """A pool of up to `size_max` connections, opened when needed (none kept open while the
+    database is down, so nothing retries in the background). Each statement is bounded on the
+    server (statement_timeout, lock_timeout) and on the client (command_timeout, a little
+    longer, for a server that answers nothing); connecting is bounded by statement_timeout_s.
+    `on_close` is called whenever one of its connections closes (the server went away, say)."""
+
+    async def init(connection: asyncpg.Connection) -> None:
+        await _init_connection(connection)
+        if on_close is not None:
+            connection.add_termination_listener(lambda _connection: on_close())
+
+    assert 0 < size_max <= pool_size_max, size_max
+    assert 0 < statement_timeout_s <= timeout_s_max and 0 < lock_timeout_s <= timeout_s_max
     pool = await asyncpg.create_pool(
         dsn,
-        min_size=min(2, size_max),
+        min_size=0,
         max_size=size_max,
-        init=_init_connection,
+        init=init,
         reset=_keep_session,
+        timeout=statement_timeout_s,
+        command_timeout=statement_timeout_s + command_timeout_margin_s,
+        server_settings={
+            "statement_timeout": str(round(statement_timeout_s * 1000)),
+            "lock_timeout": str(round(lock_timeout_s * 1000)),
+        },
     )
     assert pool is not None
     return pool
 
 
+async def ping(pool: asyncpg.Pool, timeout_s: float) -> None:
+    """Raises errors.Unavailable unless the database answers `select 1` within about
+    `timeout_s` (connecting included)."""
+    async with _guarded(pool.acquire(timeout=timeout_s)) as connection:
+        await connection.fetchval("select 1", timeout=timeout_s)
+
+
 class Ledger:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    """`pool` serves writes; `read_pool` (by default the same) serves queries. Waiting for a
+    connection of either takes at most `acquire_timeout_s` (None: no bound)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        read_pool: asyncpg.Pool | None = None,
+        acquire_timeout_s: float | None = None,
+    ) -> None:
         self._pool = pool
+        self._read_pool = read_pool or pool
+        self._acquire_timeout_s = acquire_timeout_s
         # Facts that never change once written: a wallet's unit, a unit's system wallets.
         self._wallet_units: dict[int, str] = {}
         self._system_wallets: dict[tuple[str, SystemWallet], int] = {}
@@ -142,11 +234,20 @@ class Ledger:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
+    @property
+    def read_pool(self) -> asyncpg.Pool:
+        return self._read_pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+        if self._read_pool is not self._pool:
+            await self._read_pool.close()
+
     # Units -------------------------------------------------------------------------------------
 
     async def create_unit(self, unit: Unit) -> Unit:
         """Creates the unit and its system wallets; idempotent for the same definition."""
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 """
                 insert into units (code, kind, name, plural, description, scale)
@@ -175,22 +276,25 @@ class Ledger:
             return _unit(row)
 
     async def get_unit(self, code: str) -> Unit:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow("select * from units where code = $1", code)
         if row is None:
             raise errors.UnitNotFound(f"unit {code} does not exist")
         return _unit(row)
 
     async def list_units(self) -> list[Unit]:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch("select * from units order by code")
         return [_unit(row) for row in rows]
 
     # Wallets -----------------------------------------------------------------------------------
 
-    async def create_wallet(self, new: NewWallet) -> Wallet:
+    async def create_wallet(self, new: NewWallet) -> tuple[Wallet, bool]:
+        """Creates the wallet; returns it, and whether this was a replay of an earlier
+        request with the same key (the wallet it created then)."""
         request_hash = new.request_hash()
-        async with self._connection() as connection, connection.transaction():
+        replayed = False
+        async with self._connection(transaction=True) as connection:
             if not await connection.fetchval("select true from units where code = $1", new.unit):
                 raise errors.UnitNotFound(f"unit {new.unit} does not exist")
             row = await connection.fetchrow(
@@ -223,10 +327,11 @@ class Ledger:
                 assert row is not None
                 if row["request_hash"] != request_hash:
                     raise _key_reused(new.idempotency_key)
-        return _wallet(row)
+                replayed = True
+        return _wallet(row), replayed
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1", wallet_id
             )
@@ -244,7 +349,7 @@ class Ledger:
         after_id: int = 0,
     ) -> Page[Wallet]:
         assert 0 < page_size <= page_size_max
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(
                 f"""
                 select {_wallet_columns} from wallets
@@ -266,7 +371,7 @@ class Ledger:
         return Page(wallets, cursor)
 
     async def cancel_wallet(self, wallet_id: int) -> Wallet:
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection(transaction=True) as connection:
             row = await connection.fetchrow(
                 f"select {_wallet_columns} from wallets where id = $1 for update", wallet_id
             )
@@ -303,12 +408,12 @@ class Ledger:
         optimistic = True
         for _ in range(transaction_retries_max):
             try:
-                async with self._connection() as connection, connection.transaction():
+                async with self._connection(transaction=True) as connection:
                     batch = _Batch(
                         self, connection, operations, now or datetime.now(UTC), optimistic
                     )
                     return await batch.run()
-            except asyncpg.UniqueViolationError:
+            except (asyncpg.UniqueViolationError, _KeyStored):
                 # A key was stored already, or a concurrent batch took it first.
                 optimistic = False
             except _retryable_database_errors:
@@ -335,7 +440,7 @@ class Ledger:
     # Queries -----------------------------------------------------------------------------------
 
     async def get_transfer(self, transfer_id: int) -> Transfer:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(f"{_select_transfers} where t.id = $1", transfer_id)
         if not rows:
             raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
@@ -381,14 +486,14 @@ class Ledger:
         else:
             where_clause = " and ".join(conditions) or "true"
             query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             rows = await connection.fetch(query, *arguments)
         transfers = [_transfer(row) for row in rows[:page_size]]
         cursor = transfers[-1].id if len(rows) > page_size else None
         return Page(transfers, cursor)
 
     async def get_hold(self, hold_id: int) -> Hold:
-        async with self._connection() as connection:
+        async with self._read_connection() as connection:
             holds = await _holds(connection, [hold_id], datetime.now(UTC))
         if hold_id not in holds:
             raise errors.HoldNotFound(f"hold {hold_id} does not exist")
@@ -396,8 +501,13 @@ class Ledger:
 
     # Plumbing ----------------------------------------------------------------------------------
 
-    def _connection(self) -> Any:
-        return _guarded(self._pool.acquire())
+    def _connection(self, *, transaction: bool = False) -> _guarded:
+        return _guarded(
+            self._pool.acquire(timeout=self._acquire_timeout_s), transaction=transaction
+        )
+
+    def _read_connection(self) -> _guarded:
+        return _guarded(self._read_pool.acquire(timeout=self._acquire_timeout_s))
 
     async def _wallet_unit_map(
         self, connection: asyncpg.Connection, wallet_ids: set[int]
@@ -439,24 +549,98 @@ class Ledger:
 
 
 class _guarded:
-    """Acquires a connection; turns a lost database into Unavailable."""
+    """Acquires a connection (and with `transaction`, begins a transaction on it), and ends
+    them: the one place where asyncpg's errors that mean the database is gone or did not
+    answer in time become errors.Unavailable. The connection such an error met is closed,
+    whatever state it is in, rather than rolled back (which would wait for an answer that may
+    not come; the server rolls back a transaction whose connection closed) or given back to
+    the pool, which opens a fresh one when it next needs one. Other errors pass unchanged."""
 
-    def __init__(self, acquiring: Any) -> None:
+    __slots__ = ("_acquiring", "_connection", "_transaction", "_transactional")
+
+    def __init__(self, acquiring: Any, *, transaction: bool = False) -> None:
         self._acquiring = acquiring
+        self._transactional = transaction
+        self._connection: Any = None
+        self._transaction: Any = None
 
     async def __aenter__(self) -> asyncpg.Connection:
         try:
-            return await self._acquiring.__aenter__()
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError) as error:
-            raise errors.Unavailable("the database cannot be reached") from error
+            self._connection = await self._acquiring.__aenter__()
+        except Exception as error:
+            if _unreachable(error, None):
+                raise _unavailable(error) from error
+            raise
+        if self._transactional:
+            transaction = self._connection.transaction()
+            try:
+                await transaction.start()
+            except Exception as error:
+                await self.__aexit__(type(error), error, error.__traceback__)
+                raise
+            self._transaction = transaction
+        return self._connection  # type: ignore[no-any-return]
 
     async def __aexit__(self, *exc_info: Any) -> None:
-        await self._acquiring.__aexit__(*exc_info)
-        kind, value = exc_info[0], exc_info[1]
-        if kind is not None and issubclass(
-            kind, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
-        ):
-            raise errors.Unavailable("the database connection was lost") from value
+        error = exc_info[1]
+        lost = isinstance(error, Exception) and _unreachable(error, self._connection)
+        ending_error = None
+        if self._transaction is not None and not lost:
+            try:
+                await self._transaction.__aexit__(*exc_info)  # Commits, or rolls back.
+            except Exception as failure:
+                ending_error = failure
+                lost = _unreachable(failure, self._connection)
+                if lost:
+                    error = failure
+        if lost and not _closed(self._connection):
+            self._connection.terminate()
+        try:
+            await self._acquiring.__aexit__(*exc_info)
+        except Exception as release_error:
+            if not lost and ending_error is None:
+                if _unreachable(release_error, self._connection):
+                    raise _unavailable(release_error) from release_error
+                raise
+        if lost:
+            raise _unavailable(error) from error
+        if ending_error is not None:
+            raise ending_error
+
+
+def _unreachable(error: Exception, connection: asyncpg.Connection | None) -> bool:
+    """Whether `error` means the database is gone or did not answer in time: it, or an error
+    it was raised from or while handling, is one of `_unreachable_errors`; or it is asyncpg's
+    InterfaceError on a connection that is closed ("the underlying connection is closed")."""
+    if isinstance(error, errors.CofferError):
+        return False
+    if isinstance(error, asyncpg.InterfaceError) and connection is not None and _closed(connection):
+        return True
+    return any(isinstance(cause, _unreachable_errors) for cause in _causes(error))
+
+
+def _closed(connection: asyncpg.Connection) -> bool:
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:
+        # The pool took the connection back when it closed: the proxy is detached from it.
+        return True
+
+
+def _unavailable(error: BaseException) -> errors.Unavailable:
+    if any(isinstance(cause, _timeout_errors) for cause in _causes(error)):
+        return errors.Unavailable("the database did not answer in time; send it again")
+    return errors.Unavailable("the database cannot be reached; send it again")
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, the error it was raised from or while handling, and so on."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 # A batch -----------------------------------------------------------------------------------------
@@ -484,6 +668,8 @@ class _Batch:
         self.operations = operations
         self.now = now
         self.optimistic = optimistic
+        # When the holds the batch resolves were placed.
+        self.hold_created_at: dict[int, datetime] = {}
 
     async def run(self) -> list[Applied | errors.CofferError]:
         operations = self.operations
@@ -531,6 +717,10 @@ class _Batch:
 
         expiries: list[rules.Outcome] = [rules.apply(book, expiry, self.now) for expiry in lapsed]
         outcomes = rules.apply_all(book, operations, self.now, settled)
+        refused = _refusals(operations, outcomes, settled)
+        await self._check_keys_free(fresh, refused, ahead)
+        if refused:
+            await self._record_refusals(refused, outcomes)
         if lapsed:
             # Written like any operation, ahead of the batch's own; their results are not
             # the caller's.
@@ -543,7 +733,7 @@ class _Batch:
             for index, operation_id in replays.items():
                 results[index] = replayed[operation_id]
         for index, first in duplicates.items():
-            results[index] = results[first]
+            results[index] = _replay_of(results[first])
         assert all(result is not None for result in results)
         return results  # type: ignore[return-value]
 
@@ -576,20 +766,13 @@ class _Batch:
                 first[key] = index
         if self.optimistic:
             return settled, replays, duplicates
-        rows = await self.connection.fetch(
-            """
-            select t.caller, t.idempotency_key, t.request_hash, t.operation_id
-            from transfers t
-            join unnest($1::text[], $2::text[]) as k (caller, key)
-              on t.caller = k.caller and t.idempotency_key = k.key
-            """,
-            [key[0] for key in first],
-            [key[1] for key in first],
-        )
+        rows = await self.connection.fetch(_select_stored_keys, *_key_columns(first))
         for row in rows:
             index = first[(row["caller"], row["idempotency_key"])]
             if row["request_hash"] != hashes[index]:
                 settled[index] = _key_reused(row["idempotency_key"])
+            elif row["operation_id"] is None:
+                settled[index] = errors.refusal(row["reason"], row["message"])
             else:
                 settled[index] = None
                 replays[index] = row["operation_id"]
@@ -603,12 +786,71 @@ class _Batch:
                 del duplicates[index]
         return settled, replays, duplicates
 
+    async def _check_keys_free(
+        self, fresh: list[int], refused: list[int], ahead: Mapping[int, object]
+    ) -> None:
+        """Raises _KeyStored if a key this batch is about to answer anew is stored already:
+        as a refusal (for any operation), or as a success (for one refused here; one written
+        ahead would have met the stored key at the unique index already). Run with the
+        wallets locked: a batch that stored the same request locked the same wallets, so it
+        has committed, and what it stored is seen."""
+        if not fresh:
+            return
+        keys = {self._key(index): index for index in fresh}
+        unwritten = {self._key(index): index for index in refused if index not in ahead}
+        found = await self.connection.fetchval(
+            """
+            select exists (
+                select from refusals r
+                join unnest($1::text[], $2::text[]) as k (caller, key)
+                  on r.caller = k.caller and r.idempotency_key = k.key
+            ) or exists (
+                select from transfers t
+                join unnest($3::text[], $4::text[]) as k (caller, key)
+                  on t.caller = k.caller and t.idempotency_key = k.key
+            )
+            """,
+            *_key_columns(keys),
+            *_key_columns(unwritten),
+        )
+        if found:
+            raise _KeyStored()
+
+    async def _record_refusals(self, refused: list[int], outcomes: list[rules.Outcome]) -> None:
+        """Stores the refusals under their keys: a retry gets the same answer. A concurrent
+        batch storing the same key meets this one at the primary key; the later starts over
+        and finds it."""
+        records = []
+        for index in refused:
+            error = outcomes[index]
+            assert isinstance(error, errors.CofferError) and error.refusal
+            caller, key = self._key(index)
+            records.append((caller, key, self.hashes[index], error.reason, error.message, self.now))
+        await self.connection.copy_records_to_table(
+            "refusals",
+            records=records,
+            columns=(
+                "caller",
+                "idempotency_key",
+                "request_hash",
+                "reason",
+                "message",
+                "created_at",
+            ),
+        )
+
+    def _key(self, index: int) -> tuple[str, str]:
+        operation = self.operations[index]
+        assert not isinstance(operation, Rejected)
+        return operation.caller, operation.idempotency_key
+
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:
             return {}
         rows = await self.connection.fetch(
             """
-            select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at
+            select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at,
+                   created_at
             from transfers where id = any($1::bigint[])
             """,
             list(ids),
@@ -657,12 +899,14 @@ class _Batch:
             return []
         rows = await self.connection.fetch(
             """
-            select transfer_id, source_wallet_id, target_wallet_id, amount, expires_at
-            from pending_holds
-            where transfer_id = any($1::bigint[])
-               or (source_wallet_id = any($2::bigint[]) and expires_at <= $3)
-            order by transfer_id
-            for update
+            select h.transfer_id, h.source_wallet_id, h.target_wallet_id, h.amount,
+                   h.expires_at, t.created_at
+            from pending_holds h
+            join transfers t on t.id = h.transfer_id
+            where h.transfer_id = any($1::bigint[])
+               or (h.source_wallet_id = any($2::bigint[]) and h.expires_at <= $3)
+            order by h.transfer_id
+            for update of h
             """,
             ids,
             held,
@@ -678,6 +922,7 @@ class _Batch:
                 resolutions[row["hold_id"]] = TransferKind(row["kind"])
         for hold_id in closed:
             hold = referenced[hold_id]
+            self.hold_created_at[hold_id] = hold["created_at"]
             book.holds[hold_id] = rules.HoldState(
                 id=hold_id,
                 source_wallet_id=hold["source_wallet_id"],
@@ -688,6 +933,7 @@ class _Batch:
             )
         lapsed = []
         for hold_id, row in open_holds.items():
+            self.hold_created_at[hold_id] = row["created_at"]
             book.holds[hold_id] = rules.HoldState(
                 id=hold_id,
                 source_wallet_id=row["source_wallet_id"],
@@ -823,6 +1069,7 @@ class _Batch:
                 continue
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
+            assert len(outcome) <= rules.operation_transfers_max, outcome
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
@@ -935,7 +1182,7 @@ class _Batch:
                 amount=state.amount,
                 status=_hold_status[first.kind],
                 expires_at=state.expires_at,
-                created_at=first.created_at,
+                created_at=self.hold_created_at[state.id],
                 resolved_by_transfer_id=first.id,
                 amount_captured=first.amount if first.kind == TransferKind.capture else 0,
             )
@@ -947,6 +1194,51 @@ _hold_status = {
     TransferKind.release: HoldStatus.released,
     TransferKind.hold_expiry: HoldStatus.expired,
 }
+
+
+class _KeyStored(Exception):
+    """A key the batch took for new was stored by then: the batch starts over, looking its
+    keys up first."""
+
+
+def _refusals(
+    operations: Sequence[Operation | Rejected],
+    outcomes: Sequence[rules.Outcome],
+    settled: Mapping[int, errors.CofferError | None],
+) -> list[int]:
+    """The operations refused anew, whose refusals are to be kept under their keys. A chain
+    that failed for a reason other than a refusal (an invalid operation, a reused key) never
+    ran: none of its refusals is kept. The ledger's own operations (hold expiry) are retried
+    by design, and not kept either."""
+    refused: list[int] = []
+    start = 0
+    for end, operation in enumerate(operations):
+        if operation.linked:
+            continue
+        chain = range(start, end + 1)
+        start = end + 1
+        failures = [outcomes[index] for index in chain if isinstance(outcomes[index], Exception)]
+        if not failures or not all(
+            isinstance(failure, errors.CofferError) and failure.refusal for failure in failures
+        ):
+            continue
+        refused.extend(
+            index
+            for index in chain
+            if index not in settled
+            and not isinstance(operations[index], Rejected)
+            and operations[index].caller != system_caller  # type: ignore[union-attr]
+        )
+    return refused
+
+
+def _key_columns(keys: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    callers: list[str] = []
+    names: list[str] = []
+    for caller, name in keys:
+        callers.append(caller)
+        names.append(name)
+    return callers, names
 
 
 def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
@@ -967,9 +1259,16 @@ def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
 async def _operation_results(
     connection: asyncpg.Connection, operation_ids: set[int], now: datetime
 ) -> dict[int, Applied]:
+    # An operation's transfers have consecutive ids from its own (operation_id).
     rows = await connection.fetch(
-        f"{_select_transfers} where t.operation_id = any($1::bigint[]) order by t.id",
+        f"""
+        {_select_transfers}
+        join unnest($1::bigint[]) as o (id)
+          on t.id between o.id and o.id + $2 - 1 and t.operation_id = o.id
+        order by t.id
+        """,
         list(operation_ids),
+        rules.operation_transfers_max,
     )
     grouped: dict[int, list[Transfer]] = {}
     for row in rows:
@@ -988,6 +1287,16 @@ async def _operation_results(
         )
         for operation_id, transfers in grouped.items()
     }
+
+
+def _replay_of(result: Applied | errors.CofferError | None) -> Applied | errors.CofferError:
+    """The answer to a request repeated within its batch: its first one, marked a replay."""
+    if isinstance(result, Applied):
+        return dataclasses.replace(result, replayed=True)
+    assert isinstance(result, errors.CofferError)
+    if isinstance(result, errors.InvalidArgument):
+        return result
+    return type(result)(result.message, replayed=True)
 
 
 async def _holds(
@@ -1055,6 +1364,20 @@ _wallet_columns = """
         (select sum(h.amount) from pending_holds h
          where h.source_wallet_id = wallets.id and h.expires_at <= now()), 0) end::bigint
     as pending
+"""
+
+# Where keys are stored: on the first transfer of a successful operation, or as a refusal.
+_select_stored_keys = """
+    select t.caller, t.idempotency_key, t.request_hash, t.operation_id,
+           null as reason, null as message
+    from transfers t
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on t.caller = k.caller and t.idempotency_key = k.key
+    union all
+    select r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
+    from refusals r
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on r.caller = k.caller and r.idempotency_key = k.key
 """
 
 _select_transfers = """

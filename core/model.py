@@ -23,6 +23,8 @@ balance_max = 2**63 - 1
 balance_min = -(2**63)
 id_max = 2**63 - 1
 idempotency_key_length_max = 128
+# The API's rule for callers is coffer.clients.caller's, which the core may not import; the
+# core checks what it receives against the same limit (a project test holds them equal).
 caller_length_max = 128
 note_length_max = 1000
 reference_length_max = 256

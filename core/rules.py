@@ -137,6 +137,9 @@ class Book:
 
 Outcome = list[Posting] | errors.CofferError
 
+# The most transfers one operation writes (each writes one today).
+operation_transfers_max = 1
+
 
 def apply_all(
     book: Book,
@@ -189,7 +192,10 @@ def apply_all(
                     outcome if isinstance(outcome, errors.CofferError) else _linked_failed()
                     for outcome in chain
                 ]
-                chain.extend(_linked_failed() for _ in range(index + 1, end + 1))
+                # The rest fail with it, but those that failed before keep that answer.
+                chain.extend(
+                    settled.get(later) or _linked_failed() for later in range(index + 1, end + 1)
+                )
                 break
         book.undo = None
         outcomes.extend(chain)

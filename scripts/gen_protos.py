@@ -25,7 +25,9 @@ import_pattern = re.compile(r"^(from|import) coffer\.v1\b", re.MULTILINE)
 
 
 def generate(out: Path) -> None:
-    sources = sorted(str(path.relative_to(protos)) for path in (protos / "coffer" / "v1").glob("*.proto"))
+    sources = sorted(
+        str(path.relative_to(protos)) for path in (protos / "coffer" / "v1").glob("*.proto")
+    )
     include = Path(protoc.__file__).parent / "_proto"
     plugins = Path(sys.executable).parent
     status = protoc.main(
@@ -67,7 +69,9 @@ def main() -> int:
     files = rendered()
     existing = {path.name: path.read_text() for path in target.glob("*.py*")}
     if arguments.check:
-        stale = sorted(set(files) ^ set(existing) | {n for n in files if existing.get(n) != files[n]})
+        stale = sorted(
+            set(files) ^ set(existing) | {n for n in files if existing.get(n) != files[n]}
+        )
         if stale:
             print("stale stubs in clients/v1: " + ", ".join(stale), file=sys.stderr)
             return 1

@@ -65,6 +65,8 @@ async def bench_database(database_url: str | None, note: Note) -> AsyncIterator[
         yield BenchDatabase(database_url, None, "DATABASE_URL")
         return
     directory = Path(tempfile.mkdtemp(prefix="coffer-bench-"))
+    # As root the cluster runs as a system user, which must get through this directory.
+    directory.chmod(0o711)
     try:
         cluster = EmbeddedPostgres(directory / "postgres", durable=True)
         note(f"starting a durable embedded PostgreSQL in {cluster.data_dir}")

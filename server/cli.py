@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -13,16 +14,17 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import uvloop
 
-from coffer.core.ledger import batch_operations_max
+from coffer.core.ledger import batch_operations_max, pool_size_max, timeout_s_max
 from coffer.core.migrate import migrate
 
 from .admission import request_bytes_max
 from .app import Server, Settings, SettingsError, batch_wait_ms_max
-from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir
+from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir, supervise
 
 logger = logging.getLogger("coffer")
 
@@ -100,9 +102,35 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Settings(database_url="")
     serve.add_argument(
         "--pool-size",
-        type=int,
+        type=_bounded(int, 2, pool_size_max),
         default=defaults.pool_size,
-        help="connections to PostgreSQL (2 or more)",
+        metavar="N",
+        help="database connections for writes, at least twice --batch-workers "
+        f"(default {defaults.pool_size})",
+    )
+    serve.add_argument(
+        "--pool-size-read",
+        type=_bounded(int, 1, pool_size_max),
+        default=defaults.pool_size_read,
+        metavar="N",
+        help="database connections for queries, apart from the writes' "
+        f"(default {defaults.pool_size_read})",
+    )
+    serve.add_argument(
+        "--statement-timeout-s",
+        type=_bounded(float, 0, timeout_s_max),
+        default=defaults.statement_timeout_s,
+        metavar="S",
+        help="a statement running longer, or a database not answering as long, fails the call "
+        f"with UNAVAILABLE (default {defaults.statement_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--lock-timeout-s",
+        type=_bounded(float, 0, timeout_s_max),
+        default=defaults.lock_timeout_s,
+        metavar="S",
+        help="a wait for a lock longer than this fails the call with UNAVAILABLE "
+        f"(default {defaults.lock_timeout_s:g})",
     )
     serve.add_argument(
         "--batch-size-max",
@@ -153,6 +181,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
+    """An argument type: a number above `low` (at least it, for integers) and at most `high`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (low <= value if kind is int else low < value) or not value <= high:
+            bound = f"from {low}" if kind is int else f"more than {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound} and at most {high:g}: {text}")
+        return value
+
+    return parse
+
+
 @asynccontextmanager
 async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
     """The database URL, and how to describe it: the given one, or an embedded cluster."""
@@ -161,10 +205,15 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
         return
     data_dir = arguments.data_dir or default_data_dir()
     cluster = EmbeddedPostgres(data_dir / "postgres")
-    dsn = await asyncio.to_thread(cluster.start)
+    await asyncio.to_thread(cluster.start)
+    # Restarts the cluster when it dies while Coffer runs.
+    supervisor = asyncio.create_task(supervise(cluster))
     try:
-        yield dsn, f"embedded PostgreSQL in {cluster.data_dir}"
+        yield cluster.ledger_dsn, f"embedded PostgreSQL in {cluster.data_dir}"
     finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
         await asyncio.to_thread(cluster.stop)
 
 
@@ -175,6 +224,9 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         database_url="",
         listen=arguments.listen,
         pool_size=arguments.pool_size,
+        pool_size_read=arguments.pool_size_read,
+        statement_timeout_s=arguments.statement_timeout_s,
+        lock_timeout_s=arguments.lock_timeout_s,
         batch_size_max=arguments.batch_size_max,
         batch_wait_ms=arguments.batch_wait_ms,
         queue_max=arguments.queue_max,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -18,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coffer.clients.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 from coffer.core import errors, model
+from coffer.core.ledger import TransferFilter, page_size_max
 
 # Requests --------------------------------------------------------------------------------------
 
@@ -202,9 +204,28 @@ def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | mod
         return model.Rejected(error, linked=pb.linked)
 
 
+def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilter:
+    if request.wallet_id < 0:
+        raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
+    model.check_text("reference", request.reference, model.reference_length_max)
+    start = time(request.start_time, "start_time") if request.HasField("start_time") else None
+    end = time(request.end_time, "end_time") if request.HasField("end_time") else None
+    # [start, end) is half-open: end == start is an empty range, allowed; end < start is not.
+    if start is not None and end is not None and end < start:
+        raise errors.InvalidArgument("end_time", "must not be before start_time")
+    return TransferFilter(
+        wallet_id=request.wallet_id or None,
+        kinds=transfer_kinds(list(request.kinds)),
+        start=start,
+        end=end,
+        reference=request.reference or None,
+    )
+
+
 def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
+    """A set of kinds, in one order: the same filter however a request lists it."""
     try:
-        return tuple(model.TransferKind(kind) for kind in kinds)
+        return tuple(sorted({model.TransferKind(kind) for kind in kinds}))
     except ValueError:
         raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
 
@@ -216,30 +237,63 @@ def time(pb: Timestamp, field: str) -> datetime:
         raise errors.InvalidArgument(field, "must be a time from year 1 to 9999") from None
 
 
-def page_token(cursor: int | None, prefix: str) -> str:
+# Page tokens: opaque to clients. One carries the cursor where the next page starts (an id, as
+# 8 bytes) and a digest of the list and the filters it was issued for (`page_scope`), so that
+# it pages through the same list only: a token of another list or of other filters is refused,
+# as is anything malformed or out of range. The digest is not a secret: a token grants nothing
+# a request could not ask for directly.
+page_size_default = 100
+page_scope_size = 8
+_cursor_size = 8
+_page_token_length = len(
+    base64.urlsafe_b64encode(bytes(_cursor_size + page_scope_size)).rstrip(b"=")
+)
+
+
+def page_scope(list_name: str, *filters: object) -> bytes:
+    """A digest of a list and the (converted, checked) filters of one request."""
+    return hashlib.blake2b(
+        repr((list_name, *filters)).encode(), digest_size=page_scope_size
+    ).digest()
+
+
+def page_token(cursor: int | None, scope: bytes) -> str:
+    """The token of the page that starts after `cursor`; empty when there is none."""
     if cursor is None:
         return ""
-    return base64.urlsafe_b64encode(f"{prefix}:{cursor}".encode()).decode().rstrip("=")
+    assert 0 < cursor <= model.id_max and len(scope) == page_scope_size, (cursor, scope)
+    raw = cursor.to_bytes(_cursor_size, "big") + scope
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def cursor(token: str, prefix: str) -> int | None:
+def cursor(token: str, scope: bytes) -> int | None:
+    """The cursor of a token this list issued for these filters; None for no token (the first
+    page). Anything else is INVALID_ARGUMENT on `page_token`."""
     if not token:
         return None
-    try:
-        decoded = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        kind, _, value = decoded.partition(":")
-        if kind == prefix and value.isdigit():
-            return int(value)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        pass
-    raise errors.InvalidArgument("page_token", "is not a token this list returned")
+    if len(token) == _page_token_length:
+        try:
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        value = int.from_bytes(raw[:_cursor_size], "big")
+        if (
+            len(raw) == _cursor_size + page_scope_size
+            and 0 < value <= model.id_max
+            and raw[_cursor_size:] == scope
+            and page_token(value, scope) == token
+        ):
+            return value
+    raise errors.InvalidArgument(
+        "page_token", "is not a token this list returned for these filters"
+    )
 
 
-def page_size(size: int, default: int = 100, size_max: int = 1000) -> int:
+def page_size(size: int) -> int:
     if size == 0:
-        return default
-    if not 0 < size <= size_max:
-        raise errors.InvalidArgument("page_size", f"must be 1 to {size_max}")
+        return page_size_default
+    if not 0 < size <= page_size_max:
+        raise errors.InvalidArgument("page_size", f"must be 1 to {page_size_max}")
     return size
 
 
@@ -351,6 +405,8 @@ def fill_operation_result(
     outcome: model.Applied | errors.CofferError,
     code_of: dict[errors.Category, int],
 ) -> None:
+    if outcome.replayed:
+        pb.replayed = True
     if isinstance(outcome, errors.CofferError):
         pb.error.reason = outcome.reason
         pb.error.message = outcome.message

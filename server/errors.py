@@ -19,13 +19,12 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from coffer.clients.errors import error_domain, replayed_metadata_key
 from coffer.core import errors
 
 from .admission import Admitted, Refused
 
 logger = logging.getLogger(__name__)
-
-error_domain = "coffer.v1"
 
 status_codes: dict[errors.Category, grpc.StatusCode] = {
     errors.Category.invalid_argument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -43,6 +42,10 @@ field_key = "field"
 retry_after_ms_key = "retry_after_ms"
 
 
+# Trailing metadata of a replayed answer: the stored outcome of an earlier request.
+replayed_metadata = ((replayed_metadata_key, "true"),)
+
+
 def to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
@@ -52,9 +55,15 @@ def to_status(error: errors.CofferError) -> grpc.Status:
     detail = any_pb2.Any()
     detail.Pack(info)
     code = status_codes[error.category]
-    return rpc_status.to_status(
+    status = rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     )
+    if error.replayed:
+        # A named tuple, for all its type says.
+        return status._replace(  # type: ignore[attr-defined,no-any-return]
+            trailing_metadata=(*status.trailing_metadata, *replayed_metadata)
+        )
+    return status
 
 
 internal_error = errors.Internal("internal error; see the server log")

@@ -10,18 +10,22 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
 
+from coffer.clients.caller import caller_metadata_key
 from coffer.server.app import Server, Settings
 from coffer.server.embedded import EmbeddedPostgres
 
 TEMPLATE_DATABASE = "coffer_template"
+# The caller the tests' raw channels name on every call that names none.
+CALLER = "tests"
 
 _database_numbers = itertools.count(1)
 
@@ -33,6 +37,8 @@ def postgres_cluster() -> Iterator[EmbeddedPostgres]:
     Its `dsn` is the `postgres` database, for administration.
     """
     directory = Path(tempfile.mkdtemp(prefix="coffer-tests-"))
+    # As root the cluster runs as a system user, which must get through this directory.
+    directory.chmod(0o711)
     try:
         cluster = EmbeddedPostgres(directory / "postgres", durable=False, database="postgres")
         with cluster:
@@ -97,7 +103,37 @@ async def server(database_url: str) -> AsyncIterator[Server]:
         await running.stop()
 
 
+class NamesCaller(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Sends `coffer-caller: <caller>` with every call that does not send one itself, as every
+    client of Coffer does (the server refuses writes without it)."""
+
+    def __init__(self, caller: str = CALLER) -> None:
+        self.caller = caller
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        if caller_metadata_key not in metadata:
+            metadata.add(caller_metadata_key, self.caller)
+        return await continuation(details._replace(metadata=metadata), request)
+
+
+def insecure_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    """A channel to `target` that names the tests' caller."""
+    return grpc.aio.insecure_channel(target, options=options, interceptors=[NamesCaller()])
+
+
+@pytest.fixture
+def open_channel() -> Callable[..., grpc.aio.Channel]:
+    """Opens channels that name the tests' caller, for tests that start servers of their own."""
+    return insecure_channel
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def channel(server: Server) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+    async with insecure_channel(f"127.0.0.1:{server.port}") as opened:
         yield opened

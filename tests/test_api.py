@@ -4,7 +4,7 @@ stubs. Each RPC, each error reason with its status code, and bad input for every
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -615,12 +615,14 @@ async def test_idempotency(api: Api, channel: grpc.aio.Channel) -> None:
     )
 
 
-async def test_replay_after_restart(database_url: str) -> None:
+async def test_replay_after_restart(
+    database_url: str, open_channel: Callable[[str], grpc.aio.Channel]
+) -> None:
     settings = Settings(database_url=database_url, listen="127.0.0.1:0")
     request = transfers_pb2.CreditRequest(idempotency_key="restart-1", amount=25)
     server = await Server.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
             api = Api(channel)
             await api.setup_units()
             request.wallet_id = await api.wallet()
@@ -629,7 +631,7 @@ async def test_replay_after_restart(database_url: str) -> None:
         await server.stop()
     server = await Server.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
             api = Api(channel)
             again = await api.transfers.Credit(request)
             assert again == first
@@ -813,7 +815,9 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     assert await api.balance(wallet) == (100, 0, 100)
 
 
-async def test_a_lapsed_hold_frees_its_money_before_the_sweep(database_url: str) -> None:
+async def test_a_lapsed_hold_frees_its_money_before_the_sweep(
+    database_url: str, open_channel: Callable[[str], grpc.aio.Channel]
+) -> None:
     import asyncio
 
     settings = Settings(
@@ -821,7 +825,7 @@ async def test_a_lapsed_hold_frees_its_money_before_the_sweep(database_url: str)
     )
     server = await Server.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
             api = Api(channel)
             await api.setup_units()
             wallet = await api.funded(100)

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import grpc
@@ -189,10 +189,10 @@ async def test_a_batch_that_failed_as_a_whole_ends_with_its_status(
 
 
 async def test_a_lost_database_is_unavailable_and_a_batch_call_says_so(
-    proxied: tuple[Server, Proxy],
+    proxied: tuple[Server, Proxy], open_channel: Callable[..., grpc.aio.Channel]
 ) -> None:
     server, proxy = proxied
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    async with open_channel(f"127.0.0.1:{server.port}") as channel:
         api = Api(channel)
         await api.setup_units()
         wallet = await api.funded(1000)

@@ -48,7 +48,9 @@ def test_settings_are_bounded_by_what_they_feed(changes: dict[str, float], setti
     assert str(raised.value).startswith(f"{setting} must ")
 
 
-async def test_concurrent_groups_past_the_ledger_maximum_are_split(database_url: str) -> None:
+async def test_concurrent_groups_past_the_ledger_maximum_are_split(
+    database_url: str, open_channel: Callable[..., grpc.aio.Channel]
+) -> None:
     # The largest coalesced batch the ledger takes, and two calls that together pass it.
     settings = Settings(
         database_url=database_url, listen="127.0.0.1:0", batch_size_max=batch_operations_max
@@ -57,7 +59,7 @@ async def test_concurrent_groups_past_the_ledger_maximum_are_split(database_url:
     assert 2 * size > batch_operations_max
     server = await Server.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
             api = Api(channel)
             await api.setup_units()
             wallet = await api.wallet()
@@ -190,11 +192,13 @@ def credit(wallet_id: int, note: str = "") -> transfers_pb2.CreditRequest:
     )
 
 
-async def test_calls_past_calls_max_are_overloaded_with_a_retry_hint(database_url: str) -> None:
+async def test_calls_past_calls_max_are_overloaded_with_a_retry_hint(
+    database_url: str, open_channel: Callable[..., grpc.aio.Channel]
+) -> None:
     settings = Settings(database_url=database_url, listen="127.0.0.1:0", calls_max=4)
     server = await Server.start(settings)
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        async with open_channel(f"127.0.0.1:{server.port}") as channel:
             api = Api(channel)
             await api.setup_units()
             wallet = await api.wallet()
@@ -218,11 +222,11 @@ async def test_calls_past_calls_max_are_overloaded_with_a_retry_hint(database_ur
         await server.stop()
 
 
-async def test_large_requests_cannot_shut_out_small_ones(server: Server, database_url: str) -> None:
+async def test_large_requests_cannot_shut_out_small_ones(
+    server: Server, database_url: str, open_channel: Callable[..., grpc.aio.Channel]
+) -> None:
     # The answers echo the notes: larger than gRPC's default 4 MB.
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{server.port}", options=[("grpc.max_receive_message_length", 2**26)]
-    )
+    channel = open_channel(f"127.0.0.1:{server.port}", [("grpc.max_receive_message_length", 2**26)])
     async with channel:
         api = Api(channel)
         await api.setup_units()

@@ -37,7 +37,7 @@ async def ledger_and_wallet(database_url: str) -> AsyncIterator[tuple[Ledger, in
     try:
         ledger = Ledger(pool)
         await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro"))
-        wallet = await ledger.create_wallet(
+        wallet, _ = await ledger.create_wallet(
             NewWallet(idempotency_key="w", owner_id="o", owner_kind=OwnerKind.customer, unit="EUR")
         )
         yield ledger, wallet.id
@@ -128,7 +128,7 @@ async def locked(database_url: str, wallet_id: int) -> AsyncIterator[None]:
 async def other_wallet(ledger: Ledger, name: str) -> int:
     """A customer wallet that may go below zero: transfers from it need no funding (which,
     as credits, would lock the unit's operator wallet, as the locked batch does)."""
-    wallet = await ledger.create_wallet(
+    wallet, _ = await ledger.create_wallet(
         NewWallet(
             idempotency_key=name,
             owner_id=name,

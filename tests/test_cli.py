@@ -318,6 +318,8 @@ async def test_refusals_print_one_line_and_exit_1(cli: Cli) -> None:
         ["hold"],
         ["balance", "7", "--deadline", "0"],
         ["--caller", "", "balance", "7"],
+        ["--caller", "@coffer", "balance", "7"],
+        ["--caller", "x" * 129, "balance", "7"],
     ],
 )
 async def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -352,3 +354,30 @@ async def test_console_script(server: Server) -> None:
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
     assert process.returncode == 0, err
     assert out.decode() == "SERVING\n"
+
+
+async def test_module_runs_every_command_it_defines(cli: Cli, server: Server) -> None:
+    """`python -m coffer.clients.cli`, a separate process: its commands reach the helpers
+    defined after `main`."""
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    wallet_id = await cli.wallet("ada")
+    (credited,) = await cli.ok("credit", str(wallet_id), "700", "--reference", "inv-9")
+    credit_id = number(r"transfer (\d+)  credit", credited)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coffer.clients.cli",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "history",
+        str(wallet_id),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert (process.returncode, err.decode()) == (0, "")
+    header, row = out.decode().splitlines()
+    assert header == "ID  TIME (UTC)           KIND    AMOUNT  UNIT  WALLET  REFERENCE  NOTE"
+    fields = row.split()
+    assert fields[0] == str(credit_id)
+    assert fields[3:] == ["credit", "+700", "EUR", "1", "inv-9"]

@@ -474,6 +474,13 @@ def test_client_arguments_are_checked() -> None:
         Client(caller="")
     with pytest.raises(ValueError, match="caller"):
         Client(caller="naïve")
+    with pytest.raises(ValueError, match="caller"):
+        Client(caller="x" * 129)
+    with pytest.raises(ValueError, match="caller"):
+        Client(caller="shop backend")
+    with pytest.raises(ValueError, match="caller must not start with '@'"):
+        Client(caller="@coffer")
+    assert Client(caller="x" * 128).caller == "x" * 128
     with pytest.raises(ValueError, match="retries_max"):
         Client(retries_max=11)
     with pytest.raises(ValueError, match="timeout_s"):

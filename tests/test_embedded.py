@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -15,6 +17,8 @@ import asyncpg
 import pytest
 
 from coffer.server.embedded import (
+    LEDGER_ROLE,
+    SUPERUSER,
     SYSTEM_USER,
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -28,6 +32,7 @@ def scratch_dir() -> Iterator[Path]:
     # Not pytest's tmp_path: pytest keeps its base directory private (0700), so as root the
     # cluster's system user could not reach a data directory there.
     directory = Path(tempfile.mkdtemp(prefix="coffer-embedded-test-"))
+    directory.chmod(0o711)
     try:
         yield directory
     finally:
@@ -186,3 +191,101 @@ def test_default_data_dir(monkeypatch: pytest.MonkeyPatch) -> None:
         assert default_data_dir() == Path("/var/lib/coffer")
     else:
         assert default_data_dir() == Path("/xdg/coffer")
+
+
+async def test_the_ledger_role_owns_its_database_and_is_no_superuser(scratch_dir: Path) -> None:
+    with EmbeddedPostgres(scratch_dir / "postgres", durable=False) as cluster:
+        connection = await asyncpg.connect(cluster.ledger_dsn)
+        try:
+            role = await connection.fetchrow(
+                "select rolname, rolsuper, rolcreatedb, rolcreaterole from pg_roles"
+                " where rolname = current_user"
+            )
+            assert tuple(role) == (LEDGER_ROLE, False, False, False)
+            owner = await connection.fetchval(
+                "select datdba::regrole::text from pg_database where datname = current_database()"
+            )
+            assert owner == LEDGER_ROLE
+            # As the owner it can run migrations.
+            await connection.execute("create table notes (body text)")
+        finally:
+            await connection.close()
+        administration = await asyncpg.connect(cluster.dsn)
+        try:
+            rules = await administration.fetch(
+                "select type, auth_method, options from pg_hba_file_rules"
+            )
+        finally:
+            await administration.close()
+    # The unix socket, peer authentication, nothing else: no trust, no TCP.
+    assert [tuple(rule) for rule in rules] == [("local", "peer", ["map=coffer"])]
+
+
+async def test_a_database_of_an_earlier_version_is_handed_to_the_ledger_role(
+    scratch_dir: Path,
+) -> None:
+    data_dir = scratch_dir / "postgres"
+    with EmbeddedPostgres(data_dir, durable=False) as cluster:
+        # As left by a version that ran the ledger as the superuser.
+        administration = await asyncpg.connect(cluster.dsn)
+        try:
+            await administration.execute(
+                "create table old (id bigint generated always as identity)"
+            )
+            await administration.execute("alter database coffer owner to postgres")
+        finally:
+            await administration.close()
+    with EmbeddedPostgres(data_dir, durable=False) as cluster:
+        connection = await asyncpg.connect(cluster.ledger_dsn)
+        try:
+            await connection.execute("insert into old default values")
+            owners = await connection.fetch(
+                "select relowner::regrole::text from pg_class"
+                " where relnamespace = 'public'::regnamespace"
+            )
+            database_owner = await connection.fetchval(
+                "select datdba::regrole::text from pg_database where datname = current_database()"
+            )
+        finally:
+            await connection.close()
+    assert {row[0] for row in owners} == {LEDGER_ROLE}
+    assert database_owner == LEDGER_ROLE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another user")
+def test_as_root_only_this_processes_user_gets_in(scratch_dir: Path) -> None:
+    with EmbeddedPostgres(scratch_dir / "postgres", durable=False) as cluster:
+        socket_dir = parse_qs(urlsplit(cluster.dsn).query)["host"][0]
+        for role in (SUPERUSER, LEDGER_ROLE):
+            # The cluster's own system user, for one, is not this process's user.
+            psql = [str(cluster.bin_dir / "psql"), "--no-psqlrc", f"--host={socket_dir}"]
+            completed = subprocess.run(
+                [*psql, f"--username={role}", "--dbname=coffer", "--command=select 1"],
+                capture_output=True,
+                text=True,
+                cwd="/",
+                user=SYSTEM_USER,
+                timeout=30,
+            )
+            assert completed.returncode != 0
+            assert "Peer authentication failed" in completed.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another user")
+def test_as_root_directories_it_does_not_own_are_left_alone(scratch_dir: Path) -> None:
+    private = scratch_dir / "private"
+    private.mkdir(mode=0o700)
+    with pytest.raises(EmbeddedPostgresError, match=f"{private} .*mode 700"):
+        EmbeddedPostgres(private / "coffer" / "postgres", durable=False).start()
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    assert list(private.iterdir()) == []
+
+    # Directories it creates on the way belong to the cluster's user.
+    data_dir = scratch_dir / "new" / "coffer" / "postgres"
+    with EmbeddedPostgres(data_dir, durable=False):
+        pass
+    system_user = pwd.getpwnam(SYSTEM_USER)
+    for created in (scratch_dir / "new", scratch_dir / "new" / "coffer", data_dir):
+        status = created.stat()
+        assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (system_user.pw_uid, 0o700)
+    assert stat.S_IMODE(scratch_dir.stat().st_mode) == 0o711

@@ -56,7 +56,7 @@ async def ledger(database_url: str) -> AsyncIterator[Ledger]:
 async def wallet(
     ledger: Ledger, unit: str = "EUR", kind: OwnerKind = OwnerKind.customer, minimum: int = 0
 ) -> int:
-    created = await ledger.create_wallet(
+    created, _ = await ledger.create_wallet(
         NewWallet(
             idempotency_key=key(),
             owner_id=f"owner-{next(_keys)}",
@@ -329,7 +329,9 @@ async def test_idempotency(ledger: Ledger) -> None:
             Credit(idempotency_key="dup", wallet_id=customer, amount=6),
         ]
     )
-    assert isinstance(outcomes[0], Applied) and outcomes[1] == outcomes[0]
+    assert isinstance(outcomes[0], Applied) and isinstance(outcomes[1], Applied)
+    assert not outcomes[0].replayed and outcomes[1].replayed
+    assert outcomes[1].transfers == outcomes[0].transfers
     assert isinstance(outcomes[2], errors.IdempotencyKeyReused)
     assert await balance(ledger, customer) == (26, 0)
 

@@ -86,6 +86,26 @@ def test_clients_import_neither_core_nor_server() -> None:
     assert not wrong, "clients/ must not import coffer.core or coffer.server:\n" + "\n".join(wrong)
 
 
+def test_the_caller_rule_is_defined_once() -> None:
+    """`coffer.clients.caller` holds the rule for callers; the server imports it, and it
+    imports only the standard library. The core may not import it, so it keeps a limit of its
+    own for what it receives: the same one. The core's own caller is one no client may use."""
+    from coffer.clients import caller
+    from coffer.core import ledger, model
+
+    found = [module for path, _, module in imports("clients") if path == "clients/caller.py"]
+    assert found
+    assert all(module.split(".")[0] in sys.stdlib_module_names for module in found), found
+    server_imports = {
+        module for path, _, module in imports("server") if path == "server/services.py"
+    }
+    assert "coffer.clients.caller" in server_imports
+    assert model.caller_length_max == caller.caller_length_max
+    assert ledger.system_caller.startswith(caller.caller_reserved_prefix)
+    with pytest.raises(ValueError):
+        caller.check_caller(ledger.system_caller)
+
+
 def test_generated_stubs_are_fresh() -> None:
     result = subprocess.run(
         [sys.executable, "scripts/gen_protos.py", "--check"],

@@ -1447,8 +1447,14 @@ class LedgerMachine(RuleBasedStateMachine):
                 else:
                     violations, postings = trial.step(item, self.now)
                 if violations:
+                    # The others fail with it; those after it that failed before keep
+                    # that answer.
                     results = [
-                        violations if other == member else {errors.LinkedOperationFailed}
+                        violations
+                        if other == member
+                        else {type(settled[other])}
+                        if other > member and settled.get(other) is not None
+                        else {errors.LinkedOperationFailed}
                         for other in chain
                     ]
                     break

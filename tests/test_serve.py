@@ -6,19 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coffer.clients.caller import caller_metadata_key
 from coffer.clients.v1 import units_pb2, units_pb2_grpc
 
 coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path, which is private (0700): as root the embedded cluster runs as a
+    # system user, which must get through the directories above its data.
+    directory = Path(tempfile.mkdtemp(prefix="coffer-serve-test-"))
+    directory.chmod(0o711)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def free_port() -> int:
@@ -66,17 +82,18 @@ async def health(target: str) -> int:
         return response.status
 
 
-async def test_serve_on_the_embedded_postgres(tmp_path: Path) -> None:
+async def test_serve_on_the_embedded_postgres(data_dir: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    environment = {"COFFER_DATA_DIR": str(tmp_path), "DATABASE_URL": ""}
+    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
     process, ready = await serve("--listen", target, environment=environment)
     try:
         assert f"serving on {target}" in ready and "embedded PostgreSQL" in ready
         assert await health(target) == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(target) as channel:
             await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
-                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2)
+                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2),
+                metadata=((caller_metadata_key, "tests"),),
             )
     finally:
         rest = await stop(process, signal.SIGTERM)
@@ -118,12 +135,49 @@ async def test_migrate(database_url: str) -> None:
     assert b"applied migrations none" in output
 
 
+async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
+    process, _ = await serve("--listen", target, environment=environment)
+    assert process.stdout is not None
+    output = asyncio.create_task(process.stdout.read())
+    try:
+        pid_file = data_dir / "postgres" / "postmaster.pid"
+        os.kill(int(pid_file.read_text().split("\n", 1)[0]), signal.SIGKILL)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        seen = []
+        async with grpc.aio.insecure_channel(target) as channel, asyncio.timeout(60):
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not_serving not in seen or seen[-1] != serving:
+                response = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+                if not seen or seen[-1] != response.status:
+                    seen.append(response.status)
+                await asyncio.sleep(0.05)
+            await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
+                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2), timeout=10
+            )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            log = (await output).decode()
+            assert await process.wait() == 0, log
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert not_serving in seen and seen[-1] == serving, log
+    # Each end of the outage logged once.
+    for said in ("died; starting it again", "runs again", "does not answer", "answers again"):
+        assert log.count(said) == 1, log
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--batch-size-max", "9000"], "--batch-size-max must be 1 to 8000"),
         (["--batch-size-max", "0"], "--batch-size-max must be 1 to 8000"),
-        (["--pool-size", "0"], "--pool-size must be 2 or more"),
+        (["--pool-size", "4", "--batch-workers", "3"], "--batch-workers must be 1 to half"),
         (["--queue-max", "10"], "--queue-max must be at least batch_size_max (1000)"),
         (["--batch-workers", "5"], "--batch-workers must be 1 to half of pool_size (8)"),
         (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 to 1000"),

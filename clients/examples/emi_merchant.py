@@ -34,6 +34,7 @@ def history_line(transfer: Transfer, wallet_id: int, unit: Unit) -> str:
 async def run(target: str) -> None:
     # One order of this shop; a real shop would take the order id from its own database.
     order = f"order-{uuid.uuid4().hex[:8]}"
+    # The client names this caller on every call; the server scopes idempotency keys to it.
     async with Client(target, caller="emi-example-shop") as coffer:
         try:
             eur = await coffer.create_unit(

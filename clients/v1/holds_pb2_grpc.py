@@ -28,7 +28,14 @@ if _version_not_supported:
 
 class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel):
@@ -61,7 +68,14 @@ class HoldServiceStub:
 
 class HoldServiceServicer:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def PlaceHold(self, request, context):
@@ -121,7 +135,14 @@ def add_HoldServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class HoldService:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @staticmethod

@@ -29,7 +29,14 @@ GRPC_VERSION: str
 
 class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -44,7 +51,14 @@ class HoldServiceStub:
 @_typing.type_check_only
 class HoldServiceAsyncStub(HoldServiceStub):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -55,7 +69,14 @@ class HoldServiceAsyncStub(HoldServiceStub):
 
 class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
-    posts all or part of it; a release, or the hold's expiry, gives it back.
+    posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
+    and replays work as on TransferService: a retry returns the first outcome, success or
+    refusal, marked `coffer-replayed: true`.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod

@@ -693,7 +693,10 @@ class OperationResult(_message.Message):
     HOLD_FIELD_NUMBER: _builtins.int
     AMOUNT_REMAINING_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     amount_remaining: _builtins.int
+    replayed: _builtins.bool
+    """True when this is the stored outcome of an earlier request with the same key."""
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transfer]:
         """Empty when the operation failed."""
@@ -709,10 +712,11 @@ class OperationResult(_message.Message):
         hold: _types_pb2.Hold | None = ...,
         amount_remaining: _builtins.int = ...,
         error: Global___OperationError | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hold", b"hold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_remaining", b"amount_remaining", "error", b"error", "hold", b"hold", "transfers", b"transfers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_remaining", b"amount_remaining", "error", b"error", "hold", b"hold", "replayed", b"replayed", "transfers", b"transfers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -816,6 +820,11 @@ class ListTransfersRequest(_message.Message):
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
+    """Empty for the first page; then the `next_page_token` of the page before, sent with the
+    same filters (wallet_id, kinds as a set, start_time, end_time, reference; page_size may
+    change). Tokens are opaque. Any other token (malformed, of another list, of other
+    filters) fails with INVALID_ARGUMENT (field `page_token`).
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.TransferKind.ValueType]:
         """Empty for all kinds."""
@@ -826,7 +835,9 @@ class ListTransfersRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Exclusive."""
+        """Exclusive: [start_time, end_time) is half-open. Equal to start_time is an empty range
+        (no transfers); before start_time fails with INVALID_ARGUMENT (field `end_time`).
+        """
 
     def __init__(
         self,
@@ -854,6 +865,7 @@ class ListTransfersResponse(_message.Message):
     TRANSFERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Empty on the last page."""
     @_builtins.property
     def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transfer]: ...
     def __init__(

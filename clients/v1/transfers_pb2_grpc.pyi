@@ -29,9 +29,26 @@ GRPC_VERSION: str
 
 class TransferServiceStub:
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata): a retry with the same key and request
-    returns the first result; the same key with another request fails with ALREADY_EXISTS
-    (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    is a new, reversing transfer.
+
+    Replays. A retry with the same key and the same request returns the first outcome, forever
+    (also after restarts), whether it was a success or a refusal:
+    - a success returns the same transfers (ids, amounts, times); fields that describe later
+      events (`voided_by_transfer_id`, a hold's status and resolution) show how they stand now;
+    - a refusal for a reason of state (NOT_FOUND, FAILED_PRECONDITION, ABORTED
+      LINKED_OPERATION_FAILED) returns the same status, reason and message, even when the state
+      has changed since and the request would now succeed: send a new key to try again;
+    - a request refused as INVALID_ARGUMENT never ran and is not kept: fix it and send it again
+      with the same key;
+    - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
+    A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
+    in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -56,9 +73,26 @@ class TransferServiceStub:
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata): a retry with the same key and request
-    returns the first result; the same key with another request fails with ALREADY_EXISTS
-    (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    is a new, reversing transfer.
+
+    Replays. A retry with the same key and the same request returns the first outcome, forever
+    (also after restarts), whether it was a success or a refusal:
+    - a success returns the same transfers (ids, amounts, times); fields that describe later
+      events (`voided_by_transfer_id`, a hold's status and resolution) show how they stand now;
+    - a refusal for a reason of state (NOT_FOUND, FAILED_PRECONDITION, ABORTED
+      LINKED_OPERATION_FAILED) returns the same status, reason and message, even when the state
+      has changed since and the request would now succeed: send a new key to try again;
+    - a request refused as INVALID_ARGUMENT never ran and is not kept: fix it and send it again
+      with the same key;
+    - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
+    A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
+    in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -79,9 +113,26 @@ class TransferServiceAsyncStub(TransferServiceStub):
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata): a retry with the same key and request
-    returns the first result; the same key with another request fails with ALREADY_EXISTS
-    (IDEMPOTENCY_KEY_REUSED). Nothing is edited or deleted: a void is a new, reversing transfer.
+    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    is a new, reversing transfer.
+
+    Replays. A retry with the same key and the same request returns the first outcome, forever
+    (also after restarts), whether it was a success or a refusal:
+    - a success returns the same transfers (ids, amounts, times); fields that describe later
+      events (`voided_by_transfer_id`, a hold's status and resolution) show how they stand now;
+    - a refusal for a reason of state (NOT_FOUND, FAILED_PRECONDITION, ABORTED
+      LINKED_OPERATION_FAILED) returns the same status, reason and message, even when the state
+      has changed since and the request would now succeed: send a new key to try again;
+    - a request refused as INVALID_ARGUMENT never ran and is not kept: fix it and send it again
+      with the same key;
+    - the same key with another request fails with ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED).
+    A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
+    in a batch, its result has `replayed` set.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod

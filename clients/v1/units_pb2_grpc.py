@@ -29,6 +29,11 @@ if _version_not_supported:
 class UnitServiceStub:
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel):
@@ -57,6 +62,11 @@ class UnitServiceStub:
 class UnitServiceServicer:
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def CreateUnit(self, request, context):
@@ -108,6 +118,11 @@ def add_UnitServiceServicer_to_server(servicer, server):
 class UnitService:
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @staticmethod

@@ -30,6 +30,11 @@ GRPC_VERSION: str
 class UnitServiceStub:
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_typing.overload
@@ -47,6 +52,11 @@ class UnitServiceStub:
 class UnitServiceAsyncStub(UnitServiceStub):
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -60,6 +70,11 @@ class UnitServiceAsyncStub(UnitServiceStub):
 class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
     """
 
     @_abc_1.abstractmethod

@@ -202,6 +202,11 @@ class ListWalletsRequest(_message.Message):
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
+    """Empty for the first page; then the `next_page_token` of the page before, sent with the
+    same filters (owner_id, owner_kind, unit; page_size may change). Tokens are opaque. Any
+    other token (malformed, of another list, of other filters) fails with INVALID_ARGUMENT
+    (field `page_token`).
+    """
     def __init__(
         self,
         *,

@@ -27,7 +27,13 @@ if _version_not_supported:
 
 
 class WalletServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -63,7 +69,13 @@ class WalletServiceStub:
 
 
 class WalletServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
 
     def CreateWallet(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -135,7 +147,13 @@ def add_WalletServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WalletService:
-    """Missing associated documentation comment in .proto file."""
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
 
     @staticmethod
     def CreateWallet(request,

@@ -28,6 +28,14 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WalletServiceStub:
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
@@ -44,6 +52,14 @@ class WalletServiceStub:
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.CreateWalletRequest, _wallets_pb2.CreateWalletResponse]  # type: ignore[assignment]
     GetWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.GetWalletRequest, _wallets_pb2.GetWalletResponse]  # type: ignore[assignment]
@@ -56,6 +72,14 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Wallets: each holds one unit, for one owner.
+
+    Callers: every call that writes (all but Get… and List…) names its caller in the
+    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
+    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
+    caller they send is checked the same way.
+    """
+
     @_abc_1.abstractmethod
     def CreateWallet(
         self,

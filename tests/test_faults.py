@@ -1,0 +1,730 @@
+"""Faults: the database lost, stalled or restarted, and the server killed.
+
+The ledger's boundary first, on the shared test cluster: a lost connection is UNAVAILABLE
+(retryable), and the pool recovers; an error that is not about the connection stays what it
+is (a bug); statement and lock timeouts fail calls fast; queries cannot take the connections
+writes need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coffer.clients.caller import caller_metadata_key
+from coffer.clients.v1 import (
+    transfers_pb2,
+    transfers_pb2_grpc,
+    types_pb2,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+from coffer.core import errors
+from coffer.core.ledger import Ledger, create_pool
+from coffer.core.model import Credit, NewWallet, OwnerKind, Unit, UnitKind
+from coffer.server.app import Server, Settings
+from coffer.server.embedded import LEDGER_ROLE, EmbeddedPostgres, supervise
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def administration(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, beside the ledger's."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def new_wallet(ledger: Ledger) -> int:
+    await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro", scale=2))
+    created, _ = await ledger.create_wallet(
+        NewWallet(idempotency_key="w", owner_id="o", owner_kind=OwnerKind.customer, unit="EUR")
+    )
+    return created.id
+
+
+async def blocked_backend(administration: asyncpg.Connection) -> int:
+    """The pid of the ledger's backend that waits for the lock the test holds."""
+    async with asyncio.timeout(10):
+        while True:
+            pid = await administration.fetchval(
+                "select pid from pg_stat_activity where wait_event_type = 'Lock'"
+            )
+            if pid is not None:
+                return int(pid)
+            await asyncio.sleep(0.02)
+
+
+async def test_a_lost_connection_is_unavailable_and_the_pool_recovers(
+    database_url: str, administration: asyncpg.Connection
+) -> None:
+    pool = await create_pool(database_url, size_max=1)
+    try:
+        ledger = Ledger(pool)
+        wallet_id = await new_wallet(ledger)
+        async with administration.transaction():
+            await administration.execute("lock table wallets in access exclusive mode")
+            reading = asyncio.create_task(ledger.get_wallet(wallet_id))
+            pid = await blocked_backend(administration)
+            await administration.execute("select pg_terminate_backend($1)", pid)
+            with pytest.raises(errors.Unavailable) as raised:
+                await reading
+        assert raised.value.retryable
+        assert (await ledger.get_wallet(wallet_id)).id == wallet_id
+    finally:
+        await pool.close()
+
+
+async def test_other_database_errors_are_not_unavailable(database_url: str) -> None:
+    pool = await create_pool(database_url, size_max=1)
+    try:
+        # A value the driver cannot encode is a bug of the caller, not an outage.
+        with pytest.raises(asyncpg.DataError):
+            await Ledger(pool).get_wallet(2**63)
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("statement_timeout_s", "lock_timeout_s"), [(30.0, 0.3), (0.3, 30.0)], ids=["lock", "statement"]
+)
+async def test_a_call_waiting_past_a_timeout_is_unavailable(
+    database_url: str,
+    administration: asyncpg.Connection,
+    statement_timeout_s: float,
+    lock_timeout_s: float,
+) -> None:
+    pool = await create_pool(
+        database_url,
+        size_max=1,
+        statement_timeout_s=statement_timeout_s,
+        lock_timeout_s=lock_timeout_s,
+    )
+    try:
+        ledger = Ledger(pool)
+        wallet_id = await new_wallet(ledger)
+        async with administration.transaction():
+            await administration.execute("lock table wallets in access exclusive mode")
+            started = time.monotonic()
+            with pytest.raises(errors.Unavailable, match="in time"):
+                await ledger.get_wallet(wallet_id)
+            waited_s = time.monotonic() - started
+        assert 0.3 <= waited_s < 5
+        # The connection is usable again (or replaced).
+        assert (await ledger.get_wallet(wallet_id)).id == wallet_id
+    finally:
+        await pool.close()
+
+
+async def test_queries_cannot_take_the_connections_of_writes(database_url: str) -> None:
+    pool = await create_pool(database_url, size_max=2)
+    read_pool = await create_pool(database_url, size_max=1)
+    try:
+        ledger = Ledger(pool, read_pool=read_pool, acquire_timeout_s=0.5)
+        wallet_id = await new_wallet(ledger)
+        # Every connection for queries is busy (as with long history scans).
+        async with read_pool.acquire():
+            [applied] = await ledger.apply(
+                [Credit(idempotency_key="c", wallet_id=wallet_id, amount=100)]
+            )
+            assert not isinstance(applied, errors.CofferError), applied
+            # A query waits for a connection at most the acquire timeout.
+            with pytest.raises(errors.Unavailable, match="in time"):
+                await ledger.get_wallet(wallet_id)
+        assert (await ledger.get_wallet(wallet_id)).balance.posted == 100
+    finally:
+        await ledger.close()
+
+
+# Faults under load -------------------------------------------------------------------------------
+#
+# Each against a cluster of this module's own (durable, so that a killed postmaster loses
+# nothing it acknowledged) and a real server: a few clients send credits, debits and transfers,
+# each with its own idempotency key, sent once; the fault strikes; the load goes on until calls
+# have succeeded again for a while. Then the journal must hold every acknowledged operation
+# exactly once, and every operation sent again with its key must succeed (the acknowledged ones
+# with their first answer), after which every key is stored once and the books balance.
+#
+# Each prints one line of figures: acknowledged operations, lost (acknowledged but not in the
+# journal) and doubled (a key stored twice), INTERNAL answers, failed calls (all UNAVAILABLE),
+# recovery (seconds from the fault, or from SIGCONT for a pause, until calls stopped failing),
+# how long health was not SERVING, the slowest call from the fault on, and how many operations
+# were sent again.
+
+caller = "fault-load"
+clients_count = 4
+wallets_count = 6
+# Far more than the load debits: no operation is refused, so each success is one transfer.
+balance_opening = 10**12
+amount_max = 100
+call_timeout_s = 15.0
+failure_pause_s = 0.05
+client_pause_s = 0.002
+load_before_fault_s = 1.0
+# Recovered: calls have succeeded, and none failed, for this long.
+calm_s = 1.0
+recovery_s_max = 60.0
+health_poll_s = 0.05
+resend_concurrency = 16
+resend_attempts_max = 20
+pause_s = 4.0
+# (c): a short statement timeout, and the bound on any call while the database is paused.
+paused_statement_timeout_s = 1.0
+paused_call_s_max = 3 * paused_statement_timeout_s + 0.5
+
+# Clients come back as soon as a server listens again.
+channel_options = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+]
+coffer = str(Path(sys.executable).parent / "coffer")
+
+_databases = itertools.count(1)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Attempt:
+    key: str
+    method: str
+    request: Any
+    code: grpc.StatusCode
+    transfer_id: int | None
+    started_s: float
+    finished_s: float
+
+
+@dataclass
+class Figures:
+    acknowledged: int = 0
+    failed: int = 0
+    lost: int = 0
+    doubled: int = 0
+    internal: int = 0
+    recovery_s: float = 0.0
+    not_serving_s: float = 0.0
+    call_s_max: float = 0.0
+    resent: int = 0
+
+    def line(self, fault: str) -> str:
+        return (
+            f"fault {fault}: acknowledged {self.acknowledged}, lost {self.lost}, "
+            f"doubled {self.doubled}, INTERNAL {self.internal}, failed (UNAVAILABLE) "
+            f"{self.failed}, recovery {self.recovery_s:.1f} s, health not SERVING "
+            f"{self.not_serving_s:.1f} s, slowest call {self.call_s_max:.1f} s, "
+            f"resent {self.resent}: all converged"
+        )
+
+
+@pytest.fixture(scope="module")
+def fault_cluster() -> Iterator[EmbeddedPostgres]:
+    directory = Path(tempfile.mkdtemp(prefix="coffer-faults-"))
+    # As root the cluster runs as a system user, which must get through this directory.
+    directory.chmod(0o711)
+    try:
+        with EmbeddedPostgres(directory / "postgres", durable=True) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def fault_database(fault_cluster: EmbeddedPostgres) -> str:
+    """A fresh database of the fault cluster, owned by the ledger's role; its name."""
+    name = f"faults_{next(_databases)}"
+    administration = await asyncpg.connect(fault_cluster.dsn)
+    try:
+        await administration.execute(f'create database "{name}" owner "{LEDGER_ROLE}"')
+    finally:
+        await administration.close()
+    return name
+
+
+def postgres_processes(cluster: EmbeddedPostgres) -> list[int]:
+    """The postmaster and its children."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    children = []
+    for entry in os.scandir("/proc"):
+        with contextlib.suppress(OSError, IndexError):
+            if entry.name.isdigit():
+                status = Path(f"/proc/{entry.name}/stat").read_text()
+                if status.rsplit(")", 1)[1].split()[1] == str(postmaster):
+                    children.append(int(entry.name))
+    return [postmaster, *children]
+
+
+class Load:
+    """Clients sending operations, each once, until stopped; and a watch on health."""
+
+    def __init__(self, channel: grpc.aio.Channel, wallet_ids: list[int], fault: str) -> None:
+        self.stub = transfers_pb2_grpc.TransferServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+        self.wallet_ids = wallet_ids
+        self.fault = fault
+        self.attempts: list[Attempt] = []
+        # (time, status name): each change of what health answers.
+        self.health_seen: list[tuple[float, str]] = []
+        self._stopping = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._client(number)) for number in range(clients_count)]
+        self._tasks.append(asyncio.create_task(self._watch_health()))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
+
+    def operation(self, random: Random, key: str) -> tuple[str, Any]:
+        source, target = random.sample(self.wallet_ids, 2)
+        amount = random.randint(1, amount_max)
+        method = random.choice(["Credit", "Debit", "Transfer"])
+        if method == "Credit":
+            return method, transfers_pb2.CreditRequest(
+                idempotency_key=key, wallet_id=target, amount=amount
+            )
+        if method == "Debit":
+            return method, transfers_pb2.DebitRequest(
+                idempotency_key=key, wallet_id=source, amount=amount
+            )
+        return method, transfers_pb2.TransferRequest(
+            idempotency_key=key, source_wallet_id=source, target_wallet_id=target, amount=amount
+        )
+
+    async def send(self, method: str, request: Any) -> tuple[grpc.StatusCode, int | None]:
+        try:
+            response = await getattr(self.stub, method)(
+                request, metadata=((caller_metadata_key, caller),), timeout=call_timeout_s
+            )
+        except grpc.aio.AioRpcError as error:
+            return error.code(), None
+        return grpc.StatusCode.OK, response.transfer.id
+
+    async def _client(self, number: int) -> None:
+        random = Random(f"{self.fault}-{number}")
+        for sequence in itertools.count():
+            if self._stopping.is_set():
+                return
+            method, request = self.operation(random, f"{self.fault}-{number}-{sequence}")
+            started_s = time.monotonic()
+            code, transfer_id = await self.send(method, request)
+            self.attempts.append(
+                Attempt(
+                    request.idempotency_key,
+                    method,
+                    request,
+                    code,
+                    transfer_id,
+                    started_s,
+                    time.monotonic(),
+                )
+            )
+            await asyncio.sleep(client_pause_s if code == grpc.StatusCode.OK else failure_pause_s)
+
+    async def _watch_health(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                response = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+            except grpc.aio.AioRpcError as error:
+                status = f"unreachable ({error.code().name})"
+            if not self.health_seen or self.health_seen[-1][1] != status:
+                self.health_seen.append((time.monotonic(), status))
+            await asyncio.sleep(health_poll_s)
+
+    async def recovered(self) -> None:
+        """Until calls have succeeded, and none failed, for `calm_s`."""
+        async with asyncio.timeout(recovery_s_max):
+            while True:
+                await asyncio.sleep(0.1)
+                now_s = time.monotonic()
+                failures = [a.finished_s for a in self.attempts if a.code != grpc.StatusCode.OK]
+                calm_since_s = max(failures, default=0.0)
+                if now_s - calm_since_s >= calm_s and any(
+                    a.code == grpc.StatusCode.OK and a.started_s > calm_since_s
+                    for a in self.attempts
+                ):
+                    return
+
+    def not_serving_s(self) -> float:
+        """How long health answered anything but SERVING."""
+        total_s = 0.0
+        for (at_s, status), (until_s, _) in itertools.pairwise(
+            [*self.health_seen, (time.monotonic(), "")]
+        ):
+            if status != "SERVING":
+                total_s += until_s - at_s
+        return total_s
+
+
+async def set_up(channel: grpc.aio.Channel) -> list[int]:
+    metadata = ((caller_metadata_key, caller),)
+    await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
+        units_pb2.CreateUnitRequest(code="EUR", kind=types_pb2.UNIT_KIND_CURRENCY, name="Euro"),
+        metadata=metadata,
+        timeout=call_timeout_s,
+    )
+    wallets = wallets_pb2_grpc.WalletServiceStub(channel)
+    transfers = transfers_pb2_grpc.TransferServiceStub(channel)
+    wallet_ids = []
+    for number in range(wallets_count):
+        created = await wallets.CreateWallet(
+            wallets_pb2.CreateWalletRequest(
+                idempotency_key=f"wallet-{number}",
+                owner_id=f"owner-{number}",
+                owner_kind=types_pb2.OWNER_KIND_CUSTOMER,
+                unit="EUR",
+            ),
+            metadata=metadata,
+            timeout=call_timeout_s,
+        )
+        await transfers.Credit(
+            transfers_pb2.CreditRequest(
+                idempotency_key=f"opening-{number}",
+                wallet_id=created.wallet.id,
+                amount=balance_opening,
+            ),
+            metadata=metadata,
+            timeout=call_timeout_s,
+        )
+        wallet_ids.append(created.wallet.id)
+    return wallet_ids
+
+
+async def stored_keys(journal_dsn: str) -> dict[str, int]:
+    connection = await asyncpg.connect(journal_dsn)
+    try:
+        rows = await connection.fetch(
+            """
+            select idempotency_key, count(*) from transfers
+            where caller = $1 and idempotency_key is not null group by 1
+            """,
+            caller,
+        )
+    finally:
+        await connection.close()
+    return {row[0]: row[1] for row in rows}
+
+
+async def check_books(journal_dsn: str) -> None:
+    """Every unit sums to zero, and every wallet's balance is its transfers'."""
+    connection = await asyncpg.connect(journal_dsn)
+    try:
+        units = await connection.fetch(
+            "select unit, sum(posted), sum(pending) from wallets group by unit"
+        )
+        mismatched = await connection.fetch(
+            """
+            select w.id, w.posted, coalesce(sum(
+                case when t.target_wallet_id = w.id then t.amount else -t.amount end
+            ), 0) as net
+            from wallets w
+            left join transfers t on w.id in (t.source_wallet_id, t.target_wallet_id)
+            group by w.id, w.posted
+            having w.posted <> coalesce(sum(
+                case when t.target_wallet_id = w.id then t.amount else -t.amount end
+            ), 0)
+            """
+        )
+    finally:
+        await connection.close()
+    assert [tuple(row) for row in units] == [("EUR", 0, 0)]
+    assert mismatched == []
+
+
+async def exercise(
+    target: str,
+    journal_dsn: str,
+    fault: str,
+    strike: Callable[[], Awaitable[float]],
+) -> tuple[Figures, Load]:
+    """Runs the load on `target`, lets `strike` inject the fault (it returns the moment the
+    recovery is measured from), and checks what was stored and that retries converge."""
+    figures = Figures()
+    async with grpc.aio.insecure_channel(target, options=channel_options) as channel:
+        wallet_ids = await set_up(channel)
+        load = Load(channel, wallet_ids, fault)
+        try:
+            await asyncio.sleep(load_before_fault_s)
+            struck_s = time.monotonic()
+            recovering_s = await strike()
+            await load.recovered()
+        finally:
+            await load.stop()
+        attempts = load.attempts
+        failures = [a for a in attempts if a.code != grpc.StatusCode.OK]
+        figures.acknowledged = len(attempts) - len(failures)
+        figures.failed = len(failures)
+        figures.internal = sum(
+            a.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) for a in attempts
+        )
+        figures.recovery_s = max(
+            [a.finished_s - recovering_s for a in failures if a.finished_s > recovering_s],
+            default=0.0,
+        )
+        figures.call_s_max = max(
+            a.finished_s - a.started_s for a in attempts if a.finished_s >= struck_s
+        )
+        figures.not_serving_s = load.not_serving_s()
+        assert {a.code for a in failures} <= {grpc.StatusCode.UNAVAILABLE}, Counter(
+            a.code for a in failures
+        )
+
+        stored = await stored_keys(journal_dsn)
+        sent = {a.key for a in attempts}
+        assert set(stored) <= sent | {f"opening-{number}" for number in range(wallets_count)}
+        figures.lost = sum(
+            stored.get(a.key, 0) == 0 for a in attempts if a.code == grpc.StatusCode.OK
+        )
+        figures.doubled = sum(count > 1 for count in stored.values())
+
+        # Every operation sent again with its key: all succeed, the acknowledged ones with
+        # their first answer.
+        semaphore = asyncio.Semaphore(resend_concurrency)
+
+        async def resend(attempt: Attempt) -> tuple[grpc.StatusCode, int | None]:
+            async with semaphore:
+                for _ in range(resend_attempts_max):
+                    code, transfer_id = await load.send(attempt.method, attempt.request)
+                    if code != grpc.StatusCode.UNAVAILABLE:
+                        return code, transfer_id
+                    await asyncio.sleep(failure_pause_s)
+                return code, transfer_id
+
+        answers = await asyncio.gather(*(resend(attempt) for attempt in attempts))
+        figures.resent = len(answers)
+        figures.internal += sum(
+            code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) for code, _ in answers
+        )
+        assert Counter(code for code, _ in answers) == {grpc.StatusCode.OK: len(attempts)}
+        changed = [
+            a.key
+            for a, (_, transfer_id) in zip(attempts, answers, strict=True)
+            if a.code == grpc.StatusCode.OK and transfer_id != a.transfer_id
+        ]
+        assert changed == []
+    stored = await stored_keys(journal_dsn)
+    assert set(stored) == sent | {f"opening-{number}" for number in range(wallets_count)}
+    figures.doubled += sum(count > 1 for count in stored.values())
+    await check_books(journal_dsn)
+    return figures, load
+
+
+def report(capsys: pytest.CaptureFixture[str], fault: str, figures: Figures) -> None:
+    with capsys.disabled():
+        print(f"\n{figures.line(fault)}")
+    assert (figures.lost, figures.doubled, figures.internal) == (0, 0, 0), figures
+    assert figures.acknowledged > 0 and figures.failed > 0, figures
+
+
+def settings(database_url: str, **overrides: Any) -> Settings:
+    return Settings(
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        health_check_interval_s=0.5,
+        **overrides,
+    )
+
+
+def assert_outage_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    messages = [record.getMessage() for record in caplog.records]
+    started = [m for m in messages if m.startswith("the database does not answer")]
+    ended = [m for m in messages if m.startswith("the database answers again")]
+    sweep = [m for m in messages if m.startswith("the hold expiry sweep")]
+    assert len(started) == len(ended) == 1, messages
+    assert len(sweep) <= 2, sweep
+    assert not [r for r in caplog.records if r.exc_info], messages
+
+
+async def test_postgres_restarted_under_load(
+    fault_cluster: EmbeddedPostgres,
+    fault_database: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="coffer")
+    server = await Server.start(settings(fault_cluster.dsn_for(fault_database, role=LEDGER_ROLE)))
+    try:
+
+        async def strike() -> float:
+            struck_s = time.monotonic()
+            await asyncio.to_thread(fault_cluster.restart)
+            return struck_s
+
+        figures, load = await exercise(
+            f"127.0.0.1:{server.port}", fault_cluster.dsn_for(fault_database), "restart", strike
+        )
+    finally:
+        await server.stop()
+    report(capsys, "(a) PostgreSQL restarted", figures)
+    assert "NOT_SERVING" in {status for _, status in load.health_seen}, load.health_seen
+    assert load.health_seen[-1][1] == "SERVING", load.health_seen
+    assert_outage_logged_once(caplog)
+
+
+async def test_postgres_killed_under_load(
+    fault_cluster: EmbeddedPostgres,
+    fault_database: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="coffer")
+    server = await Server.start(settings(fault_cluster.dsn_for(fault_database, role=LEDGER_ROLE)))
+    # As `coffer serve` does with its embedded PostgreSQL: start it again when it dies.
+    supervisor = asyncio.create_task(supervise(fault_cluster))
+    try:
+
+        async def strike() -> float:
+            struck_s = time.monotonic()
+            os.kill(postgres_processes(fault_cluster)[0], signal.SIGKILL)
+            return struck_s
+
+        figures, load = await exercise(
+            f"127.0.0.1:{server.port}", fault_cluster.dsn_for(fault_database), "kill", strike
+        )
+    finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await server.stop()
+    report(capsys, "(b) PostgreSQL killed (kill -9), started again", figures)
+    assert "NOT_SERVING" in {status for _, status in load.health_seen}, load.health_seen
+    assert load.health_seen[-1][1] == "SERVING", load.health_seen
+    assert_outage_logged_once(caplog)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("died; starting it again" in message for message in messages) == 1, messages
+
+
+async def test_postgres_paused_under_load(
+    fault_cluster: EmbeddedPostgres,
+    fault_database: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="coffer")
+    server = await Server.start(
+        settings(
+            fault_cluster.dsn_for(fault_database, role=LEDGER_ROLE),
+            statement_timeout_s=paused_statement_timeout_s,
+            lock_timeout_s=paused_statement_timeout_s,
+        )
+    )
+    try:
+
+        async def strike() -> float:
+            processes = postgres_processes(fault_cluster)
+            for pid in processes:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(pause_s)
+            finally:
+                for pid in processes:
+                    os.kill(pid, signal.SIGCONT)
+            return time.monotonic()
+
+        figures, load = await exercise(
+            f"127.0.0.1:{server.port}", fault_cluster.dsn_for(fault_database), "pause", strike
+        )
+    finally:
+        await server.stop()
+    report(capsys, f"(c) PostgreSQL paused (SIGSTOP) for {pause_s:g} s", figures)
+    # Calls failed within about the timeout, not after the pause.
+    assert figures.call_s_max <= paused_call_s_max, figures
+    assert "NOT_SERVING" in {status for _, status in load.health_seen}, load.health_seen
+    assert load.health_seen[-1][1] == "SERVING", load.health_seen
+    assert_outage_logged_once(caplog)
+
+
+class ServeProcess:
+    """`coffer serve` as a process, its output drained as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._draining = asyncio.create_task(self._drain())
+
+    @classmethod
+    async def start(cls, target: str, database_url: str) -> ServeProcess:
+        process = await asyncio.create_subprocess_exec(
+            coffer,
+            "serve",
+            "--listen",
+            target,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "DATABASE_URL": database_url},
+        )
+        serving = cls(process)
+        async with asyncio.timeout(60):
+            while not any("serving on" in line for line in serving.lines):
+                assert not serving._draining.done(), "".join(serving.lines)
+                await asyncio.sleep(0.05)
+        return serving
+
+    async def _drain(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.lines.append(line.decode())
+
+    async def kill(self) -> None:
+        self.process.kill()
+        await self.process.wait()
+        await self._draining
+
+    async def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            assert await self.process.wait() == 0, "".join(self.lines)
+            await self._draining
+
+
+async def test_server_killed_under_load(
+    fault_cluster: EmbeddedPostgres, fault_database: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    database_url = fault_cluster.dsn_for(fault_database, role=LEDGER_ROLE)
+    servers = [await ServeProcess.start(target, database_url)]
+    try:
+
+        async def strike() -> float:
+            struck_s = time.monotonic()
+            await servers[0].kill()
+            servers.append(await ServeProcess.start(target, database_url))
+            return struck_s
+
+        figures, load = await exercise(
+            target, fault_cluster.dsn_for(fault_database), "server-kill", strike
+        )
+    finally:
+        for server in servers:
+            if server.process.returncode is None:
+                await server.stop()
+    report(capsys, "(d) server killed (kill -9), a new one started", figures)
+    assert load.health_seen[-1][1] == "SERVING", load.health_seen

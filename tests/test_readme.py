@@ -1,0 +1,87 @@
+"""The README's walkthrough, run as written: every `$ coffer …` line of its `console` blocks, in
+order, through the real `coffer` program against a server on a fresh database, printing what
+the README shows under it. Times (and only times) may differ."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from coffer.server.app import Server
+
+readme = Path(__file__).resolve().parent.parent / "README.md"
+command_timeout_s = 30.0
+_time = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+
+
+@dataclass(frozen=True)
+class Step:
+    line: int
+    command: str
+    output: list[str]
+
+
+def walkthrough() -> list[Step]:
+    """The commands of the README's console blocks, each with the lines shown under it."""
+    steps: list[Step] = []
+    inside = False
+    for number, text in enumerate(readme.read_text().splitlines(), start=1):
+        if text.startswith("```"):
+            inside = text == "```console"
+            continue
+        if not inside:
+            continue
+        if text.startswith("$ "):
+            steps.append(Step(number, text[2:], []))
+        else:
+            assert steps, f"README.md:{number}: output before any command"
+            steps[-1].output.append(text)
+    return steps
+
+
+def loose(lines: list[str]) -> list[str]:
+    return [_time.sub("<time>", line) for line in lines]
+
+
+def refused(step: Step) -> bool:
+    return bool(step.output) and step.output[0].startswith("error: ")
+
+
+def test_the_walkthrough_is_found_and_refuses_last() -> None:
+    steps = walkthrough()
+    assert len(steps) >= 15
+    assert all(shlex.split(step.command)[0] == "coffer" for step in steps), steps
+    # A refusal may use up a transfer id: after the first, nothing shows a transfer or hold id.
+    first = next(index for index, step in enumerate(steps) if refused(step))
+    for step in steps[first:]:
+        assert refused(step) or not any(
+            line.startswith(("transfer ", "hold ")) for line in step.output
+        ), f"README.md:{step.line}: ids after a refusal"
+
+
+async def test_the_walkthrough_runs_as_written(server: Server) -> None:
+    program = Path(sys.executable).parent / "coffer"
+    assert program.exists(), program
+    environment = {
+        name: value for name, value in os.environ.items() if not name.startswith("COFFER_")
+    }
+    environment["COFFER_TARGET"] = f"127.0.0.1:{server.port}"
+    for step in walkthrough():
+        argv = shlex.split(step.command)
+        process = await asyncio.create_subprocess_exec(
+            str(program),
+            *argv[1:],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=environment,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=command_timeout_s)
+        printed = out.decode().splitlines() + err.decode().splitlines()
+        where = f"README.md:{step.line}: $ {step.command}"
+        assert loose(printed) == loose(step.output), where
+        assert process.returncode == (1 if refused(step) else 0), (where, err.decode())
