@@ -155,7 +155,9 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
                     seen.append(response.status)
                 await asyncio.sleep(0.05)
             await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
-                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2), timeout=10
+                units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2),
+                metadata=((caller_metadata_key, "tests"),),
+                timeout=10,
             )
     finally:
         process.send_signal(signal.SIGTERM)
