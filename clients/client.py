@@ -9,7 +9,8 @@ Every call:
   `caller=`, "default" if not given; what a caller may be is `coffer.clients.caller`);
 - has a deadline, `timeout_s` from its start, which covers its retries too;
 - retries UNAVAILABLE and RESOURCE_EXHAUSTED (OVERLOADED) up to `retries_max` times with
-  exponential backoff and jitter, resending the same request, hence the same idempotency key;
+  exponential backoff and jitter (waiting at least the server's retry-after hint), resending
+  the same request, hence the same idempotency key;
 - raises the typed errors of `coffer.clients.errors`.
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
@@ -944,6 +945,8 @@ class Client:
             except grpc.RpcError as cause:
                 error = from_rpc_error(cause)
                 backoff_s = _backoff_s(attempt)
+                if isinstance(error, Overloaded) and error.retry_after_ms:
+                    backoff_s = max(backoff_s, error.retry_after_ms / 1000)
                 if (
                     not isinstance(error, Unavailable | Overloaded)
                     or attempt >= self.retries_max

@@ -8,6 +8,7 @@ Catch classes, never parse messages.
 
     CofferError                  .reason .code .message .field .retryable
     ├── InvalidArgument          bad input, named by .field              INVALID_ARGUMENT
+    │   └── MalformedRequest     the request's bytes did not decode
     ├── NotFound                                                         NOT_FOUND
     │   ├── UnitNotFound
     │   ├── WalletNotFound
@@ -23,11 +24,13 @@ Catch classes, never parse messages.
     ├── Aborted                                                          ABORTED
     │   └── LinkedOperationFailed   another operation of its linked chain failed
     ├── ResourceExhausted                                                RESOURCE_EXHAUSTED
-    │   └── Overloaded           the server's queue is full       (retryable)
+    │   └── Overloaded           the server has too much waiting (retryable; .retry_after_ms)
     ├── Unavailable              the server or its store can't be reached (retryable)
-    ├── DeadlineExceeded         no answer within the call's deadline     (retryable)
+    ├── DeadlineExceeded         no answer within the call's deadline, or the server
+    │                            dropped the operation unapplied when it passed (retryable)
     ├── Cancelled                                                        CANCELLED
-    └── Internal                 anything else: INTERNAL, UNKNOWN, UNIMPLEMENTED, …
+    └── Internal                 a server bug (details in its log), or any other code:
+                                 UNKNOWN, UNIMPLEMENTED, …
 
 `retryable` says whether sending the same request again, with the same idempotency key, may
 succeed. The client retries Unavailable and Overloaded itself, within the call's deadline.
@@ -47,6 +50,7 @@ from coffer.clients.v1 import transfers_pb2
 error_domain = "coffer.v1"
 status_details_metadata_key = "grpc-status-details-bin"
 field_metadata_key = "field"
+retry_after_ms_metadata_key = "retry_after_ms"
 # Trailing metadata of a replayed answer, success or error: "true".
 replayed_metadata_key = "coffer-replayed"
 
@@ -95,6 +99,10 @@ class CofferError(Exception):
 class InvalidArgument(CofferError):
     reason = "INVALID_ARGUMENT"
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
 
 
 class NotFound(CofferError):
@@ -202,6 +210,12 @@ class Overloaded(ResourceExhausted):
     reason = "OVERLOADED"
     retryable = True
 
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's hint: how long until a retry is likely to be admitted."""
+        value = self.metadata.get(retry_after_ms_metadata_key, "")
+        return int(value) if value.isdigit() else None
+
 
 class Unavailable(CofferError):
     reason = "UNAVAILABLE"
@@ -230,6 +244,7 @@ _error_by_reason: dict[str, type[CofferError]] = {
     error.reason: error
     for error in (
         InvalidArgument,
+        MalformedRequest,
         UnitNotFound,
         WalletNotFound,
         TransferNotFound,
@@ -250,7 +265,9 @@ _error_by_reason: dict[str, type[CofferError]] = {
         BalanceOverflow,
         LinkedOperationFailed,
         Overloaded,
+        DeadlineExceeded,
         Unavailable,
+        Internal,
     )
 }
 

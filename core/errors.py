@@ -6,12 +6,21 @@ says whether the same request may succeed if sent again unchanged.
 
     CofferError
     ├── InvalidArgument        bad input, named by field             (INVALID_ARGUMENT)
+    ├── MalformedRequest       request bytes that are not the message (INVALID_ARGUMENT)
     ├── NotFound               UnitNotFound, WalletNotFound, …       (NOT_FOUND)
     ├── AlreadyExists          IdempotencyKeyReused, UnitExists      (ALREADY_EXISTS)
     ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …   (FAILED_PRECONDITION)
     ├── LinkedOperationFailed  another operation of a linked chain failed (ABORTED)
-    ├── Overloaded             the batcher's queue is full           (RESOURCE_EXHAUSTED)
-    └── Unavailable            the store cannot be reached now       (UNAVAILABLE)
+    ├── Overloaded             too much is waiting already; with a retry-after hint
+    │                                                                (RESOURCE_EXHAUSTED)
+    ├── DeadlineExceeded       the caller's deadline passed before the operation ran
+    │                                                                (DEADLINE_EXCEEDED)
+    ├── Unavailable            the store cannot be reached now       (UNAVAILABLE)
+    └── Internal               a bug or an unknown failure; details only in the server's log
+                                                                     (INTERNAL)
+
+Only Overloaded, DeadlineExceeded and Unavailable are `retryable`: an unknown failure is not
+worth repeating blindly.
 """
 
 from __future__ import annotations
@@ -28,12 +37,14 @@ class Category(Enum):
     failed_precondition = "failed_precondition"
     aborted = "aborted"
     resource_exhausted = "resource_exhausted"
+    deadline_exceeded = "deadline_exceeded"
     unavailable = "unavailable"
+    internal = "internal"
 
 
 class CofferError(Exception):
     reason: ClassVar[str] = "INTERNAL"
-    category: ClassVar[Category] = Category.unavailable
+    category: ClassVar[Category] = Category.internal
     retryable: ClassVar[bool] = False
     # A refusal: the request was well-formed and ran, and the ledger's state said no. Refusals
     # are kept under the operation's idempotency key, so a retry gets the same answer.
@@ -59,6 +70,14 @@ class InvalidArgument(CofferError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+class MalformedRequest(CofferError):
+    """The request's bytes do not decode as its message (truncated, a varint too long,
+    invalid UTF-8 in a string): no field to name."""
+
+    reason = "MALFORMED_REQUEST"
+    category = Category.invalid_argument
 
 
 class NotFound(CofferError):
@@ -154,8 +173,23 @@ class LinkedOperationFailed(CofferError):
 
 
 class Overloaded(CofferError):
+    """Refused at once, before any work, because too much is waiting; `retry_after_ms` says
+    when trying again is likely to be admitted."""
+
     reason = "OVERLOADED"
     category = Category.resource_exhausted
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class DeadlineExceeded(CofferError):
+    """The operation waited past its caller's deadline and was dropped, not applied."""
+
+    reason = "DEADLINE_EXCEEDED"
+    category = Category.deadline_exceeded
     retryable = True
 
 
@@ -163,6 +197,11 @@ class Unavailable(CofferError):
     reason = "UNAVAILABLE"
     category = Category.unavailable
     retryable = True
+
+
+class Internal(CofferError):
+    reason = "INTERNAL"
+    category = Category.internal
 
 
 def refusal(reason: str, message: str) -> CofferError:
@@ -180,6 +219,6 @@ def reasons() -> dict[str, type[CofferError]]:
     while pending:
         error = pending.pop()
         pending.extend(error.__subclasses__())
-        if error.reason != "INTERNAL" and error.__subclasses__() == []:
+        if error.__subclasses__() == []:
             found[error.reason] = error
     return found

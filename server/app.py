@@ -28,44 +28,63 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from coffer.clients.v1 import (
-    holds_pb2,
-    holds_pb2_grpc,
-    transfers_pb2,
-    transfers_pb2_grpc,
-    units_pb2,
-    units_pb2_grpc,
-    wallets_pb2,
-    wallets_pb2_grpc,
-)
+from coffer.clients.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 from coffer.core import errors
 from coffer.core.ledger import (
     Ledger,
+    batch_operations_max,
     create_pool,
     lock_timeout_s_default,
     ping,
+    pool_size_max,
     statement_timeout_s_default,
+    timeout_s_max,
 )
 from coffer.core.migrate import migrate
 
-from . import services
+from . import admission, services
 from .batcher import Batcher
 
 logger = logging.getLogger(__name__)
 
-message_bytes_max = 64 * 1024 * 1024
-concurrent_calls_max = 1024
+# The largest answer: a page of transfers, or a batch's results, with their metadata.
+response_bytes_max = 64 * 1024 * 1024
+# gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
+# first, with OVERLOADED and a retry-after hint; gRPC's refusals carry no ErrorInfo. Calls the
+# server runs at once (past them, RESOURCE_EXHAUSTED), and calls arrived but not yet taken by
+# the event loop before gRPC starts refusing some of them (CANCELLED):
+grpc_calls_factor = 2
+# Calls at once on one connection (past them, callers wait, and calls racing in as others
+# end are refused with UNAVAILABLE), and calls not yet taken before gRPC refuses them all:
+grpc_streams_factor = 4
 
-service_names = (
-    units_pb2.DESCRIPTOR.services_by_name["UnitService"].full_name,
-    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name,
-    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"].full_name,
-    holds_pb2.DESCRIPTOR.services_by_name["HoldService"].full_name,
+services_described = (
+    units_pb2.DESCRIPTOR.services_by_name["UnitService"],
+    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"],
+    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
+    holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
 )
+service_names = tuple(service.full_name for service in services_described)
+
+
+# The longest a small batch may wait for more operations (the batcher's own bound).
+batch_wait_ms_max = 1000
+
+
+class SettingsError(ValueError):
+    """A setting out of the bounds of what it feeds; `setting` names it."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
+    """What a server runs with; checked when made (SettingsError), so a bad value stops the
+    server at start with a clear message rather than failing calls later."""
+
     database_url: str
     listen: str = "127.0.0.1:50051"
     # Connections to PostgreSQL for writes: batches in flight at once, units, wallets.
@@ -77,10 +96,19 @@ class Settings:
     # free connection.
     statement_timeout_s: float = statement_timeout_s_default
     lock_timeout_s: float = lock_timeout_s_default
+    # Operations coalesced into one batch: at most the ledger's batch_operations_max.
     batch_size_max: int = 1000
     batch_wait_ms: float = 0.0
+    # Operations waiting for a batch: at least one batch of them.
     queue_max: int = 50_000
+    # Coalesced batches at once, when there is a backlog, of single calls and of batch calls
+    # each (each batch on a connection of its own): at most half of pool_size.
     batch_workers: int = 2
+    # Request bytes in progress at once (decoded, queued or being applied), and calls: past
+    # either, calls are refused with OVERLOADED before their request is decoded. At least two
+    # of the largest requests (one of them kept for single calls and reads).
+    queued_bytes_max: int = 16 * 1024 * 1024
+    calls_max: int = 4096
     # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
     # connections among them).
     reuse_port: bool = False
@@ -88,6 +116,61 @@ class Settings:
     health_check_interval_s: float = 1.0
     health_check_timeout_s: float = 1.0
     shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("pool_size", 2 <= self.pool_size <= pool_size_max, f"must be 2 to {pool_size_max}"),
+            (
+                "pool_size_read",
+                1 <= self.pool_size_read <= pool_size_max,
+                f"must be 1 to {pool_size_max}",
+            ),
+            (
+                "statement_timeout_s",
+                0 < self.statement_timeout_s <= timeout_s_max,
+                f"must be more than 0 and at most {timeout_s_max:g}",
+            ),
+            (
+                "lock_timeout_s",
+                0 < self.lock_timeout_s <= timeout_s_max,
+                f"must be more than 0 and at most {timeout_s_max:g}",
+            ),
+            (
+                "batch_size_max",
+                1 <= self.batch_size_max <= batch_operations_max,
+                f"must be 1 to {batch_operations_max} (the most operations the ledger applies "
+                "in one transaction)",
+            ),
+            (
+                "batch_wait_ms",
+                0 <= self.batch_wait_ms <= batch_wait_ms_max,
+                f"must be 0 to {batch_wait_ms_max}",
+            ),
+            (
+                "queue_max",
+                self.queue_max >= self.batch_size_max,
+                f"must be at least batch_size_max ({self.batch_size_max})",
+            ),
+            (
+                "batch_workers",
+                1 <= 2 * self.batch_workers <= self.pool_size,
+                f"must be 1 to half of pool_size ({self.pool_size}): single calls and batch "
+                "calls each run up to that many batches at once, each on a connection",
+            ),
+            (
+                "queued_bytes_max",
+                self.queued_bytes_max >= 2 * admission.request_bytes_max,
+                f"must be at least twice the largest request ({admission.request_bytes_max} bytes)",
+            ),
+            ("calls_max", self.calls_max >= 1, "must be 1 or more"),
+            ("hold_expiry_interval_s", self.hold_expiry_interval_s > 0, "must be positive"),
+            ("health_check_interval_s", self.health_check_interval_s > 0, "must be positive"),
+            ("health_check_timeout_s", self.health_check_timeout_s > 0, "must be positive"),
+            ("shutdown_grace_s", self.shutdown_grace_s >= 0, "must not be negative"),
+        ]
+        for setting, passed, problem in checks:
+            if not passed:
+                raise SettingsError(setting, f"{problem}, not {getattr(self, setting)}")
 
 
 class Server:
@@ -98,6 +181,7 @@ class Server:
         port: int,
         ledger: Ledger,
         batcher: Batcher,
+        admitting: admission.Admission,
         health_servicer: health.aio.HealthServicer,
         probe_pool: asyncpg.Pool,
         probe_lost: asyncio.Event,
@@ -106,6 +190,7 @@ class Server:
         self.port = port
         self.ledger = ledger
         self.batcher = batcher
+        self.admission = admitting
         self._server = server
         self._health = health_servicer
         self._probe_pool = probe_pool
@@ -113,6 +198,7 @@ class Server:
         self._probe_lost = probe_lost
         self._sweep = asyncio.create_task(self._expire_holds())
         self._health_check = asyncio.create_task(self._check_health())
+        self._loop_watch = asyncio.create_task(admitting.watch_loop())
 
     @classmethod
     async def start(cls, settings: Settings) -> Server:
@@ -155,25 +241,34 @@ class Server:
                 queue_max=settings.queue_max,
                 workers=settings.batch_workers,
             )
+            admitting = admission.Admission(
+                queued_bytes_max=settings.queued_bytes_max,
+                calls_max=settings.calls_max,
+                retry_after_ms=batcher.retry_after_ms,
+                batch_calls_drain_ms=batcher.batch_calls_drain_ms,
+            )
+            grpc_calls_max = grpc_calls_factor * settings.calls_max
+            grpc_streams_max = grpc_streams_factor * settings.calls_max
             server = grpc.aio.server(
                 options=[
-                    ("grpc.max_receive_message_length", message_bytes_max),
-                    ("grpc.max_send_message_length", message_bytes_max),
-                    # Past this many calls at once on a connection, gRPC makes callers wait.
-                    ("grpc.max_concurrent_streams", concurrent_calls_max),
+                    # Larger requests are refused by gRPC before they are read whole.
+                    ("grpc.max_receive_message_length", admission.request_bytes_max),
+                    ("grpc.max_send_message_length", response_bytes_max),
+                    ("grpc.max_concurrent_streams", grpc_streams_max),
+                    ("grpc.server.max_pending_requests", grpc_calls_max),
+                    ("grpc.server.max_pending_requests_hard_limit", grpc_streams_max),
                     ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
                 ],
+                maximum_concurrent_rpcs=grpc_calls_max,
             )
-            units_pb2_grpc.add_UnitServiceServicer_to_server(services.UnitService(ledger), server)
-            wallets_pb2_grpc.add_WalletServiceServicer_to_server(
-                services.WalletService(ledger), server
+            servicers = (
+                services.UnitService(ledger),
+                services.WalletService(ledger),
+                services.TransferService(ledger, batcher),
+                services.HoldService(ledger, batcher),
             )
-            transfers_pb2_grpc.add_TransferServiceServicer_to_server(
-                services.TransferService(ledger, batcher), server
-            )
-            holds_pb2_grpc.add_HoldServiceServicer_to_server(
-                services.HoldService(ledger, batcher), server
-            )
+            for servicer, service in zip(servicers, services_described, strict=True):
+                admission.register(server, servicer, service, admitting)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.enable_server_reflection(
@@ -189,13 +284,23 @@ class Server:
             for pool in pools:
                 await pool.close()
             raise
-        return cls(settings, server, port, ledger, batcher, health_servicer, probe_pool, probe_lost)
+        return cls(
+            settings,
+            server,
+            port,
+            ledger,
+            batcher,
+            admitting,
+            health_servicer,
+            probe_pool,
+            probe_lost,
+        )
 
     async def stop(self) -> None:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s)
         await self.batcher.close()
-        for task in (self._sweep, self._health_check):
+        for task in (self._sweep, self._health_check, self._loop_watch):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

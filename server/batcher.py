@@ -1,17 +1,42 @@
 """Coalesces concurrent calls into batches: one database transaction for many of them.
 
 Each call submits its operations — one, or a whole batch from the batch RPC — as a group,
-and waits for their results. A dispatcher takes the queued groups, whole and in order, up to
-`batch_size_max` operations (a larger group goes alone), and applies them as one batch.
-While a batch is being applied the next one gathers, and is applied when that one returns:
-so batches grow with the load by themselves, one at a time while the queue is short, and
-the database sees few, large transactions whose wallet locks never wait for each other.
-Only a backlog of `batch_size_max` operations or more starts another batch beside those
-running, up to `workers` at once. `batch_wait_s` lets a batch that would start alone and
-small linger for more first (0: never).
+and waits for their results. Groups queue in one of two lanes: single operations (the
+single-call RPCs) and batches (SubmitBatch), each dispatched on its own, as below, and
+single calls first:
+- a single call never waits behind queued batch calls: its lane starts a batch whenever
+  it has none running;
+- while single calls wait or are being applied, batch calls start only on their turn, one
+  at a time: after a batch of single calls that had the database to itself. So a single
+  call waits, at worst, for the wallet locks of one batch call already running (if it
+  touches the same wallets), then for its own small batch; batch calls are never starved,
+  and have every other turn.
+Within a lane:
+- a lane takes its queued groups, whole and in order, up to `batch_size_max` operations (a
+  larger group goes alone), and applies them as one batch;
+- while a lane's batch is being applied its next one gathers, and is applied when that one
+  returns: so batches grow with the load by themselves, one at a time while the queue is
+  short, and the database sees few, large transactions;
+- only a backlog of `batch_size_max` operations or more in a lane starts another of its
+  batches beside those running, up to `workers` at once (so up to twice `workers` batches
+  in all, each on a connection of its own);
+- `batch_wait_s` lets a batch that would start alone and small linger for more first (0:
+  never).
 
 The queue is bounded: past `queue_max` waiting operations, a call fails at once with
-Overloaded instead of letting latency and memory grow.
+Overloaded (with a retry-after hint: the time the queue takes to drain at the rate of the
+last batches) instead of letting latency and memory grow. Batch calls may fill it up to
+`queue_max - batch_size_max` (but a batch call is always taken into an empty lane); the
+rest is kept for single calls.
+
+A call passes its deadline (the time its caller has left). A group whose caller went away
+(cancelled, or its deadline passed) is dropped from the queue, never applied: at once when
+its call is cancelled, or, if the deadline passes first, when the group would be taken
+into a batch (it then fails with DeadlineExceeded).
+
+A batch that fails as a whole (the database is unreachable, an unknown failure) fails every
+call in it with that error: Unavailable, or Internal for anything that is not a CofferError,
+logged once with the batch (its size, calls and first caller).
 
 A group's operations keep their linked chains; a chain never runs from one group into the
 next, as the caller makes sure a group does not end linked.
@@ -21,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,13 +59,34 @@ logger = logging.getLogger(__name__)
 Outcome = Applied | errors.CofferError
 Apply = Callable[[Sequence[Operation | Rejected]], Awaitable[list[Outcome]]]
 
+# Bounds of the retry-after hint given with Overloaded.
+retry_after_ms_min = 10
+retry_after_ms_max = 5000
+
 
 @dataclass(slots=True)
 class _Group:
     operations: Sequence[Operation | Rejected]
+    # The loop time past which its caller no longer waits; None: no deadline.
+    deadline: float | None
     future: asyncio.Future[list[Outcome]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # In its lane's queue and counted there: until taken into a batch or dropped.
+    queued: bool = True
+
+
+@dataclass(slots=True)
+class _Lane:
+    queue: deque[_Group] = field(default_factory=deque)
+    queued: int = 0  # operations of the groups queued
+    running: set[asyncio.Task[None]] = field(default_factory=set)
+    # Operations applied per second, smoothed over the last batches; 0 before the first.
+    rate_per_s: int = 0
+
+    def drain_ms(self) -> int:
+        """How long the queued operations should take to apply, at the last batches' rate."""
+        return self.queued * 1000 // self.rate_per_s if self.rate_per_s else 0
 
 
 class Batcher:
@@ -52,43 +99,81 @@ class Batcher:
         queue_max: int = 50_000,
         workers: int = 2,
     ) -> None:
-        assert batch_size_max > 0 and 0 <= batch_wait_s <= 1 and queue_max > 0 and workers > 0
+        assert 0 < batch_size_max <= queue_max and 0 <= batch_wait_s <= 1 and workers > 0
         self._apply = apply
         self._batch_size_max = batch_size_max
         self._batch_wait_s = batch_wait_s
         self._queue_max = queue_max
         self._workers = workers
-        self._queue: deque[_Group] = deque()
-        self._queued = 0  # operations in the queue
+        self._singles = _Lane()
+        self._batches = _Lane()
+        # Whether a batch call may start next although single calls are waiting.
+        self._batches_turn = False
         # Set when the dispatcher may have something to do: calls arrived, a batch
         # returned, or the server is closing.
         self._wake = asyncio.Event()
         self._closing = False
-        self._running: set[asyncio.Task[None]] = set()
         self._dispatcher = asyncio.create_task(self._dispatch())
         self.batches_applied = 0
         self.operations_applied = 0
+        self.operations_expired = 0
 
-    async def submit(self, operation: Operation) -> Applied:
+    @property
+    def queued(self) -> int:
+        """Operations waiting for a batch."""
+        return self._singles.queued + self._batches.queued
+
+    async def submit(self, operation: Operation, time_remaining_s: float | None = None) -> Applied:
         """Applies one operation; raises its error."""
-        [outcome] = await self.submit_all([operation])
+        [outcome] = await self.submit_all([operation], time_remaining_s)
         if isinstance(outcome, errors.CofferError):
             raise outcome
         return outcome
 
-    async def submit_all(self, operations: Sequence[Operation | Rejected]) -> list[Outcome]:
-        """Applies a group of operations, in order, within one batch; one outcome each."""
+    async def submit_all(
+        self, operations: Sequence[Operation | Rejected], time_remaining_s: float | None = None
+    ) -> list[Outcome]:
+        """Applies a group of operations, in order, within one batch; one outcome each.
+        `time_remaining_s` is how long the caller waits (None: no deadline). Raises what
+        failed the batch as a whole (Unavailable, Internal…), Overloaded, or
+        DeadlineExceeded."""
         assert operations
         if self._closing:
             raise errors.Unavailable("the server is shutting down")
-        if self._queued and self._queued + len(operations) > self._queue_max:
-            raise errors.Overloaded(f"{self._queued} operations are waiting already; retry shortly")
-        group = _Group(operations)
-        self._queue.append(group)
-        self._queued += len(operations)
-        if not self._running or self._queued >= self._batch_size_max:
+        count = len(operations)
+        lane = self._singles if count == 1 else self._batches
+        room = self._queue_max - (0 if lane is self._singles else self._batch_size_max)
+        if lane.queued and self.queued + count > room:
+            raise errors.Overloaded(
+                f"{self.queued} operations are waiting already; retry shortly",
+                retry_after_ms=self.retry_after_ms(),
+            )
+        loop = asyncio.get_running_loop()
+        deadline = None if time_remaining_s is None else loop.time() + time_remaining_s
+        group = _Group(operations, deadline)
+        lane.queue.append(group)
+        lane.queued += count
+        if not lane.running or lane.queued >= self._batch_size_max:
             self._wake.set()
-        return await group.future
+        try:
+            return await group.future
+        except asyncio.CancelledError:
+            # The caller went away (cancelled, or its deadline passed): not applied, if it
+            # was still waiting; its place is free at once.
+            if group.queued:
+                group.queued = False
+                group.operations = ()
+                lane.queued -= count
+            raise
+
+    def retry_after_ms(self) -> int:
+        """How long the queued operations should take to apply: when to try again."""
+        drain_ms = max(self._singles.drain_ms(), self._batches.drain_ms())
+        return min(max(drain_ms, retry_after_ms_min), retry_after_ms_max)
+
+    def batch_calls_drain_ms(self) -> int:
+        """How long the queued batch calls should take to apply."""
+        return self._batches.drain_ms()
 
     async def close(self) -> None:
         """Refuses new calls, applies those queued, and stops."""
@@ -100,48 +185,121 @@ class Batcher:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._queue:
-                if self._closing and not self._running:
-                    return
+            lanes = (self._singles, self._batches)
+            if self._closing and not any(lane.queued or lane.running for lane in lanes):
+                return
+            if self._batches_turn:
+                lanes = (self._batches, self._singles)
+            for lane in lanes:
+                while self._may_start(lane):
+                    if (
+                        self._batch_wait_s
+                        and not lane.running
+                        and lane.queued < self._batch_size_max
+                    ):
+                        await asyncio.sleep(self._batch_wait_s)
+                    groups = self._take(lane)
+                    if not groups:
+                        continue
+                    if lane is self._batches:
+                        self._batches_turn = False
+                    alone = not self._batches.running
+                    task = asyncio.create_task(self._run(lane, groups))
+                    lane.running.add(task)
+                    task.add_done_callback(self._returned(lane, alone))
+
+    def _may_start(self, lane: _Lane) -> bool:
+        if not lane.queued:
+            return False
+        if lane is self._batches and (self._singles.queued or self._singles.running):
+            # Single calls first: while they wait or are being applied, a batch call starts
+            # only on its turn, one at a time, so that single calls wait for the wallet locks
+            # of at most the batch calls running already.
+            return self._batches_turn
+        return not lane.running or (
+            lane.queued >= self._batch_size_max and len(lane.running) < self._workers
+        )
+
+    def _take(self, lane: _Lane) -> list[_Group]:
+        """The lane's next batch: its queued groups, whole and in order, up to batch_size_max
+        operations (or one larger group); groups whose deadline passed fail, unapplied."""
+        now = asyncio.get_running_loop().time()
+        groups: list[_Group] = []
+        size = 0
+        queue = lane.queue
+        while queue:
+            group = queue[0]
+            if not group.queued:  # dropped by its caller
+                queue.popleft()
                 continue
-            if self._running and (
-                self._queued < self._batch_size_max or len(self._running) >= self._workers
-            ):
-                continue  # the running batch will wake us when it returns
-            if not self._running and self._batch_wait_s and self._queued < self._batch_size_max:
-                await asyncio.sleep(self._batch_wait_s)
-            groups = [self._queue.popleft()]
-            size = len(groups[0].operations)
-            while self._queue and size + len(self._queue[0].operations) <= self._batch_size_max:
-                group = self._queue.popleft()
-                groups.append(group)
-                size += len(group.operations)
-            self._queued -= size
-            task = asyncio.create_task(self._run(groups))
-            self._running.add(task)
-            task.add_done_callback(self._returned)
-            if self._queue:
-                self._wake.set()
+            count = len(group.operations)
+            if groups and size + count > self._batch_size_max:
+                break
+            queue.popleft()
+            group.queued = False
+            lane.queued -= count
+            if group.future.done():  # cancelled, and its caller not told yet
+                continue
+            if group.deadline is not None and group.deadline <= now:
+                self.operations_expired += count
+                group.future.set_exception(
+                    errors.DeadlineExceeded(
+                        "the call's deadline passed before its operations were applied; none was"
+                    )
+                )
+                continue
+            groups.append(group)
+            size += count
+        return groups
 
-    def _returned(self, task: asyncio.Task[None]) -> None:
-        self._running.discard(task)
-        self._wake.set()
+    def _returned(self, lane: _Lane, alone: bool) -> Callable[[asyncio.Task[None]], None]:
+        def returned(task: asyncio.Task[None]) -> None:
+            lane.running.discard(task)
+            if lane is self._singles and alone and self._batches.queued:
+                # Single calls had the database to themselves: batch calls go next.
+                self._batches_turn = True
+            self._wake.set()
 
-    async def _run(self, groups: list[_Group]) -> None:
+        return returned
+
+    async def _run(self, lane: _Lane, groups: list[_Group]) -> None:
         operations = [operation for group in groups for operation in group.operations]
-        outcomes: list[Outcome]
+        started_ns = time.monotonic_ns()
         try:
             outcomes = await self._apply(operations)
         except errors.CofferError as error:
-            outcomes = [error] * len(operations)
+            self._fail(groups, error)
+            return
         except Exception:
-            logger.exception("a batch of %d operations failed", len(operations))
-            outcomes = [errors.Unavailable("the batch failed; send it again")] * len(operations)
+            # A bug, or a failure nothing maps: not worth retrying, and told once, here.
+            logger.exception(
+                "a batch of %d operations in %d calls failed (first caller %r)",
+                len(operations),
+                len(groups),
+                _caller(operations[0]),
+            )
+            self._fail(groups, errors.Internal("the batch failed; see the server log"))
+            return
         self.batches_applied += 1
         self.operations_applied += len(operations)
+        elapsed_ns = max(time.monotonic_ns() - started_ns, 1)
+        rate_per_s = len(operations) * 1_000_000_000 // elapsed_ns
+        smoothed = (3 * lane.rate_per_s + rate_per_s) // 4
+        lane.rate_per_s = smoothed if lane.rate_per_s else rate_per_s
         start = 0
         for group in groups:
             end = start + len(group.operations)
             if not group.future.done():  # else the caller went away
                 group.future.set_result(outcomes[start:end])
             start = end
+
+    @staticmethod
+    def _fail(groups: list[_Group], error: errors.CofferError) -> None:
+        """The whole batch failed: every call fails with that error, as its status."""
+        for group in groups:
+            if not group.future.done():
+                group.future.set_exception(error)
+
+
+def _caller(operation: Operation | Rejected) -> str | None:
+    return None if isinstance(operation, Rejected) else operation.caller

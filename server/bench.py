@@ -17,6 +17,10 @@ Scenarios (every operation with an idempotency key, notes and references, stored
   mixed     single calls: credits, debits (both modes), transfers, holds captured or
             released, voids, balance reads
   payments  batches of EMI deposits and customer-to-merchant payments
+  overload  4x the measured capacity of batch calls (--batch-size) and single calls at
+            once, open-loop, for --duration; then none, and the time to recover. Reports
+            refusals by reason, admitted single calls' latency, recovery time, server RSS
+            (the capacity is measured for --warmup seconds, at least 1)
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import uvloop
 
 from coffer.clients import Client
 
-from . import bench_infra, bench_load, bench_report
+from . import bench_infra, bench_load, bench_overload, bench_report
 from .bench_load import batch_scenarios, scenarios
 
 inflight_default_batch = 2
@@ -187,6 +191,10 @@ def _check(arguments: argparse.Namespace) -> str | None:
         (arguments.connections >= 1, "--connections must be 1 or more"),
         (arguments.preload >= 0, "--preload must not be negative"),
         (
+            arguments.scenario != "overload" or arguments.sweep is None,
+            "--sweep is not for the overload scenario",
+        ),
+        (
             arguments.target is None or (arguments.servers == 1 and not arguments.server_arg),
             "--servers and --server-arg are for the server it starts, not with --target",
         ),
@@ -269,28 +277,25 @@ async def _measure(
         )
     if database is not None:
         await bench_infra.checkpoint(database.dsn)
-    workload = bench_load.make_workload(
-        scenario, fixture, arguments.batch_size, arguments.skew, arguments.seed
-    )
-
     rss = bench_infra.RssSampler(servers.pids if servers else [])
     rss.start()
     points = []
     try:
-        for inflight in arguments.sweep or [arguments.inflight]:
-            _note(
-                f"{scenario}: {inflight} in flight, {arguments.warmup:g} s warmup, "
-                f"{arguments.duration:g} s measured"
-            )
+        if scenario == "overload":
             points.append(
-                await bench_load.run_load(
-                    workload,
+                await bench_overload.run(
+                    fixture,
                     clients,
-                    inflight=inflight,
-                    warmup_s=arguments.warmup,
+                    batch_size=arguments.batch_size,
+                    skew=arguments.skew,
+                    seed=arguments.seed,
+                    calibration_s=arguments.warmup,
                     duration_s=arguments.duration,
+                    note=_note,
                 )
             )
+        else:
+            points += await _load(arguments, fixture, clients)
     finally:
         await rss.stop()
     servers_exited = servers.exited() if servers else []
@@ -342,7 +347,7 @@ async def _measure(
         "self_check": self_check,
         "duration_s": arguments.duration,
         "inflight": best["inflight"],
-        "batch_size": arguments.batch_size if scenario in batch_scenarios else None,
+        "batch_size": arguments.batch_size if scenario in (*batch_scenarios, "overload") else None,
         # The rest of the best (or only) run.
         **{name: value for name, value in best.items() if name not in ("duration_s",)},
         "warmup_s": arguments.warmup,
@@ -375,6 +380,31 @@ async def _measure(
         "client": "coffer.clients.Client (typed; retries off), one uvloop event loop",
     }
     return result
+
+
+async def _load(
+    arguments: argparse.Namespace, fixture: bench_load.Fixture, clients: list[Client]
+) -> list[dict[str, Any]]:
+    """The scenario's closed-loop load at each in-flight count: one point each."""
+    workload = bench_load.make_workload(
+        arguments.scenario, fixture, arguments.batch_size, arguments.skew, arguments.seed
+    )
+    points = []
+    for inflight in arguments.sweep or [arguments.inflight]:
+        _note(
+            f"{arguments.scenario}: {inflight} in flight, {arguments.warmup:g} s warmup, "
+            f"{arguments.duration:g} s measured"
+        )
+        points.append(
+            await bench_load.run_load(
+                workload,
+                clients,
+                inflight=inflight,
+                warmup_s=arguments.warmup,
+                duration_s=arguments.duration,
+            )
+        )
+    return points
 
 
 def _describe(database: bench_infra.BenchDatabase | None) -> str | None:

@@ -34,7 +34,7 @@ from coffer.clients.v1.transfers_pb2 import Operation
 
 from .bench_measure import Recorder, progress
 
-scenarios = ("batch", "single", "hot", "mixed", "payments")
+scenarios = ("batch", "single", "hot", "mixed", "payments", "overload")
 batch_scenarios = ("batch", "hot", "payments")
 unit_code = "EUR"
 caller = "bench"
@@ -311,23 +311,27 @@ class BatchWorkload(Workload):
             keyed.append((getattr(operation, kind), kind != "deposit"))
         return _PreparedBatch(built, keyed)
 
-    async def step(self, client: Client, recorder: Recorder) -> None:
+    def next_operations(self) -> list[Operation]:
+        """The next prepared batch, with fresh keys: each operation is new, never a replay.
+        The reference (an order or invoice number, say) is the key too; a deposit's reference
+        is its funding source. submit_batch copies the operations into its request before it
+        first yields, so the prepared batch may be keyed again by the next call."""
         batch = self.ring[next(self.ring_positions)]
         prefix = self.key_prefix
-        # Fresh keys: each operation is new, never a replay. The reference (an order or
-        # invoice number, say) is the key too; a deposit's reference is its funding source.
         for inner, referenced in batch.keyed:
             key = f"{prefix}{next(self.key_numbers)}"
             inner.idempotency_key = key
             if referenced:
                 inner.reference = key
+        return batch.operations
+
+    async def step(self, client: Client, recorder: Recorder) -> None:
+        batch = self.next_operations()
         started = time.perf_counter()
         try:
-            # submit_batch copies the operations into its request before it first yields, so
-            # the prepared batch may be keyed again by the next step.
-            results = await client.submit_batch(batch.operations)
+            results = await client.submit_batch(batch)
         except Exception as error:
-            await self._failed(recorder, started, error, len(batch.operations))
+            await self._failed(recorder, started, error, len(batch))
             return
         ended = time.perf_counter()
         succeeded = refused = failed = 0
@@ -360,20 +364,24 @@ class SingleWorkload(Workload):
         ]
         self.positions = itertools.cycle(range(size))
 
-    async def step(self, client: Client, recorder: Recorder) -> None:
+    async def transfer(self, client: Client) -> None:
+        """The next single Transfer call."""
         source, target, amount = self.ring[next(self.positions)]
         key = f"{self.key_prefix}{next(self.key_numbers)}"
+        await client.transfer(
+            source_wallet_id=source,
+            target_wallet_id=target,
+            amount=amount,
+            note="bench transfer",
+            reference=key,
+            performed_by=performed_by,
+            idempotency_key=key,
+        )
+
+    async def step(self, client: Client, recorder: Recorder) -> None:
         started = time.perf_counter()
         try:
-            await client.transfer(
-                source_wallet_id=source,
-                target_wallet_id=target,
-                amount=amount,
-                note="bench transfer",
-                reference=key,
-                performed_by=performed_by,
-                idempotency_key=key,
-            )
+            await self.transfer(client)
         except Exception as error:
             await self._failed(recorder, started, error, 1)
             return

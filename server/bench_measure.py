@@ -89,10 +89,10 @@ class Recorder:
                     "rpcs": self.rpcs[second],
                     "errors": self.errors[second],
                     "refused": self.refused[second],
-                    "latency_ms_p50": _percentile_ms(ordered, 50),
-                    "latency_ms_p90": _percentile_ms(ordered, 90),
-                    "latency_ms_p99": _percentile_ms(ordered, 99),
-                    "latency_ms_max": _percentile_ms(ordered, 100),
+                    "latency_ms_p50": percentile_ms(ordered, 50),
+                    "latency_ms_p90": percentile_ms(ordered, 90),
+                    "latency_ms_p99": percentile_ms(ordered, 99),
+                    "latency_ms_max": percentile_ms(ordered, 100),
                 }
             )
         transfers = sum(self.transfers)
@@ -109,16 +109,16 @@ class Recorder:
             "latency_ms_mean": round(sum(latencies) / len(latencies) * 1000, 3)
             if latencies
             else None,
-            "latency_ms_p50": _percentile_ms(latencies, 50),
-            "latency_ms_p90": _percentile_ms(latencies, 90),
-            "latency_ms_p99": _percentile_ms(latencies, 99),
-            "latency_ms_p999": _percentile_ms(latencies, 99.9),
-            "latency_ms_max": _percentile_ms(latencies, 100),
+            "latency_ms_p50": percentile_ms(latencies, 50),
+            "latency_ms_p90": percentile_ms(latencies, 90),
+            "latency_ms_p99": percentile_ms(latencies, 99),
+            "latency_ms_p999": percentile_ms(latencies, 99.9),
+            "latency_ms_max": percentile_ms(latencies, 100),
             "series": series,
         }
 
 
-def _percentile_ms(ordered: Sequence[float], percent: float) -> float | None:
+def percentile_ms(ordered: Sequence[float], percent: float) -> float | None:
     """Nearest rank, in milliseconds; None without samples."""
     if not ordered:
         return None

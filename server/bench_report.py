@@ -21,16 +21,7 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
         ("scenario", str(result["scenario"])),
         ("server", str(result["server"])),
         ("database", str(result["database"])),
-        (
-            "load",
-            f"{result['inflight']} in flight"
-            + (
-                f", batches of {result['batch_size']}"
-                if result["batch_size"] is not None
-                else ", single calls"
-            )
-            + f", {result['wallets']:,} wallets, skew {result['skew']:g}",
-        ),
+        ("load", _load(result)),
         ("duration", f"{result['duration_s']:g} s (after {result['warmup_s']:g} s warmup)"),
         ("transfers/s", _number(result["transfers_per_s"])),
         ("calls/s", _number(result["rpcs_per_s"])),
@@ -43,7 +34,10 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
         ("refused (insufficient funds)", _number(result["refused"])),
         ("errors", _number(result["errors"])),
     ]
-    if result["error_reasons"]:
+    overload = result.get("overload")
+    if overload:
+        rows += _overload_rows(overload)
+    elif result["error_reasons"]:
         reasons = ", ".join(
             f"{reason} {count}" for reason, count in result["error_reasons"].items()
         )
@@ -72,6 +66,63 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         stream.write(f"{name:<{width}}  {value}\n")
+
+
+def _load(result: dict[str, Any]) -> str:
+    overload = result.get("overload")
+    if overload:
+        load = (
+            f"open loop at {overload['factor']}x capacity: "
+            f"{_number(overload['offered_single_calls_per_s'])} single calls/s and "
+            f"{_number(overload['offered_batch_calls_per_s'], 1)} batch calls/s "
+            f"of {result['batch_size']}"
+        )
+    else:
+        load = f"{result['inflight']} in flight" + (
+            f", batches of {result['batch_size']}"
+            if result["batch_size"] is not None
+            else ", single calls"
+        )
+    return load + f", {result['wallets']:,} wallets, skew {result['skew']:g}"
+
+
+def _overload_rows(overload: dict[str, Any]) -> list[tuple[str, str]]:
+    refusals = overload["refusals"]
+    refused = sum(refusals.values())
+    by_reason = ", ".join(f"{reason} {count:,}" for reason, count in refusals.items()) or "none"
+    recovery = overload["recovery_s"]
+    return [
+        (
+            "capacity (measured first)",
+            f"{_number(overload['capacity_single_calls_per_s'])} single calls/s, "
+            f"{_number(overload['capacity_batch_transfers_per_s'])} transfers/s in batches",
+        ),
+        ("refused calls by reason", by_reason),
+        (
+            "  with a retry-after hint",
+            f"{overload['refusals_with_retry_after']:,} of {refused:,}",
+        ),
+        (
+            "admitted single calls",
+            f"{overload['single_calls_admitted']:,}: p50 "
+            f"{_number(overload['single_latency_ms_p50'], 1)} ms, p99 "
+            f"{_number(overload['single_latency_ms_p99'], 1)} ms",
+        ),
+        (
+            "admitted batch calls",
+            f"{overload['batch_calls_admitted']:,}: p50 "
+            f"{_number(overload['batch_latency_ms_p50'], 1)} ms, p99 "
+            f"{_number(overload['batch_latency_ms_p99'], 1)} ms",
+        ),
+        (
+            "recovery after the load stopped",
+            (f"{recovery:.3f} s" if recovery is not None else "not within 30 s")
+            + f" (a single call within {overload['recovery_latency_ms_max']:.1f} ms; idle p50 "
+            f"{overload['idle_single_latency_ms_p50']:.1f} ms); calls in flight done after "
+            + (f"{overload['drained_s']:.1f} s" if overload["drained_s"] is not None else "-"),
+        ),
+        ("calls not sent (client saturated)", f"{overload['calls_not_sent']:,}"),
+    ]
 
 
 def _pgbench(result: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -18,10 +19,11 @@ from typing import Any
 import asyncpg
 import uvloop
 
-from coffer.core.ledger import pool_size_max, timeout_s_max
+from coffer.core.ledger import batch_operations_max, pool_size_max, timeout_s_max
 from coffer.core.migrate import migrate
 
-from .app import Server, Settings
+from .admission import request_bytes_max
+from .app import Server, Settings, SettingsError, batch_wait_ms_max
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir, supervise
 
 logger = logging.getLogger("coffer")
@@ -48,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if arguments.command == "serve":
-            return uvloop.run(_serve(arguments))
+            try:
+                settings = _settings(arguments)
+            except SettingsError as error:
+                flag = "--" + error.setting.replace("_", "-")
+                print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
+                return 2
+            return uvloop.run(_serve(arguments, settings))
         return uvloop.run(_migrate(arguments))
     except EmbeddedPostgresError as error:
         print(f"coffer: {error}", file=sys.stderr)
@@ -94,10 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     defaults = Settings(database_url="")
     serve.add_argument(
         "--pool-size",
-        type=_bounded(int, 1, pool_size_max),
+        type=_bounded(int, 2, pool_size_max),
         default=defaults.pool_size,
         metavar="N",
-        help=f"database connections for writes (default {defaults.pool_size})",
+        help="database connections for writes, at least twice --batch-workers "
+        f"(default {defaults.pool_size})",
     )
     serve.add_argument(
         "--pool-size-read",
@@ -127,25 +136,42 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size-max",
         type=int,
         default=defaults.batch_size_max,
-        help="most single operations coalesced into one database transaction",
+        help="most operations coalesced into one database transaction "
+        f"(1 to {batch_operations_max})",
     )
     serve.add_argument(
         "--batch-wait-ms",
         type=float,
         default=defaults.batch_wait_ms,
-        help="how long a batch may wait for more operations (default 0: never)",
+        help=f"how long a batch may wait for more operations (0 to {batch_wait_ms_max}; "
+        "default 0: never)",
     )
     serve.add_argument(
         "--batch-workers",
         type=int,
         default=defaults.batch_workers,
-        help="coalesced batches applied at once",
+        help="coalesced batches applied at once, of single calls and of batch calls each "
+        "(1 to half of --pool-size)",
     )
     serve.add_argument(
         "--queue-max",
         type=int,
         default=defaults.queue_max,
-        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED",
+        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED "
+        "(at least --batch-size-max)",
+    )
+    serve.add_argument(
+        "--queued-bytes-max",
+        type=int,
+        default=defaults.queued_bytes_max,
+        help="request bytes in progress at once before calls get RESOURCE_EXHAUSTED "
+        f"(at least {2 * request_bytes_max})",
+    )
+    serve.add_argument(
+        "--calls-max",
+        type=int,
+        default=defaults.calls_max,
+        help="calls in progress at once before calls get RESOURCE_EXHAUSTED (1 or more)",
     )
     serve.add_argument(
         "--reuse-port",
@@ -191,22 +217,29 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
         await asyncio.to_thread(cluster.stop)
 
 
-async def _serve(arguments: argparse.Namespace) -> int:
+def _settings(arguments: argparse.Namespace) -> Settings:
+    """The server's settings from the flags (the database comes later): checked before anything
+    starts."""
+    return Settings(
+        database_url="",
+        listen=arguments.listen,
+        pool_size=arguments.pool_size,
+        pool_size_read=arguments.pool_size_read,
+        statement_timeout_s=arguments.statement_timeout_s,
+        lock_timeout_s=arguments.lock_timeout_s,
+        batch_size_max=arguments.batch_size_max,
+        batch_wait_ms=arguments.batch_wait_ms,
+        queue_max=arguments.queue_max,
+        batch_workers=arguments.batch_workers,
+        queued_bytes_max=arguments.queued_bytes_max,
+        calls_max=arguments.calls_max,
+        reuse_port=arguments.reuse_port,
+    )
+
+
+async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     async with _database(arguments) as (database_url, description):
-        settings = Settings(
-            database_url=database_url,
-            listen=arguments.listen,
-            pool_size=arguments.pool_size,
-            pool_size_read=arguments.pool_size_read,
-            statement_timeout_s=arguments.statement_timeout_s,
-            lock_timeout_s=arguments.lock_timeout_s,
-            batch_size_max=arguments.batch_size_max,
-            batch_wait_ms=arguments.batch_wait_ms,
-            queue_max=arguments.queue_max,
-            batch_workers=arguments.batch_workers,
-            reuse_port=arguments.reuse_port,
-        )
-        server = await Server.start(settings)
+        server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):

@@ -1,8 +1,9 @@
 """Domain errors to gRPC statuses: one table, applied in one place (`translate_errors`).
 
 Every CofferError becomes its category's status code with a `google.rpc.ErrorInfo` detail
-carrying the stable reason (and, for bad input, the field). Anything else is a bug: it is
-logged with its traceback and the client gets INTERNAL with no details.
+carrying the stable reason (and, for bad input, the `field`; for OVERLOADED, `retry_after_ms`).
+Anything else is a bug: it is logged with its traceback and the client gets INTERNAL (reason
+INTERNAL), with the details only in the log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from grpc_status import rpc_status
 from coffer.clients.errors import error_domain, replayed_metadata_key
 from coffer.core import errors
 
+from .admission import Admitted, Refused
+
 logger = logging.getLogger(__name__)
 
 status_codes: dict[errors.Category, grpc.StatusCode] = {
@@ -30,8 +33,13 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
     errors.Category.failed_precondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Category.aborted: grpc.StatusCode.ABORTED,
     errors.Category.resource_exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Category.deadline_exceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Category.unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Category.internal: grpc.StatusCode.INTERNAL,
 }
+# ErrorInfo metadata keys.
+field_key = "field"
+retry_after_ms_key = "retry_after_ms"
 
 
 # Trailing metadata of a replayed answer: the stored outcome of an earlier request.
@@ -41,7 +49,9 @@ replayed_metadata = ((replayed_metadata_key, "true"),)
 def to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
-        info.metadata["field"] = error.field
+        info.metadata[field_key] = error.field
+    elif isinstance(error, errors.Overloaded):
+        info.metadata[retry_after_ms_key] = str(error.retry_after_ms)
     detail = any_pb2.Any()
     detail.Pack(info)
     code = status_codes[error.category]
@@ -56,6 +66,8 @@ def to_status(error: errors.CofferError) -> grpc.Status:
     return status
 
 
+internal_error = errors.Internal("internal error; see the server log")
+
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 Servicer = TypeVar("Servicer", bound=type)
 
@@ -63,7 +75,11 @@ Servicer = TypeVar("Servicer", bound=type)
 def translate_errors(servicer: Servicer) -> Servicer:
     """Class decorator for a servicer: what its RPC methods raise becomes the status the
     client sees. (A decorator rather than a server interceptor: grpc.aio runs interceptors on
-    every call, at a cost that shows at thousands of calls a second.)"""
+    every call, at a cost that shows at thousands of calls a second.)
+
+    The guarded methods take the request as `admission` hands it over: `Admitted` (unwrapped
+    for the method, released when the call completes), `Refused` (its error is the answer),
+    or a plain message."""
     for name, method in list(vars(servicer).items()):
         if name[:1].isupper() and inspect.iscoroutinefunction(method):
             setattr(servicer, name, _guard(method, f"{servicer.__name__}.{name}"))
@@ -73,7 +89,12 @@ def translate_errors(servicer: Servicer) -> Servicer:
 def _guard(inner: Handler, method: str) -> Handler:
     @functools.wraps(inner)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        admitted = request if type(request) is Admitted else None
         try:
+            if admitted is not None:
+                return await inner(self, admitted.message, context)
+            if type(request) is Refused:
+                raise request.error
             return await inner(self, request, context)
         except errors.CofferError as error:
             await context.abort_with_status(to_status(error))
@@ -81,6 +102,9 @@ def _guard(inner: Handler, method: str) -> Handler:
             raise
         except Exception:
             logger.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+            await context.abort_with_status(to_status(internal_error))
+        finally:
+            if admitted is not None:
+                admitted.release()
 
     return guarded

@@ -220,7 +220,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
                 "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
             )
         operations = rules.seal([convert.operation(each, caller) for each in request.operations])
-        outcomes = await self._batcher.submit_all(operations)
+        outcomes = await self._batcher.submit_all(operations, context.time_remaining())
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
         for outcome in outcomes:
@@ -291,7 +291,7 @@ async def _submit(
 ) -> model.Applied:
     """Applies the operation a request asks for; a replayed answer says so in the trailing
     metadata (a replayed refusal too, through `errors.to_status`)."""
-    applied = await batcher.submit(operation(request, caller_of(context)))
+    applied = await batcher.submit(operation(request, caller_of(context)), context.time_remaining())
     if applied.replayed:
         context.set_trailing_metadata(replayed_metadata)
     return applied

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +122,13 @@ class NamesCaller(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
         return await continuation(details._replace(metadata=metadata), request)
 
 
-def insecure_channel(target: str) -> grpc.aio.Channel:
+def insecure_channel(target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
     """A channel to `target` that names the tests' caller."""
-    return grpc.aio.insecure_channel(target, interceptors=[NamesCaller()])
+    return grpc.aio.insecure_channel(target, options=options, interceptors=[NamesCaller()])
 
 
 @pytest.fixture
-def open_channel() -> Callable[[str], grpc.aio.Channel]:
+def open_channel() -> Callable[..., grpc.aio.Channel]:
     """Opens channels that name the tests' caller, for tests that start servers of their own."""
     return insecure_channel
 

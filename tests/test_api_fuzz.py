@@ -1,14 +1,20 @@
 """Odd input of every kind, at random (seeded), to the real server: refused with the right
-kind of error, never INTERNAL."""
+kind of error, never INTERNAL. Field values through the stubs, and raw bytes to every RPC
+(random, or valid encodings cut, flipped, spliced, overlong): never INTERNAL or UNKNOWN."""
 
 from __future__ import annotations
 
 import random
 import string
+from collections import Counter
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.v1 import (
     holds_pb2,
@@ -20,6 +26,7 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+from coffer.server.app import Server, services_described
 
 calls = 600
 R = random.Random(7)  # seeded: the same calls every run
@@ -187,3 +194,80 @@ async def test_odd_input_never_reaches_internal(channel: grpc.aio.Channel) -> No
             if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 unexpected.append(f"{k}: {e.details()}")
     assert unexpected == []
+
+
+raw_calls_per_rpc = 30
+
+
+def filled(message_class: Any) -> bytes:
+    """An encoded request with every scalar field set at random."""
+    message = message_class()
+    for field in message_class.DESCRIPTOR.fields:
+        if field.is_repeated or field.type == FieldDescriptor.TYPE_MESSAGE:
+            continue
+        if field.type == FieldDescriptor.TYPE_STRING:
+            setattr(message, field.name, text()[:200])
+        elif field.type == FieldDescriptor.TYPE_BOOL:
+            setattr(message, field.name, R.random() < 0.5)
+        elif field.type == FieldDescriptor.TYPE_ENUM:
+            setattr(message, field.name, R.randint(0, 3))
+        elif field.type in (FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64):
+            setattr(message, field.name, number())
+        elif field.type == FieldDescriptor.TYPE_UINT64:
+            setattr(message, field.name, abs(number()))
+        elif field.type == FieldDescriptor.TYPE_UINT32:
+            setattr(message, field.name, number() % 2**32)
+        else:
+            setattr(message, field.name, number() % 2**32 - 2**31)
+    return bytes(message.SerializeToString())
+
+
+def mangled(valid: bytes) -> bytes:
+    """Random bytes, or a valid encoding cut, flipped, spliced or overlong."""
+    choice = R.randrange(6)
+    if choice == 0 or not valid:
+        return bytes(R.randrange(256) for _ in range(R.randint(0, 40)))
+    if choice == 1:
+        return valid[: R.randrange(len(valid))]
+    if choice == 2:
+        position = R.randrange(len(valid))
+        return valid[:position] + bytes([R.randrange(256)]) + valid[position + 1 :]
+    if choice == 3:
+        position = R.randrange(len(valid) + 1)
+        return valid[:position] + b"\xff" * R.randint(1, 12) + valid[position:]
+    if choice == 4:
+        return valid + bytes([R.randint(1, 15) << 3 | R.randrange(6)]) + b"\x80" * 11
+    return valid + b"\x0a\x03\xc3\x28\xa0"  # field 1 as 3 bytes of invalid UTF-8
+
+
+async def test_raw_bytes_never_reach_internal(server: Server, channel: grpc.aio.Channel) -> None:
+    await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
+        units_pb2.CreateUnitRequest(code="EUR", kind=1, name="Euro", scale=2)
+    )
+    codes: Counter[str] = Counter()
+    unexpected: list[str] = []
+    methods = sum(len(service.methods) for service in services_described)
+    for service in services_described:
+        for method in service.methods:
+            call = channel.unary_unary(
+                f"/{service.full_name}/{method.name}",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            message_class = message_factory.GetMessageClass(method.input_type)
+            for _ in range(raw_calls_per_rpc):
+                data = mangled(filled(message_class))
+                try:
+                    await call(data, timeout=10)
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as e:
+                    codes[e.code().name] += 1
+                    if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                        unexpected.append(f"{method.full_name} {data!r}: {e.details()}")
+    assert unexpected == []
+    assert sum(codes.values()) == methods * raw_calls_per_rpc
+    assert codes["INVALID_ARGUMENT"] > 0 and codes["OK"] > 0, codes
+    # Healthy after, and every call's request bytes given back.
+    health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert (server.admission.calls, server.admission.bytes) == (0, 0)

@@ -89,6 +89,26 @@ def test_scenario(scenario: str, extra: list[str], database_url: str, tmp_path: 
         assert isinstance(sweep, list) and [point["inflight"] for point in sweep] == [1, 2]
 
 
+def test_overload_scenario(database_url: str, tmp_path: Path) -> None:
+    result = _bench(
+        ["--scenario", "overload", "--database-url", database_url, "--no-compare", *quick],
+        tmp_path,
+    )
+    assert result["scenario"] == "overload"
+    assert result["self_check"] == "passed"
+    assert result["batch_size"] == 50
+    overload = result["overload"]
+    assert isinstance(overload, dict)
+    assert overload["factor"] == 4
+    assert overload["single_calls_admitted"] > 0 and overload["batch_calls_admitted"] > 0
+    # Whatever was refused was refused by the server, as OVERLOADED with a retry-after hint.
+    refusals = overload["refusals"]
+    assert set(refusals) <= {"OVERLOADED"}, refusals
+    assert overload["refusals_with_retry_after"] == sum(refusals.values())
+    assert overload["recovery_s"] is not None
+    assert isinstance(result["server_rss_mb_max"], float) and result["server_rss_mb_max"] > 0
+
+
 def test_embedded_database_and_comparisons(tmp_path: Path) -> None:
     result = _bench(["--scenario", "batch", *quick], tmp_path)
     assert result["self_check"] == "passed"
@@ -112,6 +132,7 @@ def test_embedded_database_and_comparisons(tmp_path: Path) -> None:
         ["--sweep", "1,x"],
         ["--target", "127.0.0.1:1", "--servers", "2"],
         ["--target", "127.0.0.1:1", "--preload", "10"],
+        ["--scenario", "overload", "--sweep", "1,2"],
     ],
 )
 def test_bad_arguments_are_usage_errors(arguments: list[str]) -> None:

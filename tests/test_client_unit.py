@@ -12,6 +12,7 @@ import asyncio
 import json
 import re
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -820,3 +821,29 @@ async def test_cli_unreachable(closed_target: str, capsys: pytest.CaptureFixture
 async def test_cli_health(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
     assert await asyncio.to_thread(main, ["health", "--target", server.target]) == 0
     assert capsys.readouterr().out == "SERVING\n"
+
+
+async def test_an_overloaded_retry_waits_for_the_server_hint(
+    server: Server, script: Script
+) -> None:
+    status = status_pb2.Status(
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message="too much is waiting"
+    )
+    info = error_details_pb2.ErrorInfo(reason="OVERLOADED", domain="coffer.v1")
+    info.metadata["retry_after_ms"] = "400"
+    status.details.add().Pack(info)
+    script.plan(rpc_status.to_status(status))
+    async with Client(server.target, retries_max=1) as coffer:
+        started = time.monotonic()
+        await coffer.credit(wallet_id=7, amount=500)
+        waited_s = time.monotonic() - started
+    assert len(script.calls) == 2
+    assert waited_s >= 0.4  # the client's own backoff would have been 0.05 to 0.1 s
+    error = errors.from_rpc_error(
+        grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString())),
+        )
+    )
+    assert isinstance(error, errors.Overloaded) and error.retry_after_ms == 400

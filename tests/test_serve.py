@@ -172,3 +172,32 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
     # Each end of the outage logged once.
     for said in ("died; starting it again", "runs again", "does not answer", "answers again"):
         assert log.count(said) == 1, log
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--batch-size-max", "9000"], "--batch-size-max must be 1 to 8000"),
+        (["--batch-size-max", "0"], "--batch-size-max must be 1 to 8000"),
+        (["--pool-size", "4", "--batch-workers", "3"], "--batch-workers must be 1 to half"),
+        (["--queue-max", "10"], "--queue-max must be at least batch_size_max (1000)"),
+        (["--batch-workers", "5"], "--batch-workers must be 1 to half of pool_size (8)"),
+        (["--batch-wait-ms", "-1"], "--batch-wait-ms must be 0 to 1000"),
+        (["--queued-bytes-max", "1000"], "--queued-bytes-max must be at least twice"),
+        (["--calls-max", "0"], "--calls-max must be 1 or more"),
+    ],
+)
+async def test_serve_refuses_settings_out_of_bounds(arguments: list[str], message: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        coffer,
+        "serve",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # Checked before anything starts: no database is ever reached.
+        env={**os.environ, "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none"},
+    )
+    output, errors = await process.communicate()
+    assert process.returncode == 2
+    assert errors.decode().startswith(f"coffer serve: {message}"), errors
+    assert output == b""
