@@ -4,6 +4,7 @@ kind of error, never INTERNAL. Field values through the stubs, and raw bytes to 
 
 from __future__ import annotations
 
+import os
 import random
 import string
 from collections import Counter
@@ -28,7 +29,9 @@ from coffer.clients.v1 import (
 )
 from coffer.server.app import Server, services_described
 
-calls = 600
+# COFFER_FUZZ_SCALE=N runs N times as many calls (the suite runs 1).
+scale = int(os.environ.get("COFFER_FUZZ_SCALE", "1"))
+calls = 600 * scale
 R = random.Random(7)  # seeded: the same calls every run
 
 
@@ -193,10 +196,11 @@ async def test_odd_input_never_reaches_internal(channel: grpc.aio.Channel) -> No
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                 unexpected.append(f"{k}: {e.details()}")
+    print(f"\nfuzz of field values: {calls} calls, INTERNAL or UNKNOWN: {len(unexpected)}")
     assert unexpected == []
 
 
-raw_calls_per_rpc = 30
+raw_calls_per_rpc = 30 * scale
 
 
 def filled(message_class: Any) -> bytes:
@@ -264,6 +268,7 @@ async def test_raw_bytes_never_reach_internal(server: Server, channel: grpc.aio.
                     codes[e.code().name] += 1
                     if e.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
                         unexpected.append(f"{method.full_name} {data!r}: {e.details()}")
+    print(f"\nfuzz of raw bytes: {sum(codes.values())} calls to {methods} RPCs, {dict(codes)}")
     assert unexpected == []
     assert sum(codes.values()) == methods * raw_calls_per_rpc
     assert codes["INVALID_ARGUMENT"] > 0 and codes["OK"] > 0, codes
