@@ -26,7 +26,11 @@ on one new key meet at a unique index, or at step 6: the same request locks the 
 so the later batch sees what the earlier one stored once it holds the locks. The later starts
 over, looks its keys up first, and answers with the stored outcome. (Two different requests
 racing under one key, on wallets apart, can each be answered before either is stored: each
-replays its own answer after, and any other request with that key is IDEMPOTENCY_KEY_REUSED.)
+replays its own answer after, and any other request with that key is IDEMPOTENCY_KEY_REUSED.
+Likewise a request naming a wallet, transfer or hold whose creation is not yet committed locks
+nothing, is refused as not found, and a copy racing it may find the thing created and apply:
+the key then holds both, and replays answer with the success, which moved money. Ids are told
+only once their creation has committed, so only a guessed id can meet this.)
 
 Connections come from two pools: writes (batches, units, wallets) from one, queries from
 another, smaller one, so that long history scans cannot take the connections writes need.
@@ -413,8 +417,12 @@ class Ledger:
                         self, connection, operations, now or datetime.now(UTC), optimistic
                     )
                     return await batch.run()
-            except (asyncpg.UniqueViolationError, _KeyStored):
+            except asyncpg.UniqueViolationError as error:
+                if error.constraint_name not in _key_constraints:
+                    raise  # a broken invariant, not a stored key
                 # A key was stored already, or a concurrent batch took it first.
+                optimistic = False
+            except _KeyStored:
                 optimistic = False
             except _retryable_database_errors:
                 continue
@@ -670,6 +678,10 @@ class _Batch:
         self.optimistic = optimistic
         # When the holds the batch resolves were placed.
         self.hold_created_at: dict[int, datetime] = {}
+        # Each operation's request digest (set with its keys), and each locked wallet's
+        # balances as read (set with the locks).
+        self.hashes: list[bytes] = []
+        self.original: dict[int, tuple[int, int]] = {}
 
     async def run(self) -> list[Applied | errors.CofferError]:
         operations = self.operations
@@ -715,9 +727,15 @@ class _Batch:
         lapsed = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
 
-        expiries: list[rules.Outcome] = [rules.apply(book, expiry, self.now) for expiry in lapsed]
+        try:
+            expiries: list[rules.Outcome] = [
+                rules.apply(book, expiry, self.now) for expiry in lapsed
+            ]
+        except errors.CofferError as error:
+            # A lapsed hold, locked and open, always expires.
+            raise AssertionError(f"a lapsed hold did not expire: {error}") from error
         outcomes = rules.apply_all(book, operations, self.now, settled)
-        refused = _refusals(operations, outcomes, settled)
+        refused = rules.kept_refusals(operations, outcomes, settled)
         await self._check_keys_free(fresh, refused, ahead)
         if refused:
             await self._record_refusals(refused, outcomes)
@@ -767,8 +785,11 @@ class _Batch:
         if self.optimistic:
             return settled, replays, duplicates
         rows = await self.connection.fetch(_select_stored_keys, *_key_columns(first))
-        for row in rows:
+        # Successes last: where a key holds both (see the module's note on a request naming
+        # what is being created at that very moment), the success, which moved money, wins.
+        for row in sorted(rows, key=lambda row: row["operation_id"] is not None):
             index = first[(row["caller"], row["idempotency_key"])]
+            replays.pop(index, None)
             if row["request_hash"] != hashes[index]:
                 settled[index] = _key_reused(row["idempotency_key"])
             elif row["operation_id"] is None:
@@ -904,13 +925,17 @@ class _Batch:
             from pending_holds h
             join transfers t on t.id = h.transfer_id
             where h.transfer_id = any($1::bigint[])
-               or (h.source_wallet_id = any($2::bigint[]) and h.expires_at <= $3)
+               or h.transfer_id in (
+                   select transfer_id from pending_holds
+                   where source_wallet_id = any($2::bigint[]) and expires_at <= $3
+                   order by expires_at limit $4)
             order by h.transfer_id
             for update of h
             """,
             ids,
             held,
             self.now,
+            expiry_batch_max,
         )
         open_holds = {row["transfer_id"]: row for row in rows}
         resolutions: dict[int, TransferKind] = {}
@@ -1196,40 +1221,13 @@ _hold_status = {
 }
 
 
+# The unique indexes that find an idempotency key stored already (migrations 0001, 0002).
+_key_constraints = frozenset({"transfers_idempotency", "refusals_pkey"})
+
+
 class _KeyStored(Exception):
     """A key the batch took for new was stored by then: the batch starts over, looking its
     keys up first."""
-
-
-def _refusals(
-    operations: Sequence[Operation | Rejected],
-    outcomes: Sequence[rules.Outcome],
-    settled: Mapping[int, errors.CofferError | None],
-) -> list[int]:
-    """The operations refused anew, whose refusals are to be kept under their keys. A chain
-    that failed for a reason other than a refusal (an invalid operation, a reused key) never
-    ran: none of its refusals is kept. The ledger's own operations (hold expiry) are retried
-    by design, and not kept either."""
-    refused: list[int] = []
-    start = 0
-    for end, operation in enumerate(operations):
-        if operation.linked:
-            continue
-        chain = range(start, end + 1)
-        start = end + 1
-        failures = [outcomes[index] for index in chain if isinstance(outcomes[index], Exception)]
-        if not failures or not all(
-            isinstance(failure, errors.CofferError) and failure.refusal for failure in failures
-        ):
-            continue
-        refused.extend(
-            index
-            for index in chain
-            if index not in settled
-            and not isinstance(operations[index], Rejected)
-            and operations[index].caller != system_caller  # type: ignore[union-attr]
-        )
-    return refused
 
 
 def _key_columns(keys: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:

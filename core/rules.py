@@ -11,7 +11,7 @@ updates the book. Each function runs its checks first, then — after the line
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -150,26 +150,21 @@ def apply_all(
     """Applies operations in order. The indexes in `settled` were settled before: with None,
     elsewhere (a replay), succeeding with nothing to write; with an error, failing with it.
     A failing operation fails only itself, unless it is in a linked chain: then the whole
-    chain is undone, the failing operation keeps its error and the others fail with
+    chain is undone, the failing operation keeps its error, those after it that are invalid
+    or were settled with an error keep theirs, and the others fail with
     LinkedOperationFailed."""
     settled = settled or {}
     outcomes: list[Outcome] = []
-    count = len(operations)
-    start = 0
-    while start < count:
-        end = start
-        while end < count and operations[end].linked:
-            end += 1
-        if end == count:
+    for chain_indexes in chains(operations):
+        start, end = chain_indexes.start, chain_indexes.stop - 1
+        if operations[end].linked:
             # A chain left open by the batch's last operation.
-            outcomes.extend(_linked_failed() for _ in range(start, count - 1))
-            outcomes.append(
-                errors.InvalidArgument("linked", "the last operation of a batch cannot be linked")
-            )
+            outcomes.extend(_linked_failed() for _ in range(start, end))
+            outcomes.append(_open_chain())
             break
         book.undo = [] if end > start else None
         chain: list[Outcome] = []
-        for index in range(start, end + 1):
+        for index in chain_indexes:
             operation = operations[index]
             if isinstance(operation, Rejected):
                 error = operation.error
@@ -192,15 +187,51 @@ def apply_all(
                     outcome if isinstance(outcome, errors.CofferError) else _linked_failed()
                     for outcome in chain
                 ]
-                # The rest fail with it, but those that failed before keep that answer.
                 chain.extend(
-                    settled.get(later) or _linked_failed() for later in range(index + 1, end + 1)
+                    _failed_with_chain(operations, settled, later)
+                    for later in range(index + 1, end + 1)
                 )
                 break
         book.undo = None
         outcomes.extend(chain)
-        start = end + 1
     return outcomes
+
+
+def chains(operations: Sequence[Operation | Rejected]) -> Iterator[range]:
+    """The indexes of each linked chain of a batch, in order: a chain runs up to and with
+    the first operation not linked (a lone operation is a chain of one). The last chain is
+    left open when the batch ends linked."""
+    start = 0
+    for index, operation in enumerate(operations):
+        if not operation.linked:
+            yield range(start, index + 1)
+            start = index + 1
+    if start < len(operations):
+        yield range(start, len(operations))
+
+
+def kept_refusals(
+    operations: Sequence[Operation | Rejected],
+    outcomes: Sequence[Outcome],
+    settled: Mapping[int, errors.CofferError | None],
+) -> list[int]:
+    """The operations refused anew whose refusals are kept under their keys, so that a retry
+    gets the same answer: refusals for a reason of state (`CofferError.refusal`). A chain
+    that failed for any other reason (an invalid operation, a reused key) never ran: none of
+    its answers is kept. Hold expiry is the ledger's own, retried by design: never kept."""
+    kept: list[int] = []
+    for chain in chains(operations):
+        failures = [outcomes[index] for index in chain if isinstance(outcomes[index], Exception)]
+        if not failures or not all(
+            isinstance(failure, errors.CofferError) and failure.refusal for failure in failures
+        ):
+            continue
+        kept.extend(
+            index
+            for index in chain
+            if index not in settled and not isinstance(operations[index], Rejected | ExpireHold)
+        )
+    return kept
 
 
 def seal(operations: Sequence[Operation | Rejected]) -> list[Operation | Rejected]:
@@ -208,9 +239,7 @@ def seal(operations: Sequence[Operation | Rejected]) -> list[Operation | Rejecte
     chain left open), is rejected, and so fails its chain."""
     sealed = list(operations)
     if sealed and sealed[-1].linked:
-        sealed[-1] = Rejected(
-            errors.InvalidArgument("linked", "the last operation of a batch cannot be linked")
-        )
+        sealed[-1] = Rejected(_open_chain())
     return sealed
 
 
@@ -251,6 +280,23 @@ def expected_posting(
                 operation.amount,
             )
     return None
+
+
+def _failed_with_chain(
+    operations: Sequence[Operation | Rejected],
+    settled: Mapping[int, errors.CofferError | None],
+    index: int,
+) -> errors.CofferError:
+    """The answer of an operation after the one that failed its chain: its own error if it
+    is invalid or failed before, else LinkedOperationFailed."""
+    operation = operations[index]
+    if isinstance(operation, Rejected):
+        return operation.error
+    return settled.get(index) or _linked_failed()
+
+
+def _open_chain() -> errors.CofferError:
+    return errors.InvalidArgument("linked", "the last operation of a batch cannot be linked")
 
 
 def _linked_failed() -> errors.CofferError:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 import pytest_asyncio
 
@@ -23,6 +25,7 @@ from coffer.core.model import (
     OwnerKind,
     Payment,
     PlaceHold,
+    Rejected,
     ReleaseHold,
     TransferKind,
     Unit,
@@ -361,6 +364,47 @@ async def test_batch_failures_are_independent_unless_linked(ledger: Ledger) -> N
     assert await balance(ledger, customer) == (90, 0)
     assert await balance(ledger, other) == (0, 0)
     await assert_books_balance(ledger)
+
+
+async def test_a_chain_failed_by_an_invalid_operation_is_not_kept(ledger: Ledger) -> None:
+    """It never ran: the invalid operation answers with its own error wherever it stands in
+    the chain, and no answer of the chain is kept under its key."""
+    customer = await wallet(ledger)
+    invalid = errors.InvalidArgument("amount", "must be positive")
+    for linked_first in (True, False):
+        debit = Debit(idempotency_key=key(), wallet_id=customer, amount=50, linked=linked_first)
+        rejected = Rejected(invalid, linked=not linked_first)
+        chain = [debit, rejected] if linked_first else [rejected, debit]
+        outcomes = await ledger.apply(chain)
+        assert invalid in outcomes
+        assert {type(outcome) for outcome in outcomes} <= {
+            errors.InvalidArgument,
+            errors.InsufficientFunds,
+            errors.LinkedOperationFailed,
+        }
+        await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=50))
+        # The same request (being linked is not part of it), alone.
+        applied = await one(ledger, dataclasses.replace(debit, linked=False))
+        assert not applied.replayed
+
+
+async def test_an_unexpected_unique_violation_is_a_bug_not_a_stored_key(
+    ledger: Ledger, database_url: str
+) -> None:
+    """Only the key indexes make a batch start over; any other unique index that fires is a
+    broken invariant, raised as it is (the server answers INTERNAL), never retried."""
+    customer = await wallet(ledger)
+    administration = await asyncpg.connect(database_url)
+    try:
+        await administration.execute(
+            "create unique index amount_77 on transfers (amount) where amount = 77"
+        )
+    finally:
+        await administration.close()
+    credits = [Credit(idempotency_key=key(), wallet_id=customer, amount=77) for _ in range(2)]
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await ledger.apply(credits)
+    assert await balance(ledger, customer) == (0, 0)
 
 
 async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger) -> None:

@@ -1447,11 +1447,13 @@ class LedgerMachine(RuleBasedStateMachine):
                 else:
                     violations, postings = trial.step(item, self.now)
                 if violations:
-                    # The others fail with it; those after it that failed before keep
-                    # that answer.
+                    # The others fail with it; those after it that are invalid or failed
+                    # before keep that answer.
                     results = [
                         violations
                         if other == member
+                        else {type(entries[other].error)}  # type: ignore[union-attr]
+                        if other > member and isinstance(entries[other], Rejected)
                         else {type(settled[other])}
                         if other > member and settled.get(other) is not None
                         else {errors.LinkedOperationFailed}
