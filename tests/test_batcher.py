@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import lock_waiters
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger, create_pool
@@ -159,7 +160,7 @@ async def test_single_calls_pass_queued_batches(
                 asyncio.ensure_future(batcher.submit_all(credits(f"b{n}-", slow, 100)))
                 for n in range(3)
             ]
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url)
             assert batcher.queued == 200
             # Single calls go by their own lane: applied while the batches wait.
             transfers = [
@@ -191,7 +192,7 @@ async def test_batch_calls_leave_room_for_single_calls(
     try:
         async with locked(database_url, slow):
             applying = asyncio.ensure_future(batcher.submit_all(credits("a", slow, 10)))
-            await asyncio.sleep(0.1)  # taken into a batch: waits for the lock
+            await lock_waiters(database_url)  # taken into a batch: waits for the lock
             queued = asyncio.ensure_future(batcher.submit_all(credits("b", slow, 10)))
             await asyncio.sleep(0)
             assert batcher.queued == 10
@@ -205,7 +206,7 @@ async def test_batch_calls_leave_room_for_single_calls(
                 asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
                 for operation in operations[:10]
             ]
-            await asyncio.sleep(0.1)  # taken into a batch: waits for the lock
+            await lock_waiters(database_url, 2)  # taken into a batch: waits for a lock
             assert batcher.queued == 10
             singles += [
                 asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
@@ -231,11 +232,11 @@ async def test_calls_whose_deadline_passed_are_not_applied(
             # Both applying, waiting for the lock (the batch call first: none starts while
             # single calls are being applied).
             first_batch = asyncio.ensure_future(batcher.submit_all(credits("first-", wallet, 2)))
-            await asyncio.sleep(0.05)
+            await lock_waiters(database_url)
             first = asyncio.ensure_future(
                 batcher.submit(Credit(idempotency_key="first", wallet_id=wallet, amount=1))
             )
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url, 2)
             late = [
                 asyncio.ensure_future(
                     batcher.submit(
@@ -285,7 +286,7 @@ async def test_an_unknown_failure_fails_the_whole_batch_as_internal(
             first = asyncio.ensure_future(
                 batcher.submit(Credit(idempotency_key="first", wallet_id=wallet, amount=1))
             )
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url)
             # Coalesced into the next batch, one of them trips the constraint.
             calls = [
                 asyncio.ensure_future(
