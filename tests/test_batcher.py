@@ -30,6 +30,7 @@ from coffer.core.model import (
     WalletTransfer,
 )
 from coffer.server.batcher import Batcher, retry_after_ms_max, retry_after_ms_min
+from coffer.server.settings import batch_wait_ms_max
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -180,6 +181,48 @@ async def test_single_calls_pass_queued_batches(
             assert len(await call) == 100
         assert (await ledger.get_wallet(slow)).balance.posted == 300
         assert (await ledger.get_wallet(target)).balance.posted == 50
+    finally:
+        await batcher.close()
+
+
+async def test_a_small_batch_lingers_for_more(ledger_and_wallet: tuple[Ledger, int]) -> None:
+    ledger, wallet = ledger_and_wallet
+    batcher = Batcher(ledger.apply, batch_wait_s=batch_wait_ms_max / 1000)
+    try:
+        [first, second] = credits("s", wallet, 2)
+        early = asyncio.ensure_future(batcher.submit(first))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 1  # lingering, not applied alone
+        late = asyncio.ensure_future(batcher.submit(second))  # type: ignore[arg-type]
+        await asyncio.gather(early, late)
+        assert batcher.batches_applied == 1
+    finally:
+        await batcher.close()
+
+
+async def test_a_lingering_batch_call_does_not_hold_up_single_calls(
+    ledger_and_wallet: tuple[Ledger, int],
+) -> None:
+    ledger, wallet = ledger_and_wallet
+    batch_wait_s = batch_wait_ms_max / 1000
+    batcher = Batcher(ledger.apply, batch_size_max=5, batch_wait_s=batch_wait_s)
+    try:
+        batch_call = asyncio.ensure_future(batcher.submit_all(credits("b", wallet, 3)))
+        await asyncio.sleep(0)  # queued: its lane lingers for more
+        # A full batch of single calls is taken at once, while the batch call still lingers.
+        singles = [
+            asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
+            for operation in credits("s", wallet, 5)
+        ]
+        await asyncio.sleep(0)
+        assert batcher.queued == 8
+        async with asyncio.timeout(batch_wait_s / 2):
+            while batcher.queued != 3:
+                await asyncio.sleep(0.001)
+        assert len(await asyncio.gather(*singles)) == 5
+        assert not batch_call.done()
+        assert len(await batch_call) == 3
+        assert (await ledger.get_wallet(wallet)).balance.posted == 8
     finally:
         await batcher.close()
 
