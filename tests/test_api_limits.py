@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,6 +22,20 @@ from coffer.server.admission import request_bytes_max, request_bytes_small_max
 from coffer.server.app import Server, Settings, services_described
 
 Code = grpc.StatusCode
+
+
+def test_the_api_states_the_batch_limits() -> None:
+    """SubmitBatch's comment gives both of its limits, as the server defines them."""
+    proto = Path(__file__).resolve().parent.parent / "protos/coffer/v1/transfers.proto"
+    lines = proto.read_text().splitlines()
+    end = next(n for n, line in enumerate(lines) if "rpc SubmitBatch(" in line)
+    start = end
+    while lines[start - 1].strip().startswith("//"):
+        start -= 1
+    comment = " ".join(line.strip().removeprefix("//").strip() for line in lines[start:end])
+    assert f"Up to {batch_operations_max:,} operations" in comment, comment
+    assert f"at most {request_bytes_max:,} bytes" in comment, comment
+    assert "RESOURCE_EXHAUSTED, without ErrorInfo" in comment, comment
 
 
 async def test_concurrent_groups_past_the_ledger_maximum_are_split(
