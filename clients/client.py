@@ -8,9 +8,12 @@ Every call:
 - sends the caller's name in the `coffer-caller` metadata (idempotency keys are scoped to it;
   `caller=`, "default" if not given; what a caller may be is `coffer.clients.caller`);
 - has a deadline, `timeout_s` from its start, which covers its retries too;
-- retries UNAVAILABLE and RESOURCE_EXHAUSTED (OVERLOADED) up to `retries_max` times with
-  exponential backoff and jitter (waiting at least the server's retry-after hint), resending
-  the same request, hence the same idempotency key;
+- retries what is worth retrying (`error.retryable`: UNAVAILABLE, OVERLOADED, and
+  DEADLINE_EXCEEDED) up to `retries_max` times with exponential backoff and jitter (waiting
+  at least the server's retry-after hint), resending the same request, hence the same
+  idempotency key, and never past the deadline: a DEADLINE_EXCEEDED, the client's own or the
+  server's (it dropped an operation unapplied when the deadline it was given passed), comes
+  when the deadline has passed, so it is raised at once;
 - raises the typed errors of `coffer.clients.errors`.
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
@@ -47,7 +50,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from coffer.clients.caller import caller_metadata_key, check_caller
-from coffer.clients.errors import Overloaded, Unavailable, from_rpc_error
+from coffer.clients.errors import Overloaded, from_rpc_error
 from coffer.clients.v1 import (
     holds_pb2,
     holds_pb2_grpc,
@@ -932,7 +935,9 @@ class Client:
         request: RequestT,
     ) -> ResponseT:
         """Sends the request, and again (the same request) while it fails with an error worth
-        retrying, there are retries left and the backoff ends before the deadline."""
+        retrying (`retryable`), there are retries left and the backoff ends before the
+        deadline. The server is given the time left as its deadline, so its
+        DEADLINE_EXCEEDED, like gRPC's own, means that none is left: raised at once."""
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
@@ -948,7 +953,7 @@ class Client:
                 if isinstance(error, Overloaded) and error.retry_after_ms:
                     backoff_s = max(backoff_s, error.retry_after_ms / 1000)
                 if (
-                    not isinstance(error, Unavailable | Overloaded)
+                    not error.retryable
                     or attempt >= self.retries_max
                     or time.monotonic() + backoff_s >= deadline
                 ):

@@ -33,7 +33,8 @@ Catch classes, never parse messages.
                                  UNKNOWN, UNIMPLEMENTED, …
 
 `retryable` says whether sending the same request again, with the same idempotency key, may
-succeed. The client retries Unavailable and Overloaded itself, within the call's deadline.
+succeed. The client retries every retryable error itself, within the call's deadline (which
+a DeadlineExceeded says has passed: that one it raises at once; retry it with a new call).
 """
 
 from __future__ import annotations

@@ -175,7 +175,7 @@ class NewWallet:
         check_text("owner_id", self.owner_id, owner_id_length_max, required=True)
         if self.owner_kind not in (OwnerKind.customer, OwnerKind.merchant):
             raise InvalidArgument("owner_kind", "must be customer or merchant")
-        _check_unit_code("unit", self.unit)
+        check_unit_code("unit", self.unit)
         if not balance_min <= self.balance_minimum <= 0:
             raise InvalidArgument("balance_minimum", "must be 0 or negative (an overdraft)")
         _check_metadata(self.metadata)
@@ -437,7 +437,7 @@ def check_text(name: str, value: str, length_max: int, *, required: bool = False
         raise InvalidArgument(name, "must not contain NUL characters")
 
 
-def _check_unit_code(name: str, value: str) -> None:
+def check_unit_code(name: str, value: str) -> None:
     if not value:
         raise InvalidArgument(name, "is required")
     if not unit_code_pattern.fullmatch(value):

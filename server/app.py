@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 import asyncpg
 import grpc
@@ -30,20 +29,12 @@ from grpc_reflection.v1alpha import reflection
 
 from coffer.clients.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 from coffer.core import errors
-from coffer.core.ledger import (
-    Ledger,
-    batch_operations_max,
-    create_pool,
-    lock_timeout_s_default,
-    ping,
-    pool_size_max,
-    statement_timeout_s_default,
-    timeout_s_max,
-)
+from coffer.core.ledger import Ledger, create_pool, ping
 from coffer.core.migrate import migrate
 
 from . import admission, services
 from .batcher import Batcher
+from .settings import Settings, calls_max_limit
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +48,8 @@ grpc_calls_factor = 2
 # Calls at once on one connection (past them, callers wait, and calls racing in as others
 # end are refused with UNAVAILABLE), and calls not yet taken before gRPC refuses them all:
 grpc_streams_factor = 4
+# gRPC takes them as 32-bit integers.
+assert grpc_streams_factor * calls_max_limit < 2**31
 
 services_described = (
     units_pb2.DESCRIPTOR.services_by_name["UnitService"],
@@ -65,112 +58,6 @@ services_described = (
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
 )
 service_names = tuple(service.full_name for service in services_described)
-
-
-# The longest a small batch may wait for more operations (the batcher's own bound).
-batch_wait_ms_max = 1000
-
-
-class SettingsError(ValueError):
-    """A setting out of the bounds of what it feeds; `setting` names it."""
-
-    def __init__(self, setting: str, problem: str) -> None:
-        super().__init__(f"{setting} {problem}")
-        self.setting = setting
-        self.problem = problem
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """What a server runs with; checked when made (SettingsError), so a bad value stops the
-    server at start with a clear message rather than failing calls later."""
-
-    database_url: str
-    listen: str = "127.0.0.1:50051"
-    # Connections to PostgreSQL for writes: batches in flight at once, units, wallets.
-    pool_size: int = 8
-    # Connections for queries (gets, lists, histories), apart from the writes' ones.
-    pool_size_read: int = 4
-    # A statement running longer, or waiting longer for a lock, fails its call with
-    # UNAVAILABLE; so does a database that does not answer for about as long, and a wait for a
-    # free connection.
-    statement_timeout_s: float = statement_timeout_s_default
-    lock_timeout_s: float = lock_timeout_s_default
-    # Operations coalesced into one batch: at most the ledger's batch_operations_max.
-    batch_size_max: int = 1000
-    batch_wait_ms: float = 0.0
-    # Operations waiting for a batch: at least one batch of them.
-    queue_max: int = 50_000
-    # Coalesced batches at once, when there is a backlog, of single calls and of batch calls
-    # each (each batch on a connection of its own): at most half of pool_size.
-    batch_workers: int = 2
-    # Request bytes in progress at once (decoded, queued or being applied), and calls: past
-    # either, calls are refused with OVERLOADED before their request is decoded. At least two
-    # of the largest requests (one of them kept for single calls and reads).
-    queued_bytes_max: int = 16 * 1024 * 1024
-    calls_max: int = 4096
-    # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
-    # connections among them).
-    reuse_port: bool = False
-    hold_expiry_interval_s: float = 1.0
-    health_check_interval_s: float = 1.0
-    health_check_timeout_s: float = 1.0
-    shutdown_grace_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("pool_size", 2 <= self.pool_size <= pool_size_max, f"must be 2 to {pool_size_max}"),
-            (
-                "pool_size_read",
-                1 <= self.pool_size_read <= pool_size_max,
-                f"must be 1 to {pool_size_max}",
-            ),
-            (
-                "statement_timeout_s",
-                0 < self.statement_timeout_s <= timeout_s_max,
-                f"must be more than 0 and at most {timeout_s_max:g}",
-            ),
-            (
-                "lock_timeout_s",
-                0 < self.lock_timeout_s <= timeout_s_max,
-                f"must be more than 0 and at most {timeout_s_max:g}",
-            ),
-            (
-                "batch_size_max",
-                1 <= self.batch_size_max <= batch_operations_max,
-                f"must be 1 to {batch_operations_max} (the most operations the ledger applies "
-                "in one transaction)",
-            ),
-            (
-                "batch_wait_ms",
-                0 <= self.batch_wait_ms <= batch_wait_ms_max,
-                f"must be 0 to {batch_wait_ms_max}",
-            ),
-            (
-                "queue_max",
-                self.queue_max >= self.batch_size_max,
-                f"must be at least batch_size_max ({self.batch_size_max})",
-            ),
-            (
-                "batch_workers",
-                1 <= 2 * self.batch_workers <= self.pool_size,
-                f"must be 1 to half of pool_size ({self.pool_size}): single calls and batch "
-                "calls each run up to that many batches at once, each on a connection",
-            ),
-            (
-                "queued_bytes_max",
-                self.queued_bytes_max >= 2 * admission.request_bytes_max,
-                f"must be at least twice the largest request ({admission.request_bytes_max} bytes)",
-            ),
-            ("calls_max", self.calls_max >= 1, "must be 1 or more"),
-            ("hold_expiry_interval_s", self.hold_expiry_interval_s > 0, "must be positive"),
-            ("health_check_interval_s", self.health_check_interval_s > 0, "must be positive"),
-            ("health_check_timeout_s", self.health_check_timeout_s > 0, "must be positive"),
-            ("shutdown_grace_s", self.shutdown_grace_s >= 0, "must not be negative"),
-        ]
-        for setting, passed, problem in checks:
-            if not passed:
-                raise SettingsError(setting, f"{problem}, not {getattr(self, setting)}")
 
 
 class Server:

@@ -21,13 +21,16 @@ Within a lane:
   batches beside those running, up to `workers` at once (so up to twice `workers` batches
   in all, each on a connection of its own);
 - `batch_wait_s` lets a batch that would start alone and small linger for more first (0:
-  never).
+  never). A lane lingers on its own: the other lane is dispatched meanwhile, so a single
+  call never waits for a batch call's lingering (only for its own lane's).
 
 The queue is bounded: past `queue_max` waiting operations, a call fails at once with
 Overloaded (with a retry-after hint: the time the queue takes to drain at the rate of the
 last batches) instead of letting latency and memory grow. Batch calls may fill it up to
-`queue_max - batch_size_max` (but a batch call is always taken into an empty lane); the
-rest is kept for single calls.
+`queue_max - batch_size_max`; the rest is kept for single calls. One exception: a call into
+an empty lane is always taken (else a batch call larger than the room left would never be),
+so the queue may hold `queue_max` plus one call's operations: at most `queue_max +
+batch_operations_max`.
 
 A call passes its deadline (the time its caller has left). A group whose caller went away
 (cancelled, or its deadline passed) is dropped from the queue, never applied: at once when
@@ -52,12 +55,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from coffer.core import errors
+from coffer.core.ledger import batch_operations_max
 from coffer.core.model import Applied, Operation, Rejected
+
+from .settings import (
+    batch_size_max_default,
+    batch_wait_ms_max,
+    batch_workers_default,
+    queue_max_default,
+)
 
 logger = logging.getLogger(__name__)
 
-Outcome = Applied | errors.CofferError
-Apply = Callable[[Sequence[Operation | Rejected]], Awaitable[list[Outcome]]]
+# What a call gets for each of its operations: applied, or refused.
+Answer = Applied | errors.CofferError
+Apply = Callable[[Sequence[Operation | Rejected]], Awaitable[list[Answer]]]
 
 # Bounds of the retry-after hint given with Overloaded.
 retry_after_ms_min = 10
@@ -69,7 +81,7 @@ class _Group:
     operations: Sequence[Operation | Rejected]
     # The loop time past which its caller no longer waits; None: no deadline.
     deadline: float | None
-    future: asyncio.Future[list[Outcome]] = field(
+    future: asyncio.Future[list[Answer]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     # In its lane's queue and counted there: until taken into a batch or dropped.
@@ -83,6 +95,8 @@ class _Lane:
     running: set[asyncio.Task[None]] = field(default_factory=set)
     # Operations applied per second, smoothed over the last batches; 0 before the first.
     rate_per_s: int = 0
+    # The loop time until which a small batch waits for more (batch_wait_s), once it does.
+    lingering_until: float | None = None
 
     def drain_ms(self) -> int:
         """How long the queued operations should take to apply, at the last batches' rate."""
@@ -94,12 +108,13 @@ class Batcher:
         self,
         apply: Apply,
         *,
-        batch_size_max: int = 1000,
+        batch_size_max: int = batch_size_max_default,
         batch_wait_s: float = 0.0,
-        queue_max: int = 50_000,
-        workers: int = 2,
+        queue_max: int = queue_max_default,
+        workers: int = batch_workers_default,
     ) -> None:
-        assert 0 < batch_size_max <= queue_max and 0 <= batch_wait_s <= 1 and workers > 0
+        assert 0 < batch_size_max <= min(queue_max, batch_operations_max), batch_size_max
+        assert 0 <= batch_wait_s * 1000 <= batch_wait_ms_max and workers > 0
         self._apply = apply
         self._batch_size_max = batch_size_max
         self._batch_wait_s = batch_wait_s
@@ -125,19 +140,19 @@ class Batcher:
 
     async def submit(self, operation: Operation, time_remaining_s: float | None = None) -> Applied:
         """Applies one operation; raises its error."""
-        [outcome] = await self.submit_all([operation], time_remaining_s)
-        if isinstance(outcome, errors.CofferError):
-            raise outcome
-        return outcome
+        [answer] = await self.submit_all([operation], time_remaining_s)
+        if isinstance(answer, errors.CofferError):
+            raise answer
+        return answer
 
     async def submit_all(
         self, operations: Sequence[Operation | Rejected], time_remaining_s: float | None = None
-    ) -> list[Outcome]:
-        """Applies a group of operations, in order, within one batch; one outcome each.
+    ) -> list[Answer]:
+        """Applies a group of operations, in order, within one batch; one answer each.
         `time_remaining_s` is how long the caller waits (None: no deadline). Raises what
         failed the batch as a whole (Unavailable, Internal…), Overloaded, or
         DeadlineExceeded."""
-        assert operations
+        assert 0 < len(operations) <= batch_operations_max, len(operations)
         if self._closing:
             raise errors.Unavailable("the server is shutting down")
         count = len(operations)
@@ -182,6 +197,7 @@ class Batcher:
         await self._dispatcher
 
     async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -191,13 +207,12 @@ class Batcher:
             if self._batches_turn:
                 lanes = (self._batches, self._singles)
             for lane in lanes:
+                if not lane.queued:
+                    lane.lingering_until = None
                 while self._may_start(lane):
-                    if (
-                        self._batch_wait_s
-                        and not lane.running
-                        and lane.queued < self._batch_size_max
-                    ):
-                        await asyncio.sleep(self._batch_wait_s)
+                    if self._lingers(lane, loop.time()):
+                        break
+                    lane.lingering_until = None
                     groups = self._take(lane)
                     if not groups:
                         continue
@@ -207,6 +222,22 @@ class Batcher:
                     task = asyncio.create_task(self._run(lane, groups))
                     lane.running.add(task)
                     task.add_done_callback(self._returned(lane, alone))
+
+    def _lingers(self, lane: _Lane, now: float) -> bool:
+        """Whether the lane's next batch, which would start alone and small, waits for more
+        first (batch_wait_s). It waits without blocking the dispatcher: the other lane is
+        dispatched meanwhile, and a timer wakes the dispatcher when the wait ends."""
+        if (
+            not self._batch_wait_s
+            or self._closing
+            or lane.running
+            or lane.queued >= self._batch_size_max
+        ):
+            return False
+        if lane.lingering_until is None:
+            lane.lingering_until = now + self._batch_wait_s
+            asyncio.get_running_loop().call_at(lane.lingering_until, self._wake.set)
+        return now < lane.lingering_until
 
     def _may_start(self, lane: _Lane) -> bool:
         if not lane.queued:
@@ -266,7 +297,7 @@ class Batcher:
         operations = [operation for group in groups for operation in group.operations]
         started_ns = time.monotonic_ns()
         try:
-            outcomes = await self._apply(operations)
+            answers = await self._apply(operations)
         except errors.CofferError as error:
             self._fail(groups, error)
             return
@@ -290,7 +321,7 @@ class Batcher:
         for group in groups:
             end = start + len(group.operations)
             if not group.future.done():  # else the caller went away
-                group.future.set_result(outcomes[start:end])
+                group.future.set_result(answers[start:end])
             start = end
 
     @staticmethod

@@ -14,17 +14,15 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import uvloop
 
-from coffer.core.ledger import batch_operations_max, pool_size_max, timeout_s_max
 from coffer.core.migrate import migrate
 
-from .admission import request_bytes_max
-from .app import Server, Settings, SettingsError, batch_wait_ms_max
+from .app import Server
 from .embedded import EmbeddedPostgres, EmbeddedPostgresError, default_data_dir, supervise
+from .settings import Settings, SettingsError, listen_default
 
 logger = logging.getLogger("coffer")
 
@@ -96,13 +94,14 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument(
         "--listen",
-        default=os.environ.get("COFFER_LISTEN", "127.0.0.1:50051"),
-        help="address to serve gRPC on (env COFFER_LISTEN; default 127.0.0.1:50051)",
+        default=os.environ.get("COFFER_LISTEN", listen_default),
+        help=f"address to serve gRPC on (env COFFER_LISTEN; default {listen_default})",
     )
+    # The flags' values are parsed here and checked by Settings, in one place (`_settings`).
     defaults = Settings(database_url="")
     serve.add_argument(
         "--pool-size",
-        type=_bounded(int, 2, pool_size_max),
+        type=int,
         default=defaults.pool_size,
         metavar="N",
         help="database connections for writes, at least twice --batch-workers "
@@ -110,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--pool-size-read",
-        type=_bounded(int, 1, pool_size_max),
+        type=int,
         default=defaults.pool_size_read,
         metavar="N",
         help="database connections for queries, apart from the writes' "
@@ -118,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--statement-timeout-s",
-        type=_bounded(float, 0, timeout_s_max),
+        type=float,
         default=defaults.statement_timeout_s,
         metavar="S",
         help="a statement running longer, or a database not answering as long, fails the call "
@@ -126,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--lock-timeout-s",
-        type=_bounded(float, 0, timeout_s_max),
+        type=float,
         default=defaults.lock_timeout_s,
         metavar="S",
         help="a wait for a lock longer than this fails the call with UNAVAILABLE "
@@ -136,42 +135,48 @@ def _parser() -> argparse.ArgumentParser:
         "--batch-size-max",
         type=int,
         default=defaults.batch_size_max,
+        metavar="N",
         help="most operations coalesced into one database transaction "
-        f"(1 to {batch_operations_max})",
+        f"(default {defaults.batch_size_max})",
     )
     serve.add_argument(
         "--batch-wait-ms",
         type=float,
         default=defaults.batch_wait_ms,
-        help=f"how long a batch may wait for more operations (0 to {batch_wait_ms_max}; "
-        "default 0: never)",
+        metavar="MS",
+        help="how long a small batch may wait for more operations (default 0: never)",
     )
     serve.add_argument(
         "--batch-workers",
         type=int,
         default=defaults.batch_workers,
-        help="coalesced batches applied at once, of single calls and of batch calls each "
-        "(1 to half of --pool-size)",
+        metavar="N",
+        help="coalesced batches applied at once, of single calls and of batch calls each, "
+        f"at most half of --pool-size (default {defaults.batch_workers})",
     )
     serve.add_argument(
         "--queue-max",
         type=int,
         default=defaults.queue_max,
-        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED "
-        "(at least --batch-size-max)",
+        metavar="N",
+        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED, at least "
+        f"--batch-size-max (default {defaults.queue_max})",
     )
     serve.add_argument(
         "--queued-bytes-max",
         type=int,
         default=defaults.queued_bytes_max,
+        metavar="N",
         help="request bytes in progress at once before calls get RESOURCE_EXHAUSTED "
-        f"(at least {2 * request_bytes_max})",
+        f"(default {defaults.queued_bytes_max})",
     )
     serve.add_argument(
         "--calls-max",
         type=int,
         default=defaults.calls_max,
-        help="calls in progress at once before calls get RESOURCE_EXHAUSTED (1 or more)",
+        metavar="N",
+        help="calls in progress at once before calls get RESOURCE_EXHAUSTED "
+        f"(default {defaults.calls_max})",
     )
     serve.add_argument(
         "--reuse-port",
@@ -179,22 +184,6 @@ def _parser() -> argparse.ArgumentParser:
         help="set SO_REUSEPORT, so that several servers can listen on one port",
     )
     return parser
-
-
-def _bounded(kind: type[int] | type[float], low: float, high: float) -> Any:
-    """An argument type: a number above `low` (at least it, for integers) and at most `high`."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not (low <= value if kind is int else low < value) or not value <= high:
-            bound = f"from {low}" if kind is int else f"more than {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound} and at most {high:g}: {text}")
-        return value
-
-    return parse
 
 
 @asynccontextmanager
@@ -218,10 +207,10 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
 
 
 def _settings(arguments: argparse.Namespace) -> Settings:
-    """The server's settings from the flags (the database comes later): checked before anything
-    starts."""
+    """The server's settings from the flags, checked before anything starts (the embedded
+    database's URL, when there is no other, comes later)."""
     return Settings(
-        database_url="",
+        database_url=arguments.database_url or "",
         listen=arguments.listen,
         pool_size=arguments.pool_size,
         pool_size_read=arguments.pool_size_read,

@@ -1,8 +1,11 @@
 """Protobuf messages to core values and back; nothing else.
 
-Requests become core operations, whose constructors check every field (raising
-InvalidArgument naming it). Proto3 cannot tell an unset number from zero, so an unset id or
-amount arrives as 0 and is refused by the core as missing.
+The one module that converts requests, and so the one that checks them: requests become core
+values, whose constructors check every field (raising InvalidArgument naming it), and what is
+not a core value (a list's filters, an id to look up, a page token) is checked here, by the
+core's rules where it has them (`model.check_unit_code`, `model.check_text`). Proto3 cannot
+tell an unset number from zero, so an unset id or amount arrives as 0 and is refused as
+missing.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coffer.clients.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
-from coffer.core import errors, model
-from coffer.core.ledger import TransferFilter, page_size_max
+from coffer.core import errors, model, rules
+from coffer.core.ledger import TransferFilter, batch_operations_max, page_size_max
 
 # Requests --------------------------------------------------------------------------------------
 
@@ -33,6 +36,20 @@ def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
         description=request.description,
         scale=request.scale,
     )
+
+
+def unit_code(request: units_pb2.GetUnitRequest) -> str:
+    model.check_unit_code("code", request.code)
+    return request.code
+
+
+def required_id(field: str, value: int) -> int:
+    """An id a request must name (proto3 sends an unset one as 0)."""
+    if value == 0:
+        raise errors.InvalidArgument(field, "is required")
+    if value < 0:
+        raise errors.InvalidArgument(field, "must be a positive id")
+    return value
 
 
 def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.NewWallet:
@@ -202,6 +219,40 @@ def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | mod
         return _operation_builders[which](getattr(pb, which), caller, pb.linked)  # type: ignore[operator]
     except errors.CofferError as error:
         return model.Rejected(error, linked=pb.linked)
+
+
+class WalletFilter(NamedTuple):
+    """ListWallets' filters; None: any."""
+
+    owner_id: str | None
+    owner_kind: model.OwnerKind | None
+    unit: str | None
+
+
+def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
+    model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
+    if request.unit:
+        model.check_unit_code("unit", request.unit)
+    if request.owner_kind and request.owner_kind not in model.OwnerKind.__members__.values():
+        raise errors.InvalidArgument("owner_kind", "is not an owner kind")
+    return WalletFilter(
+        owner_id=request.owner_id or None,
+        owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,
+        unit=request.unit or None,
+    )
+
+
+def batch(
+    request: transfers_pb2.SubmitBatchRequest, caller: str
+) -> list[model.Operation | model.Rejected]:
+    """A batch's operations, as they may be applied (`rules.seal`); one that cannot be built
+    is Rejected, the rest go on."""
+    count = len(request.operations)
+    if not 0 < count <= batch_operations_max:
+        raise errors.InvalidArgument(
+            "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
+        )
+    return rules.seal([operation(each, caller) for each in request.operations])
 
 
 def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilter:

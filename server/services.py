@@ -22,8 +22,8 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core import errors, model, rules
-from coffer.core.ledger import Ledger, batch_operations_max
+from coffer.core import errors, model
+from coffer.core.ledger import Ledger
 
 from . import convert
 from .batcher import Batcher
@@ -81,9 +81,7 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
         self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
     ) -> units_pb2.GetUnitResponse:
         caller_sent(context)
-        if not model.unit_code_pattern.fullmatch(request.code):
-            raise errors.InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
-        unit = await self._ledger.get_unit(request.code)
+        unit = await self._ledger.get_unit(convert.unit_code(request))
         return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
 
     async def ListUnits(
@@ -113,14 +111,14 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         self, request: wallets_pb2.GetWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetWalletResponse:
         caller_sent(context)
-        wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
+        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetBalance(
         self, request: wallets_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.GetBalanceResponse:
         caller_sent(context)
-        wallet = await self._ledger.get_wallet(_id("wallet_id", request.wallet_id))
+        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetBalanceResponse(
             wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
         )
@@ -129,19 +127,12 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.ListWalletsResponse:
         caller_sent(context)
-        model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
-        if request.unit and not model.unit_code_pattern.fullmatch(request.unit):
-            raise errors.InvalidArgument("unit", "is not a unit code")
-        if request.owner_kind not in model.OwnerKind.__members__.values() and request.owner_kind:
-            raise errors.InvalidArgument("owner_kind", "is not an owner kind")
-        owner_id = request.owner_id or None
-        owner_kind = model.OwnerKind(request.owner_kind) if request.owner_kind else None
-        unit = request.unit or None
-        scope = convert.page_scope("wallets", owner_id, owner_kind, unit)
+        where = convert.wallet_filter(request)
+        scope = convert.page_scope("wallets", *where)
         page = await self._ledger.list_wallets(
-            owner_id=owner_id,
-            owner_kind=owner_kind,
-            unit=unit,
+            owner_id=where.owner_id,
+            owner_kind=where.owner_kind,
+            unit=where.unit,
             page_size=convert.page_size(request.page_size),
             after_id=convert.cursor(request.page_token, scope) or 0,
         )
@@ -154,7 +145,9 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         self, request: wallets_pb2.CancelWalletRequest, context: grpc.aio.ServicerContext
     ) -> wallets_pb2.CancelWalletResponse:
         caller_of(context)
-        wallet = await self._ledger.cancel_wallet(_id("wallet_id", request.wallet_id))
+        wallet = await self._ledger.cancel_wallet(
+            convert.required_id("wallet_id", request.wallet_id)
+        )
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
 
 
@@ -213,25 +206,21 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.SubmitBatchResponse:
-        caller = caller_of(context)
-        count = len(request.operations)
-        if not 0 < count <= batch_operations_max:
-            raise errors.InvalidArgument(
-                "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
-            )
-        operations = rules.seal([convert.operation(each, caller) for each in request.operations])
-        outcomes = await self._batcher.submit_all(operations, context.time_remaining())
+        operations = convert.batch(request, caller_of(context))
+        answers = await self._batcher.submit_all(operations, context.time_remaining())
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
-        for outcome in outcomes:
-            convert.fill_operation_result(add(), outcome, _codes)
+        for answer in answers:
+            convert.fill_operation_result(add(), answer, _codes)
         return response
 
     async def GetTransfer(
         self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
     ) -> transfers_pb2.GetTransferResponse:
         caller_sent(context)
-        transfer = await self._ledger.get_transfer(_id("transfer_id", request.transfer_id))
+        transfer = await self._ledger.get_transfer(
+            convert.required_id("transfer_id", request.transfer_id)
+        )
         return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
 
     async def ListTransfers(
@@ -279,7 +268,7 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
         self, request: holds_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
     ) -> holds_pb2.GetHoldResponse:
         caller_sent(context)
-        hold = await self._ledger.get_hold(_id("hold_id", request.hold_id))
+        hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
 
 
@@ -302,11 +291,3 @@ def _hold_response(response: type[_HoldResponse], applied: model.Applied) -> _Ho
     return response(
         hold=convert.hold_pb(applied.hold), transfer=convert.transfer_pb(applied.transfer)
     )
-
-
-def _id(field: str, value: int) -> int:
-    if value == 0:
-        raise errors.InvalidArgument(field, "is required")
-    if value < 0:
-        raise errors.InvalidArgument(field, "must be a positive id")
-    return value

@@ -12,12 +12,15 @@ from coffer.server.admission import (
     Admission,
     Admitted,
     Refused,
+    loop_check_interval_s,
     loop_lag_ms_max,
     request_bytes_max,
     request_bytes_small_max,
 )
 
 queued_bytes_max = 2 * request_bytes_max
+# How long an idle event loop may take to be measured as on time again.
+loop_settle_s_max = 30.0
 
 
 def admission(*, calls_max: int = 100, drain_ms: int = 0) -> Admission:
@@ -105,9 +108,11 @@ async def test_large_requests_wait_while_the_event_loop_runs_late() -> None:
             await asyncio.sleep(0)
         assert "busy" in refused(decode(large())).message
         assert isinstance(decode(small()), Admitted)
-        # Idle again: the smoothed lateness falls back within a few checks.
-        await asyncio.sleep(0.3)
-        assert gate.loop_lag_ms <= loop_lag_ms_max
+        # Idle again: the smoothed lateness falls back within a few checks (on a loaded
+        # machine, more: the bound is generous, and only says that it does fall back).
+        async with asyncio.timeout(loop_settle_s_max):
+            while gate.loop_lag_ms > loop_lag_ms_max:
+                await asyncio.sleep(loop_check_interval_s)
         assert isinstance(decode(large()), Admitted)
     finally:
         watching.cancel()

@@ -663,6 +663,7 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     )
     await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="pts", kind=2)), "name")
     await invalid(u.GetUnit(units_pb2.GetUnitRequest(code="")), "code")
+    await invalid(u.GetUnit(units_pb2.GetUnitRequest(code="a b")), "code")
     await invalid(
         w.CreateWallet(wallets_pb2.CreateWalletRequest(owner_id="o", owner_kind=1, unit="EUR")),
         "idempotency_key",
@@ -724,6 +725,8 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
     await invalid(w.CancelWallet(wallets_pb2.CancelWalletRequest()), "wallet_id")
     await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(page_size=1001)), "page_size")
     await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(owner_id="a\x00b")), "owner_id")
+    await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(unit="a b")), "unit")
+    await invalid(w.ListWallets(wallets_pb2.ListWalletsRequest(owner_kind=9)), "owner_kind")
     await invalid(
         t.ListTransfers(transfers_pb2.ListTransfersRequest(reference="r\x00")), "reference"
     )

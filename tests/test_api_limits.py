@@ -1,13 +1,13 @@
-"""The server's limits, through the real server: settings bounded by the limits they feed,
-batches never larger than the ledger takes, malformed request bytes refused as such."""
+"""The server's limits, through the real server: batches never larger than the ledger takes,
+malformed request bytes refused as such. (The settings' bounds: test_settings.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,33 +19,23 @@ from test_api import Api, error_info, key
 from coffer.clients.v1 import transfers_pb2
 from coffer.core.ledger import batch_operations_max
 from coffer.server.admission import request_bytes_max, request_bytes_small_max
-from coffer.server.app import Server, Settings, SettingsError, services_described
+from coffer.server.app import Server, Settings, services_described
 
 Code = grpc.StatusCode
 
 
-@pytest.mark.parametrize(
-    ("changes", "setting"),
-    [
-        ({"batch_size_max": batch_operations_max + 1}, "batch_size_max"),
-        ({"batch_size_max": 0}, "batch_size_max"),
-        ({"pool_size": 0}, "pool_size"),
-        ({"queue_max": 999}, "queue_max"),
-        ({"batch_workers": 0}, "batch_workers"),
-        ({"batch_workers": 5}, "batch_workers"),
-        ({"queued_bytes_max": 2 * request_bytes_max - 1}, "queued_bytes_max"),
-        ({"calls_max": 0}, "calls_max"),
-        ({"batch_wait_ms": 1001}, "batch_wait_ms"),
-        ({"hold_expiry_interval_s": 0}, "hold_expiry_interval_s"),
-        ({"shutdown_grace_s": -1}, "shutdown_grace_s"),
-    ],
-)
-def test_settings_are_bounded_by_what_they_feed(changes: dict[str, float], setting: str) -> None:
-    base = Settings(database_url="")
-    with pytest.raises(SettingsError) as raised:
-        dataclasses.replace(base, **changes)
-    assert raised.value.setting == setting
-    assert str(raised.value).startswith(f"{setting} must ")
+def test_the_api_states_the_batch_limits() -> None:
+    """SubmitBatch's comment gives both of its limits, as the server defines them."""
+    proto = Path(__file__).resolve().parent.parent / "protos/coffer/v1/transfers.proto"
+    lines = proto.read_text().splitlines()
+    end = next(n for n, line in enumerate(lines) if "rpc SubmitBatch(" in line)
+    start = end
+    while lines[start - 1].strip().startswith("//"):
+        start -= 1
+    comment = " ".join(line.strip().removeprefix("//").strip() for line in lines[start:end])
+    assert f"Up to {batch_operations_max:,} operations" in comment, comment
+    assert f"at most {request_bytes_max:,} bytes" in comment, comment
+    assert "RESOURCE_EXHAUSTED, without ErrorInfo" in comment, comment
 
 
 async def test_concurrent_groups_past_the_ledger_maximum_are_split(

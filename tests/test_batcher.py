@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import lock_waiters
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger, create_pool
@@ -29,6 +30,7 @@ from coffer.core.model import (
     WalletTransfer,
 )
 from coffer.server.batcher import Batcher, retry_after_ms_max, retry_after_ms_min
+from coffer.server.settings import batch_wait_ms_max
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -159,7 +161,7 @@ async def test_single_calls_pass_queued_batches(
                 asyncio.ensure_future(batcher.submit_all(credits(f"b{n}-", slow, 100)))
                 for n in range(3)
             ]
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url)
             assert batcher.queued == 200
             # Single calls go by their own lane: applied while the batches wait.
             transfers = [
@@ -183,6 +185,48 @@ async def test_single_calls_pass_queued_batches(
         await batcher.close()
 
 
+async def test_a_small_batch_lingers_for_more(ledger_and_wallet: tuple[Ledger, int]) -> None:
+    ledger, wallet = ledger_and_wallet
+    batcher = Batcher(ledger.apply, batch_wait_s=batch_wait_ms_max / 1000)
+    try:
+        [first, second] = credits("s", wallet, 2)
+        early = asyncio.ensure_future(batcher.submit(first))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert batcher.queued == 1  # lingering, not applied alone
+        late = asyncio.ensure_future(batcher.submit(second))  # type: ignore[arg-type]
+        await asyncio.gather(early, late)
+        assert batcher.batches_applied == 1
+    finally:
+        await batcher.close()
+
+
+async def test_a_lingering_batch_call_does_not_hold_up_single_calls(
+    ledger_and_wallet: tuple[Ledger, int],
+) -> None:
+    ledger, wallet = ledger_and_wallet
+    batch_wait_s = batch_wait_ms_max / 1000
+    batcher = Batcher(ledger.apply, batch_size_max=5, batch_wait_s=batch_wait_s)
+    try:
+        batch_call = asyncio.ensure_future(batcher.submit_all(credits("b", wallet, 3)))
+        await asyncio.sleep(0)  # queued: its lane lingers for more
+        # A full batch of single calls is taken at once, while the batch call still lingers.
+        singles = [
+            asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
+            for operation in credits("s", wallet, 5)
+        ]
+        await asyncio.sleep(0)
+        assert batcher.queued == 8
+        async with asyncio.timeout(batch_wait_s / 2):
+            while batcher.queued != 3:
+                await asyncio.sleep(0.001)
+        assert len(await asyncio.gather(*singles)) == 5
+        assert not batch_call.done()
+        assert len(await batch_call) == 3
+        assert (await ledger.get_wallet(wallet)).balance.posted == 8
+    finally:
+        await batcher.close()
+
+
 async def test_batch_calls_leave_room_for_single_calls(
     ledger_and_wallet: tuple[Ledger, int], database_url: str
 ) -> None:
@@ -191,7 +235,7 @@ async def test_batch_calls_leave_room_for_single_calls(
     try:
         async with locked(database_url, slow):
             applying = asyncio.ensure_future(batcher.submit_all(credits("a", slow, 10)))
-            await asyncio.sleep(0.1)  # taken into a batch: waits for the lock
+            await lock_waiters(database_url)  # taken into a batch: waits for the lock
             queued = asyncio.ensure_future(batcher.submit_all(credits("b", slow, 10)))
             await asyncio.sleep(0)
             assert batcher.queued == 10
@@ -205,7 +249,7 @@ async def test_batch_calls_leave_room_for_single_calls(
                 asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
                 for operation in operations[:10]
             ]
-            await asyncio.sleep(0.1)  # taken into a batch: waits for the lock
+            await lock_waiters(database_url, 2)  # taken into a batch: waits for a lock
             assert batcher.queued == 10
             singles += [
                 asyncio.ensure_future(batcher.submit(operation))  # type: ignore[arg-type]
@@ -231,11 +275,11 @@ async def test_calls_whose_deadline_passed_are_not_applied(
             # Both applying, waiting for the lock (the batch call first: none starts while
             # single calls are being applied).
             first_batch = asyncio.ensure_future(batcher.submit_all(credits("first-", wallet, 2)))
-            await asyncio.sleep(0.05)
+            await lock_waiters(database_url)
             first = asyncio.ensure_future(
                 batcher.submit(Credit(idempotency_key="first", wallet_id=wallet, amount=1))
             )
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url, 2)
             late = [
                 asyncio.ensure_future(
                     batcher.submit(
@@ -285,7 +329,7 @@ async def test_an_unknown_failure_fails_the_whole_batch_as_internal(
             first = asyncio.ensure_future(
                 batcher.submit(Credit(idempotency_key="first", wallet_id=wallet, amount=1))
             )
-            await asyncio.sleep(0.1)
+            await lock_waiters(database_url)
             # Coalesced into the next batch, one of them trips the constraint.
             calls = [
                 asyncio.ensure_future(

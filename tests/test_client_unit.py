@@ -58,12 +58,23 @@ class Delay:
     seconds: float
 
 
+@dataclass
+class Late:
+    """A status, answered after a while."""
+
+    seconds: float
+    status: grpc.Status
+
+
+Outcome = grpc.Status | Delay | Late | Message
+
+
 class Script:
     def __init__(self) -> None:
-        self.outcomes: deque[grpc.Status | Delay | Message] = deque()
+        self.outcomes: deque[Outcome] = deque()
         self.calls: list[Call] = []
 
-    def plan(self, *outcomes: grpc.Status | Delay | Message) -> None:
+    def plan(self, *outcomes: Outcome) -> None:
         self.outcomes.extend(outcomes)
 
     async def answer(
@@ -73,6 +84,9 @@ class Script:
         caller = metadata.get("coffer-caller")
         self.calls.append(Call(method, request, caller if isinstance(caller, str) else None))
         outcome = self.outcomes.popleft() if self.outcomes else default
+        if isinstance(outcome, Late):
+            await asyncio.sleep(outcome.seconds)
+            outcome = outcome.status
         if isinstance(outcome, grpc.Status):
             await context.abort_with_status(outcome)
         if isinstance(outcome, Delay):
@@ -439,6 +453,40 @@ async def test_deadline(server: Server, script: Script) -> None:
             await coffer.get_unit(code="EUR")
     assert raised.value.reason == "DEADLINE_EXCEEDED"
     assert len(script.calls) == 1
+
+
+async def test_the_servers_deadline_exceeded_is_retried_within_the_deadline(
+    server: Server, script: Script
+) -> None:
+    # The server dropped the operation unapplied, its deadline (a proxy's, shorter) passed;
+    # the client's has not: the same request again, with the same key, is safe.
+    script.plan(
+        rich_status(grpc.StatusCode.DEADLINE_EXCEEDED, "dropped unapplied", "DEADLINE_EXCEEDED")
+    )
+    async with Client(server.target, timeout_s=10, retries_max=2) as coffer:
+        transfer = await coffer.credit(wallet_id=7, amount=500)
+    assert transfer.id == 42
+    assert len(script.calls) == 2
+    assert len({call.request.idempotency_key for call in script.calls}) == 1
+
+
+async def test_the_servers_deadline_exceeded_at_the_deadline_is_raised(
+    server: Server, script: Script
+) -> None:
+    # As the real server answers it: when the deadline the client gave it has passed. Then
+    # the client's has too, or all but: no time for a retry.
+    timeout_s = 0.3
+    deadline_exceeded = rich_status(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "dropped unapplied", "DEADLINE_EXCEEDED"
+    )
+    script.plan(*[Late(timeout_s - 0.02, deadline_exceeded)] * 4)
+    started = time.monotonic()
+    async with Client(server.target, timeout_s=timeout_s, retries_max=3) as coffer:
+        with pytest.raises(errors.DeadlineExceeded) as raised:
+            await coffer.credit(wallet_id=7, amount=500)
+    assert raised.value.retryable
+    assert len(script.calls) == 1
+    assert time.monotonic() - started < timeout_s + 1
 
 
 async def test_unreachable_server(closed_target: str) -> None:

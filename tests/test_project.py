@@ -27,20 +27,25 @@ packages = {"core": "coffer.core", "server": "coffer.server", "clients": "coffer
 subprocess_timeout_s = 120
 
 
-def imports(folder: str, *, excluded: tuple[str, ...] = ()) -> Iterator[tuple[str, int, str]]:
+def imports(folder: str) -> Iterator[tuple[str, int, str]]:
     """(file, line, absolute module name) for every import in every module under `folder`,
     relative imports resolved against the installed package name."""
+    for path, line, module, _ in imported(folder):
+        yield path, line, module
+
+
+def imported(folder: str) -> Iterator[tuple[str, int, str, tuple[str, ...]]]:
+    """As `imports`, with the names each import takes from its module: a `from` import's,
+    or ("*",) for a whole module (`import module`)."""
     base = root / folder
     for path in sorted(base.rglob("*.py")):
         relative = path.relative_to(base)
-        if relative.parts[0] in excluded:
-            continue
         package = ".".join((packages[folder], *relative.parent.parts))
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
-                    yield str(path.relative_to(root)), node.lineno, alias.name
+                    yield str(path.relative_to(root)), node.lineno, alias.name, ("*",)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     parent = package.split(".")
@@ -49,7 +54,8 @@ def imports(folder: str, *, excluded: tuple[str, ...] = ()) -> Iterator[tuple[st
                 else:
                     assert node.module is not None
                     module = node.module
-                yield str(path.relative_to(root)), node.lineno, module
+                names = tuple(alias.name for alias in node.names)
+                yield str(path.relative_to(root)), node.lineno, module, names
 
 
 def within(module: str, prefix: str) -> bool:
@@ -76,7 +82,7 @@ def test_core_imports_only_the_standard_library_and_asyncpg() -> None:
 
 
 def test_clients_import_neither_core_nor_server() -> None:
-    found = list(imports("clients", excluded=("v1",)))
+    found = list(imports("clients"))
     assert found
     wrong = [
         f"{path}:{line}: {module}"
@@ -84,6 +90,47 @@ def test_clients_import_neither_core_nor_server() -> None:
         if within(module, "coffer.core") or within(module, "coffer.server")
     ]
     assert not wrong, "clients/ must not import coffer.core or coffer.server:\n" + "\n".join(wrong)
+
+
+# What the server takes from clients/: the generated stubs, the rule for callers, and two
+# constants of the client's errors (the ErrorInfo domain, the replay metadata key), so that
+# both sides name them alike. None: any name. The `coffer` command (which hands operator
+# commands to the client's CLI) and the benchmark (which drives a server with the typed
+# client) are tools around the server, not the server: they may use the client.
+server_imports_from_clients: dict[str, frozenset[str] | None] = {
+    "coffer.clients.v1": None,
+    "coffer.clients.caller": None,
+    "coffer.clients.errors": frozenset({"error_domain", "replayed_metadata_key"}),
+}
+server_tools = ("server/cli.py", "server/bench.py", "server/bench_*.py")
+
+
+def test_server_imports_from_clients_only_stubs_caller_and_error_constants() -> None:
+    tools = {path for pattern in server_tools for path in root.glob(pattern)}
+    assert root / "server/cli.py" in tools
+    wrong = []
+    checked = 0
+    for path, line, module, names in imported("server"):
+        if root / path in tools or not within(module, "coffer.clients"):
+            continue
+        for name in names:
+            # `from coffer.clients import v1` takes a module whole.
+            whole = module == "coffer.clients"
+            target, taken = (f"{module}.{name}", "*") if whole else (module, name)
+            allowed = [
+                allowed_names
+                for prefix, allowed_names in server_imports_from_clients.items()
+                if within(target, prefix)
+            ]
+            checked += 1
+            if not allowed or (allowed[0] is not None and taken not in allowed[0]):
+                wrong.append(f"{path}:{line}: {target} {taken}")
+    assert checked
+    assert not wrong, (
+        "server/ may import from clients/ only the stubs, coffer.clients.caller and the "
+        "constants of coffer.clients.errors named in server_imports_from_clients:\n"
+        + "\n".join(wrong)
+    )
 
 
 def test_the_caller_rule_is_defined_once() -> None:

@@ -175,8 +175,11 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitBatch(self, request, context):
-        """Up to 8,000 operations applied in order in one database transaction. Each operation gets
-        its own result; a failing one fails only itself, or its whole linked chain.
+        """Up to 8,000 operations applied in order in one database transaction, in a request of at
+        most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
+        ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
+        failing one fails only itself, or its whole linked chain. A batch that fails as a whole
+        (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,8 +63,11 @@ class TransferServiceStub:
     Pay: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]
     Void: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]
-    """Up to 8,000 operations applied in order in one database transaction. Each operation gets
-    its own result; a failing one fails only itself, or its whole linked chain.
+    """Up to 8,000 operations applied in order in one database transaction, in a request of at
+    most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
+    ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
+    failing one fails only itself, or its whole linked chain. A batch that fails as a whole
+    (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
     """
     GetTransfer: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.GetTransferRequest, _transfers_pb2.GetTransferResponse]
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]
@@ -104,8 +107,11 @@ class TransferServiceAsyncStub(TransferServiceStub):
     Pay: _aio.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]  # type: ignore[assignment]
     Void: _aio.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]  # type: ignore[assignment]
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]  # type: ignore[assignment]
-    """Up to 8,000 operations applied in order in one database transaction. Each operation gets
-    its own result; a failing one fails only itself, or its whole linked chain.
+    """Up to 8,000 operations applied in order in one database transaction, in a request of at
+    most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
+    ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
+    failing one fails only itself, or its whole linked chain. A batch that fails as a whole
+    (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
     """
     GetTransfer: _aio.UnaryUnaryMultiCallable[_transfers_pb2.GetTransferRequest, _transfers_pb2.GetTransferResponse]  # type: ignore[assignment]
     ListTransfers: _aio.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]  # type: ignore[assignment]
@@ -190,8 +196,11 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.SubmitBatchRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.SubmitBatchResponse, _abc.Awaitable[_transfers_pb2.SubmitBatchResponse]]:
-        """Up to 8,000 operations applied in order in one database transaction. Each operation gets
-        its own result; a failing one fails only itself, or its whole linked chain.
+        """Up to 8,000 operations applied in order in one database transaction, in a request of at
+        most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
+        ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
+        failing one fails only itself, or its whole linked chain. A batch that fails as a whole
+        (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,168 @@
+"""Settings: every value bounded by the limits it feeds, checked when made. Every field of
+Settings has its bounds tested here: a field added without them fails
+`test_every_setting_is_bounded`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+
+from coffer.core.ledger import batch_operations_max, pool_size_max, timeout_s_max
+from coffer.server.admission import request_bytes_max
+from coffer.server.settings import (
+    Settings,
+    SettingsError,
+    batch_size_max_default,
+    batch_wait_ms_max,
+    calls_max_limit,
+    interval_s_max,
+    interval_s_min,
+    pool_size_min,
+    port_max,
+    queue_max_limit,
+    queued_bytes_max_limit,
+    shutdown_grace_s_max,
+    timeout_s_min,
+)
+
+Changes = dict[str, Any]
+base = Settings(database_url="")
+# The values below and above every number's range, for floats.
+not_numbers = [math.nan, math.inf, -math.inf]
+
+
+def timeouts(setting: str) -> tuple[list[Changes], list[Changes]]:
+    # 0.0004 s would be 0 ms to PostgreSQL: no timeout at all.
+    return (
+        [{setting: timeout_s_min}, {setting: timeout_s_max}],
+        [{setting: value} for value in (0, 0.0004, timeout_s_max + 1, *not_numbers)],
+    )
+
+
+def intervals(setting: str) -> tuple[list[Changes], list[Changes]]:
+    return (
+        [{setting: interval_s_min}, {setting: interval_s_max}],
+        [{setting: value} for value in (0, -1, interval_s_max + 1, *not_numbers)],
+    )
+
+
+# For each setting: changes that put it at its bounds (accepted), and changes that put it just
+# past them (refused, naming that setting). Where a bound depends on another setting, the
+# changes set both, so that only the setting tested can be out of bounds.
+bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
+    "database_url": (
+        [
+            {"database_url": ""},
+            {"database_url": "postgresql://coffer@/coffer?host=/run/postgresql"},
+            {"database_url": "postgres://coffer@db.example:5432/coffer"},
+        ],
+        [{"database_url": "coffer"}, {"database_url": "mysql://coffer@db/coffer"}],
+    ),
+    "listen": (
+        [{"listen": "127.0.0.1:0"}, {"listen": f"[::]:{port_max}"}],
+        [
+            {"listen": "127.0.0.1"},
+            {"listen": ":50051"},
+            {"listen": f"127.0.0.1:{port_max + 1}"},
+            {"listen": "127.0.0.1:-1"},
+        ],
+    ),
+    "pool_size": (
+        [{"pool_size": pool_size_min, "batch_workers": 1}, {"pool_size": pool_size_max}],
+        [{"pool_size": pool_size_min - 1}, {"pool_size": pool_size_max + 1}],
+    ),
+    "pool_size_read": (
+        [{"pool_size_read": 1}, {"pool_size_read": pool_size_max}],
+        [{"pool_size_read": 0}, {"pool_size_read": pool_size_max + 1}],
+    ),
+    "statement_timeout_s": timeouts("statement_timeout_s"),
+    "lock_timeout_s": timeouts("lock_timeout_s"),
+    "batch_size_max": (
+        [{"batch_size_max": 1}, {"batch_size_max": batch_operations_max}],
+        [{"batch_size_max": 0}, {"batch_size_max": batch_operations_max + 1}],
+    ),
+    "batch_wait_ms": (
+        [{"batch_wait_ms": 0}, {"batch_wait_ms": batch_wait_ms_max}],
+        [{"batch_wait_ms": value} for value in (-1, batch_wait_ms_max + 1, *not_numbers)],
+    ),
+    "queue_max": (
+        [{"queue_max": batch_size_max_default}, {"queue_max": queue_max_limit}],
+        [{"queue_max": batch_size_max_default - 1}, {"queue_max": queue_max_limit + 1}],
+    ),
+    "batch_workers": (
+        [{"batch_workers": 1}, {"pool_size": 10, "batch_workers": 5}],
+        [{"batch_workers": 0}, {"pool_size": 10, "batch_workers": 6}],
+    ),
+    "queued_bytes_max": (
+        [
+            {"queued_bytes_max": 2 * request_bytes_max},
+            {"queued_bytes_max": queued_bytes_max_limit},
+        ],
+        [
+            {"queued_bytes_max": 2 * request_bytes_max - 1},
+            {"queued_bytes_max": queued_bytes_max_limit + 1},
+        ],
+    ),
+    "calls_max": (
+        [{"calls_max": 1}, {"calls_max": calls_max_limit}],
+        # 10**9 would overflow gRPC's own limits, which are multiples of it.
+        [{"calls_max": 0}, {"calls_max": calls_max_limit + 1}, {"calls_max": 10**9}],
+    ),
+    "reuse_port": (
+        [{"reuse_port": False}, {"reuse_port": True}],
+        [{"reuse_port": "no"}, {"reuse_port": 1}],
+    ),
+    "hold_expiry_interval_s": intervals("hold_expiry_interval_s"),
+    "health_check_interval_s": intervals("health_check_interval_s"),
+    "health_check_timeout_s": timeouts("health_check_timeout_s"),
+    "shutdown_grace_s": (
+        [{"shutdown_grace_s": 0}, {"shutdown_grace_s": shutdown_grace_s_max}],
+        [{"shutdown_grace_s": value} for value in (-1, shutdown_grace_s_max + 1, *not_numbers)],
+    ),
+}
+
+
+def test_every_setting_is_bounded() -> None:
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    assert set(bounds) == fields, "every setting needs its bounds tested here"
+
+
+def test_the_defaults_are_within_bounds() -> None:
+    # Made without error, and with the values the other bounds assume.
+    assert base.batch_size_max == batch_size_max_default
+    assert 2 * base.batch_workers <= base.pool_size < 10
+
+
+@pytest.mark.parametrize("setting", sorted(bounds))
+def test_a_setting_at_its_bounds_is_accepted(setting: str) -> None:
+    accepted, _ = bounds[setting]
+    for changes in accepted:
+        made = dataclasses.replace(base, **changes)
+        assert getattr(made, setting) == changes[setting]
+
+
+@pytest.mark.parametrize("setting", sorted(bounds))
+def test_a_setting_past_its_bounds_is_refused(setting: str) -> None:
+    _, refused = bounds[setting]
+    assert refused
+    for changes in refused:
+        with pytest.raises(SettingsError) as raised:
+            dataclasses.replace(base, **changes)
+        assert raised.value.setting == setting, changes
+        assert str(raised.value).startswith(f"{setting} must "), raised.value
+
+
+def test_the_message_names_the_bounds_and_the_value() -> None:
+    with pytest.raises(SettingsError) as raised:
+        dataclasses.replace(base, statement_timeout_s=0.0004)
+    assert raised.value.problem == (
+        f"must be {timeout_s_min:g} to {timeout_s_max:g} (PostgreSQL counts whole milliseconds, "
+        "and 0 means no timeout), not 0.0004"
+    )
+    with pytest.raises(SettingsError) as raised:
+        dataclasses.replace(base, batch_workers=5)
+    assert raised.value.problem.startswith(f"must be 1 to {base.pool_size // 2} (half of pool_size")
+    assert raised.value.problem.endswith(", not 5")
