@@ -96,6 +96,9 @@ system_caller = "@coffer"
 
 statement_timeout_s_default = 5.0
 lock_timeout_s_default = 5.0
+# PostgreSQL takes its timeouts in whole milliseconds, where 0 means none: a shorter timeout
+# than the least would round to none at all.
+timeout_s_min = 0.01
 timeout_s_max = 3600.0
 pool_size_max = 100
 # How much longer than statement_timeout the client waits for an answer before it gives up on
@@ -191,7 +194,8 @@ async def create_pool(
             connection.add_termination_listener(lambda _connection: on_close())
 
     assert 0 < size_max <= pool_size_max, size_max
-    assert 0 < statement_timeout_s <= timeout_s_max and 0 < lock_timeout_s <= timeout_s_max
+    assert timeout_s_min <= statement_timeout_s <= timeout_s_max
+    assert timeout_s_min <= lock_timeout_s <= timeout_s_max
     pool = await asyncpg.create_pool(
         dsn,
         min_size=0,

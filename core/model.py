@@ -117,8 +117,7 @@ class Unit:
     created_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        if not unit_code_pattern.fullmatch(self.code):
-            raise InvalidArgument("code", "must be 1 to 32 letters, digits, '_', '-' or '.'")
+        check_unit_code("code", self.code)
         _check_enum("kind", self.kind, UnitKind)
         check_text("name", self.name, unit_name_length_max, required=True)
         check_text("plural", self.plural, unit_name_length_max)

@@ -19,6 +19,7 @@ from coffer.core.ledger import (
     pool_size_max,
     statement_timeout_s_default,
     timeout_s_max,
+    timeout_s_min,
 )
 
 from .admission import request_bytes_max
@@ -33,10 +34,6 @@ database_url_schemes = ("postgresql://", "postgres://")
 pool_size_default = 8
 pool_size_min = 2
 pool_size_read_default = 4
-
-# PostgreSQL takes its timeouts in whole milliseconds, where 0 means none: a shorter timeout
-# than this would round to none at all.
-timeout_s_min = 0.01
 
 batch_size_max_default = 1000
 batch_wait_ms_default = 0.0
