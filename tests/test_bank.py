@@ -2,9 +2,11 @@
 
 16 clients each send 2,000 random operations — every kind of the batch API's `Operation`
 oneof, both debit modes, holds that lapse — over 20 wallets, through the real server, so the
-batcher coalesces them into mixed batches. Then every operation is sent again with its key, in
-random order and concurrently. Every replay must return the first answer (success or
-refusal) marked as a replay, no balance may move, and the books must balance.
+batcher coalesces them into mixed batches. Half the clients send single calls; the other half
+send SubmitBatch calls of a few operations, some of them linked into chains. Then every call
+is sent again — each single call, and each batch as the same batch request — in random order
+and concurrently. Every operation's replay must return its first answer (success or refusal)
+marked as a replay, no balance may move, and the books must balance.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ merchants = 8
 seed = 20261130
 # A few holds lapse during the run, so captures and releases meet expired holds too.
 short_hold_timeout_s = 1
+# The clients that send batches (every other one): operations per batch, and how likely an
+# operation (but the last) is linked to the next.
+batch_operations_max = 6
+linked_share = 0.3
 
 
 @dataclass(slots=True)
@@ -50,6 +56,15 @@ class Sent:
     request: Message
     # The first answer: ("OK", normalized reply) or (code name, reason, message).
     answer: tuple[str, ...] = ()
+    # Sent as an operation of a batch (the reply is its OperationResult).
+    batched: bool = False
+
+
+@dataclass(slots=True)
+class SentBatch:
+    caller: str
+    operations: list[Sent]
+    request: transfers_pb2.SubmitBatchRequest
 
 
 class Bank:
@@ -96,14 +111,33 @@ class Bank:
             assert error.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), error
             replayed = _replayed(error.trailing_metadata())
             return (error.code().name, error_info(error).reason, error.details() or ""), replayed
-        return ("OK", _normalized(reply)), _replayed(await call.trailing_metadata())
+        return ("OK", normalized_reply(reply)), _replayed(await call.trailing_metadata())
+
+    async def send_batch(self, sent: SentBatch) -> list[tuple[tuple[str, ...], bool]]:
+        """Sends a batch; returns each operation's answer, normalized, and whether it was a
+        replay."""
+        response = await self.stubs["TransferService"].SubmitBatch(
+            sent.request, metadata=(("coffer-caller", sent.caller),), timeout=60
+        )
+        assert len(response.results) == len(sent.operations), response
+        answers = []
+        for each, result in zip(sent.operations, response.results, strict=True):
+            replayed = result.replayed
+            if result.HasField("error"):
+                error = result.error
+                assert error.reason not in ("INTERNAL", "INVALID_ARGUMENT"), error
+                code = _codes[error.code].name
+                answers.append(((code, error.reason, error.message), replayed))
+            else:
+                answers.append((("OK", normalized_result(each.kind, result)), replayed))
+        return answers
 
 
 def _replayed(trailing: object) -> bool:
     return any(name == "coffer-replayed" for name, _ in trailing or ())  # type: ignore[attr-defined]
 
 
-def _normalized(reply: Message) -> str:
+def normalized_reply(reply: Message) -> str:
     """The reply without the fields that describe later events: a replay shows them as they
     stand now (a transfer voided since, a hold captured, released or expired since)."""
     copy = type(reply)()
@@ -116,31 +150,90 @@ def _normalized(reply: Message) -> str:
     return copy.SerializeToString(deterministic=True).hex()
 
 
+def normalized_result(kind: str, result: transfers_pb2.OperationResult) -> str:
+    """A batch's result for an operation, normalized as `normalized_reply` does a reply, and
+    without its replay marker."""
+    copy = transfers_pb2.OperationResult()
+    copy.CopyFrom(result)
+    copy.ClearField("replayed")
+    for transfer in copy.transfers:
+        transfer.ClearField("voided_by_transfer_id")
+    if kind == "place_hold":
+        for name in ("status", "resolved_by_transfer_id", "amount_captured"):
+            copy.hold.ClearField(name)
+    return copy.SerializeToString(deterministic=True).hex()
+
+
+_codes = {code.value[0]: code for code in grpc.StatusCode}
+
+
 class Client:
     """One client's random operations; it remembers its own transfers and holds, to void,
-    capture and release them (some more than once)."""
+    capture and release them (some more than once). Every other client sends its operations
+    in batches."""
 
     def __init__(self, bank: Bank, number: int) -> None:
         self.bank = bank
         self.caller = f"bank-client-{number}"
         self.random = random.Random(seed + number)
+        self.batches = number % 2 == 1
         self.transfers: list[int] = []
         self.holds: list[int] = []
         self.sent: list[Sent] = []
+        # What was sent, call by call: a single operation or a batch.
+        self.calls: list[Sent | SentBatch] = []
 
     async def run(self) -> None:
-        for number in range(operations_per_client):
-            sent = Sent(self.caller, *self.operation(f"{self.caller}-{number}"))
+        while len(self.sent) < operations_per_client:
+            if self.batches:
+                await self.run_batch()
+                continue
+            sent = Sent(self.caller, *self.operation(f"{self.caller}-{len(self.sent)}"))
             sent.answer, replayed = await self.bank.send(sent)
             assert not replayed, sent
-            self.sent.append(sent)
-            if sent.answer[0] == "OK":
-                reply = type(_reply_types[sent.kind])()
-                reply.ParseFromString(bytes.fromhex(sent.answer[1]))
-                if sent.kind == "place_hold":
-                    self.holds.append(reply.hold.id)  # type: ignore[attr-defined]
-                else:
-                    self.transfers.append(reply.transfer.id)  # type: ignore[attr-defined]
+            self.remember(sent)
+            self.calls.append(sent)
+
+    async def run_batch(self) -> None:
+        pick = self.random
+        count = min(pick.randint(1, batch_operations_max), operations_per_client - len(self.sent))
+        operations = [
+            Sent(self.caller, *self.operation(f"{self.caller}-{len(self.sent) + number}"))
+            for number in range(count)
+        ]
+        request = transfers_pb2.SubmitBatchRequest()
+        for number, each in enumerate(operations):
+            each.batched = True
+            request.operations.add(
+                linked=number < count - 1 and pick.random() < linked_share,
+                **{each.kind: each.request},
+            )
+        sent = SentBatch(self.caller, operations, request)
+        for each, (answer, replayed) in zip(
+            operations, await self.bank.send_batch(sent), strict=True
+        ):
+            assert not replayed, each
+            each.answer = answer
+            self.remember(each)
+        self.calls.append(sent)
+
+    def remember(self, sent: Sent) -> None:
+        self.sent.append(sent)
+        if sent.answer[0] != "OK":
+            return
+        if sent.batched:
+            result = transfers_pb2.OperationResult.FromString(bytes.fromhex(sent.answer[1]))
+            if sent.kind == "place_hold":
+                self.holds.append(result.hold.id)
+            else:
+                self.transfers.append(result.transfers[0].id)
+            return
+        reply = type(_reply_types[sent.kind])()
+        reply.ParseFromString(bytes.fromhex(sent.answer[1]))
+        if sent.kind == "place_hold":
+            self.holds.append(reply.hold.id)  # type: ignore[attr-defined]
+        else:
+            self.transfers.append(reply.transfer.id)  # type: ignore[attr-defined]
 
     def operation(self, key: str) -> tuple[str, Message]:
         pick = self.random
@@ -240,31 +333,44 @@ async def test_every_operation_replayed_gives_the_first_answer(
     workers = [Client(bank, number) for number in range(clients)]
     await asyncio.gather(*(worker.run() for worker in workers))
     sent = [each for worker in workers for each in worker.sent]
+    calls = [call for worker in workers for call in worker.calls]
+    batches = [call for call in calls if isinstance(call, SentBatch)]
     outcomes = Counter(
         each.answer[0] if each.answer[0] == "OK" else each.answer[1] for each in sent
     )
     kinds = Counter(each.kind for each in sent)
+    assert len(sent) == clients * operations_per_client
     assert set(kinds) == set(operation_kinds), kinds
+    assert set(Counter(each.kind for each in sent if each.batched)) == set(operation_kinds)
     assert outcomes["OK"] > len(sent) // 3, outcomes
     assert outcomes["INSUFFICIENT_FUNDS"] > 0, outcomes
+    assert outcomes["LINKED_OPERATION_FAILED"] > 0, outcomes
     # Let the short holds lapse, so that nothing moves by itself from here on.
     await asyncio.sleep(short_hold_timeout_s + 0.5)
     before = await _balances(database_url)
 
-    order = list(sent)
+    order = list(calls)
     random.Random(seed).shuffle(order)
     changed: list[tuple[Sent, tuple[str, ...], bool]] = []
 
-    async def replay(share: list[Sent]) -> None:
-        for each in share:
-            answer, replayed = await bank.send(each)
-            if answer != each.answer or not replayed:
-                changed.append((each, answer, replayed))
+    async def replay(share: list[Sent | SentBatch]) -> None:
+        for call in share:
+            if isinstance(call, SentBatch):
+                answers = list(zip(call.operations, await bank.send_batch(call), strict=True))
+            else:
+                answers = [(call, await bank.send(call))]
+            for each, (answer, replayed) in answers:
+                if answer != each.answer or not replayed:
+                    changed.append((each, answer, replayed))
 
     await asyncio.gather(*(replay(order[start::clients]) for start in range(clients)))
-    print(f"\nbank: {len(sent)} operations replayed, {len(changed)} answers changed; {outcomes}")
+    print(
+        f"\nbank: {len(sent)} operations replayed ({sum(len(b.operations) for b in batches)} "
+        f"in {len(batches)} batches), {len(changed)} answers changed; {outcomes}"
+    )
     assert changed == [], Counter(
-        (each.kind, each.answer[:2], answer[:2], replayed) for each, answer, replayed in changed
+        (each.kind, each.batched, each.answer[:2], answer[:2], replayed)
+        for each, answer, replayed in changed
     )
     assert await _balances(database_url) == before
     await assert_books_balance(database_url)

@@ -8,6 +8,10 @@ call and inside a batch:
   refusal, marked a replay;
 - the same key with another request: IDEMPOTENCY_KEY_REUSED;
 - and all of that again after the server restarted.
+Within one batch: the same request twice (also inside a linked chain) is stored once and its
+second answer is the first's, marked a replay; the same key with another request is
+IDEMPOTENCY_KEY_REUSED; a chain that failed because of an invalid operation keeps none of its
+answers.
 """
 
 from __future__ import annotations
@@ -71,13 +75,16 @@ class Answer:
     # The success's reply (serialized), or its batch result without the replay marker.
     reply: bytes = b""
     replayed: bool = False
+    # For INVALID_ARGUMENT: the field at fault.
+    field: str = ""
 
     def same_as(self, first: Answer) -> bool:
-        return (self.code, self.reason, self.message, self.reply) == (
+        return (self.code, self.reason, self.message, self.reply, self.field) == (
             first.code,
             first.reason,
             first.message,
             first.reply,
+            first.field,
         )
 
 
@@ -159,6 +166,7 @@ class World:
                 info.reason,
                 error.details() or "",
                 replayed=_replayed(error.trailing_metadata()),
+                field=info.metadata.get("field", ""),
             )
         return Answer(
             Code.OK,
@@ -168,25 +176,53 @@ class World:
 
     async def submit_batch(self, kind: str, request: Message) -> Answer:
         """The operation as a batch of its own."""
+        [answer] = await self.batch([operation(kind, request)])
+        return answer
+
+    async def batch(self, operations: list[transfers_pb2.Operation]) -> list[Answer]:
+        """The operations as one SubmitBatch call: each one's answer."""
         response = await self.stubs["TransferService"].SubmitBatch(
-            transfers_pb2.SubmitBatchRequest(
-                operations=[transfers_pb2.Operation(**{kind: request})]
-            ),
-            metadata=metadata,
+            transfers_pb2.SubmitBatchRequest(operations=operations), metadata=metadata
         )
-        [result] = response.results
-        replayed = result.replayed
-        result.replayed = False
-        if result.HasField("error"):
-            return Answer(
-                Code(_codes[result.error.code]),
-                result.error.reason,
-                result.error.message,
-                replayed=replayed,
-            )
+        assert len(response.results) == len(operations), response
+        return [_answer_of(result) for result in response.results]
+
+    async def stored(self, request: Message) -> tuple[int, int]:
+        """How many transfers and how many refusals the journal holds under the request's
+        key."""
+        row = await self.connection.fetchrow(
+            """
+            select (select count(*) from transfers where caller = $1 and idempotency_key = $2),
+                   (select count(*) from refusals where caller = $1 and idempotency_key = $2)
+            """,
+            caller,
+            request.idempotency_key,  # type: ignore[attr-defined]
+        )
+        return int(row[0]), int(row[1])
+
+    async def posted(self, wallet_id: int) -> int:
+        return int(
+            await self.connection.fetchval("select posted from wallets where id = $1", wallet_id)
+        )
+
+
+def operation(kind: str, request: Message, linked: bool = False) -> transfers_pb2.Operation:
+    """The request as an operation of a batch."""
+    return transfers_pb2.Operation(**{kind: request}, linked=linked)
+
+
+def _answer_of(result: transfers_pb2.OperationResult) -> Answer:
+    replayed = result.replayed
+    result.replayed = False
+    if result.HasField("error"):
         return Answer(
-            Code.OK, reply=result.SerializeToString(deterministic=True), replayed=replayed
+            Code(_codes[result.error.code]),
+            result.error.reason,
+            result.error.message,
+            replayed=replayed,
+            field=result.error.field,
         )
+    return Answer(Code.OK, reply=result.SerializeToString(deterministic=True), replayed=replayed)
 
 
 _codes = {code.value[0]: code for code in Code}
@@ -541,3 +577,135 @@ async def test_create_wallet_replays_say_so(world: World) -> None:
     (first, first_replayed), (again, again_replayed) = answers
     assert (first_replayed, again_replayed) == (False, True)
     assert again == first
+
+
+# Within one batch ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", operation_kinds)
+async def test_a_request_twice_in_a_batch(world: World, kind: str) -> None:
+    """The same request twice in one batch, under one key: the second answer is the first's,
+    marked a replay, and the operation is stored once; for a success and for a refusal."""
+    success, refusal = scenarios[kind]
+    request = await success(world)
+    first, second = await world.batch([operation(kind, request), operation(kind, request)])
+    assert first.code == Code.OK and not first.replayed, first
+    assert second.replayed and second.same_as(first), (second, first)
+    assert await world.stored(request) == (1, 0)
+    again = await world.call(kind, request, batched=True)
+    assert again.replayed and again.same_as(first), (again, first)
+
+    request, reason, enable = await refusal(world)
+    first, second = await world.batch([operation(kind, request), operation(kind, request)])
+    assert first.reason == reason and not first.replayed, first
+    assert second.replayed and second.same_as(first), (second, first)
+    assert await world.stored(request) == (0, 1)
+    await enable()
+    again = await world.call(kind, request, batched=True)
+    assert again.replayed and again.same_as(first), (again, first)
+
+
+async def test_a_request_twice_in_a_linked_chain(world: World) -> None:
+    wallet_id = await world.funded(1000)
+    target = await world.wallet()
+
+    # A chain that succeeds: the operation is applied once.
+    debit = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=300)
+    credit = transfers_pb2.CreditRequest(idempotency_key=key(), wallet_id=target, amount=5)
+    chain = [
+        operation("debit", debit, linked=True),
+        operation("debit", debit, linked=True),
+        operation("credit", credit),
+    ]
+    answers = await world.batch(chain)
+    assert [answer.code for answer in answers] == [Code.OK] * 3, answers
+    assert [answer.replayed for answer in answers] == [False, True, False], answers
+    assert answers[1].same_as(answers[0])
+    assert await world.stored(debit) == (1, 0)
+    assert await world.posted(wallet_id) == 700
+
+    # A chain that fails, and the same request again after it, outside the chain: every
+    # answer of the chain is its refusal, the repeated one that refusal replayed.
+    debit = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=200)
+    refused = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=5000)
+    chain = [
+        operation("debit", debit, linked=True),
+        operation("debit", debit, linked=True),
+        operation("debit", refused),
+        operation("debit", debit),
+    ]
+    answers = await world.batch(chain)
+    assert [answer.reason for answer in answers] == [
+        "LINKED_OPERATION_FAILED",
+        "LINKED_OPERATION_FAILED",
+        "INSUFFICIENT_FUNDS",
+        "LINKED_OPERATION_FAILED",
+    ], answers
+    assert [answer.replayed for answer in answers] == [False, True, False, True], answers
+    assert answers[1].same_as(answers[0]) and answers[3].same_as(answers[0])
+    assert await world.stored(debit) == (0, 1)
+    assert await world.stored(refused) == (0, 1)
+    assert await world.posted(wallet_id) == 700
+
+    # The same batch again: every answer replayed, the same.
+    again = await world.batch(chain)
+    assert [answer.replayed for answer in again] == [True] * 4, again
+    assert all(each.same_as(first) for each, first in zip(again, answers, strict=True))
+    assert await world.posted(wallet_id) == 700
+
+
+async def test_a_key_reused_in_a_batch(world: World) -> None:
+    """The same key with another request in one batch: the first is answered as it would be
+    alone, the other is IDEMPOTENCY_KEY_REUSED; for a success and for a refusal."""
+    wallet_id = await world.wallet()
+    credit = transfers_pb2.CreditRequest(idempotency_key=key(), wallet_id=wallet_id, amount=100)
+    debit = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=5000)
+    answers = await world.batch(
+        [
+            operation("credit", credit),
+            operation("credit", _other(credit)),
+            operation("debit", debit),
+            operation("debit", _other(debit)),
+        ]
+    )
+    assert [(answer.code, answer.reason) for answer in answers] == [
+        (Code.OK, ""),
+        (Code.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED"),
+        (Code.FAILED_PRECONDITION, "INSUFFICIENT_FUNDS"),
+        (Code.ALREADY_EXISTS, "IDEMPOTENCY_KEY_REUSED"),
+    ], answers
+    assert not any(answer.replayed for answer in answers), answers
+    assert (await world.stored(credit), await world.stored(debit)) == ((1, 0), (0, 1))
+    assert await world.posted(wallet_id) == 100
+
+
+@pytest.mark.parametrize("invalid_first", [False, True], ids=["invalid-last", "invalid-first"])
+async def test_a_chain_with_an_invalid_operation_is_not_kept(
+    world: World, invalid_first: bool
+) -> None:
+    """A chain that failed because of an invalid operation never ran: the invalid operation
+    answers INVALID_ARGUMENT with its field, the others fail with the chain, and none of
+    their answers is kept. Sent again once they would succeed, under the same keys, they
+    apply."""
+    wallet_id = await world.wallet()
+    # Refused alone (the wallet is empty): the chain must not keep that refusal either.
+    debit = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=100)
+    invalid = transfers_pb2.CreditRequest(idempotency_key=key(), wallet_id=wallet_id, amount=0)
+    chain = [operation("debit", debit), operation("credit", invalid)]
+    if invalid_first:
+        chain.reverse()
+    chain[0].linked = True
+    answers = await world.batch(chain)
+    invalid_answer, debit_answer = answers if invalid_first else reversed(answers)
+    assert (invalid_answer.code, invalid_answer.field) == (Code.INVALID_ARGUMENT, "amount"), answers
+    assert debit_answer.reason in ("LINKED_OPERATION_FAILED", "INSUFFICIENT_FUNDS"), answers
+    assert not any(answer.replayed for answer in answers), answers
+    assert await world.stored(debit) == (0, 0)
+
+    await world.credit(wallet_id, 1000)
+    again = await world.call("debit", debit, batched=False)
+    assert again.code == Code.OK and not again.replayed, again
+    invalid.amount = 50
+    fixed = await world.call("credit", invalid, batched=False)
+    assert fixed.code == Code.OK and not fixed.replayed, fixed
+    assert await world.posted(wallet_id) == 950
