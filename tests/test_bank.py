@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from test_api import error_info
 from test_concurrency import assert_books_balance
 from test_replay import operation_kinds, rpc_of
+from workload import Wallets, random_operation
 
 from coffer.clients.v1 import (
     holds_pb2,
@@ -43,6 +44,8 @@ merchants = 8
 seed = 20261130
 # A few holds lapse during the run, so captures and releases meet expired holds too.
 short_hold_timeout_s = 1
+# Up to the wallets' usual balance, so that some operations are refused.
+amount_max = 3000
 # The clients that send batches (every other one): operations per batch, and how likely an
 # operation (but the last) is linked to the next.
 batch_operations_max = 6
@@ -236,69 +239,15 @@ class Client:
             self.transfers.append(reply.transfer.id)  # type: ignore[attr-defined]
 
     def operation(self, key: str) -> tuple[str, Message]:
-        pick = self.random
-        bank = self.bank
-        kind = pick.choice(operation_kinds)
-        customer = pick.choice(bank.customers)
-        amount = pick.randint(1, 3000)
-        if kind in ("void", "capture_hold", "release_hold") and not (
-            self.holds if kind != "void" else self.transfers
-        ):
-            kind = "credit"
-        common = {"idempotency_key": key, "note": f"note {key}"}
-        match kind:
-            case "credit":
-                request: Message = transfers_pb2.CreditRequest(
-                    wallet_id=pick.choice(bank.customers + bank.merchants), amount=amount, **common
-                )
-            case "debit":
-                request = transfers_pb2.DebitRequest(
-                    wallet_id=customer,
-                    amount=amount,
-                    mode=pick.choice(
-                        [types_pb2.DEBIT_MODE_ALL_OR_NOTHING, types_pb2.DEBIT_MODE_UP_TO]
-                    ),
-                    **common,
-                )
-            case "transfer":
-                request = transfers_pb2.TransferRequest(
-                    source_wallet_id=customer,
-                    target_wallet_id=pick.choice(bank.customers),
-                    amount=amount,
-                    **common,
-                )
-            case "deposit":
-                request = transfers_pb2.DepositRequest(
-                    wallet_id=customer, amount=amount, funding_source="iban:bank", **common
-                )
-            case "withdraw":
-                request = transfers_pb2.WithdrawRequest(
-                    wallet_id=customer, amount=amount, funding_source="iban:bank", **common
-                )
-            case "pay":
-                request = transfers_pb2.PayRequest(
-                    payer_wallet_id=customer,
-                    payee_wallet_id=pick.choice(bank.merchants),
-                    amount=amount,
-                    **common,
-                )
-            case "void":
-                request = transfers_pb2.VoidRequest(
-                    transfer_id=pick.choice(self.transfers), **common
-                )
-            case "place_hold":
-                request = holds_pb2.PlaceHoldRequest(wallet_id=customer, amount=amount, **common)
-                if pick.random() < 0.1:
-                    request.timeout.seconds = short_hold_timeout_s
-            case "capture_hold":
-                request = holds_pb2.CaptureHoldRequest(
-                    hold_id=pick.choice(self.holds), amount=pick.randint(1, 2000), **common
-                )
-            case "release_hold":
-                request = holds_pb2.ReleaseHoldRequest(hold_id=pick.choice(self.holds), **common)
-            case _:
-                raise AssertionError(f"no random {kind} yet")
-        return kind, request
+        return random_operation(
+            self.random,
+            key,
+            Wallets(self.bank.customers, self.bank.merchants),
+            transfers=self.transfers,
+            holds=self.holds,
+            amount_max=amount_max,
+            short_hold_timeout_s=short_hold_timeout_s,
+        )
 
 
 _reply_types: dict[str, Message] = {}

@@ -35,10 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_bank import normalized_reply, normalized_result
 from test_concurrency import assert_books_balance
 from test_replay import operation_kinds, rpc_of
+from workload import Wallets, random_operation
 
 from coffer.clients.caller import caller_metadata_key
 from coffer.clients.v1 import (
-    holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
     transfers_pb2_grpc,
@@ -328,12 +328,6 @@ def postgres_processes(cluster: EmbeddedPostgres) -> list[int]:
     return [postmaster, *children]
 
 
-@dataclass
-class Wallets:
-    customers: list[int]
-    merchants: list[int]
-
-
 def _refusal_reason(error: grpc.aio.AioRpcError) -> str | None:
     """The reason of an error that is the ledger's answer (a refusal), else None."""
     for name, value in error.trailing_metadata() or ():
@@ -375,58 +369,14 @@ class Load:
     def operation(
         self, random: Random, key: str, transfers: list[int], holds: list[int]
     ) -> tuple[str, Any]:
-        """A random operation of any kind; voids, captures and releases of the client's own
-        transfers and holds (some already voided or resolved)."""
-        kind = random.choice(operation_kinds)
-        if (kind == "void" and not transfers) or (
-            kind in ("capture_hold", "release_hold") and not holds
-        ):
-            kind = "credit"
-        customer, other = random.sample(self.wallets.customers, 2)
-        amount = random.randint(1, amount_max)
-        common = {"idempotency_key": key}
-        match kind:
-            case "credit":
-                request: Any = transfers_pb2.CreditRequest(wallet_id=other, amount=amount, **common)
-            case "debit":
-                mode = random.choice(
-                    [types_pb2.DEBIT_MODE_ALL_OR_NOTHING, types_pb2.DEBIT_MODE_UP_TO]
-                )
-                request = transfers_pb2.DebitRequest(
-                    wallet_id=customer, amount=amount, mode=mode, **common
-                )
-            case "transfer":
-                request = transfers_pb2.TransferRequest(
-                    source_wallet_id=customer, target_wallet_id=other, amount=amount, **common
-                )
-            case "deposit":
-                request = transfers_pb2.DepositRequest(
-                    wallet_id=other, amount=amount, funding_source="iban:faults", **common
-                )
-            case "withdraw":
-                request = transfers_pb2.WithdrawRequest(
-                    wallet_id=customer, amount=amount, funding_source="iban:faults", **common
-                )
-            case "pay":
-                request = transfers_pb2.PayRequest(
-                    payer_wallet_id=customer,
-                    payee_wallet_id=random.choice(self.wallets.merchants),
-                    amount=amount,
-                    **common,
-                )
-            case "void":
-                request = transfers_pb2.VoidRequest(transfer_id=random.choice(transfers), **common)
-            case "place_hold":
-                request = holds_pb2.PlaceHoldRequest(wallet_id=customer, amount=amount, **common)
-            case "capture_hold":
-                request = holds_pb2.CaptureHoldRequest(hold_id=random.choice(holds), **common)
-                if random.random() < 0.5:
-                    request.amount = random.randint(1, amount_max)
-            case "release_hold":
-                request = holds_pb2.ReleaseHoldRequest(hold_id=random.choice(holds), **common)
-            case _:
-                raise AssertionError(f"no random {kind} yet")
-        return kind, request
+        return random_operation(
+            random,
+            key,
+            self.wallets,
+            transfers=transfers,
+            holds=holds,
+            amount_max=amount_max,
+        )
 
     def call(
         self, random: Random, key: str, transfers: list[int], holds: list[int]
