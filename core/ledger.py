@@ -911,7 +911,9 @@ class _Batch:
     ) -> list[ExpireHold]:
         """Locks the open holds the batch names, and the lapsed holds of the wallets it
         locked: those release themselves now, first, so that no expired hold keeps holding
-        money until the sweep comes by. Returns their expiries, to apply before the rest
+        money until the sweep comes by. All of them, as a wallet's balance counts them all (a
+        bound here would leave money held, and a refusal on it would be kept); the sweep, a
+        bounded batch each second, keeps them few. Returns their expiries, to apply before the rest
         (a lapsed hold the batch names is the batch's to resolve: a capture or release
         fails with HoldExpired, the sweep's expiry applies)."""
         ids = sorted(
@@ -929,17 +931,13 @@ class _Batch:
             from pending_holds h
             join transfers t on t.id = h.transfer_id
             where h.transfer_id = any($1::bigint[])
-               or h.transfer_id in (
-                   select transfer_id from pending_holds
-                   where source_wallet_id = any($2::bigint[]) and expires_at <= $3
-                   order by expires_at limit $4)
+               or (h.source_wallet_id = any($2::bigint[]) and h.expires_at <= $3)
             order by h.transfer_id
             for update of h
             """,
             ids,
             held,
             self.now,
-            expiry_batch_max,
         )
         open_holds = {row["transfer_id"]: row for row in rows}
         resolutions: dict[int, TransferKind] = {}

@@ -118,7 +118,7 @@ class Unit:
 
     def __post_init__(self) -> None:
         check_unit_code("code", self.code)
-        _check_enum("kind", self.kind, UnitKind)
+        check_enum("kind", self.kind, UnitKind)
         check_text("name", self.name, unit_name_length_max, required=True)
         check_text("plural", self.plural, unit_name_length_max)
         check_text("description", self.description, unit_description_length_max)
@@ -268,7 +268,7 @@ class Debit(Operation):
         Operation.__post_init__(self)
         _check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
-        _check_enum("mode", self.mode, DebitMode)
+        check_enum("mode", self.mode, DebitMode)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -461,7 +461,7 @@ def _check_amount(name: str, value: int) -> None:
         raise InvalidArgument(name, f"must be at most {amount_max}")
 
 
-def _check_enum(name: str, value: int, kind: type[IntEnum]) -> None:
+def check_enum(name: str, value: int, kind: type[IntEnum]) -> None:
     if value not in kind.__members__.values():
         raise InvalidArgument(name, "must be one of " + ", ".join(kind.__members__))
 

@@ -233,8 +233,8 @@ def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
     model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
     if request.unit:
         model.check_unit_code("unit", request.unit)
-    if request.owner_kind and request.owner_kind not in model.OwnerKind.__members__.values():
-        raise errors.InvalidArgument("owner_kind", "is not an owner kind")
+    if request.owner_kind:
+        model.check_enum("owner_kind", request.owner_kind, model.OwnerKind)
     return WalletFilter(
         owner_id=request.owner_id or None,
         owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,

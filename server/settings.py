@@ -113,7 +113,7 @@ class Settings:
                 "database_url", f"must start with {' or '.join(database_url_schemes)}"
             )
         host, separator, port = self.listen.rpartition(":")
-        if not (host and separator and port.isdigit() and int(port) <= port_max):
+        if not (host and separator and port.isascii() and port.isdigit() and int(port) <= port_max):
             raise SettingsError(
                 "listen", f"must be HOST:PORT with a port from 0 to {port_max}, not {self.listen!r}"
             )
@@ -166,7 +166,7 @@ class Settings:
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or (whole and not isinstance(value, int))
-                or math.isnan(value)
+                or (isinstance(value, float) and math.isnan(value))
                 or not low <= value <= high
             ):
                 raise SettingsError(

@@ -68,6 +68,9 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
             {"listen": ":50051"},
             {"listen": f"127.0.0.1:{port_max + 1}"},
             {"listen": "127.0.0.1:-1"},
+            # Digits, but not ASCII ones.
+            {"listen": "127.0.0.1:\u00b2"},
+            {"listen": "127.0.0.1:\u0665\u0660"},
         ],
     ),
     "pool_size": (
@@ -153,6 +156,12 @@ def test_a_setting_past_its_bounds_is_refused(setting: str) -> None:
             dataclasses.replace(base, **changes)
         assert raised.value.setting == setting, changes
         assert str(raised.value).startswith(f"{setting} must "), raised.value
+
+
+@pytest.mark.parametrize("setting", ["queue_max", "calls_max", "queued_bytes_max", "pool_size"])
+def test_an_integer_too_large_for_a_float_is_refused(setting: str) -> None:
+    with pytest.raises(SettingsError, match=setting):
+        dataclasses.replace(base, **{setting: 10**400})
 
 
 def test_the_message_names_the_bounds_and_the_value() -> None:
