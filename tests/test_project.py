@@ -1,5 +1,5 @@
 """Project checks, as ordinary tests: the layering of imports, fresh generated stubs, a clean
-`buf lint`, one status code and one client class per error reason, and a wheel that installs
+`buf lint`, clean `ruff check` and `ruff format --check`, one status code and one client class per error reason, and a wheel that installs
 what the Dockerfile needs."""
 
 from __future__ import annotations
@@ -176,6 +176,21 @@ def test_buf_lint(tmp_path: Path) -> None:
         text=True,
         timeout=subprocess_timeout_s,
         env={**os.environ, "BUF_CACHE_DIR": str(tmp_path / "buf-cache")},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff(check: list[str]) -> None:
+    """The lint and format rules of pyproject.toml hold over the whole tree."""
+    ruff = Path(sys.executable).parent / "ruff"
+    assert ruff.exists(), f"no ruff next to {sys.executable}: pip install ruff"
+    result = subprocess.run(
+        [str(ruff), *check, "--no-cache", "."],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=subprocess_timeout_s,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
