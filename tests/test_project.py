@@ -1,6 +1,6 @@
 """Project checks, as ordinary tests: the layering of imports, fresh generated stubs, a clean
-`buf lint`, clean `ruff check` and `ruff format --check`, one status code and one client class per error reason, and a wheel that installs
-what the Dockerfile needs."""
+`buf lint`, clean `ruff check` and `ruff format --check`, one status code and one client class
+per error reason, and a wheel that installs what the Dockerfile needs."""
 
 from __future__ import annotations
 
