@@ -365,27 +365,26 @@ async def _capture_hold_success(world: World) -> Message:
     return holds_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold_id, amount=40)
 
 
-async def _capture_hold_refusal(
-    world: World,
-) -> tuple[Message, str, Callable[[], Awaitable[None]]]:
-    wallet_id = await world.funded()
-    hold_id = await world.next_transfer_id()
-    request = holds_pb2.CaptureHoldRequest(idempotency_key=key(), hold_id=hold_id)
-    return request, "HOLD_NOT_FOUND", lambda: world.until(lambda: world.hold(wallet_id), hold_id)
+def _hold_not_found(request_type: type[Message]) -> Refusal:
+    """A capture or release of the hold the next transfer id will be: HOLD_NOT_FOUND, until a
+    hold is placed with that id."""
+
+    async def refusal(world: World) -> tuple[Message, str, Callable[[], Awaitable[None]]]:
+        wallet_id = await world.funded()
+        hold_id = await world.next_transfer_id()
+        request = request_type(idempotency_key=key(), hold_id=hold_id)
+        return (
+            request,
+            "HOLD_NOT_FOUND",
+            lambda: world.until(lambda: world.hold(wallet_id), hold_id),
+        )
+
+    return refusal
 
 
 async def _release_hold_success(world: World) -> Message:
     hold_id = await world.hold(await world.funded())
     return holds_pb2.ReleaseHoldRequest(idempotency_key=key(), hold_id=hold_id)
-
-
-async def _release_hold_refusal(
-    world: World,
-) -> tuple[Message, str, Callable[[], Awaitable[None]]]:
-    wallet_id = await world.funded()
-    hold_id = await world.next_transfer_id()
-    request = holds_pb2.ReleaseHoldRequest(idempotency_key=key(), hold_id=hold_id)
-    return request, "HOLD_NOT_FOUND", lambda: world.until(lambda: world.hold(wallet_id), hold_id)
 
 
 async def _discard(call: Awaitable[Any]) -> None:
@@ -401,8 +400,8 @@ scenarios: dict[str, tuple[Success, Refusal]] = {
     "pay": (_pay_success, _pay_refusal),
     "void": (_void_success, _void_refusal),
     "place_hold": (_place_hold_success, _place_hold_refusal),
-    "capture_hold": (_capture_hold_success, _capture_hold_refusal),
-    "release_hold": (_release_hold_success, _release_hold_refusal),
+    "capture_hold": (_capture_hold_success, _hold_not_found(holds_pb2.CaptureHoldRequest)),
+    "release_hold": (_release_hold_success, _hold_not_found(holds_pb2.ReleaseHoldRequest)),
 }
 
 
