@@ -23,8 +23,9 @@ WORKDIR /usr/src/coffer
 COPY pyproject.toml README.md ./
 COPY core core
 COPY server server
+COPY bench bench
 COPY clients clients
-RUN pip install . \
+RUN pip install ./clients . \
     && coffer --help > /dev/null
 
 ENV COFFER_DATA_DIR=/var/lib/coffer

@@ -21,8 +21,8 @@ import pytest
 import pytest_asyncio
 
 from coffer.clients.caller import caller_metadata_key
+from coffer.postgres.supervisor import EmbeddedPostgres
 from coffer.server.app import Server, Settings
-from coffer.server.embedded import EmbeddedPostgres
 
 TEMPLATE_DATABASE = "coffer_template"
 # The caller the tests' raw channels name on every call that names none.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from coffer.clients.v1 import transfers_pb2, units_pb2
 from coffer.core import errors
 from coffer.server.admission import (
     Admission,
@@ -17,6 +16,7 @@ from coffer.server.admission import (
     request_bytes_max,
     request_bytes_small_max,
 )
+from coffer.v1 import transfers_pb2, units_pb2
 
 queued_bytes_max = 2 * request_bytes_max
 # How long an idle event loop may take to be measured as on time again.

@@ -14,7 +14,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
-from coffer.clients.v1 import (
+from coffer.server.app import Server, Settings
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -25,7 +26,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.server.app import Server, Settings
 
 Code = grpc.StatusCode
 _keys = itertools.count(1)

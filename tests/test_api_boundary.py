@@ -19,14 +19,14 @@ from google.rpc import error_details_pb2, status_pb2
 
 from coffer.clients import Client
 from coffer.clients.caller import caller_length_max, caller_metadata_key
-from coffer.clients.v1 import (
+from coffer.server.app import Server
+from coffer.v1 import (
     holds_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
     wallets_pb2,
 )
-from coffer.server.app import Server
 
 Code = grpc.StatusCode
 Metadata = tuple[tuple[str, str], ...]

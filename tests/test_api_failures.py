@@ -22,8 +22,8 @@ from test_api import Api, error_info, key
 
 from coffer.clients import Client
 from coffer.clients import errors as client_errors
-from coffer.clients.v1 import transfers_pb2, transfers_pb2_grpc
 from coffer.server.app import Server, Settings
+from coffer.v1 import transfers_pb2, transfers_pb2_grpc
 
 Code = grpc.StatusCode
 # The ledger does not know this rule: a transfer of this amount fails in PostgreSQL with a

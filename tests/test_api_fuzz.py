@@ -17,7 +17,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coffer.clients.v1 import (
+from coffer.server.app import Server, services_described
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -27,7 +28,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.server.app import Server, services_described
 
 # COFFER_FUZZ_SCALE=N runs N times as many calls (the suite runs 1).
 scale = int(os.environ.get("COFFER_FUZZ_SCALE", "1"))

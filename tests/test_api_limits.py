@@ -16,10 +16,10 @@ import pytest
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from test_api import Api, error_info, key
 
-from coffer.clients.v1 import transfers_pb2
-from coffer.core.ledger import batch_operations_max
+from coffer.core.model import batch_operations_max
 from coffer.server.admission import request_bytes_max, request_bytes_small_max
 from coffer.server.app import Server, Settings, services_described
+from coffer.v1 import transfers_pb2
 
 Code = grpc.StatusCode
 

@@ -24,7 +24,8 @@ from test_concurrency import assert_books_balance
 from test_replay import operation_kinds, rpc_of
 from workload import Wallets, random_operation
 
-from coffer.clients.v1 import (
+from coffer.server.app import Server
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -35,7 +36,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.server.app import Server
 
 clients = 16
 operations_per_client = 2000

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from coffer.server.bench import main
-from coffer.server.bench_infra import coffer_command
+from coffer.bench.infra import coffer_command
+from coffer.bench.main import main
 
 required_keys = {
     "scenario",

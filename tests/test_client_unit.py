@@ -30,7 +30,8 @@ from grpc_status import rpc_status
 from coffer import clients
 from coffer.clients import Client, SyncClient, errors, operations
 from coffer.clients.cli import _parser, main
-from coffer.clients.v1 import (
+from coffer.core import errors as core_errors
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -41,7 +42,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core import errors as core_errors
 
 key_pattern = re.compile(r"[0-9a-f]{32}")
 

@@ -18,7 +18,9 @@ from collections.abc import Callable
 import asyncpg
 import grpc
 
-from coffer.clients.v1 import (
+from coffer.core.model import posting_kinds
+from coffer.server.app import Server, Settings
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -29,8 +31,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core.model import posting_kinds
-from coffer.server.app import Server, Settings
 
 clients = 32
 operations_per_client = 120

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import pytest
 
-from coffer.server.embedded import (
+from coffer.postgres.supervisor import (
     BINARIES_COPY_DIR,
     LEDGER_ROLE,
     SUPERUSER,
@@ -137,7 +137,7 @@ async def test_postmaster_of_a_crashed_process_is_stopped_and_restarted(
     crash = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from coffer.server.embedded import EmbeddedPostgres\n"
+        "from coffer.postgres.supervisor import EmbeddedPostgres\n"
         "EmbeddedPostgres(Path(sys.argv[1]), durable=True).start()\n"
         "os._exit(0)\n"
     )

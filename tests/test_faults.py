@@ -38,7 +38,12 @@ from test_replay import operation_kinds, rpc_of
 from workload import Wallets, random_operation
 
 from coffer.clients.caller import caller_metadata_key
-from coffer.clients.v1 import (
+from coffer.core import errors
+from coffer.core.ledger import Ledger, command_timeout_margin_s, create_pool
+from coffer.core.model import Credit, NewWallet, OwnerKind, Unit, UnitKind
+from coffer.postgres.supervisor import LEDGER_ROLE, EmbeddedPostgres, supervise
+from coffer.server.app import Server, Settings
+from coffer.v1 import (
     holds_pb2_grpc,
     transfers_pb2,
     transfers_pb2_grpc,
@@ -48,11 +53,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.core import errors
-from coffer.core.ledger import Ledger, command_timeout_margin_s, create_pool
-from coffer.core.model import Credit, NewWallet, OwnerKind, Unit, UnitKind
-from coffer.server.app import Server, Settings
-from coffer.server.embedded import LEDGER_ROLE, EmbeddedPostgres, supervise
 
 
 @pytest_asyncio.fixture(loop_scope="session")

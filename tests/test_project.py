@@ -22,25 +22,35 @@ import pytest
 from coffer.core import errors
 
 root = Path(__file__).resolve().parent.parent
-# Where each source folder is installed.
-packages = {"core": "coffer.core", "server": "coffer.server", "clients": "coffer.clients"}
+# The folders that each hold a part of the namespace package `coffer`.
+source_roots = ("core", "server", "bench", "clients")
 subprocess_timeout_s = 120
 
 
-def imports(folder: str) -> Iterator[tuple[str, int, str]]:
-    """(file, line, absolute module name) for every import in every module under `folder`,
-    relative imports resolved against the installed package name."""
-    for path, line, module, _ in imported(folder):
+def imports(package: str) -> Iterator[tuple[str, int, str]]:
+    """(file, line, absolute module name) for every import in every module of `package`
+    (such as `coffer.core`), relative imports resolved."""
+    for path, line, module, _ in imported(package):
         yield path, line, module
 
 
-def imported(folder: str) -> Iterator[tuple[str, int, str, tuple[str, ...]]]:
+def package_folder(package: str) -> Path:
+    """The folder of `package` (a package under `coffer`), in whichever source root holds it."""
+    [folder] = [
+        root / source / Path(*package.split("."))
+        for source in source_roots
+        if (root / source / Path(*package.split("."))).is_dir()
+    ]
+    return folder
+
+
+def imported(package: str) -> Iterator[tuple[str, int, str, tuple[str, ...]]]:
     """As `imports`, with the names each import takes from its module: a `from` import's,
     or ("*",) for a whole module (`import module`)."""
-    base = root / folder
+    base = package_folder(package)
     for path in sorted(base.rglob("*.py")):
         relative = path.relative_to(base)
-        package = ".".join((packages[folder], *relative.parent.parts))
+        package_of_module = ".".join((package, *relative.parent.parts))
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -48,7 +58,7 @@ def imported(folder: str) -> Iterator[tuple[str, int, str, tuple[str, ...]]]:
                     yield str(path.relative_to(root)), node.lineno, alias.name, ("*",)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    parent = package.split(".")
+                    parent = package_of_module.split(".")
                     parent = parent[: len(parent) - node.level + 1]
                     module = ".".join([*parent, *([node.module] if node.module else [])])
                 else:
@@ -63,7 +73,7 @@ def within(module: str, prefix: str) -> bool:
 
 
 def test_core_imports_only_the_standard_library_and_asyncpg() -> None:
-    found = list(imports("core"))
+    found = list(imports("coffer.core"))
     assert found
     forbidden = ("grpc", "google.protobuf", "coffer.server", "coffer.clients")
     wrong = [
@@ -82,39 +92,37 @@ def test_core_imports_only_the_standard_library_and_asyncpg() -> None:
 
 
 def test_clients_import_neither_core_nor_server() -> None:
-    found = list(imports("clients"))
+    found = [*imports("coffer.clients"), *imports("coffer.v1")]
     assert found
+    server_side = ("coffer.core", "coffer.server", "coffer.postgres", "coffer.bench")
     wrong = [
         f"{path}:{line}: {module}"
         for path, line, module in found
-        if within(module, "coffer.core") or within(module, "coffer.server")
+        if any(within(module, prefix) for prefix in server_side)
     ]
-    assert not wrong, "clients/ must not import coffer.core or coffer.server:\n" + "\n".join(wrong)
+    assert not wrong, "clients/ must import nothing of the server's distribution:\n" + "\n".join(
+        wrong
+    )
 
 
-# What the server takes from clients/: the generated stubs, the rule for callers, and two
-# constants of the client's errors (the ErrorInfo domain, the replay metadata key), so that
-# both sides name them alike. None: any name. The `coffer` command (which hands operator
-# commands to the client's CLI) and the benchmark (which drives a server with the typed
-# client) are tools around the server, not the server: they may use the client.
+# What the server takes from the client's distribution beside the stubs (`coffer.v1`): the
+# rule for callers, and two constants of the client's errors (the ErrorInfo domain, the replay
+# metadata key), so that both sides name them alike. None: any name. The benchmark, which
+# drives a server with the typed client, is a package of its own.
 server_imports_from_clients: dict[str, frozenset[str] | None] = {
-    "coffer.clients.v1": None,
     "coffer.clients.caller": None,
     "coffer.clients.errors": frozenset({"error_domain", "replayed_metadata_key"}),
 }
-server_tools = ("server/cli.py", "server/bench.py", "server/bench_*.py")
 
 
-def test_server_imports_from_clients_only_stubs_caller_and_error_constants() -> None:
-    tools = {path for pattern in server_tools for path in root.glob(pattern)}
-    assert root / "server/cli.py" in tools
+def test_server_imports_from_clients_only_caller_and_error_constants() -> None:
     wrong = []
     checked = 0
-    for path, line, module, names in imported("server"):
-        if root / path in tools or not within(module, "coffer.clients"):
+    for path, line, module, names in [*imported("coffer.server"), *imported("coffer.postgres")]:
+        if not within(module, "coffer.clients"):
             continue
         for name in names:
-            # `from coffer.clients import v1` takes a module whole.
+            # `from coffer.clients import errors` takes a module whole.
             whole = module == "coffer.clients"
             target, taken = (f"{module}.{name}", "*") if whole else (module, name)
             allowed = [
@@ -127,7 +135,7 @@ def test_server_imports_from_clients_only_stubs_caller_and_error_constants() -> 
                 wrong.append(f"{path}:{line}: {target} {taken}")
     assert checked
     assert not wrong, (
-        "server/ may import from clients/ only the stubs, coffer.clients.caller and the "
+        "the server may import from coffer.clients only coffer.clients.caller and the "
         "constants of coffer.clients.errors named in server_imports_from_clients:\n"
         + "\n".join(wrong)
     )
@@ -140,11 +148,17 @@ def test_the_caller_rule_is_defined_once() -> None:
     from coffer.clients import caller
     from coffer.core import ledger, model
 
-    found = [module for path, _, module in imports("clients") if path == "clients/caller.py"]
+    found = [
+        module
+        for path, _, module in imports("coffer.clients")
+        if path == "clients/coffer/clients/caller.py"
+    ]
     assert found
     assert all(module.split(".")[0] in sys.stdlib_module_names for module in found), found
     server_imports = {
-        module for path, _, module in imports("server") if path == "server/services.py"
+        module
+        for path, _, module in imports("coffer.server")
+        if path == "server/coffer/server/services.py"
     }
     assert "coffer.clients.caller" in server_imports
     assert model.caller_length_max == caller.caller_length_max
@@ -162,7 +176,9 @@ def test_generated_stubs_are_fresh() -> None:
         timeout=subprocess_timeout_s,
     )
     assert result.returncode == 0, (
-        "clients/v1 is stale; run `python scripts/gen_protos.py`\n" + result.stdout + result.stderr
+        "clients/coffer/v1 is stale; run `python scripts/gen_protos.py`\n"
+        + result.stdout
+        + result.stderr
     )
 
 
@@ -276,39 +292,62 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
                     target.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(path, target / path.name)
     assert (source / "pyproject.toml").exists()
+    assert (source / "clients" / "pyproject.toml").exists()
     dist = tmp_path / "dist"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "-w",
-            str(dist),
-            ".",
-        ],
-        cwd=source,
-        capture_output=True,
-        text=True,
-        timeout=subprocess_timeout_s,
-        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    [wheel] = dist.glob("coffer-*.whl")
+    for project in (source, source / "clients"):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "-w",
+                str(dist),
+                ".",
+            ],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=subprocess_timeout_s,
+            env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_CACHE_DIR": "1"},
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    [server_wheel] = dist.glob("coffer-*.whl")
+    [client_wheel] = dist.glob("coffer_client-*.whl")
+    server_names, server_entry_points = wheel_contents(server_wheel)
+    client_names, client_entry_points = wheel_contents(client_wheel)
+
+    assert "coffer/core/migrations/0001_ledger.sql" in server_names
+    for package in ("core", "server", "postgres", "bench"):
+        assert f"coffer/{package}/__init__.py" in server_names, package
+    assert not [name for name in server_names if name.startswith(("coffer/clients", "coffer/v1"))]
+    stubs = sorted(path.name for path in (root / "clients" / "coffer" / "v1").glob("*_pb2*.py*"))
+    assert stubs
+    missing = [stub for stub in stubs if f"coffer/v1/{stub}" not in client_names]
+    assert not missing, missing
+    assert {"coffer/clients/py.typed", "coffer/v1/py.typed"} <= client_names
+    assert not [
+        name
+        for name in client_names
+        if name.startswith("coffer/") and not name.startswith(("coffer/clients/", "coffer/v1/"))
+    ]
+    assert client_entry_points["console_scripts"]["coffer"] == "coffer.clients.cli:main"
+    assert "console_scripts" not in server_entry_points
+    assert dict(server_entry_points["coffer.commands"]) == {
+        "serve": "coffer.server.cli:serve",
+        "migrate": "coffer.server.cli:migrate",
+        "bench": "coffer.server.cli:bench",
+    }
+
+
+def wheel_contents(wheel: Path) -> tuple[set[str], configparser.ConfigParser]:
+    """A wheel's file names, and its entry points."""
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
-        entry_text = archive.read(entry_points).decode()
-
-    assert "coffer/core/migrations/0001_ledger.sql" in names
-    stubs = sorted(path.name for path in (root / "clients" / "v1").glob("*_pb2.py"))
-    assert stubs
-    missing = [stub for stub in stubs if f"coffer/clients/v1/{stub}" not in names]
-    assert not missing, missing
-    assert "coffer/clients/py.typed" in names
-    parser = configparser.ConfigParser()
-    parser.read_string(entry_text)
-    assert parser["console_scripts"]["coffer"].strip() == "coffer.server.cli:main"
+        parser = configparser.ConfigParser()
+        parser.read_string(archive.read(entry_points).decode())
+    return names, parser

@@ -27,7 +27,8 @@ import pytest
 from google.protobuf.message import Message
 from test_api import error_info
 
-from coffer.clients.v1 import (
+from coffer.server.app import Server, Settings
+from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -38,7 +39,6 @@ from coffer.clients.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
-from coffer.server.app import Server, Settings
 
 Code = grpc.StatusCode
 caller = "replay-tests"

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.caller import caller_metadata_key
-from coffer.clients.v1 import units_pb2, units_pb2_grpc
+from coffer.v1 import units_pb2, units_pb2_grpc
 
 coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120

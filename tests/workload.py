@@ -11,7 +11,7 @@ from random import Random
 from google.protobuf.message import Message
 from test_replay import operation_kinds
 
-from coffer.clients.v1 import holds_pb2, transfers_pb2, types_pb2
+from coffer.v1 import holds_pb2, transfers_pb2, types_pb2
 
 
 @dataclass(slots=True)

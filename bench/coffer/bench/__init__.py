@@ -1,0 +1,2 @@
+"""`coffer bench`: a server on a fresh durable PostgreSQL, driven through the typed client,
+measured against pgbench and a bare gRPC echo on the same machine."""

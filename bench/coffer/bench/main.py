@@ -1,0 +1,417 @@
+"""`coffer bench`: a load generator that measures a Coffer server end to end.
+
+    coffer bench --scenario batch --duration 20 --json
+
+By default it starts a durable embedded PostgreSQL (fsync and synchronous_commit on, as in
+production) in a temporary directory and a `coffer serve` process on a free port, sets up a
+unit and wallets (not timed), drives the server over gRPC with the typed client for a warmup
+and then the measured duration, checks the books, and, for comparison on the same machine and
+database server, runs pgbench's tpcb-like load and a bare gRPC health-check echo. It prints a
+table, writes `<scenario>-<timestamp>.json` and `.png` in `--out`, and stops everything it
+started. `--target` and `--database-url` aim it at a running server and database instead.
+
+Scenarios (every operation with an idempotency key, notes and references, stored history):
+  batch     SubmitBatch calls of --batch-size transfers among customer wallets
+  single    single Transfer calls, coalesced by the server's batcher
+  hot       batches of transfers from many customers to ONE merchant wallet
+  mixed     single calls: credits, debits (both modes), transfers, holds captured or
+            released, voids, balance reads
+  payments  batches of EMI deposits and customer-to-merchant payments
+  overload  4x the measured capacity of batch calls (--batch-size) and single calls at
+            once, open-loop, for --duration; then none, and the time to recover. Reports
+            refusals by reason, admitted single calls' latency, recovery time, server RSS
+            (the capacity is measured for --warmup seconds, at least 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import grpc
+import uvloop
+
+from coffer.bench import infra, load, overload, report
+from coffer.bench.load import batch_scenarios, scenarios
+from coffer.clients import Client
+
+inflight_default_batch = 2
+inflight_default_single = 64
+echo_inflight = 64
+batch_size_max = 8000
+connections_per_server = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    problem = _check(arguments)
+    if problem:
+        print(f"coffer bench: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return uvloop.run(_bench(arguments))
+    except KeyboardInterrupt:
+        print("coffer bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # Anything that stopped the run: say what, in one place.
+        print(f"coffer bench: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coffer bench",
+        description="Measure a Coffer server's throughput and latency under load.",
+        epilog=__doc__[__doc__.index("Scenarios") :] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scenario", choices=scenarios, default="batch")
+    parser.add_argument(
+        "--duration", type=float, default=20.0, help="measured seconds (default 20)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=2.0, help="seconds of load not counted (default 2)"
+    )
+    parser.add_argument(
+        "--inflight",
+        type=int,
+        default=None,
+        help=f"calls in flight at once (default {inflight_default_batch} for batch, hot and "
+        f"payments, {inflight_default_single} for single and mixed)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1000,
+        help="operations per SubmitBatch call (batch, hot, payments; default 1000)",
+    )
+    parser.add_argument("--wallets", type=int, default=1000, help="wallets (default 1000)")
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=0.0,
+        help="Zipf-like exponent of wallet choice: 0 uniform (default), 1 a few hot wallets",
+    )
+    parser.add_argument(
+        "--sweep",
+        default=None,
+        metavar="N,N,...",
+        help="run the scenario at each of these in-flight counts, e.g. 1,8,32,64,128",
+    )
+    parser.add_argument(
+        "--target", default=None, metavar="HOST:PORT", help="a running server to measure"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="a running PostgreSQL (the server's, for the self-check, preload and pgbench)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed to the `coffer serve` it starts (repeatable), e.g. "
+        "--server-arg=--batch-size-max=2000",
+    )
+    parser.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        help="server processes to start on one port with SO_REUSEPORT (default 1)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=None,
+        help=f"gRPC connections of the client (default 1, {connections_per_server} per "
+        "server with --servers)",
+    )
+    parser.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="insert N transfers with SQL before the run (e.g. 10000000)",
+    )
+    parser.add_argument(
+        "--no-compare", action="store_true", help="skip the pgbench and gRPC echo comparisons"
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="results directory")
+    parser.add_argument(
+        "--json", action="store_true", help="end stdout with the results as one JSON line"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="of the random load (default 1)")
+    return parser
+
+
+def _check(arguments: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, or None; fills the defaults that depend on others."""
+    if arguments.inflight is None:
+        arguments.inflight = (
+            inflight_default_batch
+            if arguments.scenario in batch_scenarios
+            else inflight_default_single
+        )
+    if arguments.connections is None:
+        arguments.connections = (
+            1 if arguments.servers == 1 else (connections_per_server * arguments.servers)
+        )
+    if arguments.sweep is not None:
+        try:
+            arguments.sweep = [int(part) for part in arguments.sweep.split(",") if part.strip()]
+        except ValueError:
+            return f"--sweep takes in-flight counts separated by commas, not {arguments.sweep!r}"
+        if not arguments.sweep or min(arguments.sweep) < 1:
+            return "--sweep needs in-flight counts of 1 or more"
+    checks = [
+        (arguments.duration >= 1, "--duration must be 1 second or more"),
+        (arguments.warmup >= 0, "--warmup must not be negative"),
+        (arguments.inflight >= 1, "--inflight must be 1 or more"),
+        (
+            1 <= arguments.batch_size <= batch_size_max,
+            f"--batch-size must be 1 to {batch_size_max}",
+        ),
+        (arguments.wallets >= 2, "--wallets must be 2 or more"),
+        (arguments.skew >= 0, "--skew must not be negative"),
+        (arguments.servers >= 1, "--servers must be 1 or more"),
+        (arguments.connections >= 1, "--connections must be 1 or more"),
+        (arguments.preload >= 0, "--preload must not be negative"),
+        (
+            arguments.scenario != "overload" or arguments.sweep is None,
+            "--sweep is not for the overload scenario",
+        ),
+        (
+            arguments.target is None or (arguments.servers == 1 and not arguments.server_arg),
+            "--servers and --server-arg are for the server it starts, not with --target",
+        ),
+        (
+            not arguments.preload or arguments.target is None or arguments.database_url,
+            "--preload needs the database: give --database-url with --target",
+        ),
+    ]
+    return next((message for passed, message in checks if not passed), None)
+
+
+def _note(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+async def _bench(arguments: argparse.Namespace) -> int:
+    started = time.time()
+    run_id = f"b{secrets.token_hex(4)}"
+    log_dir = Path(tempfile.mkdtemp(prefix="coffer-bench-logs-"))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            database = None
+            if arguments.target is None or arguments.database_url:
+                database = await stack.enter_async_context(
+                    infra.bench_database(arguments.database_url, _note)
+                )
+            servers = None
+            target = arguments.target
+            if target is None:
+                assert database is not None
+                servers = await infra.ServerGroup.start(
+                    database.dsn,
+                    count=arguments.servers,
+                    server_arguments=arguments.server_arg,
+                    log_dir=log_dir,
+                    note=_note,
+                )
+                stack.push_async_callback(servers.stop)
+                target = servers.target
+            clients = load.open_clients(target, arguments.connections)
+            for client in clients:
+                stack.push_async_callback(client.close)
+            result = await _measure(arguments, run_id, database, servers, clients)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    result["wall_s"] = round(time.time() - started, 1)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+    json_path = arguments.out / f"{arguments.scenario}-{stamp}.json"
+    plot_path = json_path.with_suffix(".png")
+    result["json_path"] = str(json_path)
+    why_not = report.plot(result, plot_path)
+    result["plot_path"] = why_not or str(plot_path)
+    report.write_json(result, json_path)
+    report.table(result, sys.stdout)
+    if arguments.json:
+        short = {name: value for name, value in result.items() if name not in ("series",)}
+        for point in short.get("sweep") or ():
+            point.pop("series", None)
+        print(json.dumps(short, separators=(",", ":")), flush=True)
+    failed = result["self_check"].startswith("failed") or result["servers_exited"]
+    return 1 if failed else 0
+
+
+async def _measure(
+    arguments: argparse.Namespace,
+    run_id: str,
+    database: infra.BenchDatabase | None,
+    servers: infra.ServerGroup | None,
+    clients: list[Client],
+) -> dict[str, Any]:
+    scenario = arguments.scenario
+    setup_started = time.monotonic()
+    fixture = await load.setup(clients[0], scenario, arguments.wallets, run_id, _note)
+    setup_s = time.monotonic() - setup_started
+    preload_s = None
+    if arguments.preload:
+        assert database is not None
+        preload_s = await infra.preload(database.dsn, fixture.customers, arguments.preload, _note)
+    if database is not None:
+        await infra.checkpoint(database.dsn)
+    rss = infra.RssSampler(servers.pids if servers else [])
+    rss.start()
+    points = []
+    try:
+        if scenario == "overload":
+            points.append(
+                await overload.run(
+                    fixture,
+                    clients,
+                    batch_size=arguments.batch_size,
+                    skew=arguments.skew,
+                    seed=arguments.seed,
+                    calibration_s=arguments.warmup,
+                    duration_s=arguments.duration,
+                    note=_note,
+                )
+            )
+        else:
+            points += await _load(arguments, fixture, clients)
+    finally:
+        await rss.stop()
+    servers_exited = servers.exited() if servers else []
+    for message in servers_exited:
+        _note(message)
+
+    self_check = "skipped: no database url"
+    transfers_stored = None
+    if database is not None:
+        _note("checking the books")
+        self_check = await infra.self_check(database.dsn)
+        transfers_stored = await infra.count_transfers(database.dsn)
+
+    pgbench: dict[str, Any] = {"tps": None, "note": "skipped: --no-compare"}
+    echo: dict[str, Any] | None = None
+    if not arguments.no_compare and not servers_exited:
+        if database is None:
+            pgbench = {"tps": None, "note": "skipped: no database url"}
+        else:
+            # No gRPC channel open while pgbench forks (the echo below opens them again).
+            for client in clients:
+                await client.close()
+            try:
+                pgbench = await infra.run_pgbench(database, arguments.duration, _note)
+            except Exception as error:
+                pgbench = {"tps": None, "note": f"failed: {error}"}
+                _note(f"pgbench {pgbench['note']}")
+        _note(f"gRPC echo: health checks, {echo_inflight} in flight")
+        echo = await load.run_load(
+            load.EchoWorkload(run_id),
+            clients,
+            inflight=echo_inflight,
+            warmup_s=arguments.warmup,
+            duration_s=arguments.duration,
+        )
+
+    best = max(points, key=lambda point: point["transfers_per_s"])
+    result: dict[str, Any] = {
+        "scenario": scenario,
+        "transfers_per_s": best["transfers_per_s"],
+        "latency_ms_p50": best["latency_ms_p50"],
+        "latency_ms_p99": best["latency_ms_p99"],
+        "errors": best["errors"],
+        "refused": best["refused"],
+        "pgbench_tps": pgbench.get("tps"),
+        "echo_rps": echo["rpcs_per_s"] if echo else None,
+        "server_rss_mb_max": round(rss.mb_max, 1) if rss.mb_max is not None else None,
+        "transfers_stored": transfers_stored,
+        "self_check": self_check,
+        "duration_s": arguments.duration,
+        "inflight": best["inflight"],
+        "batch_size": arguments.batch_size if scenario in (*batch_scenarios, "overload") else None,
+        # The rest of the best (or only) run.
+        **{name: value for name, value in best.items() if name not in ("duration_s",)},
+        "warmup_s": arguments.warmup,
+        "wallets": arguments.wallets,
+        "skew": arguments.skew,
+        "servers": arguments.servers if servers else None,
+        "server": servers.target if servers else arguments.target,
+        "server_args": arguments.server_arg,
+        "connections": arguments.connections,
+        "database": _describe(database),
+        "preload": arguments.preload,
+        "preload_s": round(preload_s, 1) if preload_s is not None else None,
+        "setup_s": round(setup_s, 1),
+        "servers_exited": servers_exited,
+        "pgbench": pgbench,
+        "pgbench_note": pgbench.get("note") or None,
+        "echo_latency_ms_p50": echo["latency_ms_p50"] if echo else None,
+        "echo_latency_ms_p99": echo["latency_ms_p99"] if echo else None,
+        "echo_errors": echo["errors"] if echo else None,
+        "server_rss_mb_samples": rss.samples,
+        "sweep": points if arguments.sweep else None,
+        "run_id": run_id,
+        "seed": arguments.seed,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpc": grpc.__version__,
+            "platform": platform.platform(),
+        },
+        "client": "coffer.clients.Client (typed; retries off), one uvloop event loop",
+    }
+    return result
+
+
+async def _load(
+    arguments: argparse.Namespace, fixture: load.Fixture, clients: list[Client]
+) -> list[dict[str, Any]]:
+    """The scenario's closed-loop load at each in-flight count: one point each."""
+    workload = load.make_workload(
+        arguments.scenario, fixture, arguments.batch_size, arguments.skew, arguments.seed
+    )
+    points = []
+    for inflight in arguments.sweep or [arguments.inflight]:
+        _note(
+            f"{arguments.scenario}: {inflight} in flight, {arguments.warmup:g} s warmup, "
+            f"{arguments.duration:g} s measured"
+        )
+        points.append(
+            await load.run_load(
+                workload,
+                clients,
+                inflight=inflight,
+                warmup_s=arguments.warmup,
+                duration_s=arguments.duration,
+            )
+        )
+    return points
+
+
+def _describe(database: infra.BenchDatabase | None) -> str | None:
+    """The database, without a password."""
+    if database is None:
+        return None
+    if database.cluster is not None:
+        return database.description + " (durable: fsync, synchronous_commit on)"
+    parts = urllib.parse.urlsplit(database.dsn)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return database.dsn

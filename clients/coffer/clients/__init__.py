@@ -1,0 +1,55 @@
+"""Coffer's Python client.
+
+    from coffer.clients import Client, errors
+
+    async with Client("127.0.0.1:50051", caller="shop") as coffer:
+        try:
+            await coffer.pay(payer_wallet_id=7, payee_wallet_id=9, amount=2599)
+        except errors.InsufficientFunds as error:
+            ...
+
+`SyncClient` offers the same methods for blocking code; `operations` builds the operations of
+a batch (`submit_batch`). The protobuf messages are here too: `Transfer`, `Wallet`, `Hold`…, and
+their modules `types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`.
+"""
+
+from coffer.clients import errors
+from coffer.clients.client import (
+    Client,
+    DebitResult,
+    HoldResult,
+    Operations,
+    Page,
+    SyncClient,
+    WalletBalance,
+    operations,
+)
+from coffer.clients.errors import CofferError
+from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1.transfers_pb2 import Operation, OperationResult
+from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
+
+__all__ = [
+    "Balance",
+    "Client",
+    "CofferError",
+    "DebitResult",
+    "Hold",
+    "HoldResult",
+    "Operation",
+    "OperationResult",
+    "Operations",
+    "Page",
+    "SyncClient",
+    "Transfer",
+    "Unit",
+    "Wallet",
+    "WalletBalance",
+    "errors",
+    "holds_pb2",
+    "operations",
+    "transfers_pb2",
+    "types_pb2",
+    "units_pb2",
+    "wallets_pb2",
+]

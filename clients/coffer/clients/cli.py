@@ -1,0 +1,850 @@
+"""The operator's command line, on top of SyncClient: `coffer COMMAND …`.
+
+The server's distribution adds its own commands (`serve`, `migrate`, `bench`) through the
+entry point group `coffer.commands`: each is a function taking the arguments after its name,
+and returning the exit code. Exit codes: 0 done, 1 the server refused (a domain error such as
+INSUFFICIENT_FUNDS), 2 bad usage, 3 the server could not be reached in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, timedelta
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2
+
+from coffer.clients import errors
+from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
+from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+
+program = "coffer"
+# The entry point group through which other distributions add commands to `coffer`.
+command_entry_points = "coffer.commands"
+target_environment_variable = "COFFER_TARGET"
+caller_environment_variable = "COFFER_CALLER"
+caller_default = "cli"
+exit_ok = 0
+exit_refused = 1
+exit_usage = 2
+exit_unreachable = 3
+int64_max = 2**63 - 1
+page_size_max = 1000
+list_limit_default = 100
+history_limit_default = 20
+list_limit_max = 10_000
+hold_timeout_s_max = 30 * 24 * 3600
+transfer_kinds = [
+    "credit",
+    "debit",
+    "transfer",
+    "deposit",
+    "withdrawal",
+    "payment",
+    "hold",
+    "capture",
+    "release",
+    "hold-expiry",
+    "void",
+]
+amount_help = "an integer amount in the unit's minor units (e.g. cents: 1500 is EUR 15.00)"
+
+ItemT = TypeVar("ItemT")
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    # Printed with --json: the RPC's response message, as proto3 JSON.
+    message: Message
+    # Printed otherwise; called only then, so that it may ask the server for more.
+    render: Callable[[], list[str]]
+    exit_code: int = exit_ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    installed = _installed_commands()
+    if argv and argv[0] in installed:
+        command: Callable[[list[str]], int] = installed[argv[0]].load()
+        return command(argv[1:])
+    parser = _parser(installed)
+    try:
+        arguments = parser.parse_args(argv)
+    except SystemExit as exit_:
+        # --help exits 0, bad usage 2; return the code rather than leave the interpreter.
+        return exit_.code if isinstance(exit_.code, int) else exit_usage
+    if arguments.command is None:
+        parser.print_help(sys.stderr)
+        return exit_usage
+    try:
+        client = SyncClient(
+            arguments.target,
+            caller=arguments.caller,
+            timeout_s=arguments.deadline,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_usage
+    try:
+        with client:
+            output: _Output = arguments.handler(client, arguments)
+            if arguments.json:
+                print(
+                    json_format.MessageToJson(
+                        output.message, always_print_fields_with_no_presence=True
+                    )
+                )
+            else:
+                for line in output.render():
+                    print(line)
+            return output.exit_code
+    except (errors.Unavailable, errors.DeadlineExceeded) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_unreachable
+    except errors.CofferError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_refused
+    except KeyboardInterrupt:
+        return 130
+
+
+# The parser.
+
+
+def _installed_commands() -> dict[str, importlib.metadata.EntryPoint]:
+    """Commands other distributions add to `coffer` (the server's), by name."""
+    return {
+        entry.name: entry for entry in importlib.metadata.entry_points(group=command_entry_points)
+    }
+
+
+def _parser(
+    installed: dict[str, importlib.metadata.EntryPoint] | None = None,
+) -> argparse.ArgumentParser:
+    if installed is None:
+        installed = _installed_commands()
+    if installed:
+        more = (
+            "Also installed: "
+            + ", ".join(f"`{program} {name}`" for name in sorted(installed))
+            + "."
+        )
+    else:
+        more = "The server's commands (`serve`, `migrate`, `bench`) come with the server."
+    parser = argparse.ArgumentParser(
+        prog=program,
+        description="Operate a Coffer server: units, wallets, transfers, holds. "
+        "Amounts are integers in the unit's minor units (cents for EUR).",
+        epilog=f"{more} Exit codes: 0 done, 1 refused by the server, 2 bad usage, "
+        "3 server unreachable.",
+    )
+    _add_global_options(parser, suppress=False)
+    # The same options after the command (`coffer balance 7 --json`), without defaults there
+    # so as not to override the ones given before it. `hold place` has a --target of its own
+    # (the wallet a capture goes to): there the server's --target goes before the command.
+    shared = argparse.ArgumentParser(add_help=False)
+    _add_global_options(shared, suppress=True)
+    shared_but_target = argparse.ArgumentParser(add_help=False)
+    _add_global_options(shared_but_target, suppress=True, target=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="operator commands")
+
+    def command(
+        group: Any,
+        name: str,
+        help: str,
+        handler: Callable[[SyncClient, argparse.Namespace], _Output],
+        *,
+        target: bool = True,
+    ) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = group.add_parser(
+            name, help=help, description=help, parents=[shared if target else shared_but_target]
+        )
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def group(name: str, help: str) -> Any:
+        sub = commands.add_parser(name, help=help, description=help)
+        return sub.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+    units = group("unit", "units: currencies and credit types")
+    sub = command(units, "create", "create a unit (idempotent by code)", _unit_create)
+    sub.add_argument("code", metavar="CODE", help='e.g. "EUR", or a credit type such as "seat"')
+    sub.add_argument("--kind", required=True, choices=["currency", "credit"])
+    sub.add_argument(
+        "--scale", required=True, type=_scale, help="minor-unit digits: 2 for EUR, 0 for seats"
+    )
+    sub.add_argument("--name", required=True, help='e.g. "Euro"')
+    sub.add_argument("--plural", default="", help='e.g. "Euros"')
+    sub.add_argument("--description", default="")
+    command(units, "list", "list the units", _unit_list)
+
+    wallets = group("wallet", "wallets")
+    sub = command(wallets, "create", "create a wallet", _wallet_create)
+    sub.add_argument("--owner", required=True, metavar="ID", help="the owner's id in your system")
+    sub.add_argument("--owner-kind", required=True, choices=["customer", "merchant"])
+    sub.add_argument("--unit", required=True, metavar="CODE")
+    sub.add_argument(
+        "--minimum",
+        type=_int64,
+        metavar="N",
+        help="lowest available balance allowed, in minor units (default 0; negative: overdraft)",
+    )
+    _add_metadata_option(sub)
+    sub.add_argument("--idempotency-key", metavar="KEY", help="default: a fresh random key")
+    sub = command(wallets, "show", "show a wallet", _wallet_show)
+    sub.add_argument("wallet", type=_identifier, metavar="ID")
+    sub = command(wallets, "list", "list wallets, oldest first", _wallet_list)
+    sub.add_argument("--owner", default="", metavar="ID")
+    sub.add_argument("--unit", default="", metavar="CODE")
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
+    sub = command(wallets, "cancel", "cancel an empty wallet", _wallet_cancel)
+    sub.add_argument("wallet", type=_identifier, metavar="ID")
+
+    sub = command(commands, "credit", "the operator funds a wallet", _credit)
+    _add_wallet_amount(sub)
+    _add_mutation_options(sub, reference=True)
+    sub = command(commands, "debit", "a wallet spends, back to the operator", _debit)
+    _add_wallet_amount(sub)
+    sub.add_argument(
+        "--mode",
+        choices=["all-or-nothing", "up-to"],
+        default="all-or-nothing",
+        help="up-to: debit what is available and report the rest (default: all-or-nothing)",
+    )
+    _add_mutation_options(sub, reference=True)
+    sub = command(commands, "transfer", "move an amount between two wallets of one unit", _transfer)
+    sub.add_argument("source_wallet", type=_identifier, metavar="SOURCE", help="the source wallet")
+    sub.add_argument("target_wallet", type=_identifier, metavar="TARGET", help="the target wallet")
+    sub.add_argument("amount", type=_int64, metavar="AMOUNT", help=amount_help)
+    _add_mutation_options(sub, reference=True)
+    sub = command(commands, "deposit", "from an external funding source into a wallet", _deposit)
+    _add_wallet_amount(sub)
+    sub.add_argument(
+        "--source", required=True, metavar="REF", help="the funding source, e.g. a bank account"
+    )
+    _add_mutation_options(sub, reference=False)
+    sub = command(
+        commands, "withdraw", "from a wallet out to an external funding source", _withdraw
+    )
+    _add_wallet_amount(sub)
+    sub.add_argument(
+        "--source", required=True, metavar="REF", help="the funding source, e.g. a bank account"
+    )
+    _add_mutation_options(sub, reference=False)
+    sub = command(commands, "pay", "a customer pays a merchant", _pay)
+    sub.add_argument("payer", type=_identifier, metavar="PAYER", help="the customer's wallet")
+    sub.add_argument("payee", type=_identifier, metavar="PAYEE", help="the merchant's wallet")
+    sub.add_argument("amount", type=_int64, metavar="AMOUNT", help=amount_help)
+    _add_mutation_options(sub, reference=True)
+
+    holds = group("hold", "holds: reserve now, capture or release later")
+    sub = command(
+        holds, "place", "reserve an amount of a wallet's balance", _hold_place, target=False
+    )
+    _add_wallet_amount(sub)
+    sub.add_argument(
+        "--target",
+        dest="target_wallet",
+        type=_identifier,
+        default=0,
+        metavar="WALLET",
+        help="where a capture goes (default: the operator)",
+    )
+    sub.add_argument(
+        "--timeout",
+        type=_hold_timeout,
+        metavar="SECONDS",
+        help="until the hold releases itself (default 3600)",
+    )
+    _add_mutation_options(sub, reference=True)
+    sub = command(holds, "capture", "post all or part of a hold", _hold_capture)
+    sub.add_argument("hold", type=_identifier, metavar="HOLD")
+    sub.add_argument(
+        "--amount", type=_int64, metavar="N", help=f"default: all of it; {amount_help}"
+    )
+    _add_mutation_options(sub, reference=True)
+    sub = command(holds, "release", "give a hold back", _hold_release)
+    sub.add_argument("hold", type=_identifier, metavar="HOLD")
+    _add_mutation_options(sub, reference=False)
+    sub = command(holds, "show", "show a hold", _hold_show)
+    sub.add_argument("hold", type=_identifier, metavar="HOLD")
+
+    sub = command(commands, "void", "reverse a transfer with a new one", _void)
+    sub.add_argument("transfer", type=_identifier, metavar="TRANSFER")
+    _add_mutation_options(sub, reference=False)
+    sub = command(commands, "balance", "a wallet's balance", _balance)
+    sub.add_argument("wallet", type=_identifier, metavar="WALLET")
+    sub = command(commands, "history", "a wallet's transfers, newest first", _history)
+    sub.add_argument("wallet", type=_identifier, metavar="WALLET")
+    sub.add_argument(
+        "--kind", nargs="+", action="extend", choices=transfer_kinds, default=[], metavar="K"
+    )
+    sub.add_argument("--reference", default="", metavar="R")
+    sub.add_argument("--limit", type=_limit, default=history_limit_default, metavar="N")
+    command(commands, "health", "check that the server is serving (gRPC health)", _health)
+    return parser
+
+
+def _add_global_options(
+    parser: argparse.ArgumentParser, *, suppress: bool, target: bool = True
+) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    if target:
+        parser.add_argument(
+            "--target",
+            default=default(os.environ.get(target_environment_variable) or target_default),
+            metavar="HOST:PORT",
+            help=f"the server (default: ${target_environment_variable} or {target_default})",
+        )
+    parser.add_argument(
+        "--caller",
+        default=default(os.environ.get(caller_environment_variable) or caller_default),
+        metavar="NAME",
+        help=f"who calls; idempotency keys are scoped to it "
+        f"(default: ${caller_environment_variable} or {caller_default})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print the response as JSON",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=_seconds,
+        default=default(timeout_s_default),
+        metavar="SECONDS",
+        help=f"how long a call may take, retries included (default {timeout_s_default:g})",
+    )
+
+
+def _add_wallet_amount(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("wallet", type=_identifier, metavar="WALLET")
+    parser.add_argument("amount", type=_int64, metavar="AMOUNT", help=amount_help)
+
+
+def _add_mutation_options(parser: argparse.ArgumentParser, *, reference: bool) -> None:
+    parser.add_argument("--note", default="", help="why (up to 1,000 characters)")
+    if reference:
+        parser.add_argument("--reference", default="", help="your reference, e.g. an order id")
+    user = os.environ.get("USER") or os.environ.get("USERNAME") or ""
+    parser.add_argument("--performed-by", default=user, metavar="WHO", help="default: $USER")
+    _add_metadata_option(parser)
+    parser.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="resend with the same key to apply it once (default: a fresh random key)",
+    )
+
+
+def _add_metadata_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metadata",
+        nargs="+",
+        action="extend",
+        type=_key_value,
+        default=[],
+        metavar="K=V",
+        help="up to 16 entries",
+    )
+
+
+def _int64(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -int64_max - 1 <= value <= int64_max:
+        raise argparse.ArgumentTypeError(f"out of the 64-bit range: {text}")
+    return value
+
+
+def _identifier(text: str) -> int:
+    value = _int64(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not an id: {text}")
+    return value
+
+
+def _scale(text: str) -> int:
+    value = _int64(text)
+    if not 0 <= value <= 18:
+        raise argparse.ArgumentTypeError(f"not 0 to 18: {text}")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = _int64(text)
+    if not 1 <= value <= list_limit_max:
+        raise argparse.ArgumentTypeError(f"not 1 to {list_limit_max}: {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= hold_timeout_s_max:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    return value
+
+
+def _hold_timeout(text: str) -> timedelta:
+    return timedelta(seconds=_seconds(text))
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise argparse.ArgumentTypeError(f"not KEY=VALUE: {text!r}")
+    return key, value
+
+
+def _mutation(arguments: argparse.Namespace) -> dict[str, Any]:
+    """The options every mutating command has, as keyword arguments of the client."""
+    options: dict[str, Any] = {
+        "note": arguments.note,
+        "performed_by": arguments.performed_by,
+        "metadata": dict(arguments.metadata),
+        "idempotency_key": arguments.idempotency_key,
+    }
+    if "reference" in arguments:
+        options["reference"] = arguments.reference
+    return options
+
+
+# The commands.
+
+
+def _unit_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    unit = client.create_unit(
+        code=arguments.code,
+        kind=arguments.kind,
+        scale=arguments.scale,
+        name=arguments.name,
+        plural=arguments.plural,
+        description=arguments.description,
+    )
+    return _Output(units_pb2.CreateUnitResponse(unit=unit), lambda: [_unit_line(unit)])
+
+
+def _unit_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    units = client.list_units()
+    rows = [
+        [unit.code, _name(types_pb2.UnitKind, unit.kind), str(unit.scale), unit.name, unit.plural]
+        for unit in units
+    ]
+    return _Output(
+        units_pb2.ListUnitsResponse(units=units),
+        lambda: _table(["CODE", "KIND", "SCALE", "NAME", "PLURAL"], rows, right={2}),
+    )
+
+
+def _wallet_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    wallet = client.create_wallet(
+        owner_id=arguments.owner,
+        owner_kind=arguments.owner_kind,
+        unit=arguments.unit,
+        balance_minimum=arguments.minimum,
+        metadata=dict(arguments.metadata),
+        idempotency_key=arguments.idempotency_key,
+    )
+    return _Output(wallets_pb2.CreateWalletResponse(wallet=wallet), lambda: _wallet_lines(wallet))
+
+
+def _wallet_show(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    wallet = client.get_wallet(wallet_id=arguments.wallet)
+    return _Output(wallets_pb2.GetWalletResponse(wallet=wallet), lambda: _wallet_lines(wallet))
+
+
+def _wallet_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    wallets, next_page_token = _collect(
+        lambda page_size, page_token: client.list_wallets(
+            owner_id=arguments.owner,
+            unit=arguments.unit,
+            page_size=page_size,
+            page_token=page_token,
+        ),
+        arguments.limit,
+    )
+
+    def render() -> list[str]:
+        rows = [
+            [
+                str(wallet.id),
+                wallet.owner_id,
+                _name(types_pb2.OwnerKind, wallet.owner_kind),
+                wallet.unit,
+                _name(types_pb2.WalletStatus, wallet.status),
+                str(wallet.balance.posted),
+                str(wallet.balance.pending),
+                str(wallet.balance.available),
+            ]
+            for wallet in wallets
+        ]
+        lines = _table(
+            ["ID", "OWNER", "KIND", "UNIT", "STATUS", "POSTED", "PENDING", "AVAILABLE"],
+            rows,
+            right={0, 5, 6, 7},
+        )
+        if next_page_token:
+            lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
+        return lines
+
+    response = wallets_pb2.ListWalletsResponse(wallets=wallets, next_page_token=next_page_token)
+    return _Output(response, render)
+
+
+def _wallet_cancel(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    wallet = client.cancel_wallet(wallet_id=arguments.wallet)
+    return _Output(wallets_pb2.CancelWalletResponse(wallet=wallet), lambda: _wallet_lines(wallet))
+
+
+def _credit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.credit(
+        wallet_id=arguments.wallet, amount=arguments.amount, **_mutation(arguments)
+    )
+    return _Output(
+        transfers_pb2.CreditResponse(transfer=transfer),
+        lambda: [
+            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+        ],
+    )
+
+
+def _debit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    result = client.debit(
+        wallet_id=arguments.wallet,
+        amount=arguments.amount,
+        mode=arguments.mode.replace("-", "_"),
+        **_mutation(arguments),
+    )
+    response = transfers_pb2.DebitResponse(
+        transfer=result.transfer,
+        amount_debited=result.amount_debited,
+        amount_remaining=result.amount_remaining,
+    )
+
+    def render() -> list[str]:
+        line = _transfer_line(result.transfer, arguments.wallet)
+        if result.amount_remaining:
+            line += f"  remaining {result.amount_remaining} due"
+        return [line + _balance_after(client, arguments.wallet)]
+
+    return _Output(response, render)
+
+
+def _transfer(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.transfer(
+        source_wallet_id=arguments.source_wallet,
+        target_wallet_id=arguments.target_wallet,
+        amount=arguments.amount,
+        **_mutation(arguments),
+    )
+    return _Output(
+        transfers_pb2.TransferResponse(transfer=transfer), lambda: [_transfer_line(transfer)]
+    )
+
+
+def _deposit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.deposit(
+        wallet_id=arguments.wallet,
+        amount=arguments.amount,
+        funding_source=arguments.source,
+        **_mutation(arguments),
+    )
+    return _Output(
+        transfers_pb2.DepositResponse(transfer=transfer),
+        lambda: [
+            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+        ],
+    )
+
+
+def _withdraw(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.withdraw(
+        wallet_id=arguments.wallet,
+        amount=arguments.amount,
+        funding_source=arguments.source,
+        **_mutation(arguments),
+    )
+    return _Output(
+        transfers_pb2.WithdrawResponse(transfer=transfer),
+        lambda: [
+            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+        ],
+    )
+
+
+def _pay(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.pay(
+        payer_wallet_id=arguments.payer,
+        payee_wallet_id=arguments.payee,
+        amount=arguments.amount,
+        **_mutation(arguments),
+    )
+    return _Output(transfers_pb2.PayResponse(transfer=transfer), lambda: [_transfer_line(transfer)])
+
+
+def _hold_place(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    result = client.place_hold(
+        wallet_id=arguments.wallet,
+        amount=arguments.amount,
+        target_wallet_id=arguments.target_wallet,
+        timeout=arguments.timeout,
+        **_mutation(arguments),
+    )
+    return _Output(
+        holds_pb2.PlaceHoldResponse(hold=result.hold, transfer=result.transfer),
+        lambda: [_hold_line(result.hold), _transfer_line(result.transfer)],
+    )
+
+
+def _hold_capture(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    result = client.capture_hold(
+        hold_id=arguments.hold, amount=arguments.amount, **_mutation(arguments)
+    )
+    return _Output(
+        holds_pb2.CaptureHoldResponse(hold=result.hold, transfer=result.transfer),
+        lambda: [_hold_line(result.hold), _transfer_line(result.transfer)],
+    )
+
+
+def _hold_release(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    result = client.release_hold(hold_id=arguments.hold, **_mutation(arguments))
+    return _Output(
+        holds_pb2.ReleaseHoldResponse(hold=result.hold, transfer=result.transfer),
+        lambda: [_hold_line(result.hold), _transfer_line(result.transfer)],
+    )
+
+
+def _hold_show(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    hold = client.get_hold(hold_id=arguments.hold)
+    return _Output(holds_pb2.GetHoldResponse(hold=hold), lambda: [_hold_line(hold)])
+
+
+def _void(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfer = client.void(transfer_id=arguments.transfer, **_mutation(arguments))
+    return _Output(
+        transfers_pb2.VoidResponse(transfer=transfer), lambda: [_transfer_line(transfer)]
+    )
+
+
+def _balance(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    result = client.get_balance(wallet_id=arguments.wallet)
+    response = wallets_pb2.GetBalanceResponse(
+        wallet_id=result.wallet_id, unit=result.unit, balance=result.balance
+    )
+    return _Output(
+        response,
+        lambda: [f"wallet {result.wallet_id}  {result.unit}  {_balance_text(result.balance)}"],
+    )
+
+
+def _history(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    transfers, next_page_token = _collect(
+        lambda page_size, page_token: client.list_transfers(
+            wallet_id=arguments.wallet,
+            kinds=[kind.replace("-", "_") for kind in arguments.kind],
+            reference=arguments.reference,
+            page_size=page_size,
+            page_token=page_token,
+        ),
+        arguments.limit,
+    )
+
+    def render() -> list[str]:
+        rows = []
+        for transfer in transfers:
+            incoming = transfer.target_wallet_id == arguments.wallet
+            counterpart = transfer.source_wallet_id if incoming else transfer.target_wallet_id
+            rows.append(
+                [
+                    str(transfer.id),
+                    _time(transfer.create_time),
+                    _name(types_pb2.TransferKind, transfer.kind),
+                    _signed_amount(transfer, incoming),
+                    transfer.unit,
+                    str(counterpart),
+                    transfer.reference,
+                    transfer.note,
+                ]
+            )
+        lines = _table(
+            ["ID", "TIME (UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "REFERENCE", "NOTE"],
+            rows,
+            right={0, 3, 5},
+        )
+        if next_page_token:
+            lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
+        return lines
+
+    response = transfers_pb2.ListTransfersResponse(
+        transfers=transfers, next_page_token=next_page_token
+    )
+    return _Output(response, render)
+
+
+def _health(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    status = client.health()
+    response = health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.ServingStatus.Value(status)
+    )
+    return _Output(response, lambda: [status], exit_ok if status == "SERVING" else exit_refused)
+
+
+def _collect(fetch: Callable[[int, str], Page[ItemT]], limit: int) -> tuple[list[ItemT], str]:
+    """Up to `limit` items, page after page, and the token of the page after them."""
+    items: list[ItemT] = []
+    page_token = ""
+    while len(items) < limit:
+        page = fetch(min(limit - len(items), page_size_max), page_token)
+        items.extend(page.items)
+        page_token = page.next_page_token
+        if not page_token:
+            break
+    return items[:limit], page_token
+
+
+# Human output.
+
+
+def _unit_line(unit: types_pb2.Unit) -> str:
+    names = "/".join(name for name in (unit.name, unit.plural) if name)
+    kind = _name(types_pb2.UnitKind, unit.kind)
+    return f"unit {unit.code}  {kind}  scale {unit.scale}  {names}".rstrip()
+
+
+def _wallet_lines(wallet: types_pb2.Wallet) -> list[str]:
+    minimum = str(wallet.balance_minimum) if wallet.HasField("balance_minimum") else "none"
+    lines = [
+        f"wallet {wallet.id}  {_name(types_pb2.OwnerKind, wallet.owner_kind)} {wallet.owner_id}  "
+        f"{wallet.unit}  {_name(types_pb2.WalletStatus, wallet.status)}",
+        f"balance   {_balance_text(wallet.balance)}  minimum {minimum}",
+        f"created   {_time(wallet.create_time)}",
+    ]
+    if wallet.metadata:
+        lines.append(
+            "metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(wallet.metadata.items()))
+        )
+    return lines
+
+
+def _balance_text(balance: types_pb2.Balance) -> str:
+    return f"posted {balance.posted}  pending {balance.pending}  available {balance.available}"
+
+
+def _balance_after(client: SyncClient, wallet_id: int) -> str:
+    """The wallet's balance now, for the line of a movement that succeeded: on failure the line
+    goes without it, so that nobody repeats a movement that took place."""
+    try:
+        balance = client.get_balance(wallet_id=wallet_id).balance
+    except errors.CofferError:
+        return ""
+    text = f"  balance {balance.posted}"
+    if balance.available != balance.posted:
+        text += f" (available {balance.available})"
+    return text
+
+
+def _transfer_line(transfer: types_pb2.Transfer, wallet_id: int | None = None) -> str:
+    """E.g. `transfer 42  credit  +1500 EUR  wallet 7`, from the point of view of `wallet_id`."""
+    parts = [f"transfer {transfer.id}", _name(types_pb2.TransferKind, transfer.kind)]
+    if wallet_id in (transfer.source_wallet_id, transfer.target_wallet_id):
+        sign = "+" if transfer.target_wallet_id == wallet_id else "-"
+        parts += [f"{sign}{transfer.amount} {transfer.unit}", f"wallet {wallet_id}"]
+    else:
+        parts += [
+            f"{transfer.amount} {transfer.unit}",
+            f"wallet {transfer.source_wallet_id} -> wallet {transfer.target_wallet_id}",
+        ]
+    if transfer.amount_requested and transfer.amount_requested != transfer.amount:
+        parts.append(f"requested {transfer.amount_requested}")
+    if transfer.hold_id:
+        parts.append(f"hold {transfer.hold_id}")
+    if transfer.voids_transfer_id:
+        parts.append(f"voids transfer {transfer.voids_transfer_id}")
+    if transfer.voided_by_transfer_id:
+        parts.append(f"voided by transfer {transfer.voided_by_transfer_id}")
+    if transfer.HasField("hold_expire_time"):
+        parts.append(f"expires {_time(transfer.hold_expire_time)}")
+    if transfer.reference:
+        parts.append(f"reference {transfer.reference}")
+    return "  ".join(parts)
+
+
+# Holds, releases and expiries reserve or free an amount without moving posted money.
+_reserving_kinds = frozenset(
+    {
+        types_pb2.TRANSFER_KIND_HOLD,
+        types_pb2.TRANSFER_KIND_RELEASE,
+        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
+    }
+)
+
+
+def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:
+    """+ into the wallet, - out of it; in parentheses what is only reserved or freed."""
+    if transfer.kind in _reserving_kinds:
+        return f"({transfer.amount})"
+    return f"{'+' if incoming else '-'}{transfer.amount}"
+
+
+def _hold_line(hold: types_pb2.Hold) -> str:
+    """E.g. `hold 8  pending  500 EUR  wallet 7 -> wallet 1  expires …`."""
+    amount = f"{hold.amount} {hold.unit}"
+    if hold.status == types_pb2.HOLD_STATUS_CAPTURED:
+        amount = f"{hold.amount_captured} of {amount}"
+    parts = [
+        f"hold {hold.id}",
+        _name(types_pb2.HoldStatus, hold.status),
+        amount,
+        f"wallet {hold.source_wallet_id} -> wallet {hold.target_wallet_id}",
+    ]
+    if hold.status == types_pb2.HOLD_STATUS_PENDING:
+        parts.append(f"expires {_time(hold.expire_time)}")
+    return "  ".join(parts)
+
+
+def _name(enum: Any, value: int) -> str:
+    """A protobuf enum value as the CLI spells it: TRANSFER_KIND_HOLD_EXPIRY is hold-expiry."""
+    unspecified = enum.DESCRIPTOR.values[0].name
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(unspecified.removesuffix("UNSPECIFIED")).lower().replace("_", "-")
+
+
+def _time(timestamp: Timestamp) -> str:
+    if not timestamp.seconds and not timestamp.nanos:
+        return "-"
+    return timestamp.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, right: set[int]) -> list[str]:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

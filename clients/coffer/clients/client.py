@@ -1,0 +1,1151 @@
+"""Coffer's Python client: `Client` for asyncio, `SyncClient` for blocking code.
+
+    async with Client("127.0.0.1:50051", caller="shop") as coffer:
+        wallet = await coffer.create_wallet(owner_id="c-42", owner_kind="customer", unit="EUR")
+        transfer = await coffer.credit(wallet_id=wallet.id, amount=1500, note="welcome bonus")
+
+Every call:
+- sends the caller's name in the `coffer-caller` metadata (idempotency keys are scoped to it;
+  `caller=`, "default" if not given; what a caller may be is `coffer.clients.caller`);
+- has a deadline, `timeout_s` from its start, which covers its retries too;
+- retries what is worth retrying (`error.retryable`: UNAVAILABLE, OVERLOADED, and
+  DEADLINE_EXCEEDED) up to `retries_max` times with exponential backoff and jitter (waiting
+  at least the server's retry-after hint), resending the same request, hence the same
+  idempotency key, and never past the deadline: a DEADLINE_EXCEEDED, the client's own or the
+  server's (it dropped an operation unapplied when the deadline it was given passed), comes
+  when the deadline has passed, so it is raised at once;
+- raises the typed errors of `coffer.clients.errors`.
+
+Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
+makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
+retries across processes safe as well.
+
+Amounts are integers in the unit's minor units (cents for EUR).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import threading
+import time
+import uuid
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypeVar
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2
+
+from coffer.clients.caller import caller_metadata_key, check_caller
+from coffer.clients.errors import Overloaded, from_rpc_error
+from coffer.v1 import (
+    holds_pb2,
+    holds_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
+    types_pb2,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+from coffer.v1.transfers_pb2 import Operation, OperationResult
+from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
+
+target_default = "127.0.0.1:50051"
+# The caller of a client not told otherwise. (The server has no default: a call that writes
+# without a caller is refused.)
+caller_default = "default"
+health_check_method = "/grpc.health.v1.Health/Check"
+timeout_s_default = 10.0
+retries_max_default = 3
+retries_max_limit = 10
+backoff_s_min = 0.1
+backoff_s_max = 2.0
+reconnect_backoff_ms_min = 100
+reconnect_backoff_ms_max = 2000
+# A full batch (8,000 operations, each with metadata) can pass gRPC's default of 4 MiB.
+message_bytes_max = 64 * 1024 * 1024
+
+UnitKindName = Literal["currency", "credit"]
+OwnerKindName = Literal["customer", "merchant", "system"]
+DebitModeName = Literal["all_or_nothing", "up_to"]
+TransferKindName = Literal[
+    "credit",
+    "debit",
+    "transfer",
+    "deposit",
+    "withdrawal",
+    "payment",
+    "hold",
+    "capture",
+    "release",
+    "hold_expiry",
+    "void",
+]
+
+ItemT = TypeVar("ItemT")
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
+ParametersP = ParamSpec("ParametersP")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[ItemT]):
+    items: list[ItemT]
+    # Empty on the last page.
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DebitResult:
+    transfer: Transfer
+    amount_debited: int
+    # Up-to mode: what the wallet could not cover, to be charged otherwise.
+    amount_remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class HoldResult:
+    hold: Hold
+    # The hold, capture or release transfer the call made.
+    transfer: Transfer
+
+
+@dataclass(frozen=True, slots=True)
+class WalletBalance:
+    wallet_id: int
+    unit: str
+    balance: Balance
+
+
+class Operations:
+    """Builders of batch operations, for `submit_batch`; use them as `operations.credit(...)`.
+
+    Each fills a fresh idempotency key unless given one; `linked=True` links the operation to
+    the next, so that the chain succeeds or fails as a whole.
+    """
+
+    @staticmethod
+    def credit(
+        *,
+        wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.CreditRequest(
+            idempotency_key=_key(idempotency_key),
+            wallet_id=wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(credit=request, linked=linked)
+
+    @staticmethod
+    def debit(
+        *,
+        wallet_id: int,
+        amount: int,
+        mode: DebitModeName = "all_or_nothing",
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.DebitRequest(
+            idempotency_key=_key(idempotency_key),
+            wallet_id=wallet_id,
+            amount=amount,
+            mode=_enum(types_pb2.DebitMode, "DEBIT_MODE_", mode),
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(debit=request, linked=linked)
+
+    @staticmethod
+    def transfer(
+        *,
+        source_wallet_id: int,
+        target_wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.TransferRequest(
+            idempotency_key=_key(idempotency_key),
+            source_wallet_id=source_wallet_id,
+            target_wallet_id=target_wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(transfer=request, linked=linked)
+
+    @staticmethod
+    def deposit(
+        *,
+        wallet_id: int,
+        amount: int,
+        funding_source: str,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.DepositRequest(
+            idempotency_key=_key(idempotency_key),
+            wallet_id=wallet_id,
+            amount=amount,
+            funding_source=funding_source,
+            note=note,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(deposit=request, linked=linked)
+
+    @staticmethod
+    def withdraw(
+        *,
+        wallet_id: int,
+        amount: int,
+        funding_source: str,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.WithdrawRequest(
+            idempotency_key=_key(idempotency_key),
+            wallet_id=wallet_id,
+            amount=amount,
+            funding_source=funding_source,
+            note=note,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(withdraw=request, linked=linked)
+
+    @staticmethod
+    def pay(
+        *,
+        payer_wallet_id: int,
+        payee_wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.PayRequest(
+            idempotency_key=_key(idempotency_key),
+            payer_wallet_id=payer_wallet_id,
+            payee_wallet_id=payee_wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(pay=request, linked=linked)
+
+    @staticmethod
+    def void(
+        *,
+        transfer_id: int,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = transfers_pb2.VoidRequest(
+            idempotency_key=_key(idempotency_key),
+            transfer_id=transfer_id,
+            note=note,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(void=request, linked=linked)
+
+    @staticmethod
+    def place_hold(
+        *,
+        wallet_id: int,
+        amount: int,
+        target_wallet_id: int = 0,
+        timeout: timedelta | None = None,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        """`target_wallet_id` 0 captures to the unit's operator wallet; no timeout means 1 hour."""
+        request = holds_pb2.PlaceHoldRequest(
+            idempotency_key=_key(idempotency_key),
+            wallet_id=wallet_id,
+            target_wallet_id=target_wallet_id,
+            amount=amount,
+            timeout=_duration(timeout),
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(place_hold=request, linked=linked)
+
+    @staticmethod
+    def capture_hold(
+        *,
+        hold_id: int,
+        amount: int | None = None,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        """No amount captures all of the hold; a smaller one releases the rest."""
+        request = holds_pb2.CaptureHoldRequest(
+            idempotency_key=_key(idempotency_key),
+            hold_id=hold_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(capture_hold=request, linked=linked)
+
+    @staticmethod
+    def release_hold(
+        *,
+        hold_id: int,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+        linked: bool = False,
+    ) -> Operation:
+        request = holds_pb2.ReleaseHoldRequest(
+            idempotency_key=_key(idempotency_key),
+            hold_id=hold_id,
+            note=note,
+            performed_by=performed_by,
+            metadata=_metadata(metadata),
+        )
+        return Operation(release_hold=request, linked=linked)
+
+
+operations = Operations()
+
+
+@dataclass(frozen=True, slots=True)
+class _Stubs:
+    channel: grpc.aio.Channel
+    units: units_pb2_grpc.UnitServiceAsyncStub
+    wallets: wallets_pb2_grpc.WalletServiceAsyncStub
+    transfers: transfers_pb2_grpc.TransferServiceAsyncStub
+    holds: holds_pb2_grpc.HoldServiceAsyncStub
+    health_check: grpc.aio.UnaryUnaryMultiCallable[
+        health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+    ]
+
+
+class Client:
+    """An asyncio client of one Coffer server. Use it as `async with Client(...) as coffer`,
+    from one event loop (its channel opens on the loop of the first call); calls may run
+    concurrently on it."""
+
+    def __init__(
+        self,
+        target: str = target_default,
+        *,
+        caller: str = caller_default,
+        timeout_s: float = timeout_s_default,
+        retries_max: int = retries_max_default,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """`credentials` (e.g. grpc.ssl_channel_credentials()) makes the channel use TLS;
+        `channel_options` are added to the channel's gRPC arguments (e.g.
+        `("grpc.use_local_subchannel_pool", 1)` for a connection of its own)."""
+        if not target:
+            raise ValueError("target must name a server, e.g. 127.0.0.1:50051")
+        try:
+            check_caller(caller)
+        except ValueError as error:
+            raise ValueError(f"caller {error}") from None
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be positive")
+        if not 0 <= retries_max <= retries_max_limit:
+            raise ValueError(f"retries_max must be 0 to {retries_max_limit}")
+        self.target = target
+        self.caller = caller
+        self.timeout_s = timeout_s
+        self.retries_max = retries_max
+        self._credentials = credentials
+        self._channel_options = tuple(channel_options)
+        self._call_metadata = ((caller_metadata_key, caller),)
+        self._stubs_open: _Stubs | None = None
+
+    async def __aenter__(self) -> Self:
+        self._stubs()
+        return self
+
+    async def __aexit__(
+        self,
+        exception_type: type[BaseException] | None,
+        exception: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Closes the channel; a later call opens a new one."""
+        stubs, self._stubs_open = self._stubs_open, None
+        if stubs is not None:
+            await stubs.channel.close()
+
+    # Units.
+
+    async def create_unit(
+        self,
+        *,
+        code: str,
+        kind: UnitKindName,
+        scale: int,
+        name: str,
+        plural: str = "",
+        description: str = "",
+    ) -> Unit:
+        """Idempotent by code: an existing unit with the same fields is returned as it is."""
+        request = units_pb2.CreateUnitRequest(
+            code=code,
+            kind=_enum(types_pb2.UnitKind, "UNIT_KIND_", kind),
+            name=name,
+            plural=plural,
+            description=description,
+            scale=scale,
+        )
+        response = await self._call(self._stubs().units.CreateUnit, request)
+        return response.unit
+
+    async def get_unit(self, *, code: str) -> Unit:
+        request = units_pb2.GetUnitRequest(code=code)
+        response = await self._call(self._stubs().units.GetUnit, request)
+        return response.unit
+
+    async def list_units(self) -> list[Unit]:
+        response = await self._call(self._stubs().units.ListUnits, units_pb2.ListUnitsRequest())
+        return list(response.units)
+
+    # Wallets.
+
+    async def create_wallet(
+        self,
+        *,
+        owner_id: str,
+        owner_kind: Literal["customer", "merchant"],
+        unit: str,
+        balance_minimum: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Wallet:
+        """`balance_minimum` is the lowest available balance allowed: 0 by default, negative
+        for an overdraft."""
+        request = wallets_pb2.CreateWalletRequest(
+            idempotency_key=_key(idempotency_key),
+            owner_id=owner_id,
+            owner_kind=_enum(types_pb2.OwnerKind, "OWNER_KIND_", owner_kind),
+            unit=unit,
+            balance_minimum=balance_minimum,
+            metadata=_metadata(metadata),
+        )
+        response = await self._call(self._stubs().wallets.CreateWallet, request)
+        return response.wallet
+
+    async def get_wallet(self, *, wallet_id: int) -> Wallet:
+        request = wallets_pb2.GetWalletRequest(wallet_id=wallet_id)
+        response = await self._call(self._stubs().wallets.GetWallet, request)
+        return response.wallet
+
+    async def get_balance(self, *, wallet_id: int) -> WalletBalance:
+        request = wallets_pb2.GetBalanceRequest(wallet_id=wallet_id)
+        response = await self._call(self._stubs().wallets.GetBalance, request)
+        return WalletBalance(response.wallet_id, response.unit, response.balance)
+
+    async def list_wallets(
+        self,
+        *,
+        owner_id: str = "",
+        owner_kind: OwnerKindName | None = None,
+        unit: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[Wallet]:
+        """One page of wallets, oldest first; empty filters match all. Page size 0 means 100."""
+        request = wallets_pb2.ListWalletsRequest(
+            owner_id=owner_id,
+            owner_kind=_enum(types_pb2.OwnerKind, "OWNER_KIND_", owner_kind),
+            unit=unit,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._call(self._stubs().wallets.ListWallets, request)
+        return Page(list(response.wallets), response.next_page_token)
+
+    async def iter_wallets(
+        self,
+        *,
+        owner_id: str = "",
+        owner_kind: OwnerKindName | None = None,
+        unit: str = "",
+        page_size: int = 0,
+    ) -> AsyncIterator[Wallet]:
+        """Every wallet that matches, page after page."""
+        page_token = ""
+        while True:
+            page = await self.list_wallets(
+                owner_id=owner_id,
+                owner_kind=owner_kind,
+                unit=unit,
+                page_size=page_size,
+                page_token=page_token,
+            )
+            for wallet in page.items:
+                yield wallet
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    async def cancel_wallet(self, *, wallet_id: int) -> Wallet:
+        """Only an empty wallet can be cancelled; cancelling it again returns it unchanged."""
+        request = wallets_pb2.CancelWalletRequest(wallet_id=wallet_id)
+        response = await self._call(self._stubs().wallets.CancelWallet, request)
+        return response.wallet
+
+    # Transfers.
+
+    async def credit(
+        self,
+        *,
+        wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """The operator funds a wallet."""
+        operation = operations.credit(
+            wallet_id=wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Credit, operation.credit)
+        return response.transfer
+
+    async def debit(
+        self,
+        *,
+        wallet_id: int,
+        amount: int,
+        mode: DebitModeName = "all_or_nothing",
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> DebitResult:
+        """A wallet spends, back to the operator. "up_to" debits what is available down to the
+        wallet's minimum and reports the rest as `amount_remaining`."""
+        operation = operations.debit(
+            wallet_id=wallet_id,
+            amount=amount,
+            mode=mode,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Debit, operation.debit)
+        return DebitResult(response.transfer, response.amount_debited, response.amount_remaining)
+
+    async def transfer(
+        self,
+        *,
+        source_wallet_id: int,
+        target_wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """Between two wallets of one unit."""
+        operation = operations.transfer(
+            source_wallet_id=source_wallet_id,
+            target_wallet_id=target_wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Transfer, operation.transfer)
+        return response.transfer
+
+    async def deposit(
+        self,
+        *,
+        wallet_id: int,
+        amount: int,
+        funding_source: str,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """From an external funding source (a bank account, a card reference) into a wallet."""
+        operation = operations.deposit(
+            wallet_id=wallet_id,
+            amount=amount,
+            funding_source=funding_source,
+            note=note,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Deposit, operation.deposit)
+        return response.transfer
+
+    async def withdraw(
+        self,
+        *,
+        wallet_id: int,
+        amount: int,
+        funding_source: str,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """From a wallet out to an external funding source."""
+        operation = operations.withdraw(
+            wallet_id=wallet_id,
+            amount=amount,
+            funding_source=funding_source,
+            note=note,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Withdraw, operation.withdraw)
+        return response.transfer
+
+    async def pay(
+        self,
+        *,
+        payer_wallet_id: int,
+        payee_wallet_id: int,
+        amount: int,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """From a customer's wallet to a merchant's."""
+        operation = operations.pay(
+            payer_wallet_id=payer_wallet_id,
+            payee_wallet_id=payee_wallet_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Pay, operation.pay)
+        return response.transfer
+
+    async def void(
+        self,
+        *,
+        transfer_id: int,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Transfer:
+        """Reverses a transfer with a new one; the voided transfer stays, marked voided."""
+        operation = operations.void(
+            transfer_id=transfer_id,
+            note=note,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().transfers.Void, operation.void)
+        return response.transfer
+
+    async def submit_batch(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        """Applies the operations in order in one database transaction; one result each, in
+        order. A failed operation has `result.error` set (see errors.from_operation_error) and
+        fails only itself, or its linked chain. Operations without an idempotency key get one.
+        """
+        request = transfers_pb2.SubmitBatchRequest(operations=operations)
+        for operation in request.operations:
+            kind = operation.WhichOneof("operation")
+            if kind is not None:
+                inner = getattr(operation, kind)
+                if not inner.idempotency_key:
+                    inner.idempotency_key = _key(None)
+        response = await self._call(self._stubs().transfers.SubmitBatch, request)
+        return list(response.results)
+
+    async def get_transfer(self, *, transfer_id: int) -> Transfer:
+        request = transfers_pb2.GetTransferRequest(transfer_id=transfer_id)
+        response = await self._call(self._stubs().transfers.GetTransfer, request)
+        return response.transfer
+
+    async def list_transfers(
+        self,
+        *,
+        wallet_id: int = 0,
+        kinds: Sequence[TransferKindName] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        reference: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[Transfer]:
+        """One page of history, newest first: transfers into or out of `wallet_id` (0 for all),
+        of `kinds` (empty for all), from `start_time` (inclusive) to `end_time` (exclusive)."""
+        request = transfers_pb2.ListTransfersRequest(
+            wallet_id=wallet_id,
+            kinds=[_enum(types_pb2.TransferKind, "TRANSFER_KIND_", kind) for kind in kinds],
+            start_time=_timestamp(start_time),
+            end_time=_timestamp(end_time),
+            reference=reference,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._call(self._stubs().transfers.ListTransfers, request)
+        return Page(list(response.transfers), response.next_page_token)
+
+    async def iter_transfers(
+        self,
+        *,
+        wallet_id: int = 0,
+        kinds: Sequence[TransferKindName] = (),
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        reference: str = "",
+        page_size: int = 0,
+    ) -> AsyncIterator[Transfer]:
+        """Every transfer that matches, newest first, page after page."""
+        page_token = ""
+        while True:
+            page = await self.list_transfers(
+                wallet_id=wallet_id,
+                kinds=kinds,
+                start_time=start_time,
+                end_time=end_time,
+                reference=reference,
+                page_size=page_size,
+                page_token=page_token,
+            )
+            for transfer in page.items:
+                yield transfer
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    # Holds.
+
+    async def place_hold(
+        self,
+        *,
+        wallet_id: int,
+        amount: int,
+        target_wallet_id: int = 0,
+        timeout: timedelta | None = None,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> HoldResult:
+        """Reserves an amount of the wallet's available balance, for a capture to
+        `target_wallet_id` (0: the unit's operator wallet). It expires after `timeout`
+        (1 second to 30 days; default 1 hour)."""
+        operation = operations.place_hold(
+            wallet_id=wallet_id,
+            amount=amount,
+            target_wallet_id=target_wallet_id,
+            timeout=timeout,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().holds.PlaceHold, operation.place_hold)
+        return HoldResult(response.hold, response.transfer)
+
+    async def capture_hold(
+        self,
+        *,
+        hold_id: int,
+        amount: int | None = None,
+        note: str = "",
+        reference: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> HoldResult:
+        """Posts all of the hold, or `amount` of it and releases the rest."""
+        operation = operations.capture_hold(
+            hold_id=hold_id,
+            amount=amount,
+            note=note,
+            reference=reference,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().holds.CaptureHold, operation.capture_hold)
+        return HoldResult(response.hold, response.transfer)
+
+    async def release_hold(
+        self,
+        *,
+        hold_id: int,
+        note: str = "",
+        performed_by: str = "",
+        metadata: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> HoldResult:
+        operation = operations.release_hold(
+            hold_id=hold_id,
+            note=note,
+            performed_by=performed_by,
+            metadata=metadata,
+            idempotency_key=idempotency_key,
+        )
+        response = await self._call(self._stubs().holds.ReleaseHold, operation.release_hold)
+        return HoldResult(response.hold, response.transfer)
+
+    async def get_hold(self, *, hold_id: int) -> Hold:
+        request = holds_pb2.GetHoldRequest(hold_id=hold_id)
+        response = await self._call(self._stubs().holds.GetHold, request)
+        return response.hold
+
+    # Health.
+
+    async def health(self, *, service: str = "") -> str:
+        """The standard gRPC health check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"…"""
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._call(self._stubs().health_check, request)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # The boundary: every call goes through here.
+
+    def _stubs(self) -> _Stubs:
+        if self._stubs_open is None:
+            options = [
+                ("grpc.max_send_message_length", message_bytes_max),
+                ("grpc.max_receive_message_length", message_bytes_max),
+                # Reconnect about as fast as the retries come, so that a retry after a
+                # server restart finds it rather than failing on gRPC's own 1 s backoff.
+                ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms_min),
+                ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms_min),
+                ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms_max),
+                *self._channel_options,
+            ]
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(self.target, options=options)
+            else:
+                channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
+            self._stubs_open = _Stubs(
+                channel=channel,
+                units=units_pb2_grpc.UnitServiceStub(channel),
+                wallets=wallets_pb2_grpc.WalletServiceStub(channel),
+                transfers=transfers_pb2_grpc.TransferServiceStub(channel),
+                holds=holds_pb2_grpc.HoldServiceStub(channel),
+                health_check=channel.unary_unary(
+                    health_check_method,
+                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                ),
+            )
+        return self._stubs_open
+
+    async def _call(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+    ) -> ResponseT:
+        """Sends the request, and again (the same request) while it fails with an error worth
+        retrying (`retryable`), there are retries left and the backoff ends before the
+        deadline. The server is given the time left as its deadline, so its
+        DEADLINE_EXCEEDED, like gRPC's own, means that none is left: raised at once."""
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await method(
+                    request,
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                    metadata=self._call_metadata,
+                )
+            except grpc.RpcError as cause:
+                error = from_rpc_error(cause)
+                backoff_s = _backoff_s(attempt)
+                if isinstance(error, Overloaded) and error.retry_after_ms:
+                    backoff_s = max(backoff_s, error.retry_after_ms / 1000)
+                if (
+                    not error.retryable
+                    or attempt >= self.retries_max
+                    or time.monotonic() + backoff_s >= deadline
+                ):
+                    raise error from cause
+            await asyncio.sleep(backoff_s)
+            attempt += 1
+
+
+def _blocking(
+    method: Callable[Concatenate[Client, ParametersP], Coroutine[Any, Any, ResultT]],
+) -> Callable[Concatenate[SyncClient, ParametersP], ResultT]:
+    """The Client method, run on the SyncClient's event loop; same arguments, same result."""
+
+    def call(self: SyncClient, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs) -> ResultT:
+        return self._run(method(self._client, *args, **kwargs))
+
+    return functools.wraps(method)(call)
+
+
+def _blocking_iterator(
+    method: Callable[Concatenate[Client, ParametersP], AsyncIterator[ItemT]],
+) -> Callable[Concatenate[SyncClient, ParametersP], Iterator[ItemT]]:
+    """The Client iterator, run on the SyncClient's event loop one item at a time."""
+
+    def call(
+        self: SyncClient, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs
+    ) -> Iterator[ItemT]:
+        iterator = method(self._client, *args, **kwargs)
+        while True:
+            try:
+                item = self._run(_next(iterator))
+            except StopAsyncIteration:
+                return
+            yield item
+
+    return functools.wraps(method)(call)
+
+
+async def _next(iterator: AsyncIterator[ItemT]) -> ItemT:
+    return await anext(iterator)
+
+
+class SyncClient:
+    """The blocking face of `Client`: the same methods, run on an event loop of its own in a
+    background thread. Use it as `with SyncClient(...) as coffer`; it is safe to share between
+    threads."""
+
+    def __init__(
+        self,
+        target: str = target_default,
+        *,
+        caller: str = caller_default,
+        timeout_s: float = timeout_s_default,
+        retries_max: int = retries_max_default,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self._client = Client(
+            target,
+            caller=caller,
+            timeout_s=timeout_s,
+            retries_max=retries_max,
+            credentials=credentials,
+        )
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="coffer-client", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    @property
+    def target(self) -> str:
+        return self._client.target
+
+    @property
+    def caller(self) -> str:
+        return self._client.caller
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exception_type: type[BaseException] | None,
+        exception: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Closes the channel and stops the background thread; closing twice does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            asyncio.run_coroutine_threadsafe(self._client.close(), self._loop).result()
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def _run(self, coroutine: Coroutine[Any, Any, ResultT]) -> ResultT:
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # E.g. KeyboardInterrupt while waiting: don't leave the call running.
+            future.cancel()
+            raise
+
+    create_unit = _blocking(Client.create_unit)
+    get_unit = _blocking(Client.get_unit)
+    list_units = _blocking(Client.list_units)
+    create_wallet = _blocking(Client.create_wallet)
+    get_wallet = _blocking(Client.get_wallet)
+    get_balance = _blocking(Client.get_balance)
+    list_wallets = _blocking(Client.list_wallets)
+    iter_wallets = _blocking_iterator(Client.iter_wallets)
+    cancel_wallet = _blocking(Client.cancel_wallet)
+    credit = _blocking(Client.credit)
+    debit = _blocking(Client.debit)
+    transfer = _blocking(Client.transfer)
+    deposit = _blocking(Client.deposit)
+    withdraw = _blocking(Client.withdraw)
+    pay = _blocking(Client.pay)
+    void = _blocking(Client.void)
+    submit_batch = _blocking(Client.submit_batch)
+    get_transfer = _blocking(Client.get_transfer)
+    list_transfers = _blocking(Client.list_transfers)
+    iter_transfers = _blocking_iterator(Client.iter_transfers)
+    place_hold = _blocking(Client.place_hold)
+    capture_hold = _blocking(Client.capture_hold)
+    release_hold = _blocking(Client.release_hold)
+    get_hold = _blocking(Client.get_hold)
+    health = _blocking(Client.health)
+
+
+def _key(idempotency_key: str | None) -> str:
+    return uuid.uuid4().hex if idempotency_key is None else idempotency_key
+
+
+def _metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    return dict(metadata or {})
+
+
+def _enum(enum: Any, prefix: str, name: str | None) -> Any:
+    """The value of `prefix + NAME` in a protobuf enum; None is the unspecified value 0."""
+    if name is None:
+        return 0
+    try:
+        return enum.Value(prefix + name.upper())
+    except ValueError:
+        names = [value.name.removeprefix(prefix).lower() for value in enum.DESCRIPTOR.values[1:]]
+        raise ValueError(f"{name!r} is none of {', '.join(names)}") from None
+
+
+def _timestamp(moment: datetime | None) -> Timestamp | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        raise ValueError("times must be timezone-aware, e.g. datetime.now(UTC)")
+    timestamp = Timestamp()
+    timestamp.FromDatetime(moment)
+    return timestamp
+
+
+def _duration(span: timedelta | None) -> Duration | None:
+    if span is None:
+        return None
+    duration = Duration()
+    duration.FromTimedelta(span)
+    return duration
+
+
+def _backoff_s(attempt: int) -> float:
+    """Exponential, capped, with jitter so that clients retrying together spread out."""
+    ceiling_s = min(backoff_s_min * 2**attempt, backoff_s_max)
+    return random.uniform(ceiling_s / 2, ceiling_s)
+
+
+__all__ = [
+    "Client",
+    "DebitResult",
+    "HoldResult",
+    "Operations",
+    "Page",
+    "SyncClient",
+    "WalletBalance",
+    "operations",
+]

@@ -1,0 +1,367 @@
+"""The errors a Coffer call raises: one class per reason the server gives.
+
+The server reports every failure as a gRPC status with a `google.rpc.ErrorInfo` detail (domain
+"coffer.v1", a stable `reason`, and for bad input the offending `field`). `from_rpc_error` turns
+that status back into the class of the same name as the server's domain error; a status without
+the detail (the transport failed, the deadline passed) becomes the class of its status code.
+Catch classes, never parse messages.
+
+    CofferError                  .reason .code .message .field .retryable
+    ├── InvalidArgument          bad input, named by .field              INVALID_ARGUMENT
+    │   └── MalformedRequest     the request's bytes did not decode
+    ├── NotFound                                                         NOT_FOUND
+    │   ├── UnitNotFound
+    │   ├── WalletNotFound
+    │   ├── TransferNotFound
+    │   └── HoldNotFound
+    ├── AlreadyExists                                                    ALREADY_EXISTS
+    │   ├── IdempotencyKeyReused the key was used before for another request
+    │   └── UnitExists           the unit exists with other fields
+    ├── FailedPrecondition                                               FAILED_PRECONDITION
+    │   ├── InsufficientFunds, WalletNotActive, WalletNotEmpty, WalletKindMismatch,
+    │   ├── UnitMismatch, SameWallet, AlreadyVoided, NotVoidable, HoldExpired,
+    │   └── HoldNotPending, CaptureExceedsHold, BalanceOverflow
+    ├── Aborted                                                          ABORTED
+    │   └── LinkedOperationFailed   another operation of its linked chain failed
+    ├── ResourceExhausted                                                RESOURCE_EXHAUSTED
+    │   └── Overloaded           the server has too much waiting (retryable; .retry_after_ms)
+    ├── Unavailable              the server or its store can't be reached (retryable)
+    ├── DeadlineExceeded         no answer within the call's deadline, or the server
+    │                            dropped the operation unapplied when it passed (retryable)
+    ├── Cancelled                                                        CANCELLED
+    └── Internal                 a server bug (details in its log), or any other code:
+                                 UNKNOWN, UNIMPLEMENTED, …
+
+`retryable` says whether sending the same request again, with the same idempotency key, may
+succeed. The client retries every retryable error itself, within the call's deadline (which
+a DeadlineExceeded says has passed: that one it raises at once; retry it with a new call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+
+from coffer.v1 import transfers_pb2
+
+error_domain = "coffer.v1"
+status_details_metadata_key = "grpc-status-details-bin"
+field_metadata_key = "field"
+retry_after_ms_metadata_key = "retry_after_ms"
+# Trailing metadata of a replayed answer, success or error: "true".
+replayed_metadata_key = "coffer-replayed"
+
+
+class CofferError(Exception):
+    """A failed Coffer call. `str(error)` is "REASON: message"."""
+
+    reason: str = "INTERNAL"
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        code: grpc.StatusCode | None = None,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        replayed: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        # True when the server answered with the stored refusal of an earlier request with
+        # the same idempotency key (what it refused then, it refuses again).
+        self.replayed = replayed
+        if reason is not None:
+            self.reason = reason
+        if code is not None:
+            self.code = code
+        # For INVALID_ARGUMENT: the request field at fault, e.g. "amount".
+        self.field = field
+        # Every entry of the ErrorInfo detail, "field" included.
+        self.metadata: dict[str, str] = dict(metadata or {})
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.message}" if self.message else self.reason
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(reason={self.reason!r}, code={self.code.name}, "
+            f"message={self.message!r}, field={self.field!r})"
+        )
+
+
+class InvalidArgument(CofferError):
+    reason = "INVALID_ARGUMENT"
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class MalformedRequest(InvalidArgument):
+    reason = "MALFORMED_REQUEST"
+
+
+class NotFound(CofferError):
+    reason = "NOT_FOUND"
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class UnitNotFound(NotFound):
+    reason = "UNIT_NOT_FOUND"
+
+
+class WalletNotFound(NotFound):
+    reason = "WALLET_NOT_FOUND"
+
+
+class TransferNotFound(NotFound):
+    reason = "TRANSFER_NOT_FOUND"
+
+
+class HoldNotFound(NotFound):
+    reason = "HOLD_NOT_FOUND"
+
+
+class AlreadyExists(CofferError):
+    reason = "ALREADY_EXISTS"
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class IdempotencyKeyReused(AlreadyExists):
+    reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class UnitExists(AlreadyExists):
+    reason = "UNIT_EXISTS"
+
+
+class FailedPrecondition(CofferError):
+    reason = "FAILED_PRECONDITION"
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InsufficientFunds(FailedPrecondition):
+    reason = "INSUFFICIENT_FUNDS"
+
+
+class WalletNotActive(FailedPrecondition):
+    reason = "WALLET_NOT_ACTIVE"
+
+
+class WalletNotEmpty(FailedPrecondition):
+    reason = "WALLET_NOT_EMPTY"
+
+
+class WalletKindMismatch(FailedPrecondition):
+    reason = "WALLET_KIND_MISMATCH"
+
+
+class UnitMismatch(FailedPrecondition):
+    reason = "UNIT_MISMATCH"
+
+
+class SameWallet(FailedPrecondition):
+    reason = "SAME_WALLET"
+
+
+class AlreadyVoided(FailedPrecondition):
+    reason = "ALREADY_VOIDED"
+
+
+class NotVoidable(FailedPrecondition):
+    reason = "NOT_VOIDABLE"
+
+
+class HoldExpired(FailedPrecondition):
+    reason = "HOLD_EXPIRED"
+
+
+class HoldNotPending(FailedPrecondition):
+    reason = "HOLD_NOT_PENDING"
+
+
+class CaptureExceedsHold(FailedPrecondition):
+    reason = "CAPTURE_EXCEEDS_HOLD"
+
+
+class BalanceOverflow(FailedPrecondition):
+    reason = "BALANCE_OVERFLOW"
+
+
+class Aborted(CofferError):
+    reason = "ABORTED"
+    code = grpc.StatusCode.ABORTED
+
+
+class LinkedOperationFailed(Aborted):
+    reason = "LINKED_OPERATION_FAILED"
+
+
+class ResourceExhausted(CofferError):
+    reason = "RESOURCE_EXHAUSTED"
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(ResourceExhausted):
+    reason = "OVERLOADED"
+    retryable = True
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's hint: how long until a retry is likely to be admitted."""
+        value = self.metadata.get(retry_after_ms_metadata_key, "")
+        return int(value) if value.isdigit() else None
+
+
+class Unavailable(CofferError):
+    reason = "UNAVAILABLE"
+    code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+
+
+class DeadlineExceeded(CofferError):
+    reason = "DEADLINE_EXCEEDED"
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class Cancelled(CofferError):
+    reason = "CANCELLED"
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(CofferError):
+    reason = "INTERNAL"
+    code = grpc.StatusCode.INTERNAL
+
+
+# The server's reasons: the leaves below the category classes, as in coffer.core.errors.
+_error_by_reason: dict[str, type[CofferError]] = {
+    error.reason: error
+    for error in (
+        InvalidArgument,
+        MalformedRequest,
+        UnitNotFound,
+        WalletNotFound,
+        TransferNotFound,
+        HoldNotFound,
+        IdempotencyKeyReused,
+        UnitExists,
+        InsufficientFunds,
+        WalletNotActive,
+        WalletNotEmpty,
+        WalletKindMismatch,
+        UnitMismatch,
+        SameWallet,
+        AlreadyVoided,
+        NotVoidable,
+        HoldExpired,
+        HoldNotPending,
+        CaptureExceedsHold,
+        BalanceOverflow,
+        LinkedOperationFailed,
+        Overloaded,
+        DeadlineExceeded,
+        Unavailable,
+        Internal,
+    )
+}
+
+# For a status without a known reason; codes not listed become Internal.
+_error_by_code: dict[grpc.StatusCode, type[CofferError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+_status_code_by_number: dict[int, grpc.StatusCode] = {
+    code.value[0]: code for code in grpc.StatusCode
+}
+
+
+def reasons() -> dict[str, type[CofferError]]:
+    """Every reason the server gives, with its class."""
+    return dict(_error_by_reason)
+
+
+def from_rpc_error(error: grpc.RpcError) -> CofferError:
+    """The typed error for a failed call (grpc.aio.AioRpcError or a sync grpc.RpcError)."""
+    code = _call_code(error)
+    message = _call_details(error)
+    info = _error_info(error)
+    if info is None:
+        return _error_by_code.get(code, Internal)(message, reason=code.name, code=code)
+    error_class = _error_by_reason.get(info.reason) or _error_by_code.get(code, Internal)
+    return error_class(
+        message,
+        reason=info.reason,
+        code=code,
+        field=info.metadata.get(field_metadata_key) or None,
+        metadata=info.metadata,
+        replayed=is_replay(error),
+    )
+
+
+def is_replay(call: grpc.RpcError | Any) -> bool:
+    """Whether a finished call (failed, or a sync `with_call` Call) answered with the stored
+    outcome of an earlier request with the same idempotency key."""
+    trailing_metadata = getattr(call, "trailing_metadata", None)
+    entries = trailing_metadata() if callable(trailing_metadata) else None
+    return any(key == replayed_metadata_key and value == "true" for key, value in entries or ())
+
+
+def from_operation_error(
+    pb: transfers_pb2.OperationError, *, replayed: bool = False
+) -> CofferError:
+    """The typed error for one failed operation of a batch (`OperationResult.error`; pass
+    `OperationResult.replayed` too)."""
+    code = _status_code_by_number.get(pb.code, grpc.StatusCode.UNKNOWN)
+    error_class = _error_by_reason.get(pb.reason) or _error_by_code.get(code, Internal)
+    return error_class(
+        pb.message,
+        reason=pb.reason or code.name,
+        code=code,
+        field=pb.field or None,
+        replayed=replayed,
+    )
+
+
+def _call_code(error: grpc.RpcError) -> grpc.StatusCode:
+    code = getattr(error, "code", None)
+    value = code() if callable(code) else None
+    return value if isinstance(value, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _call_details(error: grpc.RpcError) -> str:
+    details = getattr(error, "details", None)
+    value = details() if callable(details) else None
+    return value if isinstance(value, str) else ""
+
+
+def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of the Coffer domain in the status details trailer, if there is one."""
+    trailing_metadata = getattr(error, "trailing_metadata", None)
+    entries = trailing_metadata() if callable(trailing_metadata) else None
+    for key, value in entries or ():
+        if key != status_details_metadata_key or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except DecodeError:
+            return None
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info) and info.domain == error_domain:
+                return info
+    return None

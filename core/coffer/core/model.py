@@ -1,0 +1,515 @@
+"""The domain's values: units, wallets, transfers, holds, and the operations that move money.
+
+Operations validate their own fields when built (raising `InvalidArgument` naming the field),
+so anything that reaches the ledger is well-formed; whether it can be applied is decided
+later, against the locked wallet states, by `rules.apply`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from enum import Enum, IntEnum
+from typing import Any, get_type_hints
+
+from .errors import CofferError, InvalidArgument
+
+# Limits: every string, map and number that comes in has one.
+amount_max = 2**63 - 1
+balance_max = 2**63 - 1
+balance_min = -(2**63)
+id_max = 2**63 - 1
+idempotency_key_length_max = 128
+# The API's rule for callers is coffer.clients.caller's, which the core may not import; the
+# core checks what it receives against the same limit (a project test holds them equal).
+caller_length_max = 128
+note_length_max = 1000
+reference_length_max = 256
+performed_by_length_max = 256
+owner_id_length_max = 256
+metadata_entries_max = 16
+metadata_key_length_max = 64
+metadata_value_length_max = 512
+unit_code_pattern = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+unit_name_length_max = 128
+unit_description_length_max = 1000
+unit_scale_max = 18
+hold_timeout_s_min = 1
+hold_timeout_s_max = 30 * 24 * 3600
+hold_timeout_s_default = 3600
+# Operations in one batch: one database transaction, every touched wallet locked once.
+batch_operations_max = 8000
+# Items in one page of a list, and how many when the caller names no size.
+page_size_max = 1000
+page_size_default = 100
+
+
+class UnitKind(IntEnum):
+    currency = 1
+    credit = 2
+
+
+class OwnerKind(IntEnum):
+    customer = 1
+    merchant = 2
+    system = 3
+
+
+class WalletStatus(IntEnum):
+    active = 1
+    cancelled = 2
+
+
+class TransferKind(IntEnum):
+    credit = 1
+    debit = 2
+    transfer = 3
+    deposit = 4
+    withdrawal = 5
+    payment = 6
+    hold = 7
+    capture = 8
+    release = 9
+    hold_expiry = 10
+    void = 11
+
+
+# Kinds that move posted balances; the others only reserve or release.
+posting_kinds = frozenset(
+    {
+        TransferKind.credit,
+        TransferKind.debit,
+        TransferKind.transfer,
+        TransferKind.deposit,
+        TransferKind.withdrawal,
+        TransferKind.payment,
+        TransferKind.capture,
+        TransferKind.void,
+    }
+)
+
+
+class DebitMode(IntEnum):
+    all_or_nothing = 1
+    up_to = 2
+
+
+class HoldStatus(IntEnum):
+    pending = 1
+    captured = 2
+    released = 3
+    expired = 4
+
+
+class SystemWallet(IntEnum):
+    """The wallets every unit has for the world outside: owner ids of system wallets."""
+
+    operator = 1
+    funding = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    code: str
+    kind: UnitKind
+    name: str
+    plural: str = ""
+    description: str = ""
+    scale: int = 0
+    created_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_unit_code("code", self.code)
+        check_enum("kind", self.kind, UnitKind)
+        check_text("name", self.name, unit_name_length_max, required=True)
+        check_text("plural", self.plural, unit_name_length_max)
+        check_text("description", self.description, unit_description_length_max)
+        if not 0 <= self.scale <= unit_scale_max:
+            raise InvalidArgument("scale", f"must be 0 to {unit_scale_max}")
+
+    def same_definition(self, other: Unit) -> bool:
+        return (self.code, self.kind, self.name, self.plural, self.description, self.scale) == (
+            other.code,
+            other.kind,
+            other.name,
+            other.plural,
+            other.description,
+            other.scale,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    posted: int
+    pending: int
+
+    @property
+    def available(self) -> int:
+        return self.posted - self.pending
+
+
+@dataclass(frozen=True, slots=True)
+class Wallet:
+    id: int
+    owner_id: str
+    owner_kind: OwnerKind
+    unit: str
+    status: WalletStatus
+    balance_minimum: int | None
+    balance: Balance
+    metadata: Mapping[str, str]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewWallet:
+    idempotency_key: str
+    caller: str = "default"
+    owner_id: str
+    owner_kind: OwnerKind
+    unit: str
+    balance_minimum: int = 0
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_key(self.idempotency_key, self.caller)
+        check_text("owner_id", self.owner_id, owner_id_length_max, required=True)
+        if self.owner_kind not in (OwnerKind.customer, OwnerKind.merchant):
+            raise InvalidArgument("owner_kind", "must be customer or merchant")
+        check_unit_code("unit", self.unit)
+        if not balance_min <= self.balance_minimum <= 0:
+            raise InvalidArgument("balance_minimum", "must be 0 or negative (an overdraft)")
+        _check_metadata(self.metadata)
+
+    def request_hash(self) -> bytes:
+        return _hash(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """One row of the journal: `amount` moved from the source wallet to the target."""
+
+    id: int
+    operation_id: int
+    kind: TransferKind
+    source_wallet_id: int
+    target_wallet_id: int
+    unit: str
+    amount: int
+    amount_requested: int | None
+    note: str
+    reference: str
+    performed_by: str
+    metadata: Mapping[str, str]
+    created_at: datetime
+    voids_transfer_id: int | None = None
+    hold_id: int | None = None
+    hold_expires_at: datetime | None = None
+    voided_by_transfer_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: int
+    source_wallet_id: int
+    target_wallet_id: int
+    unit: str
+    amount: int
+    status: HoldStatus
+    expires_at: datetime
+    created_at: datetime
+    resolved_by_transfer_id: int | None = None
+    amount_captured: int = 0
+
+
+# Operations ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Operation:
+    """What every operation carries: who asked, under which key, and why."""
+
+    idempotency_key: str
+    caller: str = "default"
+    note: str = ""
+    reference: str = ""
+    performed_by: str = ""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    # Links this operation to the next one in its batch: the chain applies as a whole.
+    linked: bool = False
+
+    def __post_init__(self) -> None:
+        _check_key(self.idempotency_key, self.caller)
+        check_text("note", self.note, note_length_max)
+        check_text("reference", self.reference, reference_length_max)
+        check_text("performed_by", self.performed_by, performed_by_length_max)
+        _check_metadata(self.metadata)
+
+    def request_hash(self) -> bytes:
+        return _hash(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Credit(Operation):
+    wallet_id: int
+    amount: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("wallet_id", self.wallet_id)
+        _check_amount("amount", self.amount)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Debit(Operation):
+    wallet_id: int
+    amount: int
+    mode: DebitMode = DebitMode.all_or_nothing
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("wallet_id", self.wallet_id)
+        _check_amount("amount", self.amount)
+        check_enum("mode", self.mode, DebitMode)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WalletTransfer(Operation):
+    source_wallet_id: int
+    target_wallet_id: int
+    amount: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("source_wallet_id", self.source_wallet_id)
+        _check_id("target_wallet_id", self.target_wallet_id)
+        _check_amount("amount", self.amount)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deposit(Operation):
+    """From an external funding source, named in `reference`, into a wallet."""
+
+    wallet_id: int
+    amount: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("wallet_id", self.wallet_id)
+        _check_amount("amount", self.amount)
+        check_text("funding_source", self.reference, reference_length_max, required=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Withdrawal(Operation):
+    """From a wallet out to an external funding source, named in `reference`."""
+
+    wallet_id: int
+    amount: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("wallet_id", self.wallet_id)
+        _check_amount("amount", self.amount)
+        check_text("funding_source", self.reference, reference_length_max, required=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Payment(Operation):
+    payer_wallet_id: int
+    payee_wallet_id: int
+    amount: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("payer_wallet_id", self.payer_wallet_id)
+        _check_id("payee_wallet_id", self.payee_wallet_id)
+        _check_amount("amount", self.amount)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Void(Operation):
+    transfer_id: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("transfer_id", self.transfer_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PlaceHold(Operation):
+    wallet_id: int
+    amount: int
+    # None: the unit's operator wallet.
+    target_wallet_id: int | None = None
+    timeout_s: int = hold_timeout_s_default
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("wallet_id", self.wallet_id)
+        if self.target_wallet_id is not None:
+            _check_id("target_wallet_id", self.target_wallet_id)
+        _check_amount("amount", self.amount)
+        if not hold_timeout_s_min <= self.timeout_s <= hold_timeout_s_max:
+            raise InvalidArgument(
+                "timeout", f"must be {hold_timeout_s_min} s to {hold_timeout_s_max} s"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaptureHold(Operation):
+    hold_id: int
+    # None: all of the hold.
+    amount: int | None = None
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("hold_id", self.hold_id)
+        if self.amount is not None:
+            _check_amount("amount", self.amount)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseHold(Operation):
+    hold_id: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("hold_id", self.hold_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpireHold(Operation):
+    """Written by the ledger itself when a hold reaches its expiry."""
+
+    hold_id: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        _check_id("hold_id", self.hold_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An operation of a batch that could not even be built: it fails with `error`, and so
+    does its linked chain."""
+
+    error: CofferError
+    linked: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What a successful operation produced (or, replayed, had produced)."""
+
+    transfers: tuple[Transfer, ...]
+    hold: Hold | None = None
+    replayed: bool = False
+
+    @property
+    def transfer(self) -> Transfer:
+        return self.transfers[0]
+
+    @property
+    def amount_remaining(self) -> int:
+        """For an up-to debit: what the wallet could not cover, due elsewhere."""
+        first = self.transfers[0]
+        if first.amount_requested is None:
+            return 0
+        return first.amount_requested - first.amount
+
+
+# Checks --------------------------------------------------------------------------------------
+
+
+def _check_key(idempotency_key: str, caller: str) -> None:
+    check_text("idempotency_key", idempotency_key, idempotency_key_length_max, required=True)
+    check_text("caller", caller, caller_length_max, required=True)
+
+
+def check_text(name: str, value: str, length_max: int, *, required: bool = False) -> None:
+    if not isinstance(value, str):
+        raise InvalidArgument(name, "must be a string")
+    if required and not value:
+        raise InvalidArgument(name, "is required")
+    if len(value) > length_max:
+        raise InvalidArgument(name, f"must be at most {length_max} characters")
+    if "\x00" in value:
+        raise InvalidArgument(name, "must not contain NUL characters")
+
+
+def check_unit_code(name: str, value: str) -> None:
+    if not value:
+        raise InvalidArgument(name, "is required")
+    if not unit_code_pattern.fullmatch(value):
+        raise InvalidArgument(name, "must be 1 to 32 letters, digits, '_', '-' or '.'")
+
+
+def _check_id(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, "must be an integer id")
+    if value == 0:
+        raise InvalidArgument(name, "is required")
+    if not 0 < value <= id_max:
+        raise InvalidArgument(name, "must be a positive id")
+
+
+def _check_amount(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(name, "must be an integer in minor units")
+    if value <= 0:
+        raise InvalidArgument(name, "must be positive")
+    if value > amount_max:
+        raise InvalidArgument(name, f"must be at most {amount_max}")
+
+
+def check_enum(name: str, value: int, kind: type[IntEnum]) -> None:
+    if value not in kind.__members__.values():
+        raise InvalidArgument(name, "must be one of " + ", ".join(kind.__members__))
+
+
+def _check_metadata(metadata: Mapping[str, str]) -> None:
+    if len(metadata) > metadata_entries_max:
+        raise InvalidArgument("metadata", f"must have at most {metadata_entries_max} entries")
+    for key, value in metadata.items():
+        check_text("metadata key", key, metadata_key_length_max, required=True)
+        check_text(f"metadata[{key}]", value, metadata_value_length_max)
+
+
+_unhashed = frozenset({"idempotency_key", "caller", "linked"})
+# Per operation type: its hashed fields, each with whether it holds a mapping or an enum.
+_hashed_fields: dict[type, tuple[tuple[str, int], ...]] = {}
+_plain, _mapping, _enum = 0, 1, 2
+
+
+def _hash(value: Any) -> bytes:
+    """A digest of what a request asks for, to tell a replay from a reused key: of the repr of
+    its type's name and its fields' values, which is stable across processes and versions."""
+    kind = type(value)
+    layout = _hashed_fields.get(kind)
+    if layout is None:
+        hints = get_type_hints(kind)
+        layout = _hashed_fields[kind] = tuple(
+            (
+                each.name,
+                _mapping
+                if each.name == "metadata"
+                else _enum
+                if isinstance(hints[each.name], type) and issubclass(hints[each.name], Enum)
+                else _plain,
+            )
+            for each in fields(value)
+            if each.name not in _unhashed
+        )
+    items: list[Any] = [kind.__name__]
+    for name, form in layout:
+        item = getattr(value, name)
+        if form == _mapping:
+            item = tuple(sorted(item.items())) if item else ()
+        elif form == _enum:
+            item = int(item)
+        items.append(item)
+    return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()

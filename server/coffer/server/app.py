@@ -1,0 +1,261 @@
+"""The server: the gRPC services over one Ledger, its batcher and its hold-expiry sweep.
+
+    server = await Server.start(Settings(database_url=dsn, listen="127.0.0.1:0"))
+    print(server.port)
+    await server.stop()
+
+`start` migrates the database first. `stop` shuts down in order: stop taking calls and let
+those in flight finish (within the grace period), apply what the batcher holds, stop the
+sweep and the health check, close the connection pools.
+
+Health tells the truth: every `health_check_interval_s`, and at once when its connection
+closes, a connection of its own asks the database `select 1`; while it gets no answer within
+`health_check_timeout_s`, every service (and "") is NOT_SERVING, and SERVING again once it
+does. An outage is logged when it starts
+and when it ends; the hold-expiry sweep, failing meanwhile, says so once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coffer.core import errors
+from coffer.core.ledger import Ledger, create_pool, ping
+from coffer.core.migrate import migrate
+from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+
+from . import admission, services
+from .batcher import Batcher
+from .settings import Settings, calls_max_limit
+
+logger = logging.getLogger(__name__)
+
+# The largest answer: a page of transfers, or a batch's results, with their metadata.
+response_bytes_max = 64 * 1024 * 1024
+# gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
+# first, with OVERLOADED and a retry-after hint; gRPC's refusals carry no ErrorInfo. Calls the
+# server runs at once (past them, RESOURCE_EXHAUSTED), and calls arrived but not yet taken by
+# the event loop before gRPC starts refusing some of them (CANCELLED):
+grpc_calls_factor = 2
+# Calls at once on one connection (past them, callers wait, and calls racing in as others
+# end are refused with UNAVAILABLE), and calls not yet taken before gRPC refuses them all:
+grpc_streams_factor = 4
+# gRPC takes them as 32-bit integers.
+assert grpc_streams_factor * calls_max_limit < 2**31
+
+services_described = (
+    units_pb2.DESCRIPTOR.services_by_name["UnitService"],
+    wallets_pb2.DESCRIPTOR.services_by_name["WalletService"],
+    transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
+    holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
+)
+service_names = tuple(service.full_name for service in services_described)
+
+
+class Server:
+    def __init__(
+        self,
+        settings: Settings,
+        server: grpc.aio.Server,
+        port: int,
+        ledger: Ledger,
+        batcher: Batcher,
+        admitting: admission.Admission,
+        health_servicer: health.aio.HealthServicer,
+        probe_pool: asyncpg.Pool,
+        probe_lost: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.port = port
+        self.ledger = ledger
+        self.batcher = batcher
+        self.admission = admitting
+        self._server = server
+        self._health = health_servicer
+        self._probe_pool = probe_pool
+        # Set when the health check's connection closes: check again at once.
+        self._probe_lost = probe_lost
+        self._sweep = asyncio.create_task(self._expire_holds())
+        self._health_check = asyncio.create_task(self._check_health())
+        self._loop_watch = asyncio.create_task(admitting.watch_loop())
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Server:
+        # Migrations run on a connection of their own, without the pools' timeouts: one may
+        # take long, and waits for another server's under an advisory lock.
+        connection = await asyncpg.connect(
+            settings.database_url, timeout=settings.statement_timeout_s
+        )
+        try:
+            applied = await migrate(connection)
+        finally:
+            await connection.close()
+        if applied:
+            logger.info("applied migrations %s", applied)
+        timeouts = {
+            "statement_timeout_s": settings.statement_timeout_s,
+            "lock_timeout_s": settings.lock_timeout_s,
+        }
+        pools: list[asyncpg.Pool] = []
+        try:
+            for size in (settings.pool_size, settings.pool_size_read):
+                pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
+            probe_timeout_s = settings.health_check_timeout_s
+            probe_lost = asyncio.Event()
+            probe_pool = await create_pool(
+                settings.database_url,
+                size_max=1,
+                statement_timeout_s=probe_timeout_s,
+                lock_timeout_s=probe_timeout_s,
+                on_close=probe_lost.set,
+            )
+            pools.append(probe_pool)
+            ledger = Ledger(
+                pools[0], read_pool=pools[1], acquire_timeout_s=settings.statement_timeout_s
+            )
+            batcher = Batcher(
+                ledger.apply,
+                batch_size_max=settings.batch_size_max,
+                batch_wait_s=settings.batch_wait_ms / 1000,
+                queue_max=settings.queue_max,
+                workers=settings.batch_workers,
+            )
+            admitting = admission.Admission(
+                queued_bytes_max=settings.queued_bytes_max,
+                calls_max=settings.calls_max,
+                retry_after_ms=batcher.retry_after_ms,
+                batch_calls_drain_ms=batcher.batch_calls_drain_ms,
+            )
+            grpc_calls_max = grpc_calls_factor * settings.calls_max
+            grpc_streams_max = grpc_streams_factor * settings.calls_max
+            server = grpc.aio.server(
+                options=[
+                    # Larger requests are refused by gRPC before they are read whole.
+                    ("grpc.max_receive_message_length", admission.request_bytes_max),
+                    ("grpc.max_send_message_length", response_bytes_max),
+                    ("grpc.max_concurrent_streams", grpc_streams_max),
+                    ("grpc.server.max_pending_requests", grpc_calls_max),
+                    ("grpc.server.max_pending_requests_hard_limit", grpc_streams_max),
+                    ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+                ],
+                maximum_concurrent_rpcs=grpc_calls_max,
+            )
+            servicers = (
+                services.UnitService(ledger),
+                services.WalletService(ledger),
+                services.TransferService(ledger, batcher),
+                services.HoldService(ledger, batcher),
+            )
+            for servicer, service in zip(servicers, services_described, strict=True):
+                admission.register(server, servicer, service, admitting)
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(
+                (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            port = server.add_insecure_port(settings.listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {settings.listen}")
+            await server.start()
+            for name in ("", *service_names):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            for pool in pools:
+                await pool.close()
+            raise
+        return cls(
+            settings,
+            server,
+            port,
+            ledger,
+            batcher,
+            admitting,
+            health_servicer,
+            probe_pool,
+            probe_lost,
+        )
+
+    async def stop(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(self.settings.shutdown_grace_s)
+        await self.batcher.close()
+        for task in (self._sweep, self._health_check, self._loop_watch):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.ledger.close()
+        await self._probe_pool.close()
+
+    async def _expire_holds(self) -> None:
+        interval_s = self.settings.hold_expiry_interval_s
+        failing = False
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                while await self.ledger.expire_holds():
+                    pass
+            except errors.Unavailable as error:
+                if not failing:
+                    logger.warning(
+                        "the hold expiry sweep cannot reach the database (%s); "
+                        "trying again every %g s",
+                        _described(error.__cause__ or error),
+                        interval_s,
+                    )
+                failing = True
+            except Exception:
+                if not failing:
+                    logger.exception(
+                        "the hold expiry sweep failed; trying again every %g s", interval_s
+                    )
+                failing = True
+            else:
+                if failing:
+                    logger.info("the hold expiry sweep works again")
+                failing = False
+
+    async def _check_health(self) -> None:
+        interval_s = self.settings.health_check_interval_s
+        down_since: float | None = None
+        while True:
+            started = time.monotonic()
+            try:
+                await ping(self._probe_pool, self.settings.health_check_timeout_s)
+            except Exception as error:
+                if down_since is None:
+                    down_since = started
+                    cause = error.__cause__ if isinstance(error, errors.Unavailable) else error
+                    logger.warning(
+                        "the database does not answer (%s): health is NOT_SERVING until it does",
+                        _described(cause or error),
+                        exc_info=not isinstance(error, errors.Unavailable),
+                    )
+                    await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            else:
+                if down_since is not None:
+                    logger.warning(
+                        "the database answers again after %.1f s: health is SERVING",
+                        time.monotonic() - down_since,
+                    )
+                    down_since = None
+                    await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s - (time.monotonic() - started)):
+                    await self._probe_lost.wait()
+            self._probe_lost.clear()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        for name in ("", *service_names):
+            await self._health.set(name, status)
+
+
+def _described(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

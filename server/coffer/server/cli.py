@@ -1,0 +1,256 @@
+"""The server's commands, `coffer serve`, `coffer migrate` and `coffer bench`.
+
+The `coffer` program is the client's (`coffer.clients.cli`); these join it through the
+`coffer.commands` entry points of this distribution, each called with the arguments after
+its name."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import uvloop
+
+from coffer.core.migrate import migrate as apply_migrations
+from coffer.postgres.supervisor import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    default_data_dir,
+    supervise,
+)
+
+from .app import Server
+from .settings import Settings, SettingsError, listen_default
+
+logger = logging.getLogger("coffer")
+
+
+def serve(argv: list[str]) -> int:
+    """run the ledger server"""
+    return _main(["serve", *argv])
+
+
+def migrate(argv: list[str]) -> int:
+    """apply the schema migrations"""
+    return _main(["migrate", *argv])
+
+
+def bench(argv: list[str]) -> int:
+    """measure throughput and latency against pgbench and a gRPC echo"""
+    from coffer.bench.main import main as bench_main
+
+    return bench_main(argv)
+
+
+def _main(argv: list[str]) -> int:
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=arguments.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if arguments.command == "serve":
+            try:
+                settings = _settings(arguments)
+            except SettingsError as error:
+                flag = "--" + error.setting.replace("_", "-")
+                print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
+                return 2
+            return uvloop.run(_serve(arguments, settings))
+        return uvloop.run(_migrate(arguments))
+    except EmbeddedPostgresError as error:
+        print(f"coffer: {error}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as error:
+        print(f"coffer: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coffer", description="The Coffer ledger server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the gRPC ledger server")
+    migrate_command = commands.add_parser("migrate", help="apply the schema migrations")
+    for command in (serve, migrate_command):
+        command.add_argument(
+            "--database-url",
+            default=os.environ.get("DATABASE_URL"),
+            help="PostgreSQL to use (env DATABASE_URL); without it, an embedded PostgreSQL",
+        )
+        command.add_argument(
+            "--data-dir",
+            type=Path,
+            default=None,
+            help="where the embedded PostgreSQL keeps its data (env COFFER_DATA_DIR; default: "
+            f"{default_data_dir()})",
+        )
+        command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("COFFER_LISTEN", listen_default),
+        help=f"address to serve gRPC on (env COFFER_LISTEN; default {listen_default})",
+    )
+    # The flags' values are parsed here and checked by Settings, in one place (`_settings`).
+    defaults = Settings(database_url="")
+    serve.add_argument(
+        "--pool-size",
+        type=int,
+        default=defaults.pool_size,
+        metavar="N",
+        help="database connections for writes, at least twice --batch-workers "
+        f"(default {defaults.pool_size})",
+    )
+    serve.add_argument(
+        "--pool-size-read",
+        type=int,
+        default=defaults.pool_size_read,
+        metavar="N",
+        help="database connections for queries, apart from the writes' "
+        f"(default {defaults.pool_size_read})",
+    )
+    serve.add_argument(
+        "--statement-timeout-s",
+        type=float,
+        default=defaults.statement_timeout_s,
+        metavar="S",
+        help="a statement running longer, or a database not answering as long, fails the call "
+        f"with UNAVAILABLE (default {defaults.statement_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--lock-timeout-s",
+        type=float,
+        default=defaults.lock_timeout_s,
+        metavar="S",
+        help="a wait for a lock longer than this fails the call with UNAVAILABLE "
+        f"(default {defaults.lock_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--batch-size-max",
+        type=int,
+        default=defaults.batch_size_max,
+        metavar="N",
+        help="most operations coalesced into one database transaction "
+        f"(default {defaults.batch_size_max})",
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=defaults.batch_wait_ms,
+        metavar="MS",
+        help="how long a small batch may wait for more operations (default 0: never)",
+    )
+    serve.add_argument(
+        "--batch-workers",
+        type=int,
+        default=defaults.batch_workers,
+        metavar="N",
+        help="coalesced batches applied at once, of single calls and of batch calls each, "
+        f"at most half of --pool-size (default {defaults.batch_workers})",
+    )
+    serve.add_argument(
+        "--queue-max",
+        type=int,
+        default=defaults.queue_max,
+        metavar="N",
+        help="operations waiting for a batch before calls get RESOURCE_EXHAUSTED, at least "
+        f"--batch-size-max (default {defaults.queue_max})",
+    )
+    serve.add_argument(
+        "--queued-bytes-max",
+        type=int,
+        default=defaults.queued_bytes_max,
+        metavar="N",
+        help="request bytes in progress at once before calls get RESOURCE_EXHAUSTED "
+        f"(default {defaults.queued_bytes_max})",
+    )
+    serve.add_argument(
+        "--calls-max",
+        type=int,
+        default=defaults.calls_max,
+        metavar="N",
+        help="calls in progress at once before calls get RESOURCE_EXHAUSTED "
+        f"(default {defaults.calls_max})",
+    )
+    serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="set SO_REUSEPORT, so that several servers can listen on one port",
+    )
+    return parser
+
+
+@asynccontextmanager
+async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
+    """The database URL, and how to describe it: the given one, or an embedded cluster."""
+    if arguments.database_url:
+        yield arguments.database_url, "DATABASE_URL"
+        return
+    data_dir = arguments.data_dir or default_data_dir()
+    cluster = EmbeddedPostgres(data_dir / "postgres")
+    await asyncio.to_thread(cluster.start)
+    # Restarts the cluster when it dies while Coffer runs.
+    supervisor = asyncio.create_task(supervise(cluster))
+    try:
+        yield cluster.ledger_dsn, f"embedded PostgreSQL in {cluster.data_dir}"
+    finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
+        await asyncio.to_thread(cluster.stop)
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    """The server's settings from the flags, checked before anything starts (the embedded
+    database's URL, when there is no other, comes later)."""
+    return Settings(
+        database_url=arguments.database_url or "",
+        listen=arguments.listen,
+        pool_size=arguments.pool_size,
+        pool_size_read=arguments.pool_size_read,
+        statement_timeout_s=arguments.statement_timeout_s,
+        lock_timeout_s=arguments.lock_timeout_s,
+        batch_size_max=arguments.batch_size_max,
+        batch_wait_ms=arguments.batch_wait_ms,
+        queue_max=arguments.queue_max,
+        batch_workers=arguments.batch_workers,
+        queued_bytes_max=arguments.queued_bytes_max,
+        calls_max=arguments.calls_max,
+        reuse_port=arguments.reuse_port,
+    )
+
+
+async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
+    async with _database(arguments) as (database_url, description):
+        server = await Server.start(dataclasses.replace(settings, database_url=database_url))
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signal_number, stopping.set)
+        host = arguments.listen.rsplit(":", 1)[0]
+        print(f"coffer: serving on {host}:{server.port} ({description})", flush=True)
+        await stopping.wait()
+        print("coffer: shutting down", flush=True)
+        await server.stop()
+    print("coffer: stopped", flush=True)
+    return 0
+
+
+async def _migrate(arguments: argparse.Namespace) -> int:
+    async with _database(arguments) as (database_url, description):
+        connection = await asyncpg.connect(database_url)
+        try:
+            applied = await apply_migrations(connection)
+        finally:
+            await connection.close()
+    print(f"coffer: applied migrations {applied or 'none'} ({description})")
+    return 0

@@ -1,0 +1,473 @@
+"""Protobuf messages to core values and back; nothing else.
+
+The one module that converts requests, and so the one that checks them: requests become core
+values, whose constructors check every field (raising InvalidArgument naming it), and what is
+not a core value (a list's filters, an id to look up, a page token) is checked here, by the
+core's rules where it has them (`model.check_unit_code`, `model.check_text`). Proto3 cannot
+tell an unset number from zero, so an unset id or amount arrives as 0 and is refused as
+missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coffer.core import errors, model, rules
+from coffer.core.ledger import TransferFilter
+from coffer.core.model import batch_operations_max, page_size_default, page_size_max
+from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+
+# Requests --------------------------------------------------------------------------------------
+
+
+def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
+    return model.Unit(
+        code=request.code,
+        kind=request.kind,  # type: ignore[arg-type]
+        name=request.name,
+        plural=request.plural,
+        description=request.description,
+        scale=request.scale,
+    )
+
+
+def unit_code(request: units_pb2.GetUnitRequest) -> str:
+    model.check_unit_code("code", request.code)
+    return request.code
+
+
+def required_id(field: str, value: int) -> int:
+    """An id a request must name (proto3 sends an unset one as 0)."""
+    if value == 0:
+        raise errors.InvalidArgument(field, "is required")
+    if value < 0:
+        raise errors.InvalidArgument(field, "must be a positive id")
+    return value
+
+
+def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.NewWallet:
+    return model.NewWallet(
+        idempotency_key=request.idempotency_key,
+        caller=caller,
+        owner_id=request.owner_id,
+        owner_kind=request.owner_kind,  # type: ignore[arg-type]
+        unit=request.unit,
+        balance_minimum=request.balance_minimum if request.HasField("balance_minimum") else 0,
+        metadata=dict(request.metadata),
+    )
+
+
+class _Annotated(Protocol):
+    """What every operation request carries."""
+
+    @property
+    def idempotency_key(self) -> str: ...
+    @property
+    def note(self) -> str: ...
+    @property
+    def performed_by(self) -> str: ...
+    @property
+    def metadata(self) -> Mapping[str, str]: ...
+
+
+_no_metadata: Mapping[str, str] = MappingProxyType({})
+
+
+def _common(request: _Annotated, caller: str, linked: bool, reference: str = "") -> dict[str, Any]:
+    return {
+        "idempotency_key": request.idempotency_key,
+        "caller": caller,
+        "note": request.note,
+        "reference": reference,
+        "performed_by": request.performed_by,
+        "metadata": dict(request.metadata) if request.metadata else _no_metadata,
+        "linked": linked,
+    }
+
+
+def credit(request: transfers_pb2.CreditRequest, caller: str, linked: bool = False) -> model.Credit:
+    return model.Credit(
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+_debit_modes = {
+    types_pb2.DEBIT_MODE_UNSPECIFIED: model.DebitMode.all_or_nothing,
+    types_pb2.DEBIT_MODE_ALL_OR_NOTHING: model.DebitMode.all_or_nothing,
+    types_pb2.DEBIT_MODE_UP_TO: model.DebitMode.up_to,
+}
+
+
+def debit(request: transfers_pb2.DebitRequest, caller: str, linked: bool = False) -> model.Debit:
+    if request.mode not in _debit_modes:
+        raise errors.InvalidArgument("mode", "must be ALL_OR_NOTHING or UP_TO")
+    return model.Debit(
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        mode=_debit_modes[request.mode],
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+def transfer(
+    request: transfers_pb2.TransferRequest, caller: str, linked: bool = False
+) -> model.WalletTransfer:
+    return model.WalletTransfer(
+        source_wallet_id=request.source_wallet_id,
+        target_wallet_id=request.target_wallet_id,
+        amount=request.amount,
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+def deposit(
+    request: transfers_pb2.DepositRequest, caller: str, linked: bool = False
+) -> model.Deposit:
+    return model.Deposit(
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        **_common(request, caller, linked, request.funding_source),
+    )
+
+
+def withdrawal(
+    request: transfers_pb2.WithdrawRequest, caller: str, linked: bool = False
+) -> model.Withdrawal:
+    return model.Withdrawal(
+        wallet_id=request.wallet_id,
+        amount=request.amount,
+        **_common(request, caller, linked, request.funding_source),
+    )
+
+
+def payment(request: transfers_pb2.PayRequest, caller: str, linked: bool = False) -> model.Payment:
+    return model.Payment(
+        payer_wallet_id=request.payer_wallet_id,
+        payee_wallet_id=request.payee_wallet_id,
+        amount=request.amount,
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+def void(request: transfers_pb2.VoidRequest, caller: str, linked: bool = False) -> model.Void:
+    return model.Void(transfer_id=request.transfer_id, **_common(request, caller, linked))
+
+
+def place_hold(
+    request: holds_pb2.PlaceHoldRequest, caller: str, linked: bool = False
+) -> model.PlaceHold:
+    timeout_s = model.hold_timeout_s_default
+    if request.HasField("timeout"):
+        if request.timeout.nanos:
+            raise errors.InvalidArgument("timeout", "must be whole seconds")
+        timeout_s = request.timeout.seconds
+    return model.PlaceHold(
+        wallet_id=request.wallet_id,
+        target_wallet_id=request.target_wallet_id or None,
+        amount=request.amount,
+        timeout_s=timeout_s,
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+def capture_hold(
+    request: holds_pb2.CaptureHoldRequest, caller: str, linked: bool = False
+) -> model.CaptureHold:
+    return model.CaptureHold(
+        hold_id=request.hold_id,
+        amount=request.amount if request.HasField("amount") else None,
+        **_common(request, caller, linked, request.reference),
+    )
+
+
+def release_hold(
+    request: holds_pb2.ReleaseHoldRequest, caller: str, linked: bool = False
+) -> model.ReleaseHold:
+    return model.ReleaseHold(hold_id=request.hold_id, **_common(request, caller, linked))
+
+
+_operation_builders = {
+    "credit": credit,
+    "debit": debit,
+    "transfer": transfer,
+    "deposit": deposit,
+    "withdraw": withdrawal,
+    "pay": payment,
+    "void": void,
+    "place_hold": place_hold,
+    "capture_hold": capture_hold,
+    "release_hold": release_hold,
+}
+
+
+def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | model.Rejected:
+    """One operation of a batch; one that cannot be built is Rejected, not raised, so the rest
+    of the batch goes on."""
+    which = pb.WhichOneof("operation")
+    try:
+        if which is None:
+            raise errors.InvalidArgument("operation", "is empty: set one of its kinds")
+        return _operation_builders[which](getattr(pb, which), caller, pb.linked)  # type: ignore[operator]
+    except errors.CofferError as error:
+        return model.Rejected(error, linked=pb.linked)
+
+
+class WalletFilter(NamedTuple):
+    """ListWallets' filters; None: any."""
+
+    owner_id: str | None
+    owner_kind: model.OwnerKind | None
+    unit: str | None
+
+
+def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
+    model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
+    if request.unit:
+        model.check_unit_code("unit", request.unit)
+    if request.owner_kind:
+        model.check_enum("owner_kind", request.owner_kind, model.OwnerKind)
+    return WalletFilter(
+        owner_id=request.owner_id or None,
+        owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,
+        unit=request.unit or None,
+    )
+
+
+def batch(
+    request: transfers_pb2.SubmitBatchRequest, caller: str
+) -> list[model.Operation | model.Rejected]:
+    """A batch's operations, as they may be applied (`rules.seal`); one that cannot be built
+    is Rejected, the rest go on."""
+    count = len(request.operations)
+    if not 0 < count <= batch_operations_max:
+        raise errors.InvalidArgument(
+            "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
+        )
+    return rules.seal([operation(each, caller) for each in request.operations])
+
+
+def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilter:
+    if request.wallet_id < 0:
+        raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
+    model.check_text("reference", request.reference, model.reference_length_max)
+    start = time(request.start_time, "start_time") if request.HasField("start_time") else None
+    end = time(request.end_time, "end_time") if request.HasField("end_time") else None
+    # [start, end) is half-open: end == start is an empty range, allowed; end < start is not.
+    if start is not None and end is not None and end < start:
+        raise errors.InvalidArgument("end_time", "must not be before start_time")
+    return TransferFilter(
+        wallet_id=request.wallet_id or None,
+        kinds=transfer_kinds(list(request.kinds)),
+        start=start,
+        end=end,
+        reference=request.reference or None,
+    )
+
+
+def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
+    """A set of kinds, in one order: the same filter however a request lists it."""
+    try:
+        return tuple(sorted({model.TransferKind(kind) for kind in kinds}))
+    except ValueError:
+        raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
+
+
+def time(pb: Timestamp, field: str) -> datetime:
+    try:
+        return pb.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.InvalidArgument(field, "must be a time from year 1 to 9999") from None
+
+
+# Page tokens: opaque to clients. One carries the cursor where the next page starts (an id, as
+# 8 bytes) and a digest of the list and the filters it was issued for (`page_scope`), so that
+# it pages through the same list only: a token of another list or of other filters is refused,
+# as is anything malformed or out of range. The digest is not a secret: a token grants nothing
+# a request could not ask for directly.
+page_scope_size = 8
+_cursor_size = 8
+_page_token_length = len(
+    base64.urlsafe_b64encode(bytes(_cursor_size + page_scope_size)).rstrip(b"=")
+)
+
+
+def page_scope(list_name: str, *filters: object) -> bytes:
+    """A digest of a list and the (converted, checked) filters of one request."""
+    return hashlib.blake2b(
+        repr((list_name, *filters)).encode(), digest_size=page_scope_size
+    ).digest()
+
+
+def page_token(cursor: int | None, scope: bytes) -> str:
+    """The token of the page that starts after `cursor`; empty when there is none."""
+    if cursor is None:
+        return ""
+    assert 0 < cursor <= model.id_max and len(scope) == page_scope_size, (cursor, scope)
+    raw = cursor.to_bytes(_cursor_size, "big") + scope
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def cursor(token: str, scope: bytes) -> int | None:
+    """The cursor of a token this list issued for these filters; None for no token (the first
+    page). Anything else is INVALID_ARGUMENT on `page_token`."""
+    if not token:
+        return None
+    if len(token) == _page_token_length:
+        try:
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        value = int.from_bytes(raw[:_cursor_size], "big")
+        if (
+            len(raw) == _cursor_size + page_scope_size
+            and 0 < value <= model.id_max
+            and raw[_cursor_size:] == scope
+            and page_token(value, scope) == token
+        ):
+            return value
+    raise errors.InvalidArgument(
+        "page_token", "is not a token this list returned for these filters"
+    )
+
+
+def page_size(size: int) -> int:
+    if size == 0:
+        return page_size_default
+    if not 0 < size <= page_size_max:
+        raise errors.InvalidArgument("page_size", f"must be 1 to {page_size_max}")
+    return size
+
+
+# Replies ---------------------------------------------------------------------------------------
+
+
+_last_timestamp: tuple[datetime, Timestamp] | None = None
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    # The transfers of a batch share one time: convert it once.
+    global _last_timestamp
+    if _last_timestamp is not None and _last_timestamp[0] == value:
+        return _last_timestamp[1]
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    _last_timestamp = (value, stamp)
+    return stamp
+
+
+def unit_pb(value: model.Unit) -> types_pb2.Unit:
+    pb = types_pb2.Unit(
+        code=value.code,
+        kind=value.kind,  # type: ignore[arg-type]
+        name=value.name,
+        plural=value.plural,
+        description=value.description,
+        scale=value.scale,
+    )
+    if value.created_at is not None:
+        pb.create_time.CopyFrom(_timestamp(value.created_at))
+    return pb
+
+
+def balance_pb(value: model.Balance) -> types_pb2.Balance:
+    return types_pb2.Balance(posted=value.posted, pending=value.pending, available=value.available)
+
+
+def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
+    pb = types_pb2.Wallet(
+        id=value.id,
+        owner_id=value.owner_id,
+        owner_kind=value.owner_kind,  # type: ignore[arg-type]
+        unit=value.unit,
+        status=value.status,  # type: ignore[arg-type]
+        balance=balance_pb(value.balance),
+        metadata=value.metadata,
+        create_time=_timestamp(value.created_at),
+    )
+    if value.balance_minimum is not None:
+        pb.balance_minimum = value.balance_minimum
+    return pb
+
+
+def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
+    pb = types_pb2.Transfer()
+    fill_transfer(pb, value)
+    return pb
+
+
+def fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
+    """Sets a transfer into a message in place (a batch's results are built where they stand,
+    not copied in), and only what is set: protobuf charges for every field given."""
+    pb.id = value.id
+    pb.operation_id = value.operation_id
+    pb.kind = value.kind  # type: ignore[assignment]
+    pb.source_wallet_id = value.source_wallet_id
+    pb.target_wallet_id = value.target_wallet_id
+    pb.unit = value.unit
+    pb.amount = value.amount
+    pb.create_time.CopyFrom(_timestamp(value.created_at))
+    if value.amount_requested is not None:
+        pb.amount_requested = value.amount_requested
+    if value.note:
+        pb.note = value.note
+    if value.reference:
+        pb.reference = value.reference
+    if value.performed_by:
+        pb.performed_by = value.performed_by
+    if value.metadata:
+        pb.metadata.update(value.metadata)
+    if value.voids_transfer_id is not None:
+        pb.voids_transfer_id = value.voids_transfer_id
+    if value.hold_id is not None:
+        pb.hold_id = value.hold_id
+    if value.voided_by_transfer_id is not None:
+        pb.voided_by_transfer_id = value.voided_by_transfer_id
+    if value.hold_expires_at is not None:
+        pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
+
+
+def hold_pb(value: model.Hold) -> types_pb2.Hold:
+    return types_pb2.Hold(
+        id=value.id,
+        source_wallet_id=value.source_wallet_id,
+        target_wallet_id=value.target_wallet_id,
+        unit=value.unit,
+        amount=value.amount,
+        status=value.status,  # type: ignore[arg-type]
+        expire_time=_timestamp(value.expires_at),
+        resolved_by_transfer_id=value.resolved_by_transfer_id or 0,
+        amount_captured=value.amount_captured,
+        create_time=_timestamp(value.created_at),
+    )
+
+
+def fill_operation_result(
+    pb: transfers_pb2.OperationResult,
+    outcome: model.Applied | errors.CofferError,
+    code_of: dict[errors.Category, int],
+) -> None:
+    if outcome.replayed:
+        pb.replayed = True
+    if isinstance(outcome, errors.CofferError):
+        pb.error.reason = outcome.reason
+        pb.error.message = outcome.message
+        pb.error.code = code_of[outcome.category]
+        if isinstance(outcome, errors.InvalidArgument):
+            pb.error.field = outcome.field
+        return
+    for each in outcome.transfers:
+        fill_transfer(pb.transfers.add(), each)
+    if outcome.amount_remaining:
+        pb.amount_remaining = outcome.amount_remaining
+    if outcome.hold is not None:
+        pb.hold.CopyFrom(hold_pb(outcome.hold))

@@ -1,0 +1,293 @@
+"""The gRPC servicers: each call converts its request, asks the core, converts the answer.
+
+Errors are not handled here: what a handler raises is turned into a status by
+`errors.translate_errors`, in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from coffer.clients.caller import caller_metadata_key, check_caller
+from coffer.core import errors, model
+from coffer.core.ledger import Ledger
+from coffer.v1 import (
+    holds_pb2,
+    holds_pb2_grpc,
+    transfers_pb2,
+    transfers_pb2_grpc,
+    units_pb2,
+    units_pb2_grpc,
+    wallets_pb2,
+    wallets_pb2_grpc,
+)
+
+from . import convert
+from .batcher import Batcher
+from .errors import replayed_metadata, status_codes, translate_errors
+
+_HoldResponse = TypeVar(
+    "_HoldResponse",
+    holds_pb2.PlaceHoldResponse,
+    holds_pb2.CaptureHoldResponse,
+    holds_pb2.ReleaseHoldResponse,
+)
+_Request = TypeVar("_Request", bound=Any)
+_codes = {category: code.value[0] for category, code in status_codes.items()}
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
+    caller = caller_sent(context)
+    if caller is None:
+        raise errors.InvalidArgument(
+            caller_metadata_key, "is required on every call that writes: name the caller"
+        )
+    return caller
+
+
+def caller_sent(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
+    names none. Reads call it for the check alone."""
+    sent = [
+        value for key, value in context.invocation_metadata() or () if key == caller_metadata_key
+    ]
+    if not sent:
+        return None
+    if len(sent) > 1:
+        raise errors.InvalidArgument(caller_metadata_key, "must be sent once")
+    try:
+        return check_caller(sent[0])
+    except ValueError as error:
+        raise errors.InvalidArgument(caller_metadata_key, str(error)) from None
+
+
+@translate_errors
+class UnitService(units_pb2_grpc.UnitServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    async def CreateUnit(
+        self, request: units_pb2.CreateUnitRequest, context: grpc.aio.ServicerContext
+    ) -> units_pb2.CreateUnitResponse:
+        caller_of(context)
+        unit = await self._ledger.create_unit(convert.unit(request))
+        return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
+
+    async def GetUnit(
+        self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
+    ) -> units_pb2.GetUnitResponse:
+        caller_sent(context)
+        unit = await self._ledger.get_unit(convert.unit_code(request))
+        return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
+
+    async def ListUnits(
+        self, request: units_pb2.ListUnitsRequest, context: grpc.aio.ServicerContext
+    ) -> units_pb2.ListUnitsResponse:
+        caller_sent(context)
+        units = await self._ledger.list_units()
+        return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
+
+
+@translate_errors
+class WalletService(wallets_pb2_grpc.WalletServiceServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    async def CreateWallet(
+        self, request: wallets_pb2.CreateWalletRequest, context: grpc.aio.ServicerContext
+    ) -> wallets_pb2.CreateWalletResponse:
+        wallet, replayed = await self._ledger.create_wallet(
+            convert.new_wallet(request, caller_of(context))
+        )
+        if replayed:
+            context.set_trailing_metadata(replayed_metadata)
+        return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet))
+
+    async def GetWallet(
+        self, request: wallets_pb2.GetWalletRequest, context: grpc.aio.ServicerContext
+    ) -> wallets_pb2.GetWalletResponse:
+        caller_sent(context)
+        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
+        return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
+
+    async def GetBalance(
+        self, request: wallets_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> wallets_pb2.GetBalanceResponse:
+        caller_sent(context)
+        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
+        return wallets_pb2.GetBalanceResponse(
+            wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
+        )
+
+    async def ListWallets(
+        self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
+    ) -> wallets_pb2.ListWalletsResponse:
+        caller_sent(context)
+        where = convert.wallet_filter(request)
+        scope = convert.page_scope("wallets", *where)
+        page = await self._ledger.list_wallets(
+            owner_id=where.owner_id,
+            owner_kind=where.owner_kind,
+            unit=where.unit,
+            page_size=convert.page_size(request.page_size),
+            after_id=convert.cursor(request.page_token, scope) or 0,
+        )
+        return wallets_pb2.ListWalletsResponse(
+            wallets=[convert.wallet_pb(wallet) for wallet in page.items],
+            next_page_token=convert.page_token(page.cursor, scope),
+        )
+
+    async def CancelWallet(
+        self, request: wallets_pb2.CancelWalletRequest, context: grpc.aio.ServicerContext
+    ) -> wallets_pb2.CancelWalletResponse:
+        caller_of(context)
+        wallet = await self._ledger.cancel_wallet(
+            convert.required_id("wallet_id", request.wallet_id)
+        )
+        return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
+
+
+@translate_errors
+class TransferService(transfers_pb2_grpc.TransferServiceServicer):
+    def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
+        self._ledger = ledger
+        self._batcher = batcher
+
+    async def Credit(
+        self, request: transfers_pb2.CreditRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.CreditResponse:
+        applied = await _submit(self._batcher, context, convert.credit, request)
+        return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def Debit(
+        self, request: transfers_pb2.DebitRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.DebitResponse:
+        applied = await _submit(self._batcher, context, convert.debit, request)
+        return transfers_pb2.DebitResponse(
+            transfer=convert.transfer_pb(applied.transfer),
+            amount_debited=applied.transfer.amount,
+            amount_remaining=applied.amount_remaining,
+        )
+
+    async def Transfer(
+        self, request: transfers_pb2.TransferRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.TransferResponse:
+        applied = await _submit(self._batcher, context, convert.transfer, request)
+        return transfers_pb2.TransferResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def Deposit(
+        self, request: transfers_pb2.DepositRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.DepositResponse:
+        applied = await _submit(self._batcher, context, convert.deposit, request)
+        return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def Withdraw(
+        self, request: transfers_pb2.WithdrawRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.WithdrawResponse:
+        applied = await _submit(self._batcher, context, convert.withdrawal, request)
+        return transfers_pb2.WithdrawResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def Pay(
+        self, request: transfers_pb2.PayRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.PayResponse:
+        applied = await _submit(self._batcher, context, convert.payment, request)
+        return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def Void(
+        self, request: transfers_pb2.VoidRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.VoidResponse:
+        applied = await _submit(self._batcher, context, convert.void, request)
+        return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer))
+
+    async def SubmitBatch(
+        self, request: transfers_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.SubmitBatchResponse:
+        operations = convert.batch(request, caller_of(context))
+        answers = await self._batcher.submit_all(operations, context.time_remaining())
+        response = transfers_pb2.SubmitBatchResponse()
+        add = response.results.add
+        for answer in answers:
+            convert.fill_operation_result(add(), answer, _codes)
+        return response
+
+    async def GetTransfer(
+        self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.GetTransferResponse:
+        caller_sent(context)
+        transfer = await self._ledger.get_transfer(
+            convert.required_id("transfer_id", request.transfer_id)
+        )
+        return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
+
+    async def ListTransfers(
+        self, request: transfers_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext
+    ) -> transfers_pb2.ListTransfersResponse:
+        caller_sent(context)
+        where = convert.transfer_filter(request)
+        scope = convert.page_scope("transfers", where)
+        page = await self._ledger.list_transfers(
+            where,
+            page_size=convert.page_size(request.page_size),
+            before_id=convert.cursor(request.page_token, scope),
+        )
+        return transfers_pb2.ListTransfersResponse(
+            transfers=[convert.transfer_pb(transfer) for transfer in page.items],
+            next_page_token=convert.page_token(page.cursor, scope),
+        )
+
+
+@translate_errors
+class HoldService(holds_pb2_grpc.HoldServiceServicer):
+    def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
+        self._ledger = ledger
+        self._batcher = batcher
+
+    async def PlaceHold(
+        self, request: holds_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
+    ) -> holds_pb2.PlaceHoldResponse:
+        applied = await _submit(self._batcher, context, convert.place_hold, request)
+        return _hold_response(holds_pb2.PlaceHoldResponse, applied)
+
+    async def CaptureHold(
+        self, request: holds_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext
+    ) -> holds_pb2.CaptureHoldResponse:
+        applied = await _submit(self._batcher, context, convert.capture_hold, request)
+        return _hold_response(holds_pb2.CaptureHoldResponse, applied)
+
+    async def ReleaseHold(
+        self, request: holds_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+    ) -> holds_pb2.ReleaseHoldResponse:
+        applied = await _submit(self._batcher, context, convert.release_hold, request)
+        return _hold_response(holds_pb2.ReleaseHoldResponse, applied)
+
+    async def GetHold(
+        self, request: holds_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
+    ) -> holds_pb2.GetHoldResponse:
+        caller_sent(context)
+        hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
+        return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
+
+
+async def _submit(
+    batcher: Batcher,
+    context: grpc.aio.ServicerContext,
+    operation: Callable[[_Request, str], model.Operation],
+    request: _Request,
+) -> model.Applied:
+    """Applies the operation a request asks for; a replayed answer says so in the trailing
+    metadata (a replayed refusal too, through `errors.to_status`)."""
+    applied = await batcher.submit(operation(request, caller_of(context)), context.time_remaining())
+    if applied.replayed:
+        context.set_trailing_metadata(replayed_metadata)
+    return applied
+
+
+def _hold_response(response: type[_HoldResponse], applied: model.Applied) -> _HoldResponse:
+    assert applied.hold is not None
+    return response(
+        hold=convert.hold_pb(applied.hold), transfer=convert.transfer_pb(applied.transfer)
+    )

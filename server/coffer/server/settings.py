@@ -1,0 +1,178 @@
+"""What a server runs with: `Settings`, each value bounded by the limits it feeds, checked in
+one place, when made.
+
+A value out of its bounds raises SettingsError, naming the setting and its bounds: so a bad
+value stops the server at start with a clear message (`coffer serve` prints it and exits with
+status 2) rather than failing calls later, or failing deep inside gRPC or asyncpg. The bounds
+are the constants below, or the limits of the modules a setting feeds, imported from there;
+the batcher takes its defaults from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from coffer.core.ledger import (
+    lock_timeout_s_default,
+    pool_size_max,
+    statement_timeout_s_default,
+    timeout_s_max,
+    timeout_s_min,
+)
+from coffer.core.model import batch_operations_max
+
+from .admission import request_bytes_max
+
+listen_default = "127.0.0.1:50051"
+port_max = 65535
+# The database's URL: empty until known (`coffer serve` checks the flags before it starts an
+# embedded PostgreSQL), else one asyncpg connects to.
+database_url_schemes = ("postgresql://", "postgres://")
+
+# Connections for writes: at least one for each lane of the batcher (single calls, batch calls).
+pool_size_default = 8
+pool_size_min = 2
+pool_size_read_default = 4
+
+batch_size_max_default = 1000
+batch_wait_ms_default = 0.0
+# The longest a small batch may wait for more operations.
+batch_wait_ms_max = 1000.0
+batch_workers_default = 2
+queue_max_default = 50_000
+# Operations waiting for a batch: each holds its request's values in memory.
+queue_max_limit = 1_000_000
+queued_bytes_max_default = 16 * 1024 * 1024
+# Request bytes in progress at once (their decoded messages take several times as much).
+queued_bytes_max_limit = 1024 * 1024 * 1024
+calls_max_default = 4096
+# Calls in progress at once. gRPC's own limits are small multiples of it (server/app.py), in
+# 32-bit integers; and one process, on one thread, would only queue more.
+calls_max_limit = 100_000
+
+# The hold-expiry sweep and the health check run every so often: not so often that they spin,
+# at least once an hour.
+interval_s_min = 0.01
+interval_s_max = 3600.0
+shutdown_grace_s_default = 10.0
+shutdown_grace_s_max = 600.0
+
+
+class SettingsError(ValueError):
+    """A setting out of the bounds of what it feeds; `setting` names it, `problem` says what
+    its bounds are and what it was."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"{setting} {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What a server runs with; checked when made (SettingsError)."""
+
+    database_url: str
+    # HOST:PORT; port 0 picks a free one.
+    listen: str = listen_default
+    # Connections to PostgreSQL for writes: batches in flight at once, units, wallets.
+    pool_size: int = pool_size_default
+    # Connections for queries (gets, lists, histories), apart from the writes' ones.
+    pool_size_read: int = pool_size_read_default
+    # A statement running longer, or waiting longer for a lock, fails its call with
+    # UNAVAILABLE; so does a database that does not answer for about as long, and a wait for a
+    # free connection.
+    statement_timeout_s: float = statement_timeout_s_default
+    lock_timeout_s: float = lock_timeout_s_default
+    # Operations coalesced into one batch: at most the ledger's batch_operations_max.
+    batch_size_max: int = batch_size_max_default
+    batch_wait_ms: float = batch_wait_ms_default
+    # Operations waiting for a batch: at least one batch of them.
+    queue_max: int = queue_max_default
+    # Coalesced batches at once, when there is a backlog, of single calls and of batch calls
+    # each (each batch on a connection of its own): at most half of pool_size.
+    batch_workers: int = batch_workers_default
+    # Request bytes in progress at once (decoded, queued or being applied), and calls: past
+    # either, calls are refused with OVERLOADED before their request is decoded. At least two
+    # of the largest requests (one of them kept for single calls and reads).
+    queued_bytes_max: int = queued_bytes_max_default
+    calls_max: int = calls_max_default
+    # SO_REUSEPORT: several server processes may listen on one port (the kernel spreads the
+    # connections among them).
+    reuse_port: bool = False
+    hold_expiry_interval_s: float = 1.0
+    health_check_interval_s: float = 1.0
+    # Also the health check's connection's statement and lock timeouts.
+    health_check_timeout_s: float = 1.0
+    shutdown_grace_s: float = shutdown_grace_s_default
+
+    def __post_init__(self) -> None:
+        if self.database_url and not self.database_url.startswith(database_url_schemes):
+            raise SettingsError(
+                "database_url", f"must start with {' or '.join(database_url_schemes)}"
+            )
+        host, separator, port = self.listen.rpartition(":")
+        if not (host and separator and port.isascii() and port.isdigit() and int(port) <= port_max):
+            raise SettingsError(
+                "listen", f"must be HOST:PORT with a port from 0 to {port_max}, not {self.listen!r}"
+            )
+        if not isinstance(self.reuse_port, bool):
+            raise SettingsError("reuse_port", f"must be true or false, not {self.reuse_port!r}")
+        timeout_note = " (PostgreSQL counts whole milliseconds, and 0 means no timeout)"
+        bounds: list[tuple[str, float, float, str]] = [
+            ("pool_size", pool_size_min, pool_size_max, ""),
+            ("pool_size_read", 1, pool_size_max, ""),
+            ("statement_timeout_s", timeout_s_min, timeout_s_max, timeout_note),
+            ("lock_timeout_s", timeout_s_min, timeout_s_max, timeout_note),
+            (
+                "batch_size_max",
+                1,
+                batch_operations_max,
+                " (the most operations the ledger applies in one transaction)",
+            ),
+            ("batch_wait_ms", 0, batch_wait_ms_max, ""),
+            (
+                "queue_max",
+                self.batch_size_max,
+                queue_max_limit,
+                f" (at least one batch: batch_size_max, {self.batch_size_max})",
+            ),
+            (
+                "batch_workers",
+                1,
+                self.pool_size // 2,
+                f" (half of pool_size, {self.pool_size}: single calls and batch calls each run "
+                "up to that many batches at once, each on a connection)",
+            ),
+            (
+                "queued_bytes_max",
+                2 * request_bytes_max,
+                queued_bytes_max_limit,
+                f" (at least twice the largest request, {request_bytes_max} bytes)",
+            ),
+            ("calls_max", 1, calls_max_limit, ""),
+            ("hold_expiry_interval_s", interval_s_min, interval_s_max, ""),
+            ("health_check_interval_s", interval_s_min, interval_s_max, ""),
+            ("health_check_timeout_s", timeout_s_min, timeout_s_max, timeout_note),
+            ("shutdown_grace_s", 0, shutdown_grace_s_max, ""),
+        ]
+        for setting, low, high, note in bounds:
+            value = getattr(self, setting)
+            # Integers stay integers (gRPC and asyncpg take no 2.5 connections); NaN is in no
+            # range.
+            whole = isinstance(low, int) and isinstance(high, int)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or (whole and not isinstance(value, int))
+                or (isinstance(value, float) and math.isnan(value))
+                or not low <= value <= high
+            ):
+                raise SettingsError(
+                    setting, f"must be {_number(low)} to {_number(high)}{note}, not {value!r}"
+                )
+
+
+def _number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
