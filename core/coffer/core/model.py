@@ -26,6 +26,9 @@ idempotency_key_length_max = 128
 # The API's rule for callers is coffer.clients.caller's, which the core may not import; the
 # core checks what it receives against the same limit (a project test holds them equal).
 caller_length_max = 128
+# The caller under which the ledger writes on its own behalf (hold expiry): one no client may
+# use, as it starts with the API's reserved prefix (a project test holds them so).
+system_caller = "@coffer"
 note_length_max = 1000
 reference_length_max = 256
 performed_by_length_max = 256
@@ -45,6 +48,9 @@ batch_operations_max = 8000
 # Items in one page of a list, and how many when the caller names no size.
 page_size_max = 1000
 page_size_default = 100
+# The most transfers one operation writes (each writes one today): an operation's transfers
+# have consecutive ids from its own, so its replay reads at most this many.
+operation_transfers_max = 1
 
 
 class UnitKind(IntEnum):
@@ -102,6 +108,14 @@ class HoldStatus(IntEnum):
     captured = 2
     released = 3
     expired = 4
+
+
+# What a hold is once the transfer of each kind that resolves a hold has resolved it.
+hold_status_resolved_by = {
+    TransferKind.capture: HoldStatus.captured,
+    TransferKind.release: HoldStatus.released,
+    TransferKind.hold_expiry: HoldStatus.expired,
+}
 
 
 class SystemWallet(IntEnum):
@@ -259,7 +273,7 @@ class Credit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -271,7 +285,7 @@ class Debit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_enum("mode", self.mode, DebitMode)
 
@@ -284,8 +298,8 @@ class WalletTransfer(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("source_wallet_id", self.source_wallet_id)
-        _check_id("target_wallet_id", self.target_wallet_id)
+        check_id("source_wallet_id", self.source_wallet_id)
+        check_id("target_wallet_id", self.target_wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -298,7 +312,7 @@ class Deposit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_text("funding_source", self.reference, reference_length_max, required=True)
 
@@ -312,7 +326,7 @@ class Withdrawal(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_text("funding_source", self.reference, reference_length_max, required=True)
 
@@ -325,8 +339,8 @@ class Payment(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("payer_wallet_id", self.payer_wallet_id)
-        _check_id("payee_wallet_id", self.payee_wallet_id)
+        check_id("payer_wallet_id", self.payer_wallet_id)
+        check_id("payee_wallet_id", self.payee_wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -336,7 +350,7 @@ class Void(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("transfer_id", self.transfer_id)
+        check_id("transfer_id", self.transfer_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,9 +363,9 @@ class PlaceHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         if self.target_wallet_id is not None:
-            _check_id("target_wallet_id", self.target_wallet_id)
+            check_id("target_wallet_id", self.target_wallet_id)
         _check_amount("amount", self.amount)
         if not hold_timeout_s_min <= self.timeout_s <= hold_timeout_s_max:
             raise InvalidArgument(
@@ -367,7 +381,7 @@ class CaptureHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
         if self.amount is not None:
             _check_amount("amount", self.amount)
 
@@ -378,7 +392,7 @@ class ReleaseHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,7 +403,7 @@ class ExpireHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +462,7 @@ def check_unit_code(name: str, value: str) -> None:
         raise InvalidArgument(name, "must be 1 to 32 letters, digits, '_', '-' or '.'")
 
 
-def _check_id(name: str, value: int) -> None:
+def check_id(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(name, "must be an integer id")
     if value == 0:

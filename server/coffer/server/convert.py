@@ -45,11 +45,8 @@ def unit_code(request: units_pb2.GetUnitRequest) -> str:
 
 
 def required_id(field: str, value: int) -> int:
-    """An id a request must name (proto3 sends an unset one as 0)."""
-    if value == 0:
-        raise errors.InvalidArgument(field, "is required")
-    if value < 0:
-        raise errors.InvalidArgument(field, "must be a positive id")
+    """An id a request must name (proto3 sends an unset one as 0), by the core's rule."""
+    model.check_id(field, value)
     return value
 
 
