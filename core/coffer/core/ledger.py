@@ -59,17 +59,12 @@ from .model import (
     Applied,
     Balance,
     CaptureHold,
-    Credit,
-    Debit,
-    Deposit,
     ExpireHold,
     Hold,
     HoldStatus,
     NewWallet,
     Operation,
     OwnerKind,
-    Payment,
-    PlaceHold,
     Rejected,
     ReleaseHold,
     SystemWallet,
@@ -80,11 +75,12 @@ from .model import (
     Void,
     Wallet,
     WalletStatus,
-    WalletTransfer,
-    Withdrawal,
     batch_operations_max,
+    hold_status_resolved_by,
+    operation_transfers_max,
     page_size_default,
     page_size_max,
+    system_caller,
 )
 
 T = TypeVar("T")
@@ -92,8 +88,6 @@ T = TypeVar("T")
 transaction_retries_max = 5
 wallet_unit_cache_max = 100_000
 expiry_batch_max = 1000
-# The caller under which the ledger writes on its own behalf (hold expiry).
-system_caller = "@coffer"
 
 statement_timeout_s_default = 5.0
 lock_timeout_s_default = 5.0
@@ -662,14 +656,6 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 # A batch -----------------------------------------------------------------------------------------
 
-_needs_system_wallet: dict[type[Operation], SystemWallet] = {
-    Credit: SystemWallet.operator,
-    Debit: SystemWallet.operator,
-    PlaceHold: SystemWallet.operator,
-    Deposit: SystemWallet.funding,
-    Withdrawal: SystemWallet.funding,
-}
-
 
 class _Batch:
     def __init__(
@@ -714,15 +700,15 @@ class _Batch:
 
         wallet_ids = set()
         for index in fresh:
-            wallet_ids.update(_wallets_named(operations[index]))
+            wallet_ids.update(rules.wallets_named(operations[index]))
         for transfer in referenced.values():
             wallet_ids.update((transfer["source_wallet_id"], transfer["target_wallet_id"]))
         units = await self.ledger._wallet_unit_map(self.connection, wallet_ids)
         system_units = {
             units[wallet_id]
             for index in fresh
-            if type(operations[index]) in _needs_system_wallet
-            for wallet_id in _wallets_named(operations[index])
+            if type(operations[index]) in rules.system_wallet_kinds
+            for wallet_id in rules.wallets_named(operations[index])
             if wallet_id in units
         }
         if system_units:
@@ -1011,7 +997,7 @@ class _Batch:
         for index in fresh:
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
-            posting = rules.expected_posting(operation, units, book.system_wallets, self.now)
+            posting = rules.expected_posting(operation, units.get, book.system_wallets)
             if posting is not None:
                 expected[index] = posting
         if not expected:
@@ -1101,7 +1087,7 @@ class _Batch:
                 continue
             operation = self.operations[index]
             assert not isinstance(operation, Rejected)
-            assert len(outcome) <= rules.operation_transfers_max, outcome
+            assert len(outcome) <= operation_transfers_max, outcome
             transfers = []
             operation_id = 0
             for position, posting in enumerate(outcome):
@@ -1212,20 +1198,13 @@ class _Batch:
                 target_wallet_id=state.target_wallet_id,
                 unit=first.unit,
                 amount=state.amount,
-                status=_hold_status[first.kind],
+                status=hold_status_resolved_by[first.kind],
                 expires_at=state.expires_at,
                 created_at=self.hold_created_at[state.id],
                 resolved_by_transfer_id=first.id,
                 amount_captured=first.amount if first.kind == TransferKind.capture else 0,
             )
         return Applied(tuple(transfers), hold=hold)
-
-
-_hold_status = {
-    TransferKind.capture: HoldStatus.captured,
-    TransferKind.release: HoldStatus.released,
-    TransferKind.hold_expiry: HoldStatus.expired,
-}
 
 
 # The unique indexes that find an idempotency key stored already (migrations 0001, 0002).
@@ -1246,21 +1225,6 @@ def _key_columns(keys: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]
     return callers, names
 
 
-def _wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
-    match operation:
-        case Credit() | Debit() | Deposit() | Withdrawal():
-            return (operation.wallet_id,)
-        case WalletTransfer():
-            return (operation.source_wallet_id, operation.target_wallet_id)
-        case Payment():
-            return (operation.payer_wallet_id, operation.payee_wallet_id)
-        case PlaceHold():
-            if operation.target_wallet_id is None:
-                return (operation.wallet_id,)
-            return (operation.wallet_id, operation.target_wallet_id)
-    return ()
-
-
 async def _operation_results(
     connection: asyncpg.Connection, operation_ids: set[int], now: datetime
 ) -> dict[int, Applied]:
@@ -1273,7 +1237,7 @@ async def _operation_results(
         order by t.id
         """,
         list(operation_ids),
-        rules.operation_transfers_max,
+        operation_transfers_max,
     )
     grouped: dict[int, list[Transfer]] = {}
     for row in rows:
@@ -1323,7 +1287,7 @@ async def _holds(
     holds = {}
     for row in rows:
         if row["resolved_kind"] is not None:
-            status = _hold_status[TransferKind(row["resolved_kind"])]
+            status = hold_status_resolved_by[TransferKind(row["resolved_kind"])]
         elif row["hold_expires_at"] <= now:
             status = HoldStatus.expired
         else:
