@@ -1,4 +1,5 @@
-"""The ledger against a real PostgreSQL: each operation, its errors, idempotency, holds."""
+"""The ledger against a real PostgreSQL: each operation, its errors, idempotency, holds, and
+the one clock by which holds lapse."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import pytest_asyncio
 
 from coffer.core import errors
-from coffer.core.ledger import Ledger, TransferFilter, create_pool
+from coffer.core.ledger import Ledger
 from coffer.core.model import (
     Applied,
     CaptureHold,
@@ -27,13 +28,16 @@ from coffer.core.model import (
     PlaceHold,
     Rejected,
     ReleaseHold,
+    TransferFilter,
     TransferKind,
     Unit,
     UnitKind,
     Void,
     WalletTransfer,
     Withdrawal,
+    posting_kinds,
 )
+from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
 
@@ -42,11 +46,26 @@ def key() -> str:
     return f"key-{next(_keys)}"
 
 
+class Clock:
+    """The ledger's clock, as a test sets it: the system's, or a time it is stopped at."""
+
+    def __init__(self) -> None:
+        self.stopped_at: datetime | None = None
+
+    def __call__(self) -> datetime:
+        return self.stopped_at or datetime.now(UTC)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+async def ledger(database_url: str, clock: Clock) -> AsyncIterator[Ledger]:
     pool = await create_pool(database_url, size_max=4)
     try:
-        ledger = Ledger(pool)
+        ledger = Ledger(pool, clock=clock)
         await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro", scale=2))
         await ledger.create_unit(
             Unit(code="seat", kind=UnitKind.credit, name="Seat", plural="Seats")
@@ -96,11 +115,12 @@ async def assert_books_balance(ledger: Ledger) -> None:
             select w.id, w.posted, coalesce(i.total, 0) - coalesce(o.total, 0) as journal
             from wallets w
             left join (select target_wallet_id id, sum(amount) total from transfers
-                       where kind not in (7, 9, 10) group by 1) i on i.id = w.id
+                       where kind = any($1::smallint[]) group by 1) i on i.id = w.id
             left join (select source_wallet_id id, sum(amount) total from transfers
-                       where kind not in (7, 9, 10) group by 1) o on o.id = w.id
+                       where kind = any($1::smallint[]) group by 1) o on o.id = w.id
             where w.posted <> coalesce(i.total, 0) - coalesce(o.total, 0)
-            """
+            """,
+            sorted(posting_kinds),
         )
         assert mismatched == []
         pending = await connection.fetch(
@@ -293,16 +313,16 @@ async def test_holds(ledger: Ledger) -> None:
     await assert_books_balance(ledger)
 
 
-async def test_holds_expire(ledger: Ledger) -> None:
+async def test_holds_expire(ledger: Ledger, clock: Clock) -> None:
     customer = await wallet(ledger)
     await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=1000))
     placed = await one(
         ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=300, timeout_s=1)
     )
     assert placed.hold is not None
-    assert await ledger.expire_holds(datetime.now(UTC)) == 0
-    later = datetime.now(UTC) + timedelta(seconds=2)
-    assert await ledger.expire_holds(later) == 1
+    assert await ledger.expire_holds() == 0
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=2)
+    assert await ledger.expire_holds() == 1
     assert await balance(ledger, customer) == (1000, 0)
     hold = await ledger.get_hold(placed.hold.id)
     assert hold.status == HoldStatus.expired
@@ -407,26 +427,60 @@ async def test_an_unexpected_unique_violation_is_a_bug_not_a_stored_key(
     assert await balance(ledger, customer) == (0, 0)
 
 
-async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger) -> None:
+async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger, clock: Clock) -> None:
     customer = await wallet(ledger)
     await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
     placed = await one(
         ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=60, timeout_s=1)
     )
     assert placed.hold is not None
-    later = datetime.now(UTC) + timedelta(seconds=2)
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=2)
     # No sweep has run: the batch that touches the wallet releases the lapsed hold first.
-    [debit] = await ledger.apply(
-        [Debit(idempotency_key=key(), wallet_id=customer, amount=100)], now=later
-    )
+    [debit] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=100)])
     assert isinstance(debit, Applied)
     assert await balance(ledger, customer) == (0, 0)
     history = await ledger.list_transfers(TransferFilter(wallet_id=customer))
     # One batch, one time: the expiry and the debit it made room for.
     assert {t.kind for t in history.items[:2]} == {TransferKind.debit, TransferKind.hold_expiry}
     assert history.items[0].created_at == history.items[1].created_at
-    [capture] = await ledger.apply(
-        [CaptureHold(idempotency_key=key(), hold_id=placed.hold.id)], now=later
-    )
+    [capture] = await ledger.apply([CaptureHold(idempotency_key=key(), hold_id=placed.hold.id)])
     assert isinstance(capture, errors.HoldExpired)
+    await assert_books_balance(ledger)
+
+
+async def test_a_hold_lapses_at_its_expiry_for_every_reader(ledger: Ledger, clock: Clock) -> None:
+    """One clock tells whether a hold has lapsed: a microsecond before its expiry, GetHold,
+    the wallet's balance, the sweep and a batch all find it holding; at its expiry, all find
+    it lapsed, before anything has released it in the journal."""
+    customer = await wallet(ledger)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    placed = await one(
+        ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=60, timeout_s=1)
+    )
+    assert placed.hold is not None
+    hold_id, expires_at = placed.hold.id, placed.hold.expires_at
+
+    clock.stopped_at = expires_at - timedelta(microseconds=1)
+    assert (await ledger.get_hold(hold_id)).status == HoldStatus.pending
+    assert await balance(ledger, customer) == (100, 60)
+    [listed] = (
+        await ledger.list_wallets(owner_id=(await ledger.get_wallet(customer)).owner_id)
+    ).items
+    assert listed.balance.pending == 60
+    assert await ledger.expire_holds() == 0
+    [short] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=41)])
+    assert isinstance(short, errors.InsufficientFunds)
+
+    clock.stopped_at = expires_at
+    read = await ledger.get_hold(hold_id)
+    assert (read.status, read.resolved_by_transfer_id) == (HoldStatus.expired, None)
+    assert await balance(ledger, customer) == (100, 0)
+    [capture] = await ledger.apply([CaptureHold(idempotency_key=key(), hold_id=hold_id)])
+    assert isinstance(capture, errors.HoldExpired)
+    [debit] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=100)])
+    assert isinstance(debit, Applied)
+    released = await ledger.get_hold(hold_id)
+    assert released.status == HoldStatus.expired
+    assert released.resolved_by_transfer_id is not None
+    assert await balance(ledger, customer) == (0, 0)
     await assert_books_balance(ledger)

@@ -8,10 +8,11 @@
   of plain dicts, with the ledger's invariants checked after every step.
 - A fuzz test of the operations' constructors: built, or InvalidArgument naming a field.
 
-The book is built by hand, as `core/ledger.py` builds it from the locked rows: two units, each
-with its system wallets (operator, funding; no floor), customers and merchants with floors of
-0 or an overdraft, and cancelled wallets. Transfers and holds that operations produce are given
-ids and added to the book the way the ledger adds them when it writes.
+The book is built by hand, as the ledger's batch (`coffer.core.store.batch`) builds it from the
+locked rows: two units, each with its system wallets (operator, funding; no floor), customers
+and merchants with floors of 0 or an overdraft, and cancelled wallets. Transfers and holds that
+operations produce are given ids and added to the book the way the ledger adds them when it
+writes.
 """
 
 from __future__ import annotations

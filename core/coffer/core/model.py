@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum, IntEnum
-from typing import Any, get_type_hints
+from typing import Any, Generic, TypeVar, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
@@ -434,6 +434,31 @@ class Applied:
         if first.amount_requested is None:
             return 0
         return first.amount_requested - first.amount
+
+
+# Queries -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFilter:
+    """Which transfers a history lists; None or empty: any. `start` and `end` bound the time
+    they were made, half-open: [start, end)."""
+
+    wallet_id: int | None = None
+    kinds: tuple[TransferKind, ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    reference: str | None = None
+
+
+_Item = TypeVar("_Item")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_Item]):
+    items: list[_Item]
+    # Where the next page starts (an id to pass back as the cursor); None on the last page.
+    cursor: int | None
 
 
 # Checks --------------------------------------------------------------------------------------

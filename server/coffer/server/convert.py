@@ -21,8 +21,7 @@ from typing import Any, NamedTuple, Protocol
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coffer.core import errors, model, rules
-from coffer.core.ledger import TransferFilter
-from coffer.core.model import batch_operations_max, page_size_default, page_size_max
+from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
 # Requests --------------------------------------------------------------------------------------
