@@ -3,14 +3,16 @@ the one clock by which holds lapse."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import lock_waiters
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger
@@ -23,6 +25,7 @@ from coffer.core.model import (
     Deposit,
     HoldStatus,
     NewWallet,
+    Operation,
     OwnerKind,
     Payment,
     PlaceHold,
@@ -483,4 +486,59 @@ async def test_a_hold_lapses_at_its_expiry_for_every_reader(ledger: Ledger, cloc
     assert released.status == HoldStatus.expired
     assert released.resolved_by_transfer_id is not None
     assert await balance(ledger, customer) == (0, 0)
+    await assert_books_balance(ledger)
+
+
+# What no balance decides, by kind: built for a customer with money, another customer and a
+# merchant.
+_written_ahead: dict[str, Callable[[int, int, int], Operation]] = {
+    "credit": lambda customer, other, merchant: Credit(
+        idempotency_key=key(), wallet_id=customer, amount=5
+    ),
+    "debit": lambda customer, other, merchant: Debit(
+        idempotency_key=key(), wallet_id=customer, amount=5
+    ),
+    "transfer": lambda customer, other, merchant: WalletTransfer(
+        idempotency_key=key(), source_wallet_id=customer, target_wallet_id=other, amount=5
+    ),
+    "deposit": lambda customer, other, merchant: Deposit(
+        idempotency_key=key(), wallet_id=customer, amount=5, reference="bank"
+    ),
+    "withdrawal": lambda customer, other, merchant: Withdrawal(
+        idempotency_key=key(), wallet_id=customer, amount=5, reference="bank"
+    ),
+    "payment": lambda customer, other, merchant: Payment(
+        idempotency_key=key(), payer_wallet_id=customer, payee_wallet_id=merchant, amount=5
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_written_ahead))
+async def test_the_journal_is_written_before_the_locks_and_kept(
+    ledger: Ledger, database_url: str, kind: str
+) -> None:
+    """A transfer no balance decides is written before the batch waits for its wallets'
+    locks, and kept as written once validation confirms it: its id is the one the batch took
+    while it waited, and the batch took no other."""
+    customer, other = await wallet(ledger), await wallet(ledger)
+    merchant = await wallet(ledger, kind=OwnerKind.merchant)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    operation = _written_ahead[kind](customer, other, merchant)
+    holder = await asyncpg.connect(database_url)
+    try:
+        ids_taken_before = await holder.fetchval("select last_value from transfers_id")
+        locking = holder.transaction()
+        await locking.start()
+        await holder.execute("select from wallets where id = $1 for update", customer)
+        applying = asyncio.create_task(ledger.apply([operation]))
+        await lock_waiters(database_url)
+        ids_taken_waiting = await holder.fetchval("select last_value from transfers_id")
+        await locking.rollback()
+        [applied] = await applying
+        ids_taken_after = await holder.fetchval("select last_value from transfers_id")
+    finally:
+        await holder.close()
+    assert isinstance(applied, Applied)
+    assert ids_taken_waiting == ids_taken_before + 1
+    assert applied.transfer.id == ids_taken_waiting == ids_taken_after
     await assert_books_balance(ledger)
