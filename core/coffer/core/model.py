@@ -36,7 +36,8 @@ owner_id_length_max = 256
 metadata_entries_max = 16
 metadata_key_length_max = 64
 metadata_value_length_max = 512
-unit_code_pattern = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+unit_code_length_max = 32
+unit_code_pattern = re.compile(rf"[A-Za-z0-9_.\-]{{1,{unit_code_length_max}}}")
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
@@ -116,6 +117,12 @@ hold_status_resolved_by = {
     TransferKind.release: HoldStatus.released,
     TransferKind.hold_expiry: HoldStatus.expired,
 }
+
+
+def hold_lapsed(expires_at: datetime, now: datetime) -> bool:
+    """A hold lapses at its expiry: from that instant on it holds nothing, whether or not it is
+    released in the journal yet. (The statements in coffer.core.store.sql say `<=` alike.)"""
+    return expires_at <= now
 
 
 class SystemWallet(IntEnum):
@@ -484,7 +491,9 @@ def check_unit_code(name: str, value: str) -> None:
     if not value:
         raise InvalidArgument(name, "is required")
     if not unit_code_pattern.fullmatch(value):
-        raise InvalidArgument(name, "must be 1 to 32 letters, digits, '_', '-' or '.'")
+        raise InvalidArgument(
+            name, f"must be 1 to {unit_code_length_max} letters, digits, '_', '-' or '.'"
+        )
 
 
 def check_id(name: str, value: int) -> None:

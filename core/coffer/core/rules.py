@@ -41,6 +41,7 @@ from .model import (
     Withdrawal,
     balance_max,
     balance_min,
+    hold_lapsed,
     hold_status_resolved_by,
     posting_kinds,
 )
@@ -528,7 +529,7 @@ def _expire_hold(book: Book, operation: ExpireHold, now: datetime) -> list[Posti
     hold = _hold(book, operation.hold_id)
     if hold.resolution is not None:
         raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
-    if hold.expires_at > now:
+    if not hold_lapsed(hold.expires_at, now):
         raise errors.HoldNotPending(f"hold {hold.id} has not expired")
     # Checks done.
     return [_unhold(book, hold, TransferKind.hold_expiry)]
@@ -617,7 +618,7 @@ def _open_hold(book: Book, hold_id: int, now: datetime) -> HoldState:
         raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
     if hold.resolution is not None:
         raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
-    if hold.expires_at <= now:
+    if hold_lapsed(hold.expires_at, now):
         raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
     return hold
 

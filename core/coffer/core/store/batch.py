@@ -38,6 +38,7 @@ from ..model import (
     SystemWallet,
     TransferKind,
     Void,
+    hold_lapsed,
     system_caller,
 )
 from . import rows, sql
@@ -200,7 +201,7 @@ class Batch:
         for hold_id, row in open_holds.items():
             created_at[hold_id] = row["created_at"]
             book.holds[hold_id] = rows.open_hold_state(row)
-            if row["expires_at"] <= self._now and hold_id not in hold_ids:
+            if hold_lapsed(row["expires_at"], self._now) and hold_id not in hold_ids:
                 lapsed.append(expiry(hold_id))
         return lapsed, created_at
 

@@ -22,6 +22,7 @@ from ..model import (
     UnitKind,
     Wallet,
     WalletStatus,
+    hold_lapsed,
     hold_status_resolved_by,
 )
 
@@ -94,7 +95,7 @@ def hold(row: asyncpg.Record, now: datetime) -> Hold:
     before it is released in the journal."""
     if row["resolved_kind"] is not None:
         status = hold_status_resolved_by[TransferKind(row["resolved_kind"])]
-    elif row["hold_expires_at"] <= now:
+    elif hold_lapsed(row["hold_expires_at"], now):
         status = HoldStatus.expired
     else:
         status = HoldStatus.pending
