@@ -104,14 +104,17 @@ class Server:
             await connection.close()
         if applied:
             logger.info("applied migrations %s", applied)
-        timeouts = {
-            "statement_timeout_s": settings.statement_timeout_s,
-            "lock_timeout_s": settings.lock_timeout_s,
-        }
         pools: list[asyncpg.Pool] = []
         try:
             for size in (settings.pool_size, settings.pool_size_read):
-                pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
+                pools.append(
+                    await create_pool(
+                        settings.database_url,
+                        size_max=size,
+                        statement_timeout_s=settings.statement_timeout_s,
+                        lock_timeout_s=settings.lock_timeout_s,
+                    )
+                )
             probe_timeout_s = settings.health_check_timeout_s
             probe_lost = asyncio.Event()
             probe_pool = await create_pool(
@@ -276,7 +279,8 @@ class Server:
                     await self._probe_lost.wait()
             self._probe_lost.clear()
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    async def _set_health(self, status: int) -> None:
+        """`status`: a `HealthCheckResponse` serving status, as the health servicer takes it."""
         for name in ("", *service_names):
             await self._health.set(name, status)
 
