@@ -8,15 +8,19 @@ with a plain response when nothing is planned; it records every call it got.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import grpc
 import pytest
@@ -27,7 +31,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from coffer import clients
-from coffer.clients import Client, SyncClient, errors, operations
+from coffer.clients import Client, Operations, SyncClient, errors, operations
+from coffer.clients import client as client_module
 from coffer.clients.cli import main
 from coffer.core import errors as core_errors
 from coffer.v1 import (
@@ -42,7 +47,9 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 
+root = Path(__file__).resolve().parent.parent
 key_pattern = re.compile(r"[0-9a-f]{32}")
+mypy_timeout_s = 120
 
 
 @dataclass
@@ -672,6 +679,107 @@ def test_public_names() -> None:
 def test_sync_client_offers_every_client_method() -> None:
     public = {name for name in vars(Client) if not name.startswith("_")}
     assert public - {"close"} <= set(vars(SyncClient))
+
+
+def test_each_operation_is_declared_once() -> None:
+    """Client's and SyncClient's methods of an operation are built from its builder in
+    Operations: the same words and keyword arguments, but `linked`, which the builder takes
+    first; the single calls return what their response carries."""
+    builders = {
+        name: builder
+        for name, builder in vars(Operations).items()
+        if isinstance(builder, staticmethod)
+    }
+    oneof = transfers_pb2.Operation.DESCRIPTOR.oneofs_by_name["operation"]
+    assert set(builders) == {field.name for field in oneof.fields}
+    results = {"debit": "DebitResult", "place_hold": "HoldResult", "capture_hold": "HoldResult"}
+    results["release_hold"] = "HoldResult"
+    for name in builders:
+        built = inspect.signature(getattr(Operations, name))
+        [linked, *arguments] = built.parameters.values()
+        assert (linked.name, linked.default) == ("linked", False)
+        assert all(each.kind is inspect.Parameter.KEYWORD_ONLY for each in arguments), name
+        for client_class in (Client, SyncClient):
+            method = getattr(client_class, name)
+            signature = inspect.signature(method)
+            assert list(signature.parameters.values())[1:] == arguments, (client_class, name)
+            assert signature.return_annotation == results.get(name, "Transfer"), name
+            assert method.__doc__ == getattr(Operations, name).__doc__
+
+
+def test_literal_names_are_the_protos() -> None:
+    """The names the typed client takes for the API's enums, spelled out for type checkers,
+    are the protos' values."""
+
+    def values(enum: Any, prefix: str) -> list[str]:
+        return [each.name.removeprefix(prefix).lower() for each in enum.DESCRIPTOR.values[1:]]
+
+    assert list(get_args(client_module.TransferKindName)) == values(
+        types_pb2.TransferKind, "TRANSFER_KIND_"
+    )
+    assert list(get_args(client_module.UnitKindName)) == values(types_pb2.UnitKind, "UNIT_KIND_")
+    assert list(get_args(client_module.OwnerKindName)) == values(types_pb2.OwnerKind, "OWNER_KIND_")
+    assert list(get_args(client_module.DebitModeName)) == values(types_pb2.DebitMode, "DEBIT_MODE_")
+
+
+# What a type checker sees of the client, as its users' code would: each line marked
+# `# error: CODE` must be refused with that code, every other line accepted.
+typed_use = """\
+from collections.abc import AsyncIterator, Iterator
+from typing import assert_type
+
+from coffer.clients import (
+    Client, DebitResult, HoldResult, Operation, Page, SyncClient, Transfer, Wallet, operations
+)
+
+
+async def asynchronous(coffer: Client) -> None:
+    assert_type(await coffer.credit(wallet_id=1, amount=2), Transfer)
+    assert_type(await coffer.debit(wallet_id=1, amount=2, mode="up_to"), DebitResult)
+    assert_type(await coffer.release_hold(hold_id=1), HoldResult)
+    assert_type(coffer.iter_transfers(wallet_id=1), AsyncIterator[Transfer])
+    await coffer.credit(wallet_id=1, amount=2, linked=True)  # error: call-arg
+    await coffer.debit(wallet_id=1, amount=2, mode="sometimes")  # error: arg-type
+
+
+def synchronous(coffer: SyncClient) -> None:
+    assert_type(coffer.credit(wallet_id=1, amount=2), Transfer)
+    assert_type(coffer.debit(wallet_id=1, amount=2), DebitResult)
+    assert_type(coffer.place_hold(wallet_id=1, amount=2), HoldResult)
+    assert_type(coffer.list_wallets(), Page[Wallet])
+    assert_type(coffer.iter_transfers(wallet_id=1), Iterator[Transfer])
+    coffer.pay(payer_wallet_id=1, payee_wallet_id="2", amount=3)  # error: arg-type
+    coffer.void(transfer_id=1, linked=False)  # error: call-arg
+    coffer.transfer(source_wallet_id=1, amount=3)  # error: call-arg
+
+
+def batched() -> None:
+    assert_type(operations.credit(wallet_id=1, amount=2, linked=True), Operation)
+    assert_type(operations.capture_hold(hold_id=1, amount=None), Operation)
+    operations.deposit(wallet_id=1, amount=2)  # error: call-arg
+"""
+
+
+def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
+    use = tmp_path / "use.py"
+    use.write_text(typed_use)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), str(use)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=mypy_timeout_s,
+    )
+    expected = {
+        (number, line.rpartition("# error: ")[2])
+        for number, line in enumerate(typed_use.splitlines(), start=1)
+        if "# error: " in line
+    }
+    found = {
+        (int(match.group(1)), match.group(2))
+        for match in re.finditer(r"use\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)
+    }
+    assert found == expected, result.stdout + result.stderr
 
 
 # The CLI, where only the scripted server can show it (the rest is in test_cli.py, against the
