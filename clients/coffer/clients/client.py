@@ -140,9 +140,10 @@ class Operations:
 
     `Client` and `SyncClient` build their methods of the same names from these builders (see
     `_single_call`), so that an argument added here reaches the three at once and a type
-    checker sees the same keyword arguments on each. `linked`, the one argument a single call
-    has not, comes first, where the single calls drop it: `linked=True` links the operation to
-    the next one of its batch, so that the chain succeeds or fails as a whole.
+    checker sees the same keyword arguments on each. `linked=True` links the operation to the
+    next one of its batch, so that the chain succeeds or fails as a whole; a single call has
+    no next, so its method has no `linked`. It comes first because a leading argument is the
+    one a typed signature can drop (`Concatenate`).
 
     Each fills a fresh idempotency key unless given one.
     """
