@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="insert N transfers with SQL before the run (e.g. 10000000)",
+        help="store N transfers of history among the customers before the run, with the "
+        "core's bulk preload (e.g. 10000000; needs the database)",
     )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the pgbench and gRPC echo comparisons"
@@ -303,8 +304,9 @@ async def _measure(
     transfers_stored = None
     if database is not None:
         _note("checking the books")
-        self_check = await infra.self_check(database.dsn)
-        transfers_stored = await infra.count_transfers(database.dsn)
+        books = await infra.check_books(database.dsn)
+        self_check = books.summary()
+        transfers_stored = books.transfers
 
     pgbench: dict[str, Any] = {"tps": None, "note": "skipped: --no-compare"}
     echo: dict[str, Any] | None = None
