@@ -33,6 +33,7 @@ from coffer.core.model import (
     Void,
     WalletTransfer,
     Withdrawal,
+    balance_max,
 )
 from coffer.core.preload import preload_transfers
 
@@ -248,6 +249,27 @@ async def test_a_preload_breaking_a_floor_stores_nothing_of_its_chunk(ledger: Le
     async with ledger.pool.acquire() as connection:
         with pytest.raises(errors.InsufficientFunds, match="below its minimum"):
             await preload_transfers(connection, wallets, 1000, amount_max=1000)
+    audit = await _audit(ledger)
+    assert audit.passed, audit.summary()
+    assert audit.transfers == before.transfers
+
+
+async def test_a_preload_past_the_balance_limit_stores_nothing_of_its_chunk(
+    ledger: Ledger,
+) -> None:
+    # Both one below the greatest balance: whichever the chunk leaves richer goes past it.
+    full, other = await _wallet(ledger), await _wallet(ledger)
+    await _apply(ledger, Credit(idempotency_key=_key(), wallet_id=full, amount=balance_max - 1))
+    await _apply(
+        ledger,
+        Deposit(
+            idempotency_key=_key(), wallet_id=other, amount=balance_max - 1, reference="iban:3"
+        ),
+    )
+    before = await _audit(ledger)
+    async with ledger.pool.acquire() as connection:
+        with pytest.raises(errors.BalanceOverflow):
+            await preload_transfers(connection, [full, other], 1000, amount_max=1000)
     audit = await _audit(ledger)
     assert audit.passed, audit.summary()
     assert audit.transfers == before.transfers

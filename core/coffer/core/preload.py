@@ -12,8 +12,10 @@ books still balance afterwards (see `coffer.core.audit`).
 
 The wallets are checked first by the ledger's own rule for a transfer (`rules.apply`): they
 exist, are active customers' or merchants' wallets, of one unit. Their floors are kept by the
-database's constraint on each chunk: a chunk that would take a wallet below its minimum fails
-whole with `InsufficientFunds`, and the chunks before it stay. Preloaded transfers are history,
+database's constraint on the balances each chunk leaves (one statement: not transfer by
+transfer within it): a chunk that would leave a wallet below its minimum fails whole with
+`InsufficientFunds` (past the balance limit, `BalanceOverflow`), and the chunks before it
+stay. Wallets funded far above what the preload moves never come near either. Preloaded transfers are history,
 not requests: they carry no idempotency key, so nothing can replay them.
 """
 
@@ -66,6 +68,7 @@ async def preload_transfers(
         raise errors.InvalidArgument("count", "must not be negative")
     if not 1 <= amount_max <= model.amount_max:
         raise errors.InvalidArgument("amount_max", f"must be 1 to {model.amount_max}")
+    model.check_text("performed_by", performed_by, model.performed_by_length_max)
     ids = list(wallet_ids)
     if len(set(ids)) != len(ids) or len(ids) < 2:
         raise errors.InvalidArgument("wallet_ids", "must be two or more distinct wallets")
@@ -97,6 +100,11 @@ async def preload_transfers(
             raise errors.InsufficientFunds(
                 f"transfers {done + 1:,} to {done + chunk:,} would take a wallet below its"
                 f" minimum; {done:,} transfers were stored before them"
+            ) from error
+        except asyncpg.NumericValueOutOfRangeError as error:
+            raise errors.BalanceOverflow(
+                f"transfers {done + 1:,} to {done + chunk:,} would take a balance past"
+                f" {model.balance_max}; {done:,} transfers were stored before them"
             ) from error
         done += chunk
         if progress is not None:
