@@ -198,6 +198,27 @@ async def test_a_balance_below_its_minimum_is_found(ledger: Ledger) -> None:
     assert (mismatch.subject, mismatch.stored, mismatch.expected) == (customer, -1, 5)
 
 
+async def test_a_transfer_voided_twice_is_found(ledger: Ledger) -> None:
+    [customer] = await _funded_customers(ledger, 1, 1000)
+    debit = await _apply(ledger, Debit(idempotency_key=_key(), wallet_id=customer, amount=10))
+    await _apply(ledger, Void(idempotency_key=_key(), transfer_id=debit.transfers[0].id))
+    assert (await _audit(ledger)).voids.count == 0
+    # The database refuses a second void by a unique index; the check does not rely on it.
+    await _execute(ledger, "drop index transfers_voids")
+    await _execute(
+        ledger,
+        "insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id, amount,"
+        " voids_transfer_id, created_at) select nextval('transfers_id'), operation_id, kind,"
+        " source_wallet_id, target_wallet_id, 0, voids_transfer_id, created_at from transfers"
+        " where voids_transfer_id = $1",
+        debit.transfers[0].id,
+    )
+    audit = await _audit(ledger)
+    [mismatch] = audit.voids.examples
+    assert (mismatch.subject, mismatch.stored, mismatch.expected) == (debit.transfers[0].id, 2, 1)
+    assert audit.posted.count == 0
+
+
 async def test_examples_are_few_and_every_mismatch_is_counted(ledger: Ledger) -> None:
     customers = [await _wallet(ledger) for _ in range(8)]
     await _execute(ledger, "update wallets set posted = 1 where id = any($1)", customers)

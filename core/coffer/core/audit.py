@@ -9,7 +9,8 @@ wrote it, the invariants that hold whatever the operations were:
 - each wallet's posted balance is its posting transfers in less its posting transfers out;
 - each wallet's pending balance is the sum of its open holds;
 - no wallet's available balance is below its minimum;
-- the open holds are exactly the hold transfers that nothing captured, released or expired.
+- the open holds are exactly the hold transfers that nothing captured, released or expired;
+- no transfer is voided more than once.
 
     async with ledger.pool.acquire() as connection:
         audit = await check_books(connection)
@@ -72,10 +73,11 @@ class Audit:
     pending: Finding
     floors: Finding
     holds: Finding
+    voids: Finding
 
     @property
     def findings(self) -> tuple[Finding, ...]:
-        return (self.units, self.posted, self.pending, self.floors, self.holds)
+        return (self.units, self.posted, self.pending, self.floors, self.holds, self.voids)
 
     @property
     def passed(self) -> bool:
@@ -104,6 +106,7 @@ async def check_books(
         pending = await connection.fetch(_pending_mismatched, examples_max)
         floors = await connection.fetch(_floors_broken, examples_max)
         holds = await connection.fetch(_holds_mismatched, int(TransferKind.hold), examples_max)
+        voids = await connection.fetch(_voided_twice, examples_max)
     return Audit(
         transfers=transfers,
         wallets=wallets,
@@ -112,6 +115,7 @@ async def check_books(
         pending=_finding("wallets whose pending balance is not their open holds", pending),
         floors=_finding("wallets whose available balance is below their minimum", floors),
         holds=_finding("holds whose open amount is not the journal's", holds),
+        voids=_finding("transfers voided more than once (stored: voids)", voids),
     )
 
 
@@ -196,4 +200,14 @@ where (u.source_wallet_id, u.target_wallet_id, u.amount, u.hold_expires_at)
       is distinct from (p.source_wallet_id, p.target_wallet_id, p.amount, p.expires_at)
 order by 1
 limit $2
+"""
+
+_voided_twice = """
+select voids_transfer_id as subject, count(*) as stored, 1 as expected, count(*) over () as count
+from transfers
+where voids_transfer_id is not null
+group by voids_transfer_id
+having count(*) > 1
+order by 1
+limit $1
 """
