@@ -1,9 +1,11 @@
-"""`coffer bench`: a short smoke run of each scenario, as a process, as it is used.
+"""`coffer bench`: a short smoke run of each scenario, end to end.
 
-Not a benchmark: a second of load against a server process the bench starts itself (on this
-test's database), then the JSON it prints, the files it writes and its check of the books.
-One run takes the default path instead: its own durable embedded PostgreSQL, pgbench and the
-gRPC echo comparison, and nothing left running after.
+Not a benchmark: half a second of load each, to see that every scenario runs, prints its
+table and its JSON line, writes its files and checks the books. The scenarios share one
+`coffer serve` process (`--target`, with `--database-url` for the preload and the check), as
+runs against a running server do: each sets up wallets of its own. One run takes the default
+path instead, as a process, as it is used: its own durable embedded PostgreSQL and two server
+processes on one port, pgbench and the gRPC echo comparison, and nothing left running after.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
+import pytest_asyncio
 
-from coffer.bench.infra import coffer_command
-from coffer.bench.main import main
+from coffer.bench.infra import ServerGroup, coffer_command
+from coffer.bench.main import bench, main, parse_arguments
+from coffer.postgres.supervisor import EmbeddedPostgres
 
 required_keys = {
     "scenario",
@@ -34,21 +40,68 @@ required_keys = {
     "inflight",
     "batch_size",
 }
-run_timeout_s = 180
-quick = ["--duration", "1", "--warmup", "0.2", "--wallets", "40", "--batch-size", "50", "--json"]
+# The rows of the table every run prints before its JSON line.
+table_rows = ("scenario", "transfers/s", "latency ms per call", "transfers stored", "self-check")
+quick = ["--duration", "0.5", "--warmup", "0.1", "--wallets", "20", "--batch-size", "20"]
+shared_database = "bench_shared"
+run_timeout_s = 120
 
 
-def _bench(arguments: list[str], out: Path) -> dict[str, object]:
-    completed = subprocess.run(
-        [*coffer_command(), "bench", *arguments, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=run_timeout_s,
-        stdin=subprocess.DEVNULL,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    result: dict[str, object] = json.loads(completed.stdout.strip().splitlines()[-1])
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def shared_server(
+    postgres_cluster: EmbeddedPostgres,
+    template_database: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[list[str]]:
+    """One migrated database and one `coffer serve` on it, for the whole module: the arguments
+    that aim a run at them."""
+    administration = await asyncpg.connect(postgres_cluster.dsn)
+    try:
+        await administration.execute(
+            f'CREATE DATABASE "{shared_database}" TEMPLATE "{template_database}"'
+        )
+    finally:
+        await administration.close()
+    dsn = postgres_cluster.dsn_for(shared_database)
+    try:
+        servers = await ServerGroup.start(
+            dsn,
+            count=1,
+            server_arguments=[],
+            log_dir=tmp_path_factory.mktemp("bench-server"),
+            note=lambda message: None,
+        )
+        async with servers:
+            yield ["--target", servers.target, "--database-url", dsn]
+    finally:
+        administration = await asyncpg.connect(postgres_cluster.dsn)
+        try:
+            await administration.execute(
+                f'DROP DATABASE IF EXISTS "{shared_database}" WITH (FORCE)'
+            )
+        finally:
+            await administration.close()
+
+
+async def _run(
+    arguments: list[str], out: Path, capsys: pytest.CaptureFixture[str]
+) -> dict[str, object]:
+    """Runs the bench in this process, on this loop; its JSON line, once the table and the
+    files are checked."""
+    parsed = parse_arguments([*arguments, "--out", str(out), "--json"])
+    assert parsed is not None
+    code = await bench(parsed)
+    printed = capsys.readouterr()
+    assert code == 0, printed.err[-4000:]
+    return _result(printed.out)
+
+
+def _result(printed: str) -> dict[str, object]:
+    lines = printed.strip().splitlines()
+    result: dict[str, object] = json.loads(lines[-1])
     assert required_keys <= set(result), required_keys - set(result)
+    shown = {line.split("  ", 1)[0] for line in lines[:-1]}
+    assert set(table_rows) <= shown, shown
     assert Path(str(result["json_path"])).is_file()
     assert Path(str(result["plot_path"])).is_file(), result["plot_path"]
     return result
@@ -58,29 +111,35 @@ def _bench(arguments: list[str], out: Path) -> dict[str, object]:
     ("scenario", "extra"),
     [
         ("batch", ["--preload", "5000"]),
-        # Two server processes on one port: --reuse-port, and one connection each at least.
-        ("single", ["--servers", "2", "--inflight", "16"]),
+        ("single", ["--inflight", "8", "--connections", "2"]),
         ("hot", ["--sweep", "1,2", "--skew", "1"]),
-        ("mixed", ["--inflight", "16"]),
+        ("mixed", ["--inflight", "8"]),
         ("payments", []),
     ],
 )
-def test_scenario(scenario: str, extra: list[str], database_url: str, tmp_path: Path) -> None:
-    result = _bench(
-        ["--scenario", scenario, "--database-url", database_url, "--no-compare", *quick, *extra],
-        tmp_path,
+async def test_scenario(
+    scenario: str,
+    extra: list[str],
+    shared_server: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    result = await _run(
+        ["--scenario", scenario, *shared_server, "--no-compare", *quick, *extra], tmp_path, capsys
     )
     assert result["scenario"] == scenario
     assert result["self_check"] == "passed"
     assert result["errors"] == 0, result["error_reasons"]
     assert isinstance(result["transfers_per_s"], float) and result["transfers_per_s"] > 0
-    assert isinstance(result["server_rss_mb_max"], float) and result["server_rss_mb_max"] > 0
     assert isinstance(result["transfers_stored"], int) and result["transfers_stored"] > 0
+    # A running server: not its process, so no RSS; and no comparisons asked for.
+    assert result["server_rss_mb_max"] is None
     assert result["pgbench_tps"] is None and result["echo_rps"] is None
-    expected_batch = 50 if scenario in ("batch", "hot", "payments") else None
+    expected_batch = 20 if scenario in ("batch", "hot", "payments") else None
     assert result["batch_size"] == expected_batch
     if scenario == "batch":
         assert result["preload"] == 5000
+        assert isinstance(result["preload_s"], float)
         transfers = result["transfers"]
         assert isinstance(transfers, int)
         assert result["transfers_stored"] >= 5000 + transfers
@@ -89,14 +148,15 @@ def test_scenario(scenario: str, extra: list[str], database_url: str, tmp_path: 
         assert isinstance(sweep, list) and [point["inflight"] for point in sweep] == [1, 2]
 
 
-def test_overload_scenario(database_url: str, tmp_path: Path) -> None:
-    result = _bench(
-        ["--scenario", "overload", "--database-url", database_url, "--no-compare", *quick],
-        tmp_path,
+async def test_overload_scenario(
+    shared_server: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = await _run(
+        ["--scenario", "overload", *shared_server, "--no-compare", *quick], tmp_path, capsys
     )
     assert result["scenario"] == "overload"
     assert result["self_check"] == "passed"
-    assert result["batch_size"] == 50
+    assert result["batch_size"] == 20
     overload = result["overload"]
     assert isinstance(overload, dict)
     assert overload["factor"] == 4
@@ -106,17 +166,41 @@ def test_overload_scenario(database_url: str, tmp_path: Path) -> None:
     assert set(refusals) <= {"OVERLOADED"}, refusals
     assert overload["refusals_with_retry_after"] == sum(refusals.values())
     assert overload["recovery_s"] is not None
-    assert isinstance(result["server_rss_mb_max"], float) and result["server_rss_mb_max"] > 0
 
 
-def test_embedded_database_and_comparisons(tmp_path: Path) -> None:
-    result = _bench(["--scenario", "batch", *quick], tmp_path)
+def test_embedded_database_two_servers_and_comparisons(tmp_path: Path) -> None:
+    completed = subprocess.run(
+        [
+            *coffer_command(),
+            "bench",
+            "--scenario",
+            "single",
+            "--servers",
+            "2",
+            "--inflight",
+            "8",
+            *quick,
+            "--json",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=run_timeout_s,
+        stdin=subprocess.DEVNULL,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    result = _result(completed.stdout)
     assert result["self_check"] == "passed"
     assert result["errors"] == 0
+    assert isinstance(result["transfers_per_s"], float) and result["transfers_per_s"] > 0
+    # Two processes on one port (--reuse-port), a connection of the client to each at least.
+    assert result["servers"] == 2 and result["connections"] == 8
+    assert isinstance(result["server_rss_mb_max"], float) and result["server_rss_mb_max"] > 0
     assert isinstance(result["pgbench_tps"], float) and result["pgbench_tps"] > 0
     assert isinstance(result["echo_rps"], float) and result["echo_rps"] > 0
     assert "durable" in str(result["database"])
-    # The cluster and the server ran in a temporary directory: both stopped, and it is gone.
+    # The cluster and the servers ran in a temporary directory: all stopped, and it is gone.
     data_dir = str(result["database"]).split(" in ", 1)[1].split(" ", 1)[0]
     assert data_dir.startswith(tempfile.gettempdir())
     assert not Path(data_dir).exists()
@@ -128,6 +212,7 @@ def test_embedded_database_and_comparisons(tmp_path: Path) -> None:
     "arguments",
     [
         ["--batch-size", "0"],
+        ["--duration", "0"],
         ["--scenario", "nonesuch"],
         ["--sweep", "1,x"],
         ["--target", "127.0.0.1:1", "--servers", "2"],
@@ -135,9 +220,12 @@ def test_embedded_database_and_comparisons(tmp_path: Path) -> None:
         ["--scenario", "overload", "--sweep", "1,2"],
     ],
 )
-def test_bad_arguments_are_usage_errors(arguments: list[str]) -> None:
+def test_bad_arguments_are_usage_errors(
+    arguments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     try:
         code = main(arguments)
     except SystemExit as exit:  # argparse's own refusals
         code = exit.code  # type: ignore[assignment]
     assert code == 2
+    assert capsys.readouterr().err.strip(), "a usage error says what is wrong"

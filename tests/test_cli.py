@@ -1,4 +1,5 @@
-"""The operator CLI end to end: `coffer.clients.cli.main` against the real server.
+"""The operator CLI end to end: `coffer.clients.cli.main` against the real server, and its
+parsing, which needs none.
 
 `main` blocks (it runs a SyncClient); the server runs on the test's event loop, so every
 command goes through `asyncio.to_thread`.
@@ -6,18 +7,21 @@ command goes through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import re
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from coffer.clients.cli import main
+from coffer.clients import Client, limits
+from coffer.clients.cli import _parser, main
 from coffer.server.app import Server
 
 
@@ -249,6 +253,34 @@ async def test_operator_walkthrough(cli: Cli) -> None:
     assert await cli.json("health") == {"status": "SERVING"}
 
 
+async def test_a_movement_sends_its_options_and_shows_the_balance_after_it(
+    cli: Cli, server: Server
+) -> None:
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    wallet = await cli.wallet("ada")
+    await cli.ok("credit", str(wallet), "2000")
+    await cli.ok("hold", "place", str(wallet), "300")
+    credit = ["credit", str(wallet), "1500", "--reference", "order-1", "--performed-by", "ada"]
+    (line,) = await cli.ok(*credit, "--idempotency-key", "order-1:credit")
+    transfer_id = number(r"transfer (\d+)  credit", line)
+    # What a hold reserves makes the available balance differ from the posted one.
+    assert line == (
+        f"transfer {transfer_id}  credit  +1500 EUR  wallet {wallet}  reference order-1"
+        "  balance 3500 (available 3200)"
+    )
+    # Sent as the caller "cli": a client naming it with the same key and fields replays it.
+    async with Client(f"127.0.0.1:{server.port}", caller="cli") as coffer:
+        replayed = await coffer.credit(
+            wallet_id=wallet,
+            amount=1500,
+            reference="order-1",
+            performed_by="ada",
+            idempotency_key="order-1:credit",
+        )
+    assert replayed.id == transfer_id
+    assert (replayed.reference, replayed.performed_by) == ("order-1", "ada")
+
+
 async def test_json_output_is_the_response(cli: Cli) -> None:
     unit = await cli.json(
         "unit", "create", "pts", "--kind", "credit", "--scale", "0", "--name", "P"
@@ -305,29 +337,142 @@ async def test_refusals_print_one_line_and_exit_1(cli: Cli) -> None:
         assert result.err.count("\n") == 1 and result.err.endswith("\n")
 
 
+def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    usage = capsys.readouterr().err
+    for command in ["unit", "wallet", "credit", "debit", "transfer", "hold", "history", "health"]:
+        assert command in usage
+    assert main(["--help"]) == 0
+    assert "operator commands" in capsys.readouterr().out
+    assert main(["hold", "place", "--help"]) == 0
+    assert "minor units" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         [],
         ["bogus"],
-        ["credit"],
+        ["wallet"],
+        ["credit", "7"],
         ["credit", "x", "5"],
+        ["credit", "0", "5"],
         ["credit", "7", "1.5"],
+        ["credit", "7", str(limits.balance_max + 1)],
+        ["credit", "7", str(limits.balance_min - 1)],
         ["debit", "7", "5", "--mode", "sideways"],
         ["wallet", "create", "--owner", "a", "--owner-kind", "system", "--unit", "EUR"],
-        ["hold"],
+        ["wallet", "create", "--owner", "a", "--owner-kind", "customer", "--unit", "EUR",
+         "--metadata", "x"],
+        ["history", "7", "--kind", "refund"],
+        ["history", "7", "--limit", "0"],
+        ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro"],
+        ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro",
+         "--scale", str(limits.unit_scale_max + 1)],
+        ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max + 1)],
         ["balance", "7", "--deadline", "0"],
         ["--caller", "", "balance", "7"],
         ["--caller", "@coffer", "balance", "7"],
         ["--caller", "x" * 129, "balance", "7"],
     ],
-)
+)  # fmt: skip
 async def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     # Nothing is sent: no server needed, the target is never reached.
     assert await asyncio.to_thread(main, ["--target", "127.0.0.1:9", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err
+
+
+def test_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("USER", "ada")
+    monkeypatch.setenv("COFFER_TARGET", "ledger:50051")
+    arguments = _parser().parse_args(
+        [
+            *["hold", "place", "7", "500", "--target", "9", "--timeout", "60", "--json"],
+            *["--note", "deposit"],
+        ]
+    )
+    assert (arguments.wallet, arguments.amount, arguments.target_wallet) == (7, 500, 9)
+    assert arguments.timeout == timedelta(seconds=60)
+    assert arguments.json is True
+    assert arguments.performed_by == "ada"
+    assert arguments.target == "ledger:50051"
+    assert arguments.reference == ""
+    arguments = _parser().parse_args(["--target", "h:1", "--caller", "ops", "balance", "7"])
+    assert (arguments.target, arguments.caller, arguments.json) == ("h:1", "ops", False)
+    arguments = _parser().parse_args(["--target", "h:1", "transfer", "7", "8", "100", "--json"])
+    assert (arguments.source_wallet, arguments.target_wallet, arguments.amount) == (7, 8, 100)
+    assert arguments.target == "h:1"
+    arguments = _parser().parse_args(["transfer", "7", "8", "100", "--target", "h:2"])
+    assert arguments.target == "h:2"
+    arguments = _parser().parse_args(["balance", "7"])
+    assert arguments.target == "ledger:50051"
+    arguments = _parser().parse_args(
+        [
+            *["wallet", "create", "--owner", "c-1", "--owner-kind", "customer", "--unit", "EUR"],
+            *["--minimum", "-500", "--metadata", "tier=gold", "region=eu", "--metadata", "x="],
+        ]
+    )
+    assert arguments.minimum == -500
+    assert dict(arguments.metadata) == {"tier": "gold", "region": "eu", "x": ""}
+    arguments = _parser().parse_args(
+        ["history", "7", "--kind", "credit", "hold-expiry", "--limit", "5"]
+    )
+    assert arguments.kind == ["credit", "hold-expiry"]
+    arguments = _parser().parse_args(["deposit", "7", "100", "--source", "iban:DE89"])
+    assert arguments.source == "iban:DE89"
+    assert "reference" not in arguments
+
+
+def test_choices_are_the_apis() -> None:
+    """The choices of the options that name an enum of the API are its values, as the CLI
+    spells them, and the bounds of the others the core's (through coffer.clients.limits)."""
+    options = {
+        (sub.prog.removeprefix("coffer "), action.option_strings[0]): action
+        for sub in _subparsers(_parser())
+        for action in sub._actions
+        if action.option_strings
+    }
+    assert options["history", "--kind"].choices == [
+        "credit", "debit", "transfer", "deposit", "withdrawal", "payment", "hold", "capture",
+        "release", "hold-expiry", "void",
+    ]  # fmt: skip
+    assert options["unit create", "--kind"].choices == ["currency", "credit"]
+    assert options["debit", "--mode"].choices == ["all-or-nothing", "up-to"]
+    # The greatest of each bound passes; one more is bad usage (test_bad_usage_exits_2).
+    timeout = ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max)]
+    assert _parser().parse_args(timeout).timeout == timedelta(seconds=limits.hold_timeout_s_max)
+    scale = ["unit", "create", "E", "--kind", "credit", "--name", "E"]
+    scale += ["--scale", str(limits.unit_scale_max)]
+    assert _parser().parse_args(scale).scale == limits.unit_scale_max
+    amount = ["credit", "7", str(limits.balance_max)]
+    assert _parser().parse_args(amount).amount == limits.balance_max
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below `parser`, commands and groups of commands."""
+    found = []
+    pending = [parser]
+    while pending:
+        current = pending.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found.extend(action.choices.values())
+                pending.extend(action.choices.values())
+    return found
+
+
+def test_options_of_commands_never_shadow_the_global_ones() -> None:
+    """A command's own argument stored under a global option's name (`transfer … TARGET` as
+    "target") would replace the server address parsed before the command."""
+    parser = _parser()
+    global_names = {action.dest for action in parser._actions}
+    for sub in _subparsers(parser):
+        for action in sub._actions:
+            if action.dest in global_names and not isinstance(action, argparse._SubParsersAction):
+                # Only the global options repeated after the command, which have no default.
+                assert action.default is argparse.SUPPRESS, (sub.prog, action.dest)
 
 
 async def test_unreachable_server_exits_3(

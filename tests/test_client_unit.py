@@ -7,17 +7,20 @@ with a plain response when nothing is planned; it records every call it got.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import inspect
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 import grpc
 import pytest
@@ -28,8 +31,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from coffer import clients
-from coffer.clients import Client, SyncClient, errors, operations
-from coffer.clients.cli import _parser, main
+from coffer.clients import Client, Operations, SyncClient, errors, operations
+from coffer.clients import client as client_module
+from coffer.clients.cli import main
 from coffer.core import errors as core_errors
 from coffer.v1 import (
     holds_pb2,
@@ -43,7 +47,9 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 
+root = Path(__file__).resolve().parent.parent
 key_pattern = re.compile(r"[0-9a-f]{32}")
+mypy_timeout_s = 120
 
 
 @dataclass
@@ -675,200 +681,131 @@ def test_sync_client_offers_every_client_method() -> None:
     assert public - {"close"} <= set(vars(SyncClient))
 
 
-# The CLI.
+def test_each_operation_is_declared_once() -> None:
+    """Client's and SyncClient's methods of an operation are built from its builder in
+    Operations: the same words and keyword arguments, but `linked`, which the builder takes
+    first; the single calls return what their response carries."""
+    builders = {
+        name: builder
+        for name, builder in vars(Operations).items()
+        if isinstance(builder, staticmethod)
+    }
+    oneof = transfers_pb2.Operation.DESCRIPTOR.oneofs_by_name["operation"]
+    assert set(builders) == {field.name for field in oneof.fields}
+    results = {"debit": "DebitResult", "place_hold": "HoldResult", "capture_hold": "HoldResult"}
+    results["release_hold"] = "HoldResult"
+    for name in builders:
+        built = inspect.signature(getattr(Operations, name))
+        [linked, *arguments] = built.parameters.values()
+        assert (linked.name, linked.default) == ("linked", False)
+        assert all(each.kind is inspect.Parameter.KEYWORD_ONLY for each in arguments), name
+        for client_class in (Client, SyncClient):
+            method = getattr(client_class, name)
+            signature = inspect.signature(method)
+            assert list(signature.parameters.values())[1:] == arguments, (client_class, name)
+            assert signature.return_annotation == results.get(name, "Transfer"), name
+            assert method.__doc__ == getattr(Operations, name).__doc__
 
 
-def test_cli_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main([]) == 2
-    usage = capsys.readouterr().err
-    for command in ["unit", "wallet", "credit", "debit", "transfer", "hold", "history", "health"]:
-        assert command in usage
-    assert main(["--help"]) == 0
-    assert "operator commands" in capsys.readouterr().out
-    assert main(["hold", "place", "--help"]) == 0
-    assert "minor units" in capsys.readouterr().out
+def test_literal_names_are_the_protos() -> None:
+    """The names the typed client takes for the API's enums, spelled out for type checkers,
+    are the protos' values."""
+
+    def values(enum: Any, prefix: str) -> list[str]:
+        return [each.name.removeprefix(prefix).lower() for each in enum.DESCRIPTOR.values[1:]]
+
+    assert list(get_args(client_module.TransferKindName)) == values(
+        types_pb2.TransferKind, "TRANSFER_KIND_"
+    )
+    assert list(get_args(client_module.UnitKindName)) == values(types_pb2.UnitKind, "UNIT_KIND_")
+    assert list(get_args(client_module.OwnerKindName)) == values(types_pb2.OwnerKind, "OWNER_KIND_")
+    assert list(get_args(client_module.DebitModeName)) == values(types_pb2.DebitMode, "DEBIT_MODE_")
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["frobnicate"],
-        ["wallet"],
-        ["credit", "7"],
-        ["credit", "7", "12.50"],
-        ["credit", "seven", "1250"],
-        ["credit", "7", "9223372036854775808"],
-        ["debit", "7", "5", "--mode", "sometimes"],
-        ["wallet", "create", "--owner", "c-1", "--owner-kind", "system", "--unit", "EUR"],
-        [
-            "wallet",
-            "create",
-            "--owner",
-            "c-1",
-            "--owner-kind",
-            "customer",
-            "--unit",
-            "EUR",
-            "--metadata",
-            "x",
-        ],
-        ["history", "7", "--kind", "refund"],
-        ["history", "7", "--limit", "0"],
-        ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro"],
-        ["--caller", "", "health"],
-    ],
+# What a type checker sees of the client, as its users' code would: each line marked
+# `# error: CODE` must be refused with that code, every other line accepted.
+typed_use = """\
+from collections.abc import AsyncIterator, Iterator
+from typing import assert_type
+
+from coffer.clients import (
+    Client, DebitResult, HoldResult, Operation, Page, SyncClient, Transfer, Wallet, operations
 )
-def test_cli_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(argv) == 2
-    assert capsys.readouterr().err
 
 
-def test_cli_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("USER", "ada")
-    monkeypatch.setenv("COFFER_TARGET", "ledger:50051")
-    arguments = _parser().parse_args(
-        [
-            "hold",
-            "place",
-            "7",
-            "500",
-            "--target",
-            "9",
-            "--timeout",
-            "60",
-            "--json",
-            "--note",
-            "deposit",
-        ]
+async def asynchronous(coffer: Client) -> None:
+    assert_type(await coffer.credit(wallet_id=1, amount=2), Transfer)
+    assert_type(await coffer.debit(wallet_id=1, amount=2, mode="up_to"), DebitResult)
+    assert_type(await coffer.release_hold(hold_id=1), HoldResult)
+    assert_type(coffer.iter_transfers(wallet_id=1), AsyncIterator[Transfer])
+    await coffer.credit(wallet_id=1, amount=2, linked=True)  # error: call-arg
+    await coffer.debit(wallet_id=1, amount=2, mode="sometimes")  # error: arg-type
+
+
+def synchronous(coffer: SyncClient) -> None:
+    assert_type(coffer.credit(wallet_id=1, amount=2), Transfer)
+    assert_type(coffer.debit(wallet_id=1, amount=2), DebitResult)
+    assert_type(coffer.place_hold(wallet_id=1, amount=2), HoldResult)
+    assert_type(coffer.list_wallets(), Page[Wallet])
+    assert_type(coffer.iter_transfers(wallet_id=1), Iterator[Transfer])
+    coffer.pay(payer_wallet_id=1, payee_wallet_id="2", amount=3)  # error: arg-type
+    coffer.void(transfer_id=1, linked=False)  # error: call-arg
+    coffer.transfer(source_wallet_id=1, amount=3)  # error: call-arg
+
+
+def batched() -> None:
+    assert_type(operations.credit(wallet_id=1, amount=2, linked=True), Operation)
+    assert_type(operations.capture_hold(hold_id=1, amount=None), Operation)
+    operations.deposit(wallet_id=1, amount=2)  # error: call-arg
+"""
+
+
+def test_the_client_is_typed_for_its_users(tmp_path: Path) -> None:
+    use = tmp_path / "use.py"
+    use.write_text(typed_use)
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"), str(use)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=mypy_timeout_s,
     )
-    assert (arguments.wallet, arguments.amount, arguments.target_wallet) == (7, 500, 9)
-    assert arguments.timeout == timedelta(seconds=60)
-    assert arguments.json is True
-    assert arguments.performed_by == "ada"
-    assert arguments.target == "ledger:50051"
-    assert arguments.reference == ""
-    arguments = _parser().parse_args(["--target", "h:1", "--caller", "ops", "balance", "7"])
-    assert (arguments.target, arguments.caller, arguments.json) == ("h:1", "ops", False)
-    arguments = _parser().parse_args(["--target", "h:1", "transfer", "7", "8", "100", "--json"])
-    assert (arguments.source_wallet, arguments.target_wallet, arguments.amount) == (7, 8, 100)
-    assert arguments.target == "h:1"
-    arguments = _parser().parse_args(["transfer", "7", "8", "100", "--target", "h:2"])
-    assert arguments.target == "h:2"
-    arguments = _parser().parse_args(["balance", "7"])
-    assert arguments.target == "ledger:50051"
-    arguments = _parser().parse_args(
-        [
-            *["wallet", "create", "--owner", "c-1", "--owner-kind", "customer", "--unit", "EUR"],
-            *["--minimum", "-500", "--metadata", "tier=gold", "region=eu", "--metadata", "x="],
-        ]
-    )
-    assert arguments.minimum == -500
-    assert dict(arguments.metadata) == {"tier": "gold", "region": "eu", "x": ""}
-    arguments = _parser().parse_args(
-        ["history", "7", "--kind", "credit", "hold-expiry", "--limit", "5"]
-    )
-    assert arguments.kind == ["credit", "hold-expiry"]
-    arguments = _parser().parse_args(["deposit", "7", "100", "--source", "iban:DE89"])
-    assert arguments.source == "iban:DE89"
-    assert "reference" not in arguments
+    expected = {
+        (number, line.rpartition("# error: ")[2])
+        for number, line in enumerate(typed_use.splitlines(), start=1)
+        if "# error: " in line
+    }
+    found = {
+        (int(match.group(1)), match.group(2))
+        for match in re.finditer(r"use\.py:(\d+): error: .*\[([a-z-]+)\]$", result.stdout, re.M)
+    }
+    assert found == expected, result.stdout + result.stderr
 
 
-def test_cli_options_of_commands_never_shadow_the_global_ones() -> None:
-    """A command's own argument stored under a global option's name (`transfer … TARGET` as
-    "target") would replace the server address parsed before the command."""
-    parser = _parser()
-    global_names = {action.dest for action in parser._actions}
-    pending = [parser]
-    while pending:
-        current = pending.pop()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                pending.extend(action.choices.values())
-            elif current is not parser and action.dest in global_names:
-                # Only the global options repeated after the command, which have no default.
-                assert action.default is argparse.SUPPRESS, (current.prog, action.dest)
+# The CLI, where only the scripted server can show it (the rest is in test_cli.py, against the
+# real server).
 
 
-async def test_cli_credit(
+async def test_cli_json_is_the_response_as_it_came(
     server: Server, script: Script, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--target", server.target, "credit", "7", "1500", "--reference", "order-1"]
-    argv += ["--performed-by", "ada", "--idempotency-key", "order-1:credit"]
-    assert await asyncio.to_thread(main, argv) == 0
-    output = capsys.readouterr().out
-    assert output == (
-        "transfer 42  credit  +1500 EUR  wallet 7  reference order-1"
-        "  balance 2000 (available 1700)\n"
-    )
-    request = script.calls[0].request
-    assert (request.idempotency_key, request.performed_by, request.reference) == (
-        "order-1:credit",
-        "ada",
-        "order-1",
-    )
-    assert script.calls[0].caller == "cli"
-
-
-async def test_cli_json(server: Server, script: Script, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--target", server.target, "credit", "7", "1500", "--json"]
     assert await asyncio.to_thread(main, argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["transfer"]["amount"] == "1500"
     assert printed["transfer"]["kind"] == "TRANSFER_KIND_CREDIT"
-    # No balance is asked for: the JSON is the response as it came.
+    # No balance is asked for, as the line printed without --json would.
     assert [call.method for call in script.calls] == ["Credit"]
 
 
-async def test_cli_history(
+async def test_cli_prints_a_time_not_given_as_a_dash(
     server: Server, script: Script, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--target", server.target, "history", "7", "--limit", "3"]
+    """The real server dates every transfer; a reply without a time still prints."""
+    argv = ["--target", server.target, "history", "7", "--limit", "1"]
     assert await asyncio.to_thread(main, argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == [
-        "ID",
-        "TIME",
-        "(UTC)",
-        "KIND",
-        "AMOUNT",
-        "UNIT",
-        "WALLET",
-        "REFERENCE",
-        "NOTE",
-    ]
-    assert [line.split()[:5] for line in lines[1:4]] == [
-        ["5", "-", "credit", "+500", "EUR"],
-        ["4", "-", "credit", "+400", "EUR"],
-        ["3", "-", "credit", "+300", "EUR"],
-    ]
-    assert "raise --limit" in lines[4]
-
-
-async def test_cli_domain_error(
-    server: Server, script: Script, capsys: pytest.CaptureFixture[str]
-) -> None:
-    script.plan(
-        rich_status(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "wallet 7 has 300 available, needs 500",
-            "INSUFFICIENT_FUNDS",
-        )
-    )
-    assert await asyncio.to_thread(main, ["--target", server.target, "credit", "7", "500"]) == 1
-    captured = capsys.readouterr()
-    assert captured.err == "error: INSUFFICIENT_FUNDS: wallet 7 has 300 available, needs 500\n"
-    assert captured.out == ""
-
-
-async def test_cli_unreachable(closed_target: str, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--target", closed_target, "--deadline", "5", "balance", "7"]
-    assert await asyncio.to_thread(main, argv) == 3
-    assert capsys.readouterr().err.startswith("error: UNAVAILABLE: ")
-
-
-async def test_cli_health(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
-    assert await asyncio.to_thread(main, ["health", "--target", server.target]) == 0
-    assert capsys.readouterr().out == "SERVING\n"
+    assert lines[1].split()[:5] == ["5", "-", "credit", "+500", "EUR"]
 
 
 async def test_an_overloaded_retry_waits_for_the_server_hint(

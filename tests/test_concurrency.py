@@ -18,7 +18,7 @@ from collections.abc import Callable
 import asyncpg
 import grpc
 
-from coffer.core.model import posting_kinds
+from coffer.core.audit import check_books
 from coffer.server.app import Server, Settings
 from coffer.v1 import (
     holds_pb2,
@@ -191,60 +191,10 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
 
 
 async def assert_books_balance(database_url: str) -> None:
-    """Every unit sums to zero; every balance equals its journal and its open holds; no
-    wallet below its floor; no transfer voided twice."""
+    """The books add up: every invariant of the core's check (`coffer.core.audit`) holds."""
     connection = await asyncpg.connect(database_url)
     try:
-        assert (
-            await connection.fetchval(
-                """
-                select count(*) from (select unit from wallets group by unit
-                                      having sum(posted) <> 0) u
-                """
-            )
-            == 0
-        )
-        assert (
-            await connection.fetch(
-                """
-            select w.id from wallets w
-            left join (select target_wallet_id id, sum(amount) total from transfers
-                       where kind = any($1::smallint[]) group by 1) i on i.id = w.id
-            left join (select source_wallet_id id, sum(amount) total from transfers
-                       where kind = any($1::smallint[]) group by 1) o on o.id = w.id
-            where w.posted <> coalesce(i.total, 0) - coalesce(o.total, 0)
-            """,
-                sorted(posting_kinds),
-            )
-            == []
-        )
-        assert (
-            await connection.fetch(
-                """
-            select w.id from wallets w
-            left join (select source_wallet_id id, sum(amount) total from pending_holds
-                       group by 1) h on h.id = w.id
-            where w.pending <> coalesce(h.total, 0)
-            """
-            )
-            == []
-        )
-        assert (
-            await connection.fetch(
-                """
-            select id from wallets
-            where balance_minimum is not null and posted - pending < balance_minimum
-            """
-            )
-            == []
-        )
-        voided_twice = await connection.fetchval(
-            """
-            select count(*) from (select voids_transfer_id from transfers
-                                  where voids_transfer_id is not null
-                                  group by 1 having count(*) > 1) v
-            """
-        )
-        assert voided_twice == 0
+        audit = await check_books(connection)
     finally:
         await connection.close()
+    assert audit.passed, audit.summary()

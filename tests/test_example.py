@@ -1,4 +1,5 @@
-"""The EMI merchant example, run as its users run it: a separate process against the server."""
+"""The client's examples, run as their users run them: separate processes against the server.
+The EMI merchant example, and the README's Python example."""
 
 from __future__ import annotations
 
@@ -6,12 +7,16 @@ import asyncio
 import re
 import socket
 import sys
+from pathlib import Path
 
 from coffer.clients import Client
 from coffer.server.app import Server
 
 example_module = "coffer.clients.examples.emi_merchant"
 example_timeout_s = 30.0
+readme = Path(__file__).resolve().parent.parent / "README.md"
+# The server the README's example names, replaced by the test's.
+readme_target = "127.0.0.1:50051"
 
 
 async def run_example(target: str) -> tuple[int, str, str]:
@@ -87,3 +92,30 @@ async def test_unreachable_server() -> None:
     assert exit_code == 3
     assert out == ""
     assert err.startswith("error: UNAVAILABLE: ")
+
+
+def readme_python() -> str:
+    """The README's one Python example."""
+    [block] = re.findall(r"^```python\n(.*?)^```$", readme.read_text(), re.M | re.S)
+    return block
+
+
+async def test_the_readmes_python_example(server: Server) -> None:
+    source = readme_python()
+    assert readme_target in source
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        source.replace(readme_target, f"127.0.0.1:{server.port}"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=example_timeout_s)
+    assert (process.returncode, err.decode()) == (0, "")
+    lines = out.decode().splitlines()
+    assert lines[0].startswith("refused: ")
+    assert lines[1:3] == ["debited 1500 still due 500", "available 0"]
+    assert [line.split()[1:3] for line in lines[3:]] == [
+        ["TRANSFER_KIND_DEBIT", "1500"],
+        ["TRANSFER_KIND_CREDIT", "1500"],
+    ]

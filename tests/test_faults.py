@@ -116,6 +116,36 @@ async def test_other_database_errors_are_not_unavailable(database_url: str) -> N
         await pool.close()
 
 
+async def test_a_lost_connection_left_unawaited_by_asyncpg_is_no_error(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncpg may leave a lost connection's error on a future nobody awaits (a query being
+    cancelled when the database restarts): the server logs it at INFO, without a traceback,
+    and hands any other unawaited error on as asyncio would."""
+    loop = asyncio.get_running_loop()
+    handler = loop.get_exception_handler()
+    assert handler is not None
+
+    def unawaited(error: BaseException) -> dict[str, Any]:
+        future = loop.create_future()
+        future.set_exception(error)
+        future.exception()  # retrieved here, so that collecting it later logs nothing
+        return {
+            "message": "Future exception was never retrieved",
+            "exception": error,
+            "future": future,
+        }
+
+    with caplog.at_level(logging.INFO):
+        handler(loop, unawaited(asyncpg.ConnectionDoesNotExistError("closed mid-operation")))
+        handler(loop, unawaited(RuntimeError("a bug")))
+    lost = [r for r in caplog.records if "closed mid-operation" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in lost] == [(logging.INFO, None)]
+    [other] = [r for r in caplog.records if r.exc_info]
+    assert other.levelno == logging.ERROR
+    assert "a bug" in str(other.exc_info[1])
+
+
 @pytest.mark.parametrize(
     ("statement_timeout_s", "lock_timeout_s"), [(30.0, 0.3), (0.3, 30.0)], ids=["lock", "statement"]
 )

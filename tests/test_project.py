@@ -1,14 +1,17 @@
-"""Project checks, as ordinary tests: the layering of imports, fresh generated stubs, a clean
-`buf lint`, clean `ruff check` and `ruff format --check`, one status code and one client class
-per error reason, and a wheel that installs what the Dockerfile needs."""
+"""Project checks, as ordinary tests: the layering of imports, one status code and one client
+class per error reason, a wheel that installs what the Dockerfile needs, and the check script
+itself. The tools' checks (ruff, mypy, buf lint and breaking, stale stubs) are steps of
+`scripts/check`, which runs them and then these tests."""
 
 from __future__ import annotations
 
 import ast
 import configparser
 import importlib
+import importlib.machinery
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -16,6 +19,7 @@ import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -167,48 +171,76 @@ def test_the_caller_rule_is_defined_once() -> None:
         caller.check_caller(model.system_caller)
 
 
-def test_generated_stubs_are_fresh() -> None:
-    result = subprocess.run(
-        [sys.executable, "scripts/gen_protos.py", "--check"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=subprocess_timeout_s,
-    )
-    assert result.returncode == 0, (
-        "clients/coffer/v1 is stale; run `python scripts/gen_protos.py`\n"
-        + result.stdout
-        + result.stderr
-    )
+def check_script() -> ModuleType:
+    """scripts/check, loaded as a module (it has no .py suffix, to be run as a program)."""
+    name = "coffer_check_script"
+    loader = importlib.machinery.SourceFileLoader(name, str(root / "scripts" / "check"))
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules.
+    sys.modules[name] = module
+    try:
+        loader.exec_module(module)
+    finally:
+        del sys.modules[name]
+    return module
 
 
-def test_buf_lint(tmp_path: Path) -> None:
-    buf = Path(sys.executable).parent / "buf"
-    assert buf.exists(), f"no buf next to {sys.executable}: pip install buf-bin"
-    result = subprocess.run(
-        [str(buf), "lint"],
-        cwd=root / "protos",
-        capture_output=True,
-        text=True,
-        timeout=subprocess_timeout_s,
-        env={**os.environ, "BUF_CACHE_DIR": str(tmp_path / "buf-cache")},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_check_script_runs_its_steps_in_order() -> None:
+    check = check_script()
+    steps = check.steps(["-k", "ledger"])
+    assert [step.name for step in steps] == [
+        "ruff check",
+        "ruff format",
+        "mypy",
+        "buf lint",
+        "buf breaking",
+        "stubs fresh",
+        "tests",
+    ]
+    missing = [f"{step.name}: {step.missing}" for step in steps if step.command is None]
+    assert not missing, missing
+    [breaking] = [step for step in steps if step.name == "buf breaking"]
+    against = Path(breaking.command[breaking.command.index("--against") + 1])
+    assert (root / against).is_file()
+    assert against.parent == Path("protos", "releases")
+    assert list(steps[-1].command[-2:]) == ["-k", "ledger"]
 
 
-@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["lint", "format"])
-def test_ruff(check: list[str]) -> None:
-    """The lint and format rules of pyproject.toml hold over the whole tree."""
-    ruff = Path(sys.executable).parent / "ruff"
-    assert ruff.exists(), f"no ruff next to {sys.executable}: pip install ruff"
-    result = subprocess.run(
-        [str(ruff), *check, "--no-cache", "."],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=subprocess_timeout_s,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_check_script_runs_every_step_and_fails_if_any_failed(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    check = check_script()
+    python = sys.executable
+    steps = [
+        check.Step("fails", [python, "-c", "raise SystemExit(3)"]),
+        check.Step("cannot run", None, missing="no such tool"),
+        check.Step("passes", [python, "-c", "print('ran after the failures')"]),
+    ]
+    assert check.run(steps, os.environ) == 1
+    printed = capfd.readouterr().out
+    assert "ran after the failures" in printed
+    assert "no such tool" in printed
+    for name in ("fails", "cannot run", "passes"):
+        assert f"==> {name}\n" in printed
+    assert printed.splitlines()[-1] == "check: 1 passed, 2 failed"
+    assert check.run(steps[2:], os.environ) == 0
+    assert capfd.readouterr().out.splitlines()[-1] == "check: 1 passed, 0 failed"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """.ci/run runs the README's second command, the one that runs the checks, as written."""
+    readme = (root / "README.md").read_text()
+    commands = [block.strip() for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL)]
+    [command] = [command for command in commands if "scripts/check" in command]
+    assert "\n" not in command
+    ci = [
+        line
+        for line in (root / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert ci == [command]
 
 
 def test_every_reason_has_a_status_code() -> None:

@@ -1,10 +1,15 @@
 """What `coffer bench` runs around its load: the database, the server processes, pgbench, the
 preload of stored transfers, and the check of the books afterwards.
 
+The benchmark reads and writes the ledger only through the public API (the typed client, in
+`load`) and the core's documented entry points: `coffer.core.preload` for the history it
+preloads, `coffer.core.audit` for the check of the books. pgbench's scratch database is its
+own.
+
     async with bench_database(None) as database:          # a durable embedded cluster
         async with ServerGroup.start(database.dsn, count=1, server_arguments=[]) as servers:
             ...                                           # servers.target, servers.pids
-        result = await self_check(database.dsn)           # "passed" or "failed: ..."
+        books = await check_books(database.dsn)           # books.passed, books.summary()
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
 
 import asyncpg
 
+from coffer.core import audit
+from coffer.core.preload import preload_transfers
 from coffer.postgres.supervisor import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
 
 server_start_timeout_s = 120.0
@@ -40,11 +46,8 @@ pgbench_clients = 32
 pgbench_threads = 2
 pgbench_database = "pgbench_scratch"
 pgbench_init_timeout_s = 600.0
-preload_chunk_max = 1_000_000
-preload_spread_days = 7
-# Kinds that reserve or release without posting: hold, release, hold expiry.
-kinds_not_posting = (7, 9, 10)
-check_examples_max = 5
+# Who the preloaded transfers say performed them.
+preload_performed_by = "bench-preload"
 
 Note = Callable[[str], None]
 
@@ -381,69 +384,22 @@ async def _run_command(arguments: list[str], timeout_s: float) -> str:
     return text
 
 
-# Preload ---------------------------------------------------------------------------------------
-
-_preload_chunk = """
-with chosen as (
-    select nextval('transfers_id') as id,
-           g,
-           floor(random() * $2::int)::int as source_index,
-           floor(random() * ($2::int - 1))::int as offset_index,
-           1 + floor(random() * 10000)::bigint as amount
-    from generate_series($3::bigint, $4::bigint) as g
-), inserted as (
-    insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id, amount,
-                           performed_by, created_at)
-    select id, id, 3,
-           ($1::bigint[])[source_index + 1],
-           ($1::bigint[])[(source_index + 1 + offset_index) % $2::int + 1],
-           amount,
-           'bench-preload',
-           $6::timestamptz - $7::interval * (1 - g::float8 / $5::float8)
-    from chosen
-    returning source_wallet_id, target_wallet_id, amount
-), changes as (
-    select wallet_id, sum(change) as change from (
-        select source_wallet_id as wallet_id, -amount as change from inserted
-        union all
-        select target_wallet_id, amount from inserted
-    ) as postings
-    group by wallet_id
-)
-update wallets set posted = wallets.posted + changes.change
-from changes where wallets.id = changes.wallet_id
-"""
+# The ledger's history and books, through the core ------------------------------------------
 
 
 async def preload(dsn: str, wallet_ids: Sequence[int], count: int, note: Note) -> float:
-    """Inserts `count` transfers among the wallets, set-based, in chunks of up to a million,
-    each chunk in one transaction with the balances it changes; ANALYZE after. Returns the
+    """Stores `count` transfers among the wallets with the core's bulk preload; returns the
     seconds it took."""
-    assert len(wallet_ids) >= 2, "preload needs two wallets or more"
     started = time.monotonic()
+
+    def progress(done: int) -> None:
+        note(f"preload: {done:,} / {count:,} transfers ({time.monotonic() - started:.0f} s)")
+
     connection = await asyncpg.connect(dsn)
     try:
-        now = await connection.fetchval("select now() - interval '1 minute'")
-        done = 0
-        while done < count:
-            chunk = min(preload_chunk_max, count - done)
-            async with connection.transaction():
-                await connection.execute(
-                    _preload_chunk,
-                    list(wallet_ids),
-                    len(wallet_ids),
-                    done + 1,
-                    done + chunk,
-                    count,
-                    now,
-                    timedelta(days=preload_spread_days),
-                )
-            done += chunk
-            elapsed = time.monotonic() - started
-            note(f"preload: {done:,} / {count:,} transfers ({elapsed:.0f} s)")
-        note("preload: analyze")
-        await connection.execute("analyze transfers")
-        await connection.execute("analyze wallets")
+        await preload_transfers(
+            connection, wallet_ids, count, performed_by=preload_performed_by, progress=progress
+        )
     finally:
         await connection.close()
     return time.monotonic() - started
@@ -460,82 +416,10 @@ async def checkpoint(dsn: str) -> None:
         await connection.close()
 
 
-# The check of the books ------------------------------------------------------------------------
-
-
-async def count_transfers(dsn: str) -> int:
+async def check_books(dsn: str) -> audit.Audit:
+    """The core's check of the books, on a connection of its own."""
     connection = await asyncpg.connect(dsn)
     try:
-        count: int = await connection.fetchval("select count(*) from transfers")
-        return count
+        return await audit.check_books(connection)
     finally:
         await connection.close()
-
-
-async def self_check(dsn: str) -> str:
-    """ "passed", or "failed: " and what does not add up. In one snapshot: each unit's posted
-    balances sum to zero; each wallet's posted balance is its posting transfers in minus out;
-    its pending balance is the sum of its open holds."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        async with connection.transaction(isolation="repeatable_read", readonly=True):
-            units = await connection.fetch(
-                "select unit, sum(posted) as total from wallets group by unit"
-                " having sum(posted) <> 0 order by unit"
-            )
-            posted = await connection.fetch(
-                """
-                with inflow as (
-                    select target_wallet_id as id, sum(amount) as total from transfers
-                    where kind <> all($1::smallint[]) group by 1
-                ), outflow as (
-                    select source_wallet_id as id, sum(amount) as total from transfers
-                    where kind <> all($1::smallint[]) group by 1
-                )
-                select w.id, w.posted,
-                       coalesce(i.total, 0) - coalesce(o.total, 0) as expected
-                from wallets w
-                left join inflow i on i.id = w.id
-                left join outflow o on o.id = w.id
-                where w.posted <> coalesce(i.total, 0) - coalesce(o.total, 0)
-                order by w.id
-                """,
-                list(kinds_not_posting),
-            )
-            pending = await connection.fetch(
-                """
-                select w.id, w.pending, coalesce(h.total, 0) as expected
-                from wallets w
-                left join (select source_wallet_id as id, sum(amount) as total
-                           from pending_holds group by 1) h on h.id = w.id
-                where w.pending <> coalesce(h.total, 0)
-                order by w.id
-                """
-            )
-    finally:
-        await connection.close()
-    problems = []
-    if units:
-        problems.append(
-            "units whose posted balances do not sum to 0: "
-            + ", ".join(f"{row['unit']} ({row['total']:+})" for row in units)
-        )
-    if posted:
-        problems.append(
-            f"{len(posted)} wallets whose posted balance is not their transfers in minus out: "
-            + _examples(posted, "posted")
-        )
-    if pending:
-        problems.append(
-            f"{len(pending)} wallets whose pending balance is not their open holds: "
-            + _examples(pending, "pending")
-        )
-    return "failed: " + "; ".join(problems) if problems else "passed"
-
-
-def _examples(rows: Sequence[asyncpg.Record], column: str) -> str:
-    shown = ", ".join(
-        f"wallet {row['id']} has {row[column]}, expected {row['expected']}"
-        for row in rows[:check_examples_max]
-    )
-    return shown + (", …" if len(rows) > check_examples_max else "")

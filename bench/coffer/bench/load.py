@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO, TypedDict
 
 from coffer.bench.measure import Recorder, progress
 from coffer.clients import Client, errors, operations
@@ -95,11 +95,11 @@ async def setup(client: Client, scenario: str, wallets: int, run_id: str, note: 
         raise ValueError(f"--wallets {wallets} is too few for the {scenario} scenario")
     limit = asyncio.Semaphore(setup_concurrency)
 
-    async def create(number: int, kind: str) -> int:
+    async def create(number: int, kind: Literal["customer", "merchant"]) -> int:
         async with limit:
             wallet = await client.create_wallet(
                 owner_id=f"bench-{run_id}-{kind}-{number}",
-                owner_kind=kind,  # type: ignore[arg-type]
+                owner_kind=kind,
                 unit=unit_code,
                 balance_minimum=-overdraft if kind == "customer" else 0,
                 metadata={"bench": run_id},
@@ -400,6 +400,13 @@ mixed_actions = {
 }
 
 
+class _Common(TypedDict):
+    """What every mutating call of the mixed scenario carries."""
+
+    performed_by: str
+    idempotency_key: str
+
+
 class MixedWorkload(Workload):
     """Single calls of every kind: credits, debits (all-or-nothing and up-to), transfers, holds
     captured (all or part) or released, voids of earlier transfers, and balance reads."""
@@ -455,7 +462,7 @@ class MixedWorkload(Workload):
         key: str,
     ) -> int:
         """Makes the call; returns 1 for a mutating operation, 0 for a read."""
-        common = {"performed_by": performed_by, "idempotency_key": key}
+        common = _Common(performed_by=performed_by, idempotency_key=key)
         if action == "transfer":
             transfer = await client.transfer(
                 source_wallet_id=source,

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from coffer.bench import infra, load, overload, report
 from coffer.bench.load import batch_scenarios, scenarios
 from coffer.clients import Client
 
+__all__ = ["bench", "main", "parse_arguments"]
+
 inflight_default_batch = 2
 inflight_default_single = 64
 echo_inflight = 64
@@ -53,20 +56,31 @@ batch_size_max = 8000
 connections_per_server = 4
 
 
-def main(argv: list[str] | None = None) -> int:
-    arguments = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    problem = _check(arguments)
-    if problem:
-        print(f"coffer bench: {problem}", file=sys.stderr)
+def main(argv: Sequence[str] | None = None) -> int:
+    """`coffer bench`: 0 when the run went through and the books balance, 1 when not, 2 for
+    bad arguments."""
+    arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
+    if arguments is None:
         return 2
     try:
-        return uvloop.run(_bench(arguments))
+        return uvloop.run(bench(arguments))
     except KeyboardInterrupt:
         print("coffer bench: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # Anything that stopped the run: say what, in one place.
         print(f"coffer bench: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+
+
+def parse_arguments(argv: Sequence[str]) -> argparse.Namespace | None:
+    """The arguments, with the defaults that depend on others filled; None, once the problem
+    is printed, if they are wrong (argparse's own refusals exit with 2, as it does)."""
+    arguments = _parser().parse_args(argv)
+    problem = _check(arguments)
+    if problem:
+        print(f"coffer bench: {problem}", file=sys.stderr)
+        return None
+    return arguments
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--scenario", choices=scenarios, default="batch")
     parser.add_argument(
-        "--duration", type=float, default=20.0, help="measured seconds (default 20)"
+        "--duration",
+        type=float,
+        default=20.0,
+        help="measured seconds (default 20; under 1 s, a smoke run without per-second figures)",
     )
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of load not counted (default 2)"
@@ -144,7 +161,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="insert N transfers with SQL before the run (e.g. 10000000)",
+        help="store N transfers of history among the customers before the run, with the "
+        "core's bulk preload (e.g. 10000000; needs the database)",
     )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the pgbench and gRPC echo comparisons"
@@ -177,7 +195,7 @@ def _check(arguments: argparse.Namespace) -> str | None:
         if not arguments.sweep or min(arguments.sweep) < 1:
             return "--sweep needs in-flight counts of 1 or more"
     checks = [
-        (arguments.duration >= 1, "--duration must be 1 second or more"),
+        (arguments.duration > 0, "--duration must be more than 0 seconds"),
         (arguments.warmup >= 0, "--warmup must not be negative"),
         (arguments.inflight >= 1, "--inflight must be 1 or more"),
         (
@@ -209,7 +227,10 @@ def _note(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-async def _bench(arguments: argparse.Namespace) -> int:
+async def bench(arguments: argparse.Namespace) -> int:
+    """The run, on the running event loop (main runs it on uvloop): prints the table (and the
+    JSON line with --json), writes the files, stops everything it started; returns main's
+    exit code."""
     started = time.time()
     run_id = f"b{secrets.token_hex(4)}"
     log_dir = Path(tempfile.mkdtemp(prefix="coffer-bench-logs-"))
@@ -303,8 +324,9 @@ async def _measure(
     transfers_stored = None
     if database is not None:
         _note("checking the books")
-        self_check = await infra.self_check(database.dsn)
-        transfers_stored = await infra.count_transfers(database.dsn)
+        books = await infra.check_books(database.dsn)
+        self_check = books.summary()
+        transfers_stored = books.transfers
 
     pgbench: dict[str, Any] = {"tps": None, "note": "skipped: --no-compare"}
     echo: dict[str, Any] | None = None

@@ -27,7 +27,7 @@ import random
 import time
 from array import array
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from coffer.bench.load import BatchWorkload, Fixture, Note, SingleWorkload
@@ -221,7 +221,7 @@ async def _capacity(
 
 
 async def _open_loop(
-    senders: Sequence[tuple[Callable[[Client], Awaitable[None]], float]],
+    senders: Sequence[tuple[Callable[[Client], Coroutine[Any, Any, None]], float]],
     clients: Sequence[Client],
     duration_s: float,
     in_flight: set[asyncio.Task[None]],

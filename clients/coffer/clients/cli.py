@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
-from coffer.clients import errors
+from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
@@ -36,25 +36,9 @@ exit_ok = 0
 exit_refused = 1
 exit_usage = 2
 exit_unreachable = 3
-int64_max = 2**63 - 1
-page_size_max = 1000
 list_limit_default = 100
 history_limit_default = 20
 list_limit_max = 10_000
-hold_timeout_s_max = 30 * 24 * 3600
-transfer_kinds = [
-    "credit",
-    "debit",
-    "transfer",
-    "deposit",
-    "withdrawal",
-    "payment",
-    "hold",
-    "capture",
-    "release",
-    "hold-expiry",
-    "void",
-]
 amount_help = "an integer amount in the unit's minor units (e.g. cents: 1500 is EUR 15.00)"
 
 ItemT = TypeVar("ItemT")
@@ -177,7 +161,7 @@ def _parser(
     units = group("unit", "units: currencies and credit types")
     sub = command(units, "create", "create a unit (idempotent by code)", _unit_create)
     sub.add_argument("code", metavar="CODE", help='e.g. "EUR", or a credit type such as "seat"')
-    sub.add_argument("--kind", required=True, choices=["currency", "credit"])
+    sub.add_argument("--kind", required=True, choices=_names(types_pb2.UnitKind))
     sub.add_argument(
         "--scale", required=True, type=_scale, help="minor-unit digits: 2 for EUR, 0 for seats"
     )
@@ -215,7 +199,7 @@ def _parser(
     _add_wallet_amount(sub)
     sub.add_argument(
         "--mode",
-        choices=["all-or-nothing", "up-to"],
+        choices=_names(types_pb2.DebitMode),
         default="all-or-nothing",
         help="up-to: debit what is available and report the rest (default: all-or-nothing)",
     )
@@ -262,7 +246,7 @@ def _parser(
         "--timeout",
         type=_hold_timeout,
         metavar="SECONDS",
-        help="until the hold releases itself (default 3600)",
+        help=f"until the hold releases itself (default {limits.hold_timeout_s_default})",
     )
     _add_mutation_options(sub, reference=True)
     sub = command(holds, "capture", "post all or part of a hold", _hold_capture)
@@ -285,7 +269,12 @@ def _parser(
     sub = command(commands, "history", "a wallet's transfers, newest first", _history)
     sub.add_argument("wallet", type=_identifier, metavar="WALLET")
     sub.add_argument(
-        "--kind", nargs="+", action="extend", choices=transfer_kinds, default=[], metavar="K"
+        "--kind",
+        nargs="+",
+        action="extend",
+        choices=_names(types_pb2.TransferKind),
+        default=[],
+        metavar="K",
     )
     sub.add_argument("--reference", default="", metavar="R")
     sub.add_argument("--limit", type=_limit, default=history_limit_default, metavar="N")
@@ -334,7 +323,9 @@ def _add_wallet_amount(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_mutation_options(parser: argparse.ArgumentParser, *, reference: bool) -> None:
-    parser.add_argument("--note", default="", help="why (up to 1,000 characters)")
+    parser.add_argument(
+        "--note", default="", help=f"why (up to {limits.note_length_max:,} characters)"
+    )
     if reference:
         parser.add_argument("--reference", default="", help="your reference, e.g. an order id")
     user = os.environ.get("USER") or os.environ.get("USERNAME") or ""
@@ -355,7 +346,7 @@ def _add_metadata_option(parser: argparse.ArgumentParser) -> None:
         type=_key_value,
         default=[],
         metavar="K=V",
-        help="up to 16 entries",
+        help=f"up to {limits.metadata_entries_max} entries",
     )
 
 
@@ -364,22 +355,23 @@ def _int64(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not -int64_max - 1 <= value <= int64_max:
+    # Every integer the API carries is an int64, the range of a balance.
+    if not limits.balance_min <= value <= limits.balance_max:
         raise argparse.ArgumentTypeError(f"out of the 64-bit range: {text}")
     return value
 
 
 def _identifier(text: str) -> int:
     value = _int64(text)
-    if value <= 0:
+    if not 0 < value <= limits.id_max:
         raise argparse.ArgumentTypeError(f"not an id: {text}")
     return value
 
 
 def _scale(text: str) -> int:
     value = _int64(text)
-    if not 0 <= value <= 18:
-        raise argparse.ArgumentTypeError(f"not 0 to 18: {text}")
+    if not 0 <= value <= limits.unit_scale_max:
+        raise argparse.ArgumentTypeError(f"not 0 to {limits.unit_scale_max}: {text}")
     return value
 
 
@@ -395,7 +387,7 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= hold_timeout_s_max:
+    if not 0 < value <= limits.hold_timeout_s_max:
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
     return value
 
@@ -709,7 +701,7 @@ def _collect(fetch: Callable[[int, str], Page[ItemT]], limit: int) -> tuple[list
     items: list[ItemT] = []
     page_token = ""
     while len(items) < limit:
-        page = fetch(min(limit - len(items), page_size_max), page_token)
+        page = fetch(min(limit - len(items), limits.page_size_max), page_token)
         items.extend(page.items)
         page_token = page.next_page_token
         if not page_token:
@@ -825,6 +817,12 @@ def _name(enum: Any, value: int) -> str:
     except ValueError:
         return str(value)
     return name.removeprefix(unspecified.removesuffix("UNSPECIFIED")).lower().replace("_", "-")
+
+
+def _names(enum: Any) -> list[str]:
+    """Every value of a protobuf enum but the unspecified one, as the CLI spells them: the
+    choices of an option are the API's, never a list of our own."""
+    return [_name(enum, value.number) for value in enum.DESCRIPTOR.values[1:]]
 
 
 def _time(timestamp: Timestamp) -> str:

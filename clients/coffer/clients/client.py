@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import random
 import threading
 import time
@@ -42,7 +43,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Concatenate, Generic, Literal, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, Protocol, Self, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -134,14 +135,22 @@ class WalletBalance:
 
 
 class Operations:
-    """Builders of batch operations, for `submit_batch`; use them as `operations.credit(...)`.
+    """The operations that move money, each declared once, here: as the builder of a batch
+    operation, for `submit_batch` (use them as `operations.credit(...)`).
 
-    Each fills a fresh idempotency key unless given one; `linked=True` links the operation to
-    the next, so that the chain succeeds or fails as a whole.
+    `Client` and `SyncClient` build their methods of the same names from these builders (see
+    `_single_call`), so that an argument added here reaches the three at once and a type
+    checker sees the same keyword arguments on each. `linked=True` links the operation to the
+    next one of its batch, so that the chain succeeds or fails as a whole; a single call has
+    no next, so its method has no `linked`. It comes first because a leading argument is the
+    one a typed signature can drop (`Concatenate`).
+
+    Each fills a fresh idempotency key unless given one.
     """
 
     @staticmethod
     def credit(
+        linked: bool = False,
         *,
         wallet_id: int,
         amount: int,
@@ -150,8 +159,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """The operator funds a wallet."""
         request = transfers_pb2.CreditRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -165,6 +174,7 @@ class Operations:
 
     @staticmethod
     def debit(
+        linked: bool = False,
         *,
         wallet_id: int,
         amount: int,
@@ -174,8 +184,9 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """A wallet spends, back to the operator. "up_to" debits what is available down to the
+        wallet's minimum and reports the rest as `amount_remaining`."""
         request = transfers_pb2.DebitRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -190,6 +201,7 @@ class Operations:
 
     @staticmethod
     def transfer(
+        linked: bool = False,
         *,
         source_wallet_id: int,
         target_wallet_id: int,
@@ -199,8 +211,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """Between two wallets of one unit."""
         request = transfers_pb2.TransferRequest(
             idempotency_key=_key(idempotency_key),
             source_wallet_id=source_wallet_id,
@@ -215,6 +227,7 @@ class Operations:
 
     @staticmethod
     def deposit(
+        linked: bool = False,
         *,
         wallet_id: int,
         amount: int,
@@ -223,8 +236,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """From an external funding source (a bank account, a card reference) into a wallet."""
         request = transfers_pb2.DepositRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -238,6 +251,7 @@ class Operations:
 
     @staticmethod
     def withdraw(
+        linked: bool = False,
         *,
         wallet_id: int,
         amount: int,
@@ -246,8 +260,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """From a wallet out to an external funding source."""
         request = transfers_pb2.WithdrawRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -261,6 +275,7 @@ class Operations:
 
     @staticmethod
     def pay(
+        linked: bool = False,
         *,
         payer_wallet_id: int,
         payee_wallet_id: int,
@@ -270,8 +285,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """From a customer's wallet to a merchant's."""
         request = transfers_pb2.PayRequest(
             idempotency_key=_key(idempotency_key),
             payer_wallet_id=payer_wallet_id,
@@ -286,14 +301,15 @@ class Operations:
 
     @staticmethod
     def void(
+        linked: bool = False,
         *,
         transfer_id: int,
         note: str = "",
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """Reverses a transfer with a new one; the voided transfer stays, marked voided."""
         request = transfers_pb2.VoidRequest(
             idempotency_key=_key(idempotency_key),
             transfer_id=transfer_id,
@@ -305,6 +321,7 @@ class Operations:
 
     @staticmethod
     def place_hold(
+        linked: bool = False,
         *,
         wallet_id: int,
         amount: int,
@@ -315,9 +332,10 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
-        """`target_wallet_id` 0 captures to the unit's operator wallet; no timeout means 1 hour."""
+        """Reserves an amount of the wallet's available balance, for a capture to
+        `target_wallet_id` (0: the unit's operator wallet). It expires after `timeout`
+        (1 second to 30 days; default 1 hour)."""
         request = holds_pb2.PlaceHoldRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -333,6 +351,7 @@ class Operations:
 
     @staticmethod
     def capture_hold(
+        linked: bool = False,
         *,
         hold_id: int,
         amount: int | None = None,
@@ -341,9 +360,8 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
-        """No amount captures all of the hold; a smaller one releases the rest."""
+        """Posts all of the hold (no `amount`), or `amount` of it and releases the rest."""
         request = holds_pb2.CaptureHoldRequest(
             idempotency_key=_key(idempotency_key),
             hold_id=hold_id,
@@ -357,14 +375,15 @@ class Operations:
 
     @staticmethod
     def release_hold(
+        linked: bool = False,
         *,
         hold_id: int,
         note: str = "",
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
-        linked: bool = False,
     ) -> Operation:
+        """Gives the hold's amount back to the wallet's available balance."""
         request = holds_pb2.ReleaseHoldRequest(
             idempotency_key=_key(idempotency_key),
             hold_id=hold_id,
@@ -388,6 +407,64 @@ class _Stubs:
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
+
+
+class _TransferResponse(Protocol):
+    @property
+    def transfer(self) -> Transfer: ...
+
+
+class _HoldResponse(Protocol):
+    @property
+    def hold(self) -> Hold: ...
+
+    @property
+    def transfer(self) -> Transfer: ...
+
+
+def _transfer(response: _TransferResponse) -> Transfer:
+    return response.transfer
+
+
+def _debit_result(response: transfers_pb2.DebitResponse) -> DebitResult:
+    return DebitResult(response.transfer, response.amount_debited, response.amount_remaining)
+
+
+def _hold_result(response: _HoldResponse) -> HoldResult:
+    return HoldResult(response.hold, response.transfer)
+
+
+def _single_call(
+    build: Callable[Concatenate[bool, ParametersP], Operation],
+    route: Callable[
+        [_Stubs, Operation], tuple[grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT], RequestT]
+    ],
+    result: Callable[[ResponseT], ResultT],
+) -> Callable[Concatenate[Client, ParametersP], Coroutine[Any, Any, ResultT]]:
+    """The Client method of an operation declared in `Operations`: it takes the builder's
+    keyword arguments (its `linked` bound to False), sends the request the builder made to the
+    RPC that `route` picks (with the request, typed alike), and returns what `result` makes of
+    the response."""
+
+    async def call(
+        self: Client, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs
+    ) -> ResultT:
+        method, request = route(self._stubs(), build(False, *args, **kwargs))
+        return result(await self._call(method, request))
+
+    # What help() and editors show: the builder's name, words and arguments, without `linked`.
+    signature = inspect.signature(build)
+    call.__name__ = build.__name__
+    call.__qualname__ = f"Client.{build.__name__}"
+    call.__doc__ = build.__doc__
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[
+            inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+            *(each for name, each in signature.parameters.items() if name != "linked"),
+        ],
+        return_annotation=inspect.signature(result).return_annotation,
+    )
+    return call
 
 
 class Client:
@@ -563,178 +640,45 @@ class Client:
         response = await self._call(self._stubs().wallets.CancelWallet, request)
         return response.wallet
 
-    # Transfers.
+    # Transfers. The operations that move money are declared once, in `Operations`: each
+    # method takes the keyword arguments of its builder there, but `linked`, and returns what
+    # its response carries.
 
-    async def credit(
-        self,
-        *,
-        wallet_id: int,
-        amount: int,
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """The operator funds a wallet."""
-        operation = operations.credit(
-            wallet_id=wallet_id,
-            amount=amount,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Credit, operation.credit)
-        return response.transfer
-
-    async def debit(
-        self,
-        *,
-        wallet_id: int,
-        amount: int,
-        mode: DebitModeName = "all_or_nothing",
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> DebitResult:
-        """A wallet spends, back to the operator. "up_to" debits what is available down to the
-        wallet's minimum and reports the rest as `amount_remaining`."""
-        operation = operations.debit(
-            wallet_id=wallet_id,
-            amount=amount,
-            mode=mode,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Debit, operation.debit)
-        return DebitResult(response.transfer, response.amount_debited, response.amount_remaining)
-
-    async def transfer(
-        self,
-        *,
-        source_wallet_id: int,
-        target_wallet_id: int,
-        amount: int,
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """Between two wallets of one unit."""
-        operation = operations.transfer(
-            source_wallet_id=source_wallet_id,
-            target_wallet_id=target_wallet_id,
-            amount=amount,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Transfer, operation.transfer)
-        return response.transfer
-
-    async def deposit(
-        self,
-        *,
-        wallet_id: int,
-        amount: int,
-        funding_source: str,
-        note: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """From an external funding source (a bank account, a card reference) into a wallet."""
-        operation = operations.deposit(
-            wallet_id=wallet_id,
-            amount=amount,
-            funding_source=funding_source,
-            note=note,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Deposit, operation.deposit)
-        return response.transfer
-
-    async def withdraw(
-        self,
-        *,
-        wallet_id: int,
-        amount: int,
-        funding_source: str,
-        note: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """From a wallet out to an external funding source."""
-        operation = operations.withdraw(
-            wallet_id=wallet_id,
-            amount=amount,
-            funding_source=funding_source,
-            note=note,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Withdraw, operation.withdraw)
-        return response.transfer
-
-    async def pay(
-        self,
-        *,
-        payer_wallet_id: int,
-        payee_wallet_id: int,
-        amount: int,
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """From a customer's wallet to a merchant's."""
-        operation = operations.pay(
-            payer_wallet_id=payer_wallet_id,
-            payee_wallet_id=payee_wallet_id,
-            amount=amount,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Pay, operation.pay)
-        return response.transfer
-
-    async def void(
-        self,
-        *,
-        transfer_id: int,
-        note: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> Transfer:
-        """Reverses a transfer with a new one; the voided transfer stays, marked voided."""
-        operation = operations.void(
-            transfer_id=transfer_id,
-            note=note,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().transfers.Void, operation.void)
-        return response.transfer
+    credit = _single_call(
+        Operations.credit,
+        lambda stubs, operation: (stubs.transfers.Credit, operation.credit),
+        _transfer,
+    )
+    debit = _single_call(
+        Operations.debit,
+        lambda stubs, operation: (stubs.transfers.Debit, operation.debit),
+        _debit_result,
+    )
+    transfer = _single_call(
+        Operations.transfer,
+        lambda stubs, operation: (stubs.transfers.Transfer, operation.transfer),
+        _transfer,
+    )
+    deposit = _single_call(
+        Operations.deposit,
+        lambda stubs, operation: (stubs.transfers.Deposit, operation.deposit),
+        _transfer,
+    )
+    withdraw = _single_call(
+        Operations.withdraw,
+        lambda stubs, operation: (stubs.transfers.Withdraw, operation.withdraw),
+        _transfer,
+    )
+    pay = _single_call(
+        Operations.pay,
+        lambda stubs, operation: (stubs.transfers.Pay, operation.pay),
+        _transfer,
+    )
+    void = _single_call(
+        Operations.void,
+        lambda stubs, operation: (stubs.transfers.Void, operation.void),
+        _transfer,
+    )
 
     async def submit_batch(self, operations: Sequence[Operation]) -> list[OperationResult]:
         """Applies the operations in order in one database transaction; one result each, in
@@ -809,80 +753,23 @@ class Client:
                 return
             page_token = page.next_page_token
 
-    # Holds.
+    # Holds; placing, capturing and releasing are declared in `Operations` too.
 
-    async def place_hold(
-        self,
-        *,
-        wallet_id: int,
-        amount: int,
-        target_wallet_id: int = 0,
-        timeout: timedelta | None = None,
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> HoldResult:
-        """Reserves an amount of the wallet's available balance, for a capture to
-        `target_wallet_id` (0: the unit's operator wallet). It expires after `timeout`
-        (1 second to 30 days; default 1 hour)."""
-        operation = operations.place_hold(
-            wallet_id=wallet_id,
-            amount=amount,
-            target_wallet_id=target_wallet_id,
-            timeout=timeout,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().holds.PlaceHold, operation.place_hold)
-        return HoldResult(response.hold, response.transfer)
-
-    async def capture_hold(
-        self,
-        *,
-        hold_id: int,
-        amount: int | None = None,
-        note: str = "",
-        reference: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> HoldResult:
-        """Posts all of the hold, or `amount` of it and releases the rest."""
-        operation = operations.capture_hold(
-            hold_id=hold_id,
-            amount=amount,
-            note=note,
-            reference=reference,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().holds.CaptureHold, operation.capture_hold)
-        return HoldResult(response.hold, response.transfer)
-
-    async def release_hold(
-        self,
-        *,
-        hold_id: int,
-        note: str = "",
-        performed_by: str = "",
-        metadata: Mapping[str, str] | None = None,
-        idempotency_key: str | None = None,
-    ) -> HoldResult:
-        operation = operations.release_hold(
-            hold_id=hold_id,
-            note=note,
-            performed_by=performed_by,
-            metadata=metadata,
-            idempotency_key=idempotency_key,
-        )
-        response = await self._call(self._stubs().holds.ReleaseHold, operation.release_hold)
-        return HoldResult(response.hold, response.transfer)
+    place_hold = _single_call(
+        Operations.place_hold,
+        lambda stubs, operation: (stubs.holds.PlaceHold, operation.place_hold),
+        _hold_result,
+    )
+    capture_hold = _single_call(
+        Operations.capture_hold,
+        lambda stubs, operation: (stubs.holds.CaptureHold, operation.capture_hold),
+        _hold_result,
+    )
+    release_hold = _single_call(
+        Operations.release_hold,
+        lambda stubs, operation: (stubs.holds.ReleaseHold, operation.release_hold),
+        _hold_result,
+    )
 
     async def get_hold(self, *, hold_id: int) -> Hold:
         request = holds_pb2.GetHoldRequest(hold_id=hold_id)

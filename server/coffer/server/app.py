@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import asyncpg
 import grpc
@@ -84,6 +85,9 @@ class Server:
         self._probe_pool = probe_pool
         # Set when the health check's connection closes: check again at once.
         self._probe_lost = probe_lost
+        self._loop = asyncio.get_running_loop()
+        self._exception_handler_before = self._loop.get_exception_handler()
+        self._loop.set_exception_handler(self._unretrieved_errors)
         self._sweep = asyncio.create_task(self._expire_holds())
         self._health_check = asyncio.create_task(self._check_health())
         self._loop_watch = asyncio.create_task(admitting.watch_loop())
@@ -101,14 +105,17 @@ class Server:
             await connection.close()
         if applied:
             logger.info("applied migrations %s", applied)
-        timeouts = {
-            "statement_timeout_s": settings.statement_timeout_s,
-            "lock_timeout_s": settings.lock_timeout_s,
-        }
         pools: list[asyncpg.Pool] = []
         try:
             for size in (settings.pool_size, settings.pool_size_read):
-                pools.append(await create_pool(settings.database_url, size_max=size, **timeouts))
+                pools.append(
+                    await create_pool(
+                        settings.database_url,
+                        size_max=size,
+                        statement_timeout_s=settings.statement_timeout_s,
+                        lock_timeout_s=settings.lock_timeout_s,
+                    )
+                )
             probe_timeout_s = settings.health_check_timeout_s
             probe_lost = asyncio.Event()
             probe_pool = await create_pool(
@@ -194,6 +201,26 @@ class Server:
                 await task
         await self.ledger.close()
         await self._probe_pool.close()
+        if self._loop.get_exception_handler() == self._unretrieved_errors:
+            self._loop.set_exception_handler(self._exception_handler_before)
+
+    def _unretrieved_errors(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's handler of errors nobody awaited: a lost database connection's,
+        left by asyncpg, is logged at INFO without a traceback; anything else goes to the
+        handler there was before.
+
+        When a connection is lost while a query on it is being cancelled (a timeout, or a
+        caller gone, during a database restart), asyncpg sets the loss on an internal future
+        that nobody awaits any more, and asyncio would log "Future exception was never
+        retrieved" at ERROR, with a traceback. The loss is the one the batch has answered
+        UNAVAILABLE for, and health reports: no error of the server."""
+        error = context.get("exception")
+        if isinstance(error, asyncpg.ConnectionDoesNotExistError) and "future" in context:
+            logger.info("a lost database connection's error went unawaited in asyncpg: %s", error)
+        elif self._exception_handler_before is not None:
+            self._exception_handler_before(loop, context)
+        else:
+            loop.default_exception_handler(context)
 
     async def _expire_holds(self) -> None:
         interval_s = self.settings.hold_expiry_interval_s
@@ -253,7 +280,8 @@ class Server:
                     await self._probe_lost.wait()
             self._probe_lost.clear()
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+    async def _set_health(self, status: int) -> None:
+        """`status`: a `HealthCheckResponse` serving status, as the health servicer takes it."""
         for name in ("", *service_names):
             await self._health.set(name, status)
 

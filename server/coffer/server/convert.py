@@ -13,10 +13,11 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from enum import IntEnum
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -24,13 +25,50 @@ from coffer.core import errors, model, rules
 from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
+
+_Member = TypeVar("_Member", bound=IntEnum)
+_Number = TypeVar("_Number", bound=int)
+
+
+class _Enum(Generic[_Member, _Number]):
+    """One enum on both sides: the core's IntEnum and the proto's enum, which number their
+    members alike (tests/test_enums.py holds them, and the database's values, together), so that
+    converting is a lookup each way, typed as each side types its values."""
+
+    __slots__ = ("_core", "_numbers")
+
+    def __init__(self, core: type[_Member], proto: _EnumTypeWrapper[_Number]) -> None:
+        self._core = core
+        self._numbers = {int(number): number for number in proto.values()}
+        missing = sorted(set(core) - self._numbers.keys())
+        assert not missing, f"{proto.DESCRIPTOR.full_name} has no numbers {missing}"
+
+    def to_core(self, field: str, number: int) -> _Member:
+        """A request's number as the core's member. Proto3 lets any number through (and 0,
+        UNSPECIFIED, when the field is unset): one that names no member is INVALID_ARGUMENT on
+        `field`, by the core's rule for enums."""
+        model.check_enum(field, number, self._core)
+        return self._core(number)
+
+    def to_proto(self, member: _Member) -> _Number:
+        return self._numbers[member]
+
+
+_unit_kinds = _Enum(model.UnitKind, types_pb2.UnitKind)
+_owner_kinds = _Enum(model.OwnerKind, types_pb2.OwnerKind)
+_wallet_statuses = _Enum(model.WalletStatus, types_pb2.WalletStatus)
+_transfer_kinds = _Enum(model.TransferKind, types_pb2.TransferKind)
+_hold_statuses = _Enum(model.HoldStatus, types_pb2.HoldStatus)
+
 # Requests --------------------------------------------------------------------------------------
 
 
 def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
     return model.Unit(
         code=request.code,
-        kind=request.kind,  # type: ignore[arg-type]
+        kind=_unit_kinds.to_core("kind", request.kind),
         name=request.name,
         plural=request.plural,
         description=request.description,
@@ -54,7 +92,7 @@ def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.N
         idempotency_key=request.idempotency_key,
         caller=caller,
         owner_id=request.owner_id,
-        owner_kind=request.owner_kind,  # type: ignore[arg-type]
+        owner_kind=_owner_kinds.to_core("owner_kind", request.owner_kind),
         unit=request.unit,
         balance_minimum=request.balance_minimum if request.HasField("balance_minimum") else 0,
         metadata=dict(request.metadata),
@@ -192,7 +230,7 @@ def release_hold(
     return model.ReleaseHold(hold_id=request.hold_id, **_common(request, caller, linked))
 
 
-_operation_builders = {
+_operation_builders: dict[str, Callable[[Any, str, bool], model.Operation]] = {
     "credit": credit,
     "debit": debit,
     "transfer": transfer,
@@ -213,7 +251,7 @@ def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | mod
     try:
         if which is None:
             raise errors.InvalidArgument("operation", "is empty: set one of its kinds")
-        return _operation_builders[which](getattr(pb, which), caller, pb.linked)  # type: ignore[operator]
+        return _operation_builders[which](getattr(pb, which), caller, pb.linked)
     except errors.CofferError as error:
         return model.Rejected(error, linked=pb.linked)
 
@@ -230,11 +268,12 @@ def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
     model.check_text("owner_id", request.owner_id, model.owner_id_length_max)
     if request.unit:
         model.check_unit_code("unit", request.unit)
-    if request.owner_kind:
-        model.check_enum("owner_kind", request.owner_kind, model.OwnerKind)
+    owner_kind = (
+        _owner_kinds.to_core("owner_kind", request.owner_kind) if request.owner_kind else None
+    )
     return WalletFilter(
         owner_id=request.owner_id or None,
-        owner_kind=model.OwnerKind(request.owner_kind) if request.owner_kind else None,
+        owner_kind=owner_kind,
         unit=request.unit or None,
     )
 
@@ -364,7 +403,7 @@ def _timestamp(value: datetime) -> Timestamp:
 def unit_pb(value: model.Unit) -> types_pb2.Unit:
     pb = types_pb2.Unit(
         code=value.code,
-        kind=value.kind,  # type: ignore[arg-type]
+        kind=_unit_kinds.to_proto(value.kind),
         name=value.name,
         plural=value.plural,
         description=value.description,
@@ -383,9 +422,9 @@ def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
     pb = types_pb2.Wallet(
         id=value.id,
         owner_id=value.owner_id,
-        owner_kind=value.owner_kind,  # type: ignore[arg-type]
+        owner_kind=_owner_kinds.to_proto(value.owner_kind),
         unit=value.unit,
-        status=value.status,  # type: ignore[arg-type]
+        status=_wallet_statuses.to_proto(value.status),
         balance=balance_pb(value.balance),
         metadata=value.metadata,
         create_time=_timestamp(value.created_at),
@@ -406,7 +445,7 @@ def fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
     not copied in), and only what is set: protobuf charges for every field given."""
     pb.id = value.id
     pb.operation_id = value.operation_id
-    pb.kind = value.kind  # type: ignore[assignment]
+    pb.kind = _transfer_kinds.to_proto(value.kind)
     pb.source_wallet_id = value.source_wallet_id
     pb.target_wallet_id = value.target_wallet_id
     pb.unit = value.unit
@@ -439,7 +478,7 @@ def hold_pb(value: model.Hold) -> types_pb2.Hold:
         target_wallet_id=value.target_wallet_id,
         unit=value.unit,
         amount=value.amount,
-        status=value.status,  # type: ignore[arg-type]
+        status=_hold_statuses.to_proto(value.status),
         expire_time=_timestamp(value.expires_at),
         resolved_by_transfer_id=value.resolved_by_transfer_id or 0,
         amount_captured=value.amount_captured,

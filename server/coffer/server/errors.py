@@ -12,6 +12,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -59,16 +60,23 @@ def to_status(error: errors.CofferError) -> grpc.Status:
         status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
     )
     if error.replayed:
-        # A named tuple, for all its type says.
-        return status._replace(  # type: ignore[attr-defined,no-any-return]
-            trailing_metadata=(*status.trailing_metadata, *replayed_metadata)
-        )
+        return _Status(status.code, status.details, (*status.trailing_metadata, *replayed_metadata))
     return status
+
+
+@dataclass(frozen=True, slots=True)
+class _Status(grpc.Status):
+    """A status as `rpc_status.to_status` makes one, with trailing metadata of its own added
+    (`grpc.Status` only names the three attributes the server reads)."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 internal_error = errors.Internal("internal error; see the server log")
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 Servicer = TypeVar("Servicer", bound=type)
 
 
@@ -88,7 +96,7 @@ def translate_errors(servicer: Servicer) -> Servicer:
 
 def _guard(inner: Handler, method: str) -> Handler:
     @functools.wraps(inner)
-    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         admitted = request if type(request) is Admitted else None
         try:
             if admitted is not None:

@@ -37,9 +37,12 @@ _HoldResponse = TypeVar(
 )
 _Request = TypeVar("_Request", bound=Any)
 _codes = {category: code.value[0] for category, code in status_codes.items()}
+# A unary call's context. Its type arguments type only streaming reads and writes, which no
+# RPC here makes; each handler's signature names its request and response.
+_Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def caller_of(context: grpc.aio.ServicerContext) -> str:
+def caller_of(context: _Context) -> str:
     """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
     caller = caller_sent(context)
     if caller is None:
@@ -49,7 +52,7 @@ def caller_of(context: grpc.aio.ServicerContext) -> str:
     return caller
 
 
-def caller_sent(context: grpc.aio.ServicerContext) -> str | None:
+def caller_sent(context: _Context) -> str | None:
     """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
     names none. Reads call it for the check alone."""
     sent = [
@@ -71,21 +74,21 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
         self._ledger = ledger
 
     async def CreateUnit(
-        self, request: units_pb2.CreateUnitRequest, context: grpc.aio.ServicerContext
+        self, request: units_pb2.CreateUnitRequest, context: _Context
     ) -> units_pb2.CreateUnitResponse:
         caller_of(context)
         unit = await self._ledger.create_unit(convert.unit(request))
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
-        self, request: units_pb2.GetUnitRequest, context: grpc.aio.ServicerContext
+        self, request: units_pb2.GetUnitRequest, context: _Context
     ) -> units_pb2.GetUnitResponse:
         caller_sent(context)
         unit = await self._ledger.get_unit(convert.unit_code(request))
         return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
 
     async def ListUnits(
-        self, request: units_pb2.ListUnitsRequest, context: grpc.aio.ServicerContext
+        self, request: units_pb2.ListUnitsRequest, context: _Context
     ) -> units_pb2.ListUnitsResponse:
         caller_sent(context)
         units = await self._ledger.list_units()
@@ -98,7 +101,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         self._ledger = ledger
 
     async def CreateWallet(
-        self, request: wallets_pb2.CreateWalletRequest, context: grpc.aio.ServicerContext
+        self, request: wallets_pb2.CreateWalletRequest, context: _Context
     ) -> wallets_pb2.CreateWalletResponse:
         wallet, replayed = await self._ledger.create_wallet(
             convert.new_wallet(request, caller_of(context))
@@ -108,14 +111,14 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetWallet(
-        self, request: wallets_pb2.GetWalletRequest, context: grpc.aio.ServicerContext
+        self, request: wallets_pb2.GetWalletRequest, context: _Context
     ) -> wallets_pb2.GetWalletResponse:
         caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetBalance(
-        self, request: wallets_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+        self, request: wallets_pb2.GetBalanceRequest, context: _Context
     ) -> wallets_pb2.GetBalanceResponse:
         caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
@@ -124,7 +127,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         )
 
     async def ListWallets(
-        self, request: wallets_pb2.ListWalletsRequest, context: grpc.aio.ServicerContext
+        self, request: wallets_pb2.ListWalletsRequest, context: _Context
     ) -> wallets_pb2.ListWalletsResponse:
         caller_sent(context)
         where = convert.wallet_filter(request)
@@ -142,7 +145,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         )
 
     async def CancelWallet(
-        self, request: wallets_pb2.CancelWalletRequest, context: grpc.aio.ServicerContext
+        self, request: wallets_pb2.CancelWalletRequest, context: _Context
     ) -> wallets_pb2.CancelWalletResponse:
         caller_of(context)
         wallet = await self._ledger.cancel_wallet(
@@ -158,13 +161,13 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         self._batcher = batcher
 
     async def Credit(
-        self, request: transfers_pb2.CreditRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.CreditRequest, context: _Context
     ) -> transfers_pb2.CreditResponse:
         applied = await _submit(self._batcher, context, convert.credit, request)
         return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Debit(
-        self, request: transfers_pb2.DebitRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.DebitRequest, context: _Context
     ) -> transfers_pb2.DebitResponse:
         applied = await _submit(self._batcher, context, convert.debit, request)
         return transfers_pb2.DebitResponse(
@@ -174,37 +177,37 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         )
 
     async def Transfer(
-        self, request: transfers_pb2.TransferRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.TransferRequest, context: _Context
     ) -> transfers_pb2.TransferResponse:
         applied = await _submit(self._batcher, context, convert.transfer, request)
         return transfers_pb2.TransferResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Deposit(
-        self, request: transfers_pb2.DepositRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.DepositRequest, context: _Context
     ) -> transfers_pb2.DepositResponse:
         applied = await _submit(self._batcher, context, convert.deposit, request)
         return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Withdraw(
-        self, request: transfers_pb2.WithdrawRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.WithdrawRequest, context: _Context
     ) -> transfers_pb2.WithdrawResponse:
         applied = await _submit(self._batcher, context, convert.withdrawal, request)
         return transfers_pb2.WithdrawResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Pay(
-        self, request: transfers_pb2.PayRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.PayRequest, context: _Context
     ) -> transfers_pb2.PayResponse:
         applied = await _submit(self._batcher, context, convert.payment, request)
         return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def Void(
-        self, request: transfers_pb2.VoidRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.VoidRequest, context: _Context
     ) -> transfers_pb2.VoidResponse:
         applied = await _submit(self._batcher, context, convert.void, request)
         return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer))
 
     async def SubmitBatch(
-        self, request: transfers_pb2.SubmitBatchRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.SubmitBatchRequest, context: _Context
     ) -> transfers_pb2.SubmitBatchResponse:
         operations = convert.batch(request, caller_of(context))
         answers = await self._batcher.submit_all(operations, context.time_remaining())
@@ -215,7 +218,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         return response
 
     async def GetTransfer(
-        self, request: transfers_pb2.GetTransferRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.GetTransferRequest, context: _Context
     ) -> transfers_pb2.GetTransferResponse:
         caller_sent(context)
         transfer = await self._ledger.get_transfer(
@@ -224,7 +227,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
 
     async def ListTransfers(
-        self, request: transfers_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext
+        self, request: transfers_pb2.ListTransfersRequest, context: _Context
     ) -> transfers_pb2.ListTransfersResponse:
         caller_sent(context)
         where = convert.transfer_filter(request)
@@ -247,25 +250,25 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
         self._batcher = batcher
 
     async def PlaceHold(
-        self, request: holds_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext
+        self, request: holds_pb2.PlaceHoldRequest, context: _Context
     ) -> holds_pb2.PlaceHoldResponse:
         applied = await _submit(self._batcher, context, convert.place_hold, request)
         return _hold_response(holds_pb2.PlaceHoldResponse, applied)
 
     async def CaptureHold(
-        self, request: holds_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext
+        self, request: holds_pb2.CaptureHoldRequest, context: _Context
     ) -> holds_pb2.CaptureHoldResponse:
         applied = await _submit(self._batcher, context, convert.capture_hold, request)
         return _hold_response(holds_pb2.CaptureHoldResponse, applied)
 
     async def ReleaseHold(
-        self, request: holds_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext
+        self, request: holds_pb2.ReleaseHoldRequest, context: _Context
     ) -> holds_pb2.ReleaseHoldResponse:
         applied = await _submit(self._batcher, context, convert.release_hold, request)
         return _hold_response(holds_pb2.ReleaseHoldResponse, applied)
 
     async def GetHold(
-        self, request: holds_pb2.GetHoldRequest, context: grpc.aio.ServicerContext
+        self, request: holds_pb2.GetHoldRequest, context: _Context
     ) -> holds_pb2.GetHoldResponse:
         caller_sent(context)
         hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
@@ -274,7 +277,7 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
 
 async def _submit(
     batcher: Batcher,
-    context: grpc.aio.ServicerContext,
+    context: _Context,
     operation: Callable[[_Request, str], model.Operation],
     request: _Request,
 ) -> model.Applied:

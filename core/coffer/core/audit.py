@@ -1,0 +1,213 @@
+"""The check of the books: whether the stored balances are what the journal says they are.
+
+The ledger keeps balances on the wallet rows, beside the journal of transfers, so that a batch
+reads one row per wallet instead of summing its history. That is only right while both agree.
+`check_books` reads everything in one snapshot and recomputes, independently of the code that
+wrote it, the invariants that hold whatever the operations were:
+
+- each unit's posted balances sum to zero (money moves between wallets, never appears);
+- each wallet's posted balance is its posting transfers in less its posting transfers out;
+- each wallet's pending balance is the sum of its open holds;
+- no wallet's available balance is below its minimum;
+- the open holds are exactly the hold transfers that nothing captured, released or expired;
+- no transfer is voided more than once.
+
+    async with ledger.pool.acquire() as connection:
+        audit = await check_books(connection)
+    assert audit.passed, audit.summary()
+
+It only reads, so it may run beside a serving ledger; it scans the journal (a few seconds for
+ten million transfers), so it is for tests, benchmarks and audits, not for a request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from .model import TransferKind, posting_kinds
+
+__all__ = ["Audit", "Finding", "Mismatch", "check_books", "examples_max_default"]
+
+# Mismatches kept per invariant as examples (all of them are counted).
+examples_max_default = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """One stored figure against the one the journal gives."""
+
+    # The unit's code, or the wallet's or hold's id.
+    subject: str | int
+    stored: int
+    expected: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """What breaks one invariant: how many units, wallets or holds, and the first few."""
+
+    invariant: str
+    count: int
+    examples: tuple[Mismatch, ...] = ()
+
+    def describe(self) -> str:
+        shown = ", ".join(
+            f"{example.subject}: {example.stored}, expected {example.expected}"
+            for example in self.examples
+        )
+        more = ", …" if self.count > len(self.examples) else ""
+        return f"{self.count} {self.invariant} ({shown}{more})"
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """The books as one snapshot saw them: what was counted, and each invariant's finding."""
+
+    transfers: int
+    wallets: int
+    units: Finding
+    posted: Finding
+    pending: Finding
+    floors: Finding
+    holds: Finding
+    voids: Finding
+
+    @property
+    def findings(self) -> tuple[Finding, ...]:
+        return (self.units, self.posted, self.pending, self.floors, self.holds, self.voids)
+
+    @property
+    def passed(self) -> bool:
+        return all(finding.count == 0 for finding in self.findings)
+
+    def summary(self) -> str:
+        """ "passed", or "failed: " and what does not add up."""
+        if self.passed:
+            return "passed"
+        return "failed: " + "; ".join(
+            finding.describe() for finding in self.findings if finding.count
+        )
+
+
+async def check_books(
+    connection: asyncpg.Connection, *, examples_max: int = examples_max_default
+) -> Audit:
+    """Checks every invariant in one read-only, repeatable-read transaction of `connection`
+    (which must not be in a transaction already)."""
+    posting = sorted(int(kind) for kind in posting_kinds)
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        transfers: int = await connection.fetchval(_count_transfers)
+        wallets: int = await connection.fetchval(_count_wallets)
+        units = await connection.fetch(_units_unbalanced, examples_max)
+        posted = await connection.fetch(_posted_mismatched, posting, examples_max)
+        pending = await connection.fetch(_pending_mismatched, examples_max)
+        floors = await connection.fetch(_floors_broken, examples_max)
+        holds = await connection.fetch(_holds_mismatched, int(TransferKind.hold), examples_max)
+        voids = await connection.fetch(_voided_twice, examples_max)
+    return Audit(
+        transfers=transfers,
+        wallets=wallets,
+        units=_finding("units whose posted balances do not sum to 0", units),
+        posted=_finding("wallets whose posted balance is not their postings in less out", posted),
+        pending=_finding("wallets whose pending balance is not their open holds", pending),
+        floors=_finding("wallets whose available balance is below their minimum", floors),
+        holds=_finding("holds whose open amount is not the journal's", holds),
+        voids=_finding("transfers voided more than once (stored: voids)", voids),
+    )
+
+
+def _finding(invariant: str, rows: Sequence[asyncpg.Record]) -> Finding:
+    """From rows of (subject, stored, expected, count), `count` being every row's total."""
+    return Finding(
+        invariant,
+        rows[0]["count"] if rows else 0,
+        tuple(Mismatch(row["subject"], int(row["stored"]), int(row["expected"])) for row in rows),
+    )
+
+
+# Each query returns the first $n mismatches in order, each with the count of all of them.
+
+_count_transfers = "select count(*) from transfers"
+
+_count_wallets = "select count(*) from wallets"
+
+_units_unbalanced = """
+select unit as subject, sum(posted) as stored, 0 as expected, count(*) over () as count
+from wallets
+group by unit
+having sum(posted) <> 0
+order by unit
+limit $1
+"""
+
+# What flowed in and what flowed out, summed apart: two parallel scans of the journal are
+# faster than one that makes two rows of each transfer.
+_posted_mismatched = """
+with inflow as (
+    select target_wallet_id as wallet_id, sum(amount) as amount
+    from transfers where kind = any($1::smallint[]) group by target_wallet_id
+), outflow as (
+    select source_wallet_id as wallet_id, sum(amount) as amount
+    from transfers where kind = any($1::smallint[]) group by source_wallet_id
+)
+select w.id as subject, w.posted as stored,
+       coalesce(i.amount, 0) - coalesce(o.amount, 0) as expected, count(*) over () as count
+from wallets w
+left join inflow i on i.wallet_id = w.id
+left join outflow o on o.wallet_id = w.id
+where w.posted <> coalesce(i.amount, 0) - coalesce(o.amount, 0)
+order by w.id
+limit $2
+"""
+
+_pending_mismatched = """
+select w.id as subject, w.pending as stored, coalesce(h.amount, 0) as expected,
+       count(*) over () as count
+from wallets w
+left join (select source_wallet_id, sum(amount) as amount
+           from pending_holds group by source_wallet_id) h on h.source_wallet_id = w.id
+where w.pending <> coalesce(h.amount, 0)
+order by w.id
+limit $1
+"""
+
+_floors_broken = """
+select id as subject, posted - pending as stored, balance_minimum as expected,
+       count(*) over () as count
+from wallets
+where balance_minimum is not null and posted - pending < balance_minimum
+order by id
+limit $1
+"""
+
+# An open hold is a hold transfer no other transfer resolved (captured, released, expired:
+# each names it in hold_id); pending_holds must hold exactly those, with their terms.
+_holds_mismatched = """
+with unresolved as (
+    select t.id, t.source_wallet_id, t.target_wallet_id, t.amount, t.hold_expires_at
+    from transfers t
+    where t.kind = $1::smallint
+      and not exists (select from transfers r where r.hold_id = t.id)
+)
+select coalesce(u.id, p.transfer_id) as subject, coalesce(p.amount, 0) as stored,
+       coalesce(u.amount, 0) as expected, count(*) over () as count
+from unresolved u
+full join pending_holds p on p.transfer_id = u.id
+where (u.source_wallet_id, u.target_wallet_id, u.amount, u.hold_expires_at)
+      is distinct from (p.source_wallet_id, p.target_wallet_id, p.amount, p.expires_at)
+order by 1
+limit $2
+"""
+
+_voided_twice = """
+select voids_transfer_id as subject, count(*) as stored, 1 as expected, count(*) over () as count
+from transfers
+where voids_transfer_id is not null
+group by voids_transfer_id
+having count(*) > 1
+order by 1
+limit $1
+"""
