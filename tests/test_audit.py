@@ -14,7 +14,7 @@ import pytest_asyncio
 
 from coffer.core import errors
 from coffer.core.audit import Audit, check_books
-from coffer.core.ledger import Ledger, create_pool
+from coffer.core.ledger import Ledger
 from coffer.core.model import (
     Applied,
     CaptureHold,
@@ -36,6 +36,7 @@ from coffer.core.model import (
     balance_max,
 )
 from coffer.core.preload import preload_transfers
+from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
 

@@ -17,7 +17,7 @@ import pytest_asyncio
 from conftest import lock_waiters
 
 from coffer.core import errors
-from coffer.core.ledger import Ledger, create_pool
+from coffer.core.ledger import Ledger
 from coffer.core.model import (
     Applied,
     Credit,
@@ -29,6 +29,7 @@ from coffer.core.model import (
     UnitKind,
     WalletTransfer,
 )
+from coffer.core.store.connections import create_pool
 from coffer.server.batcher import Batcher, retry_after_ms_max, retry_after_ms_min
 from coffer.server.settings import batch_wait_ms_max
 

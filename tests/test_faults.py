@@ -39,8 +39,9 @@ from workload import Wallets, random_operation
 
 from coffer.clients.caller import caller_metadata_key
 from coffer.core import errors
-from coffer.core.ledger import Ledger, command_timeout_margin_s, create_pool
+from coffer.core.ledger import Ledger
 from coffer.core.model import Credit, NewWallet, OwnerKind, Unit, UnitKind
+from coffer.core.store.connections import command_timeout_margin_s, create_pool
 from coffer.postgres.supervisor import LEDGER_ROLE, EmbeddedPostgres, supervise
 from coffer.server.app import Server, Settings
 from coffer.v1 import (

@@ -1,18 +1,21 @@
-"""The ledger against a real PostgreSQL: each operation, its errors, idempotency, holds."""
+"""The ledger against a real PostgreSQL: each operation, its errors, idempotency, holds, and
+the one clock by which holds lapse."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import lock_waiters
 
 from coffer.core import errors
-from coffer.core.ledger import Ledger, TransferFilter, create_pool
+from coffer.core.ledger import Ledger
 from coffer.core.model import (
     Applied,
     CaptureHold,
@@ -22,18 +25,22 @@ from coffer.core.model import (
     Deposit,
     HoldStatus,
     NewWallet,
+    Operation,
     OwnerKind,
     Payment,
     PlaceHold,
     Rejected,
     ReleaseHold,
+    TransferFilter,
     TransferKind,
     Unit,
     UnitKind,
     Void,
     WalletTransfer,
     Withdrawal,
+    posting_kinds,
 )
+from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
 
@@ -42,11 +49,26 @@ def key() -> str:
     return f"key-{next(_keys)}"
 
 
+class Clock:
+    """The ledger's clock, as a test sets it: the system's, or a time it is stopped at."""
+
+    def __init__(self) -> None:
+        self.stopped_at: datetime | None = None
+
+    def __call__(self) -> datetime:
+        return self.stopped_at or datetime.now(UTC)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+async def ledger(database_url: str, clock: Clock) -> AsyncIterator[Ledger]:
     pool = await create_pool(database_url, size_max=4)
     try:
-        ledger = Ledger(pool)
+        ledger = Ledger(pool, clock=clock)
         await ledger.create_unit(Unit(code="EUR", kind=UnitKind.currency, name="Euro", scale=2))
         await ledger.create_unit(
             Unit(code="seat", kind=UnitKind.credit, name="Seat", plural="Seats")
@@ -96,11 +118,12 @@ async def assert_books_balance(ledger: Ledger) -> None:
             select w.id, w.posted, coalesce(i.total, 0) - coalesce(o.total, 0) as journal
             from wallets w
             left join (select target_wallet_id id, sum(amount) total from transfers
-                       where kind not in (7, 9, 10) group by 1) i on i.id = w.id
+                       where kind = any($1::smallint[]) group by 1) i on i.id = w.id
             left join (select source_wallet_id id, sum(amount) total from transfers
-                       where kind not in (7, 9, 10) group by 1) o on o.id = w.id
+                       where kind = any($1::smallint[]) group by 1) o on o.id = w.id
             where w.posted <> coalesce(i.total, 0) - coalesce(o.total, 0)
-            """
+            """,
+            sorted(posting_kinds),
         )
         assert mismatched == []
         pending = await connection.fetch(
@@ -293,16 +316,16 @@ async def test_holds(ledger: Ledger) -> None:
     await assert_books_balance(ledger)
 
 
-async def test_holds_expire(ledger: Ledger) -> None:
+async def test_holds_expire(ledger: Ledger, clock: Clock) -> None:
     customer = await wallet(ledger)
     await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=1000))
     placed = await one(
         ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=300, timeout_s=1)
     )
     assert placed.hold is not None
-    assert await ledger.expire_holds(datetime.now(UTC)) == 0
-    later = datetime.now(UTC) + timedelta(seconds=2)
-    assert await ledger.expire_holds(later) == 1
+    assert await ledger.expire_holds() == 0
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=2)
+    assert await ledger.expire_holds() == 1
     assert await balance(ledger, customer) == (1000, 0)
     hold = await ledger.get_hold(placed.hold.id)
     assert hold.status == HoldStatus.expired
@@ -407,26 +430,115 @@ async def test_an_unexpected_unique_violation_is_a_bug_not_a_stored_key(
     assert await balance(ledger, customer) == (0, 0)
 
 
-async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger) -> None:
+async def test_a_lapsed_hold_holds_nothing_before_the_sweep(ledger: Ledger, clock: Clock) -> None:
     customer = await wallet(ledger)
     await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
     placed = await one(
         ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=60, timeout_s=1)
     )
     assert placed.hold is not None
-    later = datetime.now(UTC) + timedelta(seconds=2)
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=2)
     # No sweep has run: the batch that touches the wallet releases the lapsed hold first.
-    [debit] = await ledger.apply(
-        [Debit(idempotency_key=key(), wallet_id=customer, amount=100)], now=later
-    )
+    [debit] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=100)])
     assert isinstance(debit, Applied)
     assert await balance(ledger, customer) == (0, 0)
     history = await ledger.list_transfers(TransferFilter(wallet_id=customer))
     # One batch, one time: the expiry and the debit it made room for.
     assert {t.kind for t in history.items[:2]} == {TransferKind.debit, TransferKind.hold_expiry}
     assert history.items[0].created_at == history.items[1].created_at
-    [capture] = await ledger.apply(
-        [CaptureHold(idempotency_key=key(), hold_id=placed.hold.id)], now=later
-    )
+    [capture] = await ledger.apply([CaptureHold(idempotency_key=key(), hold_id=placed.hold.id)])
     assert isinstance(capture, errors.HoldExpired)
+    await assert_books_balance(ledger)
+
+
+async def test_a_hold_lapses_at_its_expiry_for_every_reader(ledger: Ledger, clock: Clock) -> None:
+    """One clock tells whether a hold has lapsed: a microsecond before its expiry, GetHold,
+    the wallet's balance, the sweep and a batch all find it holding; at its expiry, all find
+    it lapsed, before anything has released it in the journal."""
+    customer = await wallet(ledger)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    placed = await one(
+        ledger, PlaceHold(idempotency_key=key(), wallet_id=customer, amount=60, timeout_s=1)
+    )
+    assert placed.hold is not None
+    hold_id, expires_at = placed.hold.id, placed.hold.expires_at
+
+    clock.stopped_at = expires_at - timedelta(microseconds=1)
+    assert (await ledger.get_hold(hold_id)).status == HoldStatus.pending
+    assert await balance(ledger, customer) == (100, 60)
+    [listed] = (
+        await ledger.list_wallets(owner_id=(await ledger.get_wallet(customer)).owner_id)
+    ).items
+    assert listed.balance.pending == 60
+    assert await ledger.expire_holds() == 0
+    [short] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=41)])
+    assert isinstance(short, errors.InsufficientFunds)
+
+    clock.stopped_at = expires_at
+    read = await ledger.get_hold(hold_id)
+    assert (read.status, read.resolved_by_transfer_id) == (HoldStatus.expired, None)
+    assert await balance(ledger, customer) == (100, 0)
+    [capture] = await ledger.apply([CaptureHold(idempotency_key=key(), hold_id=hold_id)])
+    assert isinstance(capture, errors.HoldExpired)
+    [debit] = await ledger.apply([Debit(idempotency_key=key(), wallet_id=customer, amount=100)])
+    assert isinstance(debit, Applied)
+    released = await ledger.get_hold(hold_id)
+    assert released.status == HoldStatus.expired
+    assert released.resolved_by_transfer_id is not None
+    assert await balance(ledger, customer) == (0, 0)
+    await assert_books_balance(ledger)
+
+
+# What no balance decides, by kind: built for a customer with money, another customer and a
+# merchant.
+_written_ahead: dict[str, Callable[[int, int, int], Operation]] = {
+    "credit": lambda customer, other, merchant: Credit(
+        idempotency_key=key(), wallet_id=customer, amount=5
+    ),
+    "debit": lambda customer, other, merchant: Debit(
+        idempotency_key=key(), wallet_id=customer, amount=5
+    ),
+    "transfer": lambda customer, other, merchant: WalletTransfer(
+        idempotency_key=key(), source_wallet_id=customer, target_wallet_id=other, amount=5
+    ),
+    "deposit": lambda customer, other, merchant: Deposit(
+        idempotency_key=key(), wallet_id=customer, amount=5, reference="bank"
+    ),
+    "withdrawal": lambda customer, other, merchant: Withdrawal(
+        idempotency_key=key(), wallet_id=customer, amount=5, reference="bank"
+    ),
+    "payment": lambda customer, other, merchant: Payment(
+        idempotency_key=key(), payer_wallet_id=customer, payee_wallet_id=merchant, amount=5
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_written_ahead))
+async def test_the_journal_is_written_before_the_locks_and_kept(
+    ledger: Ledger, database_url: str, kind: str
+) -> None:
+    """A transfer no balance decides is written before the batch waits for its wallets'
+    locks, and kept as written once validation confirms it: its id is the one the batch took
+    while it waited, and the batch took no other."""
+    customer, other = await wallet(ledger), await wallet(ledger)
+    merchant = await wallet(ledger, kind=OwnerKind.merchant)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer, amount=100))
+    operation = _written_ahead[kind](customer, other, merchant)
+    holder = await asyncpg.connect(database_url)
+    try:
+        ids_taken_before = await holder.fetchval("select last_value from transfers_id")
+        locking = holder.transaction()
+        await locking.start()
+        await holder.execute("select from wallets where id = $1 for update", customer)
+        applying = asyncio.create_task(ledger.apply([operation]))
+        await lock_waiters(database_url)
+        ids_taken_waiting = await holder.fetchval("select last_value from transfers_id")
+        await locking.rollback()
+        [applied] = await applying
+        ids_taken_after = await holder.fetchval("select last_value from transfers_id")
+    finally:
+        await holder.close()
+    assert isinstance(applied, Applied)
+    assert ids_taken_waiting == ids_taken_before + 1
+    assert applied.transfer.id == ids_taken_waiting == ids_taken_after
     await assert_books_balance(ledger)

@@ -150,7 +150,7 @@ def test_the_caller_rule_is_defined_once() -> None:
     imports only the standard library. The core may not import it, so it keeps a limit of its
     own for what it receives: the same one. The core's own caller is one no client may use."""
     from coffer.clients import caller
-    from coffer.core import ledger, model
+    from coffer.core import model
 
     found = [
         module
@@ -166,9 +166,9 @@ def test_the_caller_rule_is_defined_once() -> None:
     }
     assert "coffer.clients.caller" in server_imports
     assert model.caller_length_max == caller.caller_length_max
-    assert ledger.system_caller.startswith(caller.caller_reserved_prefix)
+    assert model.system_caller.startswith(caller.caller_reserved_prefix)
     with pytest.raises(ValueError):
-        caller.check_caller(ledger.system_caller)
+        caller.check_caller(model.system_caller)
 
 
 def check_script() -> ModuleType:

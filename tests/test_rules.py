@@ -8,10 +8,11 @@
   of plain dicts, with the ledger's invariants checked after every step.
 - A fuzz test of the operations' constructors: built, or InvalidArgument naming a field.
 
-The book is built by hand, as `core/ledger.py` builds it from the locked rows: two units, each
-with its system wallets (operator, funding; no floor), customers and merchants with floors of
-0 or an overdraft, and cancelled wallets. Transfers and holds that operations produce are given
-ids and added to the book the way the ledger adds them when it writes.
+The book is built by hand, as the ledger's batch (`coffer.core.store.batch`) builds it from the
+locked rows: two units, each with its system wallets (operator, funding; no floor), customers
+and merchants with floors of 0 or an overdraft, and cancelled wallets. Transfers and holds that
+operations produce are given ids and added to the book the way the ledger adds them when it
+writes.
 """
 
 from __future__ import annotations
@@ -732,6 +733,77 @@ def test_every_failed_precondition_and_not_found_is_tested() -> None:
     assert expected <= tested, expected - tested
 
 
+# The one posting function: what the write-ahead expects is what apply posts ----------------------
+
+
+def operation_kinds() -> set[type[Operation]]:
+    """Every kind of operation the model defines: the leaves of its class tree. (A slotted
+    dataclass replaces the class its statement made, which may linger among the subclasses
+    until collected: only the model's own are counted.)"""
+    found: set[type[Operation]] = set()
+    pending = [Operation]
+    while pending:
+        kind = pending.pop()
+        if kind.__subclasses__():
+            pending.extend(kind.__subclasses__())
+        elif vars(model).get(kind.__name__) is kind:
+            found.add(kind)
+    return found
+
+
+# Examples of every kind that succeed on the book, each with whether the ledger writes its
+# transfer ahead, before it locks a wallet: those whose posting no balance decides.
+posting_examples: dict[type[Operation], list[tuple[Setup, bool]]] = {
+    Credit: [(lambda b: credit(alice, 50), True)],
+    Debit: [
+        (lambda b: debit(alice, 50), True),
+        (lambda b: debit(alice, 50, DebitMode.up_to), False),
+    ],
+    WalletTransfer: [(lambda b: transfer(alice, bob, 50), True)],
+    Deposit: [(lambda b: deposit(alice, 50), True)],
+    Withdrawal: [(lambda b: withdrawal(alice, 50), True)],
+    Payment: [(lambda b: payment(alice, shop, 50), True)],
+    Void: [(lambda b: void(106), False)],
+    PlaceHold: [
+        (lambda b: place_hold(alice, 50), False),
+        (lambda b: place_hold(alice, 50, bob), False),
+    ],
+    CaptureHold: [(lambda b: capture(hold(b)), False), (lambda b: capture(hold(b), 40), False)],
+    ReleaseHold: [(lambda b: release(hold(b)), False)],
+    ExpireHold: [(lambda b: expire(expired_hold(b)), False)],
+}
+
+
+def test_every_operation_kind_has_posting_examples() -> None:
+    assert set(posting_examples) == operation_kinds()
+
+
+@pytest.mark.parametrize(
+    ("setup", "ahead"),
+    [
+        pytest.param(setup, ahead, id=f"{kind.__name__}-{number}")
+        for kind, examples in posting_examples.items()
+        for number, (setup, ahead) in enumerate(examples)
+    ],
+)
+def test_the_write_ahead_expects_what_apply_posts(book: Book, setup: Setup, ahead: bool) -> None:
+    """The ledger writes `expected_posting` before it locks anything, and keeps it only if
+    `apply` then posts exactly that: were the two to differ, every such transfer would be
+    written twice, and the locks held for longer, with nothing failing."""
+    operation = setup(book)
+    expected = rules.expected_posting(operation, book.unit_of, book.system_wallets)
+    planned = rules.posting_of(operation, book.unit_of, book.system_wallets)
+    postings = rules.apply(book, operation, now)
+    if ahead:
+        assert expected is not None
+        assert postings == [expected]
+    else:
+        assert expected is None
+    if planned is not None:
+        # Here every wallet can spare the most an up-to debit asks.
+        assert postings == [planned]
+
+
 # apply_all: batches and linked chains ---------------------------------------------------------
 
 
@@ -1393,6 +1465,7 @@ class LedgerMachine(RuleBasedStateMachine):
         before = copy.deepcopy(self.book)
         trial = copy.deepcopy(self.model)
         violations, expected = trial.step(operation, self.now)
+        ahead = rules.expected_posting(operation, self.book.unit_of, self.book.system_wallets)
         try:
             postings = rules.apply(self.book, operation, self.now)
         except errors.CofferError as error:
@@ -1404,6 +1477,8 @@ class LedgerMachine(RuleBasedStateMachine):
         event(f"{type(operation).__name__}: applied")
         assert not violations, f"succeeded; the model says it fails with one of {violations}"
         assert postings == expected
+        # What the ledger wrote ahead is what it keeps.
+        assert ahead is None or postings == [ahead]
         self.model = trial
         self._record(postings)
 
@@ -1469,8 +1544,17 @@ class LedgerMachine(RuleBasedStateMachine):
             expected.extend({errors.LinkedOperationFailed} for _ in chain[:-1])
             expected.append({errors.InvalidArgument})
 
+        written_ahead = [
+            None
+            if isinstance(entry, Rejected)
+            else rules.expected_posting(entry, self.book.unit_of, self.book.system_wallets)
+            for entry in entries
+        ]
         outcomes = rules.apply_all(self.book, entries, self.now, settled)
         assert len(outcomes) == len(entries)
+        for outcome, ahead in zip(outcomes, written_ahead, strict=True):
+            if isinstance(outcome, list) and outcome and ahead is not None:
+                assert outcome == [ahead]
         for outcome, expectation in zip(outcomes, expected, strict=True):
             if isinstance(expectation, set):
                 assert isinstance(outcome, errors.CofferError), (outcome, expectation)

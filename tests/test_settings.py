@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from coffer.core.ledger import pool_size_max, timeout_s_max
 from coffer.core.model import batch_operations_max
+from coffer.core.store.connections import pool_size_max, timeout_s_max
 from coffer.server.admission import request_bytes_max
 from coffer.server.settings import (
     Settings,

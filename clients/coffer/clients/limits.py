@@ -19,11 +19,13 @@ __all__ = [
     "metadata_key_length_max",
     "metadata_value_length_max",
     "note_length_max",
+    "operation_transfers_max",
     "owner_id_length_max",
     "page_size_default",
     "page_size_max",
     "performed_by_length_max",
     "reference_length_max",
+    "unit_code_length_max",
     "unit_description_length_max",
     "unit_name_length_max",
     "unit_scale_max",
@@ -42,6 +44,7 @@ owner_id_length_max = 256
 metadata_entries_max = 16
 metadata_key_length_max = 64
 metadata_value_length_max = 512
+unit_code_length_max = 32
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
@@ -51,3 +54,4 @@ hold_timeout_s_default = 3600
 batch_operations_max = 8000
 page_size_max = 1000
 page_size_default = 100
+operation_transfers_max = 1

@@ -57,7 +57,7 @@ class CofferError(Exception):
         self.replayed = replayed
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.message == other.message  # type: ignore[attr-defined]
+        return type(self) is type(other) and self.message == other.message
 
     def __hash__(self) -> int:
         return hash((type(self), self.message))

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum, IntEnum
-from typing import Any, get_type_hints
+from typing import Any, Generic, TypeVar, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
@@ -26,6 +26,9 @@ idempotency_key_length_max = 128
 # The API's rule for callers is coffer.clients.caller's, which the core may not import; the
 # core checks what it receives against the same limit (a project test holds them equal).
 caller_length_max = 128
+# The caller under which the ledger writes on its own behalf (hold expiry): one no client may
+# use, as it starts with the API's reserved prefix (a project test holds them so).
+system_caller = "@coffer"
 note_length_max = 1000
 reference_length_max = 256
 performed_by_length_max = 256
@@ -33,7 +36,8 @@ owner_id_length_max = 256
 metadata_entries_max = 16
 metadata_key_length_max = 64
 metadata_value_length_max = 512
-unit_code_pattern = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
+unit_code_length_max = 32
+unit_code_pattern = re.compile(rf"[A-Za-z0-9_.\-]{{1,{unit_code_length_max}}}")
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
@@ -45,6 +49,9 @@ batch_operations_max = 8000
 # Items in one page of a list, and how many when the caller names no size.
 page_size_max = 1000
 page_size_default = 100
+# The most transfers one operation writes (each writes one today): an operation's transfers
+# have consecutive ids from its own, so its replay reads at most this many.
+operation_transfers_max = 1
 
 
 class UnitKind(IntEnum):
@@ -102,6 +109,20 @@ class HoldStatus(IntEnum):
     captured = 2
     released = 3
     expired = 4
+
+
+# What a hold is once the transfer of each kind that resolves a hold has resolved it.
+hold_status_resolved_by = {
+    TransferKind.capture: HoldStatus.captured,
+    TransferKind.release: HoldStatus.released,
+    TransferKind.hold_expiry: HoldStatus.expired,
+}
+
+
+def hold_lapsed(expires_at: datetime, now: datetime) -> bool:
+    """A hold lapses at its expiry: from that instant on it holds nothing, whether or not it is
+    released in the journal yet. (The statements in coffer.core.store.sql say `<=` alike.)"""
+    return expires_at <= now
 
 
 class SystemWallet(IntEnum):
@@ -259,7 +280,7 @@ class Credit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -271,7 +292,7 @@ class Debit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_enum("mode", self.mode, DebitMode)
 
@@ -284,8 +305,8 @@ class WalletTransfer(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("source_wallet_id", self.source_wallet_id)
-        _check_id("target_wallet_id", self.target_wallet_id)
+        check_id("source_wallet_id", self.source_wallet_id)
+        check_id("target_wallet_id", self.target_wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -298,7 +319,7 @@ class Deposit(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_text("funding_source", self.reference, reference_length_max, required=True)
 
@@ -312,7 +333,7 @@ class Withdrawal(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_text("funding_source", self.reference, reference_length_max, required=True)
 
@@ -325,8 +346,8 @@ class Payment(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("payer_wallet_id", self.payer_wallet_id)
-        _check_id("payee_wallet_id", self.payee_wallet_id)
+        check_id("payer_wallet_id", self.payer_wallet_id)
+        check_id("payee_wallet_id", self.payee_wallet_id)
         _check_amount("amount", self.amount)
 
 
@@ -336,7 +357,7 @@ class Void(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("transfer_id", self.transfer_id)
+        check_id("transfer_id", self.transfer_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -349,9 +370,9 @@ class PlaceHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("wallet_id", self.wallet_id)
+        check_id("wallet_id", self.wallet_id)
         if self.target_wallet_id is not None:
-            _check_id("target_wallet_id", self.target_wallet_id)
+            check_id("target_wallet_id", self.target_wallet_id)
         _check_amount("amount", self.amount)
         if not hold_timeout_s_min <= self.timeout_s <= hold_timeout_s_max:
             raise InvalidArgument(
@@ -367,7 +388,7 @@ class CaptureHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
         if self.amount is not None:
             _check_amount("amount", self.amount)
 
@@ -378,7 +399,7 @@ class ReleaseHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -389,7 +410,7 @@ class ExpireHold(Operation):
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
-        _check_id("hold_id", self.hold_id)
+        check_id("hold_id", self.hold_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +443,31 @@ class Applied:
         return first.amount_requested - first.amount
 
 
+# Queries -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFilter:
+    """Which transfers a history lists; None or empty: any. `start` and `end` bound the time
+    they were made, half-open: [start, end)."""
+
+    wallet_id: int | None = None
+    kinds: tuple[TransferKind, ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    reference: str | None = None
+
+
+_Item = TypeVar("_Item")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_Item]):
+    items: list[_Item]
+    # Where the next page starts (an id to pass back as the cursor); None on the last page.
+    cursor: int | None
+
+
 # Checks --------------------------------------------------------------------------------------
 
 
@@ -445,10 +491,12 @@ def check_unit_code(name: str, value: str) -> None:
     if not value:
         raise InvalidArgument(name, "is required")
     if not unit_code_pattern.fullmatch(value):
-        raise InvalidArgument(name, "must be 1 to 32 letters, digits, '_', '-' or '.'")
+        raise InvalidArgument(
+            name, f"must be 1 to {unit_code_length_max} letters, digits, '_', '-' or '.'"
+        )
 
 
-def _check_id(name: str, value: int) -> None:
+def check_id(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(name, "must be an integer id")
     if value == 0:

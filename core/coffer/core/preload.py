@@ -30,7 +30,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from . import errors, model, rules
-from .model import OwnerKind, TransferKind, WalletStatus, WalletTransfer
+from .model import TransferKind, WalletTransfer
+from .store import rows
 
 __all__ = [
     "amount_max_default",
@@ -118,19 +119,8 @@ async def preload_transfers(
 async def _check_wallets(connection: asyncpg.Connection, ids: list[int]) -> None:
     """Raises the ledger's error for a transfer these wallets could not make: each sends one
     minor unit to the next, around the ring, each pair on fresh copies of their states."""
-    rows = await connection.fetch(_wallet_states, ids)
-    states = {
-        row["id"]: rules.WalletState(
-            id=row["id"],
-            unit=row["unit"],
-            owner_kind=OwnerKind(row["owner_kind"]),
-            status=WalletStatus(row["status"]),
-            balance_minimum=row["balance_minimum"],
-            posted=row["posted"],
-            pending=row["pending"],
-        )
-        for row in rows
-    }
+    found = await connection.fetch(_wallet_states, ids)
+    states = {row["id"]: rows.wallet_state(row) for row in found}
     now = datetime.now(UTC)
     for source, target in zip(ids, [*ids[1:], ids[0]], strict=True):
         book = rules.Book(

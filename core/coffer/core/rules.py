@@ -7,13 +7,18 @@ updates the book. Each function runs its checks first, then — after the line
 `# Checks done.` — only writes, which cannot fail.
 
 `apply_all` runs a batch in order, with linked chains applied all or nothing.
+
+What an operation that moves money between the wallets it names posts is said once, by
+`posting_of`: `apply` posts it once its checks pass, and the ledger writes it ahead, before it
+locks any wallet (`expected_posting`), so that the locks are held only to validate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 from . import errors
 from .model import (
@@ -37,6 +42,8 @@ from .model import (
     Withdrawal,
     balance_max,
     balance_min,
+    hold_lapsed,
+    hold_status_resolved_by,
     posting_kinds,
 )
 
@@ -103,6 +110,10 @@ class Book:
     # While a linked chain runs: how to undo what it changed.
     undo: list[tuple[str, object, object]] | None = None
 
+    def unit_of(self, wallet_id: int) -> str | None:
+        wallet = self.wallets.get(wallet_id)
+        return None if wallet is None else wallet.unit
+
     def adjust(self, wallet: WalletState, posted: int = 0, pending: int = 0) -> None:
         if self.undo is not None:
             self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending)))
@@ -129,16 +140,15 @@ class Book:
                 target.posted, target.pending = before
             elif kind == "hold":
                 assert isinstance(target, HoldState)
-                target.resolution = before  # type: ignore[assignment]
+                assert before is None or isinstance(before, TransferKind)
+                target.resolution = before
             else:
-                self.voided.discard(target)  # type: ignore[arg-type]
+                assert isinstance(target, int)
+                self.voided.discard(target)
         self.undo.clear()
 
 
 Outcome = list[Posting] | errors.CofferError
-
-# The most transfers one operation writes (each writes one today).
-operation_transfers_max = 1
 
 
 def apply_all(
@@ -243,43 +253,144 @@ def seal(operations: Sequence[Operation | Rejected]) -> list[Operation | Rejecte
     return sealed
 
 
+def posting_of(
+    operation: Operation,
+    unit_of: Callable[[int], str | None],
+    system_wallets: Mapping[tuple[str, SystemWallet], int],
+) -> Posting | None:
+    """What an operation that moves posted money between the wallets it names posts if it
+    succeeds: of what kind, from which wallet, to which, how much. For an up-to debit,
+    `amount_requested` is what was asked, and `amount` the most it moves: `apply` lowers it to
+    what the wallet can spare. None for the others, whose posting the state decides (a void
+    reverses its transfer, a capture or a release follows its hold) or which post no move (a
+    hold reserves), and where the unit of a wallet named is not known (it may not exist).
+    `unit_of` says a wallet's unit, or None."""
+    posting = _postings.get(type(operation))
+    return None if posting is None else posting(operation, unit_of, system_wallets)
+
+
+_UnitOf = Callable[[int], str | None]
+_SystemWallets = Mapping[tuple[str, SystemWallet], int]
+
+
+def _credit_posting(
+    operation: Credit, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting | None:
+    unit = unit_of(operation.wallet_id)
+    if unit is None:
+        return None
+    operator = system_wallets[(unit, SystemWallet.operator)]
+    return Posting(TransferKind.credit, operator, operation.wallet_id, operation.amount)
+
+
+def _debit_posting(
+    operation: Debit, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting | None:
+    unit = unit_of(operation.wallet_id)
+    if unit is None:
+        return None
+    operator = system_wallets[(unit, SystemWallet.operator)]
+    if operation.mode == DebitMode.up_to:
+        return Posting(
+            TransferKind.debit,
+            operation.wallet_id,
+            operator,
+            operation.amount,
+            amount_requested=operation.amount,
+        )
+    return Posting(TransferKind.debit, operation.wallet_id, operator, operation.amount)
+
+
+def _transfer_posting(
+    operation: WalletTransfer, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting:
+    return Posting(
+        TransferKind.transfer,
+        operation.source_wallet_id,
+        operation.target_wallet_id,
+        operation.amount,
+    )
+
+
+def _deposit_posting(
+    operation: Deposit, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting | None:
+    unit = unit_of(operation.wallet_id)
+    if unit is None:
+        return None
+    funding = system_wallets[(unit, SystemWallet.funding)]
+    return Posting(TransferKind.deposit, funding, operation.wallet_id, operation.amount)
+
+
+def _withdrawal_posting(
+    operation: Withdrawal, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting | None:
+    unit = unit_of(operation.wallet_id)
+    if unit is None:
+        return None
+    funding = system_wallets[(unit, SystemWallet.funding)]
+    return Posting(TransferKind.withdrawal, operation.wallet_id, funding, operation.amount)
+
+
+def _payment_posting(
+    operation: Payment, unit_of: _UnitOf, system_wallets: _SystemWallets
+) -> Posting:
+    return Posting(
+        TransferKind.payment,
+        operation.payer_wallet_id,
+        operation.payee_wallet_id,
+        operation.amount,
+    )
+
+
+# By kind, looked up by type: quicker than matching, in the write-ahead's loop.
+_postings: dict[type[Operation], Callable[[Any, _UnitOf, _SystemWallets], Posting | None]] = {
+    Credit: _credit_posting,
+    Debit: _debit_posting,
+    WalletTransfer: _transfer_posting,
+    Deposit: _deposit_posting,
+    Withdrawal: _withdrawal_posting,
+    Payment: _payment_posting,
+}
+
+
 def expected_posting(
     operation: Operation,
-    units: Mapping[int, str],
+    unit_of: Callable[[int], str | None],
     system_wallets: Mapping[tuple[str, SystemWallet], int],
-    now: datetime,
 ) -> Posting | None:
     """The posting `apply` makes of an operation if it succeeds, where that does not depend
-    on the wallets' state (None where it does, or cannot be told yet): such a posting may be
-    written before the wallets are locked, and `apply` then only confirms it."""
+    on the wallets' state: `posting_of`, but not an up-to debit's, whose amount the balance
+    decides. Such a posting may be written before the wallets are locked, and `apply` then
+    only confirms it."""
+    posting = posting_of(operation, unit_of, system_wallets)
+    if posting is None or posting.amount_requested is not None:
+        return None
+    return posting
+
+
+# The operations that move money with a system wallet of their wallet's unit: credits and
+# debits with the operator, which issues and takes units back; deposits and withdrawals with
+# funding, the world outside; a hold placed without a target holds for the operator.
+system_wallet_kinds: frozenset[type[Operation]] = frozenset(
+    {Credit, Debit, Deposit, Withdrawal, PlaceHold}
+)
+
+
+def wallets_named(operation: Operation | Rejected) -> tuple[int, ...]:
+    """The wallets an operation names itself (not through a transfer or a hold)."""
     match operation:
-        case Credit(wallet_id=wallet_id) if wallet_id in units:
-            operator = system_wallets[(units[wallet_id], SystemWallet.operator)]
-            return Posting(TransferKind.credit, operator, wallet_id, operation.amount)
-        case Debit(wallet_id=wallet_id, mode=DebitMode.all_or_nothing) if wallet_id in units:
-            operator = system_wallets[(units[wallet_id], SystemWallet.operator)]
-            return Posting(TransferKind.debit, wallet_id, operator, operation.amount)
+        case Credit() | Debit() | Deposit() | Withdrawal():
+            return (operation.wallet_id,)
         case WalletTransfer():
-            return Posting(
-                TransferKind.transfer,
-                operation.source_wallet_id,
-                operation.target_wallet_id,
-                operation.amount,
-            )
-        case Deposit(wallet_id=wallet_id) if wallet_id in units:
-            funding = system_wallets[(units[wallet_id], SystemWallet.funding)]
-            return Posting(TransferKind.deposit, funding, wallet_id, operation.amount)
-        case Withdrawal(wallet_id=wallet_id) if wallet_id in units:
-            funding = system_wallets[(units[wallet_id], SystemWallet.funding)]
-            return Posting(TransferKind.withdrawal, wallet_id, funding, operation.amount)
+            return (operation.source_wallet_id, operation.target_wallet_id)
         case Payment():
-            return Posting(
-                TransferKind.payment,
-                operation.payer_wallet_id,
-                operation.payee_wallet_id,
-                operation.amount,
-            )
-    return None
+            return (operation.payer_wallet_id, operation.payee_wallet_id)
+        case PlaceHold():
+            if operation.target_wallet_id is None:
+                return (operation.wallet_id,)
+            return (operation.wallet_id, operation.target_wallet_id)
+    return ()
 
 
 def _failed_with_chain(
@@ -331,49 +442,51 @@ def apply(book: Book, operation: Operation, now: datetime) -> list[Posting]:
 
 
 def _credit(book: Book, operation: Credit) -> list[Posting]:
-    wallet = _user_wallet(book, operation.wallet_id)
-    operator = _system_wallet(book, wallet.unit, SystemWallet.operator)
-    _check_move(operator, wallet, operation.amount)
+    _user_wallet(book, operation.wallet_id)
+    posting = _credit_posting(operation, book.unit_of, book.system_wallets)
+    assert posting is not None
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.credit, operator, wallet, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _debit(book: Book, operation: Debit) -> list[Posting]:
     wallet = _user_wallet(book, operation.wallet_id)
-    operator = _system_wallet(book, wallet.unit, SystemWallet.operator)
+    posting = _debit_posting(operation, book.unit_of, book.system_wallets)
+    assert posting is not None
     if operation.mode == DebitMode.up_to:
         assert wallet.balance_minimum is not None
-        amount = min(operation.amount, max(0, wallet.available - wallet.balance_minimum))
-        _check_move(wallet, operator, amount)
-        # Checks done.
-        posting = _move(book, TransferKind.debit, wallet, operator, amount)
-        return [replace(posting, amount_requested=operation.amount)]
-    _check_move(wallet, operator, operation.amount)
+        spare = max(0, wallet.available - wallet.balance_minimum)
+        posting = replace(posting, amount=min(posting.amount, spare))
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.debit, wallet, operator, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _transfer(book: Book, operation: WalletTransfer) -> list[Posting]:
-    source, target = _wallet_pair(book, operation.source_wallet_id, operation.target_wallet_id)
-    _check_move(source, target, operation.amount)
+    _wallet_pair(book, operation.source_wallet_id, operation.target_wallet_id)
+    posting = _transfer_posting(operation, book.unit_of, book.system_wallets)
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.transfer, source, target, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _deposit(book: Book, operation: Deposit) -> list[Posting]:
-    wallet = _user_wallet(book, operation.wallet_id)
-    funding = _system_wallet(book, wallet.unit, SystemWallet.funding)
-    _check_move(funding, wallet, operation.amount)
+    _user_wallet(book, operation.wallet_id)
+    posting = _deposit_posting(operation, book.unit_of, book.system_wallets)
+    assert posting is not None
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.deposit, funding, wallet, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _withdrawal(book: Book, operation: Withdrawal) -> list[Posting]:
-    wallet = _user_wallet(book, operation.wallet_id)
-    funding = _system_wallet(book, wallet.unit, SystemWallet.funding)
-    _check_move(wallet, funding, operation.amount)
+    _user_wallet(book, operation.wallet_id)
+    posting = _withdrawal_posting(operation, book.unit_of, book.system_wallets)
+    assert posting is not None
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.withdrawal, wallet, funding, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _payment(book: Book, operation: Payment) -> list[Posting]:
@@ -382,9 +495,10 @@ def _payment(book: Book, operation: Payment) -> list[Posting]:
         raise errors.WalletKindMismatch(f"payer wallet {payer.id} is not a customer's")
     if payee.owner_kind != OwnerKind.merchant:
         raise errors.WalletKindMismatch(f"payee wallet {payee.id} is not a merchant's")
-    _check_move(payer, payee, operation.amount)
+    posting = _payment_posting(operation, book.unit_of, book.system_wallets)
+    source, target = _check_posting(book, posting)
     # Checks done.
-    return [_move(book, TransferKind.payment, payer, payee, operation.amount)]
+    return [_move(book, posting, source, target)]
 
 
 def _void(book: Book, operation: Void) -> list[Posting]:
@@ -407,8 +521,10 @@ def _void(book: Book, operation: Void) -> list[Posting]:
     _check_move(source, target, original.amount)
     # Checks done.
     book.mark_voided(original.id)
-    posting = _move(book, TransferKind.void, source, target, original.amount)
-    return [replace(posting, voids_transfer_id=original.id)]
+    posting = Posting(
+        TransferKind.void, source.id, target.id, original.amount, voids_transfer_id=original.id
+    )
+    return [_move(book, posting, source, target)]
 
 
 def _place_hold(book: Book, operation: PlaceHold, now: datetime) -> list[Posting]:
@@ -457,7 +573,7 @@ def _expire_hold(book: Book, operation: ExpireHold, now: datetime) -> list[Posti
     hold = _hold(book, operation.hold_id)
     if hold.resolution is not None:
         raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
-    if hold.expires_at > now:
+    if not hold_lapsed(hold.expires_at, now):
         raise errors.HoldNotPending(f"hold {hold.id} has not expired")
     # Checks done.
     return [_unhold(book, hold, TransferKind.hold_expiry)]
@@ -504,6 +620,15 @@ def _check_active(wallet: WalletState) -> None:
         raise errors.WalletNotActive(f"wallet {wallet.id} is {wallet.status.name}")
 
 
+def _check_posting(book: Book, posting: Posting) -> tuple[WalletState, WalletState]:
+    """Checks that the posting's source can spare its amount and its target hold it; returns
+    the two."""
+    source = book.wallets[posting.source_wallet_id]
+    target = book.wallets[posting.target_wallet_id]
+    _check_move(source, target, posting.amount)
+    return source, target
+
+
 def _check_move(source: WalletState, target: WalletState, amount: int) -> None:
     if source.balance_minimum is None:
         if source.posted - amount < balance_min:
@@ -531,29 +656,23 @@ def _open_hold(book: Book, hold_id: int, now: datetime) -> HoldState:
         raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
     if hold.resolution is not None:
         raise errors.HoldNotPending(f"hold {hold.id} is {_resolution_name(hold)} already")
-    if hold.expires_at <= now:
+    if hold_lapsed(hold.expires_at, now):
         raise errors.HoldExpired(f"hold {hold.id} expired at {hold.expires_at.isoformat()}")
     return hold
 
 
 def _resolution_name(hold: HoldState) -> str:
     assert hold.resolution is not None
-    return {
-        TransferKind.capture: "captured",
-        TransferKind.release: "released",
-        TransferKind.hold_expiry: "expired",
-    }[hold.resolution]
+    return hold_status_resolved_by[hold.resolution].name
 
 
 # Writes ----------------------------------------------------------------------------------------
 
 
-def _move(
-    book: Book, kind: TransferKind, source: WalletState, target: WalletState, amount: int
-) -> Posting:
-    book.adjust(source, posted=-amount)
-    book.adjust(target, posted=amount)
-    return Posting(kind, source.id, target.id, amount)
+def _move(book: Book, posting: Posting, source: WalletState, target: WalletState) -> Posting:
+    book.adjust(source, posted=-posting.amount)
+    book.adjust(target, posted=posting.amount)
+    return posting
 
 
 def _unhold(book: Book, hold: HoldState, kind: TransferKind) -> Posting:

@@ -29,8 +29,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coffer.core import errors
-from coffer.core.ledger import Ledger, create_pool, ping
+from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
+from coffer.core.store.connections import create_pool, ping
 from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
 from . import admission, services

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coffer.core import errors, model, rules
-from coffer.core.ledger import TransferFilter
-from coffer.core.model import batch_operations_max, page_size_default, page_size_max
+from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
 if TYPE_CHECKING:
@@ -83,11 +82,8 @@ def unit_code(request: units_pb2.GetUnitRequest) -> str:
 
 
 def required_id(field: str, value: int) -> int:
-    """An id a request must name (proto3 sends an unset one as 0)."""
-    if value == 0:
-        raise errors.InvalidArgument(field, "is required")
-    if value < 0:
-        raise errors.InvalidArgument(field, "must be a positive id")
+    """An id a request must name (proto3 sends an unset one as 0), by the core's rule."""
+    model.check_id(field, value)
     return value
 
 

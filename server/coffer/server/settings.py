@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from coffer.core.ledger import (
+from coffer.core.model import batch_operations_max
+from coffer.core.store.connections import (
     lock_timeout_s_default,
     pool_size_max,
     statement_timeout_s_default,
     timeout_s_max,
     timeout_s_min,
 )
-from coffer.core.model import batch_operations_max
 
 from .admission import request_bytes_max
 

@@ -1,0 +1,248 @@
+"""A batch of operations, applied in one database transaction, in phases:
+
+1. find the batch's duplicate idempotency keys, and — when an earlier attempt met a stored
+   one — the keys already stored (replays, or keys reused for another request): `keys.settle`;
+2. read the earlier transfers and holds that voids, captures and releases name;
+3. write ahead, with one COPY, the transfers whose postings do not depend on any balance
+   (`rules.expected_posting`: credits, all-or-nothing debits, transfers, deposits,
+   withdrawals, payments), as if they will succeed: the journal is written before any lock
+   is taken;
+4. lock every wallet the batch touches, once, with SELECT … FOR UPDATE in ascending id order
+   (so batches never deadlock), then the open holds it resolves, and release the lapsed
+   holds of those wallets first;
+5. validate each operation in order against that state in memory (`rules.apply_all`);
+6. check, with the locks held, that no key it answers anew was stored meanwhile (as a refusal,
+   or as a success of an operation it refused), and keep its refusals under their keys;
+7. remove what was written ahead and did not happen (never committed, so never seen), COPY
+   the other transfers, and update each touched wallet row once.
+
+The transfers of one batch share one time; their ids follow the order they were written in,
+which within a batch is not always the order the operations were applied in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+import asyncpg
+
+from .. import errors, rules
+from ..model import (
+    Applied,
+    CaptureHold,
+    ExpireHold,
+    Operation,
+    Rejected,
+    ReleaseHold,
+    SystemWallet,
+    TransferKind,
+    Void,
+    hold_lapsed,
+    system_caller,
+)
+from . import rows, sql
+from .facts import Facts
+from .journal import Journal, write, write_ahead
+from .keys import check_free, record_refusals, replay_of, settle
+from .queries import stored_results
+
+__all__ = ["Batch", "expiry"]
+
+
+class Batch:
+    """One batch, run once on a connection in a transaction the caller began. Each phase
+    takes what the phases before it found as arguments and returns what it finds (the locks
+    fill the book they are given); `facts` are the caches of what never changes, shared
+    between batches. With `look_up_keys` false, the batch goes
+    as if none of its keys were stored (the unique indexes find out, and the caller starts
+    over with it true)."""
+
+    def __init__(
+        self,
+        connection: asyncpg.Connection,
+        operations: Sequence[Operation | Rejected],
+        now: datetime,
+        facts: Facts,
+        *,
+        look_up_keys: bool,
+    ) -> None:
+        self._connection = connection
+        self._operations = operations
+        self._now = now
+        self._facts = facts
+        self._look_up_keys = look_up_keys
+
+    async def run(self) -> list[Applied | errors.CofferError]:
+        connection, operations, now = self._connection, self._operations, self._now
+        # 1. Keys.
+        keys = await settle(connection, operations, look_up=self._look_up_keys)
+        fresh = [
+            index
+            for index, operation in enumerate(operations)
+            if index not in keys.settled and not isinstance(operation, Rejected)
+        ]
+        # 2. What voids, captures and releases name.
+        transfer_ids, hold_ids = _named(operations, fresh)
+        referenced = await self._referenced_transfers(transfer_ids | hold_ids)
+        # 3. Write ahead.
+        wallet_ids = {
+            wallet_id for index in fresh for wallet_id in rules.wallets_named(operations[index])
+        }
+        for transfer in referenced.values():
+            wallet_ids.update((transfer["source_wallet_id"], transfer["target_wallet_id"]))
+        units = await self._facts.wallet_units(connection, wallet_ids)
+        system_wallets = await self._system_wallets(fresh, units)
+        wallet_ids.update(system_wallets.values())
+        ahead = await write_ahead(
+            connection, operations, fresh, keys.hashes, units, system_wallets, now
+        )
+        # 4. Locks.
+        book = rules.Book(system_wallets=system_wallets)
+        balances_read = await self._lock_wallets(book, wallet_ids)
+        lapsed, hold_created_at = await self._lock_holds(book, referenced, hold_ids)
+        await self._load_voids(book, referenced, transfer_ids)
+        # 5. Validation.
+        expiries = _expire(book, lapsed, now)
+        outcomes = rules.apply_all(book, operations, now, keys.settled)
+        refused = rules.kept_refusals(operations, outcomes, keys.settled)
+        # 6. Keys still free; refusals kept.
+        await check_free(connection, operations, fresh, refused, ahead)
+        if refused:
+            await record_refusals(connection, operations, keys.hashes, refused, outcomes, now)
+        # 7. Writes: the expiries are written like any operation, ahead of the batch's own;
+        # their results are not the caller's.
+        journal = Journal(
+            operations=[*lapsed, *operations],
+            hashes=[each.request_hash() for each in lapsed] + keys.hashes,
+            outcomes=[*expiries, *outcomes],
+            ahead={index + len(lapsed): written for index, written in ahead.items()},
+            now=now,
+        )
+        results = (await write(connection, journal, book, balances_read, hold_created_at))[
+            len(lapsed) :
+        ]
+        # Answers for replays and for repeats within the batch.
+        if keys.replays:
+            replayed = await stored_results(connection, set(keys.replays.values()), now)
+            for index, operation_id in keys.replays.items():
+                results[index] = replayed[operation_id]
+        for index, first in keys.duplicates.items():
+            results[index] = replay_of(results[first])
+        answers = [result for result in results if result is not None]
+        assert len(answers) == len(results)
+        return answers
+
+    async def _system_wallets(
+        self, fresh: list[int], units: Mapping[int, str]
+    ) -> dict[tuple[str, SystemWallet], int]:
+        """The system wallets of the units of the operations that move money with one."""
+        operations = self._operations
+        system_units = {
+            units[wallet_id]
+            for index in fresh
+            if type(operations[index]) in rules.system_wallet_kinds
+            for wallet_id in rules.wallets_named(operations[index])
+            if wallet_id in units
+        }
+        if not system_units:
+            return {}
+        return await self._facts.system_wallets(self._connection, system_units)
+
+    async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
+        if not ids:
+            return {}
+        found = await self._connection.fetch(sql.select_referenced_transfers, list(ids))
+        return {row["id"]: row for row in found}
+
+    async def _lock_wallets(
+        self, book: rules.Book, wallet_ids: set[int]
+    ) -> dict[int, tuple[int, int]]:
+        """Locks the wallets into the book; returns their balances as read (posted,
+        pending), so that only those that changed are written."""
+        for row in await self._connection.fetch(sql.lock_wallets, sorted(wallet_ids)):
+            book.wallets[row["id"]] = rows.wallet_state(row)
+        return {wallet.id: (wallet.posted, wallet.pending) for wallet in book.wallets.values()}
+
+    async def _lock_holds(
+        self, book: rules.Book, referenced: Mapping[int, asyncpg.Record], hold_ids: set[int]
+    ) -> tuple[list[ExpireHold], dict[int, datetime]]:
+        """Locks the open holds the batch names, and the lapsed holds of the wallets it
+        locked: those release themselves now, first, so that no expired hold keeps holding
+        money until the sweep comes by. All of them, as a wallet's balance counts them all (a
+        bound here would leave money held, and a refusal on it would be kept); the sweep, a
+        bounded batch each second, keeps them few. Returns their expiries, to apply before
+        the rest (a lapsed hold the batch names is the batch's to resolve: a capture or
+        release fails with HoldExpired, the sweep's expiry applies); and when each hold the
+        book holds was placed."""
+        ids = sorted(
+            hold_id
+            for hold_id in hold_ids
+            if hold_id in referenced and referenced[hold_id]["kind"] == TransferKind.hold
+        )
+        held = [wallet.id for wallet in book.wallets.values() if wallet.pending > 0]
+        if not ids and not held:
+            return [], {}
+        found = await self._connection.fetch(sql.lock_holds, ids, held, self._now)
+        open_holds = {row["transfer_id"]: row for row in found}
+        created_at: dict[int, datetime] = {}
+        resolutions: dict[int, TransferKind] = {}
+        closed = [hold_id for hold_id in ids if hold_id not in open_holds]
+        if closed:
+            for row in await self._connection.fetch(sql.select_hold_resolutions, closed):
+                resolutions[row["hold_id"]] = TransferKind(row["kind"])
+        for hold_id in closed:
+            hold = referenced[hold_id]
+            created_at[hold_id] = hold["created_at"]
+            book.holds[hold_id] = rows.resolved_hold_state(
+                hold, resolutions.get(hold_id, TransferKind.release)
+            )
+        lapsed = []
+        for hold_id, row in open_holds.items():
+            created_at[hold_id] = row["created_at"]
+            book.holds[hold_id] = rows.open_hold_state(row)
+            if hold_lapsed(row["expires_at"], self._now) and hold_id not in hold_ids:
+                lapsed.append(expiry(hold_id))
+        return lapsed, created_at
+
+    async def _load_voids(
+        self, book: rules.Book, referenced: Mapping[int, asyncpg.Record], transfer_ids: set[int]
+    ) -> None:
+        """The transfers the batch's voids name, into the book, and which are voided."""
+        ids = [transfer_id for transfer_id in transfer_ids if transfer_id in referenced]
+        if not ids:
+            return
+        for transfer_id in ids:
+            book.transfers[transfer_id] = rows.transfer_state(referenced[transfer_id])
+        found = await self._connection.fetch(sql.select_voiding_transfers, ids)
+        book.voided.update(row["voids_transfer_id"] for row in found)
+
+
+def expiry(hold_id: int) -> ExpireHold:
+    """The operation by which the ledger releases a lapsed hold, under a key of its own."""
+    return ExpireHold(
+        hold_id=hold_id, idempotency_key=f"hold-expiry:{hold_id}", caller=system_caller
+    )
+
+
+def _named(
+    operations: Sequence[Operation | Rejected], fresh: list[int]
+) -> tuple[set[int], set[int]]:
+    """The transfers the fresh operations void, and the holds they resolve."""
+    transfer_ids: set[int] = set()
+    hold_ids: set[int] = set()
+    for index in fresh:
+        operation = operations[index]
+        if isinstance(operation, Void):
+            transfer_ids.add(operation.transfer_id)
+        elif isinstance(operation, (CaptureHold, ReleaseHold, ExpireHold)):
+            hold_ids.add(operation.hold_id)
+    return transfer_ids, hold_ids
+
+
+def _expire(book: rules.Book, lapsed: list[ExpireHold], now: datetime) -> list[rules.Outcome]:
+    try:
+        return [rules.apply(book, each, now) for each in lapsed]
+    except errors.CofferError as error:
+        # A lapsed hold, locked and open, always expires.
+        raise AssertionError(f"a lapsed hold did not expire: {error}") from error

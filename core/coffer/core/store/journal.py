@@ -1,0 +1,292 @@
+"""What a batch writes: the journal (transfers), the open holds, the balances; and the
+results built from what it wrote.
+
+The transfers whose postings no balance decides are written ahead, before any lock is taken
+(`write_ahead`); once validation has decided, `write` removes those that did not happen after
+all (never committed, so never seen) and writes the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from .. import errors, rules
+from ..model import (
+    Applied,
+    Hold,
+    HoldStatus,
+    Operation,
+    Rejected,
+    SystemWallet,
+    Transfer,
+    TransferKind,
+    hold_status_resolved_by,
+    operation_transfers_max,
+)
+from . import sql
+
+__all__ = ["Ahead", "Journal", "write", "write_ahead"]
+
+# A transfer written ahead, by the index of its operation: its id, and its posting.
+Ahead = dict[int, tuple[int, rules.Posting]]
+
+
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """What a batch writes, in order, by index: the expiries of the lapsed holds it found,
+    then its own operations; each with its request digest, its outcome, and the transfer
+    written ahead for it, if any; and the batch's time, which its transfers share."""
+
+    operations: Sequence[Operation | Rejected]
+    hashes: Sequence[bytes]
+    outcomes: Sequence[rules.Outcome]
+    ahead: Ahead
+    now: datetime
+
+
+async def write_ahead(
+    connection: asyncpg.Connection,
+    operations: Sequence[Operation | Rejected],
+    fresh: Sequence[int],
+    hashes: Sequence[bytes],
+    units: Mapping[int, str],
+    system_wallets: Mapping[tuple[str, SystemWallet], int],
+    now: datetime,
+) -> Ahead:
+    """Writes, before any wallet is locked, the transfers whose postings do not depend on
+    the wallets' state, as if they will succeed: the lock is then held only to validate
+    and update balances, not to write the journal. Returns them by operation."""
+    unit_of = units.get
+    expected: dict[int, rules.Posting] = {}
+    for index in fresh:
+        operation = operations[index]
+        assert not isinstance(operation, Rejected)
+        posting = rules.expected_posting(operation, unit_of, system_wallets)
+        if posting is not None:
+            expected[index] = posting
+    if not expected:
+        return {}
+    ids = await _transfer_ids(connection, len(expected))
+    written = dict(zip(expected, zip(ids, expected.values(), strict=True), strict=True))
+    await connection.copy_records_to_table(
+        sql.transfers_table,
+        records=[
+            _row(
+                transfer_id,
+                transfer_id,
+                posting,
+                operations[index],
+                hashes[index],
+                now,
+                first=True,
+            )
+            for index, (transfer_id, posting) in written.items()
+        ],
+        columns=sql.transfer_columns,
+    )
+    return written
+
+
+async def _transfer_ids(connection: asyncpg.Connection, count: int) -> list[int]:
+    ids: list[int] = await connection.fetchval(sql.next_transfer_ids, count)
+    return ids
+
+
+async def write(
+    connection: asyncpg.Connection,
+    journal: Journal,
+    book: rules.Book,
+    balances_read: Mapping[int, tuple[int, int]],
+    hold_created_at: Mapping[int, datetime],
+) -> list[Applied | errors.CofferError | None]:
+    """Writes what validation decided: the transfers not written ahead, the removal of
+    those written ahead that did not happen after all, holds, balances. Returns each
+    entry's result: None for one settled before (a replay, or a repeat)."""
+    operations, hashes, outcomes, ahead = (
+        journal.operations,
+        journal.hashes,
+        journal.outcomes,
+        journal.ahead,
+    )
+    confirmed = {
+        index
+        for index, (_, posting) in ahead.items()
+        if isinstance(outcomes[index], list) and outcomes[index] == [posting]
+    }
+    stale = [transfer_id for index, (transfer_id, _) in ahead.items() if index not in confirmed]
+    count = sum(
+        len(outcome)
+        for index, outcome in enumerate(outcomes)
+        if isinstance(outcome, list) and index not in confirmed
+    )
+    next_id = iter(await _transfer_ids(connection, count) if count else ())
+    results: list[Applied | errors.CofferError | None] = []
+    records: list[tuple[Any, ...]] = []
+    new_holds: list[tuple[int, int, int, int, datetime]] = []
+    resolved_holds: list[int] = []
+    now = journal.now
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, Exception):
+            results.append(outcome)
+            continue
+        if not outcome:
+            results.append(None)
+            continue
+        operation = operations[index]
+        assert not isinstance(operation, Rejected)
+        assert len(outcome) <= operation_transfers_max, outcome
+        transfers = []
+        operation_id = 0
+        for position, posting in enumerate(outcome):
+            first = position == 0
+            transfer_id = ahead[index][0] if index in confirmed else next(next_id)
+            if first:
+                operation_id = transfer_id
+            if index not in confirmed:
+                records.append(
+                    _row(
+                        transfer_id,
+                        operation_id,
+                        posting,
+                        operation,
+                        hashes[index],
+                        now,
+                        first=first,
+                    )
+                )
+            transfers.append(
+                Transfer(
+                    transfer_id,
+                    operation_id,
+                    posting.kind,
+                    posting.source_wallet_id,
+                    posting.target_wallet_id,
+                    book.wallets[posting.source_wallet_id].unit,
+                    posting.amount,
+                    posting.amount_requested,
+                    operation.note,
+                    operation.reference,
+                    operation.performed_by,
+                    operation.metadata,
+                    now,
+                    posting.voids_transfer_id,
+                    posting.hold_id,
+                    posting.hold_expires_at,
+                )
+            )
+            if posting.kind == TransferKind.hold:
+                assert posting.hold_expires_at is not None
+                new_holds.append(
+                    (
+                        transfer_id,
+                        posting.source_wallet_id,
+                        posting.target_wallet_id,
+                        posting.amount,
+                        posting.hold_expires_at,
+                    )
+                )
+            if posting.hold_id is not None:
+                resolved_holds.append(posting.hold_id)
+        results.append(_applied(transfers, book, hold_created_at))
+    if stale:
+        # Written ahead, not confirmed: never committed, so never seen.
+        await connection.execute(sql.delete_transfers, stale)
+    if records:
+        # COPY is the cheapest way in. A key stored already (by an earlier batch, or by
+        # one committing just now) fails it on the unique index: the batch then starts
+        # over.
+        await connection.copy_records_to_table(
+            sql.transfers_table, records=records, columns=sql.transfer_columns
+        )
+    if new_holds:
+        await connection.execute(sql.insert_pending_holds, *zip(*new_holds, strict=True))
+    if resolved_holds:
+        await connection.execute(sql.delete_pending_holds, resolved_holds)
+    changed = [
+        wallet
+        for wallet in book.wallets.values()
+        if (wallet.posted, wallet.pending) != balances_read[wallet.id]
+    ]
+    if changed:
+        await connection.execute(
+            sql.update_balances,
+            [wallet.id for wallet in changed],
+            [wallet.posted for wallet in changed],
+            [wallet.pending for wallet in changed],
+        )
+    return results
+
+
+def _row(
+    transfer_id: int,
+    operation_id: int,
+    posting: rules.Posting,
+    operation: Operation | Rejected,
+    request_hash: bytes,
+    now: datetime,
+    *,
+    first: bool,
+) -> tuple[Any, ...]:
+    """A journal row, in the order of sql.transfer_columns. The first transfer of an
+    operation carries its key."""
+    assert not isinstance(operation, Rejected)
+    return (
+        transfer_id,
+        operation_id,
+        posting.kind,
+        posting.source_wallet_id,
+        posting.target_wallet_id,
+        posting.amount,
+        posting.amount_requested,
+        operation.caller if first else None,
+        operation.idempotency_key if first else None,
+        request_hash if first else None,
+        operation.note or None,
+        operation.reference or None,
+        operation.performed_by or None,
+        dict(operation.metadata) or None,
+        posting.voids_transfer_id,
+        posting.hold_id,
+        posting.hold_expires_at,
+        now,
+    )
+
+
+def _applied(
+    transfers: list[Transfer], book: rules.Book, hold_created_at: Mapping[int, datetime]
+) -> Applied:
+    """An operation's result: its transfers, and the hold it placed or resolved."""
+    first = transfers[0]
+    hold = None
+    if first.kind == TransferKind.hold:
+        assert first.hold_expires_at is not None
+        hold = Hold(
+            id=first.id,
+            source_wallet_id=first.source_wallet_id,
+            target_wallet_id=first.target_wallet_id,
+            unit=first.unit,
+            amount=first.amount,
+            status=HoldStatus.pending,
+            expires_at=first.hold_expires_at,
+            created_at=first.created_at,
+        )
+    elif first.hold_id is not None:
+        state = book.holds[first.hold_id]
+        hold = Hold(
+            id=state.id,
+            source_wallet_id=state.source_wallet_id,
+            target_wallet_id=state.target_wallet_id,
+            unit=first.unit,
+            amount=state.amount,
+            status=hold_status_resolved_by[first.kind],
+            expires_at=state.expires_at,
+            created_at=hold_created_at[state.id],
+            resolved_by_transfer_id=first.id,
+            amount_captured=first.amount if first.kind == TransferKind.capture else 0,
+        )
+    return Applied(tuple(transfers), hold=hold)

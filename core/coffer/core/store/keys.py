@@ -1,0 +1,186 @@
+"""Idempotency keys in a batch: which operations replay stored ones, which reuse a key for
+another request, which repeat an earlier one of the same batch; whether a key the batch is
+about to answer anew was stored meanwhile; and the refusals kept under their keys.
+
+Keys are stored in the same transaction as the postings: a success's on its first transfer, a
+refusal's in `refusals` (see `coffer.core.ledger` for how racing batches meet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .. import errors, rules
+from ..model import Applied, Operation, Rejected
+from . import sql
+
+__all__ = [
+    "KeyStored",
+    "Settlement",
+    "check_free",
+    "key_constraints",
+    "key_reused",
+    "record_refusals",
+    "replay_of",
+    "settle",
+]
+
+# The unique indexes that find an idempotency key stored already (migrations 0001, 0002).
+key_constraints = frozenset({"transfers_idempotency", "refusals_pkey"})
+
+
+class KeyStored(Exception):
+    """A key the batch took for new was stored by then: the batch starts over, looking its
+    keys up first."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What the keys of a batch say before anything is applied, by operation index."""
+
+    # Each operation's request digest (empty for a Rejected one).
+    hashes: list[bytes]
+    # Settled before: with None, a replay (or a repeat within the batch), succeeding with
+    # nothing to write; with an error, failing with it (`rules.apply_all`).
+    settled: dict[int, errors.CofferError | None]
+    # Replays of stored operations: the id of the operation whose result they answer with.
+    replays: dict[int, int]
+    # Repeats of an earlier operation of this batch: its index.
+    duplicates: dict[int, int]
+
+
+async def settle(
+    connection: asyncpg.Connection,
+    operations: Sequence[Operation | Rejected],
+    *,
+    look_up: bool,
+) -> Settlement:
+    """Which operations are replays of stored ones, which reuse a key for another request,
+    and which repeat an earlier one of this batch. Without `look_up`, the batch goes as if no
+    key were stored yet (the insert of its transfers finds out)."""
+    settled: dict[int, errors.CofferError | None] = {}
+    replays: dict[int, int] = {}
+    duplicates: dict[int, int] = {}
+    first: dict[tuple[str, str], int] = {}
+    hashes = [
+        b"" if isinstance(operation, Rejected) else operation.request_hash()
+        for operation in operations
+    ]
+    for index, operation in enumerate(operations):
+        if isinstance(operation, Rejected):
+            continue
+        key = (operation.caller, operation.idempotency_key)
+        if key in first:
+            earlier = first[key]
+            if hashes[earlier] != hashes[index]:
+                settled[index] = key_reused(operation.idempotency_key)
+            else:
+                settled[index] = None
+                duplicates[index] = earlier
+        else:
+            first[key] = index
+    if not look_up:
+        return Settlement(hashes, settled, replays, duplicates)
+    stored = await connection.fetch(sql.select_stored_keys, *_key_columns(first))
+    # Successes last: where a key holds both (see coffer.core.ledger on a request naming what
+    # is being created at that very moment), the success, which moved money, wins.
+    for row in sorted(stored, key=lambda row: row["operation_id"] is not None):
+        index = first[(row["caller"], row["idempotency_key"])]
+        replays.pop(index, None)
+        if row["request_hash"] != hashes[index]:
+            settled[index] = key_reused(row["idempotency_key"])
+        elif row["operation_id"] is None:
+            settled[index] = errors.refusal(row["reason"], row["message"])
+        else:
+            settled[index] = None
+            replays[index] = row["operation_id"]
+    # A duplicate of an operation that turned out to be stored is a replay too.
+    for index, earlier in list(duplicates.items()):
+        if earlier in replays:
+            replays[index] = replays[earlier]
+            del duplicates[index]
+        elif isinstance(settled.get(earlier), errors.CofferError):
+            settled[index] = settled[earlier]
+            del duplicates[index]
+    return Settlement(hashes, settled, replays, duplicates)
+
+
+async def check_free(
+    connection: asyncpg.Connection,
+    operations: Sequence[Operation | Rejected],
+    fresh: Sequence[int],
+    refused: Sequence[int],
+    ahead: Collection[int],
+) -> None:
+    """Raises KeyStored if a key the batch is about to answer anew (`fresh`) is stored
+    already: as a refusal (for any operation), or as a success (for one `refused` here; one
+    written `ahead` would have met the stored key at the unique index already). Run with the
+    wallets locked: a batch that stored the same request locked the same wallets, so it has
+    committed, and what it stored is seen."""
+    if not fresh:
+        return
+    keys = {_key(operations, index): index for index in fresh}
+    unwritten = {_key(operations, index): index for index in refused if index not in ahead}
+    taken = await connection.fetchval(
+        sql.select_keys_taken, *_key_columns(keys), *_key_columns(unwritten)
+    )
+    if taken:
+        raise KeyStored()
+
+
+async def record_refusals(
+    connection: asyncpg.Connection,
+    operations: Sequence[Operation | Rejected],
+    hashes: Sequence[bytes],
+    refused: Sequence[int],
+    outcomes: Sequence[rules.Outcome],
+    now: datetime,
+) -> None:
+    """Stores the refusals under their keys: a retry gets the same answer. A concurrent
+    batch storing the same key meets this one at the primary key; the later starts over and
+    finds it."""
+    records = []
+    for index in refused:
+        error = outcomes[index]
+        assert isinstance(error, errors.CofferError) and error.refusal
+        caller, key = _key(operations, index)
+        records.append((caller, key, hashes[index], error.reason, error.message, now))
+    await connection.copy_records_to_table(
+        sql.refusals_table, records=records, columns=sql.refusal_columns
+    )
+
+
+def replay_of(result: Applied | errors.CofferError | None) -> Applied | errors.CofferError:
+    """The answer to a request repeated within its batch: its first one, marked a replay."""
+    if isinstance(result, Applied):
+        return dataclasses.replace(result, replayed=True)
+    assert isinstance(result, errors.CofferError)
+    if isinstance(result, errors.InvalidArgument):
+        return result
+    return type(result)(result.message, replayed=True)
+
+
+def key_reused(key: str) -> errors.IdempotencyKeyReused:
+    return errors.IdempotencyKeyReused(
+        f"idempotency key {key!r} was used for another request; use a new key"
+    )
+
+
+def _key(operations: Sequence[Operation | Rejected], index: int) -> tuple[str, str]:
+    operation = operations[index]
+    assert not isinstance(operation, Rejected)
+    return operation.caller, operation.idempotency_key
+
+
+def _key_columns(keys: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    callers: list[str] = []
+    names: list[str] = []
+    for caller, name in keys:
+        callers.append(caller)
+        names.append(name)
+    return callers, names

@@ -1,0 +1,159 @@
+"""Database rows to the domain's values: what the statements of `sql` return, as the model's
+values (for answers) or the rules' states (for a batch to validate against).
+
+Enums are looked up by value in dicts made once: faster than calling the enum, row after row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import asyncpg
+
+from .. import rules
+from ..model import (
+    Balance,
+    Hold,
+    HoldStatus,
+    OwnerKind,
+    Transfer,
+    TransferKind,
+    Unit,
+    UnitKind,
+    Wallet,
+    WalletStatus,
+    hold_lapsed,
+    hold_status_resolved_by,
+)
+
+__all__ = [
+    "hold",
+    "open_hold_state",
+    "resolved_hold_state",
+    "transfer",
+    "transfer_state",
+    "unit",
+    "wallet",
+    "wallet_state",
+]
+
+_owner_kinds = {member.value: member for member in OwnerKind}
+_wallet_statuses = {member.value: member for member in WalletStatus}
+_transfer_kinds = {member.value: member for member in TransferKind}
+
+
+def unit(row: asyncpg.Record) -> Unit:
+    return Unit(
+        code=row["code"],
+        kind=UnitKind(row["kind"]),
+        name=row["name"],
+        plural=row["plural"],
+        description=row["description"],
+        scale=row["scale"],
+        created_at=row["created_at"],
+    )
+
+
+def wallet(row: asyncpg.Record) -> Wallet:
+    return Wallet(
+        id=row["id"],
+        owner_id=row["owner_id"],
+        owner_kind=_owner_kinds[row["owner_kind"]],
+        unit=row["unit"],
+        status=_wallet_statuses[row["status"]],
+        balance_minimum=row["balance_minimum"],
+        balance=Balance(posted=row["posted"], pending=row["pending"]),
+        metadata=row["metadata"] or {},
+        created_at=row["created_at"],
+    )
+
+
+def transfer(row: asyncpg.Record) -> Transfer:
+    return Transfer(
+        id=row["id"],
+        operation_id=row["operation_id"],
+        kind=_transfer_kinds[row["kind"]],
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        unit=row["unit"],
+        amount=row["amount"],
+        amount_requested=row["amount_requested"],
+        note=row["note"] or "",
+        reference=row["reference"] or "",
+        performed_by=row["performed_by"] or "",
+        metadata=row["metadata"] or {},
+        created_at=row["created_at"],
+        voids_transfer_id=row["voids_transfer_id"],
+        hold_id=row["hold_id"],
+        hold_expires_at=row["hold_expires_at"],
+        voided_by_transfer_id=row["voided_by"],
+    )
+
+
+def hold(row: asyncpg.Record, now: datetime) -> Hold:
+    """A hold as it stands at `now` (the ledger's clock): one past its expiry is expired, even
+    before it is released in the journal."""
+    if row["resolved_kind"] is not None:
+        status = hold_status_resolved_by[TransferKind(row["resolved_kind"])]
+    elif hold_lapsed(row["hold_expires_at"], now):
+        status = HoldStatus.expired
+    else:
+        status = HoldStatus.pending
+    return Hold(
+        id=row["id"],
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        unit=row["unit"],
+        amount=row["amount"],
+        status=status,
+        expires_at=row["hold_expires_at"],
+        created_at=row["created_at"],
+        resolved_by_transfer_id=row["resolved_by"],
+        amount_captured=row["resolved_amount"] if status == HoldStatus.captured else 0,
+    )
+
+
+def wallet_state(row: asyncpg.Record) -> rules.WalletState:
+    return rules.WalletState(
+        id=row["id"],
+        unit=row["unit"],
+        owner_kind=_owner_kinds[row["owner_kind"]],
+        status=_wallet_statuses[row["status"]],
+        balance_minimum=row["balance_minimum"],
+        posted=row["posted"],
+        pending=row["pending"],
+    )
+
+
+def open_hold_state(row: asyncpg.Record) -> rules.HoldState:
+    """An open hold, from its row of pending_holds."""
+    return rules.HoldState(
+        id=row["transfer_id"],
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        amount=row["amount"],
+        expires_at=row["expires_at"],
+    )
+
+
+def resolved_hold_state(row: asyncpg.Record, resolution: TransferKind) -> rules.HoldState:
+    """A hold no longer open, from the transfer that placed it; `resolution`: the kind of
+    transfer that resolved it."""
+    return rules.HoldState(
+        id=row["id"],
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        amount=row["amount"],
+        expires_at=row["hold_expires_at"],
+        resolution=resolution,
+    )
+
+
+def transfer_state(row: asyncpg.Record) -> rules.TransferState:
+    return rules.TransferState(
+        id=row["id"],
+        kind=_transfer_kinds[row["kind"]],
+        source_wallet_id=row["source_wallet_id"],
+        target_wallet_id=row["target_wallet_id"],
+        amount=row["amount"],
+    )

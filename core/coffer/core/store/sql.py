@@ -1,0 +1,332 @@
+"""Every SQL statement the ledger runs, named for what it does; the tables are in
+coffer/core/migrations.
+
+Statements that read a wallet's balance take the ledger's clock as a parameter (see
+`coffer.core.ledger`): a hold past its expiry holds nothing, even before it is released in the
+journal, and whether it is past is decided on one clock, the one that set its expiry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..model import TransferFilter
+
+__all__ = [
+    "delete_pending_holds",
+    "delete_transfers",
+    "insert_pending_holds",
+    "insert_system_wallet",
+    "insert_unit",
+    "insert_wallet",
+    "lock_holds",
+    "lock_wallet",
+    "lock_wallets",
+    "next_transfer_ids",
+    "refusal_columns",
+    "refusals_table",
+    "select_hold_resolutions",
+    "select_holds",
+    "select_keys_taken",
+    "select_lapsed_holds",
+    "select_one",
+    "select_operation_transfers",
+    "select_referenced_transfers",
+    "select_stored_keys",
+    "select_system_wallets",
+    "select_transfer",
+    "select_transfers_page",
+    "select_unit",
+    "select_unit_exists",
+    "select_units",
+    "select_voiding_transfers",
+    "select_wallet",
+    "select_wallet_by_key",
+    "select_wallet_units",
+    "select_wallets",
+    "transfer_columns",
+    "transfers_table",
+    "update_balances",
+    "update_wallet_status",
+]
+
+select_one = "select 1"
+
+# Units -----------------------------------------------------------------------------------------
+
+_unit_columns = "code, kind, name, plural, description, scale, created_at"
+
+# Nothing when the code is taken: the caller compares the definitions.
+insert_unit = f"""
+    insert into units (code, kind, name, plural, description, scale)
+    values ($1, $2, $3, $4, $5, $6)
+    on conflict (code) do nothing
+    returning {_unit_columns}
+"""
+
+select_unit = f"select {_unit_columns} from units where code = $1"
+
+select_units = f"select {_unit_columns} from units order by code"
+
+select_unit_exists = "select true from units where code = $1"
+
+# Wallets ---------------------------------------------------------------------------------------
+
+
+def _wallet_columns(now: str) -> str:
+    """A wallet's columns, its pending balance less what its holds lapsed by `now` (the
+    statement's parameter holding the ledger's clock) still count."""
+    return f"""
+    id, owner_id, owner_kind, unit, status, balance_minimum, posted, metadata, created_at,
+    pending - case when pending = 0 then 0 else coalesce(
+        (select sum(h.amount) from pending_holds h
+         where h.source_wallet_id = wallets.id and h.expires_at <= {now}::timestamptz), 0
+    ) end::bigint as pending
+"""
+
+
+# A unit's system wallets, one statement per wallet (executemany).
+insert_system_wallet = "insert into wallets (owner_id, owner_kind, unit) values ($1, $2, $3)"
+
+# Nothing when the key is taken: the caller reads the wallet it created (select_wallet_by_key).
+insert_wallet = f"""
+    insert into wallets (owner_id, owner_kind, unit, balance_minimum, metadata,
+                         caller, idempotency_key, request_hash)
+    values ($1, $2, $3, $4, $5, $6, $7, $8)
+    on conflict (caller, idempotency_key) where idempotency_key is not null
+    do nothing
+    returning {_wallet_columns("$9")}
+"""
+
+select_wallet_by_key = f"""
+    select {_wallet_columns("$3")}, request_hash from wallets
+    where caller = $1 and idempotency_key = $2
+"""
+
+select_wallet = f"select {_wallet_columns('$2')} from wallets where id = $1"
+
+select_wallets = f"""
+    select {_wallet_columns("$6")} from wallets
+    where id > $1
+      and ($2::text is null or owner_id = $2)
+      and ($3::smallint is null or owner_kind = $3)
+      and ($4::text is null or unit = $4)
+    order by id
+    limit $5
+"""
+
+lock_wallet = f"select {_wallet_columns('$2')} from wallets where id = $1 for update"
+
+update_wallet_status = (
+    f"update wallets set status = $2 where id = $1 returning {_wallet_columns('$3')}"
+)
+
+# Facts that never change: wallets' units, units' system wallets.
+select_wallet_units = "select id, unit from wallets where id = any($1::bigint[])"
+
+select_system_wallets = """
+    select unit, owner_id, id from wallets
+    where owner_kind = $1 and unit = any($2::text[])
+"""
+
+# Idempotency keys ------------------------------------------------------------------------------
+
+# Where keys are stored: on the first transfer of a successful operation, or as a refusal.
+select_stored_keys = """
+    select t.caller, t.idempotency_key, t.request_hash, t.operation_id,
+           null as reason, null as message
+    from transfers t
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on t.caller = k.caller and t.idempotency_key = k.key
+    union all
+    select r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
+    from refusals r
+    join unnest($1::text[], $2::text[]) as k (caller, key)
+      on r.caller = k.caller and r.idempotency_key = k.key
+"""
+
+# Whether any of the keys in $1, $2 is stored as a refusal, or any in $3, $4 as a success.
+select_keys_taken = """
+    select exists (
+        select from refusals r
+        join unnest($1::text[], $2::text[]) as k (caller, key)
+          on r.caller = k.caller and r.idempotency_key = k.key
+    ) or exists (
+        select from transfers t
+        join unnest($3::text[], $4::text[]) as k (caller, key)
+          on t.caller = k.caller and t.idempotency_key = k.key
+    )
+"""
+
+# Written with COPY.
+refusals_table = "refusals"
+refusal_columns = (
+    "caller",
+    "idempotency_key",
+    "request_hash",
+    "reason",
+    "message",
+    "created_at",
+)
+
+# A batch ---------------------------------------------------------------------------------------
+
+# The earlier transfers and holds that voids, captures and releases name.
+select_referenced_transfers = """
+    select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at, created_at
+    from transfers where id = any($1::bigint[])
+"""
+
+# In ascending id order, so that batches never deadlock.
+lock_wallets = """
+    select id, unit, owner_kind, status, balance_minimum, posted, pending
+    from wallets where id = any($1::bigint[])
+    order by id
+    for update
+"""
+
+# The open holds named in $1, and those of the wallets in $2 lapsed by $3.
+lock_holds = """
+    select h.transfer_id, h.source_wallet_id, h.target_wallet_id, h.amount,
+           h.expires_at, t.created_at
+    from pending_holds h
+    join transfers t on t.id = h.transfer_id
+    where h.transfer_id = any($1::bigint[])
+       or (h.source_wallet_id = any($2::bigint[]) and h.expires_at <= $3)
+    order by h.transfer_id
+    for update of h
+"""
+
+# How holds no longer open were resolved.
+select_hold_resolutions = "select hold_id, kind from transfers where hold_id = any($1::bigint[])"
+
+# Which of the transfers in $1 are voided.
+select_voiding_transfers = """
+    select voids_transfer_id from transfers
+    where voids_transfer_id = any($1::bigint[])
+"""
+
+next_transfer_ids = "select array(select nextval('transfers_id') from generate_series(1, $1))"
+
+# Written with COPY, in this order.
+transfers_table = "transfers"
+transfer_columns = (
+    "id",
+    "operation_id",
+    "kind",
+    "source_wallet_id",
+    "target_wallet_id",
+    "amount",
+    "amount_requested",
+    "caller",
+    "idempotency_key",
+    "request_hash",
+    "note",
+    "reference",
+    "performed_by",
+    "metadata",
+    "voids_transfer_id",
+    "hold_id",
+    "hold_expires_at",
+    "created_at",
+)
+
+# Transfers written ahead that did not happen after all.
+delete_transfers = "delete from transfers where id = any($1::bigint[])"
+
+insert_pending_holds = """
+    insert into pending_holds
+        (transfer_id, source_wallet_id, target_wallet_id, amount, expires_at)
+    select * from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],
+                         $5::timestamptz[])
+"""
+
+delete_pending_holds = "delete from pending_holds where transfer_id = any($1::bigint[])"
+
+update_balances = """
+    update wallets w set posted = v.posted, pending = v.pending
+    from unnest($1::bigint[], $2::bigint[], $3::bigint[]) as v (id, posted, pending)
+    where w.id = v.id
+"""
+
+# The holds lapsed by $1, the earliest first, at most $2.
+select_lapsed_holds = """
+    select transfer_id from pending_holds where expires_at <= $1
+    order by expires_at limit $2
+"""
+
+# Transfers and holds ---------------------------------------------------------------------------
+
+_select_transfers = """
+    select t.id, t.operation_id, t.kind, t.source_wallet_id, t.target_wallet_id, w.unit,
+           t.amount, t.amount_requested, t.note, t.reference, t.performed_by, t.metadata,
+           t.created_at, t.voids_transfer_id, t.hold_id, t.hold_expires_at,
+           v.id as voided_by
+    from transfers t
+    join wallets w on w.id = t.source_wallet_id
+    left join transfers v on v.voids_transfer_id = t.id
+"""
+
+select_transfer = f"{_select_transfers} where t.id = $1"
+
+# The transfers of the operations in $1, each of at most $2 transfers: an operation's
+# transfers have consecutive ids from its own (operation_id).
+select_operation_transfers = f"""
+    {_select_transfers}
+    join unnest($1::bigint[]) as o (id)
+      on t.id between o.id and o.id + $2 - 1 and t.operation_id = o.id
+    order by t.id
+"""
+
+# The holds in $1 (transfers of kind $2), each with the transfer that resolved it, if any.
+select_holds = """
+    select h.id, h.source_wallet_id, h.target_wallet_id, w.unit, h.amount,
+           h.hold_expires_at, h.created_at, r.id as resolved_by, r.kind as resolved_kind,
+           r.amount as resolved_amount
+    from transfers h
+    join wallets w on w.id = h.source_wallet_id
+    left join transfers r on r.hold_id = h.id
+    where h.id = any($1::bigint[]) and h.kind = $2
+"""
+
+
+def select_transfers_page(
+    where: TransferFilter, limit: int, before_id: int | None
+) -> tuple[str, list[Any]]:
+    """A page of history, newest first: the statement and its arguments. Only the conditions
+    a filter sets are written, so that each page is one index range scan."""
+    arguments: list[Any] = []
+
+    def argument(value: Any, cast: str) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}::{cast}"
+
+    conditions = []
+    if before_id is not None:
+        conditions.append(f"t.id < {argument(before_id, 'bigint')}")
+    if where.kinds:
+        conditions.append(f"t.kind = any({argument(list(where.kinds), 'smallint[]')})")
+    if where.start is not None:
+        conditions.append(f"t.created_at >= {argument(where.start, 'timestamptz')}")
+    if where.end is not None:
+        conditions.append(f"t.created_at < {argument(where.end, 'timestamptz')}")
+    if where.reference:
+        conditions.append(f"t.reference = {argument(where.reference, 'text')}")
+    if where.wallet_id is not None:
+        # One index range scan per side of the transfer, merged.
+        wallet = argument(where.wallet_id, "bigint")
+        sides = [
+            f"""(select t.id from transfers t where t.{side} = {wallet}
+                 {"".join(" and " + condition for condition in conditions)}
+                 order by t.id desc limit {limit})"""
+            for side in ("source_wallet_id", "target_wallet_id")
+        ]
+        query = f"""
+            {_select_transfers}
+            where t.id in (select id from ({" union all ".join(sides)}) ids)
+            order by t.id desc limit {limit}
+        """
+    else:
+        where_clause = " and ".join(conditions) or "true"
+        query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
+    return query, arguments
