@@ -7,7 +7,6 @@ fresh database copied from the template and dropped after the test.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import shutil
 import tempfile
@@ -29,8 +28,6 @@ TEMPLATE_DATABASE = "coffer_template"
 CALLER = "tests"
 
 _database_numbers = itertools.count(1)
-# How long a test waits for backends to block on the locks it holds before it fails.
-lock_waiters_wait_s_max = 30.0
 
 
 @pytest.fixture(scope="session")
@@ -92,25 +89,6 @@ async def database_url(
             await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await administration.close()
-
-
-async def lock_waiters(database_url: str, count: int = 1) -> list[int]:
-    """Waits until at least `count` backends of the database wait for a lock (one a test
-    holds, or one held by another backend waiting for it), and returns their pids. Polls
-    pg_stat_activity from a connection of its own (a transaction would see one snapshot)."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with asyncio.timeout(lock_waiters_wait_s_max):
-            while True:
-                pids = await connection.fetch(
-                    "select pid from pg_stat_activity"
-                    " where datname = current_database() and wait_event_type = 'Lock'"
-                )
-                if len(pids) >= count:
-                    return [row["pid"] for row in pids]
-                await asyncio.sleep(0.01)
-    finally:
-        await connection.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -34,7 +34,7 @@ _Number = TypeVar("_Number", bound=int)
 
 class _Enum(Generic[_Member, _Number]):
     """One enum on both sides: the core's IntEnum and the proto's enum, which number their
-    members alike (tests/test_enums.py holds them, and the database's values, together), so that
+    members alike (tests/server/test_enums.py holds them, and the database's values, together), so that
     converting is a lookup each way, typed as each side types its values."""
 
     __slots__ = ("_core", "_numbers")

@@ -18,12 +18,13 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
-from test_api import Api, error_info, key
 
 from coffer.clients import Client
 from coffer.clients import errors as client_errors
 from coffer.server.app import Server, Settings
 from coffer.v1 import transfers_pb2, transfers_pb2_grpc
+
+from support.api import Api, error_info, key
 
 Code = grpc.StatusCode
 # The ledger does not know this rule: a transfer of this amount fails in PostgreSQL with a

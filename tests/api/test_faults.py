@@ -32,10 +32,6 @@ import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_bank import normalized_reply, normalized_result
-from test_concurrency import assert_books_balance
-from test_replay import operation_kinds, rpc_of
-from workload import Wallets, random_operation
 
 from coffer.clients.caller import caller_metadata_key
 from coffer.core import errors
@@ -54,6 +50,11 @@ from coffer.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+
+from support.books import assert_books_balance
+from support.normalized import normalized_reply, normalized_result
+from support.replay import operation_kinds, rpc_of
+from support.workload import Wallets, random_operation
 
 
 @pytest_asyncio.fixture(loop_scope="session")

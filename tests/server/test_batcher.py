@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import lock_waiters
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger
@@ -32,6 +31,8 @@ from coffer.core.model import (
 from coffer.core.store.connections import create_pool
 from coffer.server.batcher import Batcher, retry_after_ms_max, retry_after_ms_min
 from coffer.server.settings import batch_wait_ms_max
+
+from support.database import lock_waiters
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -47,7 +47,8 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 
-root = Path(__file__).resolve().parent.parent
+from support.paths import root
+
 key_pattern = re.compile(r"[0-9a-f]{32}")
 mypy_timeout_s = 120
 

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from random import Random
 
 from google.protobuf.message import Message
-from test_replay import operation_kinds
 
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2
+
+from support.replay import operation_kinds
 
 
 @dataclass(slots=True)

@@ -19,10 +19,6 @@ from dataclasses import dataclass
 import asyncpg
 import grpc
 from google.protobuf.message import Message
-from test_api import error_info
-from test_concurrency import assert_books_balance
-from test_replay import operation_kinds, rpc_of
-from workload import Wallets, random_operation
 
 from coffer.server.app import Server
 from coffer.v1 import (
@@ -36,6 +32,12 @@ from coffer.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+
+from support.api import error_info
+from support.books import assert_books_balance
+from support.normalized import normalized_reply, normalized_result
+from support.replay import operation_kinds, rpc_of
+from support.workload import Wallets, random_operation
 
 clients = 16
 operations_per_client = 2000
@@ -138,33 +140,6 @@ class Bank:
 
 def _replayed(trailing: object) -> bool:
     return any(name == "coffer-replayed" for name, _ in trailing or ())  # type: ignore[attr-defined]
-
-
-def normalized_reply(reply: Message) -> str:
-    """The reply without the fields that describe later events: a replay shows them as they
-    stand now (a transfer voided since, a hold captured, released or expired since)."""
-    copy = type(reply)()
-    copy.CopyFrom(reply)
-    if copy.HasField("transfer"):  # type: ignore[attr-defined]
-        copy.transfer.ClearField("voided_by_transfer_id")  # type: ignore[attr-defined]
-    if isinstance(copy, holds_pb2.PlaceHoldResponse):
-        for name in ("status", "resolved_by_transfer_id", "amount_captured"):
-            copy.hold.ClearField(name)
-    return copy.SerializeToString(deterministic=True).hex()
-
-
-def normalized_result(kind: str, result: transfers_pb2.OperationResult) -> str:
-    """A batch's result for an operation, normalized as `normalized_reply` does a reply, and
-    without its replay marker."""
-    copy = transfers_pb2.OperationResult()
-    copy.CopyFrom(result)
-    copy.ClearField("replayed")
-    for transfer in copy.transfers:
-        transfer.ClearField("voided_by_transfer_id")
-    if kind == "place_hold":
-        for name in ("status", "resolved_by_transfer_id", "amount_captured"):
-            copy.hold.ClearField(name)
-    return copy.SerializeToString(deterministic=True).hex()
 
 
 _codes = {code.value[0]: code for code in grpc.StatusCode}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from coffer.server.app import Server
 
-readme = Path(__file__).resolve().parent.parent / "README.md"
+from support.paths import readme
+
 command_timeout_s = 30.0
 _time = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 

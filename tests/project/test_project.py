@@ -25,7 +25,8 @@ import pytest
 
 from coffer.core import errors
 
-root = Path(__file__).resolve().parent.parent
+from support.paths import root
+
 # The folders that each hold a part of the namespace package `coffer`.
 source_roots = ("core", "server", "bench", "clients")
 subprocess_timeout_s = 120

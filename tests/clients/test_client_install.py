@@ -18,7 +18,8 @@ import pytest
 
 from coffer.server.app import Server
 
-root = Path(__file__).resolve().parent.parent
+from support.paths import root
+
 venv_timeout_s = 60.0
 install_timeout_s = 240.0
 run_timeout_s = 30.0

@@ -18,10 +18,11 @@ import asyncpg
 import grpc
 import pytest
 from google.protobuf.message import Message
-from test_concurrency import assert_books_balance
-from test_replay import Answer, Code, World, operation_kinds, scenarios
 
 from coffer.server.app import Server, Settings
+
+from support.books import assert_books_balance
+from support.replay import Answer, Code, World, operation_kinds, scenarios
 
 copies = 8
 routes = pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])

@@ -7,14 +7,14 @@ import asyncio
 import re
 import socket
 import sys
-from pathlib import Path
 
 from coffer.clients import Client
 from coffer.server.app import Server
 
+from support.paths import readme
+
 example_module = "coffer.clients.examples.emi_merchant"
 example_timeout_s = 30.0
-readme = Path(__file__).resolve().parent.parent / "README.md"
 # The server the README's example names, replaced by the test's.
 readme_target = "127.0.0.1:50051"
 

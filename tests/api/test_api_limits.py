@@ -7,26 +7,27 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
-from test_api import Api, error_info, key
 
 from coffer.core.model import batch_operations_max
 from coffer.server.admission import request_bytes_max, request_bytes_small_max
 from coffer.server.app import Server, Settings, services_described
 from coffer.v1 import transfers_pb2
 
+from support.api import Api, error_info, key
+from support.paths import root
+
 Code = grpc.StatusCode
 
 
 def test_the_api_states_the_batch_limits() -> None:
     """SubmitBatch's comment gives both of its limits, as the server defines them."""
-    proto = Path(__file__).resolve().parent.parent / "protos/coffer/v1/transfers.proto"
+    proto = root / "protos/coffer/v1/transfers.proto"
     lines = proto.read_text().splitlines()
     end = next(n for n, line in enumerate(lines) if "rpc SubmitBatch(" in line)
     start = end

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 import pytest_asyncio
-from conftest import lock_waiters
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger
@@ -41,6 +40,8 @@ from coffer.core.model import (
     posting_kinds,
 )
 from coffer.core.store.connections import create_pool
+
+from support.database import lock_waiters
 
 _keys = itertools.count(1)
 

@@ -15,10 +15,8 @@ import random
 from collections import Counter
 from collections.abc import Callable
 
-import asyncpg
 import grpc
 
-from coffer.core.audit import check_books
 from coffer.server.app import Server, Settings
 from coffer.v1 import (
     holds_pb2,
@@ -31,6 +29,8 @@ from coffer.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+
+from support.books import assert_books_balance
 
 clients = 32
 operations_per_client = 120
@@ -188,13 +188,3 @@ def _reason(error: grpc.aio.AioRpcError) -> str:
                 if detail.Unpack(info):
                     return info.reason
     return f"{error.code().name}: {error.details()}"
-
-
-async def assert_books_balance(database_url: str) -> None:
-    """The books add up: every invariant of the core's check (`coffer.core.audit`) holds."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        audit = await check_books(connection)
-    finally:
-        await connection.close()
-    assert audit.passed, audit.summary()
