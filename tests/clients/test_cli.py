@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from coffer.clients import Client, limits
-from coffer.clients.cli import _parser, main
+from coffer.clients.cli import argument_parser, main
 from coffer.server.app import Server
 
 
@@ -387,7 +387,7 @@ async def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[
 def test_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("USER", "ada")
     monkeypatch.setenv("COFFER_TARGET", "ledger:50051")
-    arguments = _parser().parse_args(
+    arguments = argument_parser().parse_args(
         [
             *["hold", "place", "7", "500", "--target", "9", "--timeout", "60", "--json"],
             *["--note", "deposit"],
@@ -399,16 +399,18 @@ def test_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     assert arguments.performed_by == "ada"
     assert arguments.target == "ledger:50051"
     assert arguments.reference == ""
-    arguments = _parser().parse_args(["--target", "h:1", "--caller", "ops", "balance", "7"])
+    arguments = argument_parser().parse_args(["--target", "h:1", "--caller", "ops", "balance", "7"])
     assert (arguments.target, arguments.caller, arguments.json) == ("h:1", "ops", False)
-    arguments = _parser().parse_args(["--target", "h:1", "transfer", "7", "8", "100", "--json"])
+    arguments = argument_parser().parse_args(
+        ["--target", "h:1", "transfer", "7", "8", "100", "--json"]
+    )
     assert (arguments.source_wallet, arguments.target_wallet, arguments.amount) == (7, 8, 100)
     assert arguments.target == "h:1"
-    arguments = _parser().parse_args(["transfer", "7", "8", "100", "--target", "h:2"])
+    arguments = argument_parser().parse_args(["transfer", "7", "8", "100", "--target", "h:2"])
     assert arguments.target == "h:2"
-    arguments = _parser().parse_args(["balance", "7"])
+    arguments = argument_parser().parse_args(["balance", "7"])
     assert arguments.target == "ledger:50051"
-    arguments = _parser().parse_args(
+    arguments = argument_parser().parse_args(
         [
             *["wallet", "create", "--owner", "c-1", "--owner-kind", "customer", "--unit", "EUR"],
             *["--minimum", "-500", "--metadata", "tier=gold", "region=eu", "--metadata", "x="],
@@ -416,11 +418,11 @@ def test_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert arguments.minimum == -500
     assert dict(arguments.metadata) == {"tier": "gold", "region": "eu", "x": ""}
-    arguments = _parser().parse_args(
+    arguments = argument_parser().parse_args(
         ["history", "7", "--kind", "credit", "hold-expiry", "--limit", "5"]
     )
     assert arguments.kind == ["credit", "hold-expiry"]
-    arguments = _parser().parse_args(["deposit", "7", "100", "--source", "iban:DE89"])
+    arguments = argument_parser().parse_args(["deposit", "7", "100", "--source", "iban:DE89"])
     assert arguments.source == "iban:DE89"
     assert "reference" not in arguments
 
@@ -430,7 +432,7 @@ def test_choices_are_the_apis() -> None:
     spells them, and the bounds of the others the core's (through coffer.clients.limits)."""
     options = {
         (sub.prog.removeprefix("coffer "), action.option_strings[0]): action
-        for sub in _subparsers(_parser())
+        for sub in _subparsers(argument_parser())
         for action in sub._actions
         if action.option_strings
     }
@@ -442,12 +444,14 @@ def test_choices_are_the_apis() -> None:
     assert options["debit", "--mode"].choices == ["all-or-nothing", "up-to"]
     # The greatest of each bound passes; one more is bad usage (test_bad_usage_exits_2).
     timeout = ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max)]
-    assert _parser().parse_args(timeout).timeout == timedelta(seconds=limits.hold_timeout_s_max)
+    assert argument_parser().parse_args(timeout).timeout == timedelta(
+        seconds=limits.hold_timeout_s_max
+    )
     scale = ["unit", "create", "E", "--kind", "credit", "--name", "E"]
     scale += ["--scale", str(limits.unit_scale_max)]
-    assert _parser().parse_args(scale).scale == limits.unit_scale_max
+    assert argument_parser().parse_args(scale).scale == limits.unit_scale_max
     amount = ["credit", "7", str(limits.balance_max)]
-    assert _parser().parse_args(amount).amount == limits.balance_max
+    assert argument_parser().parse_args(amount).amount == limits.balance_max
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -466,7 +470,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 def test_options_of_commands_never_shadow_the_global_ones() -> None:
     """A command's own argument stored under a global option's name (`transfer … TARGET` as
     "target") would replace the server address parsed before the command."""
-    parser = _parser()
+    parser = argument_parser()
     global_names = {action.dest for action in parser._actions}
     for sub in _subparsers(parser):
         for action in sub._actions:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coffer.core.model import batch_operations_max
-from coffer.core.store.connections import pool_size_max, timeout_s_max
+from coffer.core.store.connections import pool_size_max, timeout_s_max, timeout_s_min
 from coffer.server.admission import request_bytes_max
 from coffer.server.settings import (
     Settings,
@@ -26,7 +26,6 @@ from coffer.server.settings import (
     queue_max_limit,
     queued_bytes_max_limit,
     shutdown_grace_s_max,
-    timeout_s_min,
 )
 
 Changes = dict[str, Any]

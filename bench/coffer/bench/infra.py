@@ -37,6 +37,19 @@ from coffer.core import audit
 from coffer.core.preload import preload_transfers
 from coffer.postgres.supervisor import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
 
+__all__ = [
+    "BenchDatabase",
+    "Note",
+    "RssSampler",
+    "ServerGroup",
+    "bench_database",
+    "check_books",
+    "checkpoint",
+    "coffer_command",
+    "preload",
+    "run_pgbench",
+]
+
 server_start_timeout_s = 120.0
 server_stop_timeout_s = 30.0
 log_tail_bytes_max = 4000
@@ -97,7 +110,7 @@ def coffer_command() -> list[str]:
     ]
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -134,7 +147,7 @@ class ServerGroup:
         log_dir: Path,
         note: Note,
     ) -> ServerGroup:
-        port = free_port()
+        port = _free_port()
         group = cls(f"127.0.0.1:{port}")
         command = [
             *coffer_command(),
@@ -267,13 +280,13 @@ class RssSampler:
 
     async def _sample(self) -> None:
         while True:
-            total = sum(rss_kb(pid) or 0 for pid in self._pids) / 1024
+            total = sum(_rss_kb(pid) or 0 for pid in self._pids) / 1024
             self.samples.append((round(time.monotonic() - self._started, 1), round(total, 1)))
             self.mb_max = total if self.mb_max is None else max(self.mb_max, total)
             await asyncio.sleep(rss_sample_interval_s)
 
 
-def rss_kb(pid: int) -> int | None:
+def _rss_kb(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -287,7 +300,7 @@ def rss_kb(pid: int) -> int | None:
 # pgbench ---------------------------------------------------------------------------------------
 
 
-def find_pgbench(cluster: EmbeddedPostgres | None) -> Path | None:
+def _find_pgbench(cluster: EmbeddedPostgres | None) -> Path | None:
     candidates = []
     if cluster is not None:
         candidates.append(cluster.bin_dir / "pgbench")
@@ -302,7 +315,7 @@ def find_pgbench(cluster: EmbeddedPostgres | None) -> Path | None:
     return None
 
 
-def dsn_with_database(dsn: str, database: str) -> str:
+def _dsn_with_database(dsn: str, database: str) -> str:
     """The same server (host, socket, user, options), another database."""
     parts = urllib.parse.urlsplit(dsn)
     return urllib.parse.urlunsplit(parts._replace(path="/" + urllib.parse.quote(database)))
@@ -310,7 +323,7 @@ def dsn_with_database(dsn: str, database: str) -> str:
 
 async def run_pgbench(database: BenchDatabase, duration_s: float, note: Note) -> dict[str, object]:
     """PostgreSQL's own tpcb-like benchmark on a scratch database of the same cluster."""
-    pgbench = find_pgbench(database.cluster)
+    pgbench = _find_pgbench(database.cluster)
     if pgbench is None:
         return {"tps": None, "note": "skipped: no pgbench binary found (PATH or COFFER_PG_BIN)"}
     administration = await asyncpg.connect(database.dsn)
@@ -319,7 +332,7 @@ async def run_pgbench(database: BenchDatabase, duration_s: float, note: Note) ->
         await administration.execute(f"create database {pgbench_database}")
     finally:
         await administration.close()
-    scratch = dsn_with_database(database.dsn, pgbench_database)
+    scratch = _dsn_with_database(database.dsn, pgbench_database)
     try:
         note(f"pgbench: initializing scale {pgbench_scale} in {pgbench_database}")
         await _run_command(

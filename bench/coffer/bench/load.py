@@ -33,6 +33,21 @@ from coffer.bench.measure import Recorder, progress
 from coffer.clients import Client, errors, operations
 from coffer.v1.transfers_pb2 import Operation
 
+__all__ = [
+    "BatchWorkload",
+    "EchoWorkload",
+    "Fixture",
+    "Note",
+    "SingleWorkload",
+    "Workload",
+    "batch_scenarios",
+    "make_workload",
+    "open_clients",
+    "run_load",
+    "scenarios",
+    "setup",
+]
+
 scenarios = ("batch", "single", "hot", "mixed", "payments", "overload")
 batch_scenarios = ("batch", "hot", "payments")
 unit_code = "EUR"
@@ -407,7 +422,7 @@ class _Common(TypedDict):
     idempotency_key: str
 
 
-class MixedWorkload(Workload):
+class _MixedWorkload(Workload):
     """Single calls of every kind: credits, debits (all-or-nothing and up-to), transfers, holds
     captured (all or part) or released, voids of earlier transfers, and balance reads."""
 
@@ -549,7 +564,7 @@ def make_workload(
     if scenario == "single":
         return SingleWorkload(fixture, skew, randomness)
     assert scenario == "mixed", scenario
-    return MixedWorkload(fixture, skew, randomness)
+    return _MixedWorkload(fixture, skew, randomness)
 
 
 async def run_load(

@@ -17,6 +17,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+__all__ = ["Recorder", "percentile_ms", "progress"]
+
 progress_interval_tty_s = 1.0
 progress_interval_s = 5.0
 

@@ -34,6 +34,8 @@ from coffer.bench.load import BatchWorkload, Fixture, Note, SingleWorkload
 from coffer.bench.measure import Recorder, percentile_ms
 from coffer.clients import Client, errors
 
+__all__ = ["run"]
+
 overload_factor = 4
 # The client is one Python process on the same machine: past about this rate of single
 # calls it would measure itself rather than the server (each call costs it some 150 us).

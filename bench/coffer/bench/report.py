@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+__all__ = ["plot", "table", "write_json"]
+
 
 def _number(value: Any, digits: int = 0) -> str:
     if value is None:

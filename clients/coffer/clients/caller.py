@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["caller_length_max", "caller_metadata_key", "caller_reserved_prefix", "check_caller"]
+
 caller_metadata_key = "coffer-caller"
 caller_length_max = 128
 caller_reserved_prefix = "@"

@@ -26,6 +26,8 @@ from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
+__all__ = ["argument_parser", "main"]
+
 program = "coffer"
 # The entry point group through which other distributions add commands to `coffer`.
 command_entry_points = "coffer.commands"
@@ -41,7 +43,7 @@ history_limit_default = 20
 list_limit_max = 10_000
 amount_help = "an integer amount in the unit's minor units (e.g. cents: 1500 is EUR 15.00)"
 
-ItemT = TypeVar("ItemT")
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in installed:
         command: Callable[[list[str]], int] = installed[argv[0]].load()
         return command(argv[1:])
-    parser = _parser(installed)
+    command_line = argument_parser(installed)
     try:
-        arguments = parser.parse_args(argv)
+        arguments = command_line.parse_args(argv)
     except SystemExit as exit_:
         # --help exits 0, bad usage 2; return the code rather than leave the interpreter.
         return exit_.code if isinstance(exit_.code, int) else exit_usage
     if arguments.command is None:
-        parser.print_help(sys.stderr)
+        command_line.print_help(sys.stderr)
         return exit_usage
     try:
         client = SyncClient(
@@ -110,9 +112,11 @@ def _installed_commands() -> dict[str, importlib.metadata.EntryPoint]:
     }
 
 
-def _parser(
+def argument_parser(
     installed: dict[str, importlib.metadata.EntryPoint] | None = None,
 ) -> argparse.ArgumentParser:
+    """The parser of the `coffer` command line; `installed`: the commands other distributions
+    add (by default, those of the `coffer.commands` entry points), named in its help."""
     if installed is None:
         installed = _installed_commands()
     if installed:
@@ -696,9 +700,9 @@ def _health(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     return _Output(response, lambda: [status], exit_ok if status == "SERVING" else exit_refused)
 
 
-def _collect(fetch: Callable[[int, str], Page[ItemT]], limit: int) -> tuple[list[ItemT], str]:
+def _collect(fetch: Callable[[int, str], Page[_Item]], limit: int) -> tuple[list[_Item], str]:
     """Up to `limit` items, page after page, and the token of the page after them."""
-    items: list[ItemT] = []
+    items: list[_Item] = []
     page_token = ""
     while len(items) < limit:
         page = fetch(min(limit - len(items), limits.page_size_max), page_token)

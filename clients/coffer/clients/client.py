@@ -1028,11 +1028,17 @@ def _backoff_s(attempt: int) -> float:
 
 __all__ = [
     "Client",
+    "DebitModeName",
     "DebitResult",
     "HoldResult",
     "Operations",
+    "OwnerKindName",
     "Page",
     "SyncClient",
+    "TransferKindName",
+    "UnitKindName",
     "WalletBalance",
     "operations",
+    "target_default",
+    "timeout_s_default",
 ]

@@ -48,6 +48,46 @@ from google.rpc import error_details_pb2, status_pb2
 
 from coffer.v1 import transfers_pb2
 
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "AlreadyVoided",
+    "BalanceOverflow",
+    "Cancelled",
+    "CaptureExceedsHold",
+    "CofferError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "HoldExpired",
+    "HoldNotFound",
+    "HoldNotPending",
+    "IdempotencyKeyReused",
+    "InsufficientFunds",
+    "Internal",
+    "InvalidArgument",
+    "LinkedOperationFailed",
+    "MalformedRequest",
+    "NotFound",
+    "NotVoidable",
+    "Overloaded",
+    "ResourceExhausted",
+    "SameWallet",
+    "TransferNotFound",
+    "Unavailable",
+    "UnitExists",
+    "UnitMismatch",
+    "UnitNotFound",
+    "WalletKindMismatch",
+    "WalletNotActive",
+    "WalletNotEmpty",
+    "WalletNotFound",
+    "error_domain",
+    "from_operation_error",
+    "from_rpc_error",
+    "reasons",
+    "replayed_metadata_key",
+]
+
 error_domain = "coffer.v1"
 status_details_metadata_key = "grpc-status-details-bin"
 field_metadata_key = "field"
@@ -309,11 +349,11 @@ def from_rpc_error(error: grpc.RpcError) -> CofferError:
         code=code,
         field=info.metadata.get(field_metadata_key) or None,
         metadata=info.metadata,
-        replayed=is_replay(error),
+        replayed=_is_replay(error),
     )
 
 
-def is_replay(call: grpc.RpcError | Any) -> bool:
+def _is_replay(call: grpc.RpcError | Any) -> bool:
     """Whether a finished call (failed, or a sync `with_call` Call) answered with the stored
     outcome of an earlier request with the same idempotency key."""
     trailing_metadata = getattr(call, "trailing_metadata", None)

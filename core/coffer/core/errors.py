@@ -29,6 +29,41 @@ import functools
 from enum import Enum
 from typing import ClassVar
 
+__all__ = [
+    "AlreadyExists",
+    "AlreadyVoided",
+    "BalanceOverflow",
+    "CaptureExceedsHold",
+    "Category",
+    "CofferError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "HoldExpired",
+    "HoldNotFound",
+    "HoldNotPending",
+    "IdempotencyKeyReused",
+    "InsufficientFunds",
+    "Internal",
+    "InvalidArgument",
+    "LinkedOperationFailed",
+    "MalformedRequest",
+    "NotFound",
+    "NotVoidable",
+    "Overloaded",
+    "SameWallet",
+    "TransferNotFound",
+    "Unavailable",
+    "UnitExists",
+    "UnitMismatch",
+    "UnitNotFound",
+    "WalletKindMismatch",
+    "WalletNotActive",
+    "WalletNotEmpty",
+    "WalletNotFound",
+    "reasons",
+    "refusal",
+]
+
 
 class Category(Enum):
     invalid_argument = "invalid_argument"

@@ -12,24 +12,26 @@ from importlib import resources
 
 import asyncpg
 
+__all__ = ["migrate"]
+
 # Any constant unique to this application; pg_advisory_lock takes a bigint.
 advisory_lock_id = 0x636F66666572  # "coffer"
 _file_pattern = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
 @dataclass(frozen=True, slots=True)
-class Migration:
+class _Migration:
     version: int
     name: str
     sql: str
 
 
-def migrations() -> list[Migration]:
+def _migrations() -> list[_Migration]:
     found = []
     for entry in resources.files("coffer.core.migrations").iterdir():
         match = _file_pattern.match(entry.name)
         if match:
-            found.append(Migration(int(match[1]), match[2], entry.read_text()))
+            found.append(_Migration(int(match[1]), match[2], entry.read_text()))
     found.sort(key=lambda migration: migration.version)
     versions = [migration.version for migration in found]
     assert versions == list(range(1, len(found) + 1)), (
@@ -56,7 +58,7 @@ async def migrate(connection: asyncpg.Connection) -> list[int]:
             row["version"]
             for row in await connection.fetch("select version from schema_migrations")
         }
-        for migration in migrations():
+        for migration in _migrations():
             if migration.version in done:
                 continue
             async with connection.transaction():

@@ -17,6 +17,70 @@ from typing import Any, Generic, TypeVar, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
+__all__ = [
+    "Applied",
+    "Balance",
+    "CaptureHold",
+    "Credit",
+    "Debit",
+    "DebitMode",
+    "Deposit",
+    "ExpireHold",
+    "Hold",
+    "HoldStatus",
+    "NewWallet",
+    "Operation",
+    "OwnerKind",
+    "Page",
+    "Payment",
+    "PlaceHold",
+    "Rejected",
+    "ReleaseHold",
+    "SystemWallet",
+    "Transfer",
+    "TransferFilter",
+    "TransferKind",
+    "Unit",
+    "UnitKind",
+    "Void",
+    "Wallet",
+    "WalletStatus",
+    "WalletTransfer",
+    "Withdrawal",
+    "amount_max",
+    "balance_max",
+    "balance_min",
+    "batch_operations_max",
+    "caller_length_max",
+    "check_enum",
+    "check_id",
+    "check_text",
+    "check_unit_code",
+    "hold_lapsed",
+    "hold_status_resolved_by",
+    "hold_timeout_s_default",
+    "hold_timeout_s_max",
+    "hold_timeout_s_min",
+    "id_max",
+    "idempotency_key_length_max",
+    "metadata_entries_max",
+    "metadata_key_length_max",
+    "metadata_value_length_max",
+    "note_length_max",
+    "operation_transfers_max",
+    "owner_id_length_max",
+    "page_size_default",
+    "page_size_max",
+    "performed_by_length_max",
+    "posting_kinds",
+    "reference_length_max",
+    "system_caller",
+    "unit_code_length_max",
+    "unit_description_length_max",
+    "unit_name_length_max",
+    "unit_scale_max",
+]
+
 # Limits: every string, map and number that comes in has one.
 amount_max = 2**63 - 1
 balance_max = 2**63 - 1
@@ -37,7 +101,7 @@ metadata_entries_max = 16
 metadata_key_length_max = 64
 metadata_value_length_max = 512
 unit_code_length_max = 32
-unit_code_pattern = re.compile(rf"[A-Za-z0-9_.\-]{{1,{unit_code_length_max}}}")
+_unit_code_pattern = re.compile(rf"[A-Za-z0-9_.\-]{{1,{unit_code_length_max}}}")
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
@@ -490,7 +554,7 @@ def check_text(name: str, value: str, length_max: int, *, required: bool = False
 def check_unit_code(name: str, value: str) -> None:
     if not value:
         raise InvalidArgument(name, "is required")
-    if not unit_code_pattern.fullmatch(value):
+    if not _unit_code_pattern.fullmatch(value):
         raise InvalidArgument(
             name, f"must be 1 to {unit_code_length_max} letters, digits, '_', '-' or '.'"
         )

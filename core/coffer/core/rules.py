@@ -47,6 +47,23 @@ from .model import (
     posting_kinds,
 )
 
+__all__ = [
+    "Book",
+    "HoldState",
+    "Outcome",
+    "Posting",
+    "TransferState",
+    "WalletState",
+    "apply",
+    "apply_all",
+    "expected_posting",
+    "kept_refusals",
+    "posting_of",
+    "seal",
+    "system_wallet_kinds",
+    "wallets_named",
+]
+
 
 @dataclass(slots=True)
 class WalletState:
@@ -165,7 +182,7 @@ def apply_all(
     LinkedOperationFailed."""
     settled = settled or {}
     outcomes: list[Outcome] = []
-    for chain_indexes in chains(operations):
+    for chain_indexes in _chains(operations):
         start, end = chain_indexes.start, chain_indexes.stop - 1
         if operations[end].linked:
             # A chain left open by the batch's last operation.
@@ -207,7 +224,7 @@ def apply_all(
     return outcomes
 
 
-def chains(operations: Sequence[Operation | Rejected]) -> Iterator[range]:
+def _chains(operations: Sequence[Operation | Rejected]) -> Iterator[range]:
     """The indexes of each linked chain of a batch, in order: a chain runs up to and with
     the first operation not linked (a lone operation is a chain of one). The last chain is
     left open when the batch ends linked."""
@@ -230,7 +247,7 @@ def kept_refusals(
     that failed for any other reason (an invalid operation, a reused key) never ran: none of
     its answers is kept. Hold expiry is the ledger's own, retried by design: never kept."""
     kept: list[int] = []
-    for chain in chains(operations):
+    for chain in _chains(operations):
         failures = [outcomes[index] for index in chain if isinstance(outcomes[index], Exception)]
         if not failures or not all(
             isinstance(failure, errors.CofferError) and failure.refusal for failure in failures

@@ -41,6 +41,17 @@ from google.protobuf.message import DecodeError, Message
 from coffer.core import errors
 from coffer.core.model import batch_operations_max
 
+__all__ = [
+    "Admission",
+    "Admitted",
+    "Refused",
+    "loop_check_interval_s",
+    "loop_lag_ms_max",
+    "register",
+    "request_bytes_max",
+    "request_bytes_small_max",
+]
+
 logger = logging.getLogger(__name__)
 
 # The largest request: a batch of batch_operations_max (8,000) operations of 1 KiB each on

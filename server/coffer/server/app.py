@@ -38,6 +38,8 @@ from . import admission, services
 from .batcher import Batcher
 from .settings import Settings, calls_max_limit
 
+__all__ = ["Server", "Settings", "services_described"]
+
 logger = logging.getLogger(__name__)
 
 # The largest answer: a page of transfers, or a batch's results, with their metadata.
@@ -59,7 +61,7 @@ services_described = (
     transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
 )
-service_names = tuple(service.full_name for service in services_described)
+_service_names = tuple(service.full_name for service in services_described)
 
 
 class Server:
@@ -167,13 +169,13 @@ class Server:
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.enable_server_reflection(
-                (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+                (*_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
             port = server.add_insecure_port(settings.listen)
             if port == 0:
                 raise OSError(f"cannot listen on {settings.listen}")
             await server.start()
-            for name in ("", *service_names):
+            for name in ("", *_service_names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             for pool in pools:
@@ -282,7 +284,7 @@ class Server:
 
     async def _set_health(self, status: int) -> None:
         """`status`: a `HealthCheckResponse` serving status, as the health servicer takes it."""
-        for name in ("", *service_names):
+        for name in ("", *_service_names):
             await self._health.set(name, status)
 
 

@@ -64,6 +64,8 @@ from .settings import (
     queue_max_default,
 )
 
+__all__ = ["Answer", "Apply", "Batcher", "retry_after_ms_max", "retry_after_ms_min"]
+
 logger = logging.getLogger(__name__)
 
 # What a call gets for each of its operations: applied, or refused.

@@ -32,6 +32,8 @@ from coffer.postgres.supervisor import (
 from .app import Server
 from .settings import Settings, SettingsError, listen_default
 
+__all__ = ["bench", "migrate", "serve"]
+
 logger = logging.getLogger("coffer")
 
 

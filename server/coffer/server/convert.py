@@ -28,6 +28,37 @@ from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
+__all__ = [
+    "WalletFilter",
+    "balance_pb",
+    "batch",
+    "capture_hold",
+    "credit",
+    "cursor",
+    "debit",
+    "deposit",
+    "fill_operation_result",
+    "hold_pb",
+    "new_wallet",
+    "page_scope",
+    "page_size",
+    "page_token",
+    "payment",
+    "place_hold",
+    "release_hold",
+    "required_id",
+    "transfer",
+    "transfer_filter",
+    "transfer_pb",
+    "unit",
+    "unit_code",
+    "unit_pb",
+    "void",
+    "wallet_filter",
+    "wallet_pb",
+    "withdrawal",
+]
+
 _Member = TypeVar("_Member", bound=IntEnum)
 _Number = TypeVar("_Number", bound=int)
 
@@ -244,7 +275,7 @@ _operation_builders: dict[str, Callable[[Any, str, bool], model.Operation]] = {
 }
 
 
-def operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | model.Rejected:
+def _operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | model.Rejected:
     """One operation of a batch; one that cannot be built is Rejected, not raised, so the rest
     of the batch goes on."""
     which = pb.WhichOneof("operation")
@@ -288,28 +319,28 @@ def batch(
         raise errors.InvalidArgument(
             "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
         )
-    return rules.seal([operation(each, caller) for each in request.operations])
+    return rules.seal([_operation(each, caller) for each in request.operations])
 
 
 def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilter:
     if request.wallet_id < 0:
         raise errors.InvalidArgument("wallet_id", "must be a positive id, or 0 for all")
     model.check_text("reference", request.reference, model.reference_length_max)
-    start = time(request.start_time, "start_time") if request.HasField("start_time") else None
-    end = time(request.end_time, "end_time") if request.HasField("end_time") else None
+    start = _time(request.start_time, "start_time") if request.HasField("start_time") else None
+    end = _time(request.end_time, "end_time") if request.HasField("end_time") else None
     # [start, end) is half-open: end == start is an empty range, allowed; end < start is not.
     if start is not None and end is not None and end < start:
         raise errors.InvalidArgument("end_time", "must not be before start_time")
     return TransferFilter(
         wallet_id=request.wallet_id or None,
-        kinds=transfer_kinds(list(request.kinds)),
+        kinds=_kinds_in_order(list(request.kinds)),
         start=start,
         end=end,
         reference=request.reference or None,
     )
 
 
-def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
+def _kinds_in_order(kinds: list[int]) -> tuple[model.TransferKind, ...]:
     """A set of kinds, in one order: the same filter however a request lists it."""
     try:
         return tuple(sorted({model.TransferKind(kind) for kind in kinds}))
@@ -317,7 +348,7 @@ def transfer_kinds(kinds: list[int]) -> tuple[model.TransferKind, ...]:
         raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
 
 
-def time(pb: Timestamp, field: str) -> datetime:
+def _time(pb: Timestamp, field: str) -> datetime:
     try:
         return pb.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
@@ -436,11 +467,11 @@ def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
 
 def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
     pb = types_pb2.Transfer()
-    fill_transfer(pb, value)
+    _fill_transfer(pb, value)
     return pb
 
 
-def fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
+def _fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
     """Sets a transfer into a message in place (a batch's results are built where they stand,
     not copied in), and only what is set: protobuf charges for every field given."""
     pb.id = value.id
@@ -501,7 +532,7 @@ def fill_operation_result(
             pb.error.field = outcome.field
         return
     for each in outcome.transfers:
-        fill_transfer(pb.transfers.add(), each)
+        _fill_transfer(pb.transfers.add(), each)
     if outcome.amount_remaining:
         pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:

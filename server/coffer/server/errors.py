@@ -25,6 +25,8 @@ from coffer.core import errors
 
 from .admission import Admitted, Refused
 
+__all__ = ["replayed_metadata", "status_codes", "translate_errors"]
+
 logger = logging.getLogger(__name__)
 
 status_codes: dict[errors.Category, grpc.StatusCode] = {
@@ -47,7 +49,7 @@ retry_after_ms_key = "retry_after_ms"
 replayed_metadata = ((replayed_metadata_key, "true"),)
 
 
-def to_status(error: errors.CofferError) -> grpc.Status:
+def _to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
     if isinstance(error, errors.InvalidArgument):
         info.metadata[field_key] = error.field
@@ -74,13 +76,13 @@ class _Status(grpc.Status):
     trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
-internal_error = errors.Internal("internal error; see the server log")
+_internal_error = errors.Internal("internal error; see the server log")
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-Servicer = TypeVar("Servicer", bound=type)
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_Servicer = TypeVar("_Servicer", bound=type)
 
 
-def translate_errors(servicer: Servicer) -> Servicer:
+def translate_errors(servicer: _Servicer) -> _Servicer:
     """Class decorator for a servicer: what its RPC methods raise becomes the status the
     client sees. (A decorator rather than a server interceptor: grpc.aio runs interceptors on
     every call, at a cost that shows at thousands of calls a second.)
@@ -94,7 +96,7 @@ def translate_errors(servicer: Servicer) -> Servicer:
     return servicer
 
 
-def _guard(inner: Handler, method: str) -> Handler:
+def _guard(inner: _Handler, method: str) -> _Handler:
     @functools.wraps(inner)
     async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         admitted = request if type(request) is Admitted else None
@@ -105,12 +107,12 @@ def _guard(inner: Handler, method: str) -> Handler:
                 raise request.error
             return await inner(self, request, context)
         except errors.CofferError as error:
-            await context.abort_with_status(to_status(error))
+            await context.abort_with_status(_to_status(error))
         except grpc.aio.AbortError:
             raise
         except Exception:
             logger.exception("%s failed", method)
-            await context.abort_with_status(to_status(internal_error))
+            await context.abort_with_status(_to_status(_internal_error))
         finally:
             if admitted is not None:
                 admitted.release()

@@ -29,6 +29,8 @@ from . import convert
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 
+__all__ = ["HoldService", "TransferService", "UnitService", "WalletService"]
+
 _HoldResponse = TypeVar(
     "_HoldResponse",
     holds_pb2.PlaceHoldResponse,
@@ -42,9 +44,9 @@ _codes = {category: code.value[0] for category, code in status_codes.items()}
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def caller_of(context: _Context) -> str:
+def _caller_of(context: _Context) -> str:
     """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
-    caller = caller_sent(context)
+    caller = _caller_sent(context)
     if caller is None:
         raise errors.InvalidArgument(
             caller_metadata_key, "is required on every call that writes: name the caller"
@@ -52,7 +54,7 @@ def caller_of(context: _Context) -> str:
     return caller
 
 
-def caller_sent(context: _Context) -> str | None:
+def _caller_sent(context: _Context) -> str | None:
     """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
     names none. Reads call it for the check alone."""
     sent = [
@@ -76,21 +78,21 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def CreateUnit(
         self, request: units_pb2.CreateUnitRequest, context: _Context
     ) -> units_pb2.CreateUnitResponse:
-        caller_of(context)
+        _caller_of(context)
         unit = await self._ledger.create_unit(convert.unit(request))
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
         self, request: units_pb2.GetUnitRequest, context: _Context
     ) -> units_pb2.GetUnitResponse:
-        caller_sent(context)
+        _caller_sent(context)
         unit = await self._ledger.get_unit(convert.unit_code(request))
         return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
 
     async def ListUnits(
         self, request: units_pb2.ListUnitsRequest, context: _Context
     ) -> units_pb2.ListUnitsResponse:
-        caller_sent(context)
+        _caller_sent(context)
         units = await self._ledger.list_units()
         return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
 
@@ -104,7 +106,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         self, request: wallets_pb2.CreateWalletRequest, context: _Context
     ) -> wallets_pb2.CreateWalletResponse:
         wallet, replayed = await self._ledger.create_wallet(
-            convert.new_wallet(request, caller_of(context))
+            convert.new_wallet(request, _caller_of(context))
         )
         if replayed:
             context.set_trailing_metadata(replayed_metadata)
@@ -113,14 +115,14 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def GetWallet(
         self, request: wallets_pb2.GetWalletRequest, context: _Context
     ) -> wallets_pb2.GetWalletResponse:
-        caller_sent(context)
+        _caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
 
     async def GetBalance(
         self, request: wallets_pb2.GetBalanceRequest, context: _Context
     ) -> wallets_pb2.GetBalanceResponse:
-        caller_sent(context)
+        _caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
         return wallets_pb2.GetBalanceResponse(
             wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
@@ -129,7 +131,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def ListWallets(
         self, request: wallets_pb2.ListWalletsRequest, context: _Context
     ) -> wallets_pb2.ListWalletsResponse:
-        caller_sent(context)
+        _caller_sent(context)
         where = convert.wallet_filter(request)
         scope = convert.page_scope("wallets", *where)
         page = await self._ledger.list_wallets(
@@ -147,7 +149,7 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def CancelWallet(
         self, request: wallets_pb2.CancelWalletRequest, context: _Context
     ) -> wallets_pb2.CancelWalletResponse:
-        caller_of(context)
+        _caller_of(context)
         wallet = await self._ledger.cancel_wallet(
             convert.required_id("wallet_id", request.wallet_id)
         )
@@ -209,7 +211,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: _Context
     ) -> transfers_pb2.SubmitBatchResponse:
-        operations = convert.batch(request, caller_of(context))
+        operations = convert.batch(request, _caller_of(context))
         answers = await self._batcher.submit_all(operations, context.time_remaining())
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
@@ -220,7 +222,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def GetTransfer(
         self, request: transfers_pb2.GetTransferRequest, context: _Context
     ) -> transfers_pb2.GetTransferResponse:
-        caller_sent(context)
+        _caller_sent(context)
         transfer = await self._ledger.get_transfer(
             convert.required_id("transfer_id", request.transfer_id)
         )
@@ -229,7 +231,7 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def ListTransfers(
         self, request: transfers_pb2.ListTransfersRequest, context: _Context
     ) -> transfers_pb2.ListTransfersResponse:
-        caller_sent(context)
+        _caller_sent(context)
         where = convert.transfer_filter(request)
         scope = convert.page_scope("transfers", where)
         page = await self._ledger.list_transfers(
@@ -270,7 +272,7 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def GetHold(
         self, request: holds_pb2.GetHoldRequest, context: _Context
     ) -> holds_pb2.GetHoldResponse:
-        caller_sent(context)
+        _caller_sent(context)
         hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
 
@@ -282,8 +284,10 @@ async def _submit(
     request: _Request,
 ) -> model.Applied:
     """Applies the operation a request asks for; a replayed answer says so in the trailing
-    metadata (a replayed refusal too, through `errors.to_status`)."""
-    applied = await batcher.submit(operation(request, caller_of(context)), context.time_remaining())
+    metadata (a replayed refusal too, through `errors.translate_errors`)."""
+    applied = await batcher.submit(
+        operation(request, _caller_of(context)), context.time_remaining()
+    )
     if applied.replayed:
         context.set_trailing_metadata(replayed_metadata)
     return applied

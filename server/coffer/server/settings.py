@@ -24,6 +24,24 @@ from coffer.core.store.connections import (
 
 from .admission import request_bytes_max
 
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "batch_size_max_default",
+    "batch_wait_ms_max",
+    "batch_workers_default",
+    "calls_max_limit",
+    "interval_s_max",
+    "interval_s_min",
+    "listen_default",
+    "pool_size_min",
+    "port_max",
+    "queue_max_default",
+    "queue_max_limit",
+    "queued_bytes_max_limit",
+    "shutdown_grace_s_max",
+]
+
 listen_default = "127.0.0.1:50051"
 port_max = 65535
 # The database's URL: empty until known (`coffer serve` checks the flags before it starts an

@@ -18,16 +18,18 @@ from decimal import Decimal
 
 from coffer.clients import Client, Transfer, Unit, errors, types_pb2
 
+__all__ = ["main", "run"]
 
-def money(amount: int, unit: Unit) -> str:
+
+def _money(amount: int, unit: Unit) -> str:
     """Minor units as the unit writes them: 2599 with scale 2 is 25.99 EUR."""
     return f"{Decimal(amount).scaleb(-unit.scale):.{unit.scale}f} {unit.code}"
 
 
-def history_line(transfer: Transfer, wallet_id: int, unit: Unit) -> str:
+def _history_line(transfer: Transfer, wallet_id: int, unit: Unit) -> str:
     sign = 1 if transfer.target_wallet_id == wallet_id else -1
     kind = types_pb2.TransferKind.Name(transfer.kind).removeprefix("TRANSFER_KIND_").lower()
-    amount = ("+" if sign > 0 else "") + money(sign * transfer.amount, unit)
+    amount = ("+" if sign > 0 else "") + _money(sign * transfer.amount, unit)
     return f"  #{transfer.id:<6} {kind:<10} {amount:>14}  {transfer.reference or transfer.note}"
 
 
@@ -64,7 +66,7 @@ async def run(target: str) -> None:
             note="top-up by SEPA transfer",
             idempotency_key=f"{order}:top-up",
         )
-        print(f"deposited {money(top_up.amount, eur)} (transfer {top_up.id})")
+        print(f"deposited {_money(top_up.amount, eur)} (transfer {top_up.id})")
         payment = await coffer.pay(
             payer_wallet_id=customer.id,
             payee_wallet_id=merchant.id,
@@ -73,7 +75,7 @@ async def run(target: str) -> None:
             note="2 sourdough loaves, 1 cake",
             idempotency_key=f"{order}:payment",
         )
-        print(f"paid {money(payment.amount, eur)} for {order} (transfer {payment.id})")
+        print(f"paid {_money(payment.amount, eur)} for {order} (transfer {payment.id})")
 
         try:
             await coffer.pay(
@@ -83,15 +85,16 @@ async def run(target: str) -> None:
                 reference=f"{order}-too-big",
             )
         except errors.InsufficientFunds as error:
-            print(f"a payment of {money(1_000_000, eur)} was refused: {error}")
+            print(f"a payment of {_money(1_000_000, eur)} was refused: {error}")
 
         for title, wallet in (("customer", customer), ("merchant", merchant)):
             print(f"\n{title} wallet {wallet.id}, newest first:")
             async for transfer in coffer.iter_transfers(wallet_id=wallet.id):
-                print(history_line(transfer, wallet.id, eur))
+                print(_history_line(transfer, wallet.id, eur))
             balance = (await coffer.get_balance(wallet_id=wallet.id)).balance
             print(
-                f"  balance {money(balance.posted, eur)}, available {money(balance.available, eur)}"
+                f"  balance {_money(balance.posted, eur)},"
+                f" available {_money(balance.available, eur)}"
             )
 
 
