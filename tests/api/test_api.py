@@ -586,8 +586,8 @@ async def invalid(call: Awaitable[Any], field: str) -> None:
 async def test_bad_input_for_every_rpc(api: Api) -> None:
     wallet = await api.funded(100)
     t, h, w, u = api.transfers, api.holds, api.wallets, api.units
-    await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="", kind=2, name="x")), "code")
-    await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="a b", kind=2, name="x")), "code")
+    await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="", name="x")), "code")
+    await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="a b", name="x")), "code")
     await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="pts", name="x")), "kind")
     await invalid(
         u.CreateUnit(units_pb2.CreateUnitRequest(code="pts", kind=2, name="x", scale=19)), "scale"

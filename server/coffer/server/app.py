@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 import asyncpg
 import grpc
@@ -64,6 +63,34 @@ services_described = (
 _service_names = tuple(service.full_name for service in services_described)
 
 
+class _UnawaitedConnectionLoss(logging.Filter):
+    """Logs at INFO, without a traceback, a lost database connection's error that asyncpg left
+    on a future nobody awaits.
+
+    When a connection is lost while a query on it is being cancelled (a timeout, or a caller
+    gone, during a database restart), asyncpg sets the loss on an internal future nobody
+    awaits any more, and asyncio logs "Future exception was never retrieved" at ERROR, with a
+    traceback. The loss is the one the batch has answered UNAVAILABLE for, and health
+    reports: no error of the server. A filter of asyncio's logger, rather than a handler of
+    the event loop, so that it is one for the process, however many servers share a loop."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, asyncpg.ConnectionDoesNotExistError) and str(record.msg).startswith(
+            "Future exception was never retrieved"
+        ):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg, record.args = (
+                "a lost database connection's error went unawaited: %s",
+                (error,),
+            )
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_unawaited_connection_loss = _UnawaitedConnectionLoss()
+
+
 class Server:
     def __init__(
         self,
@@ -87,9 +114,7 @@ class Server:
         self._probe_pool = probe_pool
         # Set when the health check's connection closes: check again at once.
         self._probe_lost = probe_lost
-        self._loop = asyncio.get_running_loop()
-        self._exception_handler_before = self._loop.get_exception_handler()
-        self._loop.set_exception_handler(self._unretrieved_errors)
+        logging.getLogger("asyncio").addFilter(_unawaited_connection_loss)
         self._sweep = asyncio.create_task(self._expire_holds())
         self._health_check = asyncio.create_task(self._check_health())
         self._loop_watch = asyncio.create_task(admitting.watch_loop())
@@ -203,26 +228,6 @@ class Server:
                 await task
         await self.ledger.close()
         await self._probe_pool.close()
-        if self._loop.get_exception_handler() == self._unretrieved_errors:
-            self._loop.set_exception_handler(self._exception_handler_before)
-
-    def _unretrieved_errors(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """The event loop's handler of errors nobody awaited: a lost database connection's,
-        left by asyncpg, is logged at INFO without a traceback; anything else goes to the
-        handler there was before.
-
-        When a connection is lost while a query on it is being cancelled (a timeout, or a
-        caller gone, during a database restart), asyncpg sets the loss on an internal future
-        that nobody awaits any more, and asyncio would log "Future exception was never
-        retrieved" at ERROR, with a traceback. The loss is the one the batch has answered
-        UNAVAILABLE for, and health reports: no error of the server."""
-        error = context.get("exception")
-        if isinstance(error, asyncpg.ConnectionDoesNotExistError) and "future" in context:
-            logger.info("a lost database connection's error went unawaited in asyncpg: %s", error)
-        elif self._exception_handler_before is not None:
-            self._exception_handler_before(loop, context)
-        else:
-            loop.default_exception_handler(context)
 
     async def _expire_holds(self) -> None:
         interval_s = self.settings.hold_expiry_interval_s

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import IntEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -65,21 +65,28 @@ _Number = TypeVar("_Number", bound=int)
 
 class _Enum(Generic[_Member, _Number]):
     """One enum on both sides: the core's IntEnum and the proto's enum, which number their
-    members alike (tests/server/test_enums.py holds them, and the database's values, together), so that
-    converting is a lookup each way, typed as each side types its values."""
+    members alike (tests/server/test_enums.py holds them, and the database's values,
+    together), so that converting is a lookup each way, typed as each side types its values."""
 
-    __slots__ = ("_core", "_numbers")
+    __slots__ = ("_core", "_members", "_numbers")
 
     def __init__(self, core: type[_Member], proto: _EnumTypeWrapper[_Number]) -> None:
         self._core = core
+        self._members = {int(member): member for member in core}
         self._numbers = {int(number): number for number in proto.values()}
         missing = sorted(set(core) - self._numbers.keys())
         assert not missing, f"{proto.DESCRIPTOR.full_name} has no numbers {missing}"
 
-    def to_core(self, field: str, number: int) -> _Member:
+    def to_core(self, number: int) -> _Member:
         """A request's number as the core's member. Proto3 lets any number through (and 0,
-        UNSPECIFIED, when the field is unset): one that names no member is INVALID_ARGUMENT on
-        `field`, by the core's rule for enums."""
+        UNSPECIFIED, when the field is unset): one that names no member goes on as it is, for
+        the model to refuse by its own rule for that field, in the order it checks its fields,
+        as it checks a value from any other caller."""
+        return self._members.get(number, cast(_Member, number))
+
+    def to_core_checked(self, field: str, number: int) -> _Member:
+        """As `to_core`, for a number no model class checks (a filter's): one that names no
+        member is INVALID_ARGUMENT on `field`, by the core's rule for enums."""
         model.check_enum(field, number, self._core)
         return self._core(number)
 
@@ -99,7 +106,7 @@ _hold_statuses = _Enum(model.HoldStatus, types_pb2.HoldStatus)
 def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
     return model.Unit(
         code=request.code,
-        kind=_unit_kinds.to_core("kind", request.kind),
+        kind=_unit_kinds.to_core(request.kind),
         name=request.name,
         plural=request.plural,
         description=request.description,
@@ -123,7 +130,7 @@ def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.N
         idempotency_key=request.idempotency_key,
         caller=caller,
         owner_id=request.owner_id,
-        owner_kind=_owner_kinds.to_core("owner_kind", request.owner_kind),
+        owner_kind=_owner_kinds.to_core(request.owner_kind),
         unit=request.unit,
         balance_minimum=request.balance_minimum if request.HasField("balance_minimum") else 0,
         metadata=dict(request.metadata),
@@ -300,7 +307,9 @@ def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
     if request.unit:
         model.check_unit_code("unit", request.unit)
     owner_kind = (
-        _owner_kinds.to_core("owner_kind", request.owner_kind) if request.owner_kind else None
+        _owner_kinds.to_core_checked("owner_kind", request.owner_kind)
+        if request.owner_kind
+        else None
     )
     return WalletFilter(
         owner_id=request.owner_id or None,
@@ -342,10 +351,7 @@ def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilt
 
 def _kinds_in_order(kinds: list[int]) -> tuple[model.TransferKind, ...]:
     """A set of kinds, in one order: the same filter however a request lists it."""
-    try:
-        return tuple(sorted({model.TransferKind(kind) for kind in kinds}))
-    except ValueError:
-        raise errors.InvalidArgument("kinds", "has an unknown transfer kind") from None
+    return tuple(sorted({_transfer_kinds.to_core_checked("kinds", kind) for kind in kinds}))
 
 
 def _time(pb: Timestamp, field: str) -> datetime:
