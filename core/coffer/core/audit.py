@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from .model import TransferKind, posting_kinds
+from .store import sql
 
 __all__ = ["Audit", "Finding", "Mismatch", "check_books", "examples_max_default"]
 
@@ -99,14 +100,16 @@ async def check_books(
     (which must not be in a transaction already)."""
     posting = sorted(int(kind) for kind in posting_kinds)
     async with connection.transaction(isolation="repeatable_read", readonly=True):
-        transfers: int = await connection.fetchval(_count_transfers)
-        wallets: int = await connection.fetchval(_count_wallets)
-        units = await connection.fetch(_units_unbalanced, examples_max)
-        posted = await connection.fetch(_posted_mismatched, posting, examples_max)
-        pending = await connection.fetch(_pending_mismatched, examples_max)
-        floors = await connection.fetch(_floors_broken, examples_max)
-        holds = await connection.fetch(_holds_mismatched, int(TransferKind.hold), examples_max)
-        voids = await connection.fetch(_voided_twice, examples_max)
+        transfers: int = await connection.fetchval(sql.count_transfers)
+        wallets: int = await connection.fetchval(sql.count_wallets)
+        units = await connection.fetch(sql.audit_units_unbalanced, examples_max)
+        posted = await connection.fetch(sql.audit_posted_mismatched, posting, examples_max)
+        pending = await connection.fetch(sql.audit_pending_mismatched, examples_max)
+        floors = await connection.fetch(sql.audit_floors_broken, examples_max)
+        holds = await connection.fetch(
+            sql.audit_holds_mismatched, int(TransferKind.hold), examples_max
+        )
+        voids = await connection.fetch(sql.audit_voided_twice, examples_max)
     return Audit(
         transfers=transfers,
         wallets=wallets,
@@ -126,88 +129,3 @@ def _finding(invariant: str, rows: Sequence[asyncpg.Record]) -> Finding:
         rows[0]["count"] if rows else 0,
         tuple(Mismatch(row["subject"], int(row["stored"]), int(row["expected"])) for row in rows),
     )
-
-
-# Each query returns the first $n mismatches in order, each with the count of all of them.
-
-_count_transfers = "select count(*) from transfers"
-
-_count_wallets = "select count(*) from wallets"
-
-_units_unbalanced = """
-select unit as subject, sum(posted) as stored, 0 as expected, count(*) over () as count
-from wallets
-group by unit
-having sum(posted) <> 0
-order by unit
-limit $1
-"""
-
-# What flowed in and what flowed out, summed apart: two parallel scans of the journal are
-# faster than one that makes two rows of each transfer.
-_posted_mismatched = """
-with inflow as (
-    select target_wallet_id as wallet_id, sum(amount) as amount
-    from transfers where kind = any($1::smallint[]) group by target_wallet_id
-), outflow as (
-    select source_wallet_id as wallet_id, sum(amount) as amount
-    from transfers where kind = any($1::smallint[]) group by source_wallet_id
-)
-select w.id as subject, w.posted as stored,
-       coalesce(i.amount, 0) - coalesce(o.amount, 0) as expected, count(*) over () as count
-from wallets w
-left join inflow i on i.wallet_id = w.id
-left join outflow o on o.wallet_id = w.id
-where w.posted <> coalesce(i.amount, 0) - coalesce(o.amount, 0)
-order by w.id
-limit $2
-"""
-
-_pending_mismatched = """
-select w.id as subject, w.pending as stored, coalesce(h.amount, 0) as expected,
-       count(*) over () as count
-from wallets w
-left join (select source_wallet_id, sum(amount) as amount
-           from pending_holds group by source_wallet_id) h on h.source_wallet_id = w.id
-where w.pending <> coalesce(h.amount, 0)
-order by w.id
-limit $1
-"""
-
-_floors_broken = """
-select id as subject, posted - pending as stored, balance_minimum as expected,
-       count(*) over () as count
-from wallets
-where balance_minimum is not null and posted - pending < balance_minimum
-order by id
-limit $1
-"""
-
-# An open hold is a hold transfer no other transfer resolved (captured, released, expired:
-# each names it in hold_id); pending_holds must hold exactly those, with their terms.
-_holds_mismatched = """
-with unresolved as (
-    select t.id, t.source_wallet_id, t.target_wallet_id, t.amount, t.hold_expires_at
-    from transfers t
-    where t.kind = $1::smallint
-      and not exists (select from transfers r where r.hold_id = t.id)
-)
-select coalesce(u.id, p.transfer_id) as subject, coalesce(p.amount, 0) as stored,
-       coalesce(u.amount, 0) as expected, count(*) over () as count
-from unresolved u
-full join pending_holds p on p.transfer_id = u.id
-where (u.source_wallet_id, u.target_wallet_id, u.amount, u.hold_expires_at)
-      is distinct from (p.source_wallet_id, p.target_wallet_id, p.amount, p.expires_at)
-order by 1
-limit $2
-"""
-
-_voided_twice = """
-select voids_transfer_id as subject, count(*) as stored, 1 as expected, count(*) over () as count
-from transfers
-where voids_transfer_id is not null
-group by voids_transfer_id
-having count(*) > 1
-order by 1
-limit $1
-"""

@@ -31,7 +31,7 @@ import asyncpg
 
 from . import errors, model, rules
 from .model import TransferKind, WalletTransfer
-from .store import rows
+from .store import rows, sql
 
 __all__ = [
     "amount_max_default",
@@ -86,9 +86,9 @@ async def preload_transfers(
         try:
             async with connection.transaction():
                 # In id order, as every batch of the ledger locks its wallets: no deadlock.
-                await connection.execute(_lock_wallets, locked)
+                await connection.execute(sql.lock_wallets, locked)
                 await connection.execute(
-                    _insert_chunk,
+                    sql.insert_preload_chunk,
                     ids,
                     done + 1,
                     done + chunk,
@@ -112,14 +112,14 @@ async def preload_transfers(
         done += chunk
         if progress is not None:
             progress(done)
-    await connection.execute("analyze transfers")
-    await connection.execute("analyze wallets")
+    await connection.execute(sql.analyze_transfers)
+    await connection.execute(sql.analyze_wallets)
 
 
 async def _check_wallets(connection: asyncpg.Connection, ids: list[int]) -> None:
     """Raises the ledger's error for a transfer these wallets could not make: each sends one
     minor unit to the next, around the ring, each pair on fresh copies of their states."""
-    found = await connection.fetch(_wallet_states, ids)
+    found = await connection.fetch(sql.select_wallet_states, ids)
     states = {row["id"]: rows.wallet_state(row) for row in found}
     now = datetime.now(UTC)
     for source, target in zip(ids, [*ids[1:], ids[0]], strict=True):
@@ -137,48 +137,3 @@ async def _check_wallets(connection: asyncpg.Connection, ids: list[int]) -> None
             amount=1,
         )
         rules.apply(book, transfer, now)
-
-
-_wallet_states = """
-select id, unit, owner_kind, status, balance_minimum, posted, pending
-from wallets where id = any($1::bigint[])
-"""
-
-_lock_wallets = """
-select id from wallets where id = any($1::bigint[]) order by id for update
-"""
-
-# Each transfer: a source drawn among the wallets, a target among the others (never the
-# source), an amount from 1 to $8; the balances change by what the chunk moved, in the same
-# statement. $1 the wallets, $2 and $3 the chunk's first and last number, $4 the count, $5 the
-# latest time, $6 the spread, $7 the kind, $9 who performed them.
-_insert_chunk = """
-with chosen as (
-    select nextval('transfers_id') as id,
-           g,
-           floor(random() * cardinality($1::bigint[]))::int as source_index,
-           floor(random() * (cardinality($1::bigint[]) - 1))::int as offset_index,
-           1 + floor(random() * $8::bigint)::bigint as amount
-    from generate_series($2::bigint, $3::bigint) as g
-), inserted as (
-    insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id, amount,
-                           performed_by, created_at)
-    select id, id, $7::smallint,
-           ($1::bigint[])[source_index + 1],
-           ($1::bigint[])[(source_index + 1 + offset_index) % cardinality($1::bigint[]) + 1],
-           amount,
-           $9::text,
-           $5::timestamptz - $6::interval * (1 - g::float8 / $4::float8)
-    from chosen
-    returning source_wallet_id, target_wallet_id, amount
-), changes as (
-    select wallet_id, sum(change) as change from (
-        select source_wallet_id as wallet_id, -amount as change from inserted
-        union all
-        select target_wallet_id, amount from inserted
-    ) as postings
-    group by wallet_id
-)
-update wallets set posted = wallets.posted + changes.change
-from changes where wallets.id = changes.wallet_id
-"""

@@ -13,9 +13,20 @@ from typing import Any
 from ..model import TransferFilter
 
 __all__ = [
+    "analyze_transfers",
+    "analyze_wallets",
+    "audit_floors_broken",
+    "audit_holds_mismatched",
+    "audit_pending_mismatched",
+    "audit_posted_mismatched",
+    "audit_units_unbalanced",
+    "audit_voided_twice",
+    "count_transfers",
+    "count_wallets",
     "delete_pending_holds",
     "delete_transfers",
     "insert_pending_holds",
+    "insert_preload_chunk",
     "insert_system_wallet",
     "insert_unit",
     "insert_wallet",
@@ -42,6 +53,7 @@ __all__ = [
     "select_voiding_transfers",
     "select_wallet",
     "select_wallet_by_key",
+    "select_wallet_states",
     "select_wallet_units",
     "select_wallets",
     "transfer_columns",
@@ -178,8 +190,11 @@ select_referenced_transfers = """
 """
 
 # In ascending id order, so that batches never deadlock.
-lock_wallets = """
-    select id, unit, owner_kind, status, balance_minimum, posted, pending
+# What the rules read of a wallet (`rows.wallet_state`).
+_wallet_state_columns = "id, unit, owner_kind, status, balance_minimum, posted, pending"
+
+lock_wallets = f"""
+    select {_wallet_state_columns}
     from wallets where id = any($1::bigint[])
     order by id
     for update
@@ -330,3 +345,135 @@ def select_transfers_page(
         where_clause = " and ".join(conditions) or "true"
         query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
     return query, arguments
+
+
+# The check of the books (coffer.core.audit). Each query returns the first $n mismatches in
+# order, each with the count of all of them.
+
+count_transfers = "select count(*) from transfers"
+
+count_wallets = "select count(*) from wallets"
+
+audit_units_unbalanced = """
+select unit as subject, sum(posted) as stored, 0 as expected, count(*) over () as count
+from wallets
+group by unit
+having sum(posted) <> 0
+order by unit
+limit $1
+"""
+
+# What flowed in and what flowed out, summed apart: two parallel scans of the journal are
+# faster than one that makes two rows of each transfer.
+audit_posted_mismatched = """
+with inflow as (
+    select target_wallet_id as wallet_id, sum(amount) as amount
+    from transfers where kind = any($1::smallint[]) group by target_wallet_id
+), outflow as (
+    select source_wallet_id as wallet_id, sum(amount) as amount
+    from transfers where kind = any($1::smallint[]) group by source_wallet_id
+)
+select w.id as subject, w.posted as stored,
+       coalesce(i.amount, 0) - coalesce(o.amount, 0) as expected, count(*) over () as count
+from wallets w
+left join inflow i on i.wallet_id = w.id
+left join outflow o on o.wallet_id = w.id
+where w.posted <> coalesce(i.amount, 0) - coalesce(o.amount, 0)
+order by w.id
+limit $2
+"""
+
+audit_pending_mismatched = """
+select w.id as subject, w.pending as stored, coalesce(h.amount, 0) as expected,
+       count(*) over () as count
+from wallets w
+left join (select source_wallet_id, sum(amount) as amount
+           from pending_holds group by source_wallet_id) h on h.source_wallet_id = w.id
+where w.pending <> coalesce(h.amount, 0)
+order by w.id
+limit $1
+"""
+
+audit_floors_broken = """
+select id as subject, posted - pending as stored, balance_minimum as expected,
+       count(*) over () as count
+from wallets
+where balance_minimum is not null and posted - pending < balance_minimum
+order by id
+limit $1
+"""
+
+# An open hold is a hold transfer no other transfer resolved (captured, released, expired:
+# each names it in hold_id); pending_holds must hold exactly those, with their terms.
+audit_holds_mismatched = """
+with unresolved as (
+    select t.id, t.source_wallet_id, t.target_wallet_id, t.amount, t.hold_expires_at
+    from transfers t
+    where t.kind = $1::smallint
+      and not exists (select from transfers r where r.hold_id = t.id)
+)
+select coalesce(u.id, p.transfer_id) as subject, coalesce(p.amount, 0) as stored,
+       coalesce(u.amount, 0) as expected, count(*) over () as count
+from unresolved u
+full join pending_holds p on p.transfer_id = u.id
+where (u.source_wallet_id, u.target_wallet_id, u.amount, u.hold_expires_at)
+      is distinct from (p.source_wallet_id, p.target_wallet_id, p.amount, p.expires_at)
+order by 1
+limit $2
+"""
+
+audit_voided_twice = """
+select voids_transfer_id as subject, count(*) as stored, 1 as expected, count(*) over () as count
+from transfers
+where voids_transfer_id is not null
+group by voids_transfer_id
+having count(*) > 1
+order by 1
+limit $1
+"""
+
+
+# The preload of history (coffer.core.preload).
+
+select_wallet_states = f"""
+select {_wallet_state_columns}
+from wallets where id = any($1::bigint[])
+"""
+
+# Each transfer: a source drawn among the wallets, a target among the others (never the
+# source), an amount from 1 to $8; the balances change by what the chunk moved, in the same
+# statement. $1 the wallets, $2 and $3 the chunk's first and last number, $4 the count, $5 the
+# latest time, $6 the spread, $7 the kind, $9 who performed them.
+insert_preload_chunk = """
+with chosen as (
+    select nextval('transfers_id') as id,
+           g,
+           floor(random() * cardinality($1::bigint[]))::int as source_index,
+           floor(random() * (cardinality($1::bigint[]) - 1))::int as offset_index,
+           1 + floor(random() * $8::bigint)::bigint as amount
+    from generate_series($2::bigint, $3::bigint) as g
+), inserted as (
+    insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id, amount,
+                           performed_by, created_at)
+    select id, id, $7::smallint,
+           ($1::bigint[])[source_index + 1],
+           ($1::bigint[])[(source_index + 1 + offset_index) % cardinality($1::bigint[]) + 1],
+           amount,
+           $9::text,
+           $5::timestamptz - $6::interval * (1 - g::float8 / $4::float8)
+    from chosen
+    returning source_wallet_id, target_wallet_id, amount
+), changes as (
+    select wallet_id, sum(change) as change from (
+        select source_wallet_id as wallet_id, -amount as change from inserted
+        union all
+        select target_wallet_id, amount from inserted
+    ) as postings
+    group by wallet_id
+)
+update wallets set posted = wallets.posted + changes.change
+from changes where wallets.id = changes.wallet_id
+"""
+
+analyze_transfers = "analyze transfers"
+analyze_wallets = "analyze wallets"
