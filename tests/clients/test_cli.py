@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from coffer.clients import Client, limits
-from coffer.clients.cli import argument_parser, main
+from coffer.clients.cli import argument_parser, deadline_s_max, main
 from coffer.server.app import Server
 
 
@@ -370,7 +370,10 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro",
          "--scale", str(limits.unit_scale_max + 1)],
         ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max + 1)],
+        ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_min - 1)],
+        ["hold", "place", "7", "5", "--timeout", "1.5"],
         ["balance", "7", "--deadline", "0"],
+        ["balance", "7", "--deadline", str(deadline_s_max + 1)],
         ["--caller", "", "balance", "7"],
         ["--caller", "@coffer", "balance", "7"],
         ["--caller", "x" * 129, "balance", "7"],

@@ -149,8 +149,8 @@ def test_server_imports_from_clients_only_caller_and_error_constants() -> None:
 
 def test_the_caller_rule_is_defined_once() -> None:
     """`coffer.clients.caller` holds the rule for callers; the server imports it, and it
-    imports only the standard library. The core may not import it, so it keeps a limit of its
-    own for what it receives: the same one. The core's own caller is one no client may use."""
+    imports only the standard library and the limits generated from the core's model (whose
+    caller length it takes). The core's own caller is one no client may use."""
     from coffer.clients import caller
     from coffer.core import model
 
@@ -160,7 +160,10 @@ def test_the_caller_rule_is_defined_once() -> None:
         if path == "clients/coffer/clients/caller.py"
     ]
     assert found
-    assert all(module.split(".")[0] in sys.stdlib_module_names for module in found), found
+    assert all(
+        module.split(".")[0] in sys.stdlib_module_names or module == "coffer.clients.limits"
+        for module in found
+    ), found
     server_imports = {
         module
         for path, _, module in imports("coffer.server")
@@ -446,6 +449,7 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
     assert "coffer/core/migrations/0001_ledger.sql" in server_names
     for package in ("core", "server", "postgres", "bench"):
         assert f"coffer/{package}/__init__.py" in server_names, package
+        assert f"coffer/{package}/py.typed" in server_names, package
     assert not [name for name in server_names if name.startswith(("coffer/clients", "coffer/v1"))]
     stubs = sorted(path.name for path in (root / "clients" / "coffer" / "v1").glob("*_pb2*.py*"))
     assert stubs
@@ -462,7 +466,7 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
     assert dict(server_entry_points["coffer.commands"]) == {
         "serve": "coffer.server.cli:serve",
         "migrate": "coffer.server.cli:migrate",
-        "bench": "coffer.server.cli:bench",
+        "bench": "coffer.bench.main:main",
     }
 
 

@@ -45,14 +45,13 @@ import uvloop
 
 from coffer.bench import infra, load, overload, report
 from coffer.bench.load import batch_scenarios, scenarios
-from coffer.clients import Client
+from coffer.clients import Client, limits
 
 __all__ = ["bench", "main", "parse_arguments"]
 
 inflight_default_batch = 2
 inflight_default_single = 64
 echo_inflight = 64
-batch_size_max = 8000
 connections_per_server = 4
 
 
@@ -199,8 +198,8 @@ def _check(arguments: argparse.Namespace) -> str | None:
         (arguments.warmup >= 0, "--warmup must not be negative"),
         (arguments.inflight >= 1, "--inflight must be 1 or more"),
         (
-            1 <= arguments.batch_size <= batch_size_max,
-            f"--batch-size must be 1 to {batch_size_max}",
+            1 <= arguments.batch_size <= limits.batch_operations_max,
+            f"--batch-size must be 1 to {limits.batch_operations_max}",
         ),
         (arguments.wallets >= 2, "--wallets must be 2 or more"),
         (arguments.skew >= 0, "--skew must not be negative"),

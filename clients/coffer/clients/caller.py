@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 
+from coffer.clients.limits import caller_length_max
+
 __all__ = ["caller_length_max", "caller_metadata_key", "caller_reserved_prefix", "check_caller"]
 
 caller_metadata_key = "coffer-caller"
-caller_length_max = 128
 caller_reserved_prefix = "@"
 
 _caller_pattern = re.compile(rf"[!-~]{{1,{caller_length_max}}}")

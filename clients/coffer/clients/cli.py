@@ -26,7 +26,7 @@ from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
-__all__ = ["argument_parser", "main"]
+__all__ = ["argument_parser", "deadline_s_max", "main"]
 
 program = "coffer"
 # The entry point group through which other distributions add commands to `coffer`.
@@ -38,6 +38,8 @@ exit_ok = 0
 exit_refused = 1
 exit_usage = 2
 exit_unreachable = 3
+# The longest deadline --deadline takes: a day.
+deadline_s_max = 24 * 3600.0
 list_limit_default = 100
 history_limit_default = 20
 list_limit_max = 10_000
@@ -387,17 +389,27 @@ def _limit(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
+    """A call's deadline: a positive number of seconds, up to a day."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= limits.hold_timeout_s_max:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    if not 0 < value <= deadline_s_max:
+        raise argparse.ArgumentTypeError(f"not more than 0 and up to {deadline_s_max:g}: {text}")
     return value
 
 
 def _hold_timeout(text: str) -> timedelta:
-    return timedelta(seconds=_seconds(text))
+    """A hold's timeout: whole seconds, within the ledger's bounds."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not limits.hold_timeout_s_min <= value <= limits.hold_timeout_s_max:
+        raise argparse.ArgumentTypeError(
+            f"not {limits.hold_timeout_s_min} to {limits.hold_timeout_s_max:,} seconds: {text}"
+        )
+    return timedelta(seconds=value)
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -780,19 +792,9 @@ def _transfer_line(transfer: types_pb2.Transfer, wallet_id: int | None = None) -
     return "  ".join(parts)
 
 
-# Holds, releases and expiries reserve or free an amount without moving posted money.
-_reserving_kinds = frozenset(
-    {
-        types_pb2.TRANSFER_KIND_HOLD,
-        types_pb2.TRANSFER_KIND_RELEASE,
-        types_pb2.TRANSFER_KIND_HOLD_EXPIRY,
-    }
-)
-
-
 def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:
     """+ into the wallet, - out of it; in parentheses what is only reserved or freed."""
-    if transfer.kind in _reserving_kinds:
+    if transfer.kind not in limits.posting_kinds:
         return f"({transfer.amount})"
     return f"{'+' if incoming else '-'}{transfer.amount}"
 

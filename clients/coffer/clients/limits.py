@@ -19,11 +19,11 @@ __all__ = [
     "metadata_key_length_max",
     "metadata_value_length_max",
     "note_length_max",
-    "operation_transfers_max",
     "owner_id_length_max",
     "page_size_default",
     "page_size_max",
     "performed_by_length_max",
+    "posting_kinds",
     "reference_length_max",
     "unit_code_length_max",
     "unit_description_length_max",
@@ -54,4 +54,4 @@ hold_timeout_s_default = 3600
 batch_operations_max = 8000
 page_size_max = 1000
 page_size_default = 100
-operation_transfers_max = 1
+posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})

@@ -131,11 +131,11 @@ class Ledger:
         """Creates the wallet; returns it, and whether this was a replay of an earlier
         request with the same key (the wallet it created then)."""
         async with self._connection(transaction=True) as connection:
-            return await catalog.create_wallet(connection, new, self._clock())
+            return await catalog.create_wallet(connection, new, self._now())
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
         async with self._read_connection() as connection:
-            return await catalog.get_wallet(connection, wallet_id, self._clock())
+            return await catalog.get_wallet(connection, wallet_id, self._now())
 
     async def list_wallets(
         self,
@@ -149,7 +149,7 @@ class Ledger:
         async with self._read_connection() as connection:
             return await catalog.list_wallets(
                 connection,
-                self._clock(),
+                self._now(),
                 owner_id=owner_id,
                 owner_kind=owner_kind,
                 unit=unit,
@@ -159,9 +159,16 @@ class Ledger:
 
     async def cancel_wallet(self, wallet_id: int) -> Wallet:
         async with self._connection(transaction=True) as connection:
-            return await catalog.cancel_wallet(connection, wallet_id, self._clock())
+            return await catalog.cancel_wallet(connection, wallet_id, self._now())
 
     # Operations --------------------------------------------------------------------------------
+
+    def _now(self) -> datetime:
+        """The clock's time, which must say its time zone: asyncpg would read a naive time as
+        the database's local time, and a hold's lapse compares it with aware ones."""
+        now = self._clock()
+        assert now.tzinfo is not None, f"the ledger's clock gave a naive time: {now}"
+        return now
 
     async def apply(
         self, operations: Sequence[Operation | Rejected]
@@ -172,7 +179,7 @@ class Ledger:
 
     async def expire_holds(self) -> int:
         """Releases holds past their expiry; returns how many."""
-        now = self._clock()
+        now = self._now()
         async with self._connection() as connection:
             lapsed = await connection.fetch(sql.select_lapsed_holds, now, expiry_batch_max)
         if not lapsed:
@@ -201,7 +208,7 @@ class Ledger:
 
     async def get_hold(self, hold_id: int) -> Hold:
         async with self._read_connection() as connection:
-            return await queries.get_hold(connection, hold_id, self._clock())
+            return await queries.get_hold(connection, hold_id, self._now())
 
     # Plumbing ----------------------------------------------------------------------------------
 
@@ -219,7 +226,7 @@ class Ledger:
                     batch = Batch(
                         connection,
                         operations,
-                        now or self._clock(),
+                        now or self._now(),
                         self._facts,
                         look_up_keys=look_up_keys,
                     )

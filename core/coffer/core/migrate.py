@@ -1,4 +1,4 @@
-"""Schema migrations: numbered SQL files in core/migrations, applied in order, once each.
+"""Schema migrations: numbered SQL files in coffer/core/migrations, applied in order, once each.
 
 `migrate` takes a session-level advisory lock, so servers starting together apply each
 migration exactly once; each migration runs in its own transaction with its version recorded.

@@ -1,4 +1,4 @@
-"""The server's commands, `coffer serve`, `coffer migrate` and `coffer bench`.
+"""The server's commands, `coffer serve` and `coffer migrate`.
 
 The `coffer` program is the client's (`coffer.clients.cli`); these join it through the
 `coffer.commands` entry points of this distribution, each called with the arguments after
@@ -32,7 +32,7 @@ from coffer.postgres.supervisor import (
 from .app import Server
 from .settings import Settings, SettingsError, listen_default
 
-__all__ = ["bench", "migrate", "serve"]
+__all__ = ["migrate", "serve"]
 
 logger = logging.getLogger("coffer")
 
@@ -45,13 +45,6 @@ def serve(argv: list[str]) -> int:
 def migrate(argv: list[str]) -> int:
     """apply the schema migrations"""
     return _main(["migrate", *argv])
-
-
-def bench(argv: list[str]) -> int:
-    """measure throughput and latency against pgbench and a gRPC echo"""
-    from coffer.bench.main import main as bench_main
-
-    return bench_main(argv)
 
 
 def _main(argv: list[str]) -> int:
