@@ -102,6 +102,7 @@ ItemT = TypeVar("ItemT")
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
 ResultT = TypeVar("ResultT")
+CallableT = TypeVar("CallableT", bound=Callable[..., Any])
 ParametersP = ParamSpec("ParametersP")
 
 
@@ -857,7 +858,7 @@ def _blocking(
     def call(self: SyncClient, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs) -> ResultT:
         return self._run(method(self._client, *args, **kwargs))
 
-    return functools.wraps(method)(call)
+    return _as_sync_method(method, call)
 
 
 def _blocking_iterator(
@@ -876,7 +877,14 @@ def _blocking_iterator(
                 return
             yield item
 
-    return functools.wraps(method)(call)
+    return _as_sync_method(method, call)
+
+
+def _as_sync_method(method: Callable[..., Any], call: CallableT) -> CallableT:
+    """`call`, named and documented as the SyncClient's method of `method`'s name."""
+    functools.update_wrapper(call, method)
+    call.__qualname__ = f"SyncClient.{method.__name__}"
+    return call
 
 
 async def _next(iterator: AsyncIterator[ItemT]) -> ItemT:
