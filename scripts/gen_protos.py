@@ -15,6 +15,11 @@ Beside them goes `descriptors.binpb`, the protos as a FileDescriptorSet with the
 so the server's reflection answers from this set, and `grpcurl describe` shows the API's
 documentation.
 
+Only coffer/v1 is compiled. The google/rpc protos beside it in protos/ are there for clients
+in other languages and for the imports to resolve; Python takes their modules from
+googleapis-common-protos, whose typing stubs name an enum's type `Code` where mypy-protobuf
+expects `Code.ValueType`: the typing stubs are written with the former.
+
 The client installs without the core, so it cannot import the core's limits (`amount_max`,
 `page_size_max`, `hold_timeout_s_max`…): limits.py is a copy of every public integer of
 `coffer.core.model`, written here and checked here, never typed by hand.
@@ -75,7 +80,7 @@ def rendered() -> dict[str, bytes]:
         out = Path(scratch)
         generate(out)
         files = {
-            path.name: (header + path.read_text()).encode()
+            path.name: (header + _typed_as_googleapis(path.read_text())).encode()
             for path in sorted((out / "coffer" / "v1").iterdir())
             if path.suffix in (".py", ".pyi")
         }
@@ -83,6 +88,11 @@ def rendered() -> dict[str, bytes]:
     files["__init__.py"] = header.encode()
     files["py.typed"] = b""
     return files
+
+
+def _typed_as_googleapis(text: str) -> str:
+    """google.rpc's enums as googleapis-common-protos' typing stubs name them."""
+    return text.replace("_code_pb2.Code.ValueType", "_code_pb2.Code")
 
 
 def rendered_limits() -> str:

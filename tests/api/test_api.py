@@ -3,17 +3,24 @@ stubs. Each RPC, each error reason with its status code, and bad input for every
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 from coffer.server.app import Server, Settings
 from coffer.v1 import (
+    errors_pb2,
     holds_pb2,
     transfers_pb2,
     types_pb2,
@@ -21,7 +28,7 @@ from coffer.v1 import (
     wallets_pb2,
 )
 
-from support.api import Api, error_info, key
+from support.api import Api, bad_request, error_info, key
 
 Code = grpc.StatusCode
 
@@ -44,6 +51,28 @@ async def fails(call: Awaitable[Any], code: grpc.StatusCode, reason: str) -> str
     assert info.reason == reason, (info, error.details())
     assert info.domain == "coffer.v1"
     return error.details() or ""
+
+
+# Reflection ----------------------------------------------------------------------------------
+
+
+async def test_reflection_describes_the_error_reasons(server: Server) -> None:
+    """A client of another language, with no protos at hand, finds the reasons, their status
+    codes and retryability through reflection, as `grpcurl describe` would."""
+
+    def describe() -> descriptor_pb2.FileDescriptorProto:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            return database.FindFileContainingSymbol("coffer.v1.ErrorReason")
+
+    file = await asyncio.to_thread(describe)
+    assert file.name == "coffer/v1/errors.proto"
+    (enum,) = file.enum_type
+    values = {value.name: value for value in enum.value}
+    insufficient = values["ERROR_REASON_INSUFFICIENT_FUNDS"].options
+    assert insufficient.Extensions[errors_pb2.status_code] == code_pb2.FAILED_PRECONDITION
+    assert insufficient.Extensions[errors_pb2.retryable] is False
+    assert values["ERROR_REASON_OVERLOADED"].options.Extensions[errors_pb2.retryable] is True
 
 
 # Units and wallets ---------------------------------------------------------------------------
@@ -482,10 +511,14 @@ async def test_submit_batch(api: Api) -> None:
     results = response.results
     assert len(results) == len(operations)
     assert results[0].transfers[0].amount == 100 and not results[0].HasField("error")
-    assert (results[1].error.reason, results[1].error.code) == (
+    assert (results[1].error.reason, results[1].error.status_code) == (
         "INSUFFICIENT_FUNDS",
-        Code.FAILED_PRECONDITION.value[0],
+        code_pb2.FAILED_PRECONDITION,
     )
+    # The deprecated bare number, still filled, for clients built before status_code.
+    assert all(result.error.code == result.error.status_code for result in results)
+    assert results[2].error.status_code == code_pb2.ABORTED
+    assert results[4].error.status_code == code_pb2.INVALID_ARGUMENT
     assert results[2].error.reason == "LINKED_OPERATION_FAILED"
     assert results[3].error.reason == "INSUFFICIENT_FUNDS"
     assert results[4].error.reason == "INVALID_ARGUMENT" and "amount" in results[4].error.message
@@ -581,6 +614,10 @@ async def invalid(call: Awaitable[Any], field: str) -> None:
     info = error_info(raised.value)
     assert info.reason == "INVALID_ARGUMENT"
     assert info.metadata["field"].startswith(field), (info, raised.value.details())
+    # The same field, as the standard detail names it: one violation, described by the message.
+    (violation,) = bad_request(raised.value).field_violations
+    assert violation.field == info.metadata["field"]
+    assert violation.description == raised.value.details()
 
 
 async def test_bad_input_for_every_rpc(api: Api) -> None:

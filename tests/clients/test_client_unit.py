@@ -26,7 +26,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -299,6 +299,29 @@ async def test_invalid_argument_names_its_field(server: Server, script: Script) 
     assert len(script.calls) == 1
 
 
+async def test_invalid_argument_names_its_field_from_bad_request(
+    server: Server, script: Script
+) -> None:
+    """A status whose ErrorInfo does not name the field (as a server of another make may send
+    it) still gives the field, from the standard BadRequest detail."""
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message="amount: must be positive"
+    )
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason="INVALID_ARGUMENT", domain="coffer.v1")
+    )
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field="amount", description="amount: must be positive"
+    )
+    status.details.add().Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    script.plan(rpc_status.to_status(status))
+    async with Client(server.target) as coffer:
+        with pytest.raises(errors.InvalidArgument) as raised:
+            await coffer.credit(wallet_id=7, amount=0)
+    assert raised.value.field == "amount"
+    assert raised.value.metadata == {}
+
+
 @pytest.mark.parametrize(
     ("status", "error_class", "reason"),
     [
@@ -394,6 +417,14 @@ def test_from_operation_error() -> None:
     assert (
         type(errors.from_operation_error(transfers_pb2.OperationError(code=99))) is errors.Internal
     )
+    # status_code, the google.rpc.Code, is read first; the bare code of an older server after.
+    by_status_code = errors.from_operation_error(
+        transfers_pb2.OperationError(
+            reason="A_NEWER_REASON", status_code=code_pb2.FAILED_PRECONDITION
+        )
+    )
+    assert type(by_status_code) is errors.FailedPrecondition
+    assert by_status_code.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 # Calls: metadata, idempotency keys, retries, deadlines.

@@ -93,6 +93,10 @@ def call_through_reflection(target: str, command: Command) -> str:
         return json_format.MessageToJson(response, indent=2)
 
 
+# The details a Coffer status carries.
+_detail_types = (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
+
+
 def _error_text(error: Any) -> str:
     """An error as grpcurl prints it: the code's name, the message and the details."""
     code = "".join(part.capitalize() for part in error.code().name.split("_"))
@@ -101,10 +105,10 @@ def _error_text(error: Any) -> str:
     if status is not None and status.details:
         lines.append("  Details:")
         for number, detail in enumerate(status.details, 1):
-            info = error_details_pb2.ErrorInfo()
-            assert detail.Unpack(info)
+            [message] = [each() for each in _detail_types if detail.Is(each.DESCRIPTOR)]
+            assert detail.Unpack(message)
             shown = json.dumps(
-                {"@type": detail.type_url, **json_format.MessageToDict(info)}, indent=2
+                {"@type": detail.type_url, **json_format.MessageToDict(message)}, indent=2
             )
             lines.append(f"  {number})\t" + "\n    \t".join(shown.splitlines()))
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The four services' stubs on one channel, and what an error's ErrorInfo says."""
+"""The four services' stubs on one channel, and what an error's status details say."""
 
 from __future__ import annotations
 
@@ -84,3 +84,15 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
                 if detail.Unpack(info):
                     return info
     raise AssertionError(f"no ErrorInfo in {error!r}")
+
+
+def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
+    """The standard `google.rpc.BadRequest` detail of a failed call's status."""
+    for name, value in error.trailing_metadata() or ():
+        if name == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                found = error_details_pb2.BadRequest()
+                if detail.Unpack(found):
+                    return found
+    raise AssertionError(f"no BadRequest in {error!r}")

@@ -1,10 +1,16 @@
 """The errors a Coffer call raises: one class per reason the server gives.
 
 The server reports every failure as a gRPC status with a `google.rpc.ErrorInfo` detail (domain
-"coffer.v1", a stable `reason`, and for bad input the offending `field`). `from_rpc_error` turns
-that status back into the class of the same name as the server's domain error; a status without
-the detail (the transport failed, the deadline passed) becomes the class of its status code.
-Catch classes, never parse messages.
+"coffer.v1", a stable `reason`, and for bad input the offending `field`, which a
+`google.rpc.BadRequest` detail names too). `from_rpc_error` turns that status back into the
+class of the same name as the server's domain error; a status without the detail (the
+transport failed, the deadline passed) becomes the class of its status code. Catch classes,
+never parse messages.
+
+The reasons are published in the protos as the `ErrorReason` enum (coffer/v1/errors.proto),
+each value with its status code and retryability as options; a reason's class here has the
+same `reason` (the value's name without `ERROR_REASON_`), `code` and `retryable`, and the
+client's tests fail if the two drift apart.
 
     CofferError                  .reason .code .message .field .retryable
     ├── InvalidArgument          bad input, named by .field              INVALID_ARGUMENT
@@ -339,15 +345,18 @@ def from_rpc_error(error: grpc.RpcError) -> CofferError:
     """The typed error for a failed call (grpc.aio.AioRpcError or a sync grpc.RpcError)."""
     code = _call_code(error)
     message = _call_details(error)
-    info = _error_info(error)
+    info, bad_request = _status_details(error)
     if info is None:
         return _error_by_code.get(code, Internal)(message, reason=code.name, code=code)
     error_class = _error_by_reason.get(info.reason) or _error_by_code.get(code, Internal)
+    field = info.metadata.get(field_metadata_key) or None
+    if field is None and bad_request is not None and bad_request.field_violations:
+        field = bad_request.field_violations[0].field or None
     return error_class(
         message,
         reason=info.reason,
         code=code,
-        field=info.metadata.get(field_metadata_key) or None,
+        field=field,
         metadata=info.metadata,
         replayed=_is_replay(error),
     )
@@ -366,7 +375,10 @@ def from_operation_error(
 ) -> CofferError:
     """The typed error for one failed operation of a batch (`OperationResult.error`; pass
     `OperationResult.replayed` too)."""
-    code = _status_code_by_number.get(pb.code, grpc.StatusCode.UNKNOWN)
+    # `status_code`, or from a server older than it, the deprecated bare number (both are 0,
+    # OK, only when neither was set).
+    number = pb.status_code or pb.code
+    code = _status_code_by_number.get(number, grpc.StatusCode.UNKNOWN)
     error_class = _error_by_reason.get(pb.reason) or _error_by_code.get(code, Internal)
     return error_class(
         pb.message,
@@ -389,8 +401,11 @@ def _call_details(error: grpc.RpcError) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
-    """The ErrorInfo of the Coffer domain in the status details trailer, if there is one."""
+def _status_details(
+    error: grpc.RpcError,
+) -> tuple[error_details_pb2.ErrorInfo | None, error_details_pb2.BadRequest | None]:
+    """The ErrorInfo of the Coffer domain and the BadRequest in the status details trailer,
+    each if there is one."""
     trailing_metadata = getattr(error, "trailing_metadata", None)
     entries = trailing_metadata() if callable(trailing_metadata) else None
     for key, value in entries or ():
@@ -399,9 +414,16 @@ def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
         try:
             status = status_pb2.Status.FromString(value)
         except DecodeError:
-            return None
+            return None, None
+        found_info: error_details_pb2.ErrorInfo | None = None
+        found_bad_request: error_details_pb2.BadRequest | None = None
         for detail in status.details:
+            # Unpack is False when the detail is of another type.
             info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.domain == error_domain:
-                return info
-    return None
+            if found_info is None and detail.Unpack(info) and info.domain == error_domain:
+                found_info = info
+            bad_request = error_details_pb2.BadRequest()
+            if found_bad_request is None and detail.Unpack(bad_request):
+                found_bad_request = bad_request
+        return found_info, found_bad_request
+    return None, None

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -19,6 +20,11 @@ if sys.version_info >= (3, 11):
     from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -809,18 +815,34 @@ class OperationError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
+    STATUS_CODE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Stable and machine-readable, e.g. INSUFFICIENT_FUNDS: the reason of the single call's
-    ErrorInfo.
+    """Stable and machine-readable, e.g. INSUFFICIENT_FUNDS: the name of an ErrorReason value
+    (coffer/v1/errors.proto) without its `ERROR_REASON_` prefix, as in a single call's
+    ErrorInfo. A string, so that a reason added later reaches older clients intact.
     """
     message: _builtins.str
     """For people; not stable."""
-    code: _builtins.int
-    """The gRPC status code the error has as a single call, as its number (google.rpc.Code:
-    9 FAILED_PRECONDITION for INSUFFICIENT_FUNDS, 10 ABORTED for LINKED_OPERATION_FAILED).
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def code(self) -> _builtins.int:
+        """Deprecated: the same code as `status_code`, as a bare number (google.rpc.Code: 9
+        FAILED_PRECONDITION for INSUFFICIENT_FUNDS, 10 ABORTED for LINKED_OPERATION_FAILED); read
+        `status_code`.
+        """
+
+    @code.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def code(self, value: _builtins.int) -> None:
+        """Deprecated: the same code as `status_code`, as a bare number (google.rpc.Code: 9
+        FAILED_PRECONDITION for INSUFFICIENT_FUNDS, 10 ABORTED for LINKED_OPERATION_FAILED); read
+        `status_code`.
+        """
+
     field: _builtins.str
     """For INVALID_ARGUMENT: the field at fault."""
+    status_code: _code_pb2.Code
+    """The gRPC status code the error has as a single call (its ErrorReason's `status_code`)."""
     def __init__(
         self,
         *,
@@ -828,10 +850,11 @@ class OperationError(_message.Message):
         message: _builtins.str = ...,
         code: _builtins.int = ...,
         field: _builtins.str = ...,
+        status_code: _code_pb2.Code = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "reason", b"reason", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Protocol, TypeVar, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import code_pb2
 
 from coffer.core import errors, model, rules
 from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
@@ -533,7 +534,10 @@ def fill_operation_result(
     if isinstance(outcome, errors.CofferError):
         pb.error.reason = outcome.reason
         pb.error.message = outcome.message
-        pb.error.code = code_of[outcome.category]
+        # googleapis-common-protos types google.rpc.Code's values as a subclass of int.
+        pb.error.status_code = cast(code_pb2.Code, code_of[outcome.category])
+        # The same code, for clients built before `status_code`.
+        pb.error.code = pb.error.status_code
         if isinstance(outcome, errors.InvalidArgument):
             pb.error.field = outcome.field
         return

@@ -2,8 +2,14 @@
 
 Every CofferError becomes its category's status code with a `google.rpc.ErrorInfo` detail
 carrying the stable reason (and, for bad input, the `field`; for OVERLOADED, `retry_after_ms`).
-Anything else is a bug: it is logged with its traceback and the client gets INTERNAL (reason
-INTERNAL), with the details only in the log.
+Bad input named by a field also carries the standard `google.rpc.BadRequest`, one field
+violation, which generic gRPC tooling understands without knowing Coffer's ErrorInfo (whose
+`field` stays for the clients that read it). Anything else is a bug: it is logged with its
+traceback and the client gets INTERNAL (reason INTERNAL), with the details only in the log.
+
+The reasons, with their status codes and whether a retry may succeed, are published to
+clients as the `ErrorReason` enum of coffer/v1/errors.proto; the tests hold this table, the
+core's errors and that enum to one another.
 """
 
 from __future__ import annotations
@@ -51,15 +57,20 @@ replayed_metadata = ((replayed_metadata_key, "true"),)
 
 def _to_status(error: errors.CofferError) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=error_domain)
+    details = [any_pb2.Any()]
     if isinstance(error, errors.InvalidArgument):
         info.metadata[field_key] = error.field
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field, description=error.message
+        )
+        details.append(any_pb2.Any())
+        details[1].Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     elif isinstance(error, errors.Overloaded):
         info.metadata[retry_after_ms_key] = str(error.retry_after_ms)
-    detail = any_pb2.Any()
-    detail.Pack(info)
+    details[0].Pack(info)
     code = status_codes[error.category]
     status = rpc_status.to_status(
-        status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+        status_pb2.Status(code=code.value[0], message=error.message, details=details)
     )
     if error.replayed:
         return _Status(status.code, status.details, (*status.trailing_metadata, *replayed_metadata))
