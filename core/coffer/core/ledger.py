@@ -124,9 +124,10 @@ class Ledger:
             return await catalog.get_unit(connection, code)
 
     async def unit_scales(self, units: Collection[str]) -> Mapping[str, int]:
-        """The scale of each of the units that exist, for answers to say how to read their
-        amounts. A unit never changes once created, so each is read once per process; a call
-        whose units are all known costs no connection and no query."""
+        """The scale of each of the units that exist (the mapping may hold others too), for
+        answers to say how to read their amounts. A unit never changes once created, so each is
+        read once per process; a call whose units are all known costs no connection and no
+        query."""
         known = self._facts.unit_scales_known(units)
         if known is not None:
             return known
