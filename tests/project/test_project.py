@@ -456,6 +456,8 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
     missing = [stub for stub in stubs if f"coffer/v1/{stub}" not in client_names]
     assert not missing, missing
     assert {"coffer/clients/py.typed", "coffer/v1/py.typed"} <= client_names
+    # The protos with their comments, which the server's reflection answers from.
+    assert "coffer/v1/descriptors.binpb" in client_names
     assert not [
         name
         for name in client_names

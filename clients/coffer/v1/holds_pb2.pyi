@@ -23,6 +23,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class PlaceHoldRequest(_message.Message):
+    """A hold to place."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -55,19 +57,27 @@ class PlaceHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
     wallet_id: _builtins.int
+    """The customer's or merchant's wallet to hold from; required."""
     target_wallet_id: _builtins.int
     """Where a capture sends the money; 0 for the unit's operator wallet."""
     amount: _builtins.int
+    """How much to hold, in the unit's minor units; positive."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     reference: _builtins.str
+    """The caller's own reference, e.g. an order id (up to 256 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """1 second to 30 days; unset means 1 hour."""
+        """Whole seconds, 1 second to 30 days; unset means 1 hour."""
 
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Up to 16 entries; keys 1 to 64 characters, values up to 512."""
+
     def __init__(
         self,
         *,
@@ -91,14 +101,20 @@ Global___PlaceHoldRequest: _TypeAlias = PlaceHoldRequest  # noqa: Y015
 
 @_typing.final
 class PlaceHoldResponse(_message.Message):
+    """The hold placed."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hold(self) -> _types_pb2.Hold: ...
+    def hold(self) -> _types_pb2.Hold:
+        """The hold, pending."""
+
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The hold's own transfer (kind HOLD), whose id is the hold's."""
+
     def __init__(
         self,
         *,
@@ -115,6 +131,8 @@ Global___PlaceHoldResponse: _TypeAlias = PlaceHoldResponse  # noqa: Y015
 
 @_typing.final
 class CaptureHoldRequest(_message.Message):
+    """A capture of a pending hold."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -145,14 +163,21 @@ class CaptureHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
     hold_id: _builtins.int
+    """The hold to capture; required."""
     amount: _builtins.int
-    """Up to the held amount; unset captures all of it. The rest is released."""
+    """Up to the held amount, positive; unset captures all of it. The rest is released."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     reference: _builtins.str
+    """The caller's own reference (up to 256 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Up to 16 entries; keys 1 to 64 characters, values up to 512."""
+
     def __init__(
         self,
         *,
@@ -176,14 +201,20 @@ Global___CaptureHoldRequest: _TypeAlias = CaptureHoldRequest  # noqa: Y015
 
 @_typing.final
 class CaptureHoldResponse(_message.Message):
+    """The hold captured."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hold(self) -> _types_pb2.Hold: ...
+    def hold(self) -> _types_pb2.Hold:
+        """The hold, captured."""
+
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The capture (kind CAPTURE)."""
+
     def __init__(
         self,
         *,
@@ -200,6 +231,8 @@ Global___CaptureHoldResponse: _TypeAlias = CaptureHoldResponse  # noqa: Y015
 
 @_typing.final
 class ReleaseHoldRequest(_message.Message):
+    """A release of a pending hold."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -228,11 +261,17 @@ class ReleaseHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
     hold_id: _builtins.int
+    """The hold to release; required."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Up to 16 entries; keys 1 to 64 characters, values up to 512."""
+
     def __init__(
         self,
         *,
@@ -252,14 +291,20 @@ Global___ReleaseHoldRequest: _TypeAlias = ReleaseHoldRequest  # noqa: Y015
 
 @_typing.final
 class ReleaseHoldResponse(_message.Message):
+    """The hold released."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hold(self) -> _types_pb2.Hold: ...
+    def hold(self) -> _types_pb2.Hold:
+        """The hold, released."""
+
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The release (kind RELEASE)."""
+
     def __init__(
         self,
         *,
@@ -276,10 +321,13 @@ Global___ReleaseHoldResponse: _TypeAlias = ReleaseHoldResponse  # noqa: Y015
 
 @_typing.final
 class GetHoldRequest(_message.Message):
+    """Which hold to read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_ID_FIELD_NUMBER: _builtins.int
     hold_id: _builtins.int
+    """The hold's id (its HOLD transfer's); required."""
     def __init__(
         self,
         *,
@@ -295,11 +343,15 @@ Global___GetHoldRequest: _TypeAlias = GetHoldRequest  # noqa: Y015
 
 @_typing.final
 class GetHoldResponse(_message.Message):
+    """The hold asked for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HOLD_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hold(self) -> _types_pb2.Hold: ...
+    def hold(self) -> _types_pb2.Hold:
+        """As it stands now."""
+
     def __init__(
         self,
         *,

@@ -30,12 +30,21 @@ class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel):
@@ -70,34 +79,57 @@ class HoldServiceServicer:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     def PlaceHold(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+        Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
+        WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
+        WALLET_KIND_MISMATCH (a system wallet), SAME_WALLET, UNIT_MISMATCH, BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CaptureHold(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Posts all or part of a pending hold to its target; the rest goes back to the source.
+        Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+        HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
+        BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseHold(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Gives a pending hold back, posting nothing. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+        HOLD_EXPIRED, HOLD_NOT_PENDING.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetHold(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One hold, as it stands now. Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -137,12 +169,21 @@ class HoldService:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     @staticmethod

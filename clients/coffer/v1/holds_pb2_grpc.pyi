@@ -31,12 +31,21 @@ class HoldServiceStub:
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_typing.overload
@@ -44,39 +53,91 @@ class HoldServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> HoldServiceAsyncStub: ...
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.PlaceHoldRequest, _holds_pb2.PlaceHoldResponse]
+    """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+    Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
+    WALLET_KIND_MISMATCH (a system wallet), SAME_WALLET, UNIT_MISMATCH, BALANCE_OVERFLOW.
+    """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.CaptureHoldRequest, _holds_pb2.CaptureHoldResponse]
+    """Posts all or part of a pending hold to its target; the rest goes back to the source.
+    Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+    HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
+    BALANCE_OVERFLOW.
+    """
     ReleaseHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.ReleaseHoldRequest, _holds_pb2.ReleaseHoldResponse]
+    """Gives a pending hold back, posting nothing. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+    HOLD_EXPIRED, HOLD_NOT_PENDING.
+    """
     GetHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.GetHoldRequest, _holds_pb2.GetHoldResponse]
+    """One hold, as it stands now. Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND."""
 
 @_typing.type_check_only
 class HoldServiceAsyncStub(HoldServiceStub):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     PlaceHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.PlaceHoldRequest, _holds_pb2.PlaceHoldResponse]  # type: ignore[assignment]
+    """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+    Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
+    WALLET_KIND_MISMATCH (a system wallet), SAME_WALLET, UNIT_MISMATCH, BALANCE_OVERFLOW.
+    """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.CaptureHoldRequest, _holds_pb2.CaptureHoldResponse]  # type: ignore[assignment]
+    """Posts all or part of a pending hold to its target; the rest goes back to the source.
+    Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+    HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
+    BALANCE_OVERFLOW.
+    """
     ReleaseHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.ReleaseHoldRequest, _holds_pb2.ReleaseHoldResponse]  # type: ignore[assignment]
+    """Gives a pending hold back, posting nothing. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+    HOLD_EXPIRED, HOLD_NOT_PENDING.
+    """
     GetHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.GetHoldRequest, _holds_pb2.GetHoldResponse]  # type: ignore[assignment]
+    """One hold, as it stands now. Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND."""
 
 class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     """Two-phase transfers: a hold reserves an amount of a wallet's available balance; a capture
     posts all or part of it; a release, or the hold's expiry, gives it back. Idempotency keys
     and replays work as on TransferService: a retry returns the first outcome, success or
-    refusal, marked `coffer-replayed: true`.
+    refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
+    ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
+    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
+    same key), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_abc_1.abstractmethod
@@ -84,27 +145,44 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _holds_pb2.PlaceHoldRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_holds_pb2.PlaceHoldResponse, _abc.Awaitable[_holds_pb2.PlaceHoldResponse]]: ...
+    ) -> _typing.Union[_holds_pb2.PlaceHoldResponse, _abc.Awaitable[_holds_pb2.PlaceHoldResponse]]:
+        """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+        Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
+        WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
+        WALLET_KIND_MISMATCH (a system wallet), SAME_WALLET, UNIT_MISMATCH, BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def CaptureHold(
         self,
         request: _holds_pb2.CaptureHoldRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_holds_pb2.CaptureHoldResponse, _abc.Awaitable[_holds_pb2.CaptureHoldResponse]]: ...
+    ) -> _typing.Union[_holds_pb2.CaptureHoldResponse, _abc.Awaitable[_holds_pb2.CaptureHoldResponse]]:
+        """Posts all or part of a pending hold to its target; the rest goes back to the source.
+        Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+        HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
+        BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def ReleaseHold(
         self,
         request: _holds_pb2.ReleaseHoldRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_holds_pb2.ReleaseHoldResponse, _abc.Awaitable[_holds_pb2.ReleaseHoldResponse]]: ...
+    ) -> _typing.Union[_holds_pb2.ReleaseHoldResponse, _abc.Awaitable[_holds_pb2.ReleaseHoldResponse]]:
+        """Gives a pending hold back, posting nothing. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
+        HOLD_EXPIRED, HOLD_NOT_PENDING.
+        """
 
     @_abc_1.abstractmethod
     def GetHold(
         self,
         request: _holds_pb2.GetHoldRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_holds_pb2.GetHoldResponse, _abc.Awaitable[_holds_pb2.GetHoldResponse]]: ...
+    ) -> _typing.Union[_holds_pb2.GetHoldResponse, _abc.Awaitable[_holds_pb2.GetHoldResponse]]:
+        """One hold, as it stands now. Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND."""
 
 def add_HoldServiceServicer_to_server(servicer: HoldServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,6 +24,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class CreditRequest(_message.Message):
+    """Funds a wallet from its unit's operator."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -54,8 +56,13 @@ class CreditRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     wallet_id: _builtins.int
+    """The customer's or merchant's wallet to credit; required."""
     amount: _builtins.int
+    """In the unit's minor units; positive."""
     note: _builtins.str
     """Why (up to 1,000 characters)."""
     reference: _builtins.str
@@ -64,7 +71,9 @@ class CreditRequest(_message.Message):
     """Who did it (up to 256 characters)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Up to 16 entries; keys up to 64 characters, values up to 512."""
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
 
     def __init__(
         self,
@@ -87,11 +96,15 @@ Global___CreditRequest: _TypeAlias = CreditRequest  # noqa: Y015
 
 @_typing.final
 class CreditResponse(_message.Message):
+    """The credit made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The transfer (kind CREDIT)."""
+
     def __init__(
         self,
         *,
@@ -107,6 +120,8 @@ Global___CreditResponse: _TypeAlias = CreditResponse  # noqa: Y015
 
 @_typing.final
 class DebitRequest(_message.Message):
+    """Takes an amount from a wallet, back to its unit's operator."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -138,14 +153,27 @@ class DebitRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     wallet_id: _builtins.int
+    """The customer's or merchant's wallet to debit; required."""
     amount: _builtins.int
+    """In the unit's minor units; positive. In up-to mode, the most to take."""
     mode: _types_pb2.DebitMode.ValueType
+    """All or nothing (the default), or up to what is available."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     reference: _builtins.str
+    """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -168,12 +196,15 @@ Global___DebitRequest: _TypeAlias = DebitRequest  # noqa: Y015
 
 @_typing.final
 class DebitResponse(_message.Message):
+    """The debit made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     AMOUNT_DEBITED_FIELD_NUMBER: _builtins.int
     AMOUNT_REMAINING_FIELD_NUMBER: _builtins.int
     amount_debited: _builtins.int
+    """What was taken, in the unit's minor units."""
     amount_remaining: _builtins.int
     """Up-to mode: what the wallet could not cover, to be charged otherwise."""
     @_builtins.property
@@ -197,6 +228,8 @@ Global___DebitResponse: _TypeAlias = DebitResponse  # noqa: Y015
 
 @_typing.final
 class TransferRequest(_message.Message):
+    """Moves an amount between two customer's or merchant's wallets of one unit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -228,14 +261,27 @@ class TransferRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     source_wallet_id: _builtins.int
+    """The wallet the amount leaves; required."""
     target_wallet_id: _builtins.int
+    """The wallet the amount reaches; required, not the source."""
     amount: _builtins.int
+    """In the unit's minor units; positive."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     reference: _builtins.str
+    """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -258,11 +304,15 @@ Global___TransferRequest: _TypeAlias = TransferRequest  # noqa: Y015
 
 @_typing.final
 class TransferResponse(_message.Message):
+    """The transfer made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The transfer (kind TRANSFER)."""
+
     def __init__(
         self,
         *,
@@ -278,6 +328,8 @@ Global___TransferResponse: _TypeAlias = TransferResponse  # noqa: Y015
 
 @_typing.final
 class DepositRequest(_message.Message):
+    """Money in from an external funding source."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -308,16 +360,27 @@ class DepositRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     wallet_id: _builtins.int
+    """The customer's or merchant's wallet to fund; required."""
     amount: _builtins.int
+    """In the unit's minor units; positive."""
     funding_source: _builtins.str
-    """The external funding source, e.g. a bank account or card reference; required. It is the
-    transfer's `reference`, so history can be filtered by it.
+    """The external funding source, e.g. a bank account or card reference; required, up to 256
+    characters. It is the transfer's `reference`, so history can be filtered by it.
     """
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -339,11 +402,15 @@ Global___DepositRequest: _TypeAlias = DepositRequest  # noqa: Y015
 
 @_typing.final
 class DepositResponse(_message.Message):
+    """The deposit made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The transfer (kind DEPOSIT), from the unit's funding wallet."""
+
     def __init__(
         self,
         *,
@@ -359,6 +426,8 @@ Global___DepositResponse: _TypeAlias = DepositResponse  # noqa: Y015
 
 @_typing.final
 class WithdrawRequest(_message.Message):
+    """Money out to an external funding source."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -389,13 +458,27 @@ class WithdrawRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     wallet_id: _builtins.int
+    """The customer's or merchant's wallet to pay out from; required."""
     amount: _builtins.int
+    """In the unit's minor units; positive."""
     funding_source: _builtins.str
+    """The external funding source paid out to, e.g. a bank account; required, up to 256
+    characters. It is the transfer's `reference`.
+    """
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -417,11 +500,15 @@ Global___WithdrawRequest: _TypeAlias = WithdrawRequest  # noqa: Y015
 
 @_typing.final
 class WithdrawResponse(_message.Message):
+    """The withdrawal made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The transfer (kind WITHDRAWAL), to the unit's funding wallet."""
+
     def __init__(
         self,
         *,
@@ -437,6 +524,8 @@ Global___WithdrawResponse: _TypeAlias = WithdrawResponse  # noqa: Y015
 
 @_typing.final
 class PayRequest(_message.Message):
+    """A customer pays a merchant."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -468,16 +557,27 @@ class PayRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     payer_wallet_id: _builtins.int
     """A customer's wallet: transaction-out."""
     payee_wallet_id: _builtins.int
     """A merchant's wallet: transaction-in."""
     amount: _builtins.int
+    """In the unit's minor units; positive."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     reference: _builtins.str
+    """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -500,11 +600,15 @@ Global___PayRequest: _TypeAlias = PayRequest  # noqa: Y015
 
 @_typing.final
 class PayResponse(_message.Message):
+    """The payment made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The transfer (kind PAYMENT)."""
+
     def __init__(
         self,
         *,
@@ -520,6 +624,8 @@ Global___PayResponse: _TypeAlias = PayResponse  # noqa: Y015
 
 @_typing.final
 class VoidRequest(_message.Message):
+    """Reverses an earlier transfer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -548,11 +654,21 @@ class VoidRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
+    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    same key and request returns the first outcome.
+    """
     transfer_id: _builtins.int
+    """The transfer to reverse; required."""
     note: _builtins.str
+    """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
+    """Who did it (up to 256 characters)."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
+        to 512.
+        """
+
     def __init__(
         self,
         *,
@@ -572,11 +688,15 @@ Global___VoidRequest: _TypeAlias = VoidRequest  # noqa: Y015
 
 @_typing.final
 class VoidResponse(_message.Message):
+    """The void made."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """The reversing transfer (kind VOID), whose `voids_transfer_id` names the original."""
+
     def __init__(
         self,
         *,
@@ -592,6 +712,8 @@ Global___VoidResponse: _TypeAlias = VoidResponse  # noqa: Y015
 
 @_typing.final
 class Operation(_message.Message):
+    """One operation of a batch: exactly one of its kinds, each as its single call takes it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CREDIT_FIELD_NUMBER: _builtins.int
@@ -607,28 +729,49 @@ class Operation(_message.Message):
     LINKED_FIELD_NUMBER: _builtins.int
     linked: _builtins.bool
     """Links this operation to the next: a chain of linked operations, ended by the first one
-    not linked, succeeds or fails as a whole.
+    not linked, succeeds or fails as a whole. The last operation of a batch cannot be linked
+    (INVALID_ARGUMENT, field `linked`).
     """
     @_builtins.property
-    def credit(self) -> Global___CreditRequest: ...
+    def credit(self) -> Global___CreditRequest:
+        """As TransferService.Credit."""
+
     @_builtins.property
-    def debit(self) -> Global___DebitRequest: ...
+    def debit(self) -> Global___DebitRequest:
+        """As TransferService.Debit."""
+
     @_builtins.property
-    def transfer(self) -> Global___TransferRequest: ...
+    def transfer(self) -> Global___TransferRequest:
+        """As TransferService.Transfer."""
+
     @_builtins.property
-    def deposit(self) -> Global___DepositRequest: ...
+    def deposit(self) -> Global___DepositRequest:
+        """As TransferService.Deposit."""
+
     @_builtins.property
-    def withdraw(self) -> Global___WithdrawRequest: ...
+    def withdraw(self) -> Global___WithdrawRequest:
+        """As TransferService.Withdraw."""
+
     @_builtins.property
-    def pay(self) -> Global___PayRequest: ...
+    def pay(self) -> Global___PayRequest:
+        """As TransferService.Pay."""
+
     @_builtins.property
-    def void(self) -> Global___VoidRequest: ...
+    def void(self) -> Global___VoidRequest:
+        """As TransferService.Void."""
+
     @_builtins.property
-    def place_hold(self) -> _holds_pb2.PlaceHoldRequest: ...
+    def place_hold(self) -> _holds_pb2.PlaceHoldRequest:
+        """As HoldService.PlaceHold."""
+
     @_builtins.property
-    def capture_hold(self) -> _holds_pb2.CaptureHoldRequest: ...
+    def capture_hold(self) -> _holds_pb2.CaptureHoldRequest:
+        """As HoldService.CaptureHold."""
+
     @_builtins.property
-    def release_hold(self) -> _holds_pb2.ReleaseHoldRequest: ...
+    def release_hold(self) -> _holds_pb2.ReleaseHoldRequest:
+        """As HoldService.ReleaseHold."""
+
     def __init__(
         self,
         *,
@@ -656,6 +799,10 @@ Global___Operation: _TypeAlias = Operation  # noqa: Y015
 
 @_typing.final
 class OperationError(_message.Message):
+    """Why one operation of a batch failed: what the same operation would have failed with as a
+    single call.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
@@ -663,10 +810,15 @@ class OperationError(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """Stable and machine-readable, e.g. INSUFFICIENT_FUNDS."""
+    """Stable and machine-readable, e.g. INSUFFICIENT_FUNDS: the reason of the single call's
+    ErrorInfo.
+    """
     message: _builtins.str
+    """For people; not stable."""
     code: _builtins.int
-    """The gRPC status code the error has as a single call."""
+    """The gRPC status code the error has as a single call, as its number (google.rpc.Code:
+    9 FAILED_PRECONDITION for INSUFFICIENT_FUNDS, 10 ABORTED for LINKED_OPERATION_FAILED).
+    """
     field: _builtins.str
     """For INVALID_ARGUMENT: the field at fault."""
     def __init__(
@@ -687,6 +839,8 @@ Global___OperationError: _TypeAlias = OperationError  # noqa: Y015
 
 @_typing.final
 class OperationResult(_message.Message):
+    """The outcome of one operation of a batch: its transfers, or its error."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFERS_FIELD_NUMBER: _builtins.int
@@ -695,6 +849,7 @@ class OperationResult(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     amount_remaining: _builtins.int
+    """For up-to debits: what the wallet could not cover, in the unit's minor units."""
     replayed: _builtins.bool
     """True when this is the stored outcome of an earlier request with the same key."""
     @_builtins.property
@@ -702,9 +857,13 @@ class OperationResult(_message.Message):
         """Empty when the operation failed."""
 
     @_builtins.property
-    def hold(self) -> _types_pb2.Hold: ...
+    def hold(self) -> _types_pb2.Hold:
+        """For hold operations: the hold, as it stands now."""
+
     @_builtins.property
-    def error(self) -> Global___OperationError: ...
+    def error(self) -> Global___OperationError:
+        """Set when the operation failed."""
+
     def __init__(
         self,
         *,
@@ -724,11 +883,15 @@ Global___OperationResult: _TypeAlias = OperationResult  # noqa: Y015
 
 @_typing.final
 class SubmitBatchRequest(_message.Message):
+    """Operations to apply in order, in one database transaction."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OPERATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]: ...
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
+        """1 to 8,000 operations, in at most 8,192,000 bytes."""
+
     def __init__(
         self,
         *,
@@ -744,6 +907,8 @@ Global___SubmitBatchRequest: _TypeAlias = SubmitBatchRequest  # noqa: Y015
 
 @_typing.final
 class SubmitBatchResponse(_message.Message):
+    """The outcome of every operation of a batch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -766,10 +931,13 @@ Global___SubmitBatchResponse: _TypeAlias = SubmitBatchResponse  # noqa: Y015
 
 @_typing.final
 class GetTransferRequest(_message.Message):
+    """Which transfer to read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_ID_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.int
+    """The transfer's id; required."""
     def __init__(
         self,
         *,
@@ -785,11 +953,15 @@ Global___GetTransferRequest: _TypeAlias = GetTransferRequest  # noqa: Y015
 
 @_typing.final
 class GetTransferResponse(_message.Message):
+    """The transfer asked for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFER_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def transfer(self) -> _types_pb2.Transfer: ...
+    def transfer(self) -> _types_pb2.Transfer:
+        """As it stands now (`voided_by_transfer_id` set once voided)."""
+
     def __init__(
         self,
         *,
@@ -805,6 +977,8 @@ Global___GetTransferResponse: _TypeAlias = GetTransferResponse  # noqa: Y015
 
 @_typing.final
 class ListTransfersRequest(_message.Message):
+    """Which transfers to list: every filter left empty matches all."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_ID_FIELD_NUMBER: _builtins.int
@@ -817,6 +991,7 @@ class ListTransfersRequest(_message.Message):
     wallet_id: _builtins.int
     """Transfers into or out of this wallet; 0 for all."""
     reference: _builtins.str
+    """Only transfers with this reference (up to 256 characters); empty for any."""
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
@@ -860,6 +1035,8 @@ Global___ListTransfersRequest: _TypeAlias = ListTransfersRequest  # noqa: Y015
 
 @_typing.final
 class ListTransfersResponse(_message.Message):
+    """One page of transfers."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TRANSFERS_FIELD_NUMBER: _builtins.int
@@ -867,7 +1044,9 @@ class ListTransfersResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transfer]: ...
+    def transfers(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Transfer]:
+        """Newest first."""
+
     def __init__(
         self,
         *,

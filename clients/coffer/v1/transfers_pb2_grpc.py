@@ -44,10 +44,22 @@ class TransferServiceStub:
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     def __init__(self, channel):
@@ -126,50 +138,91 @@ class TransferServiceServicer:
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     def Credit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
+        WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Debit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
+        `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
+        nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Transfer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
+        UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Deposit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Money in from an external funding source (a bank account, a card). Needs
+        `coffer-caller`.
+        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Withdraw(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Money out to an external funding source. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
+        wallet), BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Pay(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
+        WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
+        SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Void(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reverses an earlier transfer that moved posted money, with a new transfer back; the
+        original stays, marked voided. Needs `coffer-caller`.
+        Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
+        void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
+        it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -178,21 +231,28 @@ class TransferServiceServicer:
         """Up to 8,000 operations applied in order in one database transaction, in a request of at
         most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
         ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
-        failing one fails only itself, or its whole linked chain. A batch that fails as a whole
-        (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
+        failing one fails only itself, or its whole linked chain (the others of the chain with
+        ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
+        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
+        which scopes every operation's key.
+        Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
+        the batch as a whole above.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTransfer(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One transfer, as it stands now. Errors: INVALID_ARGUMENT (transfer_id), NOT_FOUND
+        TRANSFER_NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTransfers(self, request, context):
-        """History, newest first.
+        """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
+        end_time, reference, page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,10 +337,22 @@ class TransferService:
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     @staticmethod

@@ -45,10 +45,22 @@ class TransferServiceStub:
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     @_typing.overload
@@ -56,22 +68,67 @@ class TransferServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TransferServiceAsyncStub: ...
     Credit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]
+    """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
+    WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """
     Debit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]
+    """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
+    `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
+    nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """
     Transfer: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]
+    """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
+    UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
+    """
     Deposit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]
+    """Money in from an external funding source (a bank account, a card). Needs
+    `coffer-caller`.
+    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
+    """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.WithdrawRequest, _transfers_pb2.WithdrawResponse]
+    """Money out to an external funding source. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
+    wallet), BALANCE_OVERFLOW.
+    """
     Pay: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]
+    """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
+    WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
+    SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    """
     Void: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]
+    """Reverses an earlier transfer that moved posted money, with a new transfer back; the
+    original stays, marked voided. Needs `coffer-caller`.
+    Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
+    void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
+    it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    """
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]
     """Up to 8,000 operations applied in order in one database transaction, in a request of at
     most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
     ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
-    failing one fails only itself, or its whole linked chain. A batch that fails as a whole
-    (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
+    failing one fails only itself, or its whole linked chain (the others of the chain with
+    ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
+    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
+    which scopes every operation's key.
+    Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
+    the batch as a whole above.
     """
     GetTransfer: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.GetTransferRequest, _transfers_pb2.GetTransferResponse]
+    """One transfer, as it stands now. Errors: INVALID_ARGUMENT (transfer_id), NOT_FOUND
+    TRANSFER_NOT_FOUND.
+    """
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]
-    """History, newest first."""
+    """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
+    end_time, reference, page_size, page_token).
+    """
 
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
@@ -92,30 +149,87 @@ class TransferServiceAsyncStub(TransferServiceStub):
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Credit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]  # type: ignore[assignment]
+    """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
+    WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """
     Debit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]  # type: ignore[assignment]
+    """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
+    `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
+    nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """
     Transfer: _aio.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]  # type: ignore[assignment]
+    """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
+    UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
+    """
     Deposit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]  # type: ignore[assignment]
+    """Money in from an external funding source (a bank account, a card). Needs
+    `coffer-caller`.
+    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
+    """
     Withdraw: _aio.UnaryUnaryMultiCallable[_transfers_pb2.WithdrawRequest, _transfers_pb2.WithdrawResponse]  # type: ignore[assignment]
+    """Money out to an external funding source. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
+    wallet), BALANCE_OVERFLOW.
+    """
     Pay: _aio.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]  # type: ignore[assignment]
+    """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
+    WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
+    SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    """
     Void: _aio.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]  # type: ignore[assignment]
+    """Reverses an earlier transfer that moved posted money, with a new transfer back; the
+    original stays, marked voided. Needs `coffer-caller`.
+    Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
+    void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
+    it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    """
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]  # type: ignore[assignment]
     """Up to 8,000 operations applied in order in one database transaction, in a request of at
     most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
     ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
-    failing one fails only itself, or its whole linked chain. A batch that fails as a whole
-    (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
+    failing one fails only itself, or its whole linked chain (the others of the chain with
+    ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
+    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
+    which scopes every operation's key.
+    Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
+    the batch as a whole above.
     """
     GetTransfer: _aio.UnaryUnaryMultiCallable[_transfers_pb2.GetTransferRequest, _transfers_pb2.GetTransferResponse]  # type: ignore[assignment]
+    """One transfer, as it stands now. Errors: INVALID_ARGUMENT (transfer_id), NOT_FOUND
+    TRANSFER_NOT_FOUND.
+    """
     ListTransfers: _aio.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]  # type: ignore[assignment]
-    """History, newest first."""
+    """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
+    end_time, reference, page_size, page_token).
+    """
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
@@ -135,10 +249,22 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     A replayed answer, success or error, carries the trailing metadata `coffer-replayed: true`;
     in a batch, its result has `replayed` set.
 
+    Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
+    and amounts are int64: JavaScript clients must handle them as strings or BigInt.
+
     Callers: every call that writes (all but Get… and List…) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
+    server's log).
     """
 
     @_abc_1.abstractmethod
@@ -146,49 +272,85 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transfers_pb2.CreditRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.CreditResponse, _abc.Awaitable[_transfers_pb2.CreditResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.CreditResponse, _abc.Awaitable[_transfers_pb2.CreditResponse]]:
+        """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
+        WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Debit(
         self,
         request: _transfers_pb2.DebitRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.DebitResponse, _abc.Awaitable[_transfers_pb2.DebitResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.DebitResponse, _abc.Awaitable[_transfers_pb2.DebitResponse]]:
+        """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
+        `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
+        nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Transfer(
         self,
         request: _transfers_pb2.TransferRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.TransferResponse, _abc.Awaitable[_transfers_pb2.TransferResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.TransferResponse, _abc.Awaitable[_transfers_pb2.TransferResponse]]:
+        """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
+        UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Deposit(
         self,
         request: _transfers_pb2.DepositRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.DepositResponse, _abc.Awaitable[_transfers_pb2.DepositResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.DepositResponse, _abc.Awaitable[_transfers_pb2.DepositResponse]]:
+        """Money in from an external funding source (a bank account, a card). Needs
+        `coffer-caller`.
+        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Withdraw(
         self,
         request: _transfers_pb2.WithdrawRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.WithdrawResponse, _abc.Awaitable[_transfers_pb2.WithdrawResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.WithdrawResponse, _abc.Awaitable[_transfers_pb2.WithdrawResponse]]:
+        """Money out to an external funding source. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
+        wallet), BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Pay(
         self,
         request: _transfers_pb2.PayRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.PayResponse, _abc.Awaitable[_transfers_pb2.PayResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.PayResponse, _abc.Awaitable[_transfers_pb2.PayResponse]]:
+        """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
+        WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
+        SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def Void(
         self,
         request: _transfers_pb2.VoidRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.VoidResponse, _abc.Awaitable[_transfers_pb2.VoidResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.VoidResponse, _abc.Awaitable[_transfers_pb2.VoidResponse]]:
+        """Reverses an earlier transfer that moved posted money, with a new transfer back; the
+        original stays, marked voided. Needs `coffer-caller`.
+        Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
+        void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
+        it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        """
 
     @_abc_1.abstractmethod
     def SubmitBatch(
@@ -199,8 +361,12 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         """Up to 8,000 operations applied in order in one database transaction, in a request of at
         most 8,192,000 bytes: gRPC refuses a larger request with RESOURCE_EXHAUSTED, without
         ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
-        failing one fails only itself, or its whole linked chain. A batch that fails as a whole
-        (UNAVAILABLE, INTERNAL, OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status.
+        failing one fails only itself, or its whole linked chain (the others of the chain with
+        ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
+        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
+        which scopes every operation's key.
+        Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
+        the batch as a whole above.
         """
 
     @_abc_1.abstractmethod
@@ -208,7 +374,10 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _transfers_pb2.GetTransferRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_transfers_pb2.GetTransferResponse, _abc.Awaitable[_transfers_pb2.GetTransferResponse]]: ...
+    ) -> _typing.Union[_transfers_pb2.GetTransferResponse, _abc.Awaitable[_transfers_pb2.GetTransferResponse]]:
+        """One transfer, as it stands now. Errors: INVALID_ARGUMENT (transfer_id), NOT_FOUND
+        TRANSFER_NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def ListTransfers(
@@ -216,6 +385,8 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.ListTransfersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.ListTransfersResponse, _abc.Awaitable[_transfers_pb2.ListTransfersResponse]]:
-        """History, newest first."""
+        """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
+        end_time, reference, page_size, page_token).
+        """
 
 def add_TransferServiceServicer_to_server(servicer: TransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,6 +22,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class CreateUnitRequest(_message.Message):
+    """A unit to create."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
@@ -31,14 +33,21 @@ class CreateUnitRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """1 to 32 letters, digits, '_', '-' or '.'. Currencies: the ISO-4217 code."""
+    """1 to 32 letters, digits, '_', '-' or '.'; case-sensitive. Currencies: the ISO-4217 code
+    ("EUR"), by convention: the server does not check it against ISO-4217 today.
+    """
     kind: _types_pb2.UnitKind.ValueType
+    """Currency or credit; required."""
     name: _builtins.str
-    """Required: e.g. "Euro", "Seat"."""
+    """Required, up to 128 characters: e.g. "Euro", "Seat"."""
     plural: _builtins.str
+    """The name of several, e.g. "Seats" (up to 128 characters; optional)."""
     description: _builtins.str
+    """Free text (up to 1,000 characters)."""
     scale: _builtins.int
-    """0 to 18. For currencies, the ISO-4217 exponent."""
+    """0 to 18: minor units per major unit as a power of ten. For currencies, the ISO-4217
+    exponent (2 for EUR), by convention: not checked today.
+    """
     def __init__(
         self,
         *,
@@ -59,11 +68,15 @@ Global___CreateUnitRequest: _TypeAlias = CreateUnitRequest  # noqa: Y015
 
 @_typing.final
 class CreateUnitResponse(_message.Message):
+    """The unit created, or the one that existed with the same fields."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UNIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def unit(self) -> _types_pb2.Unit: ...
+    def unit(self) -> _types_pb2.Unit:
+        """The unit as stored."""
+
     def __init__(
         self,
         *,
@@ -79,10 +92,13 @@ Global___CreateUnitResponse: _TypeAlias = CreateUnitResponse  # noqa: Y015
 
 @_typing.final
 class GetUnitRequest(_message.Message):
+    """Which unit to read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CODE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
+    """The unit's code."""
     def __init__(
         self,
         *,
@@ -98,11 +114,15 @@ Global___GetUnitRequest: _TypeAlias = GetUnitRequest  # noqa: Y015
 
 @_typing.final
 class GetUnitResponse(_message.Message):
+    """The unit asked for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UNIT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def unit(self) -> _types_pb2.Unit: ...
+    def unit(self) -> _types_pb2.Unit:
+        """The unit as stored."""
+
     def __init__(
         self,
         *,
@@ -118,6 +138,8 @@ Global___GetUnitResponse: _TypeAlias = GetUnitResponse  # noqa: Y015
 
 @_typing.final
 class ListUnitsRequest(_message.Message):
+    """Asks for every unit; no filters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -133,11 +155,15 @@ Global___ListUnitsRequest: _TypeAlias = ListUnitsRequest  # noqa: Y015
 
 @_typing.final
 class ListUnitsResponse(_message.Message):
+    """Every unit."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     UNITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def units(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Unit]: ...
+    def units(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Unit]:
+        """In the order of their codes."""
+
     def __init__(
         self,
         *,

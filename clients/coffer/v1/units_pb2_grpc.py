@@ -34,6 +34,12 @@ class UnitServiceStub:
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel):
@@ -67,24 +73,35 @@ class UnitServiceServicer:
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def CreateUnit(self, request, context):
-        """Idempotent by code: creating an existing unit with the same fields returns it; with
-        different fields fails with ALREADY_EXISTS (UNIT_EXISTS).
+        """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
+        key: creating an existing unit with the same fields returns it; with different fields
+        fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
+        UNIT_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUnit(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListUnits(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every unit, in one answer (units are few).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -123,6 +140,12 @@ class UnitService:
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @staticmethod

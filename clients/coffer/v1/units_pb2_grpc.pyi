@@ -35,6 +35,12 @@ class UnitServiceStub:
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_typing.overload
@@ -42,11 +48,16 @@ class UnitServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> UnitServiceAsyncStub: ...
     CreateUnit: _grpc.UnaryUnaryMultiCallable[_units_pb2.CreateUnitRequest, _units_pb2.CreateUnitResponse]
-    """Idempotent by code: creating an existing unit with the same fields returns it; with
-    different fields fails with ALREADY_EXISTS (UNIT_EXISTS).
+    """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
+    key: creating an existing unit with the same fields returns it; with different fields
+    fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
+    UNIT_EXISTS.
     """
     GetUnit: _grpc.UnaryUnaryMultiCallable[_units_pb2.GetUnitRequest, _units_pb2.GetUnitResponse]
+    """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code)."""
     ListUnits: _grpc.UnaryUnaryMultiCallable[_units_pb2.ListUnitsRequest, _units_pb2.ListUnitsResponse]
+    """Every unit, in one answer (units are few)."""
 
 @_typing.type_check_only
 class UnitServiceAsyncStub(UnitServiceStub):
@@ -57,15 +68,26 @@ class UnitServiceAsyncStub(UnitServiceStub):
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateUnit: _aio.UnaryUnaryMultiCallable[_units_pb2.CreateUnitRequest, _units_pb2.CreateUnitResponse]  # type: ignore[assignment]
-    """Idempotent by code: creating an existing unit with the same fields returns it; with
-    different fields fails with ALREADY_EXISTS (UNIT_EXISTS).
+    """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
+    key: creating an existing unit with the same fields returns it; with different fields
+    fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
+    UNIT_EXISTS.
     """
     GetUnit: _aio.UnaryUnaryMultiCallable[_units_pb2.GetUnitRequest, _units_pb2.GetUnitResponse]  # type: ignore[assignment]
+    """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code)."""
     ListUnits: _aio.UnaryUnaryMultiCallable[_units_pb2.ListUnitsRequest, _units_pb2.ListUnitsResponse]  # type: ignore[assignment]
+    """Every unit, in one answer (units are few)."""
 
 class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
@@ -75,6 +97,12 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_abc_1.abstractmethod
@@ -83,8 +111,11 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _units_pb2.CreateUnitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_units_pb2.CreateUnitResponse, _abc.Awaitable[_units_pb2.CreateUnitResponse]]:
-        """Idempotent by code: creating an existing unit with the same fields returns it; with
-        different fields fails with ALREADY_EXISTS (UNIT_EXISTS).
+        """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
+        key: creating an existing unit with the same fields returns it; with different fields
+        fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
+        UNIT_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -92,13 +123,15 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _units_pb2.GetUnitRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_units_pb2.GetUnitResponse, _abc.Awaitable[_units_pb2.GetUnitResponse]]: ...
+    ) -> _typing.Union[_units_pb2.GetUnitResponse, _abc.Awaitable[_units_pb2.GetUnitResponse]]:
+        """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code)."""
 
     @_abc_1.abstractmethod
     def ListUnits(
         self,
         request: _units_pb2.ListUnitsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_units_pb2.ListUnitsResponse, _abc.Awaitable[_units_pb2.ListUnitsResponse]]: ...
+    ) -> _typing.Union[_units_pb2.ListUnitsResponse, _abc.Awaitable[_units_pb2.ListUnitsResponse]]:
+        """Every unit, in one answer (units are few)."""
 
 def add_UnitServiceServicer_to_server(servicer: UnitServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,6 +22,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class CreateWalletRequest(_message.Message):
+    """A wallet to open."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -55,13 +57,19 @@ class CreateWalletRequest(_message.Message):
     the wallet created first.
     """
     owner_id: _builtins.str
+    """Whose wallet it is, in the caller's own terms; required, up to 256 characters."""
     owner_kind: _types_pb2.OwnerKind.ValueType
-    """Customer or merchant."""
+    """Customer or merchant (system wallets are the ledger's own)."""
     unit: _builtins.str
+    """The code of an existing unit."""
     balance_minimum: _builtins.int
-    """Defaults to 0; negative allows an overdraft."""
+    """Defaults to 0; negative allows an overdraft, in the unit's minor units."""
     @_builtins.property
-    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up to
+        512.
+        """
+
     def __init__(
         self,
         *,
@@ -84,11 +92,15 @@ Global___CreateWalletRequest: _TypeAlias = CreateWalletRequest  # noqa: Y015
 
 @_typing.final
 class CreateWalletResponse(_message.Message):
+    """The wallet opened (or, replayed, opened before)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def wallet(self) -> _types_pb2.Wallet: ...
+    def wallet(self) -> _types_pb2.Wallet:
+        """The wallet, with its balance."""
+
     def __init__(
         self,
         *,
@@ -104,10 +116,13 @@ Global___CreateWalletResponse: _TypeAlias = CreateWalletResponse  # noqa: Y015
 
 @_typing.final
 class GetWalletRequest(_message.Message):
+    """Which wallet to read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_ID_FIELD_NUMBER: _builtins.int
     wallet_id: _builtins.int
+    """The wallet's id; required."""
     def __init__(
         self,
         *,
@@ -123,11 +138,15 @@ Global___GetWalletRequest: _TypeAlias = GetWalletRequest  # noqa: Y015
 
 @_typing.final
 class GetWalletResponse(_message.Message):
+    """The wallet asked for."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def wallet(self) -> _types_pb2.Wallet: ...
+    def wallet(self) -> _types_pb2.Wallet:
+        """The wallet, with its balance."""
+
     def __init__(
         self,
         *,
@@ -143,10 +162,13 @@ Global___GetWalletResponse: _TypeAlias = GetWalletResponse  # noqa: Y015
 
 @_typing.final
 class GetBalanceRequest(_message.Message):
+    """Whose balance to read."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_ID_FIELD_NUMBER: _builtins.int
     wallet_id: _builtins.int
+    """The wallet's id; required."""
     def __init__(
         self,
         *,
@@ -162,15 +184,21 @@ Global___GetBalanceRequest: _TypeAlias = GetBalanceRequest  # noqa: Y015
 
 @_typing.final
 class GetBalanceResponse(_message.Message):
+    """A wallet's balance, with what it counts."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_ID_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
     BALANCE_FIELD_NUMBER: _builtins.int
     wallet_id: _builtins.int
+    """The wallet's id."""
     unit: _builtins.str
+    """The code of the wallet's unit."""
     @_builtins.property
-    def balance(self) -> _types_pb2.Balance: ...
+    def balance(self) -> _types_pb2.Balance:
+        """In the unit's minor units."""
+
     def __init__(
         self,
         *,
@@ -188,6 +216,8 @@ Global___GetBalanceResponse: _TypeAlias = GetBalanceResponse  # noqa: Y015
 
 @_typing.final
 class ListWalletsRequest(_message.Message):
+    """Which wallets to list: every filter left empty matches all."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_ID_FIELD_NUMBER: _builtins.int
@@ -196,9 +226,11 @@ class ListWalletsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     owner_id: _builtins.str
-    """Empty for all owners."""
+    """Empty for all owners (up to 256 characters)."""
     owner_kind: _types_pb2.OwnerKind.ValueType
+    """Unspecified for all kinds."""
     unit: _builtins.str
+    """A unit's code; empty for all units."""
     page_size: _builtins.int
     """1 to 1000; 0 means 100."""
     page_token: _builtins.str
@@ -226,6 +258,8 @@ Global___ListWalletsRequest: _TypeAlias = ListWalletsRequest  # noqa: Y015
 
 @_typing.final
 class ListWalletsResponse(_message.Message):
+    """One page of wallets."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLETS_FIELD_NUMBER: _builtins.int
@@ -233,7 +267,9 @@ class ListWalletsResponse(_message.Message):
     next_page_token: _builtins.str
     """Empty on the last page."""
     @_builtins.property
-    def wallets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Wallet]: ...
+    def wallets(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Wallet]:
+        """Oldest first."""
+
     def __init__(
         self,
         *,
@@ -250,10 +286,13 @@ Global___ListWalletsResponse: _TypeAlias = ListWalletsResponse  # noqa: Y015
 
 @_typing.final
 class CancelWalletRequest(_message.Message):
+    """Which wallet to cancel."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_ID_FIELD_NUMBER: _builtins.int
     wallet_id: _builtins.int
+    """The wallet's id; required."""
     def __init__(
         self,
         *,
@@ -269,11 +308,15 @@ Global___CancelWalletRequest: _TypeAlias = CancelWalletRequest  # noqa: Y015
 
 @_typing.final
 class CancelWalletResponse(_message.Message):
+    """The wallet cancelled."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WALLET_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def wallet(self) -> _types_pb2.Wallet: ...
+    def wallet(self) -> _types_pb2.Wallet:
+        """Now of status CANCELLED."""
+
     def __init__(
         self,
         *,

@@ -27,12 +27,19 @@ if _version_not_supported:
 
 
 class WalletServiceStub:
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel):
@@ -69,34 +76,50 @@ class WalletServiceStub:
 
 
 class WalletServiceServicer:
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def CreateWallet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
+        same key and request returns the wallet created first (trailing metadata
+        `coffer-replayed: true`). Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
+        metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetWallet(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One wallet, with its balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND
+        WALLET_NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBalance(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One wallet's balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListWallets(self, request, context):
-        """Wallets of one owner, or all wallets, oldest first.
+        """Wallets of one owner, or all wallets, oldest first, paged.
+        Errors: INVALID_ARGUMENT (owner_id, owner_kind, unit, page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,7 +127,10 @@ class WalletServiceServicer:
 
     def CancelWallet(self, request, context):
         """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-        cancelled wallet returns it unchanged.
+        cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+        as it is idempotent itself.
+        Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
+        WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,12 +173,19 @@ def add_WalletServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WalletService:
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @staticmethod

@@ -28,12 +28,19 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class WalletServiceStub:
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_typing.overload
@@ -41,43 +48,87 @@ class WalletServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> WalletServiceAsyncStub: ...
     CreateWallet: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.CreateWalletRequest, _wallets_pb2.CreateWalletResponse]
+    """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
+    same key and request returns the wallet created first (trailing metadata
+    `coffer-replayed: true`). Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
+    metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
+    """
     GetWallet: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.GetWalletRequest, _wallets_pb2.GetWalletResponse]
+    """One wallet, with its balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND
+    WALLET_NOT_FOUND.
+    """
     GetBalance: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.GetBalanceRequest, _wallets_pb2.GetBalanceResponse]
+    """One wallet's balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND."""
     ListWallets: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.ListWalletsRequest, _wallets_pb2.ListWalletsResponse]
-    """Wallets of one owner, or all wallets, oldest first."""
+    """Wallets of one owner, or all wallets, oldest first, paged.
+    Errors: INVALID_ARGUMENT (owner_id, owner_kind, unit, page_size, page_token).
+    """
     CancelWallet: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.CancelWalletRequest, _wallets_pb2.CancelWalletResponse]
     """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-    cancelled wallet returns it unchanged.
+    cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+    as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
+    WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
     """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.CreateWalletRequest, _wallets_pb2.CreateWalletResponse]  # type: ignore[assignment]
+    """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
+    same key and request returns the wallet created first (trailing metadata
+    `coffer-replayed: true`). Needs `coffer-caller`.
+    Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
+    metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
+    """
     GetWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.GetWalletRequest, _wallets_pb2.GetWalletResponse]  # type: ignore[assignment]
+    """One wallet, with its balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND
+    WALLET_NOT_FOUND.
+    """
     GetBalance: _aio.UnaryUnaryMultiCallable[_wallets_pb2.GetBalanceRequest, _wallets_pb2.GetBalanceResponse]  # type: ignore[assignment]
+    """One wallet's balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND."""
     ListWallets: _aio.UnaryUnaryMultiCallable[_wallets_pb2.ListWalletsRequest, _wallets_pb2.ListWalletsResponse]  # type: ignore[assignment]
-    """Wallets of one owner, or all wallets, oldest first."""
+    """Wallets of one owner, or all wallets, oldest first, paged.
+    Errors: INVALID_ARGUMENT (owner_id, owner_kind, unit, page_size, page_token).
+    """
     CancelWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.CancelWalletRequest, _wallets_pb2.CancelWalletResponse]  # type: ignore[assignment]
     """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-    cancelled wallet returns it unchanged.
+    cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+    as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
+    WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Wallets: each holds one unit, for one owner.
+    """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
+    them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
+
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
+    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
+    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
+    DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
 
     @_abc_1.abstractmethod
@@ -85,21 +136,31 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _wallets_pb2.CreateWalletRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_wallets_pb2.CreateWalletResponse, _abc.Awaitable[_wallets_pb2.CreateWalletResponse]]: ...
+    ) -> _typing.Union[_wallets_pb2.CreateWalletResponse, _abc.Awaitable[_wallets_pb2.CreateWalletResponse]]:
+        """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
+        same key and request returns the wallet created first (trailing metadata
+        `coffer-replayed: true`). Needs `coffer-caller`.
+        Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
+        metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
+        """
 
     @_abc_1.abstractmethod
     def GetWallet(
         self,
         request: _wallets_pb2.GetWalletRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_wallets_pb2.GetWalletResponse, _abc.Awaitable[_wallets_pb2.GetWalletResponse]]: ...
+    ) -> _typing.Union[_wallets_pb2.GetWalletResponse, _abc.Awaitable[_wallets_pb2.GetWalletResponse]]:
+        """One wallet, with its balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND
+        WALLET_NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def GetBalance(
         self,
         request: _wallets_pb2.GetBalanceRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_wallets_pb2.GetBalanceResponse, _abc.Awaitable[_wallets_pb2.GetBalanceResponse]]: ...
+    ) -> _typing.Union[_wallets_pb2.GetBalanceResponse, _abc.Awaitable[_wallets_pb2.GetBalanceResponse]]:
+        """One wallet's balance. Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND."""
 
     @_abc_1.abstractmethod
     def ListWallets(
@@ -107,7 +168,9 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _wallets_pb2.ListWalletsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_wallets_pb2.ListWalletsResponse, _abc.Awaitable[_wallets_pb2.ListWalletsResponse]]:
-        """Wallets of one owner, or all wallets, oldest first."""
+        """Wallets of one owner, or all wallets, oldest first, paged.
+        Errors: INVALID_ARGUMENT (owner_id, owner_kind, unit, page_size, page_token).
+        """
 
     @_abc_1.abstractmethod
     def CancelWallet(
@@ -116,7 +179,10 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallets_pb2.CancelWalletResponse, _abc.Awaitable[_wallets_pb2.CancelWalletResponse]]:
         """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-        cancelled wallet returns it unchanged.
+        cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+        as it is idempotent itself.
+        Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
+        WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,6 @@ import time
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from coffer.core import errors
 from coffer.core.ledger import Ledger
@@ -33,7 +32,7 @@ from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
 from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
-from . import admission, services
+from . import admission, reflection, services
 from .batcher import Batcher
 from .settings import Settings, calls_max_limit
 
@@ -193,9 +192,15 @@ class Server:
                 admission.register(server, servicer, service, admitting)
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-            reflection.enable_server_reflection(
-                (*_service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-            )
+            reflection.Reflection(
+                (
+                    *_service_names,
+                    health.SERVICE_NAME,
+                    reflection.v1_service_name,
+                    reflection.v1alpha_service_name,
+                ),
+                reflection.described_files(),
+            ).add_to(server)
             port = server.add_insecure_port(settings.listen)
             if port == 0:
                 raise OSError(f"cannot listen on {settings.listen}")
