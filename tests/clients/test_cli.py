@@ -173,7 +173,13 @@ async def test_operator_walkthrough(cli: Cli) -> None:
     assert balance == {
         "walletId": str(customer),
         "unit": "EUR",
-        "balance": {"posted": "3500", "pending": "500", "available": "3000"},
+        "balance": {
+            "posted": "3500",
+            "pending": "500",
+            "available": "3000",
+            "unit": "EUR",
+            "unitScale": 2,
+        },
     }
     captured = await cli.ok("hold", "capture", str(hold), "--amount", "300")
     assert captured[0] == (
@@ -303,7 +309,13 @@ async def test_json_output_is_the_response(cli: Cli) -> None:
     debited = await cli.json("debit", wallet_id, "15", "--mode", "up-to")
     assert (debited["amountDebited"], debited["amountRemaining"]) == ("6", "9")
     balance = await cli.json("balance", wallet_id)
-    assert balance["balance"] == {"posted": "4", "pending": "4", "available": "0"}
+    assert balance["balance"] == {
+        "posted": "4",
+        "pending": "4",
+        "available": "0",
+        "unit": "pts",
+        "unitScale": 0,
+    }
     listed = await cli.json("wallet", "list", "--owner", "w")
     assert [each["id"] for each in listed["wallets"]] == [wallet_id]
     assert listed["nextPageToken"] == ""

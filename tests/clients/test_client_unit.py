@@ -697,6 +697,7 @@ def test_public_names() -> None:
         "Wallet",
         "WalletBalance",
         "errors",
+        "format_amount",
         "holds_pb2",
         "operations",
         "transfers_pb2",

@@ -114,8 +114,8 @@ async def test_the_readmes_python_example(server: Server) -> None:
     assert (process.returncode, err.decode()) == (0, "")
     lines = out.decode().splitlines()
     assert lines[0].startswith("refused: ")
-    assert lines[1:3] == ["debited 1500 still due 500", "available 0"]
-    assert [line.split()[1:3] for line in lines[3:]] == [
-        ["TRANSFER_KIND_DEBIT", "1500"],
-        ["TRANSFER_KIND_CREDIT", "1500"],
+    assert lines[1:3] == ["debited 1500 still due 500", "available 0.00 EUR"]
+    assert [line.split()[1:4] for line in lines[3:]] == [
+        ["TRANSFER_KIND_DEBIT", "15.00", "EUR"],
+        ["TRANSFER_KIND_CREDIT", "15.00", "EUR"],
     ]

@@ -543,3 +543,21 @@ async def test_the_journal_is_written_before_the_locks_and_kept(
     assert ids_taken_waiting == ids_taken_before + 1
     assert applied.transfer.id == ids_taken_waiting == ids_taken_after
     await assert_books_balance(ledger)
+
+
+async def test_unit_scales_are_read_once(ledger: Ledger, database_url: str) -> None:
+    """A unit's scale never changes: the ledger reads it once, then answers without a
+    connection; a unit that does not exist is left out."""
+    assert await ledger.unit_scales({"EUR", "seat", "XYZ"}) == {"EUR": 2, "seat": 0}
+    # Known from their creation: asked again, no connection is taken.
+    await ledger.pool.close()
+    assert (await ledger.unit_scales({"EUR"}))["EUR"] == 2
+    assert (await ledger.unit_scales({"seat", "EUR"}))["seat"] == 0
+    # Another ledger on the same database, which created nothing, reads each unit once.
+    pool = await create_pool(database_url, size_max=2)
+    other = Ledger(pool)
+    try:
+        assert await other.unit_scales({"EUR"}) == {"EUR": 2}
+    finally:
+        await pool.close()
+    assert (await other.unit_scales({"EUR"}))["EUR"] == 2

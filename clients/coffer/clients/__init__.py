@@ -9,8 +9,10 @@
             ...
 
 `SyncClient` offers the same methods for blocking code; `operations` builds the operations of
-a batch (`submit_batch`). The protobuf messages are here too: `Transfer`, `Wallet`, `Hold`…, and
-their modules `types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`.
+a batch (`submit_batch`); `format_amount` prints an amount with its unit ("25.99 EUR") from the
+unit and scale every Transfer, Hold and Balance carries. The protobuf messages are here too:
+`Transfer`, `Wallet`, `Hold`…, and their modules `types_pb2`, `units_pb2`, `wallets_pb2`,
+`transfers_pb2`, `holds_pb2`.
 """
 
 from coffer.clients import errors
@@ -25,6 +27,7 @@ from coffer.clients.client import (
     operations,
 )
 from coffer.clients.errors import CofferError
+from coffer.clients.money import format_amount
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
@@ -46,6 +49,7 @@ __all__ = [
     "Wallet",
     "WalletBalance",
     "errors",
+    "format_amount",
     "holds_pb2",
     "operations",
     "transfers_pb2",

@@ -282,7 +282,7 @@ Global___Unit: _TypeAlias = Unit  # noqa: Y015
 @_typing.final
 class Balance(_message.Message):
     """A wallet's balance. All amounts are integers in the unit's minor units (int64: strings or
-    BigInt in JavaScript).
+    BigInt in JavaScript): with `unit_scale` 2, 2599 is 25.99.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -290,22 +290,30 @@ class Balance(_message.Message):
     POSTED_FIELD_NUMBER: _builtins.int
     PENDING_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    UNIT_SCALE_FIELD_NUMBER: _builtins.int
     posted: _builtins.int
     """What the wallet holds, after every posted transfer."""
     pending: _builtins.int
     """Held by open holds."""
     available: _builtins.int
     """posted - pending: what the wallet can spend, down to its `balance_minimum`."""
+    unit: _builtins.str
+    """The code of the wallet's unit ("EUR", "session"), so that a balance prints by itself."""
+    unit_scale: _builtins.int
+    """The unit's scale (`Unit.scale`): the amounts are in units of 10^-unit_scale; 0 to 18."""
     def __init__(
         self,
         *,
         posted: _builtins.int = ...,
         pending: _builtins.int = ...,
         available: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        unit_scale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "pending", b"pending", "posted", b"posted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "pending", b"pending", "posted", b"posted", "unit", b"unit", "unit_scale", b"unit_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,6 +448,7 @@ class Transfer(_message.Message):
     HOLD_ID_FIELD_NUMBER: _builtins.int
     VOIDED_BY_TRANSFER_ID_FIELD_NUMBER: _builtins.int
     HOLD_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    UNIT_SCALE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Unique across all transfers, increasing with time (int64: a string or BigInt in
     JavaScript).
@@ -474,6 +483,10 @@ class Transfer(_message.Message):
     """Set on a capture, release or hold expiry: the hold it resolves."""
     voided_by_transfer_id: _builtins.int
     """Set when a later void reversed this transfer."""
+    unit_scale: _builtins.int
+    """The scale of `unit` (`Unit.scale`): `amount` and `amount_requested` are in units of
+    10^-unit_scale (2599 at scale 2 is 25.99); 0 to 18.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs, as the request gave them."""
@@ -506,10 +519,11 @@ class Transfer(_message.Message):
         hold_id: _builtins.int = ...,
         voided_by_transfer_id: _builtins.int = ...,
         hold_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        unit_scale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "hold_expire_time", b"hold_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_requested", b"amount_requested", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_requested", b"amount_requested", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -531,6 +545,7 @@ class Hold(_message.Message):
     RESOLVED_BY_TRANSFER_ID_FIELD_NUMBER: _builtins.int
     AMOUNT_CAPTURED_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UNIT_SCALE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """The id of the hold's own transfer (kind HOLD)."""
     source_wallet_id: _builtins.int
@@ -547,6 +562,10 @@ class Hold(_message.Message):
     """The capture, release or expiry that resolved the hold; 0 while pending."""
     amount_captured: _builtins.int
     """How much a capture posted; 0 unless captured."""
+    unit_scale: _builtins.int
+    """The scale of `unit` (`Unit.scale`): `amount` and `amount_captured` are in units of
+    10^-unit_scale; 0 to 18.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the hold releases itself if still pending."""
@@ -568,10 +587,11 @@ class Hold(_message.Message):
         resolved_by_transfer_id: _builtins.int = ...,
         amount_captured: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        unit_scale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_captured", b"amount_captured", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "resolved_by_transfer_id", b"resolved_by_transfer_id", "source_wallet_id", b"source_wallet_id", "status", b"status", "target_wallet_id", b"target_wallet_id", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_captured", b"amount_captured", "create_time", b"create_time", "expire_time", b"expire_time", "id", b"id", "resolved_by_transfer_id", b"resolved_by_transfer_id", "source_wallet_id", b"source_wallet_id", "status", b"status", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

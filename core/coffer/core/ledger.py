@@ -35,7 +35,7 @@ less than the shortest hold (a second).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -115,11 +115,24 @@ class Ledger:
     async def create_unit(self, unit: Unit) -> Unit:
         """Creates the unit and its system wallets; idempotent for the same definition."""
         async with self._connection(transaction=True) as connection:
-            return await catalog.create_unit(connection, unit)
+            created = await catalog.create_unit(connection, unit)
+        self._facts.unit_created(created.code, created.scale)
+        return created
 
     async def get_unit(self, code: str) -> Unit:
         async with self._read_connection() as connection:
             return await catalog.get_unit(connection, code)
+
+    async def unit_scales(self, units: Collection[str]) -> Mapping[str, int]:
+        """The scale of each of the units that exist (the mapping may hold others too), for
+        answers to say how to read their amounts. A unit never changes once created, so each is
+        read once per process; a call whose units are all known costs no connection and no
+        query."""
+        known = self._facts.unit_scales_known(units)
+        if known is not None:
+            return known
+        async with self._read_connection() as connection:
+            return await self._facts.unit_scales(connection, units)
 
     async def list_units(self) -> list[Unit]:
         async with self._read_connection() as connection:

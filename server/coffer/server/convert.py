@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from enum import IntEnum
 from types import MappingProxyType
@@ -54,6 +54,7 @@ __all__ = [
     "unit",
     "unit_code",
     "unit_pb",
+    "units_of",
     "void",
     "wallet_filter",
     "wallet_pb",
@@ -422,6 +423,20 @@ def page_size(size: int) -> int:
 
 
 # Replies ---------------------------------------------------------------------------------------
+#
+# Every amount goes out with its unit's scale, so that an answer prints by itself ("25.99 EUR").
+# The replies take the scales of their units (`scales`, from `Ledger.unit_scales`, which reads
+# each unit once per process) rather than look them up: converting stays free of I/O.
+
+
+def units_of(outcomes: Iterable[model.Applied | errors.CofferError]) -> set[str]:
+    """The units of what a batch applied: those whose scales its answer needs."""
+    return {
+        transfer.unit
+        for outcome in outcomes
+        if isinstance(outcome, model.Applied)
+        for transfer in outcome.transfers
+    }
 
 
 _last_timestamp: tuple[datetime, Timestamp] | None = None
@@ -452,18 +467,26 @@ def unit_pb(value: model.Unit) -> types_pb2.Unit:
     return pb
 
 
-def balance_pb(value: model.Balance) -> types_pb2.Balance:
-    return types_pb2.Balance(posted=value.posted, pending=value.pending, available=value.available)
+def balance_pb(value: model.Balance, unit: str, scales: Mapping[str, int]) -> types_pb2.Balance:
+    """A balance with its unit and the unit's scale (`scales`: what `Ledger.unit_scales`
+    gave for the answer's units), so that it reads by itself."""
+    return types_pb2.Balance(
+        posted=value.posted,
+        pending=value.pending,
+        available=value.available,
+        unit=unit,
+        unit_scale=scales[unit],
+    )
 
 
-def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
+def wallet_pb(value: model.Wallet, scales: Mapping[str, int]) -> types_pb2.Wallet:
     pb = types_pb2.Wallet(
         id=value.id,
         owner_id=value.owner_id,
         owner_kind=_owner_kinds.to_proto(value.owner_kind),
         unit=value.unit,
         status=_wallet_statuses.to_proto(value.status),
-        balance=balance_pb(value.balance),
+        balance=balance_pb(value.balance, value.unit, scales),
         metadata=value.metadata,
         create_time=_timestamp(value.created_at),
     )
@@ -472,13 +495,15 @@ def wallet_pb(value: model.Wallet) -> types_pb2.Wallet:
     return pb
 
 
-def transfer_pb(value: model.Transfer) -> types_pb2.Transfer:
+def transfer_pb(value: model.Transfer, scales: Mapping[str, int]) -> types_pb2.Transfer:
     pb = types_pb2.Transfer()
-    _fill_transfer(pb, value)
+    _fill_transfer(pb, value, scales)
     return pb
 
 
-def _fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
+def _fill_transfer(
+    pb: types_pb2.Transfer, value: model.Transfer, scales: Mapping[str, int]
+) -> None:
     """Sets a transfer into a message in place (a batch's results are built where they stand,
     not copied in), and only what is set: protobuf charges for every field given."""
     pb.id = value.id
@@ -488,6 +513,9 @@ def _fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
     pb.target_wallet_id = value.target_wallet_id
     pb.unit = value.unit
     pb.amount = value.amount
+    scale = scales[value.unit]
+    if scale:
+        pb.unit_scale = scale
     pb.create_time.CopyFrom(_timestamp(value.created_at))
     if value.amount_requested is not None:
         pb.amount_requested = value.amount_requested
@@ -509,12 +537,13 @@ def _fill_transfer(pb: types_pb2.Transfer, value: model.Transfer) -> None:
         pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
 
 
-def hold_pb(value: model.Hold) -> types_pb2.Hold:
+def hold_pb(value: model.Hold, scales: Mapping[str, int]) -> types_pb2.Hold:
     return types_pb2.Hold(
         id=value.id,
         source_wallet_id=value.source_wallet_id,
         target_wallet_id=value.target_wallet_id,
         unit=value.unit,
+        unit_scale=scales[value.unit],
         amount=value.amount,
         status=_hold_statuses.to_proto(value.status),
         expire_time=_timestamp(value.expires_at),
@@ -528,6 +557,7 @@ def fill_operation_result(
     pb: transfers_pb2.OperationResult,
     outcome: model.Applied | errors.CofferError,
     code_of: dict[errors.Category, int],
+    scales: Mapping[str, int],
 ) -> None:
     if outcome.replayed:
         pb.replayed = True
@@ -542,8 +572,8 @@ def fill_operation_result(
             pb.error.field = outcome.field
         return
     for each in outcome.transfers:
-        _fill_transfer(pb.transfers.add(), each)
+        _fill_transfer(pb.transfers.add(), each, scales)
     if outcome.amount_remaining:
         pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:
-        pb.hold.CopyFrom(hold_pb(outcome.hold))
+        pb.hold.CopyFrom(hold_pb(outcome.hold, scales))

@@ -6,7 +6,7 @@ Errors are not handled here: what a handler raises is turned into a status by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -110,22 +110,27 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         )
         if replayed:
             context.set_trailing_metadata(replayed_metadata)
-        return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet))
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def GetWallet(
         self, request: wallets_pb2.GetWalletRequest, context: _Context
     ) -> wallets_pb2.GetWalletResponse:
         _caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
-        return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet))
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def GetBalance(
         self, request: wallets_pb2.GetBalanceRequest, context: _Context
     ) -> wallets_pb2.GetBalanceResponse:
         _caller_sent(context)
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
+        scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.GetBalanceResponse(
-            wallet_id=wallet.id, unit=wallet.unit, balance=convert.balance_pb(wallet.balance)
+            wallet_id=wallet.id,
+            unit=wallet.unit,
+            balance=convert.balance_pb(wallet.balance, wallet.unit, scales),
         )
 
     async def ListWallets(
@@ -141,8 +146,9 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
             page_size=convert.page_size(request.page_size),
             after_id=convert.cursor(request.page_token, scope) or 0,
         )
+        scales = await self._ledger.unit_scales({wallet.unit for wallet in page.items})
         return wallets_pb2.ListWalletsResponse(
-            wallets=[convert.wallet_pb(wallet) for wallet in page.items],
+            wallets=[convert.wallet_pb(wallet, scales) for wallet in page.items],
             next_page_token=convert.page_token(page.cursor, scope),
         )
 
@@ -153,7 +159,8 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         wallet = await self._ledger.cancel_wallet(
             convert.required_id("wallet_id", request.wallet_id)
         )
-        return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet))
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
 
 @translate_errors
@@ -165,15 +172,19 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Credit(
         self, request: transfers_pb2.CreditRequest, context: _Context
     ) -> transfers_pb2.CreditResponse:
-        applied = await _submit(self._batcher, context, convert.credit, request)
-        return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.credit, request
+        )
+        return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Debit(
         self, request: transfers_pb2.DebitRequest, context: _Context
     ) -> transfers_pb2.DebitResponse:
-        applied = await _submit(self._batcher, context, convert.debit, request)
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.debit, request
+        )
         return transfers_pb2.DebitResponse(
-            transfer=convert.transfer_pb(applied.transfer),
+            transfer=convert.transfer_pb(applied.transfer, scales),
             amount_debited=applied.transfer.amount,
             amount_remaining=applied.amount_remaining,
         )
@@ -181,42 +192,55 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def Transfer(
         self, request: transfers_pb2.TransferRequest, context: _Context
     ) -> transfers_pb2.TransferResponse:
-        applied = await _submit(self._batcher, context, convert.transfer, request)
-        return transfers_pb2.TransferResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.transfer, request
+        )
+        return transfers_pb2.TransferResponse(
+            transfer=convert.transfer_pb(applied.transfer, scales)
+        )
 
     async def Deposit(
         self, request: transfers_pb2.DepositRequest, context: _Context
     ) -> transfers_pb2.DepositResponse:
-        applied = await _submit(self._batcher, context, convert.deposit, request)
-        return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.deposit, request
+        )
+        return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Withdraw(
         self, request: transfers_pb2.WithdrawRequest, context: _Context
     ) -> transfers_pb2.WithdrawResponse:
-        applied = await _submit(self._batcher, context, convert.withdrawal, request)
-        return transfers_pb2.WithdrawResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.withdrawal, request
+        )
+        return transfers_pb2.WithdrawResponse(
+            transfer=convert.transfer_pb(applied.transfer, scales)
+        )
 
     async def Pay(
         self, request: transfers_pb2.PayRequest, context: _Context
     ) -> transfers_pb2.PayResponse:
-        applied = await _submit(self._batcher, context, convert.payment, request)
-        return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.payment, request
+        )
+        return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Void(
         self, request: transfers_pb2.VoidRequest, context: _Context
     ) -> transfers_pb2.VoidResponse:
-        applied = await _submit(self._batcher, context, convert.void, request)
-        return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer))
+        applied, scales = await _submit(self._ledger, self._batcher, context, convert.void, request)
+        return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: _Context
     ) -> transfers_pb2.SubmitBatchResponse:
         operations = convert.batch(request, _caller_of(context))
         answers = await self._batcher.submit_all(operations, context.time_remaining())
+        scales = await self._ledger.unit_scales(convert.units_of(answers))
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
         for answer in answers:
-            convert.fill_operation_result(add(), answer, _codes)
+            convert.fill_operation_result(add(), answer, _codes, scales)
         return response
 
     async def GetTransfer(
@@ -226,7 +250,8 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         transfer = await self._ledger.get_transfer(
             convert.required_id("transfer_id", request.transfer_id)
         )
-        return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer))
+        scales = await self._ledger.unit_scales((transfer.unit,))
+        return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer, scales))
 
     async def ListTransfers(
         self, request: transfers_pb2.ListTransfersRequest, context: _Context
@@ -239,8 +264,9 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
             page_size=convert.page_size(request.page_size),
             before_id=convert.cursor(request.page_token, scope),
         )
+        scales = await self._ledger.unit_scales({transfer.unit for transfer in page.items})
         return transfers_pb2.ListTransfersResponse(
-            transfers=[convert.transfer_pb(transfer) for transfer in page.items],
+            transfers=[convert.transfer_pb(transfer, scales) for transfer in page.items],
             next_page_token=convert.page_token(page.cursor, scope),
         )
 
@@ -254,47 +280,59 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
     async def PlaceHold(
         self, request: holds_pb2.PlaceHoldRequest, context: _Context
     ) -> holds_pb2.PlaceHoldResponse:
-        applied = await _submit(self._batcher, context, convert.place_hold, request)
-        return _hold_response(holds_pb2.PlaceHoldResponse, applied)
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.place_hold, request
+        )
+        return _hold_response(holds_pb2.PlaceHoldResponse, applied, scales)
 
     async def CaptureHold(
         self, request: holds_pb2.CaptureHoldRequest, context: _Context
     ) -> holds_pb2.CaptureHoldResponse:
-        applied = await _submit(self._batcher, context, convert.capture_hold, request)
-        return _hold_response(holds_pb2.CaptureHoldResponse, applied)
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.capture_hold, request
+        )
+        return _hold_response(holds_pb2.CaptureHoldResponse, applied, scales)
 
     async def ReleaseHold(
         self, request: holds_pb2.ReleaseHoldRequest, context: _Context
     ) -> holds_pb2.ReleaseHoldResponse:
-        applied = await _submit(self._batcher, context, convert.release_hold, request)
-        return _hold_response(holds_pb2.ReleaseHoldResponse, applied)
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, convert.release_hold, request
+        )
+        return _hold_response(holds_pb2.ReleaseHoldResponse, applied, scales)
 
     async def GetHold(
         self, request: holds_pb2.GetHoldRequest, context: _Context
     ) -> holds_pb2.GetHoldResponse:
         _caller_sent(context)
         hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
-        return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold))
+        scales = await self._ledger.unit_scales((hold.unit,))
+        return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold, scales))
 
 
 async def _submit(
+    ledger: Ledger,
     batcher: Batcher,
     context: _Context,
     operation: Callable[[_Request, str], model.Operation],
     request: _Request,
-) -> model.Applied:
-    """Applies the operation a request asks for; a replayed answer says so in the trailing
-    metadata (a replayed refusal too, through `errors.translate_errors`)."""
+) -> tuple[model.Applied, Mapping[str, int]]:
+    """Applies the operation a request asks for; returns what it applied and the scales of
+    its units, for the answer. A replayed answer says so in the trailing metadata (a replayed
+    refusal too, through `errors.translate_errors`)."""
     applied = await batcher.submit(
         operation(request, _caller_of(context)), context.time_remaining()
     )
     if applied.replayed:
         context.set_trailing_metadata(replayed_metadata)
-    return applied
+    return applied, await ledger.unit_scales(convert.units_of((applied,)))
 
 
-def _hold_response(response: type[_HoldResponse], applied: model.Applied) -> _HoldResponse:
+def _hold_response(
+    response: type[_HoldResponse], applied: model.Applied, scales: Mapping[str, int]
+) -> _HoldResponse:
     assert applied.hold is not None
     return response(
-        hold=convert.hold_pb(applied.hold), transfer=convert.transfer_pb(applied.transfer)
+        hold=convert.hold_pb(applied.hold, scales),
+        transfer=convert.transfer_pb(applied.transfer, scales),
     )

@@ -14,22 +14,19 @@ import asyncio
 import os
 import sys
 import uuid
-from decimal import Decimal
 
-from coffer.clients import Client, Transfer, Unit, errors, types_pb2
+from coffer.clients import Client, Transfer, errors, format_amount, types_pb2
 
 __all__ = ["main", "run"]
 
 
-def _money(amount: int, unit: Unit) -> str:
-    """Minor units as the unit writes them: 2599 with scale 2 is 25.99 EUR."""
-    return f"{Decimal(amount).scaleb(-unit.scale):.{unit.scale}f} {unit.code}"
-
-
-def _history_line(transfer: Transfer, wallet_id: int, unit: Unit) -> str:
+def _history_line(transfer: Transfer, wallet_id: int) -> str:
+    """A transfer as one wallet sees it; the transfer carries its unit and scale, so no
+    GetUnit call is needed to print 25.99 EUR."""
     sign = 1 if transfer.target_wallet_id == wallet_id else -1
     kind = types_pb2.TransferKind.Name(transfer.kind).removeprefix("TRANSFER_KIND_").lower()
-    amount = ("+" if sign > 0 else "") + _money(sign * transfer.amount, unit)
+    money = format_amount(sign * transfer.amount, transfer.unit, transfer.unit_scale)
+    amount = ("+" if sign > 0 else "") + money
     return f"  #{transfer.id:<6} {kind:<10} {amount:>14}  {transfer.reference or transfer.note}"
 
 
@@ -66,7 +63,8 @@ async def run(target: str) -> None:
             note="top-up by SEPA transfer",
             idempotency_key=f"{order}:top-up",
         )
-        print(f"deposited {_money(top_up.amount, eur)} (transfer {top_up.id})")
+        deposited = format_amount(top_up.amount, top_up.unit, top_up.unit_scale)
+        print(f"deposited {deposited} (transfer {top_up.id})")
         payment = await coffer.pay(
             payer_wallet_id=customer.id,
             payee_wallet_id=merchant.id,
@@ -75,7 +73,8 @@ async def run(target: str) -> None:
             note="2 sourdough loaves, 1 cake",
             idempotency_key=f"{order}:payment",
         )
-        print(f"paid {_money(payment.amount, eur)} for {order} (transfer {payment.id})")
+        paid = format_amount(payment.amount, payment.unit, payment.unit_scale)
+        print(f"paid {paid} for {order} (transfer {payment.id})")
 
         try:
             await coffer.pay(
@@ -85,17 +84,17 @@ async def run(target: str) -> None:
                 reference=f"{order}-too-big",
             )
         except errors.InsufficientFunds as error:
-            print(f"a payment of {_money(1_000_000, eur)} was refused: {error}")
+            asked = format_amount(1_000_000, eur.code, eur.scale)
+            print(f"a payment of {asked} was refused: {error}")
 
         for title, wallet in (("customer", customer), ("merchant", merchant)):
             print(f"\n{title} wallet {wallet.id}, newest first:")
             async for transfer in coffer.iter_transfers(wallet_id=wallet.id):
-                print(_history_line(transfer, wallet.id, eur))
+                print(_history_line(transfer, wallet.id))
             balance = (await coffer.get_balance(wallet_id=wallet.id)).balance
-            print(
-                f"  balance {_money(balance.posted, eur)},"
-                f" available {_money(balance.available, eur)}"
-            )
+            posted = format_amount(balance.posted, balance.unit, balance.unit_scale)
+            available = format_amount(balance.available, balance.unit, balance.unit_scale)
+            print(f"  balance {posted}, available {available}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ __all__ = [
     "select_transfers_page",
     "select_unit",
     "select_unit_exists",
+    "select_unit_scales",
     "select_units",
     "select_voiding_transfers",
     "select_wallet",
@@ -81,6 +82,8 @@ select_unit = f"select {_unit_columns} from units where code = $1"
 select_units = f"select {_unit_columns} from units order by code"
 
 select_unit_exists = "select true from units where code = $1"
+
+select_unit_scales = "select code, scale from units where code = any($1::text[])"
 
 # Wallets ---------------------------------------------------------------------------------------
 
