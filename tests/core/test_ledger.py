@@ -40,6 +40,7 @@ from coffer.core.model import (
     posting_kinds,
 )
 from coffer.core.store.connections import create_pool
+from coffer.core.store.facts import Facts
 
 from support.database import lock_waiters
 
@@ -561,3 +562,34 @@ async def test_unit_scales_are_read_once(ledger: Ledger, database_url: str) -> N
     finally:
         await pool.close()
     assert (await other.unit_scales({"EUR"}))["EUR"] == 2
+
+
+async def test_facts_started_over_still_answer_all_they_are_asked(ledger: Ledger) -> None:
+    """A cache of facts past its bound starts over: what it answers then lacks nothing it was
+    asked for, though it knew some of it a moment before."""
+    wallets = [
+        (
+            await ledger.create_wallet(
+                NewWallet(
+                    idempotency_key=f"facts-{number}",
+                    caller="tests",
+                    owner_id=f"owner-{number}",
+                    owner_kind=OwnerKind.customer,
+                    unit="EUR" if number % 2 else "seat",
+                )
+            )
+        )[0].id
+        for number in range(4)
+    ]
+    await ledger.create_unit(Unit(code="pts", kind=UnitKind.credit, name="Point"))
+    facts = Facts(wallet_units_max=3, system_wallet_units_max=2, unit_scales_max=2)
+    async with ledger.pool.acquire() as connection:
+        assert len(await facts.wallet_units(connection, set(wallets[:2]))) == 2
+        units = await facts.wallet_units(connection, {wallets[0], *wallets[2:]})
+        assert units == {wallets[0]: "seat", wallets[2]: "seat", wallets[3]: "EUR"}
+        assert await facts.unit_scales(connection, {"EUR", "seat"}) == {"EUR": 2, "seat": 0}
+        assert await facts.unit_scales(connection, {"EUR", "pts"}) == {"EUR": 2, "pts": 0}
+        assert len(await facts.system_wallets(connection, {"EUR", "seat"})) == 4
+        system = await facts.system_wallets(connection, {"EUR", "pts"})
+        assert {unit for unit, _ in system} == {"EUR", "pts"}
+        assert len(system) == 4

@@ -5,51 +5,91 @@ so that every amount says how to read it. Read once, they cost no round trip aga
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from typing import TypeVar
 
 import asyncpg
 
 from ..model import OwnerKind, SystemWallet
 from . import sql
 
-__all__ = ["Facts", "unit_scales_max", "wallet_units_max"]
+__all__ = ["Facts", "system_wallet_units_max", "unit_scales_max", "wallet_units_max"]
 
 # Wallets whose unit is kept; past it, the cache starts over.
 wallet_units_max = 100_000
+# Units whose system wallets are kept; past it, the cache starts over.
+system_wallet_units_max = 10_000
 # Units whose scale is kept; past it, the cache starts over.
 unit_scales_max = 10_000
 
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
+
+
+async def _read_through(
+    known: dict[_Key, _Value],
+    wanted: Collection[_Key],
+    size_max: int,
+    read: Callable[[list[_Key]], Awaitable[Iterable[tuple[_Key, _Value]]]],
+) -> dict[_Key, _Value]:
+    """What `known` holds of `wanted`, reading the rest (once; what does not exist stays
+    unknown). Past `size_max`, the cache starts over and reads all it is asked for, so that an
+    answer never lacks a fact it had a moment before."""
+    missing = [key for key in wanted if key not in known]
+    if missing:
+        if len(known) + len(missing) > size_max:
+            known.clear()
+            missing = list(wanted)
+        known.update(await read(missing))
+    return {key: known[key] for key in wanted if key in known}
+
 
 class Facts:
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        wallet_units_max: int = wallet_units_max,
+        system_wallet_units_max: int = system_wallet_units_max,
+        unit_scales_max: int = unit_scales_max,
+    ) -> None:
         self._wallet_units: dict[int, str] = {}
-        self._system_wallets: dict[tuple[str, SystemWallet], int] = {}
+        self._system_wallets: dict[str, dict[SystemWallet, int]] = {}
         self._unit_scales: dict[str, int] = {}
+        self._wallet_units_max = wallet_units_max
+        self._system_wallet_units_max = system_wallet_units_max
+        self._unit_scales_max = unit_scales_max
 
     async def wallet_units(
         self, connection: asyncpg.Connection, wallet_ids: set[int]
     ) -> dict[int, str]:
         """The unit of each of the wallets that exist."""
-        known = self._wallet_units
-        missing = [wallet_id for wallet_id in wallet_ids if wallet_id not in known]
-        if missing:
-            if len(known) + len(missing) > wallet_units_max:
-                known.clear()
+
+        async def read(missing: list[int]) -> Iterable[tuple[int, str]]:
             rows = await connection.fetch(sql.select_wallet_units, missing)
-            known.update((row["id"], row["unit"]) for row in rows)
-        return {wallet_id: known[wallet_id] for wallet_id in wallet_ids if wallet_id in known}
+            return ((row["id"], row["unit"]) for row in rows)
+
+        return await _read_through(self._wallet_units, wallet_ids, self._wallet_units_max, read)
 
     async def system_wallets(
         self, connection: asyncpg.Connection, units: set[str]
     ) -> dict[tuple[str, SystemWallet], int]:
         """The system wallets of the units, by unit and which."""
-        known = self._system_wallets
-        missing = [unit for unit in units if (unit, SystemWallet.operator) not in known]
-        if missing:
+
+        async def read(missing: list[str]) -> Iterable[tuple[str, dict[SystemWallet, int]]]:
             rows = await connection.fetch(sql.select_system_wallets, OwnerKind.system, missing)
+            found: dict[str, dict[SystemWallet, int]] = {}
             for row in rows:
-                known[(row["unit"], SystemWallet[row["owner_id"]])] = row["id"]
-        return {key: wallet_id for key, wallet_id in known.items() if key[0] in units}
+                found.setdefault(row["unit"], {})[SystemWallet[row["owner_id"]]] = row["id"]
+            return found.items()
+
+        by_unit = await _read_through(
+            self._system_wallets, units, self._system_wallet_units_max, read
+        )
+        return {
+            (unit, which): wallet_id
+            for unit, wallets in by_unit.items()
+            for which, wallet_id in wallets.items()
+        }
 
     def unit_scales_known(self, units: Collection[str]) -> Mapping[str, int] | None:
         """The scale of each of the units, if every one is known already (no I/O: what an
@@ -63,16 +103,14 @@ class Facts:
         self, connection: asyncpg.Connection, units: Collection[str]
     ) -> Mapping[str, int]:
         """The scale of each of the units that exist, read once per unit."""
-        known = self._unit_scales
-        missing = [unit for unit in units if unit not in known]
-        if missing:
-            if len(known) + len(missing) > unit_scales_max:
-                known.clear()
+
+        async def read(missing: list[str]) -> Iterable[tuple[str, int]]:
             rows = await connection.fetch(sql.select_unit_scales, missing)
-            known.update((row["code"], row["scale"]) for row in rows)
-        return {unit: known[unit] for unit in units if unit in known}
+            return ((row["code"], row["scale"]) for row in rows)
+
+        return await _read_through(self._unit_scales, units, self._unit_scales_max, read)
 
     def unit_created(self, code: str, scale: int) -> None:
-        """Learns a unit's scale from its creation (or a read of it): one query fewer."""
-        if code not in self._unit_scales and len(self._unit_scales) < unit_scales_max:
+        """Learns a unit's scale from its creation: one query fewer."""
+        if code not in self._unit_scales and len(self._unit_scales) < self._unit_scales_max:
             self._unit_scales[code] = scale
