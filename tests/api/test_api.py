@@ -687,6 +687,15 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
         ),
         "metadata",
     )
+    # A bad key names the map, the field a client can point at.
+    await invalid(
+        w.CreateWallet(
+            wallets_pb2.CreateWalletRequest(
+                idempotency_key=key(), owner_id="o", owner_kind=1, unit="EUR", metadata={"": "v"}
+            )
+        ),
+        "metadata",
+    )
     await invalid(w.GetWallet(wallets_pb2.GetWalletRequest()), "wallet_id")
     await invalid(w.GetWallet(wallets_pb2.GetWalletRequest(wallet_id=-3)), "wallet_id")
     await invalid(w.GetBalance(wallets_pb2.GetBalanceRequest()), "wallet_id")

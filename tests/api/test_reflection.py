@@ -127,10 +127,40 @@ async def test_v1_lists_every_service_and_describes_with_comments(
     assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
+async def test_methods_and_status_details_are_found_by_name(channel: grpc.aio.Channel) -> None:
+    """What grpcurl asks: the file of a method named in full (`describe
+    coffer.v1.TransferService.Pay`), and of the status details a failed call carries, which no
+    file of the API imports (to print an error's details)."""
+    symbols = [
+        "coffer.v1.TransferService.Pay",
+        "google.rpc.ErrorInfo",
+        "google.rpc.BadRequest",
+        "google.rpc.Status",
+        "coffer.v1.TransferService.Nothing",
+    ]
+    *found, unknown = await v1_exchange(
+        channel,
+        *(reflection_pb2.ServerReflectionRequest(file_containing_symbol=s) for s in symbols),
+    )
+    names = [
+        descriptor_pb2.FileDescriptorProto.FromString(
+            response.file_descriptor_response.file_descriptor_proto[0]
+        ).name
+        for response in found
+    ]
+    assert names == [
+        "coffer/v1/transfers.proto",
+        "google/rpc/error_details.proto",
+        "google/rpc/error_details.proto",
+        "google/rpc/status.proto",
+    ]
+    assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 async def test_every_element_of_the_api_is_described(channel: grpc.aio.Channel) -> None:
     """What reflection serves of each file carries a comment for every message, field, enum,
     enum value, service and method: what buf lint's COMMENT rules ask of the protos."""
-    names = ["holds", "transfers", "types", "units", "wallets"]
+    names = ["errors", "holds", "transfers", "types", "units", "wallets"]
     responses = await v1_exchange(
         channel,
         *(

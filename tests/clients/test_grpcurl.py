@@ -17,7 +17,6 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pool, json_format, message_factory
-from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -89,24 +88,22 @@ def call_through_reflection(target: str, command: Command) -> str:
         try:
             response = call(request, metadata=command.headers, timeout=call_timeout_s)
         except grpc.RpcError as error:
-            return _error_text(error)
+            return _error_text(error, pool)
         return json_format.MessageToJson(response, indent=2)
 
 
-# The details a Coffer status carries.
-_detail_types = (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest)
-
-
-def _error_text(error: Any) -> str:
-    """An error as grpcurl prints it: the code's name, the message and the details."""
+def _error_text(error: Any, pool: descriptor_pool.DescriptorPool) -> str:
+    """An error as grpcurl prints it: the code's name, the message and the details, each
+    decoded by the type reflection gives for its type URL (as grpcurl decodes them)."""
     code = "".join(part.capitalize() for part in error.code().name.split("_"))
     lines = ["ERROR:", f"  Code: {code}", f"  Message: {error.details()}"]
     status = rpc_status.from_call(error)
     if status is not None and status.details:
         lines.append("  Details:")
         for number, detail in enumerate(status.details, 1):
-            [message] = [each() for each in _detail_types if detail.Is(each.DESCRIPTOR)]
-            assert detail.Unpack(message)
+            type_name = detail.type_url.rpartition("/")[2]
+            message = message_factory.GetMessageClass(pool.FindMessageTypeByName(type_name))()
+            message.ParseFromString(detail.value)
             shown = json.dumps(
                 {"@type": detail.type_url, **json_format.MessageToDict(message)}, indent=2
             )

@@ -540,15 +540,20 @@ def _check_key(idempotency_key: str, caller: str) -> None:
     check_text("caller", caller, caller_length_max, required=True)
 
 
-def check_text(name: str, value: str, length_max: int, *, required: bool = False) -> None:
+def check_text(
+    name: str, value: str, length_max: int, *, required: bool = False, subject: str = ""
+) -> None:
+    """`value`, the field `name` (or, with `subject`, a part of it such as "a key"), is text
+    of at most `length_max` characters, without NUL; not empty if `required`."""
+    said = f"{subject} " if subject else ""
     if not isinstance(value, str):
-        raise InvalidArgument(name, "must be a string")
+        raise InvalidArgument(name, f"{said}must be a string")
     if required and not value:
-        raise InvalidArgument(name, "is required")
+        raise InvalidArgument(name, f"{said}is required")
     if len(value) > length_max:
-        raise InvalidArgument(name, f"must be at most {length_max} characters")
+        raise InvalidArgument(name, f"{said}must be at most {length_max} characters")
     if "\x00" in value:
-        raise InvalidArgument(name, "must not contain NUL characters")
+        raise InvalidArgument(name, f"{said}must not contain NUL characters")
 
 
 def check_unit_code(name: str, value: str) -> None:
@@ -587,7 +592,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
     if len(metadata) > metadata_entries_max:
         raise InvalidArgument("metadata", f"must have at most {metadata_entries_max} entries")
     for key, value in metadata.items():
-        check_text("metadata key", key, metadata_key_length_max, required=True)
+        check_text("metadata", key, metadata_key_length_max, required=True, subject="a key")
         check_text(f"metadata[{key}]", value, metadata_value_length_max)
 
 

@@ -84,6 +84,19 @@ class Reflection:
             self._serialized[file.name] = serialized
             self._imports[file.name] = tuple(file.dependency)
 
+    def _file_of(self, symbol: str) -> descriptor.FileDescriptor:
+        """The file that defines `symbol`: a message, enum, service, field, enum value,
+        extension, or a method (`package.Service.Method`, which the pool does not look up by
+        itself). KeyError when none does."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method_name = symbol.rpartition(".")
+            service = self._pool.FindServiceByName(service_name)
+            if method_name not in service.methods_by_name:
+                raise
+            return service.file
+
     def add_to(self, server: grpc.aio.Server) -> None:
         """Serves both versions on `server`."""
         handler = grpc.stream_stream_rpc_method_handler(
@@ -120,8 +133,7 @@ class Reflection:
             if asked == "file_by_filename":
                 return self._files(request, self._pool.FindFileByName(request.file_by_filename))
             if asked == "file_containing_symbol":
-                symbol = request.file_containing_symbol
-                return self._files(request, self._pool.FindFileContainingSymbol(symbol))
+                return self._files(request, self._file_of(request.file_containing_symbol))
             if asked == "file_containing_extension":
                 extended = request.file_containing_extension
                 message = self._pool.FindMessageTypeByName(extended.containing_type)
