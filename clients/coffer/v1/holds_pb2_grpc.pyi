@@ -39,13 +39,14 @@ class HoldServiceStub:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
     metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
-    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
-    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
-    same key), or INTERNAL (not retryable; details in the server's log).
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
+    the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
+    INTERNAL (not retryable; details in the server's log).
     """
 
     @_typing.overload
@@ -87,13 +88,14 @@ class HoldServiceAsyncStub(HoldServiceStub):
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
     metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
-    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
-    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
-    same key), or INTERNAL (not retryable; details in the server's log).
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
+    the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
+    INTERNAL (not retryable; details in the server's log).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -131,13 +133,14 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
     metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
-    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry
-    after the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the
-    same key), or INTERNAL (not retryable; details in the server's log).
+    MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
+    the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
+    INTERNAL (not retryable; details in the server's log).
     """
 
     @_abc_1.abstractmethod

@@ -52,14 +52,15 @@ class TransferServiceStub:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
-    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
+    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
-    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
-    server's log).
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
+    log).
     """
 
     def __init__(self, channel):
@@ -146,14 +147,15 @@ class TransferServiceServicer:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
-    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
+    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
-    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
-    server's log).
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
+    log).
     """
 
     def Credit(self, request, context):
@@ -345,14 +347,15 @@ class TransferService:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Every write may
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED;
-    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
+    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
-    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the
-    server's log).
+    DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
+    log).
     """
 
     @staticmethod

@@ -36,7 +36,9 @@ class _UnitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UnitKind.Val
     UNIT_KIND_UNSPECIFIED: _UnitKind.ValueType  # 0
     """Not a kind: refused with INVALID_ARGUMENT (field `kind`)."""
     UNIT_KIND_CURRENCY: _UnitKind.ValueType  # 1
-    """Money in an ISO-4217 currency: the code is the currency's ("EUR"), the scale its exponent."""
+    """Money in an ISO-4217 currency: the code should be the currency's ("EUR"), the scale its
+    exponent; neither is checked today (see CreateUnitRequest.scale).
+    """
     UNIT_KIND_CREDIT: _UnitKind.ValueType  # 2
     """Credits an operator defines ("seat", "coaching session"), with a scale of its choosing."""
 
@@ -46,7 +48,9 @@ class UnitKind(_UnitKind, metaclass=_UnitKindEnumTypeWrapper):
 UNIT_KIND_UNSPECIFIED: UnitKind.ValueType  # 0
 """Not a kind: refused with INVALID_ARGUMENT (field `kind`)."""
 UNIT_KIND_CURRENCY: UnitKind.ValueType  # 1
-"""Money in an ISO-4217 currency: the code is the currency's ("EUR"), the scale its exponent."""
+"""Money in an ISO-4217 currency: the code should be the currency's ("EUR"), the scale its
+exponent; neither is checked today (see CreateUnitRequest.scale).
+"""
 UNIT_KIND_CREDIT: UnitKind.ValueType  # 2
 """Credits an operator defines ("seat", "coaching session"), with a scale of its choosing."""
 Global___UnitKind: _TypeAlias = UnitKind  # noqa: Y015

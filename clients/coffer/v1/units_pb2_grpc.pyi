@@ -36,9 +36,10 @@ class UnitServiceStub:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
@@ -69,9 +70,10 @@ class UnitServiceAsyncStub(UnitServiceStub):
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
@@ -98,9 +100,10 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """

@@ -35,9 +35,10 @@ class WalletServiceStub:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
@@ -84,9 +85,10 @@ class WalletServiceServicer:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """
@@ -181,9 +183,10 @@ class WalletService:
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
 
-    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is
-    stable; for INVALID_ARGUMENT its metadata `field` names the field at fault. Any call may
-    also fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
+    one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
+    `field`, and a google.rpc.BadRequest field violation, name the field at fault. Any call may also
+    fail with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry), or INTERNAL (not retryable; details in the server's log).
     """

@@ -30,7 +30,7 @@ from coffer.core import errors
 from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
-from coffer.v1 import errors_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
 from . import admission, reflection, services
 from .batcher import Batcher
@@ -60,10 +60,6 @@ services_described = (
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
-# Reflection answers from the files loaded in the process. No service's file imports
-# coffer/v1/errors.proto, the ErrorReason enum with each reason's status code and retryability,
-# so it is named here to be loaded and served (`grpcurl describe coffer.v1.ErrorReason`).
-_files_described = (errors_pb2.DESCRIPTOR,)
 
 
 class _UnawaitedConnectionLoss(logging.Filter):
