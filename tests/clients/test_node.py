@@ -113,8 +113,10 @@ async def test_checkout(node_example: NodeExample, server: Server) -> None:
     assert lines[5].startswith(
         "refused: a payment of 10000.00 EUR: FAILED_PRECONDITION reason INSUFFICIENT_FUNDS ("
     ), lines[5]
+    # The field at fault, from the ErrorInfo's metadata and from the BadRequest's violation.
     assert lines[6].startswith(
-        "invalid: a payment of 0.00 EUR: INVALID_ARGUMENT reason INVALID_ARGUMENT field amount ("
+        "invalid: a payment of 0.00 EUR: INVALID_ARGUMENT reason INVALID_ARGUMENT field amount,"
+        " BadRequest field amount ("
     ), lines[6]
     assert [line.split() for line in lines[7:]] == [
         [],
