@@ -17,7 +17,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import google.rpc.status_pb2
 import pytest
 
 from coffer.clients import Client
@@ -30,15 +29,9 @@ example_files = ("package.json", "emi_merchant.js")
 install_timeout_s = 240.0
 run_timeout_s = 30.0
 caller = "node-example-shop"
-
-
-def _protos_directories() -> list[Path]:
-    """Where the example loads .proto files from: the project's, and the google/rpc protos
-    from the googleapis-common-protos package while the project ships none of its own."""
-    protos = root / "protos"
-    if (protos / "google" / "rpc" / "status.proto").exists():
-        return [protos]
-    return [protos, Path(google.rpc.status_pb2.__file__).resolve().parents[2]]
+# Where the example loads .proto files from: coffer/v1/ and the google/rpc/ protos it decodes
+# error details with, both shipped in the project's protos/.
+protos_directory = root / "protos"
 
 
 def _tool(name: str) -> str:
@@ -58,9 +51,7 @@ class NodeExample:
 
     async def run(self, target: str) -> tuple[int, str, str]:
         """Runs the example without blocking the event loop, where the test's server answers."""
-        arguments = ["--target", target, "--caller", caller]
-        for directory in _protos_directories():
-            arguments += ["--protos", str(directory)]
+        arguments = ["--target", target, "--caller", caller, "--protos", str(protos_directory)]
         process = await asyncio.create_subprocess_exec(
             self.node,
             str(self.directory / "emi_merchant.js"),
@@ -122,8 +113,10 @@ async def test_checkout(node_example: NodeExample, server: Server) -> None:
     assert lines[5].startswith(
         "refused: a payment of 10000.00 EUR: FAILED_PRECONDITION reason INSUFFICIENT_FUNDS ("
     ), lines[5]
+    # The field at fault, from the ErrorInfo's metadata and from the BadRequest's violation.
     assert lines[6].startswith(
-        "invalid: a payment of 0.00 EUR: INVALID_ARGUMENT reason INVALID_ARGUMENT field amount ("
+        "invalid: a payment of 0.00 EUR: INVALID_ARGUMENT reason INVALID_ARGUMENT field amount,"
+        " BadRequest field amount ("
     ), lines[6]
     assert [line.split() for line in lines[7:]] == [
         [],

@@ -8,7 +8,8 @@
 // It creates the EUR unit (or finds it), a customer's wallet and a merchant's, tops the
 // customer up from a bank account (and sends that deposit again with its key, which applies it
 // once), pays the merchant for an order, decodes a refused payment and an invalid one to their
-// reason and field, and prints both wallets' histories and balances.
+// reason and field, and prints both wallets' histories and balances, each amount with the unit
+// and scale its answer carries.
 //
 // Options (or environment): --target (COFFER_TARGET), --caller (COFFER_CALLER), --protos, once
 // per directory to load .proto files from (COFFER_PROTOS, directories joined by the path
@@ -128,19 +129,22 @@ function decodeError(error, details) {
   return decoded;
 }
 
-// Minor units as the unit writes them, exactly (BigInt, no floating point): "2599" with scale
-// 2 is "25.99 EUR".
-function money(amount, unit) {
+// Minor units as their unit writes them, exactly (BigInt, no floating point): "2599" of "EUR"
+// with scale 2 is "25.99 EUR". Every Transfer, Hold and Balance in an answer carries its `unit`
+// and `unit_scale`, so an amount prints from the answer alone.
+function money(amount, unit, scale) {
   const minor = BigInt(amount);
-  const digits = (minor < 0n ? -minor : minor).toString().padStart(unit.scale + 1, '0');
-  const major = unit.scale > 0 ? `${digits.slice(0, -unit.scale)}.${digits.slice(-unit.scale)}` : digits;
-  return `${minor < 0n ? '-' : ''}${major} ${unit.code}`;
+  const digits = (minor < 0n ? -minor : minor).toString().padStart(scale + 1, '0');
+  const major = scale > 0 ? `${digits.slice(0, -scale)}.${digits.slice(-scale)}` : digits;
+  return `${minor < 0n ? '-' : ''}${major} ${unit}`;
 }
 
-function historyLine(transfer, walletId, unit) {
+function historyLine(transfer, walletId) {
   const incoming = transfer.target_wallet_id === walletId;
   const kind = transfer.kind.replace(/^TRANSFER_KIND_/, '').toLowerCase();
-  const amount = incoming ? `+${money(transfer.amount, unit)}` : money(`-${transfer.amount}`, unit);
+  const amount = incoming
+    ? `+${money(transfer.amount, transfer.unit, transfer.unit_scale)}`
+    : money(`-${transfer.amount}`, transfer.unit, transfer.unit_scale);
   const id = `#${transfer.id}`;
   return `  ${id.padEnd(7)} ${kind.padEnd(10)} ${amount.padStart(14)}  ${transfer.reference || transfer.note}`;
 }
@@ -154,6 +158,8 @@ async function run({ target, caller, protos }) {
   // One order of this shop; a real shop would take the order id from its own database.
   const order = `order-${crypto.randomUUID().slice(0, 8)}`;
 
+  // The unit must exist before its wallets; amounts are printed with each answer's own unit and
+  // scale, not with these.
   let eur;
   try {
     eur = (
@@ -188,7 +194,9 @@ async function run({ target, caller, protos }) {
     note: 'top-up by SEPA transfer',
   };
   const topUp = (await call(transfers, 'Deposit', deposit, metadata)).response.transfer;
-  console.log(`deposited ${money(topUp.amount, eur)} (transfer ${topUp.id})`);
+  console.log(
+    `deposited ${money(topUp.amount, topUp.unit, topUp.unit_scale)} (transfer ${topUp.id})`,
+  );
   // As a retry after a lost answer would: the same request with the same key applies once.
   const again = await call(transfers, 'Deposit', deposit, metadata);
   const replayed = again.trailers.get(replayedMetadataKey)[0] === 'true';
@@ -204,9 +212,14 @@ async function run({ target, caller, protos }) {
       note: '2 sourdough loaves, 1 cake',
     }, metadata)
   ).response.transfer;
-  console.log(`paid ${money(payment.amount, eur)} for ${order} (transfer ${payment.id})`);
+  console.log(
+    `paid ${money(payment.amount, payment.unit, payment.unit_scale)} for ${order}`
+    + ` (transfer ${payment.id})`,
+  );
 
-  // Refusals: more than the customer has, and an amount of zero.
+  // Refusals: more than the customer has, and an amount of zero. No transfer comes back: the
+  // amount asked for is in the payer's unit, which its wallet's balance names.
+  const { unit, unit_scale } = customer.balance;
   for (const [what, amount] of [['refused', '1000000'], ['invalid', '0']]) {
     try {
       await call(transfers, 'Pay', {
@@ -216,14 +229,19 @@ async function run({ target, caller, protos }) {
         amount,
         reference: `${order}-${what}`,
       }, metadata);
-      console.log(`${what}: a payment of ${money(amount, eur)} went through`);
+      console.log(`${what}: a payment of ${money(amount, unit, unit_scale)} went through`);
     } catch (error) {
       const refusal = decodeError(error, details);
       if (!refusal.reason) throw error;
+      // Bad input is named twice: by the ErrorInfo's metadata.field, and by the BadRequest's
+      // field violations.
       const field = refusal.metadata.field ? ` field ${refusal.metadata.field}` : '';
+      const violations = refusal.fieldViolations.length > 0
+        ? `, BadRequest field ${refusal.fieldViolations.join(', ')}`
+        : '';
       console.log(
-        `${what}: a payment of ${money(amount, eur)}: ${refusal.code} reason ${refusal.reason}${field}`
-        + ` (${refusal.message})`,
+        `${what}: a payment of ${money(amount, unit, unit_scale)}: ${refusal.code}`
+        + ` reason ${refusal.reason}${field}${violations} (${refusal.message})`,
       );
     }
   }
@@ -235,13 +253,16 @@ async function run({ target, caller, protos }) {
       const { response } = await call(
         transfers, 'ListTransfers', { wallet_id: wallet.id, page_token }, new grpc.Metadata(),
       );
-      for (const transfer of response.transfers) console.log(historyLine(transfer, wallet.id, eur));
+      for (const transfer of response.transfers) console.log(historyLine(transfer, wallet.id));
       page_token = response.next_page_token;
     } while (page_token);
     const { balance } = (
       await call(wallets, 'GetBalance', { wallet_id: wallet.id }, new grpc.Metadata())
     ).response;
-    console.log(`  balance ${money(balance.posted, eur)}, available ${money(balance.available, eur)}`);
+    console.log(
+      `  balance ${money(balance.posted, balance.unit, balance.unit_scale)},`
+      + ` available ${money(balance.available, balance.unit, balance.unit_scale)}`,
+    );
   }
   for (const client of [units, wallets, transfers]) client.close();
 }
