@@ -6,6 +6,8 @@ renamed or moved to another status code fails here until the enum says so."""
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 from google.protobuf.descriptor import EnumValueDescriptor
@@ -99,3 +101,21 @@ def _comment(value: EnumValueDescriptor) -> str:
             break
         comment.insert(0, line.strip().removeprefix("//").strip())
     return " ".join(comment)
+
+
+def test_the_readme_names_every_reason() -> None:
+    """The README's API section lists the reasons for readers: each of the enum's, none
+    other, so that the list cannot drift from the enum."""
+    from support.paths import readme
+
+    section = readme.read_text().split("## The API", 1)[1].split("\n## ", 1)[0]
+    start = section.index("The reasons:")
+    listed = set(re.findall(r"`([A-Z][A-Z_]+)`", section[start : section.index(". In a batch")]))
+    enum_reasons = {
+        value.name.removeprefix("ERROR_REASON_")
+        for value in errors_pb2.ErrorReason.DESCRIPTOR.values
+        if value.number
+    }
+    codes = {code.name for code in grpc.StatusCode}
+    assert listed - codes == enum_reasons - codes, (listed ^ enum_reasons) - codes
+    assert enum_reasons <= listed
