@@ -5,7 +5,6 @@ example and the `coffer` command then run against a real server."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import pytest
 from coffer.server.app import Server
 
 from support.paths import root
+from support.processes import run_beside
 
 venv_timeout_s = 60.0
 install_timeout_s = 240.0
@@ -61,16 +61,9 @@ class Installed:
 
     async def run_beside(self, *argv: str | Path) -> tuple[int, str, str]:
         """Runs a program without blocking the event loop, where the test's server answers."""
-        process = await asyncio.create_subprocess_exec(
-            *(str(each) for each in argv),
-            cwd=self.directory,
-            env=self.environment(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+        return await run_beside(
+            *argv, cwd=self.directory, env=self.environment(), timeout_s=run_timeout_s
         )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=run_timeout_s)
-        assert process.returncode is not None
-        return process.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture(scope="module")

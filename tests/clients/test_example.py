@@ -3,7 +3,6 @@ The EMI merchant example, and the README's Python example."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import sys
@@ -11,7 +10,9 @@ import sys
 from coffer.clients import Client
 from coffer.server.app import Server
 
+from support.checkout import histories_printed
 from support.paths import readme
+from support.processes import run_beside
 
 example_module = "coffer.clients.examples.emi_merchant"
 example_timeout_s = 30.0
@@ -20,18 +21,9 @@ readme_target = "127.0.0.1:50051"
 
 
 async def run_example(target: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        example_module,
-        "--target",
-        target,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    return await run_beside(
+        sys.executable, "-m", example_module, "--target", target, timeout_s=example_timeout_s
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=example_timeout_s)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def test_checkout(server: Server) -> None:
@@ -49,17 +41,9 @@ async def test_checkout(server: Server) -> None:
     order, payment_id = payment.group(1), payment.group(2)
     deposit_id = deposit.group(1)
     assert lines[3].startswith("a payment of 10000.00 EUR was refused: INSUFFICIENT_FUNDS: ")
-    assert [line.split() for line in lines[4:]] == [
-        [],
-        ["customer", "wallet", f"{customer},", "newest", "first:"],
-        [f"#{payment_id}", "payment", "-25.99", "EUR", order],
-        [f"#{deposit_id}", "deposit", "+50.00", "EUR", "iban:DE89370400440532013000"],
-        ["balance", "24.01", "EUR,", "available", "24.01", "EUR"],
-        [],
-        ["merchant", "wallet", f"{merchant},", "newest", "first:"],
-        [f"#{payment_id}", "payment", "+25.99", "EUR", order],
-        ["balance", "25.99", "EUR,", "available", "25.99", "EUR"],
-    ]
+    assert [line.split() for line in lines[4:]] == histories_printed(
+        customer, merchant, payment_id, deposit_id, order
+    )
     assert err == ""
     # What it printed is what the ledger holds.
     async with Client(target) as coffer:
@@ -103,16 +87,14 @@ def readme_python() -> str:
 async def test_the_readmes_python_example(server: Server) -> None:
     source = readme_python()
     assert readme_target in source
-    process = await asyncio.create_subprocess_exec(
+    returncode, out, err = await run_beside(
         sys.executable,
         "-c",
         source.replace(readme_target, f"127.0.0.1:{server.port}"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        timeout_s=example_timeout_s,
     )
-    out, err = await asyncio.wait_for(process.communicate(), timeout=example_timeout_s)
-    assert (process.returncode, err.decode()) == (0, "")
-    lines = out.decode().splitlines()
+    assert (returncode, err) == (0, "")
+    lines = out.splitlines()
     assert lines[0].startswith("refused: ")
     assert lines[1:3] == ["debited 1500 still due 500", "available 0.00 EUR"]
     assert [line.split()[1:4] for line in lines[3:]] == [

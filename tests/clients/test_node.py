@@ -7,7 +7,6 @@ both) and are skipped otherwise, with the reason in pytest's summary."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -22,7 +21,9 @@ import pytest
 from coffer.clients import Client
 from coffer.server.app import Server
 
+from support.checkout import histories_printed
 from support.paths import root
+from support.processes import run_beside
 
 example_directory = root / "clients" / "examples" / "node"
 example_files = ("package.json", "emi_merchant.js")
@@ -52,17 +53,13 @@ class NodeExample:
     async def run(self, target: str) -> tuple[int, str, str]:
         """Runs the example without blocking the event loop, where the test's server answers."""
         arguments = ["--target", target, "--caller", caller, "--protos", str(protos_directory)]
-        process = await asyncio.create_subprocess_exec(
+        return await run_beside(
             self.node,
-            str(self.directory / "emi_merchant.js"),
+            self.directory / "emi_merchant.js",
             *arguments,
             cwd=self.directory,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            timeout_s=run_timeout_s,
         )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=run_timeout_s)
-        assert process.returncode is not None
-        return process.returncode, out.decode(), err.decode()
 
 
 @pytest.fixture(scope="module")
@@ -118,17 +115,9 @@ async def test_checkout(node_example: NodeExample, server: Server) -> None:
         "invalid: a payment of 0.00 EUR: INVALID_ARGUMENT reason INVALID_ARGUMENT field amount,"
         " BadRequest field amount ("
     ), lines[6]
-    assert [line.split() for line in lines[7:]] == [
-        [],
-        ["customer", "wallet", f"{customer},", "newest", "first:"],
-        [f"#{payment_id}", "payment", "-25.99", "EUR", order],
-        [f"#{deposit_id}", "deposit", "+50.00", "EUR", "iban:DE89370400440532013000"],
-        ["balance", "24.01", "EUR,", "available", "24.01", "EUR"],
-        [],
-        ["merchant", "wallet", f"{merchant},", "newest", "first:"],
-        [f"#{payment_id}", "payment", "+25.99", "EUR", order],
-        ["balance", "25.99", "EUR,", "available", "25.99", "EUR"],
-    ]
+    assert [line.split() for line in lines[7:]] == histories_printed(
+        customer, merchant, payment_id, deposit_id, order
+    )
     # What it printed is what the ledger holds.
     async with Client(target) as coffer:
         assert (await coffer.get_balance(wallet_id=customer)).balance.posted == 2401
