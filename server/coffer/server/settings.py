@@ -219,12 +219,14 @@ class Settings:
             given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
             raise SettingsError(
                 given,
-                f"needs --{missing.replace('_', '-')} too (a certificate and its key, or neither)",
+                f"must come with --{missing.replace('_', '-')} "
+                "(a certificate and its key, or neither)",
             )
         if self.tls_client_ca and not self.tls_cert:
             raise SettingsError(
                 "tls_client_ca",
-                "needs --tls-cert and --tls-key too (client certificates are checked over TLS)",
+                "must come with --tls-cert and --tls-key "
+                "(client certificates are checked over TLS)",
             )
         files = self.tls_files
         if files is not None:

@@ -68,18 +68,18 @@ def read_certificates(files: TlsFiles) -> Certificates:
         context.load_cert_chain(files.cert, files.key, password=_refuse_password)
     except _EncryptedKey:
         raise TlsError(
-            "tls_key", f"is an encrypted key ({files.key}): give the key unencrypted"
+            "tls_key", f"must be unencrypted ({files.key}): gRPC takes no password"
         ) from None
     except (ssl.SSLError, OSError) as error:
         raise TlsError(
             "tls_cert",
-            f"and --tls-key must be a PEM certificate chain and its PEM private key "
-            f"({files.cert}, {files.key}): {_reason(error)}",
+            f"must be a PEM certificate chain that the PEM private key of --tls-key "
+            f"matches ({files.cert}, {files.key}): {_reason(error)}",
         ) from None
     # ssl read the files again: the bytes served are the ones it checked, unless the files
     # were being replaced meanwhile.
     if _read("tls_cert", files.cert) != cert or _read("tls_key", files.key) != key:
-        raise TlsError("tls_cert", "and --tls-key changed while being read: try again")
+        raise TlsError("tls_cert", "must not change, nor --tls-key, while being read: try again")
     client_ca = None
     if files.client_ca is not None:
         client_ca = _read("tls_client_ca", files.client_ca)
@@ -169,11 +169,13 @@ def _read(setting: str, path: Path) -> bytes:
         with path.open("rb") as file:
             data = file.read(pem_bytes_max + 1)
     except OSError as error:
-        raise TlsError(setting, f"cannot be read: {error.strerror or error} ({path})") from None
+        raise TlsError(
+            setting, f"must be a readable file: {error.strerror or error} ({path})"
+        ) from None
     if len(data) > pem_bytes_max:
-        raise TlsError(setting, f"is larger than {pem_bytes_max} bytes ({path})")
+        raise TlsError(setting, f"must be at most {pem_bytes_max} bytes ({path})")
     if b"-----BEGIN " not in data:
-        raise TlsError(setting, f"is not a PEM file ({path})")
+        raise TlsError(setting, f"must be a PEM file ({path})")
     return data
 
 
