@@ -692,6 +692,7 @@ def test_public_names() -> None:
         "Operations",
         "Page",
         "SyncClient",
+        "Tls",
         "Transfer",
         "Unit",
         "Wallet",

@@ -125,6 +125,24 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"shutdown_grace_s": 0}, {"shutdown_grace_s": shutdown_grace_s_max}],
         [{"shutdown_grace_s": value} for value in (-1, shutdown_grace_s_max + 1, *not_numbers)],
     ),
+    # TLS files: none is plaintext; real certificates are accepted in tests/server/test_tls.py,
+    # which makes them.
+    "tls_cert": (
+        [{"tls_cert": ""}],
+        [
+            {"tls_cert": "/nonexistent/cert.pem", "tls_key": "/nonexistent/key.pem"},
+            {"tls_cert": "/nonexistent/cert.pem"},
+            {"tls_cert": b"cert.pem", "tls_key": "key.pem"},
+        ],
+    ),
+    "tls_key": (
+        [{"tls_key": ""}],
+        [{"tls_key": "/nonexistent/key.pem"}, {"tls_key": 1}],
+    ),
+    "tls_client_ca": (
+        [{"tls_client_ca": ""}],
+        [{"tls_client_ca": "/nonexistent/ca.pem"}],
+    ),
 }
 
 

@@ -8,11 +8,12 @@
         except errors.InsufficientFunds as error:
             ...
 
-`SyncClient` offers the same methods for blocking code; `operations` builds the operations of
-a batch (`submit_batch`); `format_amount` prints an amount with its unit ("25.99 EUR") from the
-unit and scale every Transfer, Hold and Balance carries. The protobuf messages are here too:
-`Transfer`, `Wallet`, `Hold`…, and their modules `types_pb2`, `units_pb2`, `wallets_pb2`,
-`transfers_pb2`, `holds_pb2`.
+`SyncClient` offers the same methods for blocking code; `Tls` says what a client trusts, and
+for mTLS what it presents (`Client(…, tls=Tls.from_files(ca="ca.pem"))`); `operations`
+builds the operations of a batch (`submit_batch`); `format_amount` prints an amount with its
+unit ("25.99 EUR") from the unit and scale every Transfer, Hold and Balance carries. The
+protobuf messages are here too: `Transfer`, `Wallet`, `Hold`…, and their modules `types_pb2`,
+`units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`.
 """
 
 from coffer.clients import errors
@@ -28,6 +29,7 @@ from coffer.clients.client import (
 )
 from coffer.clients.errors import CofferError
 from coffer.clients.money import format_amount
+from coffer.clients.tls import Tls
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
@@ -44,6 +46,7 @@ __all__ = [
     "Operations",
     "Page",
     "SyncClient",
+    "Tls",
     "Transfer",
     "Unit",
     "Wallet",

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2
 
 from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
+from coffer.clients.tls import Tls
 from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
 __all__ = ["argument_parser", "deadline_s_max", "main"]
@@ -34,6 +35,14 @@ command_entry_points = "coffer.commands"
 target_environment_variable = "COFFER_TARGET"
 caller_environment_variable = "COFFER_CALLER"
 caller_default = "cli"
+# The TLS options' variables. The client's certificate and key say CLIENT, so that a shell
+# that runs `coffer serve` with COFFER_TLS_CERT and COFFER_TLS_KEY (the server's) does not
+# make every command present the server's certificate as its own.
+tls_environment_variables = {
+    "tls_ca": "COFFER_TLS_CA",
+    "tls_cert": "COFFER_TLS_CLIENT_CERT",
+    "tls_key": "COFFER_TLS_CLIENT_KEY",
+}
 exit_ok = 0
 exit_refused = 1
 exit_usage = 2
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             arguments.target,
             caller=arguments.caller,
             timeout_s=arguments.deadline,
+            tls=_tls(arguments),
         )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -320,6 +330,31 @@ def _add_global_options(
         default=default(timeout_s_default),
         metavar="SECONDS",
         help=f"how long a call may take, retries included (default {timeout_s_default:g})",
+    )
+    for name, metavar, what in (
+        ("tls_ca", "PEM", "use TLS, trusting the certificate authorities of this file"),
+        ("tls_cert", "PEM", "with --tls-key, present this client certificate (mTLS)"),
+        ("tls_key", "PEM", "the unencrypted private key of --tls-cert"),
+    ):
+        variable = tls_environment_variables[name]
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            default=default(os.environ.get(variable, "")),
+            metavar=metavar,
+            help=f"{what} (default: ${variable})",
+        )
+
+
+def _tls(arguments: argparse.Namespace) -> Tls | None:
+    """The TLS options, or None (plaintext) when none is given; ValueError if one is wrong."""
+    if not (arguments.tls_ca or arguments.tls_cert or arguments.tls_key):
+        return None
+    if bool(arguments.tls_cert) != bool(arguments.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: give both, or neither")
+    return Tls.from_files(
+        ca=arguments.tls_ca or None,
+        cert=arguments.tls_cert or None,
+        key=arguments.tls_key or None,
     )
 
 

@@ -52,6 +52,7 @@ from grpc_health.v1 import health_pb2
 
 from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.errors import Overloaded, from_rpc_error
+from coffer.clients.tls import Tls
 from coffer.v1 import (
     holds_pb2,
     holds_pb2_grpc,
@@ -480,10 +481,13 @@ class Client:
         caller: str = caller_default,
         timeout_s: float = timeout_s_default,
         retries_max: int = retries_max_default,
+        tls: Tls | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """`credentials` (e.g. grpc.ssl_channel_credentials()) makes the channel use TLS;
+        """`tls` makes the channel use TLS: the authorities to trust, and for mTLS the
+        client's certificate and key (`Tls.from_files(ca=…, cert=…, key=…)`); `credentials`
+        (e.g. grpc.ssl_channel_credentials()) does too, built by hand, in its place;
         `channel_options` are added to the channel's gRPC arguments (e.g.
         `("grpc.use_local_subchannel_pool", 1)` for a connection of its own)."""
         if not target:
@@ -496,6 +500,10 @@ class Client:
             raise ValueError("timeout_s must be positive")
         if not 0 <= retries_max <= retries_max_limit:
             raise ValueError(f"retries_max must be 0 to {retries_max_limit}")
+        if tls is not None:
+            if credentials is not None:
+                raise ValueError("give tls or credentials, not both")
+            credentials = tls.credentials()
         self.target = target
         self.caller = caller
         self.timeout_s = timeout_s
@@ -903,6 +911,7 @@ class SyncClient:
         caller: str = caller_default,
         timeout_s: float = timeout_s_default,
         retries_max: int = retries_max_default,
+        tls: Tls | None = None,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._client = Client(
@@ -910,6 +919,7 @@ class SyncClient:
             caller=caller,
             timeout_s=timeout_s,
             retries_max=retries_max,
+            tls=tls,
             credentials=credentials,
         )
         self._lock = threading.Lock()

@@ -4,6 +4,10 @@
     print(server.port)
     await server.stop()
 
+With `tls_cert` and `tls_key` set, the server speaks TLS only (and asks for client
+certificates from `tls_client_ca`: mTLS); `tls.reload()` reads the files again for the
+connections that follow (`coffer serve` calls it on SIGHUP). Without them, plaintext.
+
 `start` migrates the database first. `stop` shuts down in order: stop taking calls and let
 those in flight finish (within the grace period), apply what the batcher holds, stop the
 sweep and the health check, close the connection pools.
@@ -35,6 +39,7 @@ from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 from . import admission, reflection, services
 from .batcher import Batcher
 from .settings import Settings, calls_max_limit
+from .tls import ServerTls
 
 __all__ = ["Server", "Settings", "services_described"]
 
@@ -102,8 +107,11 @@ class Server:
         health_servicer: health.aio.HealthServicer,
         probe_pool: asyncpg.Pool,
         probe_lost: asyncio.Event,
+        tls: ServerTls | None = None,
     ) -> None:
         self.settings = settings
+        # None: plaintext.
+        self.tls = tls
         self.port = port
         self.ledger = ledger
         self.batcher = batcher
@@ -201,7 +209,12 @@ class Server:
                 ),
                 reflection.described_files(),
             ).add_to(server)
-            port = server.add_insecure_port(settings.listen)
+            tls_files = settings.tls_files
+            tls = None if tls_files is None else ServerTls(tls_files)
+            if tls is None:
+                port = server.add_insecure_port(settings.listen)
+            else:
+                port = server.add_secure_port(settings.listen, tls.credentials())
             if port == 0:
                 raise OSError(f"cannot listen on {settings.listen}")
             await server.start()
@@ -221,6 +234,7 @@ class Server:
             health_servicer,
             probe_pool,
             probe_lost,
+            tls,
         )
 
     async def stop(self) -> None:

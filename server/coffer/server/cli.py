@@ -31,6 +31,7 @@ from coffer.postgres.supervisor import (
 
 from .app import Server
 from .settings import Settings, SettingsError, listen_default
+from .tls import ServerTls, TlsError
 
 __all__ = ["migrate", "serve"]
 
@@ -57,11 +58,12 @@ def _main(argv: list[str]) -> int:
         if arguments.command == "serve":
             try:
                 settings = _settings(arguments)
-            except SettingsError as error:
+                return uvloop.run(_serve(arguments, settings))
+            # The TLS files are read again at start: they may have changed since checked.
+            except (SettingsError, TlsError) as error:
                 flag = "--" + error.setting.replace("_", "-")
                 print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
                 return 2
-            return uvloop.run(_serve(arguments, settings))
         return uvloop.run(_migrate(arguments))
     except EmbeddedPostgresError as error:
         print(f"coffer: {error}", file=sys.stderr)
@@ -181,6 +183,26 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="set SO_REUSEPORT, so that several servers can listen on one port",
     )
+    serve.add_argument(
+        "--tls-cert",
+        default=os.environ.get("COFFER_TLS_CERT", ""),
+        metavar="PEM",
+        help="serve TLS with this certificate chain, with --tls-key; read again on SIGHUP "
+        "(env COFFER_TLS_CERT; default: plaintext)",
+    )
+    serve.add_argument(
+        "--tls-key",
+        default=os.environ.get("COFFER_TLS_KEY", ""),
+        metavar="PEM",
+        help="the unencrypted private key of --tls-cert (env COFFER_TLS_KEY)",
+    )
+    serve.add_argument(
+        "--tls-client-ca",
+        default=os.environ.get("COFFER_TLS_CLIENT_CA", ""),
+        metavar="PEM",
+        help="require client certificates issued by these certificate authorities (mTLS; "
+        "env COFFER_TLS_CLIENT_CA)",
+    )
     return parser
 
 
@@ -221,6 +243,9 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         queued_bytes_max=arguments.queued_bytes_max,
         calls_max=arguments.calls_max,
         reuse_port=arguments.reuse_port,
+        tls_cert=arguments.tls_cert,
+        tls_key=arguments.tls_key,
+        tls_client_ca=arguments.tls_client_ca,
     )
 
 
@@ -231,13 +256,43 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, stopping.set)
+        # Without TLS, SIGHUP keeps its default (it ends the process), as it always did.
+        reloads = None
+        if server.tls is not None:
+            reload_asked = asyncio.Event()
+            loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
+            reloads = asyncio.create_task(_reload_tls_on_request(server.tls, reload_asked))
         host = arguments.listen.rsplit(":", 1)[0]
-        print(f"coffer: serving on {host}:{server.port} ({description})", flush=True)
+        print(
+            f"coffer: serving on {host}:{server.port}{_security(server)} ({description})",
+            flush=True,
+        )
         await stopping.wait()
         print("coffer: shutting down", flush=True)
+        if reloads is not None:
+            reloads.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloads
         await server.stop()
     print("coffer: stopped", flush=True)
     return 0
+
+
+def _security(server: Server) -> str:
+    """How the ready line says the server is reached."""
+    if server.tls is None:
+        return ""
+    if server.tls.client_certificates_required:
+        return " over TLS with client certificates required (mTLS; SIGHUP reloads the files)"
+    return " over TLS (SIGHUP reloads the files)"
+
+
+async def _reload_tls_on_request(tls: ServerTls, asked: asyncio.Event) -> None:
+    """Reads the TLS files again each time `asked` is set (SIGHUP), off the event loop."""
+    while True:
+        await asked.wait()
+        asked.clear()
+        await asyncio.to_thread(tls.reload)
 
 
 async def _migrate(arguments: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from coffer.core.model import batch_operations_max
 from coffer.core.store.connections import (
@@ -23,6 +24,7 @@ from coffer.core.store.connections import (
 )
 
 from .admission import request_bytes_max
+from .tls import TlsError, TlsFiles, read_certificates
 
 __all__ = [
     "Settings",
@@ -124,6 +126,23 @@ class Settings:
     # Also the health check's connection's statement and lock timeouts.
     health_check_timeout_s: float = 1.0
     shutdown_grace_s: float = shutdown_grace_s_default
+    # TLS: the server's PEM certificate chain and key, both or neither (neither: plaintext);
+    # with them, the PEM certificate authorities whose client certificates are required (mTLS).
+    # Paths; the files are read and checked here, and again on every reload.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+
+    @property
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files, or None for plaintext."""
+        if not self.tls_cert:
+            return None
+        return TlsFiles(
+            cert=Path(self.tls_cert),
+            key=Path(self.tls_key),
+            client_ca=Path(self.tls_client_ca) if self.tls_client_ca else None,
+        )
 
     def __post_init__(self) -> None:
         if self.database_url and not self.database_url.startswith(database_url_schemes):
@@ -137,6 +156,7 @@ class Settings:
             )
         if not isinstance(self.reuse_port, bool):
             raise SettingsError("reuse_port", f"must be true or false, not {self.reuse_port!r}")
+        self._check_tls()
         timeout_note = " (PostgreSQL counts whole milliseconds, and 0 means no timeout)"
         bounds: list[tuple[str, float, float, str]] = [
             ("pool_size", pool_size_min, pool_size_max, ""),
@@ -190,6 +210,30 @@ class Settings:
                 raise SettingsError(
                     setting, f"must be {_number(low)} to {_number(high)}{note}, not {value!r}"
                 )
+
+    def _check_tls(self) -> None:
+        for setting in ("tls_cert", "tls_key", "tls_client_ca"):
+            if not isinstance(getattr(self, setting), str):
+                raise SettingsError(setting, f"must be a path, not {getattr(self, setting)!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            given, missing = ("tls_cert", "tls_key") if self.tls_cert else ("tls_key", "tls_cert")
+            raise SettingsError(
+                given,
+                f"must come with --{missing.replace('_', '-')} "
+                "(a certificate and its key, or neither)",
+            )
+        if self.tls_client_ca and not self.tls_cert:
+            raise SettingsError(
+                "tls_client_ca",
+                "must come with --tls-cert and --tls-key "
+                "(client certificates are checked over TLS)",
+            )
+        files = self.tls_files
+        if files is not None:
+            try:
+                read_certificates(files)
+            except TlsError as error:
+                raise SettingsError(error.setting, error.problem) from None
 
 
 def _number(value: float) -> str:
