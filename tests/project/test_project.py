@@ -113,15 +113,17 @@ def test_clients_import_neither_core_nor_server() -> None:
 
 # What the server takes from the client's distribution beside the stubs (`coffer.v1`): the
 # rule for callers, and two constants of the client's errors (the ErrorInfo domain, the replay
-# metadata key), so that both sides name them alike. None: any name. The benchmark, which
-# drives a server with the typed client, is a package of its own.
+# metadata key) and the bound of a PEM file, so that both sides name them alike. None: any
+# name. The benchmark, which drives a server with the typed client, is a package of its own.
 server_imports_from_clients: dict[str, frozenset[str] | None] = {
     "coffer.clients.caller": None,
     "coffer.clients.errors": frozenset({"error_domain", "replayed_metadata_key"}),
+    # Both sides read PEM files, bounded alike.
+    "coffer.clients.tls": frozenset({"pem_bytes_max"}),
 }
 
 
-def test_server_imports_from_clients_only_caller_and_error_constants() -> None:
+def test_server_imports_from_clients_only_what_both_sides_share() -> None:
     wrong = []
     checked = 0
     for path, line, module, names in [*imported("coffer.server"), *imported("coffer.postgres")]:

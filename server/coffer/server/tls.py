@@ -22,12 +22,11 @@ from typing import cast
 
 import grpc
 
+from coffer.clients.tls import pem_bytes_max
+
 __all__ = ["Certificates", "ServerTls", "TlsError", "TlsFiles", "read_certificates"]
 
 logger = logging.getLogger(__name__)
-
-# A PEM file of certificates or a key: larger ones are not what they should be.
-pem_bytes_max = 1024 * 1024
 
 
 class TlsError(ValueError):
