@@ -13,7 +13,8 @@ else one made here, which the server returns to the client as `x-request-id` in 
 initial metadata. Nothing else of a call is logged: never a metadata value (`authorization`
 above all) nor the request's contents (notes, metadata, idempotency keys); error messages
 and the fields they name are left out too, as some quote what they refuse (a metadata
-entry's key).
+entry's key). Both formats also leave out of tracebacks what a database error quotes (the
+DETAIL of PostgreSQL's errors: a failing row, a duplicate key).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import grpc
 
 from coffer.core import errors
@@ -53,7 +55,40 @@ _fields_attribute = "fields"
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class JsonFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """Tracebacks without what a database error quotes of a request."""
+
+    def formatException(self, ei: Any) -> str:
+        text = super().formatException(ei)
+        for cause in _chain(ei[1]):
+            shown = str(cause)
+            redacted = _redacted(cause)
+            if shown and redacted is not None:
+                text = text.replace(shown, redacted)
+        return text
+
+
+def _redacted(error: BaseException) -> str | None:
+    """What a traceback says of `error` instead of its text, when that may quote a request:
+    PostgreSQL's DETAIL and HINT (a failing row, a duplicate key's value), asyncpg's DataError
+    (the argument that did not encode). None: its text as it is."""
+    if isinstance(error, asyncpg.PostgresError):
+        return f"{error.args[0]} (SQLSTATE {error.sqlstate}; its detail left out of the log)"
+    if isinstance(error, asyncpg.DataError):
+        return "an argument of a query did not encode (its value left out of the log)"
+    return None
+
+
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """`error`, what it was raised from or while handling, and so on."""
+    found: list[BaseException] = []
+    while error is not None and all(error is not each for each in found):
+        found.append(error)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+class JsonFormatter(_Formatter):
     """One JSON object per record, on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -75,7 +110,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     """`time level logger: message`, then the record's fields as ` key=value`."""
 
     def __init__(self) -> None:
