@@ -25,22 +25,9 @@ from coffer.server.app import Server, Settings
 from coffer.v1 import transfers_pb2, transfers_pb2_grpc
 
 from support.api import Api, error_info, key
+from support.database import refuse_unexpected_amount, unexpected_amount
 
 Code = grpc.StatusCode
-# The ledger does not know this rule: a transfer of this amount fails in PostgreSQL with a
-# CHECK violation, which nothing maps to a domain error.
-unexpected_amount = 666
-
-
-async def refuse_unexpected_amount(database_url: str) -> None:
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute(
-            "alter table transfers add constraint test_unexpected "
-            f"check (amount <> {unexpected_amount})"
-        )
-    finally:
-        await connection.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ restarts) or on DATABASE_URL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -19,7 +20,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.caller import caller_metadata_key
-from coffer.v1 import units_pb2, units_pb2_grpc
+from coffer.v1 import transfers_pb2, transfers_pb2_grpc, units_pb2, units_pb2_grpc
+
+from support.metrics import scrape, value
+from support.processes import serve_beside
 
 coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120
@@ -120,6 +124,49 @@ async def test_serve_on_database_url(database_url: str) -> None:
         await stop(process, signal.SIGTERM)
 
 
+async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
+    """--metrics-listen and --log-format, from the environment as from the flags."""
+    metrics_port = free_port()
+    serving = await serve_beside(
+        coffer,
+        "--listen",
+        "127.0.0.1:0",
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "COFFER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+            "COFFER_LOG_FORMAT": "json",
+        },
+    )
+    try:
+        assert f"coffer: metrics on http://127.0.0.1:{metrics_port}/metrics\n" in serving.printed
+        target = serving.ready.split("serving on ", 1)[1].split()[0]
+        async with grpc.aio.insecure_channel(target) as channel:
+            with pytest.raises(grpc.aio.AioRpcError):
+                # No operations: refused whole, and logged.
+                await transfers_pb2_grpc.TransferServiceStub(channel).SubmitBatch(
+                    transfers_pb2.SubmitBatchRequest(),
+                    metadata=((caller_metadata_key, "tests"), ("x-request-id", "serve-1")),
+                )
+        samples = await scrape(metrics_port)
+        assert (
+            value(
+                samples,
+                "coffer_rpcs_total",
+                service="coffer.v1.TransferService",
+                method="SubmitBatch",
+                code="INVALID_ARGUMENT",
+            )
+            == 1
+        )
+        assert value(samples, "coffer_database_up") == 1
+    finally:
+        _, log = await serving.stop()
+    [line] = [json.loads(each) for each in log.splitlines() if "batch_failed" in each]
+    assert line["request_id"] == "serve-1" and line["reason"] == "INVALID_ARGUMENT"
+    assert line["level"] == "INFO" and line["logger"] == "coffer.server.logs"
+
+
 async def test_migrate(database_url: str) -> None:
     process = await asyncio.create_subprocess_exec(
         coffer,
@@ -194,6 +241,11 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
         (["--lock-timeout-s", "nan"], "--lock-timeout-s must be 0.01 to 3600"),
         (["--listen", "127.0.0.1:65536"], "--listen must be HOST:PORT with a port from 0"),
         (["--database-url", "coffer"], "--database-url must start with postgresql://"),
+        (["--metrics-listen", "127.0.0.1:65536"], "--metrics-listen must be HOST:PORT with a port"),
+        (
+            ["--listen", "127.0.0.1:9090", "--metrics-listen", "127.0.0.1:9090"],
+            "--metrics-listen must differ from --listen",
+        ),
     ],
 )
 async def test_serve_refuses_settings_out_of_bounds(arguments: list[str], message: str) -> None:

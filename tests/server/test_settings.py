@@ -125,6 +125,24 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"shutdown_grace_s": 0}, {"shutdown_grace_s": shutdown_grace_s_max}],
         [{"shutdown_grace_s": value} for value in (-1, shutdown_grace_s_max + 1, *not_numbers)],
     ),
+    # Empty: no metrics served.
+    "metrics_listen": (
+        [
+            {"metrics_listen": ""},
+            {"metrics_listen": "127.0.0.1:0"},
+            {"metrics_listen": f"[::]:{port_max}"},
+            # Port 0 twice: two free ports.
+            {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+        ],
+        [
+            {"metrics_listen": "127.0.0.1"},
+            {"metrics_listen": f"127.0.0.1:{port_max + 1}"},
+            {"metrics_listen": "127.0.0.1:\u00b2"},
+            {"metrics_listen": 9090},
+            # The gRPC port itself.
+            {"listen": "127.0.0.1:9090", "metrics_listen": "127.0.0.1:9090"},
+        ],
+    ),
     # TLS files: none is plaintext; real certificates are accepted in tests/server/test_tls.py,
     # which makes them.
     "tls_cert": (

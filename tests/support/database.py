@@ -6,6 +6,9 @@ import asyncio
 
 import asyncpg
 
+# The ledger does not know this rule (`refuse_unexpected_amount`): a transfer of this amount
+# fails in PostgreSQL with a CHECK violation, which nothing maps to a domain error.
+unexpected_amount = 666
 # How long a test waits for backends to block on the locks it holds before it fails.
 lock_waiters_wait_s_max = 30.0
 
@@ -25,5 +28,18 @@ async def lock_waiters(database_url: str, count: int = 1) -> list[int]:
                 if len(pids) >= count:
                     return [row["pid"] for row in pids]
                 await asyncio.sleep(0.01)
+    finally:
+        await connection.close()
+
+
+async def refuse_unexpected_amount(database_url: str) -> None:
+    """Adds to the database a rule the ledger does not know: no transfer of
+    `unexpected_amount`. Such a batch then fails as a whole, with an error nothing maps."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "alter table transfers add constraint test_unexpected "
+            f"check (amount <> {unexpected_amount})"
+        )
     finally:
         await connection.close()

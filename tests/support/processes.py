@@ -1,13 +1,15 @@
 """Programs the tests run as a user would: beside the event loop, where the test's server
-answers, to the end, with what they printed."""
+answers, to the end, with what they printed; or `coffer serve`, until the test stops it."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["run_beside", "run_timeout_s_default"]
+__all__ = ["Serving", "run_beside", "run_timeout_s_default", "serve_beside"]
 
 run_timeout_s_default = 120.0
 
@@ -29,3 +31,63 @@ async def run_beside(
     out, err = await asyncio.wait_for(process.communicate(), timeout=timeout_s)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+@dataclass
+class Serving:
+    """A `coffer serve` process that said it is ready: what it printed on stdout up to its
+    ready line (included), and its stderr (the log), read as it comes."""
+
+    process: asyncio.subprocess.Process
+    printed: list[str]
+    _log: asyncio.Task[bytes]
+
+    @property
+    def ready(self) -> str:
+        return self.printed[-1]
+
+    async def stop(self) -> tuple[str, str]:
+        """Stops it with SIGTERM; what it printed after its ready line, and its whole log."""
+        assert self.process.stdout is not None
+        self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(60):
+            rest = (await self.process.stdout.read()).decode()
+            log = (await self._log).decode()
+            assert await self.process.wait() == 0, rest + log
+        return rest, log
+
+
+async def serve_beside(
+    coffer: str | Path, *arguments: str, env: Mapping[str, str], ready_timeout_s: float = 120.0
+) -> Serving:
+    """Starts `coffer serve` with these arguments and environment, and waits for its ready
+    line ("serving on"); its stdout and stderr apart."""
+    process = await asyncio.create_subprocess_exec(
+        str(coffer),
+        "serve",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=dict(env),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    log = asyncio.create_task(process.stderr.read())
+    printed: list[str] = []
+    try:
+        async with asyncio.timeout(ready_timeout_s):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                if not line:
+                    await process.wait()
+                    raise AssertionError(
+                        f"coffer serve exited early: {''.join(printed)}{await log}"
+                    )
+                printed.append(line)
+                if "serving on" in line:
+                    return Serving(process, printed, log)
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await log
+        raise

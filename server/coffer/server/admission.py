@@ -44,6 +44,7 @@ from coffer.core.model import batch_operations_max
 __all__ = [
     "Admission",
     "Admitted",
+    "Observe",
     "Refused",
     "loop_check_interval_s",
     "loop_lag_ms_max",
@@ -177,18 +178,30 @@ class Admission:
         return deserialize
 
 
+# What wraps each RPC method as registered, given the method and its service's and method's
+# names (the metrics' `observed`).
+Observe = Callable[[Any, str, str], Any]
+
+
 def register(
-    server: grpc.aio.Server, servicer: Any, service: ServiceDescriptor, admission: Admission
+    server: grpc.aio.Server,
+    servicer: Any,
+    service: ServiceDescriptor,
+    admission: Admission,
+    observe: Observe | None = None,
 ) -> None:
     """Serves `service` with `servicer` (whose RPC methods are guarded by translate_errors),
-    every request passing through `admission`."""
+    every request passing through `admission`; each method wrapped by `observe`, if given."""
     handlers = {}
     for method in service.methods:
         assert not method.client_streaming and not method.server_streaming, method.full_name
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
+        behavior = getattr(servicer, method.name)
+        if observe is not None:
+            behavior = observe(behavior, service.full_name, method.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+            behavior,
             request_deserializer=admission.deserializer(
                 request.FromString, method.input_type.full_name
             ),

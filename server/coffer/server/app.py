@@ -17,6 +17,10 @@ closes, a connection of its own asks the database `select 1`; while it gets no a
 `health_check_timeout_s`, every service (and "") is NOT_SERVING, and SERVING again once it
 does. An outage is logged when it starts
 and when it ends; the hold-expiry sweep, failing meanwhile, says so once.
+
+With `metrics_listen` set, the server serves its Prometheus metrics over HTTP there
+(`metrics_port` is the port bound), from a registry of its own (`coffer.server.metrics`),
+until it stops.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
 from . import admission, reflection, services
 from .batcher import Batcher
+from .metrics import Metrics
 from .settings import Settings, calls_max_limit
 from .tls import ServerTls
 
@@ -108,6 +113,8 @@ class Server:
         probe_pool: asyncpg.Pool,
         probe_lost: asyncio.Event,
         tls: ServerTls | None = None,
+        metrics: Metrics | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
         # None: plaintext.
@@ -121,6 +128,13 @@ class Server:
         self._probe_pool = probe_pool
         # Set when the health check's connection closes: check again at once.
         self._probe_lost = probe_lost
+        # Whether the health check reaches the database; as health says.
+        self.database_up = True
+        # None: no metrics served (no `metrics_listen`).
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        if metrics is not None:
+            self._track(metrics)
         logging.getLogger("asyncio").addFilter(_unawaited_connection_loss)
         self._sweep = asyncio.create_task(self._expire_holds())
         self._health_check = asyncio.create_task(self._check_health())
@@ -140,6 +154,7 @@ class Server:
         if applied:
             logger.info("applied migrations %s", applied)
         pools: list[asyncpg.Pool] = []
+        metrics = Metrics() if settings.metrics_listen else None
         try:
             for size in (settings.pool_size, settings.pool_size_read):
                 pools.append(
@@ -164,7 +179,7 @@ class Server:
                 pools[0], read_pool=pools[1], acquire_timeout_s=settings.statement_timeout_s
             )
             batcher = Batcher(
-                ledger.apply,
+                ledger.apply if metrics is None else metrics.observed_apply(ledger.apply),
                 batch_size_max=settings.batch_size_max,
                 batch_wait_s=settings.batch_wait_ms / 1000,
                 queue_max=settings.queue_max,
@@ -197,7 +212,13 @@ class Server:
                 services.HoldService(ledger, batcher),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
-                admission.register(server, servicer, service, admitting)
+                admission.register(
+                    server,
+                    servicer,
+                    service,
+                    admitting,
+                    None if metrics is None else metrics.observed,
+                )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.Reflection(
@@ -209,6 +230,7 @@ class Server:
                 ),
                 reflection.described_files(),
             ).add_to(server)
+            metrics_port = None if metrics is None else metrics.serve(settings.metrics_listen)
             tls_files = settings.tls_files
             tls = None if tls_files is None else ServerTls(tls_files)
             if tls is None:
@@ -221,6 +243,8 @@ class Server:
             for name in ("", *_service_names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
+            if metrics is not None:
+                await metrics.stop()
             for pool in pools:
                 await pool.close()
             raise
@@ -235,6 +259,21 @@ class Server:
             probe_pool,
             probe_lost,
             tls,
+            metrics,
+            metrics_port,
+        )
+
+    def _track(self, metrics: Metrics) -> None:
+        """What the metrics read when scraped: the queue, the pools, health, admission."""
+        metrics.track(
+            queued=lambda: self.batcher.queued,
+            pools={
+                "write": self.ledger.pool,
+                "read": self.ledger.read_pool,
+                "health": self._probe_pool,
+            },
+            database_up=lambda: self.database_up,
+            admission=self.admission,
         )
 
     async def stop(self) -> None:
@@ -247,6 +286,8 @@ class Server:
                 await task
         await self.ledger.close()
         await self._probe_pool.close()
+        if self.metrics is not None:
+            await self.metrics.stop()
 
     async def _expire_holds(self) -> None:
         interval_s = self.settings.hold_expiry_interval_s
@@ -292,6 +333,7 @@ class Server:
                         _described(cause or error),
                         exc_info=not isinstance(error, errors.Unavailable),
                     )
+                    self.database_up = False
                     await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             else:
                 if down_since is not None:
@@ -300,6 +342,7 @@ class Server:
                         time.monotonic() - down_since,
                     )
                     down_since = None
+                    self.database_up = True
                     await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval_s - (time.monotonic() - started)):

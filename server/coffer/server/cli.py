@@ -29,6 +29,7 @@ from coffer.postgres.supervisor import (
     supervise,
 )
 
+from . import logs
 from .app import Server
 from .settings import Settings, SettingsError, listen_default
 from .tls import ServerTls, TlsError
@@ -50,10 +51,7 @@ def migrate(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
     arguments = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=arguments.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(arguments.log_level, arguments.log_format)
     try:
         if arguments.command == "serve":
             try:
@@ -92,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
             f"{default_data_dir()})",
         )
         command.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+        command.add_argument(
+            "--log-format",
+            default=os.environ.get("COFFER_LOG_FORMAT", "text"),
+            choices=logs.log_formats,
+            help="the log on standard error: text lines, or one JSON object per line "
+            "(env COFFER_LOG_FORMAT; default text)",
+        )
     serve.add_argument(
         "--listen",
         default=os.environ.get("COFFER_LISTEN", listen_default),
@@ -203,6 +208,13 @@ def _parser() -> argparse.ArgumentParser:
         help="require client certificates issued by these certificate authorities (mTLS; "
         "env COFFER_TLS_CLIENT_CA)",
     )
+    serve.add_argument(
+        "--metrics-listen",
+        default=os.environ.get("COFFER_METRICS_LISTEN", ""),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on this address, at /metrics "
+        "(env COFFER_METRICS_LISTEN; default: none)",
+    )
     return parser
 
 
@@ -246,6 +258,7 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         tls_cert=arguments.tls_cert,
         tls_key=arguments.tls_key,
         tls_client_ca=arguments.tls_client_ca,
+        metrics_listen=arguments.metrics_listen,
     )
 
 
@@ -263,6 +276,12 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
             loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
             reloads = asyncio.create_task(_reload_tls_on_request(server.tls, reload_asked))
         host = arguments.listen.rsplit(":", 1)[0]
+        if server.metrics_port is not None:
+            metrics_host = settings.metrics_listen.rsplit(":", 1)[0]
+            print(
+                f"coffer: metrics on http://{metrics_host}:{server.metrics_port}/metrics",
+                flush=True,
+            )
         print(
             f"coffer: serving on {host}:{server.port}{_security(server)} ({description})",
             flush=True,

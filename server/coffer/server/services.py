@@ -25,7 +25,7 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 
-from . import convert
+from . import convert, logs
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 
@@ -234,8 +234,16 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
     async def SubmitBatch(
         self, request: transfers_pb2.SubmitBatchRequest, context: _Context
     ) -> transfers_pb2.SubmitBatchResponse:
-        operations = convert.batch(request, _caller_of(context))
-        answers = await self._batcher.submit_all(operations, context.time_remaining())
+        # Who is calling, for the log line of a refused or failed batch call.
+        principal: str | None = None
+        try:
+            principal = _caller_of(context)
+            operations = convert.batch(request, principal)
+            answers = await self._batcher.submit_all(operations, context.time_remaining())
+        except errors.CofferError as error:
+            await logs.batch_failed(context, principal, len(request.operations), error)
+            raise
+        await logs.batch_answered(context, principal, answers)
         scales = await self._ledger.unit_scales(convert.units_of(answers))
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add

@@ -132,6 +132,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # HOST:PORT to serve Prometheus metrics on over HTTP (port 0: any free one); empty: none.
+    metrics_listen: str = ""
 
     @property
     def tls_files(self) -> TlsFiles | None:
@@ -149,11 +151,8 @@ class Settings:
             raise SettingsError(
                 "database_url", f"must start with {' or '.join(database_url_schemes)}"
             )
-        host, separator, port = self.listen.rpartition(":")
-        if not (host and separator and port.isascii() and port.isdigit() and int(port) <= port_max):
-            raise SettingsError(
-                "listen", f"must be HOST:PORT with a port from 0 to {port_max}, not {self.listen!r}"
-            )
+        _check_address("listen", self.listen)
+        self._check_metrics_listen()
         if not isinstance(self.reuse_port, bool):
             raise SettingsError("reuse_port", f"must be true or false, not {self.reuse_port!r}")
         self._check_tls()
@@ -211,6 +210,19 @@ class Settings:
                     setting, f"must be {_number(low)} to {_number(high)}{note}, not {value!r}"
                 )
 
+    def _check_metrics_listen(self) -> None:
+        if not isinstance(self.metrics_listen, str):
+            raise SettingsError(
+                "metrics_listen", f"must be HOST:PORT or empty, not {self.metrics_listen!r}"
+            )
+        if not self.metrics_listen:
+            return
+        _check_address("metrics_listen", self.metrics_listen)
+        if self.metrics_listen == self.listen and not self.listen.endswith(":0"):
+            raise SettingsError(
+                "metrics_listen", f"must differ from --listen, not {self.metrics_listen!r}"
+            )
+
     def _check_tls(self) -> None:
         for setting in ("tls_cert", "tls_key", "tls_client_ca"):
             if not isinstance(getattr(self, setting), str):
@@ -234,6 +246,17 @@ class Settings:
                 read_certificates(files)
             except TlsError as error:
                 raise SettingsError(error.setting, error.problem) from None
+
+
+def _check_address(setting: str, address: object) -> None:
+    """`address` must be HOST:PORT, the port from 0 to port_max."""
+    if isinstance(address, str):
+        host, separator, port = address.rpartition(":")
+        if host and separator and port.isascii() and port.isdigit() and int(port) <= port_max:
+            return
+    raise SettingsError(
+        setting, f"must be HOST:PORT with a port from 0 to {port_max}, not {address!r}"
+    )
 
 
 def _number(value: float) -> str:
