@@ -209,7 +209,9 @@ class Access:
         the new mapping replaces the old; its idempotency scope stays the subject's)."""
         check_subject(subject)
         check_principal_fields(name, role, owner_id)
-        async with self._connection() as connection:
+        async with self._connection(transaction=True) as connection:
+            # Made with the first credential, of whichever kind: it says that one was made.
+            await self._database_secret(connection, create=True)
             return await stored.upsert_certificate_mapping(
                 connection,
                 subject=subject,
@@ -252,7 +254,7 @@ class Access:
         )
 
     async def credentials_exist(self) -> bool:
-        """Whether any credential was ever made (revoked and expired ones count)."""
+        """Whether any credential was ever made (revoked, expired and unmapped ones count)."""
         async with self._connection() as connection:
             return await stored.credentials_exist(connection)
 

@@ -79,11 +79,9 @@ def certificate_mapping(row: asyncpg.Record) -> CertificateMapping:
 
 
 async def credentials_exist(connection: asyncpg.Connection) -> bool:
-    """Whether any API key (revoked and expired ones too) or certificate mapping was ever
-    made: once one was, the open mode is over for good."""
-    found: bool = await connection.fetchval(
-        "select exists (select from api_keys) or exists (select from certificate_mappings)"
-    )
+    """Whether any credential was ever made (the secret is made with the first): revoked,
+    expired or unmapped since, it still was; the open mode is over for good."""
+    found: bool = await connection.fetchval("select exists (select from access_secret)")
     return found
 
 
