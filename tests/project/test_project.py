@@ -472,6 +472,8 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
     assert dict(server_entry_points["coffer.commands"]) == {
         "serve": "coffer.server.cli:serve",
         "migrate": "coffer.server.cli:migrate",
+        "keys": "coffer.server.cli:keys",
+        "certificates": "coffer.server.cli:certificates",
         "bench": "coffer.bench.main:main",
     }
 
