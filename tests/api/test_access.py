@@ -515,3 +515,14 @@ async def test_a_client_certificate_authenticates_the_principal_it_is_mapped_to(
                 await unmapped.list_units()
     finally:
         await mutual.stop()
+
+
+def test_coffer_serve_refuses_plaintext_off_loopback_without_insecure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from coffer.server.cli import serve
+
+    assert serve(["--listen", "0.0.0.0:0", "--database-url", "postgresql://nobody@/none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("coffer serve: --listen must be a loopback address to serve plaintext")
+    assert "--insecure" in err and "--tls-cert" in err

@@ -381,8 +381,7 @@ def _keys_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     )
 
     def render() -> list[str]:
-        print("coffer: the key is shown this once: keep it", file=sys.stderr)
-        return [made.api_key, *_table(_key_header, [_key_row(made.key)], right={0})]
+        return [made.api_key, *_table(_key_header, [_key_row(made.key)], right=set())]
 
     return _Output(made, render)
 
@@ -396,7 +395,7 @@ def _keys_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     )
     return _Output(
         access_pb2.ListApiKeysResponse(keys=keys, next_page_token=next_page_token),
-        lambda: _table(_key_header, [_key_row(key) for key in keys], right={0}),
+        lambda: _table(_key_header, [_key_row(key) for key in keys], right=set()),
     )
 
 
@@ -404,7 +403,7 @@ def _keys_revoke(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     key = client.revoke_api_key(key_id=arguments.key)
     return _Output(
         access_pb2.RevokeApiKeyResponse(key=key),
-        lambda: _table(_key_header, [_key_row(key)], right={0}),
+        lambda: _table(_key_header, [_key_row(key)], right=set()),
     )
 
 

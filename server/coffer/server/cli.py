@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="serve plaintext on an address other than loopback (a trusted network, or behind "
-        "a TLS proxy); authentication stays on",
+        "a TLS proxy); authentication stays on; with --tls-cert it changes nothing",
     )
     serve.add_argument(
         "--rate-limit",
@@ -503,7 +503,6 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
             expires_at=arguments.expires_at,
             created_by=made_by_command,
         )
-        print("coffer: the key is shown this once: keep it", file=sys.stderr)
         return [token, *_table(_key_header, [_key_row(key)])]
     if command == ("keys", "list"):
         rows: list[list[str]] = []
