@@ -5,6 +5,16 @@
 #
 # Set DATABASE_URL (postgresql://...) to use an external PostgreSQL instead of the embedded one;
 # without it the server runs its own cluster in /var/lib/coffer/postgres.
+#
+# Authentication is on: every call needs an API key (or a mapped client certificate). Make the
+# first administrator's key in the running container, in its database:
+#
+#   docker exec CONTAINER coffer keys create --role admin --name ops
+#
+# Transport: plaintext (--insecure: for a trusted network, or behind a proxy that terminates
+# TLS) unless TLS is configured: mount the files and set COFFER_TLS_CERT and COFFER_TLS_KEY
+# (and COFFER_TLS_CLIENT_CA for mTLS); with them the server speaks TLS only, and --insecure
+# changes nothing.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -40,4 +50,4 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["coffer", "health", "--target", "127.0.0.1:50051"]
 
 ENTRYPOINT ["coffer"]
-CMD ["serve", "--listen", "0.0.0.0:50051"]
+CMD ["serve", "--listen", "0.0.0.0:50051", "--insecure"]

@@ -119,6 +119,7 @@ async def test_malformed_bytes_are_invalid_argument_for_every_rpc(
 ) -> None:
     methods = every_method()
     assert {method.containing_service.name for method in methods} == {
+        "AccessService",
         "UnitService",
         "WalletService",
         "TransferService",

@@ -728,8 +728,13 @@ def test_every_failed_precondition_and_not_found_is_tested() -> None:
         for error in errors.reasons().values()
         if error.category in (errors.Category.failed_precondition, errors.Category.not_found)
     }
-    # Raised by the ledger itself, not by the rules.
-    expected -= {errors.UnitNotFound, errors.WalletNotEmpty}
+    # Raised by the ledger itself, or by its credentials, not by the rules.
+    expected -= {
+        errors.UnitNotFound,
+        errors.WalletNotEmpty,
+        errors.ApiKeyNotFound,
+        errors.CertificateMappingNotFound,
+    }
     assert expected <= tested, expected - tested
 
 
@@ -1691,6 +1696,7 @@ values_by_type: dict[str, st.SearchStrategy[Any]] = {
     "bool": st.booleans(),
     "Mapping[str, str]": odd_metadata,
     "datetime | None": st.none() | st.datetimes(timezones=st.just(UTC)),
+    "Owner | None": st.none() | st.builds(model.Owner, st.sampled_from(OwnerKind), odd_texts),
     **{name: st.sampled_from(kind) | odd_integers for name, kind in enumerations.items()},
 }
 

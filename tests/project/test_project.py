@@ -152,7 +152,8 @@ def test_server_imports_from_clients_only_what_both_sides_share() -> None:
 def test_the_caller_rule_is_defined_once() -> None:
     """`coffer.clients.caller` holds the rule for callers; the server imports it, and it
     imports only the standard library and the limits generated from the core's model (whose
-    caller length it takes). The core's own caller is one no client may use."""
+    caller length it takes). The core's own caller, and the scopes of credentials, are ones
+    no client may name."""
     from coffer.clients import caller
     from coffer.core import model
 
@@ -169,13 +170,14 @@ def test_the_caller_rule_is_defined_once() -> None:
     server_imports = {
         module
         for path, _, module in imports("coffer.server")
-        if path == "server/coffer/server/services.py"
+        if path == "server/coffer/server/gate.py"
     }
     assert "coffer.clients.caller" in server_imports
     assert model.caller_length_max == caller.caller_length_max
     assert model.system_caller.startswith(caller.caller_reserved_prefix)
     with pytest.raises(ValueError):
         caller.check_caller(model.system_caller)
+    assert model.credential_scope_prefix == caller.caller_reserved_prefix
 
 
 # Generated modules (the stubs in coffer.v1, the client's limits) start with this line; they
@@ -470,6 +472,8 @@ def test_wheel_holds_the_migrations_stubs_and_console_script(tmp_path: Path) -> 
     assert dict(server_entry_points["coffer.commands"]) == {
         "serve": "coffer.server.cli:serve",
         "migrate": "coffer.server.cli:migrate",
+        "keys": "coffer.server.cli:keys",
+        "certificates": "coffer.server.cli:certificates",
         "bench": "coffer.bench.main:main",
     }
 

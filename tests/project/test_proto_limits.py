@@ -49,6 +49,8 @@ _limitless = {
     ("Wallet", "metadata"),
     ("Wallet", "owner_id"),
     ("SubmitBatchResponse", "operations"),
+    ("ApiKey", "owner_id"),
+    ("CertificateMapping", "owner_id"),
 }
 
 

@@ -25,6 +25,8 @@ import coffer.core
 import coffer.v1
 from coffer.core import model
 from coffer.v1 import (
+    access_pb2,
+    access_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -52,6 +54,8 @@ stored_in: dict[str, tuple[str, str]] = {
     "OwnerKind": ("wallets", "owner_kind"),
     "WalletStatus": ("wallets", "status"),
     "TransferKind": ("transfers", "kind"),
+    # And certificate_mappings.role alike.
+    "Role": ("api_keys", "role"),
 }
 # Core enums whose numbers the database does not keep, and why.
 not_stored = {
@@ -370,6 +374,23 @@ async def test_rows_keep_the_numbers_the_api_shows(
     listed_transfers = (
         await transfers.ListTransfers(transfers_pb2.ListTransfersRequest())
     ).transfers
+    # Keys of every role, the first (which ends the open mode) an administrator's.
+    access = access_pb2_grpc.AccessServiceStub(channel)
+    made = await access.CreateApiKey(
+        access_pb2.CreateApiKeyRequest(name="admin", role=access_pb2.ROLE_ADMIN)
+    )
+    bearer = (("authorization", f"Bearer {made.api_key}"),)
+    shown_roles = {made.key.role}
+    for role in model.Role:
+        owned = role in (model.Role.merchant, model.Role.customer)
+        made = await access.CreateApiKey(
+            access_pb2.CreateApiKeyRequest(
+                name=role.name, role=role.value, owner_id="owner" if owned else ""
+            ),
+            metadata=bearer,
+        )
+        shown_roles.add(made.key.role)
+    assert shown_roles == {member.value for member in model.Role}
     connection = await asyncpg.connect(database_url)
     try:
         unit_rows = {

@@ -7,14 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 
+from coffer.core.access import Access
+from coffer.core.model import Role
 from coffer.server.logs import JsonFormatter, TextFormatter, request_id_metadata_key
 from coffer.v1 import (
     transfers_pb2,
@@ -78,7 +80,6 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
     a caller and a request id too long to use; some are answered, some refused, some
     malformed, one fails as a whole. The JSON log (at DEBUG) and the metrics never hold it;
     the lines of the refused and failed batch calls parse and carry their fields."""
-    secret = "s3cret-" + secrets.token_hex(16)
     serving = await serve_beside(
         coffer,
         "--listen",
@@ -95,6 +96,14 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
         [metrics_line] = [line for line in serving.printed if "metrics on" in line]
         metrics_port = int(metrics_line.rsplit(":", 1)[1].split("/", 1)[0])
         target = serving.ready.split("serving on ", 1)[1].split()[0]
+        # The secret is a real API key, made as `coffer keys create` makes one.
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+        try:
+            secret, _ = await Access(pool).create_key(
+                name="shop", role=Role.admin, created_by="tests"
+            )
+        finally:
+            await pool.close()
         sent = (
             ("authorization", f"Bearer {secret}"),
             ("x-api-key", secret),
@@ -121,8 +130,7 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
     assert refused[2]["reasons"] == {"INVALID_ARGUMENT": 1}
     failed = [entry for entry in lines if entry["event"] == "batch_failed"]
     assert [(each["reason"], each["principal"], each["level"]) for each in failed] == [
-        ("INVALID_ARGUMENT", None, "INFO"),
-        ("INVALID_ARGUMENT", None, "INFO"),
+        # Refused before the handler (the key, the caller): no batch line; the empty batch.
         ("INVALID_ARGUMENT", "shop", "INFO"),
         ("INTERNAL", "shop", "WARNING"),
     ]
@@ -211,16 +219,24 @@ async def calls_carrying(
         await call
         made_ids.append(dict(await call.initial_metadata())[request_id_metadata_key])
 
-        # Batch calls refused whole: no caller, a caller refused, no operation.
+        # Batch calls refused whole: a key one character off, a caller refused, no operation.
         refusals = (
-            (sent[:2], refusing),
-            ((*sent[:2], ("coffer-caller", "@" + secret)), refusing),
-            (sent, transfers_pb2.SubmitBatchRequest()),
+            (
+                (("authorization", f"Bearer {secret[:-1]}x"), *sent[1:]),
+                refusing,
+                grpc.StatusCode.UNAUTHENTICATED,
+            ),
+            (
+                (*sent[:2], ("coffer-caller", "@" + secret)),
+                refusing,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (sent, transfers_pb2.SubmitBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT),
         )
-        for metadata, request in refusals:
+        for metadata, request, code in refusals:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await transfers.SubmitBatch(request, metadata=metadata)
-            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.code() == code
         # Bytes that are no request, holding the secret.
         for method in ("Credit", "SubmitBatch"):
             raw = channel.unary_unary(f"/coffer.v1.TransferService/{method}")

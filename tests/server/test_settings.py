@@ -16,15 +16,20 @@ from coffer.server.admission import request_bytes_max
 from coffer.server.settings import (
     Settings,
     SettingsError,
+    authentication_failures_per_s_max,
     batch_size_max_default,
     batch_wait_ms_max,
     calls_max_limit,
+    credentials_cache_ttl_s_max,
     interval_s_max,
     interval_s_min,
     pool_size_min,
     port_max,
     queue_max_limit,
     queued_bytes_max_limit,
+    rate_limit_burst_max,
+    rate_limit_calls_per_s_max,
+    rate_min,
     shutdown_grace_s_max,
 )
 
@@ -62,8 +67,18 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"database_url": "coffer"}, {"database_url": "mysql://coffer@db/coffer"}],
     ),
     "listen": (
-        [{"listen": "127.0.0.1:0"}, {"listen": f"[::]:{port_max}"}],
         [
+            {"listen": "127.0.0.1:0"},
+            {"listen": "[::1]:50051"},
+            {"listen": "localhost:50051"},
+            {"listen": f"[::]:{port_max}", "insecure": True},
+            {"listen": "0.0.0.0:50051", "insecure": True},
+        ],
+        [
+            # Plaintext off loopback, without --insecure.
+            {"listen": f"[::]:{port_max}"},
+            {"listen": "0.0.0.0:50051"},
+            {"listen": "coffer.example:50051"},
             {"listen": "127.0.0.1"},
             {"listen": ":50051"},
             {"listen": f"127.0.0.1:{port_max + 1}"},
@@ -117,6 +132,48 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
     "reuse_port": (
         [{"reuse_port": False}, {"reuse_port": True}],
         [{"reuse_port": "no"}, {"reuse_port": 1}],
+    ),
+    "insecure": (
+        [{"insecure": False}, {"insecure": True}],
+        [{"insecure": "yes"}, {"insecure": 1}],
+    ),
+    "rate_limit_calls_per_s": (
+        [
+            {"rate_limit_calls_per_s": rate_min},
+            {"rate_limit_calls_per_s": rate_limit_calls_per_s_max},
+        ],
+        [
+            {"rate_limit_calls_per_s": value}
+            for value in (0, rate_limit_calls_per_s_max * 2, *not_numbers)
+        ],
+    ),
+    "rate_limit_burst": (
+        [{"rate_limit_burst": 1}, {"rate_limit_burst": rate_limit_burst_max}],
+        [
+            {"rate_limit_burst": 0},
+            {"rate_limit_burst": rate_limit_burst_max + 1},
+            {"rate_limit_burst": 2.5},
+        ],
+    ),
+    "authentication_failures_per_s": (
+        [
+            {"authentication_failures_per_s": rate_min},
+            {"authentication_failures_per_s": authentication_failures_per_s_max},
+        ],
+        [
+            {"authentication_failures_per_s": value}
+            for value in (0, authentication_failures_per_s_max + 1, *not_numbers)
+        ],
+    ),
+    "credentials_cache_ttl_s": (
+        [
+            {"credentials_cache_ttl_s": timeout_s_min},
+            {"credentials_cache_ttl_s": credentials_cache_ttl_s_max},
+        ],
+        [
+            {"credentials_cache_ttl_s": value}
+            for value in (0, credentials_cache_ttl_s_max + 1, *not_numbers)
+        ],
     ),
     "hold_expiry_interval_s": intervals("hold_expiry_interval_s"),
     "health_check_interval_s": intervals("health_check_interval_s"),

@@ -1,9 +1,13 @@
 """The operator's command line, on top of SyncClient: `coffer COMMAND …`.
 
-The server's distribution adds its own commands (`serve`, `migrate`, `bench`) through the
-entry point group `coffer.commands`: each is a function taking the arguments after its name,
-and returning the exit code. Exit codes: 0 done, 1 the server refused (a domain error such as
-INSUFFICIENT_FUNDS), 2 bad usage, 3 the server could not be reached in time.
+The server's distribution adds its own commands (`serve`, `migrate`, `bench`, and `keys` and
+`certificates` against the database itself) through the entry point group `coffer.commands`:
+each is a function taking the arguments after its name, and returning the exit code. `keys`
+and `certificates` are also the client's, through the server's AccessService: with an API key
+(`--api-key` or COFFER_API_KEY) they run here, even where the server's are installed.
+
+Exit codes: 0 done, 1 the server refused (a domain error such as INSUFFICIENT_FUNDS, or
+credentials refused), 2 bad usage, 3 the server could not be reached in time.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
@@ -25,7 +29,7 @@ from grpc_health.v1 import health_pb2
 from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
 from coffer.clients.tls import Tls
-from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
 __all__ = ["argument_parser", "deadline_s_max", "main"]
 
@@ -34,6 +38,11 @@ program = "coffer"
 command_entry_points = "coffer.commands"
 target_environment_variable = "COFFER_TARGET"
 caller_environment_variable = "COFFER_CALLER"
+api_key_environment_variable = "COFFER_API_KEY"
+api_key_option = "--api-key"
+# Commands both the client (through the RPC, with an API key) and the server (against the
+# database) have.
+access_commands = frozenset({"keys", "certificates"})
 caller_default = "cli"
 # The TLS options' variables. The client's certificate and key say CLIENT, so that a shell
 # that runs `coffer serve` with COFFER_TLS_CERT and COFFER_TLS_KEY (the server's) does not
@@ -69,7 +78,7 @@ class _Output:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     installed = _installed_commands()
-    if argv and argv[0] in installed:
+    if argv and argv[0] in installed and not (argv[0] in access_commands and _api_key_given(argv)):
         command: Callable[[list[str]], int] = installed[argv[0]].load()
         return command(argv[1:])
     command_line = argument_parser(installed)
@@ -85,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         client = SyncClient(
             arguments.target,
             caller=arguments.caller,
+            api_key=arguments.api_key or None,
             timeout_s=arguments.deadline,
             tls=_tls(arguments),
         )
@@ -115,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The parser.
+
+
+def _api_key_given(argv: list[str]) -> bool:
+    return bool(os.environ.get(api_key_environment_variable)) or any(
+        each == api_key_option or each.startswith(api_key_option + "=") for each in argv
+    )
 
 
 def _installed_commands() -> dict[str, importlib.metadata.EntryPoint]:
@@ -295,7 +311,149 @@ def argument_parser(
     sub.add_argument("--reference", default="", metavar="R")
     sub.add_argument("--limit", type=_limit, default=history_limit_default, metavar="N")
     command(commands, "health", "check that the server is serving (gRPC health)", _health)
+
+    keys = group("keys", "API keys (administrators; with the server, also against its database)")
+    sub = command(keys, "create", "make an API key, shown this once", _keys_create)
+    _add_principal_options(sub)
+    sub.add_argument(
+        "--expires-at",
+        type=_moment,
+        metavar="ISO",
+        help="when it stops being good, e.g. 2027-01-31T00:00:00Z (default: never)",
+    )
+    sub = command(keys, "list", "list the API keys (never their secrets)", _keys_list)
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
+    sub = command(keys, "revoke", "revoke an API key for good", _keys_revoke)
+    sub.add_argument("key", type=_identifier, metavar="ID")
+    certificates = group("certificates", "client certificates mapped to principals (mTLS)")
+    sub = command(certificates, "map", "map a certificate's subject common name", _certificates_map)
+    sub.add_argument("subject", metavar="COMMON_NAME")
+    _add_principal_options(sub)
+    sub = command(certificates, "unmap", "remove a mapping", _certificates_unmap)
+    sub.add_argument("subject", metavar="COMMON_NAME")
+    sub = command(certificates, "list", "list the mappings", _certificates_list)
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
     return parser
+
+
+def _add_principal_options(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--role", required=True, choices=_names(access_pb2.Role))
+    sub.add_argument("--name", required=True, help='the principal\'s name, e.g. "ops"')
+    sub.add_argument(
+        "--owner",
+        default="",
+        metavar="ID",
+        help="for merchants and customers: the owner whose wallets it may touch",
+    )
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"say the time zone, e.g. {text}Z")
+    return moment
+
+
+def _key_row(key: access_pb2.ApiKey) -> list[str]:
+    return [
+        str(key.id),
+        _name(access_pb2.Role, key.role),
+        key.name,
+        key.owner_id or "-",
+        _time(key.created_at),
+        _time(key.expires_at),
+        _time(key.revoked_at),
+    ]
+
+
+_key_header = ["ID", "ROLE", "NAME", "OWNER", "CREATED", "EXPIRES", "REVOKED"]
+
+
+def _keys_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    made = client.create_api_key(
+        name=arguments.name,
+        role=arguments.role,
+        owner_id=arguments.owner,
+        expires_at=arguments.expires_at,
+    )
+
+    def render() -> list[str]:
+        return [made.api_key, *_table(_key_header, [_key_row(made.key)], right=set())]
+
+    return _Output(made, render)
+
+
+def _keys_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    keys, next_page_token = _collect(
+        lambda page_size, page_token: client.list_api_keys(
+            page_size=page_size, page_token=page_token
+        ),
+        arguments.limit,
+    )
+    return _Output(
+        access_pb2.ListApiKeysResponse(keys=keys, next_page_token=next_page_token),
+        lambda: _table(_key_header, [_key_row(key) for key in keys], right=set()),
+    )
+
+
+def _keys_revoke(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    key = client.revoke_api_key(key_id=arguments.key)
+    return _Output(
+        access_pb2.RevokeApiKeyResponse(key=key),
+        lambda: _table(_key_header, [_key_row(key)], right=set()),
+    )
+
+
+_mapping_header = ["SUBJECT", "ROLE", "NAME", "OWNER", "MAPPED"]
+
+
+def _mapping_row(mapping: access_pb2.CertificateMapping) -> list[str]:
+    return [
+        mapping.subject,
+        _name(access_pb2.Role, mapping.role),
+        mapping.name,
+        mapping.owner_id or "-",
+        _time(mapping.created_at),
+    ]
+
+
+def _certificates_map(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    mapping = client.map_certificate(
+        subject=arguments.subject,
+        name=arguments.name,
+        role=arguments.role,
+        owner_id=arguments.owner,
+    )
+    return _Output(
+        access_pb2.MapCertificateResponse(mapping=mapping),
+        lambda: _table(_mapping_header, [_mapping_row(mapping)], right=set()),
+    )
+
+
+def _certificates_unmap(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    mapping = client.unmap_certificate(subject=arguments.subject)
+    return _Output(
+        access_pb2.UnmapCertificateResponse(mapping=mapping),
+        lambda: _table(_mapping_header, [_mapping_row(mapping)], right=set()),
+    )
+
+
+def _certificates_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    mappings, next_page_token = _collect(
+        lambda page_size, page_token: client.list_certificate_mappings(
+            page_size=page_size, page_token=page_token
+        ),
+        arguments.limit,
+    )
+    return _Output(
+        access_pb2.ListCertificateMappingsResponse(
+            mappings=mappings, next_page_token=next_page_token
+        ),
+        lambda: _table(_mapping_header, [_mapping_row(m) for m in mappings], right=set()),
+    )
 
 
 def _add_global_options(
@@ -317,6 +475,13 @@ def _add_global_options(
         metavar="NAME",
         help=f"who calls; idempotency keys are scoped to it "
         f"(default: ${caller_environment_variable} or {caller_default})",
+    )
+    parser.add_argument(
+        api_key_option,
+        default=default(os.environ.get(api_key_environment_variable, "")),
+        metavar="KEY",
+        help="authenticate with this API key (default: $COFFER_API_KEY; a server on loopback "
+        "with no credential made yet needs none)",
     )
     parser.add_argument(
         "--json",

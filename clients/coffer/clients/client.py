@@ -5,8 +5,12 @@
         transfer = await coffer.credit(wallet_id=wallet.id, amount=1500, note="welcome bonus")
 
 Every call:
-- sends the caller's name in the `coffer-caller` metadata (idempotency keys are scoped to it;
-  `caller=`, "default" if not given; what a caller may be is `coffer.clients.caller`);
+- with `api_key=`, sends it as `authorization: Bearer <key>` metadata: the server
+  authenticates the call as the key's principal, to which idempotency keys are scoped (over
+  TLS, `tls=`, off the local machine: a key sent in plaintext can be read on the way);
+- sends the caller's name in the `coffer-caller` metadata (`caller=`, "default" if not given;
+  what a caller may be is `coffer.clients.caller`): a label, which names the principal (and
+  scopes idempotency keys) only on a server without credentials on loopback (its open mode);
 - has a deadline, `timeout_s` from its start, which covers its retries too;
 - retries what is worth retrying (`error.retryable`: UNAVAILABLE, OVERLOADED, and
   DEADLINE_EXCEEDED) up to `retries_max` times with exponential backoff and jitter (waiting
@@ -29,6 +33,7 @@ import asyncio
 import functools
 import inspect
 import random
+import re
 import threading
 import time
 import uuid
@@ -51,9 +56,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from coffer.clients.caller import caller_metadata_key, check_caller
-from coffer.clients.errors import Overloaded, from_rpc_error
+from coffer.clients.errors import ResourceExhausted, from_rpc_error
 from coffer.clients.tls import Tls
 from coffer.v1 import (
+    access_pb2,
+    access_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -72,6 +79,9 @@ target_default = "127.0.0.1:50051"
 # without a caller is refused.)
 caller_default = "default"
 health_check_method = "/grpc.health.v1.Health/Check"
+authorization_metadata_key = "authorization"
+# What an API key may be, to be sent as metadata: visible ASCII, no spaces.
+_api_key_pattern = re.compile(r"[!-~]{1,256}")
 timeout_s_default = 10.0
 retries_max_default = 3
 retries_max_limit = 10
@@ -83,6 +93,7 @@ reconnect_backoff_ms_max = 2000
 message_bytes_max = 64 * 1024 * 1024
 
 UnitKindName = Literal["currency", "credit"]
+RoleName = Literal["admin", "manager", "service", "merchant", "customer"]
 OwnerKindName = Literal["customer", "merchant", "system"]
 DebitModeName = Literal["all_or_nothing", "up_to"]
 TransferKindName = Literal[
@@ -402,6 +413,7 @@ operations = Operations()
 @dataclass(frozen=True, slots=True)
 class _Stubs:
     channel: grpc.aio.Channel
+    access: access_pb2_grpc.AccessServiceAsyncStub
     units: units_pb2_grpc.UnitServiceAsyncStub
     wallets: wallets_pb2_grpc.WalletServiceAsyncStub
     transfers: transfers_pb2_grpc.TransferServiceAsyncStub
@@ -479,13 +491,15 @@ class Client:
         target: str = target_default,
         *,
         caller: str = caller_default,
+        api_key: str | None = None,
         timeout_s: float = timeout_s_default,
         retries_max: int = retries_max_default,
         tls: Tls | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """`tls` makes the channel use TLS: the authorities to trust, and for mTLS the
+        """`api_key` authenticates every call (`authorization: Bearer <key>`); `tls` makes
+        the channel use TLS: the authorities to trust, and for mTLS the
         client's certificate and key (`Tls.from_files(ca=…, cert=…, key=…)`); `credentials`
         (e.g. grpc.ssl_channel_credentials()) does too, built by hand, in its place;
         `channel_options` are added to the channel's gRPC arguments (e.g.
@@ -496,6 +510,8 @@ class Client:
             check_caller(caller)
         except ValueError as error:
             raise ValueError(f"caller {error}") from None
+        if api_key is not None and not _api_key_pattern.fullmatch(api_key):
+            raise ValueError("api_key must be 1 to 256 visible ASCII characters (no spaces)")
         if not timeout_s > 0:
             raise ValueError("timeout_s must be positive")
         if not 0 <= retries_max <= retries_max_limit:
@@ -510,7 +526,9 @@ class Client:
         self.retries_max = retries_max
         self._credentials = credentials
         self._channel_options = tuple(channel_options)
-        self._call_metadata = ((caller_metadata_key, caller),)
+        self._call_metadata: tuple[tuple[str, str], ...] = ((caller_metadata_key, caller),)
+        if api_key is not None:
+            self._call_metadata += ((authorization_metadata_key, f"Bearer {api_key}"),)
         self._stubs_open: _Stubs | None = None
 
     async def __aenter__(self) -> Self:
@@ -787,6 +805,65 @@ class Client:
 
     # Health.
 
+    # Access (administrators only).
+
+    async def create_api_key(
+        self,
+        *,
+        name: str,
+        role: RoleName,
+        owner_id: str = "",
+        expires_at: datetime | None = None,
+    ) -> access_pb2.CreateApiKeyResponse:
+        """Makes an API key: `.api_key` is the key, shown this once; `.key` its record.
+        `owner_id` is for merchants and customers: the owner whose wallets it may touch. Not
+        idempotent: a retry after a lost answer may make a second key (revoke the one not
+        used)."""
+        request = access_pb2.CreateApiKeyRequest(
+            name=name,
+            role=_enum(access_pb2.Role, "ROLE_", role),
+            owner_id=owner_id,
+            expires_at=_timestamp(expires_at),
+        )
+        return await self._call(self._stubs().access.CreateApiKey, request)
+
+    async def list_api_keys(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[access_pb2.ApiKey]:
+        """One page of keys (never their secrets), oldest first."""
+        request = access_pb2.ListApiKeysRequest(page_size=page_size, page_token=page_token)
+        response = await self._call(self._stubs().access.ListApiKeys, request)
+        return Page(list(response.keys), response.next_page_token)
+
+    async def revoke_api_key(self, *, key_id: int) -> access_pb2.ApiKey:
+        request = access_pb2.RevokeApiKeyRequest(key_id=key_id)
+        return (await self._call(self._stubs().access.RevokeApiKey, request)).key
+
+    async def map_certificate(
+        self, *, subject: str, name: str, role: RoleName, owner_id: str = ""
+    ) -> access_pb2.CertificateMapping:
+        """Maps a client certificate's subject common name to a principal (mTLS)."""
+        request = access_pb2.MapCertificateRequest(
+            subject=subject,
+            name=name,
+            role=_enum(access_pb2.Role, "ROLE_", role),
+            owner_id=owner_id,
+        )
+        return (await self._call(self._stubs().access.MapCertificate, request)).mapping
+
+    async def unmap_certificate(self, *, subject: str) -> access_pb2.CertificateMapping:
+        request = access_pb2.UnmapCertificateRequest(subject=subject)
+        return (await self._call(self._stubs().access.UnmapCertificate, request)).mapping
+
+    async def list_certificate_mappings(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> Page[access_pb2.CertificateMapping]:
+        request = access_pb2.ListCertificateMappingsRequest(
+            page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self._stubs().access.ListCertificateMappings, request)
+        return Page(list(response.mappings), response.next_page_token)
+
     async def health(self, *, service: str = "") -> str:
         """The standard gRPC health check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"…"""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -813,6 +890,7 @@ class Client:
                 channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
             self._stubs_open = _Stubs(
                 channel=channel,
+                access=access_pb2_grpc.AccessServiceStub(channel),
                 units=units_pb2_grpc.UnitServiceStub(channel),
                 wallets=wallets_pb2_grpc.WalletServiceStub(channel),
                 transfers=transfers_pb2_grpc.TransferServiceStub(channel),
@@ -846,7 +924,7 @@ class Client:
             except grpc.RpcError as cause:
                 error = from_rpc_error(cause)
                 backoff_s = _backoff_s(attempt)
-                if isinstance(error, Overloaded) and error.retry_after_ms:
+                if isinstance(error, ResourceExhausted) and error.retry_after_ms:
                     backoff_s = max(backoff_s, error.retry_after_ms / 1000)
                 if (
                     not error.retryable
@@ -909,6 +987,7 @@ class SyncClient:
         target: str = target_default,
         *,
         caller: str = caller_default,
+        api_key: str | None = None,
         timeout_s: float = timeout_s_default,
         retries_max: int = retries_max_default,
         tls: Tls | None = None,
@@ -917,6 +996,7 @@ class SyncClient:
         self._client = Client(
             target,
             caller=caller,
+            api_key=api_key,
             timeout_s=timeout_s,
             retries_max=retries_max,
             tls=tls,
@@ -998,6 +1078,12 @@ class SyncClient:
     capture_hold = _blocking(Client.capture_hold)
     release_hold = _blocking(Client.release_hold)
     get_hold = _blocking(Client.get_hold)
+    create_api_key = _blocking(Client.create_api_key)
+    list_api_keys = _blocking(Client.list_api_keys)
+    revoke_api_key = _blocking(Client.revoke_api_key)
+    map_certificate = _blocking(Client.map_certificate)
+    unmap_certificate = _blocking(Client.unmap_certificate)
+    list_certificate_mappings = _blocking(Client.list_certificate_mappings)
     health = _blocking(Client.health)
 
 
@@ -1052,6 +1138,7 @@ __all__ = [
     "Operations",
     "OwnerKindName",
     "Page",
+    "RoleName",
     "SyncClient",
     "TransferKindName",
     "UnitKindName",

@@ -19,7 +19,9 @@ client's tests fail if the two drift apart.
     │   ├── UnitNotFound
     │   ├── WalletNotFound
     │   ├── TransferNotFound
-    │   └── HoldNotFound
+    │   ├── HoldNotFound
+    │   ├── ApiKeyNotFound
+    │   └── CertificateMappingNotFound
     ├── AlreadyExists                                                    ALREADY_EXISTS
     │   ├── IdempotencyKeyReused the key was used before for another request
     │   └── UnitExists           the unit exists with other fields
@@ -29,8 +31,13 @@ client's tests fail if the two drift apart.
     │   └── HoldNotPending, CaptureExceedsHold, BalanceOverflow
     ├── Aborted                                                          ABORTED
     │   └── LinkedOperationFailed   another operation of its linked chain failed
+    ├── Unauthenticated          who calls is not known                  UNAUTHENTICATED
+    │   ├── CredentialsMissing, CredentialsInvalid,
+    │   └── CredentialsExpired, CredentialsRevoked
+    ├── PermissionDenied         the principal's role may not            PERMISSION_DENIED
     ├── ResourceExhausted                                                RESOURCE_EXHAUSTED
-    │   └── Overloaded           the server has too much waiting (retryable; .retry_after_ms)
+    │   ├── Overloaded           the server has too much waiting (retryable; .retry_after_ms)
+    │   └── RateLimited          the principal calls too fast (retryable; .retry_after_ms)
     ├── Unavailable              the server or its store can't be reached (retryable)
     ├── DeadlineExceeded         no answer within the call's deadline, or the server
     │                            dropped the operation unapplied when it passed (retryable)
@@ -58,10 +65,16 @@ __all__ = [
     "Aborted",
     "AlreadyExists",
     "AlreadyVoided",
+    "ApiKeyNotFound",
     "BalanceOverflow",
     "Cancelled",
     "CaptureExceedsHold",
+    "CertificateMappingNotFound",
     "CofferError",
+    "CredentialsExpired",
+    "CredentialsInvalid",
+    "CredentialsMissing",
+    "CredentialsRevoked",
     "DeadlineExceeded",
     "FailedPrecondition",
     "HoldExpired",
@@ -76,9 +89,12 @@ __all__ = [
     "NotFound",
     "NotVoidable",
     "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
     "ResourceExhausted",
     "SameWallet",
     "TransferNotFound",
+    "Unauthenticated",
     "Unavailable",
     "UnitExists",
     "UnitMismatch",
@@ -173,6 +189,14 @@ class HoldNotFound(NotFound):
     reason = "HOLD_NOT_FOUND"
 
 
+class ApiKeyNotFound(NotFound):
+    reason = "API_KEY_NOT_FOUND"
+
+
+class CertificateMappingNotFound(NotFound):
+    reason = "CERTIFICATE_MAPPING_NOT_FOUND"
+
+
 class AlreadyExists(CofferError):
     reason = "ALREADY_EXISTS"
     code = grpc.StatusCode.ALREADY_EXISTS
@@ -248,20 +272,52 @@ class LinkedOperationFailed(Aborted):
     reason = "LINKED_OPERATION_FAILED"
 
 
+class Unauthenticated(CofferError):
+    reason = "UNAUTHENTICATED"
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CredentialsMissing(Unauthenticated):
+    reason = "CREDENTIALS_MISSING"
+
+
+class CredentialsInvalid(Unauthenticated):
+    reason = "CREDENTIALS_INVALID"
+
+
+class CredentialsExpired(Unauthenticated):
+    reason = "CREDENTIALS_EXPIRED"
+
+
+class CredentialsRevoked(Unauthenticated):
+    reason = "CREDENTIALS_REVOKED"
+
+
+class PermissionDenied(CofferError):
+    reason = "PERMISSION_DENIED"
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(CofferError):
     reason = "RESOURCE_EXHAUSTED"
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """The server's hint, when it gives one: how long until a retry is likely to be let
+        through."""
+        value = self.metadata.get(retry_after_ms_metadata_key, "")
+        return int(value) if value.isdigit() else None
 
 
 class Overloaded(ResourceExhausted):
     reason = "OVERLOADED"
     retryable = True
 
-    @property
-    def retry_after_ms(self) -> int | None:
-        """The server's hint: how long until a retry is likely to be admitted."""
-        value = self.metadata.get(retry_after_ms_metadata_key, "")
-        return int(value) if value.isdigit() else None
+
+class RateLimited(ResourceExhausted):
+    reason = "RATE_LIMITED"
+    retryable = True
 
 
 class Unavailable(CofferError):
@@ -296,6 +352,8 @@ _error_by_reason: dict[str, type[CofferError]] = {
         WalletNotFound,
         TransferNotFound,
         HoldNotFound,
+        ApiKeyNotFound,
+        CertificateMappingNotFound,
         IdempotencyKeyReused,
         UnitExists,
         InsufficientFunds,
@@ -311,7 +369,13 @@ _error_by_reason: dict[str, type[CofferError]] = {
         CaptureExceedsHold,
         BalanceOverflow,
         LinkedOperationFailed,
+        CredentialsMissing,
+        CredentialsInvalid,
+        CredentialsExpired,
+        CredentialsRevoked,
+        PermissionDenied,
         Overloaded,
+        RateLimited,
         DeadlineExceeded,
         Unavailable,
         Internal,
@@ -325,6 +389,8 @@ _error_by_code: dict[grpc.StatusCode, type[CofferError]] = {
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
     grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -6,10 +6,12 @@ each means), for the client, which installs without the core.
 
 __all__ = [
     "amount_max",
+    "api_key_secret_bytes",
     "balance_max",
     "balance_min",
     "batch_operations_max",
     "caller_length_max",
+    "certificate_subject_length_max",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -24,6 +26,7 @@ __all__ = [
     "page_size_max",
     "performed_by_length_max",
     "posting_kinds",
+    "principal_name_length_max",
     "reference_length_max",
     "unit_code_length_max",
     "unit_description_length_max",
@@ -54,4 +57,7 @@ hold_timeout_s_default = 3600
 batch_operations_max = 8000
 page_size_max = 1000
 page_size_default = 100
+principal_name_length_max = 128
+certificate_subject_length_max = 64
+api_key_secret_bytes = 32
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})

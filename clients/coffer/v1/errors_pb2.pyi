@@ -112,6 +112,32 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A bug or an unknown failure, with details only in the server's log. INTERNAL; not
     retryable: repeating it blindly is not worth it.
     """
+    ERROR_REASON_CREDENTIALS_MISSING: _ErrorReason.ValueType  # 26
+    """The call carries no credentials (no `authorization: Bearer …` metadata, no mapped client
+    certificate), and the server is not open. UNAUTHENTICATED; not retryable.
+    """
+    ERROR_REASON_CREDENTIALS_INVALID: _ErrorReason.ValueType  # 27
+    """The API key is not one of this server's, or the client certificate's subject is mapped to
+    no principal. UNAUTHENTICATED; not retryable.
+    """
+    ERROR_REASON_CREDENTIALS_EXPIRED: _ErrorReason.ValueType  # 28
+    """The API key has expired. UNAUTHENTICATED; not retryable."""
+    ERROR_REASON_CREDENTIALS_REVOKED: _ErrorReason.ValueType  # 29
+    """The API key was revoked. UNAUTHENTICATED; not retryable."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 30
+    """The principal's role may not make this call (the message names the role and the RPC or
+    operation), or a merchant may not do this to a transfer or hold of its own (void what is
+    not a payment to it, capture a hold not towards it). PERMISSION_DENIED; not retryable.
+    """
+    ERROR_REASON_RATE_LIMITED: _ErrorReason.ValueType  # 31
+    """The principal calls faster than its rate (or its host fails to authenticate faster than
+    allowed); the ErrorInfo's `metadata["retry_after_ms"]` says when a call is let through
+    again. RESOURCE_EXHAUSTED; retryable.
+    """
+    ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 32
+    """No API key has the id asked for. NOT_FOUND; not retryable."""
+    ERROR_REASON_CERTIFICATE_MAPPING_NOT_FOUND: _ErrorReason.ValueType  # 33
+    """No certificate mapping has the subject asked for. NOT_FOUND; not retryable."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a Coffer call can fail for. A failed call's status carries a
@@ -218,6 +244,32 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 25
 """A bug or an unknown failure, with details only in the server's log. INTERNAL; not
 retryable: repeating it blindly is not worth it.
 """
+ERROR_REASON_CREDENTIALS_MISSING: ErrorReason.ValueType  # 26
+"""The call carries no credentials (no `authorization: Bearer …` metadata, no mapped client
+certificate), and the server is not open. UNAUTHENTICATED; not retryable.
+"""
+ERROR_REASON_CREDENTIALS_INVALID: ErrorReason.ValueType  # 27
+"""The API key is not one of this server's, or the client certificate's subject is mapped to
+no principal. UNAUTHENTICATED; not retryable.
+"""
+ERROR_REASON_CREDENTIALS_EXPIRED: ErrorReason.ValueType  # 28
+"""The API key has expired. UNAUTHENTICATED; not retryable."""
+ERROR_REASON_CREDENTIALS_REVOKED: ErrorReason.ValueType  # 29
+"""The API key was revoked. UNAUTHENTICATED; not retryable."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 30
+"""The principal's role may not make this call (the message names the role and the RPC or
+operation), or a merchant may not do this to a transfer or hold of its own (void what is
+not a payment to it, capture a hold not towards it). PERMISSION_DENIED; not retryable.
+"""
+ERROR_REASON_RATE_LIMITED: ErrorReason.ValueType  # 31
+"""The principal calls faster than its rate (or its host fails to authenticate faster than
+allowed); the ErrorInfo's `metadata["retry_after_ms"]` says when a call is let through
+again. RESOURCE_EXHAUSTED; retryable.
+"""
+ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 32
+"""No API key has the id asked for. NOT_FOUND; not retryable."""
+ERROR_REASON_CERTIFICATE_MAPPING_NOT_FOUND: ErrorReason.ValueType  # 33
+"""No certificate mapping has the subject asked for. NOT_FOUND; not retryable."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 STATUS_CODE_FIELD_NUMBER: _builtins.int

@@ -57,7 +57,7 @@ class PlaceHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
+    """Up to 128 characters, unique per principal (its idempotency scope); required."""
     wallet_id: _builtins.int
     """The customer's or merchant's wallet to hold from; required."""
     target_wallet_id: _builtins.int
@@ -69,7 +69,7 @@ class PlaceHoldRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference, e.g. an order id (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Whole seconds, 1 second to 30 days; unset means 1 hour."""
@@ -163,7 +163,7 @@ class CaptureHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
+    """Up to 128 characters, unique per principal (its idempotency scope); required."""
     hold_id: _builtins.int
     """The hold to capture; required."""
     amount: _builtins.int
@@ -173,7 +173,7 @@ class CaptureHoldRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Up to 16 entries; keys 1 to 64 characters, values up to 512."""
@@ -261,13 +261,13 @@ class ReleaseHoldRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required."""
+    """Up to 128 characters, unique per principal (its idempotency scope); required."""
     hold_id: _builtins.int
     """The hold to release; required."""
     note: _builtins.str
     """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Up to 16 entries; keys 1 to 64 characters, values up to 512."""

@@ -33,10 +33,20 @@ class HoldServiceStub:
     refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
     ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -83,10 +93,20 @@ class HoldServiceServicer:
     refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
     ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -100,7 +120,7 @@ class HoldServiceServicer:
 
     def PlaceHold(self, request, context):
         """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
-        Needs `coffer-caller`.
+
         Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
         WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
         WALLET_KIND_MISMATCH (a system wallet), SAME_WALLET, UNIT_MISMATCH, BALANCE_OVERFLOW.
@@ -111,7 +131,7 @@ class HoldServiceServicer:
 
     def CaptureHold(self, request, context):
         """Posts all or part of a pending hold to its target; the rest goes back to the source.
-        Needs `coffer-caller`.
+
         Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
         HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
         BALANCE_OVERFLOW.
@@ -121,7 +141,7 @@ class HoldServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReleaseHold(self, request, context):
-        """Gives a pending hold back, posting nothing. Needs `coffer-caller`.
+        """Gives a pending hold back, posting nothing.
         Errors: INVALID_ARGUMENT (hold_id), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
         HOLD_EXPIRED, HOLD_NOT_PENDING.
         """
@@ -174,10 +194,20 @@ class HoldService:
     refusal, marked `coffer-replayed: true`. Amounts are integers in the unit's minor units;
     ids and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata

@@ -62,7 +62,7 @@ class CreditRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     wallet_id: _builtins.int
@@ -74,7 +74,7 @@ class CreditRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -159,7 +159,7 @@ class DebitRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     wallet_id: _builtins.int
@@ -173,7 +173,7 @@ class DebitRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -267,7 +267,7 @@ class TransferRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     source_wallet_id: _builtins.int
@@ -281,7 +281,7 @@ class TransferRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -366,7 +366,7 @@ class DepositRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     wallet_id: _builtins.int
@@ -380,7 +380,7 @@ class DepositRequest(_message.Message):
     note: _builtins.str
     """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -464,7 +464,7 @@ class WithdrawRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     wallet_id: _builtins.int
@@ -478,7 +478,7 @@ class WithdrawRequest(_message.Message):
     note: _builtins.str
     """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -563,7 +563,7 @@ class PayRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     payer_wallet_id: _builtins.int
@@ -577,7 +577,7 @@ class PayRequest(_message.Message):
     reference: _builtins.str
     """The caller's own reference, e.g. an order or invoice id (up to 256 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up
@@ -660,7 +660,7 @@ class VoidRequest(_message.Message):
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Up to 128 characters, unique per caller (`coffer-caller`); required. A retry with the
+    """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
     """
     transfer_id: _builtins.int
@@ -668,7 +668,7 @@ class VoidRequest(_message.Message):
     note: _builtins.str
     """Why (up to 1,000 characters)."""
     performed_by: _builtins.str
-    """Who did it (up to 256 characters)."""
+    """Who did it (up to 256 characters); empty: the principal's name."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up

@@ -28,7 +28,7 @@ if _version_not_supported:
 
 class TransferServiceStub:
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -47,10 +47,20 @@ class TransferServiceStub:
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -123,7 +133,7 @@ class TransferServiceStub:
 
 class TransferServiceServicer:
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -142,10 +152,20 @@ class TransferServiceServicer:
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -159,7 +179,7 @@ class TransferServiceServicer:
     """
 
     def Credit(self, request, context):
-        """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+        """The operator funds a customer's or merchant's wallet.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
         WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -168,8 +188,7 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Debit(self, request, context):
-        """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
-        `coffer-caller`.
+        """A wallet spends, back to the operator: all or nothing, or up to what it has.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
         nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -178,7 +197,7 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Transfer(self, request, context):
-        """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+        """Moves an amount between two wallets of one unit.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
         UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -188,8 +207,7 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deposit(self, request, context):
-        """Money in from an external funding source (a bank account, a card). Needs
-        `coffer-caller`.
+        """Money in from an external funding source (a bank account, a card).
         Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
         FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -199,7 +217,7 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Withdraw(self, request, context):
-        """Money out to an external funding source. Needs `coffer-caller`.
+        """Money out to an external funding source.
         Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
         FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
         wallet), BALANCE_OVERFLOW.
@@ -209,7 +227,7 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pay(self, request, context):
-        """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+        """A customer pays a merchant, in one unit.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
         WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
         SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -220,7 +238,7 @@ class TransferServiceServicer:
 
     def Void(self, request, context):
         """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-        original stays, marked voided. Needs `coffer-caller`.
+        original stays, marked voided.
         Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
         void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
         it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -235,8 +253,9 @@ class TransferServiceServicer:
         ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
         failing one fails only itself, or its whole linked chain (the others of the chain with
         ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
-        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
-        which scopes every operation's key.
+        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Each operation is
+        allowed or not by the role matrix as its single RPC is: one a role may not do refuses the
+        whole call with PERMISSION_DENIED, before anything is applied.
         Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
         the batch as a whole above.
         """
@@ -323,7 +342,7 @@ def add_TransferServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TransferService:
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -342,10 +361,20 @@ class TransferService:
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata

@@ -29,7 +29,7 @@ GRPC_VERSION: str
 
 class TransferServiceStub:
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -48,10 +48,20 @@ class TransferServiceStub:
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -69,44 +79,42 @@ class TransferServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TransferServiceAsyncStub: ...
     Credit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]
-    """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+    """The operator funds a customer's or merchant's wallet.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
     WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Debit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]
-    """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
-    `coffer-caller`.
+    """A wallet spends, back to the operator: all or nothing, or up to what it has.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
     nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Transfer: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]
-    """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+    """Moves an amount between two wallets of one unit.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
     UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Deposit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]
-    """Money in from an external funding source (a bank account, a card). Needs
-    `coffer-caller`.
+    """Money in from an external funding source (a bank account, a card).
     Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
     FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Withdraw: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.WithdrawRequest, _transfers_pb2.WithdrawResponse]
-    """Money out to an external funding source. Needs `coffer-caller`.
+    """Money out to an external funding source.
     Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
     FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
     wallet), BALANCE_OVERFLOW.
     """
     Pay: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]
-    """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+    """A customer pays a merchant, in one unit.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
     WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
     SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     Void: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]
     """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-    original stays, marked voided. Needs `coffer-caller`.
+    original stays, marked voided.
     Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
     void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
     it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -117,8 +125,9 @@ class TransferServiceStub:
     ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
     failing one fails only itself, or its whole linked chain (the others of the chain with
     ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
-    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
-    which scopes every operation's key.
+    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Each operation is
+    allowed or not by the role matrix as its single RPC is: one a role may not do refuses the
+    whole call with PERMISSION_DENIED, before anything is applied.
     Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
     the batch as a whole above.
     """
@@ -134,7 +143,7 @@ class TransferServiceStub:
 @_typing.type_check_only
 class TransferServiceAsyncStub(TransferServiceStub):
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -153,10 +162,20 @@ class TransferServiceAsyncStub(TransferServiceStub):
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -171,44 +190,42 @@ class TransferServiceAsyncStub(TransferServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Credit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]  # type: ignore[assignment]
-    """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+    """The operator funds a customer's or merchant's wallet.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
     WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Debit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]  # type: ignore[assignment]
-    """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
-    `coffer-caller`.
+    """A wallet spends, back to the operator: all or nothing, or up to what it has.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
     nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Transfer: _aio.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]  # type: ignore[assignment]
-    """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+    """Moves an amount between two wallets of one unit.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
     UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Deposit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]  # type: ignore[assignment]
-    """Money in from an external funding source (a bank account, a card). Needs
-    `coffer-caller`.
+    """Money in from an external funding source (a bank account, a card).
     Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
     FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Withdraw: _aio.UnaryUnaryMultiCallable[_transfers_pb2.WithdrawRequest, _transfers_pb2.WithdrawResponse]  # type: ignore[assignment]
-    """Money out to an external funding source. Needs `coffer-caller`.
+    """Money out to an external funding source.
     Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
     FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
     wallet), BALANCE_OVERFLOW.
     """
     Pay: _aio.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]  # type: ignore[assignment]
-    """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+    """A customer pays a merchant, in one unit.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
     WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
     SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     Void: _aio.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]  # type: ignore[assignment]
     """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-    original stays, marked voided. Needs `coffer-caller`.
+    original stays, marked voided.
     Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
     void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
     it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -219,8 +236,9 @@ class TransferServiceAsyncStub(TransferServiceStub):
     ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
     failing one fails only itself, or its whole linked chain (the others of the chain with
     ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
-    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
-    which scopes every operation's key.
+    OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Each operation is
+    allowed or not by the role matrix as its single RPC is: one a role may not do refuses the
+    whole call with PERMISSION_DENIED, before anything is applied.
     Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
     the batch as a whole above.
     """
@@ -235,7 +253,7 @@ class TransferServiceAsyncStub(TransferServiceStub):
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     """Money movements. Every mutating call takes an idempotency key (up to 128 characters, scoped
-    to the caller named in the `coffer-caller` metadata). Nothing is edited or deleted: a void
+    to the principal, see Callers below). Nothing is edited or deleted: a void
     is a new, reversing transfer.
 
     Replays. A retry with the same key and the same request returns the first outcome, forever
@@ -254,10 +272,20 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     Amounts are integers in the unit's minor units (1500 of EUR is EUR 15.00), positive; ids
     and amounts are int64: JavaScript clients must handle them as strings or BigInt.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -276,7 +304,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.CreditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.CreditResponse, _abc.Awaitable[_transfers_pb2.CreditResponse]]:
-        """The operator funds a customer's or merchant's wallet. Needs `coffer-caller`.
+        """The operator funds a customer's or merchant's wallet.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
         WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -287,8 +315,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.DebitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.DebitResponse, _abc.Awaitable[_transfers_pb2.DebitResponse]]:
-        """A wallet spends, back to the operator: all or nothing, or up to what it has. Needs
-        `coffer-caller`.
+        """A wallet spends, back to the operator: all or nothing, or up to what it has.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
         nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -299,7 +326,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.TransferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.TransferResponse, _abc.Awaitable[_transfers_pb2.TransferResponse]]:
-        """Moves an amount between two wallets of one unit. Needs `coffer-caller`.
+        """Moves an amount between two wallets of one unit.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
         UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -311,8 +338,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.DepositRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.DepositResponse, _abc.Awaitable[_transfers_pb2.DepositResponse]]:
-        """Money in from an external funding source (a bank account, a card). Needs
-        `coffer-caller`.
+        """Money in from an external funding source (a bank account, a card).
         Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
         FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -324,7 +350,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.WithdrawRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.WithdrawResponse, _abc.Awaitable[_transfers_pb2.WithdrawResponse]]:
-        """Money out to an external funding source. Needs `coffer-caller`.
+        """Money out to an external funding source.
         Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
         FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system
         wallet), BALANCE_OVERFLOW.
@@ -336,7 +362,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.PayRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.PayResponse, _abc.Awaitable[_transfers_pb2.PayResponse]]:
-        """A customer pays a merchant, in one unit. Needs `coffer-caller`.
+        """A customer pays a merchant, in one unit.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
         WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
         SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -349,7 +375,7 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.VoidResponse, _abc.Awaitable[_transfers_pb2.VoidResponse]]:
         """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-        original stays, marked voided. Needs `coffer-caller`.
+        original stays, marked voided.
         Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
         void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
         it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -366,8 +392,9 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         ErrorInfo, before it is read (split the batch). Each operation gets its own result; a
         failing one fails only itself, or its whole linked chain (the others of the chain with
         ABORTED LINKED_OPERATION_FAILED). A batch that fails as a whole (UNAVAILABLE, INTERNAL,
-        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Needs `coffer-caller`,
-        which scopes every operation's key.
+        OVERLOADED, DEADLINE_EXCEEDED) fails the call with that status. Each operation is
+        allowed or not by the role matrix as its single RPC is: one a role may not do refuses the
+        whole call with PERMISSION_DENIED, before anything is applied.
         Errors of the call: INVALID_ARGUMENT (operations: none, or more than 8,000), and those of
         the batch as a whole above.
         """

@@ -31,10 +31,20 @@ class UnitServiceStub:
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -51,7 +61,7 @@ class UnitServiceStub:
     CreateUnit: _grpc.UnaryUnaryMultiCallable[_units_pb2.CreateUnitRequest, _units_pb2.CreateUnitResponse]
     """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
     key: creating an existing unit with the same fields returns it; with different fields
-    fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+    fails with ALREADY_EXISTS UNIT_EXISTS.
     Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
     UNIT_EXISTS.
     """
@@ -65,10 +75,20 @@ class UnitServiceAsyncStub(UnitServiceStub):
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -82,7 +102,7 @@ class UnitServiceAsyncStub(UnitServiceStub):
     CreateUnit: _aio.UnaryUnaryMultiCallable[_units_pb2.CreateUnitRequest, _units_pb2.CreateUnitResponse]  # type: ignore[assignment]
     """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
     key: creating an existing unit with the same fields returns it; with different fields
-    fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+    fails with ALREADY_EXISTS UNIT_EXISTS.
     Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
     UNIT_EXISTS.
     """
@@ -95,10 +115,20 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     """Units: currencies and operator-defined credit types. Creating a unit also creates its system
     wallets (operator and funding), the counterparts of credits, debits, deposits and withdrawals.
 
-    Callers: every call that writes (all but Get… and List…) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -116,7 +146,7 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_units_pb2.CreateUnitResponse, _abc.Awaitable[_units_pb2.CreateUnitResponse]]:
         """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
         key: creating an existing unit with the same fields returns it; with different fields
-        fails with ALREADY_EXISTS UNIT_EXISTS. Needs `coffer-caller`.
+        fails with ALREADY_EXISTS UNIT_EXISTS.
         Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
         UNIT_EXISTS.
         """

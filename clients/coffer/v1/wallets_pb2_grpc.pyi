@@ -31,10 +31,20 @@ class WalletServiceStub:
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -51,7 +61,7 @@ class WalletServiceStub:
     CreateWallet: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.CreateWalletRequest, _wallets_pb2.CreateWalletResponse]
     """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
     same key and request returns the wallet created first (trailing metadata
-    `coffer-replayed: true`). Needs `coffer-caller`.
+    `coffer-replayed: true`).
     Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
     metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
     """
@@ -67,7 +77,7 @@ class WalletServiceStub:
     """
     CancelWallet: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.CancelWalletRequest, _wallets_pb2.CancelWalletResponse]
     """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-    cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+    cancelled wallet returns it unchanged. It takes no idempotency key,
     as it is idempotent itself.
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
@@ -78,10 +88,20 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -95,7 +115,7 @@ class WalletServiceAsyncStub(WalletServiceStub):
     CreateWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.CreateWalletRequest, _wallets_pb2.CreateWalletResponse]  # type: ignore[assignment]
     """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
     same key and request returns the wallet created first (trailing metadata
-    `coffer-replayed: true`). Needs `coffer-caller`.
+    `coffer-replayed: true`).
     Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
     metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
     """
@@ -111,7 +131,7 @@ class WalletServiceAsyncStub(WalletServiceStub):
     """
     CancelWallet: _aio.UnaryUnaryMultiCallable[_wallets_pb2.CancelWalletRequest, _wallets_pb2.CancelWalletResponse]  # type: ignore[assignment]
     """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-    cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+    cancelled wallet returns it unchanged. It takes no idempotency key,
     as it is idempotent itself.
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
@@ -121,10 +141,20 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
-    `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
-    without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
-    caller they send is checked the same way.
+    Access: every call is authenticated, by an API key in the `authorization` metadata
+    (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
+    name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
+    server's role matrix names for it (merchants and customers: their own wallets alone; another
+    owner's wallet, transfer or hold is NOT_FOUND, as a missing one). Errors: UNAUTHENTICATED
+    CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
+    PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
+    metadata). A server on a loopback address with no credential made yet is open: every call
+    is the local administrator's.
+
+    Callers: a call may name its caller in the `coffer-caller` metadata, 1 to 128 visible ASCII
+    characters (no spaces) not starting with '@' (else INVALID_ARGUMENT, field `coffer-caller`).
+    In the open mode it names the principal, to which idempotency keys are scoped ("local" when
+    absent); with credentials, keys are scoped to the credential, and the caller is only a label.
 
     Errors: a status code with a google.rpc.ErrorInfo (domain "coffer.v1") whose `reason` is stable,
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
@@ -142,7 +172,7 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_wallets_pb2.CreateWalletResponse, _abc.Awaitable[_wallets_pb2.CreateWalletResponse]]:
         """Opens a customer's or merchant's wallet of a unit. Idempotent by key: a retry with the
         same key and request returns the wallet created first (trailing metadata
-        `coffer-replayed: true`). Needs `coffer-caller`.
+        `coffer-replayed: true`).
         Errors: INVALID_ARGUMENT (idempotency_key, owner_id, owner_kind, unit, balance_minimum,
         metadata), NOT_FOUND UNIT_NOT_FOUND, ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED.
         """
@@ -182,7 +212,7 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_wallets_pb2.CancelWalletResponse, _abc.Awaitable[_wallets_pb2.CancelWalletResponse]]:
         """Only an empty wallet (no posted balance, no open hold) can be cancelled. Cancelling a
-        cancelled wallet returns it unchanged. Needs `coffer-caller`; takes no idempotency key,
+        cancelled wallet returns it unchanged. It takes no idempotency key,
         as it is idempotent itself.
         Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
         WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).

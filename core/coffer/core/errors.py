@@ -11,7 +11,13 @@ says whether the same request may succeed if sent again unchanged.
     ├── AlreadyExists          IdempotencyKeyReused, UnitExists      (ALREADY_EXISTS)
     ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …   (FAILED_PRECONDITION)
     ├── LinkedOperationFailed  another operation of a linked chain failed (ABORTED)
+    ├── Unauthenticated        CredentialsMissing, CredentialsInvalid, CredentialsExpired,
+    │                          CredentialsRevoked                    (UNAUTHENTICATED)
+    ├── PermissionDenied       the principal's role may not do this  (PERMISSION_DENIED)
     ├── Overloaded             too much is waiting already; with a retry-after hint
+    │                                                                (RESOURCE_EXHAUSTED)
+    ├── RateLimited            the principal (or, failing to authenticate, its host) calls
+    │                          faster than its rate; with a retry-after hint
     │                                                                (RESOURCE_EXHAUSTED)
     ├── DeadlineExceeded       the caller's deadline passed before the operation ran
     │                                                                (DEADLINE_EXCEEDED)
@@ -19,8 +25,8 @@ says whether the same request may succeed if sent again unchanged.
     └── Internal               a bug or an unknown failure; details only in the server's log
                                                                      (INTERNAL)
 
-Only Overloaded, DeadlineExceeded and Unavailable are `retryable`: an unknown failure is not
-worth repeating blindly.
+Only Overloaded, RateLimited, DeadlineExceeded and Unavailable are `retryable`: an unknown
+failure is not worth repeating blindly.
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ from typing import ClassVar
 __all__ = [
     "AlreadyExists",
     "AlreadyVoided",
+    "ApiKeyNotFound",
     "BalanceOverflow",
     "CaptureExceedsHold",
     "Category",
+    "CertificateMappingNotFound",
     "CofferError",
+    "CredentialsExpired",
+    "CredentialsInvalid",
+    "CredentialsMissing",
+    "CredentialsRevoked",
     "DeadlineExceeded",
     "FailedPrecondition",
     "HoldExpired",
@@ -50,8 +62,11 @@ __all__ = [
     "NotFound",
     "NotVoidable",
     "Overloaded",
+    "PermissionDenied",
+    "RateLimited",
     "SameWallet",
     "TransferNotFound",
+    "Unauthenticated",
     "Unavailable",
     "UnitExists",
     "UnitMismatch",
@@ -71,6 +86,8 @@ class Category(Enum):
     already_exists = "already_exists"
     failed_precondition = "failed_precondition"
     aborted = "aborted"
+    unauthenticated = "unauthenticated"
+    permission_denied = "permission_denied"
     resource_exhausted = "resource_exhausted"
     deadline_exceeded = "deadline_exceeded"
     unavailable = "unavailable"
@@ -134,6 +151,16 @@ class TransferNotFound(NotFound):
 
 class HoldNotFound(NotFound):
     reason = "HOLD_NOT_FOUND"
+
+
+class ApiKeyNotFound(NotFound):
+    reason = "API_KEY_NOT_FOUND"
+    refusal = False
+
+
+class CertificateMappingNotFound(NotFound):
+    reason = "CERTIFICATE_MAPPING_NOT_FOUND"
+    refusal = False
 
 
 class AlreadyExists(CofferError):
@@ -207,11 +234,54 @@ class LinkedOperationFailed(CofferError):
     refusal = True
 
 
+class Unauthenticated(CofferError):
+    """The call's credentials are missing or not good: who calls is not known."""
+
+    category = Category.unauthenticated
+
+
+class CredentialsMissing(Unauthenticated):
+    reason = "CREDENTIALS_MISSING"
+
+
+class CredentialsInvalid(Unauthenticated):
+    reason = "CREDENTIALS_INVALID"
+
+
+class CredentialsExpired(Unauthenticated):
+    reason = "CREDENTIALS_EXPIRED"
+
+
+class CredentialsRevoked(Unauthenticated):
+    reason = "CREDENTIALS_REVOKED"
+
+
+class PermissionDenied(CofferError):
+    """The principal is known, and its role may not do what it asks."""
+
+    reason = "PERMISSION_DENIED"
+    category = Category.permission_denied
+
+
 class Overloaded(CofferError):
     """Refused at once, before any work, because too much is waiting; `retry_after_ms` says
     when trying again is likely to be admitted."""
 
     reason = "OVERLOADED"
+    category = Category.resource_exhausted
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class RateLimited(CofferError):
+    """Refused at once: the principal calls faster than its rate allows (or its host fails
+    to authenticate faster than that allows); `retry_after_ms` says when a call will be let
+    through again."""
+
+    reason = "RATE_LIMITED"
     category = Category.resource_exhausted
     retryable = True
 

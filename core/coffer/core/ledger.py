@@ -46,6 +46,7 @@ from .model import (
     Hold,
     NewWallet,
     Operation,
+    Owner,
     OwnerKind,
     Page,
     Rejected,
@@ -169,6 +170,12 @@ class Ledger:
                 page_size=page_size,
                 after_id=after_id,
             )
+
+    async def wallet_owners(self, wallet_ids: Collection[int]) -> dict[int, Owner]:
+        """The owner of each of the wallets that exist (system wallets' too)."""
+        async with self._read_connection() as connection:
+            found = await connection.fetch(sql.select_wallet_owners, list(wallet_ids))
+        return {row["id"]: Owner(OwnerKind(row["owner_kind"]), row["owner_id"]) for row in found}
 
     async def cancel_wallet(self, wallet_id: int) -> Wallet:
         async with self._connection(transaction=True) as connection:

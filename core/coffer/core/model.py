@@ -18,9 +18,11 @@ from typing import Any, Generic, TypeVar, get_type_hints
 from .errors import CofferError, InvalidArgument
 
 __all__ = [
+    "ApiKey",
     "Applied",
     "Balance",
     "CaptureHold",
+    "CertificateMapping",
     "Credit",
     "Debit",
     "DebitMode",
@@ -30,12 +32,15 @@ __all__ = [
     "HoldStatus",
     "NewWallet",
     "Operation",
+    "Owner",
     "OwnerKind",
     "Page",
     "Payment",
     "PlaceHold",
+    "Principal",
     "Rejected",
     "ReleaseHold",
+    "Role",
     "SystemWallet",
     "Transfer",
     "TransferFilter",
@@ -48,14 +53,19 @@ __all__ = [
     "WalletTransfer",
     "Withdrawal",
     "amount_max",
+    "api_key_prefix",
+    "api_key_secret_bytes",
     "balance_max",
     "balance_min",
     "batch_operations_max",
     "caller_length_max",
+    "certificate_subject_length_max",
     "check_enum",
     "check_id",
+    "check_principal_fields",
     "check_text",
     "check_unit_code",
+    "credential_scope_prefix",
     "hold_lapsed",
     "hold_status_resolved_by",
     "hold_timeout_s_default",
@@ -63,6 +73,7 @@ __all__ = [
     "hold_timeout_s_min",
     "id_max",
     "idempotency_key_length_max",
+    "local_principal_name",
     "metadata_entries_max",
     "metadata_key_length_max",
     "metadata_value_length_max",
@@ -73,6 +84,7 @@ __all__ = [
     "page_size_max",
     "performed_by_length_max",
     "posting_kinds",
+    "principal_name_length_max",
     "reference_length_max",
     "system_caller",
     "unit_code_length_max",
@@ -113,6 +125,20 @@ batch_operations_max = 8000
 # Items in one page of a list, and how many when the caller names no size.
 page_size_max = 1000
 page_size_default = 100
+# Credentials (`coffer.core.access`). A principal's name labels it (and is the default
+# `performed_by` of what it does); a certificate is named by its subject's common name, which
+# X.509 bounds at 64 characters.
+principal_name_length_max = 128
+certificate_subject_length_max = 64
+# The idempotency scope of a credential starts with this prefix ("@key:17", "@cert:<subject>"),
+# which the API's rule for callers reserves (a project test holds them equal): no caller label
+# named in the open mode can take a credential's scope.
+credential_scope_prefix = "@"
+# An API key: this prefix, its id, "_", then api_key_secret_bytes random bytes in base64url.
+api_key_prefix = "coffer_"
+api_key_secret_bytes = 32
+# The principal of the open mode when the call names no caller.
+local_principal_name = "local"
 # The most transfers one operation writes (each writes one today): an operation's transfers
 # have consecutive ids from its own, so its replay reads at most this many.
 operation_transfers_max = 1
@@ -187,6 +213,21 @@ def hold_lapsed(expires_at: datetime, now: datetime) -> bool:
     """A hold lapses at its expiry: from that instant on it holds nothing, whether or not it is
     released in the journal yet. (The statements in coffer.core.store.sql say `<=` alike.)"""
     return expires_at <= now
+
+
+class Role(IntEnum):
+    """What a principal may do (the server's role matrix says which RPC each may call).
+    Merchants and customers act only on the wallets of their owner."""
+
+    admin = 1
+    manager = 2
+    service = 3
+    merchant = 4
+    customer = 5
+
+
+# The roles limited to one owner's wallets, with the kind of wallets that owner has.
+_owner_kinds_of_roles = {Role.merchant: OwnerKind.merchant, Role.customer: OwnerKind.customer}
 
 
 class SystemWallet(IntEnum):
@@ -310,6 +351,85 @@ class Hold:
     amount_captured: int = 0
 
 
+# Principals ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Whose wallets a merchant or customer may touch: those of this kind and owner id."""
+
+    kind: OwnerKind
+    id: str
+
+    def owns(self, owner_kind: OwnerKind, owner_id: str) -> bool:
+        return owner_kind == self.kind and owner_id == self.id
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who makes a call, once authenticated. `name` labels it and is the default
+    `performed_by` of its operations; `owner_id` is set for merchants and customers alone (the
+    owner whose wallets they may touch); `scope` scopes its idempotency keys (stored where
+    operations store their caller)."""
+
+    name: str
+    role: Role
+    owner_id: str | None
+    scope: str
+
+    def __post_init__(self) -> None:
+        assert (self.owner_id is not None) == (self.role in _owner_kinds_of_roles), self
+        assert 0 < len(self.scope) <= caller_length_max, self
+
+    @property
+    def owner(self) -> Owner | None:
+        """The owner whose wallets alone it may touch; None: any."""
+        if self.owner_id is None:
+            return None
+        return Owner(_owner_kinds_of_roles[self.role], self.owner_id)
+
+
+def check_principal_fields(name: str, role: int, owner_id: str | None) -> None:
+    """What a credential names: a name, a role, and an owner for merchants and customers
+    alone."""
+    check_text("name", name, principal_name_length_max, required=True)
+    check_enum("role", role, Role)
+    if role in _owner_kinds_of_roles:
+        if owner_id is None:
+            raise InvalidArgument("owner_id", f"is required for the role {Role(role).name}")
+        check_text("owner_id", owner_id, owner_id_length_max, required=True)
+    elif owner_id:
+        raise InvalidArgument(
+            "owner_id", f"is only for merchants and customers, not the role {Role(role).name}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored: never its secret, which is shown once, when it is made."""
+
+    id: int
+    name: str
+    role: Role
+    owner_id: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateMapping:
+    """A client certificate's subject common name, mapped to the principal it authenticates."""
+
+    subject: str
+    name: str
+    role: Role
+    owner_id: str | None
+    created_at: datetime
+    created_by: str
+
+
 # Operations ----------------------------------------------------------------------------------
 
 
@@ -325,6 +445,9 @@ class Operation:
     metadata: Mapping[str, str] = field(default_factory=dict)
     # Links this operation to the next one in its batch: the chain applies as a whole.
     linked: bool = False
+    # The owner whose wallets alone the operation may touch (a merchant's or customer's);
+    # None: any. A wallet, transfer or hold of another owner is not found, as a missing one.
+    owner_limit: Owner | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.idempotency_key, self.caller)
@@ -596,7 +719,7 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
         check_text(f"metadata[{key}]", value, metadata_value_length_max)
 
 
-_unhashed = frozenset({"idempotency_key", "caller", "linked"})
+_unhashed = frozenset({"idempotency_key", "caller", "linked", "owner_limit"})
 # Per operation type: its hashed fields, each with whether it holds a mapping or an enum.
 _hashed_fields: dict[type, tuple[tuple[str, int], ...]] = {}
 _plain, _mapping, _enum = 0, 1, 2

@@ -29,6 +29,7 @@ from .model import (
     Deposit,
     ExpireHold,
     Operation,
+    Owner,
     OwnerKind,
     Payment,
     PlaceHold,
@@ -75,6 +76,8 @@ class WalletState:
     balance_minimum: int | None
     posted: int
     pending: int
+    # The owner's id, for operations limited to one owner's wallets (`Operation.owner_limit`).
+    owner_id: str = ""
 
     @property
     def available(self) -> int:
@@ -432,6 +435,8 @@ def _linked_failed() -> errors.CofferError:
 
 
 def apply(book: Book, operation: Operation, now: datetime) -> list[Posting]:
+    if operation.owner_limit is not None:
+        _check_owner(book, operation, operation.owner_limit)
     match operation:
         case Credit():
             return _credit(book, operation)
@@ -597,6 +602,60 @@ def _expire_hold(book: Book, operation: ExpireHold, now: datetime) -> list[Posti
 
 
 # Lookups and checks ----------------------------------------------------------------------------
+
+
+def _check_owner(book: Book, operation: Operation, owner: Owner) -> None:
+    """For an operation limited to one owner's wallets, first of all its checks: the wallet it
+    acts on as that owner is theirs (a debit's, a withdrawal's, a payment's payer, a hold's
+    source), or the transfer it voids or the hold it resolves touches a wallet of theirs; else
+    it is not found, as a missing one is, so that ids of others tell nothing. A void must be of
+    a payment into a wallet of theirs (a refund), a capture or a release of a hold towards one:
+    else PermissionDenied."""
+    match operation:
+        case Credit() | Debit() | Deposit() | Withdrawal() | PlaceHold():
+            _owned_wallet(book, operation.wallet_id, owner)
+        case WalletTransfer():
+            _owned_wallet(book, operation.source_wallet_id, owner)
+        case Payment():
+            _owned_wallet(book, operation.payer_wallet_id, owner)
+        case Void():
+            original = book.transfers.get(operation.transfer_id)
+            if original is None or not (
+                _owns(book, original.source_wallet_id, owner)
+                or _owns(book, original.target_wallet_id, owner)
+            ):
+                raise errors.TransferNotFound(f"transfer {operation.transfer_id} does not exist")
+            if original.kind != TransferKind.payment or not _owns(
+                book, original.target_wallet_id, owner
+            ):
+                raise errors.PermissionDenied(
+                    f"a {owner.kind.name} may void only payments into its own wallets: "
+                    f"transfer {original.id} is not one"
+                )
+        case CaptureHold() | ReleaseHold():
+            hold = book.holds.get(operation.hold_id)
+            if hold is None or not (
+                _owns(book, hold.source_wallet_id, owner)
+                or _owns(book, hold.target_wallet_id, owner)
+            ):
+                raise errors.HoldNotFound(f"hold {operation.hold_id} does not exist")
+            if not _owns(book, hold.target_wallet_id, owner):
+                raise errors.PermissionDenied(
+                    f"a {owner.kind.name} may capture or release only holds towards its own "
+                    f"wallets: hold {hold.id} is not one"
+                )
+        case _:
+            raise AssertionError(f"{type(operation).__name__} is not limited to an owner")
+
+
+def _owns(book: Book, wallet_id: int, owner: Owner) -> bool:
+    wallet = book.wallets.get(wallet_id)
+    return wallet is not None and owner.owns(wallet.owner_kind, wallet.owner_id)
+
+
+def _owned_wallet(book: Book, wallet_id: int, owner: Owner) -> None:
+    if not _owns(book, wallet_id, owner):
+        raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
 
 
 def _wallet(book: Book, wallet_id: int) -> WalletState:

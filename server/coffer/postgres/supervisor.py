@@ -310,6 +310,26 @@ class EmbeddedPostgres:
             f"{urllib.parse.quote(database, safe='')}?host={host}&port={PORT}"
         )
 
+    def running_dsn(self, *, role: str = LEDGER_ROLE) -> str | None:
+        """The DSN of `database` (as `role`) on a postmaster that another process started in
+        this data directory (a server running), by the socket directory its postmaster.pid
+        names; None when none runs, or its file cannot be read."""
+        if not self.postmaster_alive:
+            return None
+        try:
+            lines = (self._data_dir / "postmaster.pid").read_text().split("\n")
+        except OSError:
+            return None
+        # Its fifth line: the first socket directory.
+        socket_dir = lines[4].strip() if len(lines) > 4 else ""
+        if not socket_dir:
+            return None
+        host = urllib.parse.quote(socket_dir, safe="/")
+        return (
+            f"postgresql://{urllib.parse.quote(role, safe='')}@/"
+            f"{urllib.parse.quote(self._database, safe='')}?host={host}&port={PORT}"
+        )
+
     @property
     def postmaster_alive(self) -> bool:
         """Whether a postmaster runs this data directory."""

@@ -8,6 +8,10 @@ With `tls_cert` and `tls_key` set, the server speaks TLS only (and asks for clie
 certificates from `tls_client_ca`: mTLS); `tls.reload()` reads the files again for the
 connections that follow (`coffer serve` calls it on SIGHUP). Without them, plaintext.
 
+Every call is authenticated, rate-limited and checked against the role matrix by the `gate`
+before its handler runs (server/gate.py): on a loopback address with no credential made yet
+the server is open (every call the local administrator's), elsewhere never.
+
 `start` migrates the database first. `stop` shuts down in order: stop taking calls and let
 those in flight finish (within the grace period), apply what the batcher holds, stop the
 sweep and the health check, close the connection pools.
@@ -35,13 +39,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coffer.core import errors
+from coffer.core.access import Access
 from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
-from coffer.v1 import holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
 from . import admission, reflection, services
 from .batcher import Batcher
+from .gate import Gate, RateLimits
 from .metrics import Metrics
 from .settings import Settings, calls_max_limit
 from .tls import ServerTls
@@ -68,6 +74,7 @@ services_described = (
     wallets_pb2.DESCRIPTOR.services_by_name["WalletService"],
     transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
+    access_pb2.DESCRIPTOR.services_by_name["AccessService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
 
@@ -112,11 +119,13 @@ class Server:
         health_servicer: health.aio.HealthServicer,
         probe_pool: asyncpg.Pool,
         probe_lost: asyncio.Event,
+        gate: Gate,
         tls: ServerTls | None = None,
         metrics: Metrics | None = None,
         metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
+        self.gate = gate
         # None: plaintext.
         self.tls = tls
         self.port = port
@@ -205,11 +214,23 @@ class Server:
                 ],
                 maximum_concurrent_rpcs=grpc_calls_max,
             )
+            access = Access(pools[1], acquire_timeout_s=settings.statement_timeout_s)
+            gate = Gate(
+                access,
+                open_allowed=settings.loopback,
+                limits=RateLimits(
+                    calls_per_s=settings.rate_limit_calls_per_s,
+                    calls_burst=settings.rate_limit_burst,
+                    failures_per_s=settings.authentication_failures_per_s,
+                ),
+                cache_ttl_s=settings.credentials_cache_ttl_s,
+            )
             servicers = (
-                services.UnitService(ledger),
-                services.WalletService(ledger),
-                services.TransferService(ledger, batcher),
-                services.HoldService(ledger, batcher),
+                services.UnitService(ledger, gate),
+                services.WalletService(ledger, gate),
+                services.TransferService(ledger, batcher, gate),
+                services.HoldService(ledger, batcher, gate),
+                services.AccessService(access, gate),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(
@@ -258,6 +279,7 @@ class Server:
             health_servicer,
             probe_pool,
             probe_lost,
+            gate,
             tls,
             metrics,
             metrics_port,

@@ -1,8 +1,12 @@
-"""The server's commands, `coffer serve` and `coffer migrate`.
+"""The server's commands: `coffer serve`, `coffer migrate`, and `coffer keys` and `coffer
+certificates`, which make and revoke credentials in the database itself (the way the first
+administrator's key is made: `coffer keys create --role admin --name ops`).
 
 The `coffer` program is the client's (`coffer.clients.cli`); these join it through the
 `coffer.commands` entry points of this distribution, each called with the arguments after
-its name."""
+its name. The database is found as `coffer migrate` finds it: `--database-url` or
+DATABASE_URL, else the embedded PostgreSQL in the data directory, the running server's if one
+runs there (through its socket), else started for the command and stopped after it."""
 
 from __future__ import annotations
 
@@ -16,12 +20,16 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import uvloop
 
+from coffer.core import errors
+from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
+from coffer.core.model import ApiKey, CertificateMapping, Role
 from coffer.postgres.supervisor import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -34,7 +42,7 @@ from .app import Server
 from .settings import Settings, SettingsError, listen_default
 from .tls import ServerTls, TlsError
 
-__all__ = ["migrate", "serve"]
+__all__ = ["certificates", "keys", "migrate", "serve"]
 
 logger = logging.getLogger("coffer")
 
@@ -47,6 +55,20 @@ def serve(argv: list[str]) -> int:
 def migrate(argv: list[str]) -> int:
     """apply the schema migrations"""
     return _main(["migrate", *argv])
+
+
+def keys(argv: list[str]) -> int:
+    """API keys, in the database itself"""
+    return _main(["keys", *argv])
+
+
+def certificates(argv: list[str]) -> int:
+    """certificate mappings, in the database itself"""
+    return _main(["certificates", *argv])
+
+
+# Who made a credential through these commands.
+made_by_command = "coffer keys"
 
 
 def _main(argv: list[str]) -> int:
@@ -62,7 +84,12 @@ def _main(argv: list[str]) -> int:
                 flag = "--" + error.setting.replace("_", "-")
                 print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
                 return 2
+        if arguments.command in ("keys", "certificates"):
+            return uvloop.run(_access(arguments))
         return uvloop.run(_migrate(arguments))
+    except errors.CofferError as error:
+        print(f"error: {error.reason}: {error.message}", file=sys.stderr)
+        return 1
     except EmbeddedPostgresError as error:
         print(f"coffer: {error}", file=sys.stderr)
         return 1
@@ -76,7 +103,35 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the gRPC ledger server")
     migrate_command = commands.add_parser("migrate", help="apply the schema migrations")
-    for command in (serve, migrate_command):
+    keys_command = commands.add_parser(
+        "keys", help="API keys, in the database itself (the first admin key)"
+    )
+    key_commands = keys_command.add_subparsers(dest="access_command", required=True)
+    create = key_commands.add_parser("create", help="make an API key, shown this once")
+    _add_principal_options(create)
+    create.add_argument(
+        "--expires-at",
+        type=_moment,
+        metavar="ISO",
+        help="when it stops being good, e.g. 2027-01-31T00:00:00Z (default: never)",
+    )
+    key_commands.add_parser("list", help="list the API keys (never their secrets)")
+    revoke = key_commands.add_parser("revoke", help="revoke an API key for good")
+    revoke.add_argument("key", type=int, metavar="ID")
+    certificates_command = commands.add_parser(
+        "certificates", help="client certificates mapped to principals, in the database itself"
+    )
+    mapping_commands = certificates_command.add_subparsers(dest="access_command", required=True)
+    map_command = mapping_commands.add_parser("map", help="map a subject common name")
+    map_command.add_argument("subject", metavar="COMMON_NAME")
+    _add_principal_options(map_command)
+    unmap = mapping_commands.add_parser("unmap", help="remove a mapping")
+    unmap.add_argument("subject", metavar="COMMON_NAME")
+    mapping_commands.add_parser("list", help="list the mappings")
+    database_commands = [serve, migrate_command]
+    for group in (key_commands, mapping_commands):
+        database_commands.extend(group.choices.values())
+    for command in database_commands:
         command.add_argument(
             "--database-url",
             default=os.environ.get("DATABASE_URL"),
@@ -189,6 +244,35 @@ def _parser() -> argparse.ArgumentParser:
         help="set SO_REUSEPORT, so that several servers can listen on one port",
     )
     serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext on an address other than loopback (a trusted network, or behind "
+        "a TLS proxy); authentication stays on; with --tls-cert it changes nothing",
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        default=defaults.rate_limit_calls_per_s,
+        metavar="N",
+        help="calls a second each principal may make, past its burst "
+        f"(default {defaults.rate_limit_calls_per_s:g})",
+    )
+    serve.add_argument(
+        "--rate-burst",
+        type=int,
+        default=defaults.rate_limit_burst,
+        metavar="N",
+        help=f"calls a principal may make at once (default {defaults.rate_limit_burst})",
+    )
+    serve.add_argument(
+        "--auth-failures-per-s",
+        type=float,
+        default=defaults.authentication_failures_per_s,
+        metavar="N",
+        help="failed authentications a second from one host before its calls with unknown "
+        f"credentials are refused unchecked (default {defaults.authentication_failures_per_s:g})",
+    )
+    serve.add_argument(
         "--tls-cert",
         default=os.environ.get("COFFER_TLS_CERT", ""),
         metavar="PEM",
@@ -226,6 +310,12 @@ async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, s
         return
     data_dir = arguments.data_dir or default_data_dir()
     cluster = EmbeddedPostgres(data_dir / "postgres")
+    if arguments.command in ("keys", "certificates"):
+        # The server may be running on it: go through its socket.
+        running = cluster.running_dsn()
+        if running is not None:
+            yield running, f"embedded PostgreSQL in {cluster.data_dir}, of the running server"
+            return
     await asyncio.to_thread(cluster.start)
     # Restarts the cluster when it dies while Coffer runs.
     supervisor = asyncio.create_task(supervise(cluster))
@@ -259,6 +349,10 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         tls_key=arguments.tls_key,
         tls_client_ca=arguments.tls_client_ca,
         metrics_listen=arguments.metrics_listen,
+        insecure=arguments.insecure,
+        rate_limit_calls_per_s=arguments.rate_limit,
+        rate_limit_burst=arguments.rate_burst,
+        authentication_failures_per_s=arguments.auth_failures_per_s,
     )
 
 
@@ -283,7 +377,8 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
                 flush=True,
             )
         print(
-            f"coffer: serving on {host}:{server.port}{_security(server)} ({description})",
+            f"coffer: serving on {host}:{server.port}{_security(server)} ({description}); "
+            + await _access_mode(server),
             flush=True,
         )
         await stopping.wait()
@@ -306,6 +401,21 @@ def _security(server: Server) -> str:
     return " over TLS (SIGHUP reloads the files)"
 
 
+async def _access_mode(server: Server) -> str:
+    """How the ready line says calls are let in."""
+    if await server.gate.open():
+        return (
+            "open: no credential yet, every call is the local administrator's until the first "
+            "is made (coffer keys create --role admin --name NAME)"
+        )
+    if server.gate.open_allowed or await server.gate.access.credentials_exist():
+        return "authentication required"
+    return (
+        "authentication required, and no credential exists yet: make the first administrator's "
+        "key with `coffer keys create --role admin --name NAME` where the database is reachable"
+    )
+
+
 async def _reload_tls_on_request(tls: ServerTls, asked: asyncio.Event) -> None:
     """Reads the TLS files again each time `asked` is set (SIGHUP), off the event loop."""
     while True:
@@ -323,3 +433,125 @@ async def _migrate(arguments: argparse.Namespace) -> int:
             await connection.close()
     print(f"coffer: applied migrations {applied or 'none'} ({description})")
     return 0
+
+
+def _add_principal_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--role", required=True, choices=[role.name for role in Role])
+    command.add_argument("--name", required=True, help='the principal\'s name, e.g. "ops"')
+    command.add_argument(
+        "--owner",
+        default=None,
+        metavar="ID",
+        help="for merchants and customers: the owner whose wallets it may touch",
+    )
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"say the time zone, e.g. {text}Z")
+    return moment
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+_key_header = ["ID", "ROLE", "NAME", "OWNER", "CREATED", "EXPIRES", "REVOKED"]
+_mapping_header = ["SUBJECT", "ROLE", "NAME", "OWNER", "MAPPED"]
+
+
+def _key_row(key: ApiKey) -> list[str]:
+    return [
+        str(key.id),
+        key.role.name,
+        key.name,
+        key.owner_id or "-",
+        _when(key.created_at),
+        _when(key.expires_at),
+        _when(key.revoked_at),
+    ]
+
+
+def _mapping_row(mapping: CertificateMapping) -> list[str]:
+    return [
+        mapping.subject,
+        mapping.role.name,
+        mapping.name,
+        mapping.owner_id or "-",
+        _when(mapping.created_at),
+    ]
+
+
+async def _access(arguments: argparse.Namespace) -> int:
+    """`coffer keys …` and `coffer certificates …`, against the database (migrated first)."""
+    async with _database(arguments) as (database_url, _):
+        connection = await asyncpg.connect(database_url)
+        try:
+            await apply_migrations(connection)
+        finally:
+            await connection.close()
+        pool = await asyncpg.create_pool(database_url, min_size=0, max_size=1)
+        try:
+            lines = await _access_command(Access(pool), arguments)
+        finally:
+            await pool.close()
+    for line in lines:
+        print(line)
+    return 0
+
+
+async def _access_command(access: Access, arguments: argparse.Namespace) -> list[str]:
+    command = (arguments.command, arguments.access_command)
+    if command == ("keys", "create"):
+        token, key = await access.create_key(
+            name=arguments.name,
+            role=Role[arguments.role],
+            owner_id=arguments.owner,
+            expires_at=arguments.expires_at,
+            created_by=made_by_command,
+        )
+        return [token, *_table(_key_header, [_key_row(key)])]
+    if command == ("keys", "list"):
+        rows: list[list[str]] = []
+        after_id = 0
+        while True:
+            page = await access.list_keys(after_id=after_id)
+            rows.extend(_key_row(key) for key in page.items)
+            if page.cursor is None:
+                return _table(_key_header, rows)
+            after_id = page.cursor
+    if command == ("keys", "revoke"):
+        return _table(_key_header, [_key_row(await access.revoke_key(arguments.key))])
+    if command == ("certificates", "map"):
+        mapping = await access.map_certificate(
+            subject=arguments.subject,
+            name=arguments.name,
+            role=Role[arguments.role],
+            owner_id=arguments.owner,
+            created_by=made_by_command,
+        )
+        return _table(_mapping_header, [_mapping_row(mapping)])
+    if command == ("certificates", "unmap"):
+        mapping = await access.unmap_certificate(arguments.subject)
+        return _table(_mapping_header, [_mapping_row(mapping)])
+    assert command == ("certificates", "list"), command
+    rows = []
+    after_id = 0
+    while True:
+        mappings, cursor = await access.list_certificates(after_id=after_id)
+        rows.extend(_mapping_row(mapping) for mapping in mappings)
+        if cursor is None:
+            return _table(_mapping_header, rows)
+        after_id = cursor

@@ -24,20 +24,23 @@ from google.rpc import code_pb2
 
 from coffer.core import errors, model, rules
 from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
-from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 __all__ = [
     "WalletFilter",
+    "api_key_pb",
     "balance_pb",
     "batch",
     "capture_hold",
+    "certificate_mapping_pb",
     "credit",
     "cursor",
     "debit",
     "deposit",
+    "expires_at",
     "fill_operation_result",
     "hold_pb",
     "new_wallet",
@@ -48,6 +51,7 @@ __all__ = [
     "place_hold",
     "release_hold",
     "required_id",
+    "role",
     "transfer",
     "transfer_filter",
     "transfer_pb",
@@ -101,6 +105,7 @@ _owner_kinds = _Enum(model.OwnerKind, types_pb2.OwnerKind)
 _wallet_statuses = _Enum(model.WalletStatus, types_pb2.WalletStatus)
 _transfer_kinds = _Enum(model.TransferKind, types_pb2.TransferKind)
 _hold_statuses = _Enum(model.HoldStatus, types_pb2.HoldStatus)
+_roles = _Enum(model.Role, access_pb2.Role)
 
 # Requests --------------------------------------------------------------------------------------
 
@@ -127,10 +132,12 @@ def required_id(field: str, value: int) -> int:
     return value
 
 
-def new_wallet(request: wallets_pb2.CreateWalletRequest, caller: str) -> model.NewWallet:
+def new_wallet(
+    request: wallets_pb2.CreateWalletRequest, principal: model.Principal
+) -> model.NewWallet:
     return model.NewWallet(
         idempotency_key=request.idempotency_key,
-        caller=caller,
+        caller=principal.scope,
         owner_id=request.owner_id,
         owner_kind=_owner_kinds.to_core(request.owner_kind),
         unit=request.unit,
@@ -155,23 +162,28 @@ class _Annotated(Protocol):
 _no_metadata: Mapping[str, str] = MappingProxyType({})
 
 
-def _common(request: _Annotated, caller: str, linked: bool, reference: str = "") -> dict[str, Any]:
+def _common(
+    request: _Annotated, principal: model.Principal, linked: bool, reference: str = ""
+) -> dict[str, Any]:
     return {
         "idempotency_key": request.idempotency_key,
-        "caller": caller,
+        "caller": principal.scope,
         "note": request.note,
         "reference": reference,
-        "performed_by": request.performed_by,
+        "performed_by": request.performed_by or principal.name,
         "metadata": dict(request.metadata) if request.metadata else _no_metadata,
         "linked": linked,
+        "owner_limit": principal.owner,
     }
 
 
-def credit(request: transfers_pb2.CreditRequest, caller: str, linked: bool = False) -> model.Credit:
+def credit(
+    request: transfers_pb2.CreditRequest, principal: model.Principal, linked: bool = False
+) -> model.Credit:
     return model.Credit(
         wallet_id=request.wallet_id,
         amount=request.amount,
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
@@ -182,63 +194,69 @@ _debit_modes = {
 }
 
 
-def debit(request: transfers_pb2.DebitRequest, caller: str, linked: bool = False) -> model.Debit:
+def debit(
+    request: transfers_pb2.DebitRequest, principal: model.Principal, linked: bool = False
+) -> model.Debit:
     if request.mode not in _debit_modes:
         raise errors.InvalidArgument("mode", "must be ALL_OR_NOTHING or UP_TO")
     return model.Debit(
         wallet_id=request.wallet_id,
         amount=request.amount,
         mode=_debit_modes[request.mode],
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
 def transfer(
-    request: transfers_pb2.TransferRequest, caller: str, linked: bool = False
+    request: transfers_pb2.TransferRequest, principal: model.Principal, linked: bool = False
 ) -> model.WalletTransfer:
     return model.WalletTransfer(
         source_wallet_id=request.source_wallet_id,
         target_wallet_id=request.target_wallet_id,
         amount=request.amount,
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
 def deposit(
-    request: transfers_pb2.DepositRequest, caller: str, linked: bool = False
+    request: transfers_pb2.DepositRequest, principal: model.Principal, linked: bool = False
 ) -> model.Deposit:
     return model.Deposit(
         wallet_id=request.wallet_id,
         amount=request.amount,
-        **_common(request, caller, linked, request.funding_source),
+        **_common(request, principal, linked, request.funding_source),
     )
 
 
 def withdrawal(
-    request: transfers_pb2.WithdrawRequest, caller: str, linked: bool = False
+    request: transfers_pb2.WithdrawRequest, principal: model.Principal, linked: bool = False
 ) -> model.Withdrawal:
     return model.Withdrawal(
         wallet_id=request.wallet_id,
         amount=request.amount,
-        **_common(request, caller, linked, request.funding_source),
+        **_common(request, principal, linked, request.funding_source),
     )
 
 
-def payment(request: transfers_pb2.PayRequest, caller: str, linked: bool = False) -> model.Payment:
+def payment(
+    request: transfers_pb2.PayRequest, principal: model.Principal, linked: bool = False
+) -> model.Payment:
     return model.Payment(
         payer_wallet_id=request.payer_wallet_id,
         payee_wallet_id=request.payee_wallet_id,
         amount=request.amount,
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
-def void(request: transfers_pb2.VoidRequest, caller: str, linked: bool = False) -> model.Void:
-    return model.Void(transfer_id=request.transfer_id, **_common(request, caller, linked))
+def void(
+    request: transfers_pb2.VoidRequest, principal: model.Principal, linked: bool = False
+) -> model.Void:
+    return model.Void(transfer_id=request.transfer_id, **_common(request, principal, linked))
 
 
 def place_hold(
-    request: holds_pb2.PlaceHoldRequest, caller: str, linked: bool = False
+    request: holds_pb2.PlaceHoldRequest, principal: model.Principal, linked: bool = False
 ) -> model.PlaceHold:
     timeout_s = model.hold_timeout_s_default
     if request.HasField("timeout"):
@@ -250,27 +268,27 @@ def place_hold(
         target_wallet_id=request.target_wallet_id or None,
         amount=request.amount,
         timeout_s=timeout_s,
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
 def capture_hold(
-    request: holds_pb2.CaptureHoldRequest, caller: str, linked: bool = False
+    request: holds_pb2.CaptureHoldRequest, principal: model.Principal, linked: bool = False
 ) -> model.CaptureHold:
     return model.CaptureHold(
         hold_id=request.hold_id,
         amount=request.amount if request.HasField("amount") else None,
-        **_common(request, caller, linked, request.reference),
+        **_common(request, principal, linked, request.reference),
     )
 
 
 def release_hold(
-    request: holds_pb2.ReleaseHoldRequest, caller: str, linked: bool = False
+    request: holds_pb2.ReleaseHoldRequest, principal: model.Principal, linked: bool = False
 ) -> model.ReleaseHold:
-    return model.ReleaseHold(hold_id=request.hold_id, **_common(request, caller, linked))
+    return model.ReleaseHold(hold_id=request.hold_id, **_common(request, principal, linked))
 
 
-_operation_builders: dict[str, Callable[[Any, str, bool], model.Operation]] = {
+_operation_builders: dict[str, Callable[[Any, model.Principal, bool], model.Operation]] = {
     "credit": credit,
     "debit": debit,
     "transfer": transfer,
@@ -284,14 +302,16 @@ _operation_builders: dict[str, Callable[[Any, str, bool], model.Operation]] = {
 }
 
 
-def _operation(pb: transfers_pb2.Operation, caller: str) -> model.Operation | model.Rejected:
+def _operation(
+    pb: transfers_pb2.Operation, principal: model.Principal
+) -> model.Operation | model.Rejected:
     """One operation of a batch; one that cannot be built is Rejected, not raised, so the rest
     of the batch goes on."""
     which = pb.WhichOneof("operation")
     try:
         if which is None:
             raise errors.InvalidArgument("operation", "is empty: set one of its kinds")
-        return _operation_builders[which](getattr(pb, which), caller, pb.linked)
+        return _operation_builders[which](getattr(pb, which), principal, pb.linked)
     except errors.CofferError as error:
         return model.Rejected(error, linked=pb.linked)
 
@@ -321,7 +341,7 @@ def wallet_filter(request: wallets_pb2.ListWalletsRequest) -> WalletFilter:
 
 
 def batch(
-    request: transfers_pb2.SubmitBatchRequest, caller: str
+    request: transfers_pb2.SubmitBatchRequest, principal: model.Principal
 ) -> list[model.Operation | model.Rejected]:
     """A batch's operations, as they may be applied (`rules.seal`); one that cannot be built
     is Rejected, the rest go on."""
@@ -330,7 +350,7 @@ def batch(
         raise errors.InvalidArgument(
             "operations", f"must hold 1 to {batch_operations_max} operations, not {count}"
         )
-    return rules.seal([_operation(each, caller) for each in request.operations])
+    return rules.seal([_operation(each, principal) for each in request.operations])
 
 
 def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilter:
@@ -354,6 +374,15 @@ def transfer_filter(request: transfers_pb2.ListTransfersRequest) -> TransferFilt
 def _kinds_in_order(kinds: list[int]) -> tuple[model.TransferKind, ...]:
     """A set of kinds, in one order: the same filter however a request lists it."""
     return tuple(sorted({_transfer_kinds.to_core_checked("kinds", kind) for kind in kinds}))
+
+
+def role(number: int) -> model.Role:
+    """A request's role: unspecified or unknown is INVALID_ARGUMENT on `role`."""
+    return _roles.to_core_checked("role", number)
+
+
+def expires_at(request: access_pb2.CreateApiKeyRequest) -> datetime | None:
+    return _time(request.expires_at, "expires_at") if request.HasField("expires_at") else None
 
 
 def _time(pb: Timestamp, field: str) -> datetime:
@@ -577,3 +606,31 @@ def fill_operation_result(
         pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:
         pb.hold.CopyFrom(hold_pb(outcome.hold, scales))
+
+
+def api_key_pb(value: model.ApiKey) -> access_pb2.ApiKey:
+    pb = access_pb2.ApiKey(
+        id=value.id,
+        name=value.name,
+        role=_roles.to_proto(value.role),
+        owner_id=value.owner_id or "",
+        created_by=value.created_by,
+    )
+    pb.created_at.FromDatetime(value.created_at)
+    if value.expires_at is not None:
+        pb.expires_at.FromDatetime(value.expires_at)
+    if value.revoked_at is not None:
+        pb.revoked_at.FromDatetime(value.revoked_at)
+    return pb
+
+
+def certificate_mapping_pb(value: model.CertificateMapping) -> access_pb2.CertificateMapping:
+    pb = access_pb2.CertificateMapping(
+        subject=value.subject,
+        name=value.name,
+        role=_roles.to_proto(value.role),
+        owner_id=value.owner_id or "",
+        created_by=value.created_by,
+    )
+    pb.created_at.FromDatetime(value.created_at)
+    return pb

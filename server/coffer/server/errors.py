@@ -1,11 +1,16 @@
 """Domain errors to gRPC statuses: one table, applied in one place (`translate_errors`).
 
 Every CofferError becomes its category's status code with a `google.rpc.ErrorInfo` detail
-carrying the stable reason (and, for bad input, the `field`; for OVERLOADED, `retry_after_ms`).
+carrying the stable reason (and, for bad input, the `field`; for OVERLOADED and RATE_LIMITED,
+`retry_after_ms`).
 Bad input named by a field also carries the standard `google.rpc.BadRequest`, one field
 violation, which generic gRPC tooling understands without knowing Coffer's ErrorInfo (whose
 `field` stays for the clients that read it). Anything else is a bug: it is logged with its
 traceback and the client gets INTERNAL (reason INTERNAL), with the details only in the log.
+
+The guard is also where every call is let in, before its handler runs: admission's verdict
+(`admission.Refused`), then the gate (`gate.Gate.admit`: authentication, rate limits, the role
+matrix), whose principal the handler gets as its argument.
 
 The reasons, with their status codes and whether a retry may succeed, are published to
 clients as the `ErrorReason` enum of coffer/v1/errors.proto; the tests hold this table, the
@@ -19,19 +24,22 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from coffer.clients.errors import error_domain, replayed_metadata_key
 from coffer.core import errors
+from coffer.core.model import Principal
 
 from .admission import Admitted, Refused
+from .gate import Gate
 
-__all__ = ["replayed_metadata", "status_codes", "translate_errors"]
+__all__ = ["Gated", "replayed_metadata", "status_codes", "translate_errors"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ status_codes: dict[errors.Category, grpc.StatusCode] = {
     errors.Category.already_exists: grpc.StatusCode.ALREADY_EXISTS,
     errors.Category.failed_precondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Category.aborted: grpc.StatusCode.ABORTED,
+    errors.Category.unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Category.permission_denied: grpc.StatusCode.PERMISSION_DENIED,
     errors.Category.resource_exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Category.deadline_exceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Category.unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -65,7 +75,7 @@ def _to_status(error: errors.CofferError) -> grpc.Status:
         )
         details.append(any_pb2.Any())
         details[1].Pack(error_details_pb2.BadRequest(field_violations=[violation]))
-    elif isinstance(error, errors.Overloaded):
+    elif isinstance(error, errors.Overloaded | errors.RateLimited):
         info.metadata[retry_after_ms_key] = str(error.retry_after_ms)
     details[0].Pack(info)
     code = status_codes[error.category]
@@ -89,34 +99,56 @@ class _Status(grpc.Status):
 
 _internal_error = errors.Internal("internal error; see the server log")
 
-_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+# A handler as the servicers define it, and as gRPC calls it once guarded.
+_Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any], Principal], Awaitable[Any]]
+_Guarded = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 _Servicer = TypeVar("_Servicer", bound=type)
 
 
-def translate_errors(servicer: _Servicer) -> _Servicer:
-    """Class decorator for a servicer: what its RPC methods raise becomes the status the
-    client sees. (A decorator rather than a server interceptor: grpc.aio runs interceptors on
-    every call, at a cost that shows at thousands of calls a second.)
+class Gated(Protocol):
+    """A servicer: its gate lets each call in."""
+
+    gate: Gate
+
+
+def translate_errors(service: ServiceDescriptor) -> Callable[[_Servicer], _Servicer]:
+    """Class decorator for the servicer of `service`: every RPC of the service is a method of
+    it, `(request, context, principal)`, which gRPC calls as `(request, context)` once
+    guarded. What a call raises, from admission to its handler, becomes the status the client
+    sees. (A decorator rather than a server interceptor: grpc.aio runs interceptors on every
+    call, at a cost that shows at thousands of calls a second.)
 
     The guarded methods take the request as `admission` hands it over: `Admitted` (unwrapped
     for the method, released when the call completes), `Refused` (its error is the answer),
-    or a plain message."""
-    for name, method in list(vars(servicer).items()):
-        if name[:1].isupper() and inspect.iscoroutinefunction(method):
-            setattr(servicer, name, _guard(method, f"{servicer.__name__}.{name}"))
-    return servicer
+    or a plain message. The servicer's `gate` admits the call and names its principal."""
+
+    def decorate(servicer: _Servicer) -> _Servicer:
+        for method in service.methods:
+            inner = vars(servicer).get(method.name)
+            assert inner is not None and inspect.iscoroutinefunction(inner), (
+                f"{servicer.__name__} does not define {method.name}"
+            )
+            setattr(servicer, method.name, _guard(inner, method.full_name))
+        return servicer
+
+    return decorate
 
 
-def _guard(inner: _Handler, method: str) -> _Handler:
+def _guard(inner: _Handler, method: str) -> _Guarded:
     @functools.wraps(inner)
-    async def guarded(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def guarded(
+        self: Gated, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> Any:
         admitted = request if type(request) is Admitted else None
         try:
             if admitted is not None:
-                return await inner(self, admitted.message, context)
-            if type(request) is Refused:
+                message = admitted.message
+            elif type(request) is Refused:
                 raise request.error
-            return await inner(self, request, context)
+            else:
+                message = request
+            principal = await self.gate.admit(context, method, message)
+            return await inner(self, message, context, principal)
         except errors.CofferError as error:
             await context.abort_with_status(_to_status(error))
         except grpc.aio.AbortError:

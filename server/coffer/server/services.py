@@ -1,7 +1,13 @@
 """The gRPC servicers: each call converts its request, asks the core, converts the answer.
 
 Errors are not handled here: what a handler raises is turned into a status by
-`errors.translate_errors`, in one place.
+`errors.translate_errors`, in one place. Nor is access: the guard there lets each call in
+(authenticated, within its rate, allowed to its role by `roles`) and hands its handler the
+principal. The handlers use it to scope what they do: operations and wallets are stored
+under its idempotency scope, name it as `performed_by` when the request names nobody, and for
+merchants and customers carry the owner they are limited to (checked by the ledger on the
+wallets it locks); reads of a merchant or customer check, once fetched, that what they found
+is its own, and answer NOT_FOUND, as for a missing id, when it is not.
 """
 
 from __future__ import annotations
@@ -10,26 +16,26 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.descriptor import ServiceDescriptor
 
-from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.core import errors, model
+from coffer.core.access import Access
 from coffer.core.ledger import Ledger
+from coffer.core.model import Principal
 from coffer.v1 import (
+    access_pb2,
     holds_pb2,
-    holds_pb2_grpc,
     transfers_pb2,
-    transfers_pb2_grpc,
     units_pb2,
-    units_pb2_grpc,
     wallets_pb2,
-    wallets_pb2_grpc,
 )
 
 from . import convert, logs
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
+from .gate import Gate
 
-__all__ = ["HoldService", "TransferService", "UnitService", "WalletService"]
+__all__ = ["AccessService", "HoldService", "TransferService", "UnitService", "WalletService"]
 
 _HoldResponse = TypeVar(
     "_HoldResponse",
@@ -44,88 +50,72 @@ _codes = {category: code.value[0] for category, code in status_codes.items()}
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _caller_of(context: _Context) -> str:
-    """Who is calling, for a call that writes: required; idempotency keys are scoped to it."""
-    caller = _caller_sent(context)
-    if caller is None:
-        raise errors.InvalidArgument(
-            caller_metadata_key, "is required on every call that writes: name the caller"
-        )
-    return caller
+def _described(module: Any, name: str) -> ServiceDescriptor:
+    service: ServiceDescriptor = module.DESCRIPTOR.services_by_name[name]
+    return service
 
 
-def _caller_sent(context: _Context) -> str | None:
-    """The caller a call names, checked by the one rule (`coffer.clients.caller`); None if it
-    names none. Reads call it for the check alone."""
-    sent = [
-        value for key, value in context.invocation_metadata() or () if key == caller_metadata_key
-    ]
-    if not sent:
-        return None
-    if len(sent) > 1:
-        raise errors.InvalidArgument(caller_metadata_key, "must be sent once")
-    try:
-        return check_caller(sent[0])
-    except ValueError as error:
-        raise errors.InvalidArgument(caller_metadata_key, str(error)) from None
+async def _owns_any(ledger: Ledger, principal: Principal, wallet_ids: tuple[int, ...]) -> bool:
+    """Whether the principal may read what touches these wallets: any principal but a
+    merchant or customer; a merchant or customer if one of them is its own."""
+    owner = principal.owner
+    if owner is None:
+        return True
+    owners = await ledger.wallet_owners(set(wallet_ids))
+    return any(owners.get(wallet_id) == owner for wallet_id in wallet_ids)
 
 
-@translate_errors
-class UnitService(units_pb2_grpc.UnitServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+@translate_errors(_described(units_pb2, "UnitService"))
+class UnitService:
+    def __init__(self, ledger: Ledger, gate: Gate) -> None:
         self._ledger = ledger
+        self.gate = gate
 
     async def CreateUnit(
-        self, request: units_pb2.CreateUnitRequest, context: _Context
+        self, request: units_pb2.CreateUnitRequest, context: _Context, principal: Principal
     ) -> units_pb2.CreateUnitResponse:
-        _caller_of(context)
         unit = await self._ledger.create_unit(convert.unit(request))
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
-        self, request: units_pb2.GetUnitRequest, context: _Context
+        self, request: units_pb2.GetUnitRequest, context: _Context, principal: Principal
     ) -> units_pb2.GetUnitResponse:
-        _caller_sent(context)
         unit = await self._ledger.get_unit(convert.unit_code(request))
         return units_pb2.GetUnitResponse(unit=convert.unit_pb(unit))
 
     async def ListUnits(
-        self, request: units_pb2.ListUnitsRequest, context: _Context
+        self, request: units_pb2.ListUnitsRequest, context: _Context, principal: Principal
     ) -> units_pb2.ListUnitsResponse:
-        _caller_sent(context)
         units = await self._ledger.list_units()
         return units_pb2.ListUnitsResponse(units=[convert.unit_pb(unit) for unit in units])
 
 
-@translate_errors
-class WalletService(wallets_pb2_grpc.WalletServiceServicer):
-    def __init__(self, ledger: Ledger) -> None:
+@translate_errors(_described(wallets_pb2, "WalletService"))
+class WalletService:
+    def __init__(self, ledger: Ledger, gate: Gate) -> None:
         self._ledger = ledger
+        self.gate = gate
 
     async def CreateWallet(
-        self, request: wallets_pb2.CreateWalletRequest, context: _Context
+        self, request: wallets_pb2.CreateWalletRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.CreateWalletResponse:
-        wallet, replayed = await self._ledger.create_wallet(
-            convert.new_wallet(request, _caller_of(context))
-        )
+        wallet, replayed = await self._ledger.create_wallet(convert.new_wallet(request, principal))
         if replayed:
             context.set_trailing_metadata(replayed_metadata)
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.CreateWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def GetWallet(
-        self, request: wallets_pb2.GetWalletRequest, context: _Context
+        self, request: wallets_pb2.GetWalletRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.GetWalletResponse:
-        _caller_sent(context)
-        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
+        wallet = await self._visible_wallet(request.wallet_id, principal)
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.GetWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def GetBalance(
-        self, request: wallets_pb2.GetBalanceRequest, context: _Context
+        self, request: wallets_pb2.GetBalanceRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.GetBalanceResponse:
-        _caller_sent(context)
-        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", request.wallet_id))
+        wallet = await self._visible_wallet(request.wallet_id, principal)
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.GetBalanceResponse(
             wallet_id=wallet.id,
@@ -134,10 +124,18 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         )
 
     async def ListWallets(
-        self, request: wallets_pb2.ListWalletsRequest, context: _Context
+        self, request: wallets_pb2.ListWalletsRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.ListWalletsResponse:
-        _caller_sent(context)
         where = convert.wallet_filter(request)
+        owner = principal.owner
+        if owner is not None:
+            # A merchant or customer lists its own wallets: of another owner, it sees none.
+            if where.owner_id not in (None, owner.id) or where.owner_kind not in (
+                None,
+                owner.kind,
+            ):
+                return wallets_pb2.ListWalletsResponse()
+            where = convert.WalletFilter(owner.id, owner.kind, where.unit)
         scope = convert.page_scope("wallets", *where)
         page = await self._ledger.list_wallets(
             owner_id=where.owner_id,
@@ -153,35 +151,42 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
         )
 
     async def CancelWallet(
-        self, request: wallets_pb2.CancelWalletRequest, context: _Context
+        self, request: wallets_pb2.CancelWalletRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.CancelWalletResponse:
-        _caller_of(context)
         wallet = await self._ledger.cancel_wallet(
             convert.required_id("wallet_id", request.wallet_id)
         )
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet, scales))
 
+    async def _visible_wallet(self, wallet_id: int, principal: Principal) -> model.Wallet:
+        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", wallet_id))
+        owner = principal.owner
+        if owner is not None and not owner.owns(wallet.owner_kind, wallet.owner_id):
+            raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+        return wallet
 
-@translate_errors
-class TransferService(transfers_pb2_grpc.TransferServiceServicer):
-    def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
+
+@translate_errors(_described(transfers_pb2, "TransferService"))
+class TransferService:
+    def __init__(self, ledger: Ledger, batcher: Batcher, gate: Gate) -> None:
         self._ledger = ledger
         self._batcher = batcher
+        self.gate = gate
 
     async def Credit(
-        self, request: transfers_pb2.CreditRequest, context: _Context
+        self, request: transfers_pb2.CreditRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.CreditResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.credit, request
+            self._ledger, self._batcher, context, principal, convert.credit, request
         )
         return transfers_pb2.CreditResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Debit(
-        self, request: transfers_pb2.DebitRequest, context: _Context
+        self, request: transfers_pb2.DebitRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.DebitResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.debit, request
+            self._ledger, self._batcher, context, principal, convert.debit, request
         )
         return transfers_pb2.DebitResponse(
             transfer=convert.transfer_pb(applied.transfer, scales),
@@ -190,60 +195,59 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         )
 
     async def Transfer(
-        self, request: transfers_pb2.TransferRequest, context: _Context
+        self, request: transfers_pb2.TransferRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.TransferResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.transfer, request
+            self._ledger, self._batcher, context, principal, convert.transfer, request
         )
         return transfers_pb2.TransferResponse(
             transfer=convert.transfer_pb(applied.transfer, scales)
         )
 
     async def Deposit(
-        self, request: transfers_pb2.DepositRequest, context: _Context
+        self, request: transfers_pb2.DepositRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.DepositResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.deposit, request
+            self._ledger, self._batcher, context, principal, convert.deposit, request
         )
         return transfers_pb2.DepositResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Withdraw(
-        self, request: transfers_pb2.WithdrawRequest, context: _Context
+        self, request: transfers_pb2.WithdrawRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.WithdrawResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.withdrawal, request
+            self._ledger, self._batcher, context, principal, convert.withdrawal, request
         )
         return transfers_pb2.WithdrawResponse(
             transfer=convert.transfer_pb(applied.transfer, scales)
         )
 
     async def Pay(
-        self, request: transfers_pb2.PayRequest, context: _Context
+        self, request: transfers_pb2.PayRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.PayResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.payment, request
+            self._ledger, self._batcher, context, principal, convert.payment, request
         )
         return transfers_pb2.PayResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def Void(
-        self, request: transfers_pb2.VoidRequest, context: _Context
+        self, request: transfers_pb2.VoidRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.VoidResponse:
-        applied, scales = await _submit(self._ledger, self._batcher, context, convert.void, request)
+        applied, scales = await _submit(
+            self._ledger, self._batcher, context, principal, convert.void, request
+        )
         return transfers_pb2.VoidResponse(transfer=convert.transfer_pb(applied.transfer, scales))
 
     async def SubmitBatch(
-        self, request: transfers_pb2.SubmitBatchRequest, context: _Context
+        self, request: transfers_pb2.SubmitBatchRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.SubmitBatchResponse:
-        # Who is calling, for the log line of a refused or failed batch call.
-        principal: str | None = None
         try:
-            principal = _caller_of(context)
             operations = convert.batch(request, principal)
             answers = await self._batcher.submit_all(operations, context.time_remaining())
         except errors.CofferError as error:
-            await logs.batch_failed(context, principal, len(request.operations), error)
+            await logs.batch_failed(context, principal.name, len(request.operations), error)
             raise
-        await logs.batch_answered(context, principal, answers)
+        await logs.batch_answered(context, principal.name, answers)
         scales = await self._ledger.unit_scales(convert.units_of(answers))
         response = transfers_pb2.SubmitBatchResponse()
         add = response.results.add
@@ -252,20 +256,30 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         return response
 
     async def GetTransfer(
-        self, request: transfers_pb2.GetTransferRequest, context: _Context
+        self, request: transfers_pb2.GetTransferRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.GetTransferResponse:
-        _caller_sent(context)
-        transfer = await self._ledger.get_transfer(
-            convert.required_id("transfer_id", request.transfer_id)
-        )
+        transfer_id = convert.required_id("transfer_id", request.transfer_id)
+        transfer = await self._ledger.get_transfer(transfer_id)
+        if not await _owns_any(
+            self._ledger, principal, (transfer.source_wallet_id, transfer.target_wallet_id)
+        ):
+            raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
         scales = await self._ledger.unit_scales((transfer.unit,))
         return transfers_pb2.GetTransferResponse(transfer=convert.transfer_pb(transfer, scales))
 
     async def ListTransfers(
-        self, request: transfers_pb2.ListTransfersRequest, context: _Context
+        self, request: transfers_pb2.ListTransfersRequest, context: _Context, principal: Principal
     ) -> transfers_pb2.ListTransfersResponse:
-        _caller_sent(context)
         where = convert.transfer_filter(request)
+        if principal.owner is not None:
+            # A merchant or customer reads the history of a wallet of its own; of another
+            # owner's wallet, as of a missing one, it reads nothing.
+            if where.wallet_id is None:
+                raise errors.InvalidArgument(
+                    "wallet_id", "is required of a merchant or customer: name a wallet of its own"
+                )
+            if not await _owns_any(self._ledger, principal, (where.wallet_id,)):
+                return transfers_pb2.ListTransfersResponse()
         scope = convert.page_scope("transfers", where)
         page = await self._ledger.list_transfers(
             where,
@@ -279,58 +293,142 @@ class TransferService(transfers_pb2_grpc.TransferServiceServicer):
         )
 
 
-@translate_errors
-class HoldService(holds_pb2_grpc.HoldServiceServicer):
-    def __init__(self, ledger: Ledger, batcher: Batcher) -> None:
+@translate_errors(_described(holds_pb2, "HoldService"))
+class HoldService:
+    def __init__(self, ledger: Ledger, batcher: Batcher, gate: Gate) -> None:
         self._ledger = ledger
         self._batcher = batcher
+        self.gate = gate
 
     async def PlaceHold(
-        self, request: holds_pb2.PlaceHoldRequest, context: _Context
+        self, request: holds_pb2.PlaceHoldRequest, context: _Context, principal: Principal
     ) -> holds_pb2.PlaceHoldResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.place_hold, request
+            self._ledger, self._batcher, context, principal, convert.place_hold, request
         )
         return _hold_response(holds_pb2.PlaceHoldResponse, applied, scales)
 
     async def CaptureHold(
-        self, request: holds_pb2.CaptureHoldRequest, context: _Context
+        self, request: holds_pb2.CaptureHoldRequest, context: _Context, principal: Principal
     ) -> holds_pb2.CaptureHoldResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.capture_hold, request
+            self._ledger, self._batcher, context, principal, convert.capture_hold, request
         )
         return _hold_response(holds_pb2.CaptureHoldResponse, applied, scales)
 
     async def ReleaseHold(
-        self, request: holds_pb2.ReleaseHoldRequest, context: _Context
+        self, request: holds_pb2.ReleaseHoldRequest, context: _Context, principal: Principal
     ) -> holds_pb2.ReleaseHoldResponse:
         applied, scales = await _submit(
-            self._ledger, self._batcher, context, convert.release_hold, request
+            self._ledger, self._batcher, context, principal, convert.release_hold, request
         )
         return _hold_response(holds_pb2.ReleaseHoldResponse, applied, scales)
 
     async def GetHold(
-        self, request: holds_pb2.GetHoldRequest, context: _Context
+        self, request: holds_pb2.GetHoldRequest, context: _Context, principal: Principal
     ) -> holds_pb2.GetHoldResponse:
-        _caller_sent(context)
-        hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
+        hold_id = convert.required_id("hold_id", request.hold_id)
+        hold = await self._ledger.get_hold(hold_id)
+        if not await _owns_any(
+            self._ledger, principal, (hold.source_wallet_id, hold.target_wallet_id)
+        ):
+            raise errors.HoldNotFound(f"hold {hold_id} does not exist")
         scales = await self._ledger.unit_scales((hold.unit,))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold, scales))
+
+
+@translate_errors(_described(access_pb2, "AccessService"))
+class AccessService:
+    """The credentials; administrators only (`roles`). What this server makes or revokes
+    takes effect here at once (`Gate`), elsewhere within the gate's cache time."""
+
+    def __init__(self, access: Access, gate: Gate) -> None:
+        self._access = access
+        self.gate = gate
+
+    async def CreateApiKey(
+        self, request: access_pb2.CreateApiKeyRequest, context: _Context, principal: Principal
+    ) -> access_pb2.CreateApiKeyResponse:
+        secret, key = await self._access.create_key(
+            name=request.name,
+            role=convert.role(request.role),
+            owner_id=request.owner_id or None,
+            expires_at=convert.expires_at(request),
+            created_by=principal.name,
+        )
+        self.gate.credentials_made()
+        return access_pb2.CreateApiKeyResponse(api_key=secret, key=convert.api_key_pb(key))
+
+    async def ListApiKeys(
+        self, request: access_pb2.ListApiKeysRequest, context: _Context, principal: Principal
+    ) -> access_pb2.ListApiKeysResponse:
+        scope = convert.page_scope("api_keys")
+        page = await self._access.list_keys(
+            page_size=convert.page_size(request.page_size),
+            after_id=convert.cursor(request.page_token, scope) or 0,
+        )
+        return access_pb2.ListApiKeysResponse(
+            keys=[convert.api_key_pb(key) for key in page.items],
+            next_page_token=convert.page_token(page.cursor, scope),
+        )
+
+    async def RevokeApiKey(
+        self, request: access_pb2.RevokeApiKeyRequest, context: _Context, principal: Principal
+    ) -> access_pb2.RevokeApiKeyResponse:
+        key = await self._access.revoke_key(convert.required_id("key_id", request.key_id))
+        self.gate.forget_key(key.id)
+        return access_pb2.RevokeApiKeyResponse(key=convert.api_key_pb(key))
+
+    async def MapCertificate(
+        self, request: access_pb2.MapCertificateRequest, context: _Context, principal: Principal
+    ) -> access_pb2.MapCertificateResponse:
+        mapping = await self._access.map_certificate(
+            subject=request.subject,
+            name=request.name,
+            role=convert.role(request.role),
+            owner_id=request.owner_id or None,
+            created_by=principal.name,
+        )
+        self.gate.credentials_made()
+        self.gate.forget_certificate(mapping.subject)
+        return access_pb2.MapCertificateResponse(mapping=convert.certificate_mapping_pb(mapping))
+
+    async def UnmapCertificate(
+        self, request: access_pb2.UnmapCertificateRequest, context: _Context, principal: Principal
+    ) -> access_pb2.UnmapCertificateResponse:
+        mapping = await self._access.unmap_certificate(request.subject)
+        self.gate.forget_certificate(mapping.subject)
+        return access_pb2.UnmapCertificateResponse(mapping=convert.certificate_mapping_pb(mapping))
+
+    async def ListCertificateMappings(
+        self,
+        request: access_pb2.ListCertificateMappingsRequest,
+        context: _Context,
+        principal: Principal,
+    ) -> access_pb2.ListCertificateMappingsResponse:
+        scope = convert.page_scope("certificate_mappings")
+        mappings, cursor = await self._access.list_certificates(
+            page_size=convert.page_size(request.page_size),
+            after_id=convert.cursor(request.page_token, scope) or 0,
+        )
+        return access_pb2.ListCertificateMappingsResponse(
+            mappings=[convert.certificate_mapping_pb(mapping) for mapping in mappings],
+            next_page_token=convert.page_token(cursor, scope),
+        )
 
 
 async def _submit(
     ledger: Ledger,
     batcher: Batcher,
     context: _Context,
-    operation: Callable[[_Request, str], model.Operation],
+    principal: Principal,
+    operation: Callable[[_Request, Principal], model.Operation],
     request: _Request,
 ) -> tuple[model.Applied, Mapping[str, int]]:
-    """Applies the operation a request asks for; returns what it applied and the scales of
-    its units, for the answer. A replayed answer says so in the trailing metadata (a replayed
-    refusal too, through `errors.translate_errors`)."""
-    applied = await batcher.submit(
-        operation(request, _caller_of(context)), context.time_remaining()
-    )
+    """Applies the operation a request asks for, as the principal; returns what it applied
+    and the scales of its units, for the answer. A replayed answer says so in the trailing
+    metadata (a replayed refusal too, through `errors.translate_errors`)."""
+    applied = await batcher.submit(operation(request, principal), context.time_remaining())
     if applied.replayed:
         context.set_trailing_metadata(replayed_metadata)
     return applied, await ledger.unit_scales(convert.units_of((applied,)))

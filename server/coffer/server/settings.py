@@ -10,6 +10,7 @@ the batcher takes its defaults from here.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,14 @@ from .tls import TlsError, TlsFiles, read_certificates
 __all__ = [
     "Settings",
     "SettingsError",
+    "authentication_failures_per_s_default",
+    "authentication_failures_per_s_max",
     "batch_size_max_default",
     "batch_wait_ms_max",
     "batch_workers_default",
     "calls_max_limit",
+    "credentials_cache_ttl_s_default",
+    "credentials_cache_ttl_s_max",
     "interval_s_max",
     "interval_s_min",
     "listen_default",
@@ -41,6 +46,11 @@ __all__ = [
     "queue_max_default",
     "queue_max_limit",
     "queued_bytes_max_limit",
+    "rate_limit_burst_default",
+    "rate_limit_burst_max",
+    "rate_limit_calls_per_s_default",
+    "rate_limit_calls_per_s_max",
+    "rate_min",
     "shutdown_grace_s_max",
 ]
 
@@ -77,6 +87,23 @@ interval_s_min = 0.01
 interval_s_max = 3600.0
 shutdown_grace_s_default = 10.0
 shutdown_grace_s_max = 600.0
+
+# Rates (server/gate.py): calls a second per principal, with a burst, generous by default (a
+# guard against a runaway client, not a quota); failed authentications a second per peer host,
+# low (a guard against guessing keys).
+rate_limit_calls_per_s_default = 10_000.0
+rate_limit_calls_per_s_max = 1_000_000.0
+rate_limit_burst_default = 20_000
+rate_limit_burst_max = 10_000_000
+authentication_failures_per_s_default = 20.0
+authentication_failures_per_s_max = 100_000.0
+rate_min = 0.1
+# How long a credential looked up, and whether any exists, is taken as it was: a revocation
+# made through another server takes effect within it.
+credentials_cache_ttl_s_default = 2.0
+credentials_cache_ttl_s_max = 60.0
+# The names of the loopback interface that are not IP addresses.
+_loopback_names = frozenset({"localhost"})
 
 
 class SettingsError(ValueError):
@@ -134,6 +161,25 @@ class Settings:
     tls_client_ca: str = ""
     # HOST:PORT to serve Prometheus metrics on over HTTP (port 0: any free one); empty: none.
     metrics_listen: str = ""
+    # Plaintext on an address other than loopback, which is refused without it: for a trusted
+    # network, or behind a proxy that terminates TLS. Authentication is on all the same.
+    insecure: bool = False
+    rate_limit_calls_per_s: float = rate_limit_calls_per_s_default
+    rate_limit_burst: int = rate_limit_burst_default
+    authentication_failures_per_s: float = authentication_failures_per_s_default
+    credentials_cache_ttl_s: float = credentials_cache_ttl_s_default
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the server listens on a loopback address alone (where, without any
+        credential yet, it may be open)."""
+        host = self.listen.rpartition(":")[0].removeprefix("[").removesuffix("]")
+        if host in _loopback_names:
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def tls_files(self) -> TlsFiles | None:
@@ -153,9 +199,17 @@ class Settings:
             )
         _check_address("listen", self.listen)
         self._check_metrics_listen()
-        if not isinstance(self.reuse_port, bool):
-            raise SettingsError("reuse_port", f"must be true or false, not {self.reuse_port!r}")
+        for flag in ("reuse_port", "insecure"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SettingsError(flag, f"must be true or false, not {getattr(self, flag)!r}")
         self._check_tls()
+        if not self.loopback and self.tls_files is None and not self.insecure:
+            raise SettingsError(
+                "listen",
+                f"must be a loopback address to serve plaintext, not {self.listen!r}: serve TLS "
+                "there (--tls-cert and --tls-key), or pass --insecure for plaintext on a trusted "
+                "network or behind a TLS proxy (API keys would cross it in the clear)",
+            )
         timeout_note = " (PostgreSQL counts whole milliseconds, and 0 means no timeout)"
         bounds: list[tuple[str, float, float, str]] = [
             ("pool_size", pool_size_min, pool_size_max, ""),
@@ -193,6 +247,10 @@ class Settings:
             ("health_check_interval_s", interval_s_min, interval_s_max, ""),
             ("health_check_timeout_s", timeout_s_min, timeout_s_max, timeout_note),
             ("shutdown_grace_s", 0, shutdown_grace_s_max, ""),
+            ("rate_limit_calls_per_s", rate_min, rate_limit_calls_per_s_max, ""),
+            ("rate_limit_burst", 1, rate_limit_burst_max, ""),
+            ("authentication_failures_per_s", rate_min, authentication_failures_per_s_max, ""),
+            ("credentials_cache_ttl_s", timeout_s_min, credentials_cache_ttl_s_max, ""),
         ]
         for setting, low, high, note in bounds:
             value = getattr(self, setting)

@@ -122,6 +122,7 @@ def wallet_state(row: asyncpg.Record) -> rules.WalletState:
         balance_minimum=row["balance_minimum"],
         posted=row["posted"],
         pending=row["pending"],
+        owner_id=row["owner_id"],
     )
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "select_voiding_transfers",
     "select_wallet",
     "select_wallet_by_key",
+    "select_wallet_owners",
     "select_wallet_states",
     "select_wallet_units",
     "select_wallets",
@@ -136,6 +137,9 @@ update_wallet_status = (
     f"update wallets set status = $2 where id = $1 returning {_wallet_columns('$3')}"
 )
 
+# Whose wallets these are (for principals limited to their own).
+select_wallet_owners = "select id, owner_kind, owner_id from wallets where id = any($1::bigint[])"
+
 # Facts that never change: wallets' units, units' system wallets.
 select_wallet_units = "select id, unit from wallets where id = any($1::bigint[])"
 
@@ -194,7 +198,7 @@ select_referenced_transfers = """
 
 # In ascending id order, so that batches never deadlock.
 # What the rules read of a wallet (`rows.wallet_state`).
-_wallet_state_columns = "id, unit, owner_kind, status, balance_minimum, posted, pending"
+_wallet_state_columns = "id, unit, owner_kind, owner_id, status, balance_minimum, posted, pending"
 
 lock_wallets = f"""
     select {_wallet_state_columns}
