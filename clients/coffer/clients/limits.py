@@ -10,6 +10,12 @@ __all__ = [
     "balance_min",
     "batch_operations_max",
     "caller_length_max",
+    "event_filter_wallets_max",
+    "events_retention_days_default",
+    "events_retention_days_max",
+    "events_scanned_max",
+    "events_watchers_max_default",
+    "events_watchers_max_limit",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -54,4 +60,10 @@ hold_timeout_s_default = 3600
 batch_operations_max = 8000
 page_size_max = 1000
 page_size_default = 100
+events_scanned_max = 10_000
+event_filter_wallets_max = 1000
+events_watchers_max_default = 1000
+events_watchers_max_limit = 10_000
+events_retention_days_default = 30
+events_retention_days_max = 36_500
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})

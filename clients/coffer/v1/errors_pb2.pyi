@@ -112,6 +112,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A bug or an unknown failure, with details only in the server's log. INTERNAL; not
     retryable: repeating it blindly is not worth it.
     """
+    ERROR_REASON_EVENTS_DISABLED: _ErrorReason.ValueType  # 26
+    """The server keeps no events: it runs with events off (`coffer serve --no-events`).
+    FAILED_PRECONDITION; not retryable.
+    """
+    ERROR_REASON_EVENTS_CURSOR_EXPIRED: _ErrorReason.ValueType  # 27
+    """The cursor names events older than the oldest the server keeps (its retention); the
+    message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a Coffer call can fail for. A failed call's status carries a
@@ -217,6 +225,14 @@ applies the request at most once, and answers its outcome if it was applied.
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 25
 """A bug or an unknown failure, with details only in the server's log. INTERNAL; not
 retryable: repeating it blindly is not worth it.
+"""
+ERROR_REASON_EVENTS_DISABLED: ErrorReason.ValueType  # 26
+"""The server keeps no events: it runs with events off (`coffer serve --no-events`).
+FAILED_PRECONDITION; not retryable.
+"""
+ERROR_REASON_EVENTS_CURSOR_EXPIRED: ErrorReason.ValueType  # 27
+"""The cursor names events older than the oldest the server keeps (its retention); the
+message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

@@ -31,7 +31,7 @@ class WalletServiceStub:
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet, SetBalanceAlert) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
@@ -72,13 +72,25 @@ class WalletServiceStub:
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
     """
+    SetBalanceAlert: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.SetBalanceAlertRequest, _wallets_pb2.SetBalanceAlertResponse]
+    """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+    available balance falls below `low_balance_threshold` the event stream (EventService)
+    says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+    (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+    threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+    set changes nothing; a change is a WALLET_ALERT_SET event. Needs `coffer-caller`; takes no
+    idempotency key, as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+    WALLET_KIND_MISMATCH (a system wallet).
+    """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet, SetBalanceAlert) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
@@ -116,12 +128,24 @@ class WalletServiceAsyncStub(WalletServiceStub):
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
     """
+    SetBalanceAlert: _aio.UnaryUnaryMultiCallable[_wallets_pb2.SetBalanceAlertRequest, _wallets_pb2.SetBalanceAlertResponse]  # type: ignore[assignment]
+    """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+    available balance falls below `low_balance_threshold` the event stream (EventService)
+    says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+    (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+    threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+    set changes nothing; a change is a WALLET_ALERT_SET event. Needs `coffer-caller`; takes no
+    idempotency key, as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+    WALLET_KIND_MISMATCH (a system wallet).
+    """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
     """Wallets: each holds one unit, for one owner. Ids are int64: JavaScript clients must handle
     them as strings or BigInt.
 
-    Callers: every call that writes (CreateWallet, CancelWallet) names its caller in the
+    Callers: every call that writes (CreateWallet, CancelWallet, SetBalanceAlert) names its caller in the
     `coffer-caller` metadata, 1 to 128 visible ASCII characters (no spaces) not starting with '@';
     without one it fails with INVALID_ARGUMENT (field `coffer-caller`). Reads need none, but a
     caller they send is checked the same way.
@@ -186,6 +210,24 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         as it is idempotent itself.
         Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
         WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
+        """
+
+    @_abc_1.abstractmethod
+    def SetBalanceAlert(
+        self,
+        request: _wallets_pb2.SetBalanceAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallets_pb2.SetBalanceAlertResponse, _abc.Awaitable[_wallets_pb2.SetBalanceAlertResponse]]:
+        """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+        available balance falls below `low_balance_threshold` the event stream (EventService)
+        says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+        (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+        threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+        set changes nothing; a change is a WALLET_ALERT_SET event. Needs `coffer-caller`; takes no
+        idempotency key, as it is idempotent itself.
+        Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+        WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+        WALLET_KIND_MISMATCH (a system wallet).
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -41,7 +41,7 @@ less than the shortest hold (a second).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -289,10 +289,11 @@ class Ledger:
         where: EventFilter = _no_filter,
         owner_scope: str | None = None,
         page_size: int = page_size_max,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """The events after the cursor, then each as it commits, until the iterator is
         closed. A database that cannot be reached only delays them: the watcher reads again
-        every `listener.poll_interval_s`. Past `watchers_max` watchers, Overloaded."""
+        every `listener.poll_interval_s`. Past `watchers_max` watchers, Overloaded; once the
+        listener is closed (the server stops), Unavailable: resume from the last cursor."""
         if not self.keep_events:
             raise errors.EventsDisabled("this server keeps no events (it runs with events off)")
         if self.watchers >= self.watchers_max:
@@ -304,6 +305,10 @@ class Ledger:
         try:
             cursor = after
             while True:
+                if listener.closed:
+                    raise errors.Unavailable(
+                        "the server is stopping; resume from the last event's cursor"
+                    )
                 seen = listener.generation
                 try:
                     page = await self.list_events(

@@ -70,6 +70,7 @@ __all__ = [
     "check_id",
     "check_text",
     "check_unit_code",
+    "event_filter_wallets_max",
     "event_type_of_kind",
     "events_retention_days_default",
     "events_retention_days_max",
@@ -138,6 +139,8 @@ page_size_default = 100
 # goes on from there), the watchers one server serves at once by default and at most, and how
 # many days records are kept by default and at most.
 events_scanned_max = 10_000
+# Wallets one filter of events may name.
+event_filter_wallets_max = 1000
 events_watchers_max_default = 1000
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30

@@ -184,6 +184,28 @@ def _parser() -> argparse.ArgumentParser:
         help="set SO_REUSEPORT, so that several servers can listen on one port",
     )
     serve.add_argument(
+        "--events",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.events,
+        help="keep the event stream: a record per write transaction, in commit order "
+        "(default on; --no-events keeps none, and the event RPCs answer EVENTS_DISABLED)",
+    )
+    serve.add_argument(
+        "--events-retention-days",
+        type=int,
+        default=defaults.events_retention_days,
+        metavar="DAYS",
+        help=f"keep event records this many days (default {defaults.events_retention_days})",
+    )
+    serve.add_argument(
+        "--events-watchers-max",
+        type=int,
+        default=defaults.events_watchers_max,
+        metavar="N",
+        help="WatchEvents streams served at once before RESOURCE_EXHAUSTED; each also counts "
+        f"as a call of --calls-max (default {defaults.events_watchers_max})",
+    )
+    serve.add_argument(
         "--tls-cert",
         default=os.environ.get("COFFER_TLS_CERT", ""),
         metavar="PEM",
@@ -246,6 +268,9 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         tls_cert=arguments.tls_cert,
         tls_key=arguments.tls_key,
         tls_client_ca=arguments.tls_client_ca,
+        events=arguments.events,
+        events_retention_days=arguments.events_retention_days,
+        events_watchers_max=arguments.events_watchers_max,
     )
 
 
@@ -263,8 +288,9 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
             loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
             reloads = asyncio.create_task(_reload_tls_on_request(server.tls, reload_asked))
         host = arguments.listen.rsplit(":", 1)[0]
+        events = "" if settings.events else ", events off"
         print(
-            f"coffer: serving on {host}:{server.port}{_security(server)} ({description})",
+            f"coffer: serving on {host}:{server.port}{_security(server)} ({description}{events})",
             flush=True,
         )
         await stopping.wait()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -90,6 +91,7 @@ class _Status(grpc.Status):
 _internal_error = errors.Internal("internal error; see the server log")
 
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_StreamHandler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 _Servicer = TypeVar("_Servicer", bound=type)
 
 
@@ -100,10 +102,13 @@ def translate_errors(servicer: _Servicer) -> _Servicer:
 
     The guarded methods take the request as `admission` hands it over: `Admitted` (unwrapped
     for the method, released when the call completes), `Refused` (its error is the answer),
-    or a plain message."""
+    or a plain message. A server-streaming method (an async generator) is guarded alike: what
+    it raises, before its first response or after, ends its stream with that status."""
     for name, method in list(vars(servicer).items()):
         if name[:1].isupper() and inspect.iscoroutinefunction(method):
             setattr(servicer, name, _guard(method, f"{servicer.__name__}.{name}"))
+        elif name[:1].isupper() and inspect.isasyncgenfunction(method):
+            setattr(servicer, name, _guard_stream(method, f"{servicer.__name__}.{name}"))
     return servicer
 
 
@@ -117,6 +122,34 @@ def _guard(inner: _Handler, method: str) -> _Handler:
             if type(request) is Refused:
                 raise request.error
             return await inner(self, request, context)
+        except errors.CofferError as error:
+            await context.abort_with_status(_to_status(error))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("%s failed", method)
+            await context.abort_with_status(_to_status(_internal_error))
+        finally:
+            if admitted is not None:
+                admitted.release()
+
+    return guarded
+
+
+def _guard_stream(inner: _StreamHandler, method: str) -> _StreamHandler:
+    @functools.wraps(inner)
+    async def guarded(
+        self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[Any, None]:
+        admitted = request if type(request) is Admitted else None
+        try:
+            if type(request) is Refused:
+                raise request.error
+            message = admitted.message if admitted is not None else request
+            # Closed however the stream ends (a client cancelling included), at once.
+            async with aclosing(inner(self, message, context)) as responses:
+                async for response in responses:
+                    yield response
         except errors.CofferError as error:
             await context.abort_with_status(_to_status(error))
         except grpc.aio.AbortError:

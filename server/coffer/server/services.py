@@ -6,7 +6,8 @@ Errors are not handled here: what a handler raises is turned into a status by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
@@ -14,7 +15,10 @@ import grpc
 from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.core import errors, model
 from coffer.core.ledger import Ledger
+from coffer.core.store.listener import Listener
 from coffer.v1 import (
+    events_pb2,
+    events_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -29,7 +33,7 @@ from . import convert
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 
-__all__ = ["HoldService", "TransferService", "UnitService", "WalletService"]
+__all__ = ["EventService", "HoldService", "TransferService", "UnitService", "WalletService"]
 
 _HoldResponse = TypeVar(
     "_HoldResponse",
@@ -78,8 +82,8 @@ class UnitService(units_pb2_grpc.UnitServiceServicer):
     async def CreateUnit(
         self, request: units_pb2.CreateUnitRequest, context: _Context
     ) -> units_pb2.CreateUnitResponse:
-        _caller_of(context)
-        unit = await self._ledger.create_unit(convert.unit(request))
+        actor = _caller_of(context)
+        unit = await self._ledger.create_unit(convert.unit(request), actor=actor)
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
@@ -155,12 +159,26 @@ class WalletService(wallets_pb2_grpc.WalletServiceServicer):
     async def CancelWallet(
         self, request: wallets_pb2.CancelWalletRequest, context: _Context
     ) -> wallets_pb2.CancelWalletResponse:
-        _caller_of(context)
+        actor = _caller_of(context)
         wallet = await self._ledger.cancel_wallet(
-            convert.required_id("wallet_id", request.wallet_id)
+            convert.required_id("wallet_id", request.wallet_id), actor=actor
         )
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet, scales))
+
+    async def SetBalanceAlert(
+        self, request: wallets_pb2.SetBalanceAlertRequest, context: _Context
+    ) -> wallets_pb2.SetBalanceAlertResponse:
+        actor = _caller_of(context)
+        alert = convert.balance_alert(request)
+        wallet = await self._ledger.set_balance_alert(
+            alert.wallet_id,
+            low_balance_threshold=alert.low_balance_threshold,
+            top_up_to=alert.top_up_to,
+            actor=actor,
+        )
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return wallets_pb2.SetBalanceAlertResponse(wallet=convert.wallet_pb(wallet, scales))
 
 
 @translate_errors
@@ -308,6 +326,43 @@ class HoldService(holds_pb2_grpc.HoldServiceServicer):
         hold = await self._ledger.get_hold(convert.required_id("hold_id", request.hold_id))
         scales = await self._ledger.unit_scales((hold.unit,))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold, scales))
+
+
+@translate_errors
+class EventService(events_pb2_grpc.EventServiceServicer):
+    def __init__(self, ledger: Ledger, listener: Listener) -> None:
+        self._ledger = ledger
+        self._listener = listener
+
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: _Context
+    ) -> events_pb2.ListEventsResponse:
+        _caller_sent(context)
+        page = await self._ledger.list_events(
+            convert.event_cursor(request.after_cursor),
+            page_size=convert.page_size(request.page_size),
+            where=convert.event_filter(request.filter),
+        )
+        scales = await self._ledger.unit_scales(convert.units_of_events(page.events))
+        return events_pb2.ListEventsResponse(
+            events=[convert.event_pb(event, scales) for event in page.events],
+            next_cursor=page.cursor.text,
+            caught_up=page.caught_up,
+        )
+
+    async def WatchEvents(
+        self, request: events_pb2.WatchEventsRequest, context: _Context
+    ) -> AsyncGenerator[events_pb2.WatchEventsResponse, None]:
+        _caller_sent(context)
+        events = self._ledger.watch_events(
+            convert.event_cursor(request.after_cursor),
+            self._listener,
+            where=convert.event_filter(request.filter),
+        )
+        async with aclosing(events):
+            async for event in events:
+                scales = await self._ledger.unit_scales(convert.units_of_events((event,)))
+                yield events_pb2.WatchEventsResponse(event=convert.event_pb(event, scales))
 
 
 async def _submit(

@@ -14,7 +14,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from coffer.core.model import batch_operations_max
+from coffer.core.model import (
+    batch_operations_max,
+    events_retention_days_default,
+    events_retention_days_max,
+    events_watchers_max_default,
+    events_watchers_max_limit,
+)
 from coffer.core.store.connections import (
     lock_timeout_s_default,
     pool_size_max,
@@ -132,6 +138,15 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # The event stream: kept (a record per write transaction) or not (for measuring: the
+    # event RPCs then answer EVENTS_DISABLED); how many days records are kept, and how often
+    # the older ones are deleted; watchers served at once (each also holds one of calls_max
+    # while it lasts); how often a watcher reads anyway, should a notification be lost.
+    events: bool = True
+    events_retention_days: int = events_retention_days_default
+    events_retention_interval_s: float = 60.0
+    events_watchers_max: int = events_watchers_max_default
+    events_poll_interval_s: float = 1.0
 
     @property
     def tls_files(self) -> TlsFiles | None:
@@ -154,8 +169,9 @@ class Settings:
             raise SettingsError(
                 "listen", f"must be HOST:PORT with a port from 0 to {port_max}, not {self.listen!r}"
             )
-        if not isinstance(self.reuse_port, bool):
-            raise SettingsError("reuse_port", f"must be true or false, not {self.reuse_port!r}")
+        for flag in ("reuse_port", "events"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SettingsError(flag, f"must be true or false, not {getattr(self, flag)!r}")
         self._check_tls()
         timeout_note = " (PostgreSQL counts whole milliseconds, and 0 means no timeout)"
         bounds: list[tuple[str, float, float, str]] = [
@@ -194,6 +210,10 @@ class Settings:
             ("health_check_interval_s", interval_s_min, interval_s_max, ""),
             ("health_check_timeout_s", timeout_s_min, timeout_s_max, timeout_note),
             ("shutdown_grace_s", 0, shutdown_grace_s_max, ""),
+            ("events_retention_days", 1, events_retention_days_max, ""),
+            ("events_retention_interval_s", interval_s_min, interval_s_max, ""),
+            ("events_watchers_max", 1, events_watchers_max_limit, ""),
+            ("events_poll_interval_s", interval_s_min, interval_s_max, ""),
         ]
         for setting, low, high, note in bounds:
             value = getattr(self, setting)

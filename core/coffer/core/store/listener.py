@@ -36,6 +36,8 @@ class Listener:
         self._dsn = dsn
         self.poll_interval_s = poll_interval_s
         self.generation = 0
+        # Set by `close`: watchers end.
+        self.closed = False
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -44,6 +46,9 @@ class Listener:
         self._task = asyncio.create_task(self._listen())
 
     async def close(self) -> None:
+        """Stops listening, and wakes every watcher, to end."""
+        self.closed = True
+        self._wake()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -52,7 +57,7 @@ class Listener:
 
     async def wait(self, seen: int) -> None:
         """Returns once the generation is past `seen`, or after `poll_interval_s`."""
-        if self.generation != seen:
+        if self.generation != seen or self.closed:
             return
         changed = self._changed
         with contextlib.suppress(TimeoutError):
