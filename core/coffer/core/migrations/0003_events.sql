@@ -11,9 +11,9 @@
 -- transfer's source and target after it: four int64 per transfer (source posted, source
 -- pending, target posted, target pending), little-endian, in `balances`. The other changes
 -- (a unit or a wallet created, a wallet cancelled, a balance alert set, a low balance, a top-up
--- requested) are in `changes`, a JSON array, in order, after the transfers. `wallet_ids` holds
--- (at least) every wallet the record concerns, for filters. Retention deletes the oldest
--- records, always a prefix of the positions: the positions kept are contiguous.
+-- requested) are in `changes`, a JSON array, in order, after the transfers, each with the
+-- wallets it concerns. Retention deletes the oldest records, always a prefix of the positions:
+-- the positions kept are contiguous.
 
 create table event_counter (
     single boolean primary key default true check (single),
@@ -27,7 +27,6 @@ create table commits (
     created_at timestamptz not null,
     transfer_ids bigint[] not null,
     balances bytea not null,
-    wallet_ids bigint[] not null,
     changes jsonb not null
 );
 

@@ -149,7 +149,6 @@ class Batch:
                 now,
                 transfer_ids=written.transfer_ids,
                 balances=events.pack_balances(written.balances),
-                wallet_ids=book.wallets,
                 changes=written.changes,
             )
         return answers

@@ -37,11 +37,13 @@ transfers, then its changes, in that stable order; event i of the record at posi
 
 Reading. `read_page` reads in one snapshot (repeatable read): the counter, the records from the
 cursor on, the journal's transfers they name. It looks at a bounded number of events per page
-(`page_size` without a filter; with one, up to `model.events_scanned_max`, and as many records
-skipped by the wallet filter), so a filter that matches little costs a bounded amount per page
-and moves the cursor on. Retention (`delete_before`) deletes the oldest records, a prefix of
-the positions, so that the positions kept are contiguous and a cursor below the oldest kept
-answers EventsCursorExpired.
+(`page_size` without a filter; with one, up to `model.events_scanned_max`, the transfers among
+them read from the journal with the filter applied there), so a filter that matches little
+costs a bounded amount per page and moves the cursor on. A record keeps no list of the wallets
+it concerns: it would make every write pay for the filtered reads.
+
+Retention (`delete_before`) deletes the oldest records, a prefix of the positions, so that the
+positions kept are contiguous and a cursor below the oldest kept answers EventsCursorExpired.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -136,25 +138,19 @@ async def record(
     *,
     transfer_ids: Sequence[int] = (),
     balances: bytes = b"",
-    wallet_ids: Iterable[int] = (),
     changes: Sequence[Change] = (),
 ) -> int:
     """Writes the record of the transaction `connection` is in, as its last statement (see the
     module's docstring: the transaction must end right after); returns its position. Every
     writer calls this: `transfer_ids` in the order applied, with their `balances` after
-    (`pack_balances`), and `changes`; `wallet_ids`: the wallets the transfers concern (the
-    changes' are added)."""
+    (`pack_balances`), and `changes`."""
     assert transfer_ids or changes
     assert len(balances) == _balances.size * len(transfer_ids), (len(balances), transfer_ids)
-    concerned = set(wallet_ids)
-    for change in changes:
-        concerned.update(change.wallet_ids)
     position: int = await connection.fetchval(
         sql.insert_commit,
         created_at,
         transfer_ids,
         balances,
-        sorted(concerned),
         [change.json() for change in changes],
     )
     return position
@@ -335,11 +331,7 @@ async def read_page(
             return EventPage([], EventCursor(head + 1), True)
         filtered = wallets is not None or bool(where.types)
         slots, end = await _slots(
-            connection,
-            cursor,
-            head,
-            events_scanned_max if filtered else page_size,
-            None if wallets is None else sorted(wallets),
+            connection, cursor, head, events_scanned_max if filtered else page_size
         )
         transfers = await _transfers(connection, slots, wallets, where)
     events: list[Event] = []
@@ -383,17 +375,14 @@ async def _slots(
     cursor: EventCursor,
     head: int,
     slots_max: int,
-    wallets: list[int] | None,
 ) -> tuple[list[_Slot], EventCursor]:
-    """The events to look at, from `cursor` on: at most `slots_max`, in records no further than
-    `events_scanned_max` positions on; and the cursor after the last one looked at."""
+    """The events to look at, from `cursor` on: at most `slots_max`; and the cursor after the
+    last one looked at."""
     scan_end = min(cursor.position + events_scanned_max, head + 1)
     position = cursor.position
     slots: list[_Slot] = []
     while position < scan_end:
-        found = await connection.fetch(
-            sql.select_commits, position, scan_end, wallets, _commits_read_max
-        )
+        found = await connection.fetch(sql.select_commits, position, scan_end, _commits_read_max)
         position = found[-1]["position"] + 1 if len(found) == _commits_read_max else scan_end
         for row in found:
             count = len(row["transfer_ids"]) + len(row["changes"])

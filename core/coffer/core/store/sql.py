@@ -378,8 +378,8 @@ insert_commit = """
     with counter as (
         update event_counter set position = position + 1 returning position
     ), inserted as (
-        insert into commits (position, created_at, transfer_ids, balances, wallet_ids, changes)
-        select position, $1, $2, $3, $4, $5 from counter
+        insert into commits (position, created_at, transfer_ids, balances, changes)
+        select position, $1, $2, $3, $4 from counter
         returning position
     )
     select position, pg_notify('coffer_events', position::text) from inserted
@@ -395,14 +395,12 @@ select_event_bounds = """
 # The wallets of an owner.
 select_owner_wallets = "select id from wallets where owner_id = $1"
 
-# Records from position $1 up to (not with) $2, concerning one of the wallets $3 (null: any),
-# at most $4.
+# Records from position $1 up to (not with) $2, at most $3.
 select_commits = """
     select position, created_at, transfer_ids, balances, changes from commits
     where position >= $1 and position < $2
-      and ($3::bigint[] is null or wallet_ids && $3::bigint[])
     order by position
-    limit $4
+    limit $3
 """
 
 # The transfers $1 (with their callers), of the wallets $2 and the kinds $3 (null: any).
