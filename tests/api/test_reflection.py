@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from coffer.server.app import Server
 
 services_expected = [
+    "coffer.v1.EventService",
     "coffer.v1.HoldService",
     "coffer.v1.TransferService",
     "coffer.v1.UnitService",
