@@ -23,6 +23,7 @@ from coffer.clients.caller import caller_length_max, caller_metadata_key
 from coffer.server.app import Server
 from coffer.v1 import (
     access_pb2,
+    events_pb2,
     holds_pb2,
     transfers_pb2,
     types_pb2,
@@ -40,7 +41,7 @@ def key() -> str:
 
 
 def rpcs() -> Iterator[MethodDescriptor]:
-    for module in (units_pb2, wallets_pb2, transfers_pb2, holds_pb2, access_pb2):
+    for module in (units_pb2, wallets_pb2, transfers_pb2, holds_pb2, access_pb2, events_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             yield from service.methods
 
@@ -55,8 +56,8 @@ def rpc(service: str, name: str) -> MethodDescriptor:
 
 
 def reads(method: MethodDescriptor) -> bool:
-    """Reads are named Get… and List…; every other RPC writes."""
-    return method.name.startswith(("Get", "List"))
+    """Reads are named Get…, List… and Watch…; every other RPC writes."""
+    return method.name.startswith(("Get", "List", "Watch"))
 
 
 async def call(
@@ -73,6 +74,20 @@ async def call(
     )
     if request is None:
         request = message_factory.GetMessageClass(method.input_type)()
+    if method.server_streaming:
+        # Its first answer, or None if none came within a moment (the stream waits for more).
+        stream = channel.unary_stream(
+            f"/{method.containing_service.full_name}/{method.name}",
+            request_serializer=lambda message: message.SerializeToString(),
+            response_deserializer=message_factory.GetMessageClass(method.output_type).FromString,
+        )(request, metadata=metadata, timeout=1)
+        try:
+            async for response in stream:
+                return response
+        except grpc.aio.AioRpcError as error:
+            if error.code() != Code.DEADLINE_EXCEEDED:
+                raise
+        return None
     return await multicallable(request, metadata=metadata, timeout=10)
 
 

@@ -29,6 +29,8 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 
+from support.api import raw_call
+
 # COFFER_FUZZ_SCALE=N runs N times as many calls (the suite runs 1).
 scale = int(os.environ.get("COFFER_FUZZ_SCALE", "1"))
 calls = 600 * scale
@@ -253,11 +255,7 @@ async def test_raw_bytes_never_reach_internal(server: Server, channel: grpc.aio.
     methods = sum(len(service.methods) for service in services_described)
     for service in services_described:
         for method in service.methods:
-            call = channel.unary_unary(
-                f"/{service.full_name}/{method.name}",
-                request_serializer=None,
-                response_deserializer=None,
-            )
+            call = raw_call(channel, method)
             message_class = message_factory.GetMessageClass(method.input_type)
             for _ in range(raw_calls_per_rpc):
                 data = mangled(filled(message_class))

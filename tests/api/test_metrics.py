@@ -198,15 +198,26 @@ async def test_every_rpc_is_counted_with_its_status_code(
     measured: Server, channel: grpc.aio.Channel
 ) -> None:
     """Each RPC of every service, called once with an empty request (refused, or answered),
-    is counted once, under the status code its caller got."""
+    is counted once, under the status code its caller got; a stream, which goes on until its
+    caller leaves (here at its deadline), as CANCELLED."""
     codes = {}
     for service in services_described:
         for method in service.methods:
-            call = channel.unary_unary(
-                f"/{service.full_name}/{method.name}",
-                request_serializer=lambda message: message.SerializeToString(),
-            )
+            path = f"/{service.full_name}/{method.name}"
             empty = message_factory.GetMessageClass(method.input_type)()
+            if method.server_streaming:
+                stream = channel.unary_stream(
+                    path, request_serializer=lambda message: message.SerializeToString()
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    async for _ in stream(empty, timeout=1):
+                        pass
+                assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                codes[(service.name, method.name, grpc.StatusCode.CANCELLED.name)] = 1
+                continue
+            call = channel.unary_unary(
+                path, request_serializer=lambda message: message.SerializeToString()
+            )
             try:
                 await call(empty, timeout=10)
                 code = grpc.StatusCode.OK

@@ -545,3 +545,68 @@ async def test_module_runs_every_command_it_defines(cli: Cli, server: Server) ->
     fields = row.split()
     assert fields[0] == str(credit_id)
     assert fields[3:] == ["credit", "+700", "EUR", "1", "inv-9"]
+
+
+async def test_events_and_alerts(cli: Cli) -> None:
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    wallet_id = await cli.wallet("ada")
+    lines = await cli.ok(
+        "wallet", "alert", str(wallet_id), "--threshold", "100", "--top-up-to", "500"
+    )
+    assert lines[-1] == "alert     below 100, top up to 500"
+    await cli.ok("credit", str(wallet_id), "150")
+    await cli.ok("debit", str(wallet_id), "60")
+    lines = await cli.ok("events", "--wallet", str(wallet_id))
+    kinds = [line.split("  ")[2] for line in lines]
+    assert kinds == [
+        "wallet-created",
+        "wallet-alert-set",
+        "transfer",
+        "transfer",
+        "low-balance",
+        "top-up-requested",
+    ]
+    assert lines[-1].endswith(f"request top-up:{wallet_id}:1")
+    assert lines[0].split("  ")[3] == "cli"
+    # From a line's cursor: what follows it; a limit says where to go on.
+    after = lines[3].split("  ")[0]
+    rest = await cli.ok("events", "--wallet", str(wallet_id), "--after", after)
+    assert rest == lines[4:]
+    limited = await cli.ok("events", "--limit", "2")
+    assert len(limited) == 3 and limited[-1].startswith("(more: --after ")
+    only = await cli.ok("events", "--type", "low-balance", "--owner", "ada")
+    assert [line.split("  ")[2] for line in only] == ["low-balance"]
+    listed = await cli.json("events", "--type", "unit-created")
+    assert [event["type"] for event in listed["events"]] == ["EVENT_TYPE_UNIT_CREATED"]
+    assert listed["caughtUp"] is True
+    cleared = await cli.ok("wallet", "alert", str(wallet_id), "--clear")
+    assert not [line for line in cleared if line.startswith("alert")]
+    result = await cli("wallet", "alert", str(wallet_id))
+    assert result.exit_code == 2 and "--threshold" in result.err
+    result = await cli("events", "--after", "nonsense")
+    assert result.exit_code == 1 and "after_cursor" in result.err
+
+
+async def test_events_follow_prints_each_as_it_comes(cli: Cli, server: Server) -> None:
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coffer.clients.cli",
+        "--target",
+        f"127.0.0.1:{server.port}",
+        "events",
+        "--follow",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        first = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert b"unit-created" in first
+        wallet_id = await cli.wallet("bo")
+        second = await asyncio.wait_for(process.stdout.readline(), 30)
+        assert b"wallet-created" in second and f"wallet {wallet_id}".encode() in second
+    finally:
+        process.terminate()
+        await process.wait()

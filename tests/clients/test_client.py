@@ -27,6 +27,7 @@ from coffer.clients import (
     Transfer,
     Wallet,
     errors,
+    events_pb2,
     operations,
     transfers_pb2,
     types_pb2,
@@ -663,3 +664,60 @@ async def test_unreachable_server(kind: str, closed_target: str) -> None:
             await coffer.get_balance(wallet_id=1)
     assert raised.value.retryable
     assert raised.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+# Events ----------------------------------------------------------------------------------------
+
+
+async def test_events_list_and_watch_with_the_balance_alert(coffer: Coffer) -> None:
+    wallet_id = await coffer.wallet(low_balance_threshold=100, top_up_to=500)
+    assert (await coffer.get_wallet(wallet_id=wallet_id)).low_balance_threshold == 100
+    start = await coffer.list_events(wallet_ids=[wallet_id])
+    assert [event.type for event in start.events] == [events_pb2.EVENT_TYPE_WALLET_CREATED]
+    assert start.caught_up and start.next_cursor
+    await coffer.credit(wallet_id=wallet_id, amount=150)
+    await coffer.debit(wallet_id=wallet_id, amount=60)
+    page = await coffer.list_events(
+        after_cursor=start.next_cursor,
+        wallet_ids=[wallet_id],
+        types=["low_balance", "top_up_requested"],
+    )
+    low, top_up = page.events
+    assert low.low_balance.balance.available == 90
+    assert top_up.top_up_request.amount == 410
+    assert top_up.top_up_request.request_id == f"top-up:{wallet_id}:1"
+    # The typed client's stream, from a cursor: the events after it, then as they come.
+    got: list[events_pb2.Event] = []
+    client = coffer.client
+
+    async def follow() -> None:
+        if isinstance(client, Client):
+            async for event in client.watch_events(after_cursor=start.next_cursor):
+                got.append(event)
+                if len(got) == 5:
+                    return
+        else:
+
+            def blocking() -> None:
+                for event in client.watch_events(after_cursor=start.next_cursor):
+                    got.append(event)
+                    if len(got) == 5:
+                        return
+
+            await asyncio.to_thread(blocking)
+
+    following = asyncio.create_task(follow())
+    await asyncio.sleep(0.2)
+    wallet = await coffer.set_balance_alert(wallet_id=wallet_id, low_balance_threshold=None)
+    assert not wallet.HasField("low_balance_threshold")
+    await asyncio.wait_for(following, 10)
+    assert [events_pb2.EventType.Name(event.type) for event in got] == [
+        "EVENT_TYPE_TRANSFER",
+        "EVENT_TYPE_TRANSFER",
+        "EVENT_TYPE_LOW_BALANCE",
+        "EVENT_TYPE_TOP_UP_REQUESTED",
+        "EVENT_TYPE_WALLET_ALERT_SET",
+    ]
+    await fails(coffer.list_events(after_cursor="nonsense"), errors.InvalidArgument)
+    with pytest.raises(ValueError, match="is none of"):
+        await coffer.list_events(types=["nonsense"])

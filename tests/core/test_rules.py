@@ -728,12 +728,15 @@ def test_every_failed_precondition_and_not_found_is_tested() -> None:
         for error in errors.reasons().values()
         if error.category in (errors.Category.failed_precondition, errors.Category.not_found)
     }
-    # Raised by the ledger itself, or by its credentials, not by the rules.
+    # Raised by the ledger itself, by its credentials, or by the reads of events, not by
+    # the rules.
     expected -= {
         errors.UnitNotFound,
         errors.WalletNotEmpty,
         errors.ApiKeyNotFound,
         errors.CertificateMappingNotFound,
+        errors.EventsDisabled,
+        errors.EventsCursorExpired,
     }
     assert expected <= tested, expected - tested
 

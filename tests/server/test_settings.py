@@ -10,7 +10,11 @@ from typing import Any
 
 import pytest
 
-from coffer.core.model import batch_operations_max
+from coffer.core.model import (
+    batch_operations_max,
+    events_retention_days_max,
+    events_watchers_max_limit,
+)
 from coffer.core.store.connections import pool_size_max, timeout_s_max, timeout_s_min
 from coffer.server.admission import request_bytes_max
 from coffer.server.settings import (
@@ -218,6 +222,24 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"tls_client_ca": ""}],
         [{"tls_client_ca": "/nonexistent/ca.pem"}],
     ),
+    "events": (
+        [{"events": False}, {"events": True}],
+        [{"events": "no"}, {"events": 0}],
+    ),
+    "events_retention_days": (
+        [{"events_retention_days": 1}, {"events_retention_days": events_retention_days_max}],
+        [
+            {"events_retention_days": 0},
+            {"events_retention_days": events_retention_days_max + 1},
+            {"events_retention_days": 1.5},
+        ],
+    ),
+    "events_retention_interval_s": intervals("events_retention_interval_s"),
+    "events_watchers_max": (
+        [{"events_watchers_max": 1}, {"events_watchers_max": events_watchers_max_limit}],
+        [{"events_watchers_max": 0}, {"events_watchers_max": events_watchers_max_limit + 1}],
+    ),
+    "events_poll_interval_s": intervals("events_poll_interval_s"),
 }
 
 

@@ -6,6 +6,7 @@ import itertools
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor
 from google.rpc import error_details_pb2, status_pb2
 
 from coffer.v1 import (
@@ -96,3 +97,24 @@ def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
                 if detail.Unpack(found):
                     return found
     raise AssertionError(f"no BadRequest in {error!r}")
+
+
+def raw_call(channel: grpc.aio.Channel, method: MethodDescriptor) -> Any:
+    """The RPC taking and returning raw bytes, as a client with a broken encoder would call it:
+    a function of the bytes (and a timeout), awaited for the answer. Of a stream, its first
+    answer, or None when none came within a second (it waits for events to come)."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    if not method.server_streaming:
+        return channel.unary_unary(path, request_serializer=None, response_deserializer=None)
+    stream = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
+
+    async def first(data: bytes, timeout: float = 10) -> Any:
+        try:
+            async for response in stream(data, timeout=min(timeout, 1)):
+                return response
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+        return None
+
+    return first

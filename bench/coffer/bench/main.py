@@ -143,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
         "--server-arg=--batch-size-max=2000",
     )
     parser.add_argument(
+        "--no-events",
+        action="store_true",
+        help="start the server with --no-events (no event records), to measure what the "
+        "event stream costs",
+    )
+    parser.add_argument(
         "--servers",
         type=int,
         default=1,
@@ -211,8 +217,10 @@ def _check(arguments: argparse.Namespace) -> str | None:
             "--sweep is not for the overload scenario",
         ),
         (
-            arguments.target is None or (arguments.servers == 1 and not arguments.server_arg),
-            "--servers and --server-arg are for the server it starts, not with --target",
+            arguments.target is None
+            or (arguments.servers == 1 and not arguments.server_arg and not arguments.no_events),
+            "--servers, --server-arg and --no-events are for the server it starts, not with "
+            "--target",
         ),
         (
             not arguments.preload or arguments.target is None or arguments.database_url,
@@ -247,7 +255,10 @@ async def bench(arguments: argparse.Namespace) -> int:
                 servers = await infra.ServerGroup.start(
                     database.dsn,
                     count=arguments.servers,
-                    server_arguments=arguments.server_arg,
+                    server_arguments=[
+                        *arguments.server_arg,
+                        *(["--no-events"] if arguments.no_events else []),
+                    ],
                     log_dir=log_dir,
                     note=_note,
                 )
@@ -374,6 +385,7 @@ async def _measure(
         "servers": arguments.servers if servers else None,
         "server": servers.target if servers else arguments.target,
         "server_args": arguments.server_arg,
+        "events": not arguments.no_events,
         "connections": arguments.connections,
         "database": _describe(database),
         "preload": arguments.preload,

@@ -12,14 +12,16 @@
 for mTLS what it presents (`Client(…, tls=Tls.from_files(ca="ca.pem"))`); `operations`
 builds the operations of a batch (`submit_batch`); `format_amount` prints an amount with its
 unit ("25.99 EUR") from the unit and scale every Transfer, Hold and Balance carries. The
-protobuf messages are here too: `Transfer`, `Wallet`, `Hold`…, and their modules `types_pb2`,
-`units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`.
+protobuf messages are here too: `Transfer`, `Wallet`, `Hold`, `Event`…, and their modules
+`types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`.
+`watch_events` follows the event stream (`list_events` pages through it).
 """
 
 from coffer.clients import errors
 from coffer.clients.client import (
     Client,
     DebitResult,
+    EventPage,
     HoldResult,
     Operations,
     Page,
@@ -30,7 +32,8 @@ from coffer.clients.client import (
 from coffer.clients.errors import CofferError
 from coffer.clients.money import format_amount
 from coffer.clients.tls import Tls
-from coffer.v1 import holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import events_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1.events_pb2 import Event
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
 
@@ -39,6 +42,8 @@ __all__ = [
     "Client",
     "CofferError",
     "DebitResult",
+    "Event",
+    "EventPage",
     "Hold",
     "HoldResult",
     "Operation",
@@ -52,6 +57,7 @@ __all__ = [
     "Wallet",
     "WalletBalance",
     "errors",
+    "events_pb2",
     "format_amount",
     "holds_pb2",
     "operations",

@@ -29,7 +29,15 @@ from grpc_health.v1 import health_pb2
 from coffer.clients import errors, limits
 from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
 from coffer.clients.tls import Tls
-from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    access_pb2,
+    events_pb2,
+    holds_pb2,
+    transfers_pb2,
+    types_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 
 __all__ = ["argument_parser", "deadline_s_max", "main"]
 
@@ -73,6 +81,8 @@ class _Output:
     # Printed otherwise; called only then, so that it may ask the server for more.
     render: Callable[[], list[str]]
     exit_code: int = exit_ok
+    # The command printed as it went (a stream followed): nothing more to print.
+    printed: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with client:
             output: _Output = arguments.handler(client, arguments)
-            if arguments.json:
+            if output.printed:
+                pass
+            elif arguments.json:
                 print(
                     json_format.MessageToJson(
                         output.message, always_print_fields_with_no_presence=True
@@ -214,6 +226,7 @@ def argument_parser(
         help="lowest available balance allowed, in minor units (default 0; negative: overdraft)",
     )
     _add_metadata_option(sub)
+    _add_alert_options(sub)
     sub.add_argument("--idempotency-key", metavar="KEY", help="default: a fresh random key")
     sub = command(wallets, "show", "show a wallet", _wallet_show)
     sub.add_argument("wallet", type=_identifier, metavar="ID")
@@ -223,6 +236,15 @@ def argument_parser(
     sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
     sub = command(wallets, "cancel", "cancel an empty wallet", _wallet_cancel)
     sub.add_argument("wallet", type=_identifier, metavar="ID")
+    sub = command(
+        wallets,
+        "alert",
+        "set a wallet's low-balance alert (events LOW_BALANCE, TOP_UP_REQUESTED), or clear it",
+        _wallet_alert,
+    )
+    sub.add_argument("wallet", type=_identifier, metavar="ID")
+    _add_alert_options(sub)
+    sub.add_argument("--clear", action="store_true", help="no alert any more")
 
     sub = command(commands, "credit", "the operator funds a wallet", _credit)
     _add_wallet_amount(sub)
@@ -310,6 +332,40 @@ def argument_parser(
     )
     sub.add_argument("--reference", default="", metavar="R")
     sub.add_argument("--limit", type=_limit, default=history_limit_default, metavar="N")
+    sub = command(
+        commands,
+        "events",
+        "the event stream, oldest first, one line each, from --after (with --follow, then "
+        "each as it commits, until interrupted)",
+        _events,
+    )
+    sub.add_argument(
+        "--after",
+        default="",
+        metavar="CURSOR",
+        help="a cursor an event line gave (default: the oldest event kept)",
+    )
+    sub.add_argument("--follow", action="store_true", help="keep printing events as they come")
+    sub.add_argument(
+        "--wallet", type=_identifier, action="append", default=[], metavar="ID", dest="wallets"
+    )
+    sub.add_argument("--owner", default="", metavar="ID", help="events of this owner's wallets")
+    sub.add_argument(
+        "--type",
+        nargs="+",
+        action="extend",
+        choices=_names(events_pb2.EventType),
+        default=[],
+        metavar="T",
+        dest="types",
+    )
+    sub.add_argument(
+        "--limit",
+        type=_limit,
+        default=list_limit_default,
+        metavar="N",
+        help=f"most events without --follow (default {list_limit_default})",
+    )
     command(commands, "health", "check that the server is serving (gRPC health)", _health)
 
     keys = group("keys", "API keys (administrators; with the server, also against its database)")
@@ -544,6 +600,21 @@ def _add_mutation_options(parser: argparse.ArgumentParser, *, reference: bool) -
     )
 
 
+def _add_alert_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threshold",
+        type=_int64,
+        metavar="N",
+        help="below this available balance, in minor units, a LOW_BALANCE event, once per crossing",
+    )
+    parser.add_argument(
+        "--top-up-to",
+        type=_int64,
+        metavar="N",
+        help="with --threshold: also ask for a top-up to this balance (TOP_UP_REQUESTED)",
+    )
+
+
 def _add_metadata_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metadata",
@@ -667,8 +738,26 @@ def _wallet_create(client: SyncClient, arguments: argparse.Namespace) -> _Output
         balance_minimum=arguments.minimum,
         metadata=dict(arguments.metadata),
         idempotency_key=arguments.idempotency_key,
+        low_balance_threshold=arguments.threshold,
+        top_up_to=arguments.top_up_to,
     )
     return _Output(wallets_pb2.CreateWalletResponse(wallet=wallet), lambda: _wallet_lines(wallet))
+
+
+def _wallet_alert(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    if arguments.clear == (arguments.threshold is not None) or (
+        arguments.clear and arguments.top_up_to is not None
+    ):
+        print("error: give --threshold (and --top-up-to, if wanted), or --clear", file=sys.stderr)
+        return _Output(wallets_pb2.SetBalanceAlertResponse(), list, exit_usage, printed=True)
+    wallet = client.set_balance_alert(
+        wallet_id=arguments.wallet,
+        low_balance_threshold=arguments.threshold,
+        top_up_to=arguments.top_up_to,
+    )
+    return _Output(
+        wallets_pb2.SetBalanceAlertResponse(wallet=wallet), lambda: _wallet_lines(wallet)
+    )
 
 
 def _wallet_show(client: SyncClient, arguments: argparse.Namespace) -> _Output:
@@ -904,6 +993,41 @@ def _history(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     return _Output(response, render)
 
 
+def _events(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    filters: dict[str, Any] = {
+        "wallet_ids": arguments.wallets,
+        "owner_id": arguments.owner,
+        "types": [each.replace("-", "_") for each in arguments.types],
+    }
+    if arguments.follow:
+        for event in client.watch_events(after_cursor=arguments.after, **filters):
+            if arguments.json:
+                print(json_format.MessageToJson(event, indent=None), flush=True)
+            else:
+                print(_event_line(event), flush=True)
+        return _Output(events_pb2.ListEventsResponse(), list, printed=True)
+    events: list[events_pb2.Event] = []
+    cursor = arguments.after
+    caught_up = False
+    while len(events) < arguments.limit and not caught_up:
+        page = client.list_events(
+            after_cursor=cursor,
+            page_size=min(arguments.limit - len(events), limits.page_size_max),
+            **filters,
+        )
+        events.extend(page.events)
+        cursor, caught_up = page.next_cursor, page.caught_up
+
+    def render() -> list[str]:
+        lines = [_event_line(event) for event in events]
+        if not caught_up:
+            lines.append(f"(more: --after {cursor})")
+        return lines
+
+    response = events_pb2.ListEventsResponse(events=events, next_cursor=cursor, caught_up=caught_up)
+    return _Output(response, render)
+
+
 def _health(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     status = client.health()
     response = health_pb2.HealthCheckResponse(
@@ -946,6 +1070,11 @@ def _wallet_lines(wallet: types_pb2.Wallet) -> list[str]:
         lines.append(
             "metadata  " + ", ".join(f"{k}={v}" for k, v in sorted(wallet.metadata.items()))
         )
+    if wallet.HasField("low_balance_threshold"):
+        alert = f"alert     below {wallet.low_balance_threshold}"
+        if wallet.HasField("top_up_to"):
+            alert += f", top up to {wallet.top_up_to}"
+        lines.append(alert)
     return lines
 
 
@@ -990,6 +1119,50 @@ def _transfer_line(transfer: types_pb2.Transfer, wallet_id: int | None = None) -
     if transfer.reference:
         parts.append(f"reference {transfer.reference}")
     return "  ".join(parts)
+
+
+def _event_line(event: events_pb2.Event) -> str:
+    """E.g. `AAAAAAAAAAUAAAAB  2026-11-28 04:49:06  transfer  shop  transfer 4  credit  …`: the
+    cursor to resume after it, when, what, who, and the details."""
+    body = event.WhichOneof("body")
+    if body == "transfer":
+        moved = event.transfer
+        details = _transfer_line(moved.transfer)
+        details += f"  balances {moved.source_balance.available} / {moved.target_balance.available}"
+    elif body == "wallet":
+        details = _wallet_lines(event.wallet)[0]
+    elif body == "unit":
+        details = _unit_line(event.unit)
+    elif body == "balance_alert":
+        alert = event.balance_alert
+        details = f"wallet {alert.wallet_id}  " + (
+            f"threshold {alert.low_balance_threshold}"
+            + (f"  top up to {alert.top_up_to}" if alert.HasField("top_up_to") else "")
+            if alert.HasField("low_balance_threshold")
+            else "no alert"
+        )
+    elif body == "low_balance":
+        low = event.low_balance
+        details = (
+            f"wallet {low.wallet_id}  available {low.balance.available} {low.balance.unit}"
+            f"  below {low.low_balance_threshold}"
+        )
+    elif body == "top_up_request":
+        top_up = event.top_up_request
+        details = (
+            f"wallet {top_up.wallet_id}  top up {top_up.amount} {top_up.balance.unit}"
+            f"  to {top_up.top_up_to}  request {top_up.request_id}"
+        )
+    else:
+        details = ""
+    parts = [
+        event.cursor,
+        _time(event.create_time),
+        _name(events_pb2.EventType, event.type),
+        event.actor,
+        details,
+    ]
+    return "  ".join(part for part in parts if part)
 
 
 def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:

@@ -61,6 +61,8 @@ from coffer.clients.tls import Tls
 from coffer.v1 import (
     access_pb2,
     access_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -71,6 +73,7 @@ from coffer.v1 import (
     wallets_pb2,
     wallets_pb2_grpc,
 )
+from coffer.v1.events_pb2 import Event
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
 
@@ -110,6 +113,20 @@ TransferKindName = Literal[
     "void",
 ]
 
+EventTypeName = Literal[
+    "transfer",
+    "hold_placed",
+    "hold_captured",
+    "hold_released",
+    "hold_expired",
+    "wallet_created",
+    "wallet_cancelled",
+    "wallet_alert_set",
+    "unit_created",
+    "low_balance",
+    "top_up_requested",
+]
+
 ItemT = TypeVar("ItemT")
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -123,6 +140,15 @@ class Page(Generic[ItemT]):
     items: list[ItemT]
     # Empty on the last page.
     next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[Event]
+    # Where the next page starts; never empty.
+    next_cursor: str
+    # The page reached the newest event committed when it was read.
+    caught_up: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,6 +444,7 @@ class _Stubs:
     wallets: wallets_pb2_grpc.WalletServiceAsyncStub
     transfers: transfers_pb2_grpc.TransferServiceAsyncStub
     holds: holds_pb2_grpc.HoldServiceAsyncStub
+    events: events_pb2_grpc.EventServiceAsyncStub
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
@@ -593,9 +620,12 @@ class Client:
         balance_minimum: int | None = None,
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        low_balance_threshold: int | None = None,
+        top_up_to: int | None = None,
     ) -> Wallet:
         """`balance_minimum` is the lowest available balance allowed: 0 by default, negative
-        for an overdraft."""
+        for an overdraft. `low_balance_threshold` and `top_up_to`: a balance alert from the
+        start (see `set_balance_alert`)."""
         request = wallets_pb2.CreateWalletRequest(
             idempotency_key=_key(idempotency_key),
             owner_id=owner_id,
@@ -603,6 +633,8 @@ class Client:
             unit=unit,
             balance_minimum=balance_minimum,
             metadata=_metadata(metadata),
+            low_balance_threshold=low_balance_threshold,
+            top_up_to=top_up_to,
         )
         response = await self._call(self._stubs().wallets.CreateWallet, request)
         return response.wallet
@@ -665,6 +697,24 @@ class Client:
         """Only an empty wallet can be cancelled; cancelling it again returns it unchanged."""
         request = wallets_pb2.CancelWalletRequest(wallet_id=wallet_id)
         response = await self._call(self._stubs().wallets.CancelWallet, request)
+        return response.wallet
+
+    async def set_balance_alert(
+        self,
+        *,
+        wallet_id: int,
+        low_balance_threshold: int | None,
+        top_up_to: int | None = None,
+    ) -> Wallet:
+        """Below `low_balance_threshold` (available, in minor units; None: no alert) the event
+        stream says LOW_BALANCE, once per crossing; with `top_up_to`, it also asks for a top-up
+        to that balance (TOP_UP_REQUESTED). Setting what is set changes nothing."""
+        request = wallets_pb2.SetBalanceAlertRequest(
+            wallet_id=wallet_id,
+            low_balance_threshold=low_balance_threshold,
+            top_up_to=top_up_to,
+        )
+        response = await self._call(self._stubs().wallets.SetBalanceAlert, request)
         return response.wallet
 
     # Transfers. The operations that move money are declared once, in `Operations`: each
@@ -803,6 +853,65 @@ class Client:
         response = await self._call(self._stubs().holds.GetHold, request)
         return response.hold
 
+    # Events.
+
+    async def list_events(
+        self,
+        *,
+        after_cursor: str = "",
+        page_size: int = 0,
+        wallet_ids: Sequence[int] = (),
+        owner_id: str = "",
+        types: Sequence[EventTypeName] = (),
+    ) -> EventPage:
+        """One page of events after `after_cursor` ("" from the oldest kept), in commit order,
+        of `wallet_ids`, of `owner_id`'s wallets, of `types` (empty: all). With a filter a page
+        may hold few events, or none, while more follow: go on from `next_cursor` until
+        `caught_up`."""
+        request = events_pb2.ListEventsRequest(
+            after_cursor=after_cursor,
+            page_size=page_size,
+            filter=_event_filter(wallet_ids, owner_id, types),
+        )
+        response = await self._call(self._stubs().events.ListEvents, request)
+        return EventPage(list(response.events), response.next_cursor, response.caught_up)
+
+    async def watch_events(
+        self,
+        *,
+        after_cursor: str = "",
+        wallet_ids: Sequence[int] = (),
+        owner_id: str = "",
+        types: Sequence[EventTypeName] = (),
+    ) -> AsyncIterator[Event]:
+        """The events after `after_cursor`, then each as it commits, without end (close the
+        iterator to stop). When the stream breaks for a reason worth retrying (the server
+        stopping or restarting, OVERLOADED), it opens again after the last event given, up to
+        `retries_max` times in a row, so that no event is missed or given twice."""
+        cursor = after_cursor
+        attempt = 0
+        while True:
+            request = events_pb2.WatchEventsRequest(
+                after_cursor=cursor, filter=_event_filter(wallet_ids, owner_id, types)
+            )
+            stream = self._stubs().events.WatchEvents(request, metadata=self._call_metadata)
+            try:
+                async for response in stream:
+                    attempt = 0
+                    cursor = response.event.cursor
+                    yield response.event
+            except grpc.RpcError as cause:
+                error = from_rpc_error(cause)
+                if not error.retryable or attempt >= self.retries_max:
+                    raise error from cause
+                backoff_s = _backoff_s(attempt)
+                if isinstance(error, ResourceExhausted) and error.retry_after_ms:
+                    backoff_s = max(backoff_s, error.retry_after_ms / 1000)
+                await asyncio.sleep(backoff_s)
+                attempt += 1
+            finally:
+                stream.cancel()
+
     # Health.
 
     # Access (administrators only).
@@ -895,6 +1004,7 @@ class Client:
                 wallets=wallets_pb2_grpc.WalletServiceStub(channel),
                 transfers=transfers_pb2_grpc.TransferServiceStub(channel),
                 holds=holds_pb2_grpc.HoldServiceStub(channel),
+                events=events_pb2_grpc.EventServiceStub(channel),
                 health_check=channel.unary_unary(
                     health_check_method,
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -1063,6 +1173,7 @@ class SyncClient:
     list_wallets = _blocking(Client.list_wallets)
     iter_wallets = _blocking_iterator(Client.iter_wallets)
     cancel_wallet = _blocking(Client.cancel_wallet)
+    set_balance_alert = _blocking(Client.set_balance_alert)
     credit = _blocking(Client.credit)
     debit = _blocking(Client.debit)
     transfer = _blocking(Client.transfer)
@@ -1084,7 +1195,19 @@ class SyncClient:
     map_certificate = _blocking(Client.map_certificate)
     unmap_certificate = _blocking(Client.unmap_certificate)
     list_certificate_mappings = _blocking(Client.list_certificate_mappings)
+    list_events = _blocking(Client.list_events)
+    watch_events = _blocking_iterator(Client.watch_events)
     health = _blocking(Client.health)
+
+
+def _event_filter(
+    wallet_ids: Sequence[int], owner_id: str, types: Sequence[EventTypeName]
+) -> events_pb2.EventFilter:
+    return events_pb2.EventFilter(
+        wallet_ids=wallet_ids,
+        owner_id=owner_id,
+        types=[_enum(events_pb2.EventType, "EVENT_TYPE_", each) for each in types],
+    )
 
 
 def _key(idempotency_key: str | None) -> str:
@@ -1134,6 +1257,8 @@ __all__ = [
     "Client",
     "DebitModeName",
     "DebitResult",
+    "EventPage",
+    "EventTypeName",
     "HoldResult",
     "Operations",
     "OwnerKindName",

@@ -28,7 +28,8 @@ client's tests fail if the two drift apart.
     ├── FailedPrecondition                                               FAILED_PRECONDITION
     │   ├── InsufficientFunds, WalletNotActive, WalletNotEmpty, WalletKindMismatch,
     │   ├── UnitMismatch, SameWallet, AlreadyVoided, NotVoidable, HoldExpired,
-    │   └── HoldNotPending, CaptureExceedsHold, BalanceOverflow
+    │   ├── HoldNotPending, CaptureExceedsHold, BalanceOverflow,
+    │   └── EventsDisabled, EventsCursorExpired (of the event stream)
     ├── Aborted                                                          ABORTED
     │   └── LinkedOperationFailed   another operation of its linked chain failed
     ├── Unauthenticated          who calls is not known                  UNAUTHENTICATED
@@ -76,6 +77,8 @@ __all__ = [
     "CredentialsMissing",
     "CredentialsRevoked",
     "DeadlineExceeded",
+    "EventsCursorExpired",
+    "EventsDisabled",
     "FailedPrecondition",
     "HoldExpired",
     "HoldNotFound",
@@ -263,6 +266,19 @@ class BalanceOverflow(FailedPrecondition):
     reason = "BALANCE_OVERFLOW"
 
 
+class EventsDisabled(FailedPrecondition):
+    """The server keeps no events (it runs with events off)."""
+
+    reason = "EVENTS_DISABLED"
+
+
+class EventsCursorExpired(FailedPrecondition):
+    """The cursor is older than the oldest event kept; the message names the oldest cursor
+    still available."""
+
+    reason = "EVENTS_CURSOR_EXPIRED"
+
+
 class Aborted(CofferError):
     reason = "ABORTED"
     code = grpc.StatusCode.ABORTED
@@ -368,6 +384,8 @@ _error_by_reason: dict[str, type[CofferError]] = {
         HoldNotPending,
         CaptureExceedsHold,
         BalanceOverflow,
+        EventsDisabled,
+        EventsCursorExpired,
         LinkedOperationFailed,
         CredentialsMissing,
         CredentialsInvalid,

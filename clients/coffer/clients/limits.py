@@ -12,6 +12,12 @@ __all__ = [
     "batch_operations_max",
     "caller_length_max",
     "certificate_subject_length_max",
+    "event_filter_wallets_max",
+    "events_retention_days_default",
+    "events_retention_days_max",
+    "events_scanned_max",
+    "events_watchers_max_default",
+    "events_watchers_max_limit",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -60,4 +66,10 @@ page_size_default = 100
 principal_name_length_max = 128
 certificate_subject_length_max = 64
 api_key_secret_bytes = 32
+events_scanned_max = 10_000
+event_filter_wallets_max = 1000
+events_watchers_max_default = 1000
+events_watchers_max_limit = 10_000
+events_retention_days_default = 30
+events_retention_days_max = 36_500
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})

@@ -138,6 +138,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """No API key has the id asked for. NOT_FOUND; not retryable."""
     ERROR_REASON_CERTIFICATE_MAPPING_NOT_FOUND: _ErrorReason.ValueType  # 33
     """No certificate mapping has the subject asked for. NOT_FOUND; not retryable."""
+    ERROR_REASON_EVENTS_DISABLED: _ErrorReason.ValueType  # 34
+    """The server keeps no events: it runs with events off (`coffer serve --no-events`).
+    FAILED_PRECONDITION; not retryable.
+    """
+    ERROR_REASON_EVENTS_CURSOR_EXPIRED: _ErrorReason.ValueType  # 35
+    """The cursor names events older than the oldest the server keeps (its retention); the
+    message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a Coffer call can fail for. A failed call's status carries a
@@ -270,6 +278,14 @@ ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 32
 """No API key has the id asked for. NOT_FOUND; not retryable."""
 ERROR_REASON_CERTIFICATE_MAPPING_NOT_FOUND: ErrorReason.ValueType  # 33
 """No certificate mapping has the subject asked for. NOT_FOUND; not retryable."""
+ERROR_REASON_EVENTS_DISABLED: ErrorReason.ValueType  # 34
+"""The server keeps no events: it runs with events off (`coffer serve --no-events`).
+FAILED_PRECONDITION; not retryable.
+"""
+ERROR_REASON_EVENTS_CURSOR_EXPIRED: ErrorReason.ValueType  # 35
+"""The cursor names events older than the oldest the server keeps (its retention); the
+message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 STATUS_CODE_FIELD_NUMBER: _builtins.int

@@ -358,6 +358,8 @@ class Wallet(_message.Message):
     BALANCE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    TOP_UP_TO_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Unique across all wallets, from 1 (int64: a string or BigInt in JavaScript)."""
     owner_id: _builtins.str
@@ -371,6 +373,14 @@ class Wallet(_message.Message):
     balance_minimum: _builtins.int
     """The lowest available balance allowed (inclusive); negative for an overdraft. Unset on
     system wallets, which have no floor.
+    """
+    low_balance_threshold: _builtins.int
+    """Below this available balance the event stream says so (LOW_BALANCE), once per crossing;
+    unset: no alert (WalletService.SetBalanceAlert).
+    """
+    top_up_to: _builtins.int
+    """With the alert: the balance a top-up request (TOP_UP_REQUESTED) brings the wallet to;
+    unset: no top-up.
     """
     @_builtins.property
     def balance(self) -> Global___Balance:
@@ -396,14 +406,25 @@ class Wallet(_message.Message):
         balance: Global___Balance | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        low_balance_threshold: _builtins.int | None = ...,
+        top_up_to: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "balance", b"balance", "balance_minimum", b"balance_minimum", "create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "balance", b"balance", "balance_minimum", b"balance_minimum", "create_time", b"create_time", "low_balance_threshold", b"low_balance_threshold", "top_up_to", b"top_up_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "balance", b"balance", "balance_minimum", b"balance_minimum", "create_time", b"create_time", "id", b"id", "metadata", b"metadata", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "status", b"status", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "balance", b"balance", "balance_minimum", b"balance_minimum", "create_time", b"create_time", "id", b"id", "low_balance_threshold", b"low_balance_threshold", "metadata", b"metadata", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "status", b"status", "top_up_to", b"top_up_to", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__balance_minimum: _TypeAlias = _typing.Literal["balance_minimum"]  # noqa: Y015
     _WhichOneofArgType__balance_minimum: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum"]  # noqa: Y015
+    _WhichOneofReturnType__low_balance_threshold: _TypeAlias = _typing.Literal["low_balance_threshold"]  # noqa: Y015
+    _WhichOneofArgType__low_balance_threshold: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__top_up_to: _TypeAlias = _typing.Literal["top_up_to"]  # noqa: Y015
+    _WhichOneofArgType__top_up_to: _TypeAlias = _typing.Literal["_top_up_to", b"_top_up_to"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__balance_minimum) -> _WhichOneofReturnType__balance_minimum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low_balance_threshold) -> _WhichOneofReturnType__low_balance_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_up_to) -> _WhichOneofReturnType__top_up_to | None: ...
 
 Global___Wallet: _TypeAlias = Wallet  # noqa: Y015
 

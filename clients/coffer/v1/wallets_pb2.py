@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from coffer.v1 import types_pb2 as coffer_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63offer/v1/wallets.proto\x12\tcoffer.v1\x1a\x15\x63offer/v1/types.proto\"\x9b\x02\n\x13\x43reateWalletRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12(\n\nowner_kind\x18\x03 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x1c\n\x0f\x62\x61lance_minimum\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.coffer.v1.CreateWalletRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_balance_minimum\"9\n\x14\x43reateWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet\"%\n\x10GetWalletRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"6\n\x11GetWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet\"&\n\x11GetBalanceRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"Z\n\x12GetBalanceResponse\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12#\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x12.coffer.v1.Balance\"\x85\x01\n\x12ListWalletsRequest\x12\x10\n\x08owner_id\x18\x01 \x01(\t\x12(\n\nowner_kind\x18\x02 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"R\n\x13ListWalletsResponse\x12\"\n\x07wallets\x18\x01 \x03(\x0b\x32\x11.coffer.v1.Wallet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x43\x61ncelWalletRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"9\n\x14\x43\x61ncelWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet2\x92\x03\n\rWalletService\x12O\n\x0c\x43reateWallet\x12\x1e.coffer.v1.CreateWalletRequest\x1a\x1f.coffer.v1.CreateWalletResponse\x12\x46\n\tGetWallet\x12\x1b.coffer.v1.GetWalletRequest\x1a\x1c.coffer.v1.GetWalletResponse\x12I\n\nGetBalance\x12\x1c.coffer.v1.GetBalanceRequest\x1a\x1d.coffer.v1.GetBalanceResponse\x12L\n\x0bListWallets\x12\x1d.coffer.v1.ListWalletsRequest\x1a\x1e.coffer.v1.ListWalletsResponse\x12O\n\x0c\x43\x61ncelWallet\x12\x1e.coffer.v1.CancelWalletRequest\x1a\x1f.coffer.v1.CancelWalletResponseB\x8b\x01\n\rdev.coffer.v1B\x0cWalletsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63offer/v1/wallets.proto\x12\tcoffer.v1\x1a\x15\x63offer/v1/types.proto\"\xff\x02\n\x13\x43reateWalletRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12(\n\nowner_kind\x18\x03 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x1c\n\x0f\x62\x61lance_minimum\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12>\n\x08metadata\x18\x06 \x03(\x0b\x32,.coffer.v1.CreateWalletRequest.MetadataEntry\x12\"\n\x15low_balance_threshold\x18\x07 \x01(\x03H\x01\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x08 \x01(\x03H\x02\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_balance_minimumB\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"9\n\x14\x43reateWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet\"%\n\x10GetWalletRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"6\n\x11GetWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet\"&\n\x11GetBalanceRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"Z\n\x12GetBalanceResponse\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12#\n\x07\x62\x61lance\x18\x03 \x01(\x0b\x32\x12.coffer.v1.Balance\"\x85\x01\n\x12ListWalletsRequest\x12\x10\n\x08owner_id\x18\x01 \x01(\t\x12(\n\nowner_kind\x18\x02 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"R\n\x13ListWalletsResponse\x12\"\n\x07wallets\x18\x01 \x03(\x0b\x32\x11.coffer.v1.Wallet\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x13\x43\x61ncelWalletRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\"9\n\x14\x43\x61ncelWalletResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet\"\x8f\x01\n\x16SetBalanceAlertRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\"\n\x15low_balance_threshold\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x03 \x01(\x03H\x01\x88\x01\x01\x42\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"<\n\x17SetBalanceAlertResponse\x12!\n\x06wallet\x18\x01 \x01(\x0b\x32\x11.coffer.v1.Wallet2\xec\x03\n\rWalletService\x12O\n\x0c\x43reateWallet\x12\x1e.coffer.v1.CreateWalletRequest\x1a\x1f.coffer.v1.CreateWalletResponse\x12\x46\n\tGetWallet\x12\x1b.coffer.v1.GetWalletRequest\x1a\x1c.coffer.v1.GetWalletResponse\x12I\n\nGetBalance\x12\x1c.coffer.v1.GetBalanceRequest\x1a\x1d.coffer.v1.GetBalanceResponse\x12L\n\x0bListWallets\x12\x1d.coffer.v1.ListWalletsRequest\x1a\x1e.coffer.v1.ListWalletsResponse\x12O\n\x0c\x43\x61ncelWallet\x12\x1e.coffer.v1.CancelWalletRequest\x1a\x1f.coffer.v1.CancelWalletResponse\x12X\n\x0fSetBalanceAlert\x12!.coffer.v1.SetBalanceAlertRequest\x1a\".coffer.v1.SetBalanceAlertResponseB\x8b\x01\n\rdev.coffer.v1B\x0cWalletsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEWALLETREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_CREATEWALLETREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CREATEWALLETREQUEST']._serialized_start=62
-  _globals['_CREATEWALLETREQUEST']._serialized_end=345
-  _globals['_CREATEWALLETREQUEST_METADATAENTRY']._serialized_start=278
-  _globals['_CREATEWALLETREQUEST_METADATAENTRY']._serialized_end=325
-  _globals['_CREATEWALLETRESPONSE']._serialized_start=347
-  _globals['_CREATEWALLETRESPONSE']._serialized_end=404
-  _globals['_GETWALLETREQUEST']._serialized_start=406
-  _globals['_GETWALLETREQUEST']._serialized_end=443
-  _globals['_GETWALLETRESPONSE']._serialized_start=445
-  _globals['_GETWALLETRESPONSE']._serialized_end=499
-  _globals['_GETBALANCEREQUEST']._serialized_start=501
-  _globals['_GETBALANCEREQUEST']._serialized_end=539
-  _globals['_GETBALANCERESPONSE']._serialized_start=541
-  _globals['_GETBALANCERESPONSE']._serialized_end=631
-  _globals['_LISTWALLETSREQUEST']._serialized_start=634
-  _globals['_LISTWALLETSREQUEST']._serialized_end=767
-  _globals['_LISTWALLETSRESPONSE']._serialized_start=769
-  _globals['_LISTWALLETSRESPONSE']._serialized_end=851
-  _globals['_CANCELWALLETREQUEST']._serialized_start=853
-  _globals['_CANCELWALLETREQUEST']._serialized_end=893
-  _globals['_CANCELWALLETRESPONSE']._serialized_start=895
-  _globals['_CANCELWALLETRESPONSE']._serialized_end=952
-  _globals['_WALLETSERVICE']._serialized_start=955
-  _globals['_WALLETSERVICE']._serialized_end=1357
+  _globals['_CREATEWALLETREQUEST']._serialized_end=445
+  _globals['_CREATEWALLETREQUEST_METADATAENTRY']._serialized_start=338
+  _globals['_CREATEWALLETREQUEST_METADATAENTRY']._serialized_end=385
+  _globals['_CREATEWALLETRESPONSE']._serialized_start=447
+  _globals['_CREATEWALLETRESPONSE']._serialized_end=504
+  _globals['_GETWALLETREQUEST']._serialized_start=506
+  _globals['_GETWALLETREQUEST']._serialized_end=543
+  _globals['_GETWALLETRESPONSE']._serialized_start=545
+  _globals['_GETWALLETRESPONSE']._serialized_end=599
+  _globals['_GETBALANCEREQUEST']._serialized_start=601
+  _globals['_GETBALANCEREQUEST']._serialized_end=639
+  _globals['_GETBALANCERESPONSE']._serialized_start=641
+  _globals['_GETBALANCERESPONSE']._serialized_end=731
+  _globals['_LISTWALLETSREQUEST']._serialized_start=734
+  _globals['_LISTWALLETSREQUEST']._serialized_end=867
+  _globals['_LISTWALLETSRESPONSE']._serialized_start=869
+  _globals['_LISTWALLETSRESPONSE']._serialized_end=951
+  _globals['_CANCELWALLETREQUEST']._serialized_start=953
+  _globals['_CANCELWALLETREQUEST']._serialized_end=993
+  _globals['_CANCELWALLETRESPONSE']._serialized_start=995
+  _globals['_CANCELWALLETRESPONSE']._serialized_end=1052
+  _globals['_SETBALANCEALERTREQUEST']._serialized_start=1055
+  _globals['_SETBALANCEALERTREQUEST']._serialized_end=1198
+  _globals['_SETBALANCEALERTRESPONSE']._serialized_start=1200
+  _globals['_SETBALANCEALERTRESPONSE']._serialized_end=1260
+  _globals['_WALLETSERVICE']._serialized_start=1263
+  _globals['_WALLETSERVICE']._serialized_end=1755
 # @@protoc_insertion_point(module_scope)

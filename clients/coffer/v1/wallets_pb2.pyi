@@ -52,6 +52,8 @@ class CreateWalletRequest(_message.Message):
     UNIT_FIELD_NUMBER: _builtins.int
     BALANCE_MINIMUM_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    TOP_UP_TO_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Up to 128 characters, unique per caller; a retry with the same key and request returns
     the wallet created first.
@@ -64,6 +66,12 @@ class CreateWalletRequest(_message.Message):
     """The code of an existing unit."""
     balance_minimum: _builtins.int
     """Defaults to 0; negative allows an overdraft, in the unit's minor units."""
+    low_balance_threshold: _builtins.int
+    """A balance alert from the start (see SetBalanceAlert); unset: none."""
+    top_up_to: _builtins.int
+    """With `low_balance_threshold`: the balance a top-up brings the wallet to, at least the
+    threshold; unset: no top-up.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The caller's own key-value pairs: up to 16 entries; keys 1 to 64 characters, values up to
@@ -79,14 +87,25 @@ class CreateWalletRequest(_message.Message):
         unit: _builtins.str = ...,
         balance_minimum: _builtins.int | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        low_balance_threshold: _builtins.int | None = ...,
+        top_up_to: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "balance_minimum", b"balance_minimum"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "balance_minimum", b"balance_minimum", "low_balance_threshold", b"low_balance_threshold", "top_up_to", b"top_up_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "balance_minimum", b"balance_minimum", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "unit", b"unit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum", "_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "balance_minimum", b"balance_minimum", "idempotency_key", b"idempotency_key", "low_balance_threshold", b"low_balance_threshold", "metadata", b"metadata", "owner_id", b"owner_id", "owner_kind", b"owner_kind", "top_up_to", b"top_up_to", "unit", b"unit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__balance_minimum: _TypeAlias = _typing.Literal["balance_minimum"]  # noqa: Y015
     _WhichOneofArgType__balance_minimum: _TypeAlias = _typing.Literal["_balance_minimum", b"_balance_minimum"]  # noqa: Y015
+    _WhichOneofReturnType__low_balance_threshold: _TypeAlias = _typing.Literal["low_balance_threshold"]  # noqa: Y015
+    _WhichOneofArgType__low_balance_threshold: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__top_up_to: _TypeAlias = _typing.Literal["top_up_to"]  # noqa: Y015
+    _WhichOneofArgType__top_up_to: _TypeAlias = _typing.Literal["_top_up_to", b"_top_up_to"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__balance_minimum) -> _WhichOneofReturnType__balance_minimum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low_balance_threshold) -> _WhichOneofReturnType__low_balance_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_up_to) -> _WhichOneofReturnType__top_up_to | None: ...
 
 Global___CreateWalletRequest: _TypeAlias = CreateWalletRequest  # noqa: Y015
 
@@ -329,3 +348,68 @@ class CancelWalletResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelWalletResponse: _TypeAlias = CancelWalletResponse  # noqa: Y015
+
+@_typing.final
+class SetBalanceAlertRequest(_message.Message):
+    """A wallet's balance alert to set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WALLET_ID_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    TOP_UP_TO_FIELD_NUMBER: _builtins.int
+    wallet_id: _builtins.int
+    """The wallet's id; required."""
+    low_balance_threshold: _builtins.int
+    """Below this available balance, in minor units (negative allowed, for an overdraft), the
+    ledger says so; unset: no alert (and no top-up).
+    """
+    top_up_to: _builtins.int
+    """The available balance a top-up brings the wallet to: only with a threshold, and at least
+    it; unset: no top-up.
+    """
+    def __init__(
+        self,
+        *,
+        wallet_id: _builtins.int = ...,
+        low_balance_threshold: _builtins.int | None = ...,
+        top_up_to: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "low_balance_threshold", b"low_balance_threshold", "top_up_to", b"top_up_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold", "_top_up_to", b"_top_up_to", "low_balance_threshold", b"low_balance_threshold", "top_up_to", b"top_up_to", "wallet_id", b"wallet_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__low_balance_threshold: _TypeAlias = _typing.Literal["low_balance_threshold"]  # noqa: Y015
+    _WhichOneofArgType__low_balance_threshold: _TypeAlias = _typing.Literal["_low_balance_threshold", b"_low_balance_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__top_up_to: _TypeAlias = _typing.Literal["top_up_to"]  # noqa: Y015
+    _WhichOneofArgType__top_up_to: _TypeAlias = _typing.Literal["_top_up_to", b"_top_up_to"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__low_balance_threshold) -> _WhichOneofReturnType__low_balance_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_up_to) -> _WhichOneofReturnType__top_up_to | None: ...
+
+Global___SetBalanceAlertRequest: _TypeAlias = SetBalanceAlertRequest  # noqa: Y015
+
+@_typing.final
+class SetBalanceAlertResponse(_message.Message):
+    """The wallet, with its alert as set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WALLET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def wallet(self) -> _types_pb2.Wallet:
+        """The wallet, with its balance and its alert."""
+
+    def __init__(
+        self,
+        *,
+        wallet: _types_pb2.Wallet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wallet", b"wallet"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wallet", b"wallet"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetBalanceAlertResponse: _TypeAlias = SetBalanceAlertResponse  # noqa: Y015

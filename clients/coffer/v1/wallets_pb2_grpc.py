@@ -84,6 +84,11 @@ class WalletServiceStub:
                 request_serializer=coffer_dot_v1_dot_wallets__pb2.CancelWalletRequest.SerializeToString,
                 response_deserializer=coffer_dot_v1_dot_wallets__pb2.CancelWalletResponse.FromString,
                 _registered_method=True)
+        self.SetBalanceAlert = channel.unary_unary(
+                '/coffer.v1.WalletService/SetBalanceAlert',
+                request_serializer=coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertRequest.SerializeToString,
+                response_deserializer=coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertResponse.FromString,
+                _registered_method=True)
 
 
 class WalletServiceServicer:
@@ -158,6 +163,22 @@ class WalletServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBalanceAlert(self, request, context):
+        """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+        available balance falls below `low_balance_threshold` the event stream (EventService)
+        says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+        (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+        threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+        set changes nothing; a change is a WALLET_ALERT_SET event. Takes no
+        idempotency key, as it is idempotent itself.
+        Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+        WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+        WALLET_KIND_MISMATCH (a system wallet).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WalletServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +206,11 @@ def add_WalletServiceServicer_to_server(servicer, server):
                     servicer.CancelWallet,
                     request_deserializer=coffer_dot_v1_dot_wallets__pb2.CancelWalletRequest.FromString,
                     response_serializer=coffer_dot_v1_dot_wallets__pb2.CancelWalletResponse.SerializeToString,
+            ),
+            'SetBalanceAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBalanceAlert,
+                    request_deserializer=coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertRequest.FromString,
+                    response_serializer=coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +372,33 @@ class WalletService:
             '/coffer.v1.WalletService/CancelWallet',
             coffer_dot_v1_dot_wallets__pb2.CancelWalletRequest.SerializeToString,
             coffer_dot_v1_dot_wallets__pb2.CancelWalletResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBalanceAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coffer.v1.WalletService/SetBalanceAlert',
+            coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertRequest.SerializeToString,
+            coffer_dot_v1_dot_wallets__pb2.SetBalanceAlertResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,18 @@ class WalletServiceStub:
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
     """
+    SetBalanceAlert: _grpc.UnaryUnaryMultiCallable[_wallets_pb2.SetBalanceAlertRequest, _wallets_pb2.SetBalanceAlertResponse]
+    """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+    available balance falls below `low_balance_threshold` the event stream (EventService)
+    says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+    (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+    threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+    set changes nothing; a change is a WALLET_ALERT_SET event. Takes no
+    idempotency key, as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+    WALLET_KIND_MISMATCH (a system wallet).
+    """
 
 @_typing.type_check_only
 class WalletServiceAsyncStub(WalletServiceStub):
@@ -135,6 +147,18 @@ class WalletServiceAsyncStub(WalletServiceStub):
     as it is idempotent itself.
     Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
     WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
+    """
+    SetBalanceAlert: _aio.UnaryUnaryMultiCallable[_wallets_pb2.SetBalanceAlertRequest, _wallets_pb2.SetBalanceAlertResponse]  # type: ignore[assignment]
+    """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+    available balance falls below `low_balance_threshold` the event stream (EventService)
+    says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+    (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+    threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+    set changes nothing; a change is a WALLET_ALERT_SET event. Takes no
+    idempotency key, as it is idempotent itself.
+    Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+    WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+    WALLET_KIND_MISMATCH (a system wallet).
     """
 
 class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -216,6 +240,24 @@ class WalletServiceServicer(metaclass=_abc_1.ABCMeta):
         as it is idempotent itself.
         Errors: INVALID_ARGUMENT (wallet_id), NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION
         WALLET_NOT_EMPTY, FAILED_PRECONDITION WALLET_KIND_MISMATCH (a system wallet).
+        """
+
+    @_abc_1.abstractmethod
+    def SetBalanceAlert(
+        self,
+        request: _wallets_pb2.SetBalanceAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_wallets_pb2.SetBalanceAlertResponse, _abc.Awaitable[_wallets_pb2.SetBalanceAlertResponse]]:
+        """Sets, or clears, a customer's or merchant's active wallet's balance alert: when its
+        available balance falls below `low_balance_threshold` the event stream (EventService)
+        says so once (LOW_BALANCE), and with `top_up_to` asks for a top-up to that balance
+        (TOP_UP_REQUESTED); it fires again only after the balance has been back at or above the
+        threshold. A wallet already below a new threshold counts from its next rise. Setting what is
+        set changes nothing; a change is a WALLET_ALERT_SET event. Takes no
+        idempotency key, as it is idempotent itself.
+        Errors: INVALID_ARGUMENT (wallet_id, low_balance_threshold, top_up_to), NOT_FOUND
+        WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE, FAILED_PRECONDITION
+        WALLET_KIND_MISMATCH (a system wallet).
         """
 
 def add_WalletServiceServicer_to_server(servicer: WalletServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -9,7 +9,8 @@ says whether the same request may succeed if sent again unchanged.
     ├── MalformedRequest       request bytes that are not the message (INVALID_ARGUMENT)
     ├── NotFound               UnitNotFound, WalletNotFound, …       (NOT_FOUND)
     ├── AlreadyExists          IdempotencyKeyReused, UnitExists      (ALREADY_EXISTS)
-    ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …   (FAILED_PRECONDITION)
+    ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …,  (FAILED_PRECONDITION)
+    │                          EventsDisabled, EventsCursorExpired
     ├── LinkedOperationFailed  another operation of a linked chain failed (ABORTED)
     ├── Unauthenticated        CredentialsMissing, CredentialsInvalid, CredentialsExpired,
     │                          CredentialsRevoked                    (UNAUTHENTICATED)
@@ -49,6 +50,8 @@ __all__ = [
     "CredentialsMissing",
     "CredentialsRevoked",
     "DeadlineExceeded",
+    "EventsCursorExpired",
+    "EventsDisabled",
     "FailedPrecondition",
     "HoldExpired",
     "HoldNotFound",
@@ -226,6 +229,21 @@ class CaptureExceedsHold(FailedPrecondition):
 
 class BalanceOverflow(FailedPrecondition):
     reason = "BALANCE_OVERFLOW"
+
+
+class EventsDisabled(FailedPrecondition):
+    """The server keeps no events (it runs with events off)."""
+
+    reason = "EVENTS_DISABLED"
+    refusal = False
+
+
+class EventsCursorExpired(FailedPrecondition):
+    """The cursor names events older than the oldest kept; the message names the oldest cursor
+    still available."""
+
+    reason = "EVENTS_CURSOR_EXPIRED"
+    refusal = False
 
 
 class LinkedOperationFailed(CofferError):

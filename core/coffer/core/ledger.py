@@ -21,6 +21,11 @@ thing created and apply: the key then holds both, and replays answer with the su
 moved money. Ids are told only once their creation has committed, so only a guessed id can
 meet this.)
 
+Events (`store.events`): every write transaction that changes something ends with its record,
+in commit order; `list_events` reads them, `watch_events` follows them live, woken by a
+`store.listener.Listener`. With `keep_events` false the ledger writes no records (and no
+balance alerts fire), and reading them is EventsDisabled.
+
 Connections come from two pools: writes (batches, units, wallets) from one, queries from
 another, smaller one, so that long history scans cannot take the connections writes need.
 
@@ -35,7 +40,8 @@ less than the shortest hold (a second).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -43,6 +49,11 @@ import asyncpg
 from . import errors
 from .model import (
     Applied,
+    Event,
+    EventCursor,
+    EventFilter,
+    EventPage,
+    EventType,
     Hold,
     NewWallet,
     Operation,
@@ -55,20 +66,28 @@ from .model import (
     Unit,
     Wallet,
     batch_operations_max,
+    check_balance_alert,
+    events_watchers_max_default,
     page_size_default,
+    page_size_max,
+    system_caller,
 )
-from .store import catalog, queries, sql
+from .store import catalog, events, queries, sql
 from .store.batch import Batch, expiry
 from .store.connections import Guarded
 from .store.facts import Facts
 from .store.keys import KeyStored, key_constraints
+from .store.listener import Listener
 
-__all__ = ["Ledger", "expiry_batch_max", "transaction_retries_max"]
+__all__ = ["Ledger", "expiry_batch_max", "transaction_retries_max", "watchers_retry_after_ms"]
 
 transaction_retries_max = 5
 # Lapsed holds one sweep releases, in one batch.
 expiry_batch_max = 1000
+# A watcher refused as one too many is told to try again after this long.
+watchers_retry_after_ms = 1000
 
+_no_filter = EventFilter()
 _retryable_database_errors = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
@@ -82,7 +101,9 @@ def _system_clock() -> datetime:
 class Ledger:
     """`pool` serves writes; `read_pool` (by default the same) serves queries. Waiting for a
     connection of either takes at most `acquire_timeout_s` (None: no bound). `clock` tells
-    the time: of transfers, of hold expiries, and whether a hold has lapsed."""
+    the time: of transfers, of hold expiries, and whether a hold has lapsed. With
+    `keep_events`, every write records its events; `watchers_max` watchers may follow them at
+    once."""
 
     def __init__(
         self,
@@ -91,12 +112,17 @@ class Ledger:
         read_pool: asyncpg.Pool | None = None,
         acquire_timeout_s: float | None = None,
         clock: Callable[[], datetime] = _system_clock,
+        keep_events: bool = True,
+        watchers_max: int = events_watchers_max_default,
     ) -> None:
         self._pool = pool
         self._read_pool = read_pool or pool
         self._acquire_timeout_s = acquire_timeout_s
         self._clock = clock
         self._facts = Facts()
+        self.keep_events = keep_events
+        self.watchers_max = watchers_max
+        self.watchers = 0
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -113,10 +139,15 @@ class Ledger:
 
     # Units -------------------------------------------------------------------------------------
 
-    async def create_unit(self, unit: Unit) -> Unit:
-        """Creates the unit and its system wallets; idempotent for the same definition."""
+    async def create_unit(self, unit: Unit, *, actor: str = system_caller) -> Unit:
+        """Creates the unit and its system wallets; idempotent for the same definition.
+        `actor`: the caller its event names."""
         async with self._connection(transaction=True) as connection:
-            created = await catalog.create_unit(connection, unit)
+            created, new = await catalog.create_unit(connection, unit)
+            if new and self.keep_events:
+                await events.record(
+                    connection, self._now(), changes=[events.unit_change(created, actor)]
+                )
         self._facts.unit_created(created.code, created.scale)
         return created
 
@@ -144,8 +175,13 @@ class Ledger:
     async def create_wallet(self, new: NewWallet) -> tuple[Wallet, bool]:
         """Creates the wallet; returns it, and whether this was a replay of an earlier
         request with the same key (the wallet it created then)."""
+        now = self._now()
         async with self._connection(transaction=True) as connection:
-            return await catalog.create_wallet(connection, new, self._now())
+            wallet, replayed = await catalog.create_wallet(connection, new, now)
+            if not replayed and self.keep_events:
+                change = events.wallet_change(EventType.wallet_created, wallet, new.caller)
+                await events.record(connection, now, changes=[change])
+            return wallet, replayed
 
     async def get_wallet(self, wallet_id: int) -> Wallet:
         async with self._read_connection() as connection:
@@ -177,9 +213,35 @@ class Ledger:
             found = await connection.fetch(sql.select_wallet_owners, list(wallet_ids))
         return {row["id"]: Owner(OwnerKind(row["owner_kind"]), row["owner_id"]) for row in found}
 
-    async def cancel_wallet(self, wallet_id: int) -> Wallet:
+    async def cancel_wallet(self, wallet_id: int, *, actor: str = system_caller) -> Wallet:
+        now = self._now()
         async with self._connection(transaction=True) as connection:
-            return await catalog.cancel_wallet(connection, wallet_id, self._now())
+            wallet, cancelled = await catalog.cancel_wallet(connection, wallet_id, now)
+            if cancelled and self.keep_events:
+                change = events.wallet_change(EventType.wallet_cancelled, wallet, actor)
+                await events.record(connection, now, changes=[change])
+            return wallet
+
+    async def set_balance_alert(
+        self,
+        wallet_id: int,
+        *,
+        low_balance_threshold: int | None,
+        top_up_to: int | None = None,
+        actor: str = system_caller,
+    ) -> Wallet:
+        """Sets (or, with None, clears) a wallet's balance alert: below the threshold the
+        ledger records LOW_BALANCE once per crossing, and with `top_up_to` TOP_UP_REQUESTED.
+        Idempotent: setting what is set changes nothing and records nothing."""
+        check_balance_alert(low_balance_threshold, top_up_to)
+        now = self._now()
+        async with self._connection(transaction=True) as connection:
+            wallet, changed = await catalog.set_balance_alert(
+                connection, wallet_id, low_balance_threshold, top_up_to, now
+            )
+            if changed and self.keep_events:
+                await events.record(connection, now, changes=[events.alert_change(wallet, actor)])
+            return wallet
 
     # Operations --------------------------------------------------------------------------------
 
@@ -206,6 +268,83 @@ class Ledger:
             return 0
         outcomes = await self._apply([expiry(row["transfer_id"]) for row in lapsed], now)
         return sum(1 for outcome in outcomes if isinstance(outcome, Applied))
+
+    # Events ------------------------------------------------------------------------------------
+
+    async def list_events(
+        self,
+        after: EventCursor | None = None,
+        *,
+        page_size: int = page_size_default,
+        where: EventFilter = _no_filter,
+        owner_scope: Owner | None = None,
+    ) -> EventPage:
+        """Events after the cursor (None: from the oldest kept), in commit order; with
+        `owner_scope`, only those of that owner's wallets."""
+        if not self.keep_events:
+            raise errors.EventsDisabled("this server keeps no events (it runs with events off)")
+        async with self._read_connection() as connection:
+            return await events.read_page(
+                connection, after, page_size=page_size, where=where, owner_scope=owner_scope
+            )
+
+    async def watch_events(
+        self,
+        after: EventCursor | None,
+        listener: Listener,
+        *,
+        where: EventFilter = _no_filter,
+        owner_scope: Owner | None = None,
+        page_size: int = page_size_max,
+    ) -> AsyncGenerator[Event, None]:
+        """The events after the cursor, then each as it commits, until the iterator is
+        closed. A database that cannot be reached only delays them: the watcher reads again
+        every `listener.poll_interval_s`. Past `watchers_max` watchers, Overloaded; once the
+        listener is closed (the server stops), Unavailable: resume from the last cursor."""
+        if not self.keep_events:
+            raise errors.EventsDisabled("this server keeps no events (it runs with events off)")
+        if self.watchers >= self.watchers_max:
+            raise errors.Overloaded(
+                f"{self.watchers} watchers follow the events already",
+                retry_after_ms=watchers_retry_after_ms,
+            )
+        self.watchers += 1
+        try:
+            cursor = after
+            while True:
+                if listener.closed:
+                    raise errors.Unavailable(
+                        "the server is stopping; resume from the last event's cursor"
+                    )
+                seen = listener.generation
+                try:
+                    page = await self.list_events(
+                        cursor, page_size=page_size, where=where, owner_scope=owner_scope
+                    )
+                except errors.Unavailable:
+                    await asyncio.sleep(listener.poll_interval_s)
+                    continue
+                for event in page.events:
+                    yield event
+                cursor = page.cursor
+                if page.caught_up:
+                    await listener.wait(seen)
+                else:
+                    # Another page at once, after the other tasks had their turn.
+                    await asyncio.sleep(0)
+        finally:
+            self.watchers -= 1
+
+    async def delete_events_before(self, cutoff: datetime) -> int:
+        """Deletes the records made before `cutoff` (the oldest first, in bounded chunks, each
+        its own transaction); returns how many."""
+        deleted = 0
+        while True:
+            async with self._connection() as connection:
+                chunk = await events.delete_before(connection, cutoff)
+            deleted += chunk
+            if chunk < events.retention_chunk_max:
+                return deleted
 
     # Queries -----------------------------------------------------------------------------------
 
@@ -249,6 +388,7 @@ class Ledger:
                         now or self._now(),
                         self._facts,
                         look_up_keys=look_up_keys,
+                        keep_events=self.keep_events,
                     )
                     return await batch.run()
             except asyncpg.UniqueViolationError as error:

@@ -7,13 +7,16 @@ later, against the locked wallet states, by `rules.apply`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from enum import Enum, IntEnum
-from typing import Any, Generic, TypeVar, get_type_hints
+from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
@@ -21,15 +24,23 @@ __all__ = [
     "ApiKey",
     "Applied",
     "Balance",
+    "BalanceAlert",
     "CaptureHold",
     "CertificateMapping",
     "Credit",
     "Debit",
     "DebitMode",
     "Deposit",
+    "Event",
+    "EventBody",
+    "EventCursor",
+    "EventFilter",
+    "EventPage",
+    "EventType",
     "ExpireHold",
     "Hold",
     "HoldStatus",
+    "LowBalance",
     "NewWallet",
     "Operation",
     "Owner",
@@ -42,9 +53,11 @@ __all__ = [
     "ReleaseHold",
     "Role",
     "SystemWallet",
+    "TopUpRequest",
     "Transfer",
     "TransferFilter",
     "TransferKind",
+    "TransferMoved",
     "Unit",
     "UnitKind",
     "Void",
@@ -60,12 +73,20 @@ __all__ = [
     "batch_operations_max",
     "caller_length_max",
     "certificate_subject_length_max",
+    "check_balance_alert",
     "check_enum",
     "check_id",
     "check_principal_fields",
     "check_text",
     "check_unit_code",
     "credential_scope_prefix",
+    "event_filter_wallets_max",
+    "event_type_of_kind",
+    "events_retention_days_default",
+    "events_retention_days_max",
+    "events_scanned_max",
+    "events_watchers_max_default",
+    "events_watchers_max_limit",
     "hold_lapsed",
     "hold_status_resolved_by",
     "hold_timeout_s_default",
@@ -87,6 +108,7 @@ __all__ = [
     "principal_name_length_max",
     "reference_length_max",
     "system_caller",
+    "top_up_request_id",
     "unit_code_length_max",
     "unit_description_length_max",
     "unit_name_length_max",
@@ -139,6 +161,16 @@ api_key_prefix = "coffer_"
 api_key_secret_bytes = 32
 # The principal of the open mode when the call names no caller.
 local_principal_name = "local"
+# Events: the most one page looks at when it filters (those it skips included; the next page
+# goes on from there), the watchers one server serves at once by default and at most, and how
+# many days records are kept by default and at most.
+events_scanned_max = 10_000
+# Wallets one filter of events may name.
+event_filter_wallets_max = 1000
+events_watchers_max_default = 1000
+events_watchers_max_limit = 10_000
+events_retention_days_default = 30
+events_retention_days_max = 36_500
 # The most transfers one operation writes (each writes one today): an operation's transfers
 # have consecutive ids from its own, so its replay reads at most this many.
 operation_transfers_max = 1
@@ -288,6 +320,10 @@ class Wallet:
     balance: Balance
     metadata: Mapping[str, str]
     created_at: datetime
+    # Below this available balance the ledger says so (LOW_BALANCE), once per crossing; with
+    # `top_up_to`, it also asks for a top-up to that (TOP_UP_REQUESTED). None: no alert.
+    low_balance_threshold: int | None = None
+    top_up_to: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -299,6 +335,8 @@ class NewWallet:
     unit: str
     balance_minimum: int = 0
     metadata: Mapping[str, str] = field(default_factory=dict)
+    low_balance_threshold: int | None = None
+    top_up_to: int | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.idempotency_key, self.caller)
@@ -309,6 +347,7 @@ class NewWallet:
         if not balance_min <= self.balance_minimum <= 0:
             raise InvalidArgument("balance_minimum", "must be 0 or negative (an overdraft)")
         _check_metadata(self.metadata)
+        check_balance_alert(self.low_balance_threshold, self.top_up_to)
 
     def request_hash(self) -> bytes:
         return _hash(self)
@@ -655,7 +694,176 @@ class Page(Generic[_Item]):
     cursor: int | None
 
 
+# Events --------------------------------------------------------------------------------------
+
+
+class EventType(IntEnum):
+    """What an event records: one value per kind of change. Transfers of every posting kind are
+    TRANSFER (the transfer says its kind); the four hold transfers each have their own. Numbered
+    in groups, with room for more in each."""
+
+    transfer = 1
+    hold_placed = 2
+    hold_captured = 3
+    hold_released = 4
+    hold_expired = 5
+    wallet_created = 20
+    wallet_cancelled = 21
+    wallet_alert_set = 22
+    unit_created = 40
+    low_balance = 60
+    top_up_requested = 61
+
+
+_hold_event_types = {
+    TransferKind.hold: EventType.hold_placed,
+    TransferKind.capture: EventType.hold_captured,
+    TransferKind.release: EventType.hold_released,
+    TransferKind.hold_expiry: EventType.hold_expired,
+}
+# A transfer's event type, by its kind.
+event_type_of_kind: Mapping[TransferKind, EventType] = {
+    kind: _hold_event_types.get(kind, EventType.transfer) for kind in TransferKind
+}
+
+
+def top_up_request_id(wallet_id: int, crossing: int) -> str:
+    """The id of the top-up a wallet's `crossing`-th fall below its threshold asks for: the
+    idempotency key (and reference) of the deposit that pays it, so that it pays once."""
+    return f"top-up:{wallet_id}:{crossing}"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class EventCursor:
+    """Where a stream of events goes on: at event `index` of the record at `position`. Clients
+    see it as an opaque string (`text`, `parse`)."""
+
+    position: int
+    index: int = 0
+
+    _layout: ClassVar[struct.Struct] = struct.Struct(">QI")
+
+    @property
+    def text(self) -> str:
+        return base64.urlsafe_b64encode(self._layout.pack(self.position, self.index)).decode()
+
+    @classmethod
+    def parse(cls, text: str, field: str = "after_cursor") -> EventCursor | None:
+        """The cursor a string names; None for the empty string (from the oldest event kept).
+        Anything else is InvalidArgument on `field`."""
+        if not text:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(text.encode("ascii"))
+        except (binascii.Error, ValueError, UnicodeEncodeError):
+            raw = b""
+        if len(raw) == cls._layout.size:
+            position, index = cls._layout.unpack(raw)
+            cursor = cls(position, index)
+            if 0 < position <= id_max and cursor.text == text:
+                return cursor
+        raise InvalidArgument(field, "is not a cursor of an event")
+
+
+@dataclass(frozen=True, slots=True)
+class TransferMoved:
+    """A transfer event's body: the transfer, and its wallets' balances right after it."""
+
+    transfer: Transfer
+    source_balance: Balance
+    target_balance: Balance
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceAlert:
+    """A wallet's balance alert as set (WALLET_ALERT_SET); None: none."""
+
+    wallet_id: int
+    unit: str
+    low_balance_threshold: int | None
+    top_up_to: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class LowBalance:
+    """A wallet's available balance fell below its threshold (LOW_BALANCE): its balance at the
+    end of the transaction that made it fall."""
+
+    wallet_id: int
+    unit: str
+    balance: Balance
+    low_balance_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopUpRequest:
+    """A top-up asked for (TOP_UP_REQUESTED): a deposit of `amount` into the wallet, with
+    `request_id` as its idempotency key and reference, brings it to `top_up_to`."""
+
+    wallet_id: int
+    unit: str
+    request_id: str
+    amount: int
+    top_up_to: int
+    balance: Balance
+
+
+EventBody = TransferMoved | Wallet | Unit | BalanceAlert | LowBalance | TopUpRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One change, as the stream tells it. `cursor` is where the stream goes on after it;
+    `actor` the caller that made it (the ledger's own changes: `system_caller`); `wallet_ids`
+    the wallets it concerns (none for a unit)."""
+
+    cursor: EventCursor
+    type: EventType
+    created_at: datetime
+    actor: str
+    wallet_ids: tuple[int, ...]
+    body: EventBody
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events to list; empty: any. An event passes when it concerns one of `wallet_ids`
+    (if given), one of the wallets of `owner_id` (if given), and is of one of `types`."""
+
+    wallet_ids: tuple[int, ...] = ()
+    owner_id: str | None = None
+    types: tuple[EventType, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """Events in commit order, and the cursor after the last event the page looked at (which,
+    with a filter, may be past the last event it holds). `caught_up`: the page reached the
+    newest event committed when it was read."""
+
+    events: list[Event]
+    cursor: EventCursor
+    caught_up: bool
+
+
 # Checks --------------------------------------------------------------------------------------
+
+
+def check_balance_alert(low_balance_threshold: int | None, top_up_to: int | None) -> None:
+    """A wallet's balance alert: a threshold (any balance; None: no alert) and, only with one,
+    the amount to top up to, at least the threshold (so that a top-up re-arms the alert)."""
+    for name, value in (("low_balance_threshold", low_balance_threshold), ("top_up_to", top_up_to)):
+        if value is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not balance_min <= value <= balance_max
+        ):
+            raise InvalidArgument(name, f"must be an integer from {balance_min} to {balance_max}")
+    if top_up_to is not None:
+        if low_balance_threshold is None:
+            raise InvalidArgument("top_up_to", "needs a low_balance_threshold")
+        if top_up_to < low_balance_threshold:
+            raise InvalidArgument("top_up_to", "must be at least low_balance_threshold")
 
 
 def _check_key(idempotency_key: str, caller: str) -> None:

@@ -49,6 +49,7 @@ from .model import (
 )
 
 __all__ = [
+    "BalancesAfter",
     "Book",
     "HoldState",
     "Outcome",
@@ -57,6 +58,7 @@ __all__ = [
     "WalletState",
     "apply",
     "apply_all",
+    "balances_after",
     "expected_posting",
     "kept_refusals",
     "posting_of",
@@ -78,6 +80,10 @@ class WalletState:
     pending: int
     # The owner's id, for operations limited to one owner's wallets (`Operation.owner_limit`).
     owner_id: str = ""
+    # The balance alert (see model.Wallet) and how many times the wallet fell below it.
+    low_balance_threshold: int | None = None
+    top_up_to: int | None = None
+    low_balance_crossings: int = 0
 
     @property
     def available(self) -> int:
@@ -169,6 +175,17 @@ class Book:
 
 
 Outcome = list[Posting] | errors.CofferError
+# The balances right after a transfer: its source's posted and pending, its target's.
+BalancesAfter = tuple[int, int, int, int]
+
+
+def balances_after(book: Book, postings: list[Posting]) -> BalancesAfter:
+    """The balances of the wallets of an operation's one transfer, as `apply` left them."""
+    assert len(postings) == 1, postings
+    posting = postings[0]
+    source = book.wallets[posting.source_wallet_id]
+    target = book.wallets[posting.target_wallet_id]
+    return source.posted, source.pending, target.posted, target.pending
 
 
 def apply_all(
@@ -176,13 +193,15 @@ def apply_all(
     operations: Sequence[Operation | Rejected],
     now: datetime,
     settled: Mapping[int, errors.CofferError | None] | None = None,
+    after: dict[int, BalancesAfter] | None = None,
 ) -> list[Outcome]:
     """Applies operations in order. The indexes in `settled` were settled before: with None,
     elsewhere (a replay), succeeding with nothing to write; with an error, failing with it.
     A failing operation fails only itself, unless it is in a linked chain: then the whole
     chain is undone, the failing operation keeps its error, those after it that are invalid
     or were settled with an error keep theirs, and the others fail with
-    LinkedOperationFailed."""
+    LinkedOperationFailed. `after`, if given, gets the balances after each operation that
+    succeeded anew (`balances_after`), by index (an undone chain's stay, with its errors)."""
     settled = settled or {}
     outcomes: list[Outcome] = []
     for chain_indexes in _chains(operations):
@@ -206,10 +225,23 @@ def apply_all(
                 error = prior
             else:
                 try:
-                    chain.append(apply(book, operation, now))
-                    continue
+                    postings = apply(book, operation, now)
                 except errors.CofferError as raised:
                     error = raised
+                else:
+                    chain.append(postings)
+                    if after is not None:
+                        # balances_after, inline: this runs for every operation.
+                        posting = postings[0]
+                        source = book.wallets[posting.source_wallet_id]
+                        target = book.wallets[posting.target_wallet_id]
+                        after[index] = (
+                            source.posted,
+                            source.pending,
+                            target.posted,
+                            target.pending,
+                        )
+                    continue
             chain.append(error)
             if book.undo is not None:
                 book.rollback()

@@ -1,5 +1,6 @@
 """Admission: what the server takes in before it decodes a request, and how it registers the
-services so that every request passes through here.
+services so that every request passes through here. An RPC takes one request: unary, or
+server streaming, whose call counts as in progress until its stream ends.
 
 Each RPC's request deserializer is wrapped (`register` builds the method handlers from the
 service descriptors, so no RPC is left out). The wrapped deserializer, given a request's bytes:
@@ -194,13 +195,20 @@ def register(
     every request passing through `admission`; each method wrapped by `observe`, if given."""
     handlers = {}
     for method in service.methods:
-        assert not method.client_streaming and not method.server_streaming, method.full_name
+        # One request each: unary, or server streaming (the call, and its request's bytes,
+        # count as in progress until the stream ends).
+        assert not method.client_streaming, method.full_name
         request = message_factory.GetMessageClass(method.input_type)
         response = message_factory.GetMessageClass(method.output_type)
         behavior = getattr(servicer, method.name)
         if observe is not None:
             behavior = observe(behavior, service.full_name, method.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        handler = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = handler(
             behavior,
             request_deserializer=admission.deserializer(
                 request.FromString, method.input_type.full_name

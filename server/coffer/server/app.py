@@ -12,9 +12,14 @@ Every call is authenticated, rate-limited and checked against the role matrix by
 before its handler runs (server/gate.py): on a loopback address with no credential made yet
 the server is open (every call the local administrator's), elsewhere never.
 
-`start` migrates the database first. `stop` shuts down in order: stop taking calls and let
-those in flight finish (within the grace period), apply what the batcher holds, stop the
-sweep and the health check, close the connection pools.
+`start` migrates the database first. `stop` shuts down in order: end the event streams (their
+watchers get UNAVAILABLE, and resume from their last cursor elsewhere or later), stop taking
+calls and let those in flight finish (within the grace period), apply what the batcher holds,
+stop the sweeps and the health check, close the connection pools.
+
+With events on (`settings.events`), a listener wakes the event streams' watchers
+(`coffer.core.store.listener`), and a sweep deletes every `events_retention_interval_s` the
+records older than `events_retention_days`.
 
 Health tells the truth: every `health_check_interval_s`, and at once when its connection
 closes, a connection of its own asks the database `select 1`; while it gets no answer within
@@ -33,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
@@ -43,7 +49,8 @@ from coffer.core.access import Access
 from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
-from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+from coffer.core.store.listener import Listener
+from coffer.v1 import access_pb2, events_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
 
 from . import admission, reflection, services
 from .batcher import Batcher
@@ -75,6 +82,7 @@ services_described = (
     transfers_pb2.DESCRIPTOR.services_by_name["TransferService"],
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
     access_pb2.DESCRIPTOR.services_by_name["AccessService"],
+    events_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
 
@@ -120,6 +128,7 @@ class Server:
         probe_pool: asyncpg.Pool,
         probe_lost: asyncio.Event,
         gate: Gate,
+        listener: Listener,
         tls: ServerTls | None = None,
         metrics: Metrics | None = None,
         metrics_port: int | None = None,
@@ -144,8 +153,10 @@ class Server:
         self.metrics_port = metrics_port
         if metrics is not None:
             self._track(metrics)
+        self.listener = listener
         logging.getLogger("asyncio").addFilter(_unawaited_connection_loss)
         self._sweep = asyncio.create_task(self._expire_holds())
+        self._retention = asyncio.create_task(self._delete_old_events())
         self._health_check = asyncio.create_task(self._check_health())
         self._loop_watch = asyncio.create_task(admitting.watch_loop())
 
@@ -185,7 +196,14 @@ class Server:
             )
             pools.append(probe_pool)
             ledger = Ledger(
-                pools[0], read_pool=pools[1], acquire_timeout_s=settings.statement_timeout_s
+                pools[0],
+                read_pool=pools[1],
+                acquire_timeout_s=settings.statement_timeout_s,
+                keep_events=settings.events,
+                watchers_max=settings.events_watchers_max,
+            )
+            listener = Listener(
+                settings.database_url, poll_interval_s=settings.events_poll_interval_s
             )
             batcher = Batcher(
                 ledger.apply if metrics is None else metrics.observed_apply(ledger.apply),
@@ -231,6 +249,7 @@ class Server:
                 services.TransferService(ledger, batcher, gate),
                 services.HoldService(ledger, batcher, gate),
                 services.AccessService(access, gate),
+                services.EventService(ledger, listener, gate),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(
@@ -261,6 +280,8 @@ class Server:
             if port == 0:
                 raise OSError(f"cannot listen on {settings.listen}")
             await server.start()
+            if settings.events:
+                listener.start()
             for name in ("", *_service_names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
@@ -280,6 +301,7 @@ class Server:
             probe_pool,
             probe_lost,
             gate,
+            listener,
             tls,
             metrics,
             metrics_port,
@@ -299,10 +321,11 @@ class Server:
         )
 
     async def stop(self) -> None:
+        await self.listener.close()
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s)
         await self.batcher.close()
-        for task in (self._sweep, self._health_check, self._loop_watch):
+        for task in (self._sweep, self._retention, self._health_check, self._loop_watch):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -338,6 +361,33 @@ class Server:
                 if failing:
                     logger.info("the hold expiry sweep works again")
                 failing = False
+
+    async def _delete_old_events(self) -> None:
+        """Every events_retention_interval_s, deletes the records older than
+        events_retention_days (in bounded chunks: `Ledger.delete_events_before`)."""
+        settings = self.settings
+        if not settings.events:
+            return
+        interval_s = settings.events_retention_interval_s
+        failing = False
+        while True:
+            try:
+                cutoff = datetime.now(UTC) - timedelta(days=settings.events_retention_days)
+                deleted = await self.ledger.delete_events_before(cutoff)
+            except Exception as error:
+                if not failing:
+                    logger.warning(
+                        "the retention of events failed (%s); trying again every %g s",
+                        _described(error.__cause__ or error),
+                        interval_s,
+                        exc_info=not isinstance(error, errors.Unavailable),
+                    )
+                failing = True
+            else:
+                if deleted:
+                    logger.info("deleted %d event records older than %s", deleted, cutoff)
+                failing = False
+            await asyncio.sleep(interval_s)
 
     async def _check_health(self) -> None:
         interval_s = self.settings.health_check_interval_s

@@ -273,6 +273,28 @@ def _parser() -> argparse.ArgumentParser:
         f"credentials are refused unchecked (default {defaults.authentication_failures_per_s:g})",
     )
     serve.add_argument(
+        "--events",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.events,
+        help="keep the event stream: a record per write transaction, in commit order "
+        "(default on; --no-events keeps none, and the event RPCs answer EVENTS_DISABLED)",
+    )
+    serve.add_argument(
+        "--events-retention-days",
+        type=int,
+        default=defaults.events_retention_days,
+        metavar="DAYS",
+        help=f"keep event records this many days (default {defaults.events_retention_days})",
+    )
+    serve.add_argument(
+        "--events-watchers-max",
+        type=int,
+        default=defaults.events_watchers_max,
+        metavar="N",
+        help="WatchEvents streams served at once before RESOURCE_EXHAUSTED; each also counts "
+        f"as a call of --calls-max (default {defaults.events_watchers_max})",
+    )
+    serve.add_argument(
         "--tls-cert",
         default=os.environ.get("COFFER_TLS_CERT", ""),
         metavar="PEM",
@@ -353,6 +375,9 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         rate_limit_calls_per_s=arguments.rate_limit,
         rate_limit_burst=arguments.rate_burst,
         authentication_failures_per_s=arguments.auth_failures_per_s,
+        events=arguments.events,
+        events_retention_days=arguments.events_retention_days,
+        events_watchers_max=arguments.events_watchers_max,
     )
 
 
@@ -376,8 +401,9 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
                 f"coffer: metrics on http://{metrics_host}:{server.metrics_port}/metrics",
                 flush=True,
             )
+        events = "" if settings.events else ", events off"
         print(
-            f"coffer: serving on {host}:{server.port}{_security(server)} ({description}); "
+            f"coffer: serving on {host}:{server.port}{_security(server)} ({description}{events}); "
             + await _access_mode(server),
             flush=True,
         )

@@ -24,14 +24,24 @@ from google.rpc import code_pb2
 
 from coffer.core import errors, model, rules
 from coffer.core.model import TransferFilter, batch_operations_max, page_size_default, page_size_max
-from coffer.v1 import access_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    access_pb2,
+    events_pb2,
+    holds_pb2,
+    transfers_pb2,
+    types_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 
 if TYPE_CHECKING:
     from google.protobuf.internal.enum_type_wrapper import _EnumTypeWrapper
 
 __all__ = [
+    "BalanceAlert",
     "WalletFilter",
     "api_key_pb",
+    "balance_alert",
     "balance_pb",
     "batch",
     "capture_hold",
@@ -40,6 +50,9 @@ __all__ = [
     "cursor",
     "debit",
     "deposit",
+    "event_cursor",
+    "event_filter",
+    "event_pb",
     "expires_at",
     "fill_operation_result",
     "hold_pb",
@@ -59,6 +72,7 @@ __all__ = [
     "unit_code",
     "unit_pb",
     "units_of",
+    "units_of_events",
     "void",
     "wallet_filter",
     "wallet_pb",
@@ -106,6 +120,7 @@ _wallet_statuses = _Enum(model.WalletStatus, types_pb2.WalletStatus)
 _transfer_kinds = _Enum(model.TransferKind, types_pb2.TransferKind)
 _hold_statuses = _Enum(model.HoldStatus, types_pb2.HoldStatus)
 _roles = _Enum(model.Role, access_pb2.Role)
+_event_types = _Enum(model.EventType, events_pb2.EventType)
 
 # Requests --------------------------------------------------------------------------------------
 
@@ -143,6 +158,52 @@ def new_wallet(
         unit=request.unit,
         balance_minimum=request.balance_minimum if request.HasField("balance_minimum") else 0,
         metadata=dict(request.metadata),
+        low_balance_threshold=(
+            request.low_balance_threshold if request.HasField("low_balance_threshold") else None
+        ),
+        top_up_to=request.top_up_to if request.HasField("top_up_to") else None,
+    )
+
+
+class BalanceAlert(NamedTuple):
+    """SetBalanceAlert's request: the wallet, and its alert (None: none)."""
+
+    wallet_id: int
+    low_balance_threshold: int | None
+    top_up_to: int | None
+
+
+def balance_alert(request: wallets_pb2.SetBalanceAlertRequest) -> BalanceAlert:
+    wallet_id = required_id("wallet_id", request.wallet_id)
+    alert = BalanceAlert(
+        wallet_id,
+        request.low_balance_threshold if request.HasField("low_balance_threshold") else None,
+        request.top_up_to if request.HasField("top_up_to") else None,
+    )
+    model.check_balance_alert(alert.low_balance_threshold, alert.top_up_to)
+    return alert
+
+
+def event_cursor(text: str) -> model.EventCursor | None:
+    """A request's `after_cursor`: None for empty (the oldest kept)."""
+    return model.EventCursor.parse(text, "after_cursor")
+
+
+def event_filter(pb: events_pb2.EventFilter) -> model.EventFilter:
+    """A filter of events, in one form however a request lists its sets."""
+    if len(pb.wallet_ids) > model.event_filter_wallets_max:
+        raise errors.InvalidArgument(
+            "filter.wallet_ids", f"must name at most {model.event_filter_wallets_max} wallets"
+        )
+    for wallet_id in pb.wallet_ids:
+        model.check_id("filter.wallet_ids", wallet_id)
+    model.check_text("filter.owner_id", pb.owner_id, model.owner_id_length_max)
+    return model.EventFilter(
+        wallet_ids=tuple(sorted(set(pb.wallet_ids))),
+        owner_id=pb.owner_id or None,
+        types=tuple(
+            sorted({_event_types.to_core_checked("filter.types", each) for each in pb.types})
+        ),
     )
 
 
@@ -521,6 +582,10 @@ def wallet_pb(value: model.Wallet, scales: Mapping[str, int]) -> types_pb2.Walle
     )
     if value.balance_minimum is not None:
         pb.balance_minimum = value.balance_minimum
+    if value.low_balance_threshold is not None:
+        pb.low_balance_threshold = value.low_balance_threshold
+    if value.top_up_to is not None:
+        pb.top_up_to = value.top_up_to
     return pb
 
 
@@ -633,4 +698,54 @@ def certificate_mapping_pb(value: model.CertificateMapping) -> access_pb2.Certif
         created_by=value.created_by,
     )
     pb.created_at.FromDatetime(value.created_at)
+    return pb
+
+
+def units_of_events(events: Iterable[model.Event]) -> set[str]:
+    """The units of a page of events: those whose scales its answer needs."""
+    units = set()
+    for event in events:
+        body = event.body
+        if isinstance(body, model.TransferMoved):
+            units.add(body.transfer.unit)
+        elif not isinstance(body, model.Unit):
+            units.add(body.unit)
+    return units
+
+
+def event_pb(value: model.Event, scales: Mapping[str, int]) -> events_pb2.Event:
+    pb = events_pb2.Event(
+        cursor=value.cursor.text,
+        type=_event_types.to_proto(value.type),
+        create_time=_timestamp(value.created_at),
+        actor=value.actor,
+        wallet_ids=value.wallet_ids,
+    )
+    body = value.body
+    if isinstance(body, model.TransferMoved):
+        unit = body.transfer.unit
+        _fill_transfer(pb.transfer.transfer, body.transfer, scales)
+        pb.transfer.source_balance.CopyFrom(balance_pb(body.source_balance, unit, scales))
+        pb.transfer.target_balance.CopyFrom(balance_pb(body.target_balance, unit, scales))
+    elif isinstance(body, model.Wallet):
+        pb.wallet.CopyFrom(wallet_pb(body, scales))
+    elif isinstance(body, model.Unit):
+        pb.unit.CopyFrom(unit_pb(body))
+    elif isinstance(body, model.BalanceAlert):
+        pb.balance_alert.wallet_id = body.wallet_id
+        pb.balance_alert.unit = body.unit
+        if body.low_balance_threshold is not None:
+            pb.balance_alert.low_balance_threshold = body.low_balance_threshold
+        if body.top_up_to is not None:
+            pb.balance_alert.top_up_to = body.top_up_to
+    elif isinstance(body, model.LowBalance):
+        pb.low_balance.wallet_id = body.wallet_id
+        pb.low_balance.balance.CopyFrom(balance_pb(body.balance, body.unit, scales))
+        pb.low_balance.low_balance_threshold = body.low_balance_threshold
+    else:
+        pb.top_up_request.wallet_id = body.wallet_id
+        pb.top_up_request.request_id = body.request_id
+        pb.top_up_request.amount = body.amount
+        pb.top_up_request.top_up_to = body.top_up_to
+        pb.top_up_request.balance.CopyFrom(balance_pb(body.balance, body.unit, scales))
     return pb

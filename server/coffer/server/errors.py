@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -99,9 +100,14 @@ class _Status(grpc.Status):
 
 _internal_error = errors.Internal("internal error; see the server log")
 
-# A handler as the servicers define it, and as gRPC calls it once guarded.
+# A handler as the servicers define it, and as gRPC calls it once guarded: unary, or server
+# streaming (an async generator).
 _Handler = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any], Principal], Awaitable[Any]]
 _Guarded = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+_StreamHandler = Callable[
+    [Any, Any, grpc.aio.ServicerContext[Any, Any], Principal], AsyncGenerator[Any, None]
+]
+_GuardedStream = Callable[[Any, Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 _Servicer = TypeVar("_Servicer", bound=type)
 
 
@@ -120,11 +126,19 @@ def translate_errors(service: ServiceDescriptor) -> Callable[[_Servicer], _Servi
 
     The guarded methods take the request as `admission` hands it over: `Admitted` (unwrapped
     for the method, released when the call completes), `Refused` (its error is the answer),
-    or a plain message. The servicer's `gate` admits the call and names its principal."""
+    or a plain message. The servicer's `gate` admits the call and names its principal. A
+    server-streaming method (an async generator) is guarded alike: what it raises, before its
+    first response or after, ends its stream with that status."""
 
     def decorate(servicer: _Servicer) -> _Servicer:
         for method in service.methods:
             inner = vars(servicer).get(method.name)
+            if method.server_streaming:
+                assert inner is not None and inspect.isasyncgenfunction(inner), (
+                    f"{servicer.__name__} does not define {method.name} as a stream"
+                )
+                setattr(servicer, method.name, _guard_stream(inner, method.full_name))
+                continue
             assert inner is not None and inspect.iscoroutinefunction(inner), (
                 f"{servicer.__name__} does not define {method.name}"
             )
@@ -149,6 +163,35 @@ def _guard(inner: _Handler, method: str) -> _Guarded:
                 message = request
             principal = await self.gate.admit(context, method, message)
             return await inner(self, message, context, principal)
+        except errors.CofferError as error:
+            await context.abort_with_status(_to_status(error))
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            logger.exception("%s failed", method)
+            await context.abort_with_status(_to_status(_internal_error))
+        finally:
+            if admitted is not None:
+                admitted.release()
+
+    return guarded
+
+
+def _guard_stream(inner: _StreamHandler, method: str) -> _GuardedStream:
+    @functools.wraps(inner)
+    async def guarded(
+        self: Gated, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncGenerator[Any, None]:
+        admitted = request if type(request) is Admitted else None
+        try:
+            if type(request) is Refused:
+                raise request.error
+            message = admitted.message if admitted is not None else request
+            principal = await self.gate.admit(context, method, message)
+            # Closed however the stream ends (a client cancelling included), at once.
+            async with aclosing(inner(self, message, context, principal)) as responses:
+                async for response in responses:
+                    yield response
         except errors.CofferError as error:
             await context.abort_with_status(_to_status(error))
         except grpc.aio.AbortError:

@@ -55,9 +55,11 @@ The metrics, with their labels; `coffer_*_total` are counters:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any, cast
 
 import asyncpg
@@ -236,12 +238,48 @@ class Metrics:
     # Per call and per batch -------------------------------------------------------------------
 
     def observed(self, handler: Handler, service: str, method: str) -> Handler:
-        """`handler` (a guarded RPC method of `service`), counting its calls by status code
-        and timing them; and counting the requests admission refused."""
+        """`handler` (a guarded RPC method of `service`, unary or server streaming), counting
+        its calls by status code and timing them (a stream: until it ends); and counting the
+        requests admission refused."""
         duration = self._rpc_duration.labels(service, method)
         rpcs = self._rpcs
         by_code: dict[grpc.StatusCode, Any] = {}
         refusals = self._admission_refusals
+
+        def count(
+            context: grpc.aio.ServicerContext[Any, Any], code: grpc.StatusCode | None
+        ) -> None:
+            if code is None:
+                # Set when the call aborted with a status; else None (typed as never None): it
+                # answered.
+                code = cast("grpc.StatusCode | None", context.code()) or grpc.StatusCode.OK
+            counter = by_code.get(code)
+            if counter is None:
+                counter = by_code[code] = rpcs.labels(service, method, code.name)
+            counter.inc()
+
+        if inspect.isasyncgenfunction(handler):
+            stream = cast("Callable[..., AsyncGenerator[Any, None]]", handler)
+
+            async def observe_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncGenerator[Any, None]:
+                if type(request) is Refused:
+                    refusals.labels(request.error.reason).inc()
+                started = time.perf_counter()
+                code: grpc.StatusCode | None = None
+                try:
+                    async with aclosing(stream(request, context)) as responses:
+                        async for response in responses:
+                            yield response
+                except (asyncio.CancelledError, GeneratorExit):
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    duration.observe(time.perf_counter() - started)
+                    count(context, code)
+
+            return cast("Handler", observe_stream)
 
         async def observe(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if type(request) is Refused:
@@ -255,14 +293,7 @@ class Metrics:
                 raise
             finally:
                 duration.observe(time.perf_counter() - started)
-                if code is None:
-                    # Set when the call aborted with a status; else None (typed as never
-                    # None): it answered.
-                    code = cast("grpc.StatusCode | None", context.code()) or grpc.StatusCode.OK
-                counter = by_code.get(code)
-                if counter is None:
-                    counter = by_code[code] = rpcs.labels(service, method, code.name)
-                counter.inc()
+                count(context, code)
 
         return observe
 

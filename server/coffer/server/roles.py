@@ -44,6 +44,7 @@ _wallets = "coffer.v1.WalletService."
 _transfers = "coffer.v1.TransferService."
 _holds = "coffer.v1.HoldService."
 _access = "coffer.v1.AccessService."
+_events = "coffer.v1.EventService."
 batch_method = _transfers + "SubmitBatch"
 
 # RPC full name -> the roles that may call it.
@@ -56,6 +57,7 @@ allowed: Mapping[str, frozenset[Role]] = {
     _wallets + "GetBalance": everyone,
     _wallets + "ListWallets": everyone,
     _wallets + "CancelWallet": frozenset({admin, manager}),
+    _wallets + "SetBalanceAlert": _staff,
     _transfers + "Credit": _staff,
     _transfers + "Debit": _staff | {customer},
     _transfers + "Transfer": frozenset({admin, service}),
@@ -77,6 +79,8 @@ allowed: Mapping[str, frozenset[Role]] = {
     _access + "MapCertificate": frozenset({admin}),
     _access + "UnmapCertificate": frozenset({admin}),
     _access + "ListCertificateMappings": frozenset({admin}),
+    _events + "ListEvents": everyone,
+    _events + "WatchEvents": everyone,
 }
 
 # A batch operation's kind (the `operation` oneof of coffer.v1.Operation) -> its RPC.
@@ -108,6 +112,8 @@ scoped_to_own: Mapping[str, str] = {
     _holds + "CaptureHold": "holds towards an own wallet",
     _holds + "ReleaseHold": "holds towards an own wallet",
     _holds + "GetHold": "holds from or towards an own wallet",
+    _events + "ListEvents": "events of own wallets (the owner scope is forced)",
+    _events + "WatchEvents": "events of own wallets (the owner scope is forced)",
 }
 
 

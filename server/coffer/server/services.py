@@ -12,7 +12,8 @@ is its own, and answer NOT_FOUND, as for a missing id, when it is not.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import grpc
@@ -22,8 +23,10 @@ from coffer.core import errors, model
 from coffer.core.access import Access
 from coffer.core.ledger import Ledger
 from coffer.core.model import Principal
+from coffer.core.store.listener import Listener
 from coffer.v1 import (
     access_pb2,
+    events_pb2,
     holds_pb2,
     transfers_pb2,
     units_pb2,
@@ -35,7 +38,14 @@ from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 from .gate import Gate
 
-__all__ = ["AccessService", "HoldService", "TransferService", "UnitService", "WalletService"]
+__all__ = [
+    "AccessService",
+    "EventService",
+    "HoldService",
+    "TransferService",
+    "UnitService",
+    "WalletService",
+]
 
 _HoldResponse = TypeVar(
     "_HoldResponse",
@@ -74,7 +84,7 @@ class UnitService:
     async def CreateUnit(
         self, request: units_pb2.CreateUnitRequest, context: _Context, principal: Principal
     ) -> units_pb2.CreateUnitResponse:
-        unit = await self._ledger.create_unit(convert.unit(request))
+        unit = await self._ledger.create_unit(convert.unit(request), actor=principal.scope)
         return units_pb2.CreateUnitResponse(unit=convert.unit_pb(unit))
 
     async def GetUnit(
@@ -154,10 +164,23 @@ class WalletService:
         self, request: wallets_pb2.CancelWalletRequest, context: _Context, principal: Principal
     ) -> wallets_pb2.CancelWalletResponse:
         wallet = await self._ledger.cancel_wallet(
-            convert.required_id("wallet_id", request.wallet_id)
+            convert.required_id("wallet_id", request.wallet_id), actor=principal.scope
         )
         scales = await self._ledger.unit_scales((wallet.unit,))
         return wallets_pb2.CancelWalletResponse(wallet=convert.wallet_pb(wallet, scales))
+
+    async def SetBalanceAlert(
+        self, request: wallets_pb2.SetBalanceAlertRequest, context: _Context, principal: Principal
+    ) -> wallets_pb2.SetBalanceAlertResponse:
+        alert = convert.balance_alert(request)
+        wallet = await self._ledger.set_balance_alert(
+            alert.wallet_id,
+            low_balance_threshold=alert.low_balance_threshold,
+            top_up_to=alert.top_up_to,
+            actor=principal.scope,
+        )
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return wallets_pb2.SetBalanceAlertResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def _visible_wallet(self, wallet_id: int, principal: Principal) -> model.Wallet:
         wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", wallet_id))
@@ -415,6 +438,47 @@ class AccessService:
             mappings=[convert.certificate_mapping_pb(mapping) for mapping in mappings],
             next_page_token=convert.page_token(cursor, scope),
         )
+
+
+@translate_errors(_described(events_pb2, "EventService"))
+class EventService:
+    """Merchants and customers see the events of their own wallets alone (the ledger's owner
+    scope), whatever their filter asks."""
+
+    def __init__(self, ledger: Ledger, listener: Listener, gate: Gate) -> None:
+        self._ledger = ledger
+        self._listener = listener
+        self.gate = gate
+
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: _Context, principal: Principal
+    ) -> events_pb2.ListEventsResponse:
+        page = await self._ledger.list_events(
+            convert.event_cursor(request.after_cursor),
+            page_size=convert.page_size(request.page_size),
+            where=convert.event_filter(request.filter),
+            owner_scope=principal.owner,
+        )
+        scales = await self._ledger.unit_scales(convert.units_of_events(page.events))
+        return events_pb2.ListEventsResponse(
+            events=[convert.event_pb(event, scales) for event in page.events],
+            next_cursor=page.cursor.text,
+            caught_up=page.caught_up,
+        )
+
+    async def WatchEvents(
+        self, request: events_pb2.WatchEventsRequest, context: _Context, principal: Principal
+    ) -> AsyncGenerator[events_pb2.WatchEventsResponse, None]:
+        events = self._ledger.watch_events(
+            convert.event_cursor(request.after_cursor),
+            self._listener,
+            where=convert.event_filter(request.filter),
+            owner_scope=principal.owner,
+        )
+        async with aclosing(events):
+            async for event in events:
+                scales = await self._ledger.unit_scales(convert.units_of_events((event,)))
+                yield events_pb2.WatchEventsResponse(event=convert.event_pb(event, scales))
 
 
 async def _submit(

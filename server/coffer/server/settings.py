@@ -15,7 +15,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from coffer.core.model import batch_operations_max
+from coffer.core.model import (
+    batch_operations_max,
+    events_retention_days_default,
+    events_retention_days_max,
+    events_watchers_max_default,
+    events_watchers_max_limit,
+)
 from coffer.core.store.connections import (
     lock_timeout_s_default,
     pool_size_max,
@@ -159,6 +165,15 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    # The event stream: kept (a record per write transaction) or not (for measuring: the
+    # event RPCs then answer EVENTS_DISABLED); how many days records are kept, and how often
+    # the older ones are deleted; watchers served at once (each also holds one of calls_max
+    # while it lasts); how often a watcher reads anyway, should a notification be lost.
+    events: bool = True
+    events_retention_days: int = events_retention_days_default
+    events_retention_interval_s: float = 60.0
+    events_watchers_max: int = events_watchers_max_default
+    events_poll_interval_s: float = 1.0
     # HOST:PORT to serve Prometheus metrics on over HTTP (port 0: any free one); empty: none.
     metrics_listen: str = ""
     # Plaintext on an address other than loopback, which is refused without it: for a trusted
@@ -199,7 +214,7 @@ class Settings:
             )
         _check_address("listen", self.listen)
         self._check_metrics_listen()
-        for flag in ("reuse_port", "insecure"):
+        for flag in ("reuse_port", "insecure", "events"):
             if not isinstance(getattr(self, flag), bool):
                 raise SettingsError(flag, f"must be true or false, not {getattr(self, flag)!r}")
         self._check_tls()
@@ -251,6 +266,10 @@ class Settings:
             ("rate_limit_burst", 1, rate_limit_burst_max, ""),
             ("authentication_failures_per_s", rate_min, authentication_failures_per_s_max, ""),
             ("credentials_cache_ttl_s", timeout_s_min, credentials_cache_ttl_s_max, ""),
+            ("events_retention_days", 1, events_retention_days_max, ""),
+            ("events_retention_interval_s", interval_s_min, interval_s_max, ""),
+            ("events_watchers_max", 1, events_watchers_max_limit, ""),
+            ("events_poll_interval_s", interval_s_min, interval_s_max, ""),
         ]
         for setting, low, high, note in bounds:
             value = getattr(self, setting)

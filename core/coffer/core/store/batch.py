@@ -14,7 +14,11 @@
 6. check, with the locks held, that no key it answers anew was stored meanwhile (as a refusal,
    or as a success of an operation it refused), and keep its refusals under their keys;
 7. remove what was written ahead and did not happen (never committed, so never seen), COPY
-   the other transfers, and update each touched wallet row once.
+   the other transfers, and update each touched wallet row once (with its low-balance
+   crossings);
+8. with events kept, write the batch's record last (`events.record`): the transfers in the
+   order they were applied, with the balances after each as validation left them, then the
+   low balances and top-ups its end balances call for.
 
 The transfers of one batch share one time; their ids follow the order they were written in,
 which within a batch is not always the order the operations were applied in.
@@ -41,7 +45,7 @@ from ..model import (
     hold_lapsed,
     system_caller,
 )
-from . import rows, sql
+from . import events, rows, sql
 from .facts import Facts
 from .journal import Journal, write, write_ahead
 from .keys import check_free, record_refusals, replay_of, settle
@@ -66,12 +70,14 @@ class Batch:
         facts: Facts,
         *,
         look_up_keys: bool,
+        keep_events: bool = True,
     ) -> None:
         self._connection = connection
         self._operations = operations
         self._now = now
         self._facts = facts
         self._look_up_keys = look_up_keys
+        self._keep_events = keep_events
 
     async def run(self) -> list[Applied | errors.CofferError]:
         connection, operations, now = self._connection, self._operations, self._now
@@ -102,9 +108,14 @@ class Batch:
         balances_read = await self._lock_wallets(book, wallet_ids)
         lapsed, hold_created_at = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
-        # 5. Validation.
-        expiries = _expire(book, lapsed, now)
-        outcomes = rules.apply_all(book, operations, now, keys.settled)
+        # 5. Validation; with events, the balances after each operation, by its index in the
+        # journal (the expiries first).
+        after: dict[int, rules.BalancesAfter] | None = {} if self._keep_events else None
+        expiries = _expire(book, lapsed, now, after)
+        applied_after: dict[int, rules.BalancesAfter] | None = {} if after is not None else None
+        outcomes = rules.apply_all(book, operations, now, keys.settled, applied_after)
+        if after is not None and applied_after is not None:
+            after.update((index + len(lapsed), each) for index, each in applied_after.items())
         refused = rules.kept_refusals(operations, outcomes, keys.settled)
         # 6. Keys still free; refusals kept.
         await check_free(connection, operations, fresh, refused, ahead)
@@ -118,10 +129,10 @@ class Batch:
             outcomes=[*expiries, *outcomes],
             ahead={index + len(lapsed): written for index, written in ahead.items()},
             now=now,
+            after=after,
         )
-        results = (await write(connection, journal, book, balances_read, hold_created_at))[
-            len(lapsed) :
-        ]
+        written = await write(connection, journal, book, balances_read, hold_created_at)
+        results = written.results[len(lapsed) :]
         # Answers for replays and for repeats within the batch.
         if keys.replays:
             replayed = await stored_results(connection, set(keys.replays.values()), now)
@@ -131,6 +142,15 @@ class Batch:
             results[index] = replay_of(results[first])
         answers = [result for result in results if result is not None]
         assert len(answers) == len(results)
+        # 8. The record, last.
+        if written.transfer_ids or written.changes:
+            await events.record(
+                connection,
+                now,
+                transfer_ids=written.transfer_ids,
+                balances=events.pack_balances(written.balances),
+                changes=written.changes,
+            )
         return answers
 
     async def _system_wallets(
@@ -240,9 +260,21 @@ def _named(
     return transfer_ids, hold_ids
 
 
-def _expire(book: rules.Book, lapsed: list[ExpireHold], now: datetime) -> list[rules.Outcome]:
-    try:
-        return [rules.apply(book, each, now) for each in lapsed]
-    except errors.CofferError as error:
-        # A lapsed hold, locked and open, always expires.
-        raise AssertionError(f"a lapsed hold did not expire: {error}") from error
+def _expire(
+    book: rules.Book,
+    lapsed: list[ExpireHold],
+    now: datetime,
+    after: dict[int, rules.BalancesAfter] | None,
+) -> list[rules.Outcome]:
+    """Applies the expiries of the lapsed holds; fills `after`, if given, by their index."""
+    outcomes: list[rules.Outcome] = []
+    for index, each in enumerate(lapsed):
+        try:
+            postings = rules.apply(book, each, now)
+        except errors.CofferError as error:
+            # A lapsed hold, locked and open, always expires.
+            raise AssertionError(f"a lapsed hold did not expire: {error}") from error
+        outcomes.append(postings)
+        if after is not None:
+            after[index] = rules.balances_after(book, postings)
+    return outcomes

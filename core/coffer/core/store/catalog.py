@@ -30,11 +30,13 @@ __all__ = [
     "get_wallet",
     "list_units",
     "list_wallets",
+    "set_balance_alert",
 ]
 
 
-async def create_unit(connection: asyncpg.Connection, unit: Unit) -> Unit:
-    """Creates the unit and its system wallets; idempotent for the same definition."""
+async def create_unit(connection: asyncpg.Connection, unit: Unit) -> tuple[Unit, bool]:
+    """Creates the unit and its system wallets; idempotent for the same definition. Returns
+    the unit, and whether it was created now."""
     row = await connection.fetchrow(
         sql.insert_unit,
         unit.code,
@@ -50,12 +52,12 @@ async def create_unit(connection: asyncpg.Connection, unit: Unit) -> Unit:
         existing = rows.unit(found)
         if not existing.same_definition(unit):
             raise errors.UnitExists(f"unit {unit.code} exists with another definition")
-        return existing
+        return existing, False
     await connection.executemany(
         sql.insert_system_wallet,
         [(which.name, OwnerKind.system, unit.code) for which in SystemWallet],
     )
-    return rows.unit(row)
+    return rows.unit(row), True
 
 
 async def get_unit(connection: asyncpg.Connection, code: str) -> Unit:
@@ -88,6 +90,8 @@ async def create_wallet(
         new.idempotency_key,
         request_hash,
         now,
+        new.low_balance_threshold,
+        new.top_up_to,
     )
     if row is not None:
         return rows.wallet(row), False
@@ -124,16 +128,14 @@ async def list_wallets(
     return Page(wallets, cursor)
 
 
-async def cancel_wallet(connection: asyncpg.Connection, wallet_id: int, now: datetime) -> Wallet:
-    """Cancels an empty wallet (nothing posted, nothing on hold); idempotent."""
-    row = await connection.fetchrow(sql.lock_wallet, wallet_id, now)
-    if row is None:
-        raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
-    wallet = rows.wallet(row)
-    if wallet.owner_kind == OwnerKind.system:
-        raise errors.WalletKindMismatch(f"wallet {wallet_id} is a system wallet")
+async def cancel_wallet(
+    connection: asyncpg.Connection, wallet_id: int, now: datetime
+) -> tuple[Wallet, bool]:
+    """Cancels an empty wallet (nothing posted, nothing on hold); idempotent. Returns the
+    wallet, and whether it was cancelled now."""
+    wallet = await _lock_user_wallet(connection, wallet_id, now)
     if wallet.status == WalletStatus.cancelled:
-        return wallet
+        return wallet, False
     if wallet.balance.posted != 0 or wallet.balance.pending != 0:
         raise errors.WalletNotEmpty(
             f"wallet {wallet_id} holds {wallet.balance.posted}"
@@ -143,4 +145,40 @@ async def cancel_wallet(connection: asyncpg.Connection, wallet_id: int, now: dat
         sql.update_wallet_status, wallet_id, WalletStatus.cancelled, now
     )
     assert row is not None
-    return rows.wallet(row)
+    return rows.wallet(row), True
+
+
+async def set_balance_alert(
+    connection: asyncpg.Connection,
+    wallet_id: int,
+    low_balance_threshold: int | None,
+    top_up_to: int | None,
+    now: datetime,
+) -> tuple[Wallet, bool]:
+    """Sets an active customer's or merchant's wallet's balance alert (None: none; checked by
+    `model.check_balance_alert`); idempotent. Returns the wallet, and whether the alert
+    changed. The alert counts from now: a wallet below its new threshold already crosses it
+    only once it has been back at or above it."""
+    wallet = await _lock_user_wallet(connection, wallet_id, now)
+    if wallet.status != WalletStatus.active:
+        raise errors.WalletNotActive(f"wallet {wallet_id} is {wallet.status.name}")
+    if (wallet.low_balance_threshold, wallet.top_up_to) == (low_balance_threshold, top_up_to):
+        return wallet, False
+    row = await connection.fetchrow(
+        sql.update_balance_alert, wallet_id, low_balance_threshold, top_up_to, now
+    )
+    assert row is not None
+    return rows.wallet(row), True
+
+
+async def _lock_user_wallet(
+    connection: asyncpg.Connection, wallet_id: int, now: datetime
+) -> Wallet:
+    """Locks a customer's or merchant's wallet; returns it as it stands."""
+    row = await connection.fetchrow(sql.lock_wallet, wallet_id, now)
+    if row is None:
+        raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+    wallet = rows.wallet(row)
+    if wallet.owner_kind == OwnerKind.system:
+        raise errors.WalletKindMismatch(f"wallet {wallet_id} is a system wallet")
+    return wallet

@@ -27,10 +27,13 @@ from ..model import (
     TransferKind,
     hold_status_resolved_by,
     operation_transfers_max,
+    system_caller,
+    top_up_request_id,
 )
 from . import sql
+from .events import Change, low_balance_change, top_up_change
 
-__all__ = ["Ahead", "Journal", "write", "write_ahead"]
+__all__ = ["Ahead", "Journal", "Written", "write", "write_ahead"]
 
 # A transfer written ahead, by the index of its operation: its id, and its posting.
 Ahead = dict[int, tuple[int, rules.Posting]]
@@ -47,6 +50,22 @@ class Journal:
     outcomes: Sequence[rules.Outcome]
     ahead: Ahead
     now: datetime
+    # The balances after each entry that succeeded anew, by index, when the batch keeps
+    # events (`rules.apply_all`); None when it does not.
+    after: Mapping[int, rules.BalancesAfter] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What `write` wrote: each entry's result (None for one settled before: a replay, or a
+    repeat); and, when the batch keeps events, what its record says: the transfers in the order
+    applied, with the balances after each (four a transfer, flat), and the low balances and
+    top-ups the batch's end balances call for."""
+
+    results: list[Applied | errors.CofferError | None]
+    transfer_ids: list[int]
+    balances: list[int]
+    changes: list[Change]
 
 
 async def write_ahead(
@@ -103,10 +122,10 @@ async def write(
     book: rules.Book,
     balances_read: Mapping[int, tuple[int, int]],
     hold_created_at: Mapping[int, datetime],
-) -> list[Applied | errors.CofferError | None]:
+) -> Written:
     """Writes what validation decided: the transfers not written ahead, the removal of
-    those written ahead that did not happen after all, holds, balances. Returns each
-    entry's result: None for one settled before (a replay, or a repeat)."""
+    those written ahead that did not happen after all, holds, balances (with the wallets'
+    low-balance crossings)."""
     operations, hashes, outcomes, ahead = (
         journal.operations,
         journal.hashes,
@@ -130,6 +149,9 @@ async def write(
     new_holds: list[tuple[int, int, int, int, datetime]] = []
     resolved_holds: list[int] = []
     now = journal.now
+    after = journal.after
+    transfer_ids: list[int] = []
+    balances: list[int] = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Exception):
             results.append(outcome)
@@ -192,6 +214,11 @@ async def write(
                 )
             if posting.hold_id is not None:
                 resolved_holds.append(posting.hold_id)
+            if after is not None:
+                transfer_ids.append(transfer_id)
+        if after is not None:
+            # One transfer an operation (operation_transfers_max): the balances after it.
+            balances.extend(after[index])
         results.append(_applied(transfers, book, hold_created_at))
     if stale:
         # Written ahead, not confirmed: never committed, so never seen.
@@ -212,14 +239,52 @@ async def write(
         for wallet in book.wallets.values()
         if (wallet.posted, wallet.pending) != balances_read[wallet.id]
     ]
+    changes = [] if after is None else _low_balances(changed, balances_read)
     if changed:
         await connection.execute(
             sql.update_balances,
             [wallet.id for wallet in changed],
             [wallet.posted for wallet in changed],
             [wallet.pending for wallet in changed],
+            [wallet.low_balance_crossings for wallet in changed],
         )
-    return results
+    return Written(results, transfer_ids, balances, changes)
+
+
+def _low_balances(
+    changed: Sequence[rules.WalletState], balances_read: Mapping[int, tuple[int, int]]
+) -> list[Change]:
+    """The low balances and top-ups the batch calls for: each wallet with a threshold whose
+    available balance was at or above it before the batch and is below it after crosses it
+    once (counted on the wallet, which the batch's update writes), whatever it went through
+    within the batch, which nobody saw. Rising back to the threshold or above re-arms it."""
+    changes: list[Change] = []
+    for wallet in changed:
+        threshold = wallet.low_balance_threshold
+        if threshold is None:
+            continue
+        posted, pending = balances_read[wallet.id]
+        if not (posted - pending >= threshold > wallet.available):
+            continue
+        wallet.low_balance_crossings += 1
+        changes.append(
+            low_balance_change(
+                wallet.id, wallet.unit, wallet.posted, wallet.pending, threshold, system_caller
+            )
+        )
+        if wallet.top_up_to is not None:
+            changes.append(
+                top_up_change(
+                    wallet.id,
+                    wallet.unit,
+                    wallet.posted,
+                    wallet.pending,
+                    top_up_request_id(wallet.id, wallet.low_balance_crossings),
+                    wallet.top_up_to,
+                    system_caller,
+                )
+            )
+    return changes
 
 
 def _row(

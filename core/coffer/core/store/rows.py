@@ -65,6 +65,8 @@ def wallet(row: asyncpg.Record) -> Wallet:
         balance=Balance(posted=row["posted"], pending=row["pending"]),
         metadata=row["metadata"] or {},
         created_at=row["created_at"],
+        low_balance_threshold=row["low_balance_threshold"],
+        top_up_to=row["top_up_to"],
     )
 
 
@@ -123,6 +125,9 @@ def wallet_state(row: asyncpg.Record) -> rules.WalletState:
         posted=row["posted"],
         pending=row["pending"],
         owner_id=row["owner_id"],
+        low_balance_threshold=row["low_balance_threshold"],
+        top_up_to=row["top_up_to"],
+        low_balance_crossings=row["low_balance_crossings"],
     )
 
 

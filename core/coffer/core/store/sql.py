@@ -23,8 +23,10 @@ __all__ = [
     "audit_voided_twice",
     "count_transfers",
     "count_wallets",
+    "delete_commits_through",
     "delete_pending_holds",
     "delete_transfers",
+    "insert_commit",
     "insert_pending_holds",
     "insert_preload_chunk",
     "insert_system_wallet",
@@ -36,12 +38,17 @@ __all__ = [
     "next_transfer_ids",
     "refusal_columns",
     "refusals_table",
+    "select_commits",
+    "select_event_bounds",
+    "select_event_transfers",
     "select_hold_resolutions",
     "select_holds",
     "select_keys_taken",
     "select_lapsed_holds",
+    "select_oldest_commits",
     "select_one",
     "select_operation_transfers",
+    "select_owner_wallets",
     "select_referenced_transfers",
     "select_stored_keys",
     "select_system_wallets",
@@ -60,6 +67,7 @@ __all__ = [
     "select_wallets",
     "transfer_columns",
     "transfers_table",
+    "update_balance_alert",
     "update_balances",
     "update_wallet_status",
 ]
@@ -94,6 +102,7 @@ def _wallet_columns(now: str) -> str:
     statement's parameter holding the ledger's clock) still count."""
     return f"""
     id, owner_id, owner_kind, unit, status, balance_minimum, posted, metadata, created_at,
+    low_balance_threshold, top_up_to,
     pending - case when pending = 0 then 0 else coalesce(
         (select sum(h.amount) from pending_holds h
          where h.source_wallet_id = wallets.id and h.expires_at <= {now}::timestamptz), 0
@@ -107,8 +116,8 @@ insert_system_wallet = "insert into wallets (owner_id, owner_kind, unit) values 
 # Nothing when the key is taken: the caller reads the wallet it created (select_wallet_by_key).
 insert_wallet = f"""
     insert into wallets (owner_id, owner_kind, unit, balance_minimum, metadata,
-                         caller, idempotency_key, request_hash)
-    values ($1, $2, $3, $4, $5, $6, $7, $8)
+                         caller, idempotency_key, request_hash, low_balance_threshold, top_up_to)
+    values ($1, $2, $3, $4, $5, $6, $7, $8, $10, $11)
     on conflict (caller, idempotency_key) where idempotency_key is not null
     do nothing
     returning {_wallet_columns("$9")}
@@ -139,6 +148,11 @@ update_wallet_status = (
 
 # Whose wallets these are (for principals limited to their own).
 select_wallet_owners = "select id, owner_kind, owner_id from wallets where id = any($1::bigint[])"
+
+update_balance_alert = f"""
+    update wallets set low_balance_threshold = $2, top_up_to = $3 where id = $1
+    returning {_wallet_columns("$4")}
+"""
 
 # Facts that never change: wallets' units, units' system wallets.
 select_wallet_units = "select id, unit from wallets where id = any($1::bigint[])"
@@ -198,7 +212,10 @@ select_referenced_transfers = """
 
 # In ascending id order, so that batches never deadlock.
 # What the rules read of a wallet (`rows.wallet_state`).
-_wallet_state_columns = "id, unit, owner_kind, owner_id, status, balance_minimum, posted, pending"
+_wallet_state_columns = """
+    id, unit, owner_kind, owner_id, status, balance_minimum, posted, pending,
+    low_balance_threshold, top_up_to, low_balance_crossings
+"""
 
 lock_wallets = f"""
     select {_wallet_state_columns}
@@ -266,8 +283,10 @@ insert_pending_holds = """
 delete_pending_holds = "delete from pending_holds where transfer_id = any($1::bigint[])"
 
 update_balances = """
-    update wallets w set posted = v.posted, pending = v.pending
-    from unnest($1::bigint[], $2::bigint[], $3::bigint[]) as v (id, posted, pending)
+    update wallets w
+    set posted = v.posted, pending = v.pending, low_balance_crossings = v.crossings
+    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
+        as v (id, posted, pending, crossings)
     where w.id = v.id
 """
 
@@ -353,6 +372,63 @@ def select_transfers_page(
         query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
     return query, arguments
 
+
+# Events (coffer.core.store.events) --------------------------------------------------------------
+
+# A write transaction's record, as its last statement: the counter's update takes the row lock
+# that orders the records (held until the commit), the record takes the position it gives, and
+# the notification goes out at the commit.
+insert_commit = """
+    with counter as (
+        update event_counter set position = position + 1 returning position
+    ), inserted as (
+        insert into commits (position, created_at, transfer_ids, balances, changes)
+        select position, $1, $2, $3, $4 from counter
+        returning position
+    )
+    select position, pg_notify('coffer_events', position::text) from inserted
+"""
+
+# The last position given, and the oldest kept (the one after the last given when none is).
+select_event_bounds = """
+    select c.position as head,
+           coalesce((select min(position) from commits), c.position + 1) as kept_from
+    from event_counter c
+"""
+
+# The wallets of an owner.
+# The wallets of owner $1, of kind $2 (null: of any kind).
+select_owner_wallets = (
+    "select id from wallets where owner_id = $1 and ($2::smallint is null or owner_kind = $2)"
+)
+
+# Records from position $1 up to (not with) $2, at most $3.
+select_commits = """
+    select position, created_at, transfer_ids, balances, changes from commits
+    where position >= $1 and position < $2
+    order by position
+    limit $3
+"""
+
+# The transfers $1 (with their callers), of the wallets $2 and the kinds $3 (null: any).
+select_event_transfers = """
+    select t.id, t.operation_id, t.kind, t.source_wallet_id, t.target_wallet_id, w.unit,
+           t.amount, t.amount_requested, t.note, t.reference, t.performed_by, t.metadata,
+           t.created_at, t.voids_transfer_id, t.hold_id, t.hold_expires_at, t.caller,
+           v.id as voided_by
+    from transfers t
+    join wallets w on w.id = t.source_wallet_id
+    left join transfers v on v.voids_transfer_id = t.id
+    where t.id = any($1::bigint[])
+      and ($2::bigint[] is null
+           or t.source_wallet_id = any($2::bigint[]) or t.target_wallet_id = any($2::bigint[]))
+      and ($3::smallint[] is null or t.kind = any($3::smallint[]))
+"""
+
+# The oldest records, at most $1, with their times: retention deletes a prefix of them.
+select_oldest_commits = "select position, created_at from commits order by position limit $1"
+
+delete_commits_through = "delete from commits where position <= $1"
 
 # The check of the books (coffer.core.audit). Each query returns the first $n mismatches in
 # order, each with the count of all of them.
