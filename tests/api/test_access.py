@@ -22,7 +22,7 @@ from coffer.clients.client import operations
 from coffer.core.model import Role
 from coffer.server import roles
 from coffer.server.app import Server, Settings, services_described
-from coffer.v1 import transfers_pb2
+from coffer.v1 import events_pb2, transfers_pb2
 
 from support.api import error_info
 from support.certificates import Authority
@@ -56,6 +56,7 @@ async def make_key(
         owner_id=owner_id,
         expires_at=expires_at,
         created_by="tests",
+        actor="tests",
     )
     return token
 
@@ -273,6 +274,79 @@ async def test_a_batch_with_an_operation_the_role_may_not_do_applies_nothing(
 
 
 # Credentials -----------------------------------------------------------------------------------
+
+
+async def every_event(listing: Client, **filters: Any) -> list[Any]:
+    """Every event the client may see, from the oldest kept on, through its pages."""
+    found, cursor = [], ""
+    while True:
+        page = await listing.list_events(after_cursor=cursor, page_size=1000, **filters)
+        found.extend(page.events)
+        cursor = page.next_cursor
+        if page.caught_up:
+            return found
+
+
+async def test_access_changes_are_audit_events_that_scoped_principals_never_see(
+    server: Server,
+) -> None:
+    """Each key made or revoked and each certificate mapped or unmapped is an event naming its
+    actor (the scope of the principal that did it; the database commands name themselves),
+    seen by the roles that see every wallet; a customer sees the events of its own wallets
+    alone, listed or watched, whatever its filter asks."""
+    admin_key = await make_key(server, Role.admin, name="ops")
+    admin_scope = "@key:" + admin_key.split("_")[1]
+    async with client(server, admin_key) as admin:
+        made = await admin.create_api_key(name="alice-app", role="customer", owner_id="alice")
+        old = await admin.create_api_key(name="alice-old", role="customer", owner_id="alice")
+        await admin.map_certificate(subject="pos-1", name="pos", role="service")
+        await admin.unmap_certificate(subject="pos-1")
+        await admin.revoke_api_key(key_id=old.key.id)
+        await admin.revoke_api_key(key_id=old.key.id)  # revoked already: no second event
+        audit_types: Any = (
+            "api_key_created",
+            "api_key_revoked",
+            "certificate_mapped",
+            "certificate_unmapped",
+        )
+        audit = [
+            (event.type, event.actor, event.WhichOneof("body"), list(event.wallet_ids))
+            for event in await every_event(admin, types=audit_types)
+        ]
+        assert audit == [
+            (events_pb2.EVENT_TYPE_API_KEY_CREATED, "tests", "api_key", []),
+            (events_pb2.EVENT_TYPE_API_KEY_CREATED, admin_scope, "api_key", []),
+            (events_pb2.EVENT_TYPE_API_KEY_CREATED, admin_scope, "api_key", []),
+            (events_pb2.EVENT_TYPE_CERTIFICATE_MAPPED, admin_scope, "certificate_mapping", []),
+            (events_pb2.EVENT_TYPE_CERTIFICATE_UNMAPPED, admin_scope, "certificate_mapping", []),
+            (events_pb2.EVENT_TYPE_API_KEY_REVOKED, admin_scope, "api_key", []),
+        ]
+        keys = [event.api_key for event in (await every_event(admin, types=audit_types))[:3]]
+        assert [key.name for key in keys] == ["ops", "alice-app", "alice-old"]
+        # The records, never a secret.
+        assert made.api_key not in str(await every_event(admin))
+
+        await admin.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+        alice = (await admin.create_wallet(owner_id="alice", owner_kind="customer", unit="EUR")).id
+        bob = (await admin.create_wallet(owner_id="bob", owner_kind="customer", unit="EUR")).id
+        shop = (await admin.create_wallet(owner_id="alice", owner_kind="merchant", unit="EUR")).id
+        for wallet_id in (alice, bob, shop):
+            await admin.credit(wallet_id=wallet_id, amount=100)
+    async with client(server, made.api_key) as customer:
+        seen = await every_event(customer)
+        assert [(event.type, list(event.wallet_ids)[-1]) for event in seen] == [
+            (events_pb2.EVENT_TYPE_WALLET_CREATED, alice),
+            (events_pb2.EVENT_TYPE_TRANSFER, alice),
+        ]
+        # Another owner's wallets, or another kind's of the same owner id, by filter: nothing.
+        assert await every_event(customer, wallet_ids=[bob, shop]) == []
+        assert await every_event(customer, owner_id="bob") == []
+        watched = []
+        async for event in customer.watch_events():
+            watched.append(event)
+            if len(watched) == len(seen):
+                break
+        assert watched == seen
 
 
 async def test_missing_invalid_revoked_and_expired_credentials(server: Server) -> None:

@@ -20,7 +20,7 @@ from google.protobuf import message_factory
 
 from coffer.postgres.supervisor import EmbeddedPostgres
 from coffer.server.app import Server, Settings, services_described
-from coffer.v1 import transfers_pb2, wallets_pb2
+from coffer.v1 import events_pb2, events_pb2_grpc, transfers_pb2, wallets_pb2
 
 from support.api import Api, key
 from support.database import refuse_unexpected_amount, unexpected_amount
@@ -312,3 +312,29 @@ async def test_each_server_has_its_own_registry_stopped_with_it(
 
 async def test_without_metrics_listen_nothing_is_served(server: Server) -> None:
     assert server.metrics is None and server.metrics_port is None
+
+
+async def test_a_watcher_of_the_event_stream_is_counted_with_how_far_behind_it_is(
+    measured: Server, channel: grpc.aio.Channel, api: Api
+) -> None:
+    """A real WatchEvents stream: counted while it lasts, and 0 behind once it has read all
+    the records committed (a merchant's filter skips most, and is not behind for them)."""
+    await api.setup_units()
+    watch = events_pb2_grpc.EventServiceStub(channel).WatchEvents(
+        events_pb2.WatchEventsRequest(filter=events_pb2.EventFilter(owner_id="nobody"))
+    )
+    try:
+        for _ in range(5):
+            await api.funded(100)
+        listener = measured.listener
+        samples = await metrics_of(measured)
+        async with asyncio.timeout(10):
+            while listener.head == 0 or value(samples, "coffer_events_behind") > 0:
+                await asyncio.sleep(0.05)
+                samples = await metrics_of(measured)
+        assert value(samples, "coffer_event_watchers") == 1
+    finally:
+        watch.cancel()
+    async with asyncio.timeout(10):
+        while value(await metrics_of(measured), "coffer_event_watchers") != 0:
+            await asyncio.sleep(0.05)

@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 
 from coffer.core.access import Access
 from coffer.core.model import Role
+from coffer.core.store.connections import create_pool
 from coffer.server.logs import JsonFormatter, TextFormatter, request_id_metadata_key
 from coffer.v1 import (
     transfers_pb2,
@@ -97,10 +97,10 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
         metrics_port = int(metrics_line.rsplit(":", 1)[1].split("/", 1)[0])
         target = serving.ready.split("serving on ", 1)[1].split()[0]
         # The secret is a real API key, made as `coffer keys create` makes one.
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+        pool = await create_pool(database_url, size_max=1)
         try:
             secret, _ = await Access(pool).create_key(
-                name="shop", role=Role.admin, created_by="tests"
+                name="shop", role=Role.admin, created_by="tests", actor="tests"
             )
         finally:
             await pool.close()

@@ -125,6 +125,10 @@ EventTypeName = Literal[
     "unit_created",
     "low_balance",
     "top_up_requested",
+    "api_key_created",
+    "api_key_revoked",
+    "certificate_mapped",
+    "certificate_unmapped",
 ]
 
 ItemT = TypeVar("ItemT")

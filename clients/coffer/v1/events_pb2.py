@@ -23,11 +23,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from coffer.v1 import access_pb2 as coffer_dot_v1_dot_access__pb2
 from coffer.v1 import types_pb2 as coffer_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63offer/v1/events.proto\x12\tcoffer.v1\x1a\x15\x63offer/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x0b\x45ventFilter\x12\x12\n\nwallet_ids\x18\x01 \x03(\x03\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12#\n\x05types\x18\x03 \x03(\x0e\x32\x14.coffer.v1.EventType\"d\n\x11ListEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12&\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x16.coffer.v1.EventFilter\"^\n\x12ListEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Event\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x11\n\tcaught_up\x18\x03 \x01(\x08\"R\n\x12WatchEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\t\x12&\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x16.coffer.v1.EventFilter\"6\n\x13WatchEventsResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.coffer.v1.Event\"\x9e\x03\n\x05\x45vent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.coffer.v1.EventType\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x12\n\nwallet_ids\x18\x05 \x03(\x03\x12,\n\x08transfer\x18\n \x01(\x0b\x32\x18.coffer.v1.TransferEventH\x00\x12#\n\x06wallet\x18\x0b \x01(\x0b\x32\x11.coffer.v1.WalletH\x00\x12\x1f\n\x04unit\x18\x0c \x01(\x0b\x32\x0f.coffer.v1.UnitH\x00\x12\x30\n\rbalance_alert\x18\r \x01(\x0b\x32\x17.coffer.v1.BalanceAlertH\x00\x12,\n\x0blow_balance\x18\x0e \x01(\x0b\x32\x15.coffer.v1.LowBalanceH\x00\x12\x31\n\x0etop_up_request\x18\x0f \x01(\x0b\x32\x17.coffer.v1.TopUpRequestH\x00\x42\x06\n\x04\x62ody\"\x8e\x01\n\rTransferEvent\x12%\n\x08transfer\x18\x01 \x01(\x0b\x32\x13.coffer.v1.Transfer\x12*\n\x0esource_balance\x18\x02 \x01(\x0b\x32\x12.coffer.v1.Balance\x12*\n\x0etarget_balance\x18\x03 \x01(\x0b\x32\x12.coffer.v1.Balance\"\x93\x01\n\x0c\x42\x61lanceAlert\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\"\n\x15low_balance_threshold\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"c\n\nLowBalance\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12#\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x12.coffer.v1.Balance\x12\x1d\n\x15low_balance_threshold\x18\x03 \x01(\x03\"}\n\x0cTopUpRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x11\n\ttop_up_to\x18\x04 \x01(\x03\x12#\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x12.coffer.v1.Balance*\xf0\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_TRANSFER\x10\x01\x12\x1a\n\x16\x45VENT_TYPE_HOLD_PLACED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_HOLD_CAPTURED\x10\x03\x12\x1c\n\x18\x45VENT_TYPE_HOLD_RELEASED\x10\x04\x12\x1b\n\x17\x45VENT_TYPE_HOLD_EXPIRED\x10\x05\x12\x1d\n\x19\x45VENT_TYPE_WALLET_CREATED\x10\x14\x12\x1f\n\x1b\x45VENT_TYPE_WALLET_CANCELLED\x10\x15\x12\x1f\n\x1b\x45VENT_TYPE_WALLET_ALERT_SET\x10\x16\x12\x1b\n\x17\x45VENT_TYPE_UNIT_CREATED\x10(\x12\x1a\n\x16\x45VENT_TYPE_LOW_BALANCE\x10<\x12\x1f\n\x1b\x45VENT_TYPE_TOP_UP_REQUESTED\x10=2\xa9\x01\n\x0c\x45ventService\x12I\n\nListEvents\x12\x1c.coffer.v1.ListEventsRequest\x1a\x1d.coffer.v1.ListEventsResponse\x12N\n\x0bWatchEvents\x12\x1d.coffer.v1.WatchEventsRequest\x1a\x1e.coffer.v1.WatchEventsResponse0\x01\x42\x8a\x01\n\rdev.coffer.v1B\x0b\x45ventsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63offer/v1/events.proto\x12\tcoffer.v1\x1a\x16\x63offer/v1/access.proto\x1a\x15\x63offer/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x0b\x45ventFilter\x12\x12\n\nwallet_ids\x18\x01 \x03(\x03\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12#\n\x05types\x18\x03 \x03(\x0e\x32\x14.coffer.v1.EventType\"d\n\x11ListEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12&\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x16.coffer.v1.EventFilter\"^\n\x12ListEventsResponse\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.coffer.v1.Event\x12\x13\n\x0bnext_cursor\x18\x02 \x01(\t\x12\x11\n\tcaught_up\x18\x03 \x01(\x08\"R\n\x12WatchEventsRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\t\x12&\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x16.coffer.v1.EventFilter\"6\n\x13WatchEventsResponse\x12\x1f\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x10.coffer.v1.Event\"\x82\x04\n\x05\x45vent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\"\n\x04type\x18\x02 \x01(\x0e\x32\x14.coffer.v1.EventType\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x12\n\nwallet_ids\x18\x05 \x03(\x03\x12,\n\x08transfer\x18\n \x01(\x0b\x32\x18.coffer.v1.TransferEventH\x00\x12#\n\x06wallet\x18\x0b \x01(\x0b\x32\x11.coffer.v1.WalletH\x00\x12\x1f\n\x04unit\x18\x0c \x01(\x0b\x32\x0f.coffer.v1.UnitH\x00\x12\x30\n\rbalance_alert\x18\r \x01(\x0b\x32\x17.coffer.v1.BalanceAlertH\x00\x12,\n\x0blow_balance\x18\x0e \x01(\x0b\x32\x15.coffer.v1.LowBalanceH\x00\x12\x31\n\x0etop_up_request\x18\x0f \x01(\x0b\x32\x17.coffer.v1.TopUpRequestH\x00\x12$\n\x07\x61pi_key\x18\x10 \x01(\x0b\x32\x11.coffer.v1.ApiKeyH\x00\x12<\n\x13\x63\x65rtificate_mapping\x18\x11 \x01(\x0b\x32\x1d.coffer.v1.CertificateMappingH\x00\x42\x06\n\x04\x62ody\"\x8e\x01\n\rTransferEvent\x12%\n\x08transfer\x18\x01 \x01(\x0b\x32\x13.coffer.v1.Transfer\x12*\n\x0esource_balance\x18\x02 \x01(\x0b\x32\x12.coffer.v1.Balance\x12*\n\x0etarget_balance\x18\x03 \x01(\x0b\x32\x12.coffer.v1.Balance\"\x93\x01\n\x0c\x42\x61lanceAlert\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x0c\n\x04unit\x18\x02 \x01(\t\x12\"\n\x15low_balance_threshold\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x04 \x01(\x03H\x01\x88\x01\x01\x42\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"c\n\nLowBalance\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12#\n\x07\x62\x61lance\x18\x02 \x01(\x0b\x32\x12.coffer.v1.Balance\x12\x1d\n\x15low_balance_threshold\x18\x03 \x01(\x03\"}\n\x0cTopUpRequest\x12\x11\n\twallet_id\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x03\x12\x11\n\ttop_up_to\x18\x04 \x01(\x03\x12#\n\x07\x62\x61lance\x18\x05 \x01(\x0b\x32\x12.coffer.v1.Balance*\xf8\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_TRANSFER\x10\x01\x12\x1a\n\x16\x45VENT_TYPE_HOLD_PLACED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_HOLD_CAPTURED\x10\x03\x12\x1c\n\x18\x45VENT_TYPE_HOLD_RELEASED\x10\x04\x12\x1b\n\x17\x45VENT_TYPE_HOLD_EXPIRED\x10\x05\x12\x1d\n\x19\x45VENT_TYPE_WALLET_CREATED\x10\x14\x12\x1f\n\x1b\x45VENT_TYPE_WALLET_CANCELLED\x10\x15\x12\x1f\n\x1b\x45VENT_TYPE_WALLET_ALERT_SET\x10\x16\x12\x1b\n\x17\x45VENT_TYPE_UNIT_CREATED\x10(\x12\x1a\n\x16\x45VENT_TYPE_LOW_BALANCE\x10<\x12\x1f\n\x1b\x45VENT_TYPE_TOP_UP_REQUESTED\x10=\x12\x1e\n\x1a\x45VENT_TYPE_API_KEY_CREATED\x10P\x12\x1e\n\x1a\x45VENT_TYPE_API_KEY_REVOKED\x10Q\x12!\n\x1d\x45VENT_TYPE_CERTIFICATE_MAPPED\x10R\x12#\n\x1f\x45VENT_TYPE_CERTIFICATE_UNMAPPED\x10S2\xa9\x01\n\x0c\x45ventService\x12I\n\nListEvents\x12\x1c.coffer.v1.ListEventsRequest\x1a\x1d.coffer.v1.ListEventsResponse\x12N\n\x0bWatchEvents\x12\x1d.coffer.v1.WatchEventsRequest\x1a\x1e.coffer.v1.WatchEventsResponse0\x01\x42\x8a\x01\n\rdev.coffer.v1B\x0b\x45ventsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +36,28 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'coffer.v1.events_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.coffer.v1B\013EventsProtoP\001Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\242\002\003CFR\252\002\tCoffer.V1\272\002\003CFR\312\002\tCoffer\\V1\352\002\nCoffer::V1'
-  _globals['_EVENTTYPE']._serialized_start=1462
-  _globals['_EVENTTYPE']._serialized_end=1830
-  _globals['_EVENTFILTER']._serialized_start=93
-  _globals['_EVENTFILTER']._serialized_end=181
-  _globals['_LISTEVENTSREQUEST']._serialized_start=183
-  _globals['_LISTEVENTSREQUEST']._serialized_end=283
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=285
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=379
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=381
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=463
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=465
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=519
-  _globals['_EVENT']._serialized_start=522
-  _globals['_EVENT']._serialized_end=936
-  _globals['_TRANSFEREVENT']._serialized_start=939
-  _globals['_TRANSFEREVENT']._serialized_end=1081
-  _globals['_BALANCEALERT']._serialized_start=1084
-  _globals['_BALANCEALERT']._serialized_end=1231
-  _globals['_LOWBALANCE']._serialized_start=1233
-  _globals['_LOWBALANCE']._serialized_end=1332
-  _globals['_TOPUPREQUEST']._serialized_start=1334
-  _globals['_TOPUPREQUEST']._serialized_end=1459
-  _globals['_EVENTSERVICE']._serialized_start=1833
-  _globals['_EVENTSERVICE']._serialized_end=2002
+  _globals['_EVENTTYPE']._serialized_start=1586
+  _globals['_EVENTTYPE']._serialized_end=2090
+  _globals['_EVENTFILTER']._serialized_start=117
+  _globals['_EVENTFILTER']._serialized_end=205
+  _globals['_LISTEVENTSREQUEST']._serialized_start=207
+  _globals['_LISTEVENTSREQUEST']._serialized_end=307
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=309
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=403
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=405
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=487
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=489
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=543
+  _globals['_EVENT']._serialized_start=546
+  _globals['_EVENT']._serialized_end=1060
+  _globals['_TRANSFEREVENT']._serialized_start=1063
+  _globals['_TRANSFEREVENT']._serialized_end=1205
+  _globals['_BALANCEALERT']._serialized_start=1208
+  _globals['_BALANCEALERT']._serialized_end=1355
+  _globals['_LOWBALANCE']._serialized_start=1357
+  _globals['_LOWBALANCE']._serialized_end=1456
+  _globals['_TOPUPREQUEST']._serialized_start=1458
+  _globals['_TOPUPREQUEST']._serialized_end=1583
+  _globals['_EVENTSERVICE']._serialized_start=2093
+  _globals['_EVENTSERVICE']._serialized_end=2262
 # @@protoc_insertion_point(module_scope)

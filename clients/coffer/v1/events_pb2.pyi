@@ -4,6 +4,7 @@
 isort:skip_file
 """
 
+from coffer.v1 import access_pb2 as _access_pb2
 from coffer.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -61,6 +62,18 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """With the low balance of a wallet that has `top_up_to`: a top-up is asked for, body
     `top_up_request`. Its actor is the ledger's own, "@coffer".
     """
+    EVENT_TYPE_API_KEY_CREATED: _EventType.ValueType  # 80
+    """An API key made (AccessService.CreateApiKey, or `coffer keys create` on the database):
+    body `api_key`, its record (never its secret). Concerns no wallet.
+    """
+    EVENT_TYPE_API_KEY_REVOKED: _EventType.ValueType  # 81
+    """An API key revoked: body `api_key`, as revoked. Concerns no wallet."""
+    EVENT_TYPE_CERTIFICATE_MAPPED: _EventType.ValueType  # 82
+    """A client certificate's subject mapped to a principal (anew, or again): body
+    `certificate_mapping`. Concerns no wallet.
+    """
+    EVENT_TYPE_CERTIFICATE_UNMAPPED: _EventType.ValueType  # 83
+    """A certificate mapping removed: body `certificate_mapping`, as it was. Concerns no wallet."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event records: one value per kind of change. Numbered in groups, with room in each."""
@@ -98,12 +111,25 @@ EVENT_TYPE_TOP_UP_REQUESTED: EventType.ValueType  # 61
 """With the low balance of a wallet that has `top_up_to`: a top-up is asked for, body
 `top_up_request`. Its actor is the ledger's own, "@coffer".
 """
+EVENT_TYPE_API_KEY_CREATED: EventType.ValueType  # 80
+"""An API key made (AccessService.CreateApiKey, or `coffer keys create` on the database):
+body `api_key`, its record (never its secret). Concerns no wallet.
+"""
+EVENT_TYPE_API_KEY_REVOKED: EventType.ValueType  # 81
+"""An API key revoked: body `api_key`, as revoked. Concerns no wallet."""
+EVENT_TYPE_CERTIFICATE_MAPPED: EventType.ValueType  # 82
+"""A client certificate's subject mapped to a principal (anew, or again): body
+`certificate_mapping`. Concerns no wallet.
+"""
+EVENT_TYPE_CERTIFICATE_UNMAPPED: EventType.ValueType  # 83
+"""A certificate mapping removed: body `certificate_mapping`, as it was. Concerns no wallet."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
 class EventFilter(_message.Message):
     """Which events to give: every filter left empty matches all; an event passes only the filters
-    set. Filters by wallet match only events that concern a wallet (not UNIT_CREATED).
+    set. Filters by wallet match only events that concern a wallet (not UNIT_CREATED, nor
+    the API_KEY_ and CERTIFICATE_ types).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -279,6 +305,8 @@ class Event(_message.Message):
     BALANCE_ALERT_FIELD_NUMBER: _builtins.int
     LOW_BALANCE_FIELD_NUMBER: _builtins.int
     TOP_UP_REQUEST_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    CERTIFICATE_MAPPING_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Where the stream goes on after this event: pass it as `after_cursor` to resume. Opaque."""
     type: Global___EventType.ValueType
@@ -322,6 +350,14 @@ class Event(_message.Message):
     def top_up_request(self) -> Global___TopUpRequest:
         """TOP_UP_REQUESTED."""
 
+    @_builtins.property
+    def api_key(self) -> _access_pb2.ApiKey:
+        """API_KEY_CREATED, API_KEY_REVOKED."""
+
+    @_builtins.property
+    def certificate_mapping(self) -> _access_pb2.CertificateMapping:
+        """CERTIFICATE_MAPPED, CERTIFICATE_UNMAPPED."""
+
     def __init__(
         self,
         *,
@@ -336,12 +372,14 @@ class Event(_message.Message):
         balance_alert: Global___BalanceAlert | None = ...,
         low_balance: Global___LowBalance | None = ...,
         top_up_request: Global___TopUpRequest | None = ...,
+        api_key: _access_pb2.ApiKey | None = ...,
+        certificate_mapping: _access_pb2.CertificateMapping | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["balance_alert", b"balance_alert", "body", b"body", "create_time", b"create_time", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "unit", b"unit", "wallet", b"wallet"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "unit", b"unit", "wallet", b"wallet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "balance_alert", b"balance_alert", "body", b"body", "create_time", b"create_time", "cursor", b"cursor", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "type", b"type", "unit", b"unit", "wallet", b"wallet", "wallet_ids", b"wallet_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "cursor", b"cursor", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "type", b"type", "unit", b"unit", "wallet", b"wallet", "wallet_ids", b"wallet_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["transfer", "wallet", "unit", "balance_alert", "low_balance", "top_up_request"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["transfer", "wallet", "unit", "balance_alert", "low_balance", "top_up_request", "api_key", "certificate_mapping"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

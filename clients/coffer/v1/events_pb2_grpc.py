@@ -47,8 +47,9 @@ class EventServiceStub:
     (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
     name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
     server's role matrix names for it. Both RPCs read: merchants and customers see only the
-    events of their own wallets (the owner scope is theirs, whatever they ask); a unit's events
-    concern no wallet, and reach only the roles that see every wallet. Errors: UNAUTHENTICATED
+    events of their own wallets (the owner scope is theirs, whatever they ask); the events that
+    concern no wallet (units, and the audit trail of access: keys and certificate mappings)
+    reach only the roles that see every wallet. Errors: UNAUTHENTICATED
     CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
     PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
     metadata). A server on a loopback address with no credential made yet is open: every call
@@ -107,8 +108,9 @@ class EventServiceServicer:
     (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
     name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
     server's role matrix names for it. Both RPCs read: merchants and customers see only the
-    events of their own wallets (the owner scope is theirs, whatever they ask); a unit's events
-    concern no wallet, and reach only the roles that see every wallet. Errors: UNAUTHENTICATED
+    events of their own wallets (the owner scope is theirs, whatever they ask); the events that
+    concern no wallet (units, and the audit trail of access: keys and certificate mappings)
+    reach only the roles that see every wallet. Errors: UNAUTHENTICATED
     CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
     PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
     metadata). A server on a loopback address with no credential made yet is open: every call
@@ -193,8 +195,9 @@ class EventService:
     (`Bearer coffer_…`) or, on an mTLS connection, by a client certificate whose subject's common
     name is mapped to a principal (AccessService); and each RPC is allowed only to the roles the
     server's role matrix names for it. Both RPCs read: merchants and customers see only the
-    events of their own wallets (the owner scope is theirs, whatever they ask); a unit's events
-    concern no wallet, and reach only the roles that see every wallet. Errors: UNAUTHENTICATED
+    events of their own wallets (the owner scope is theirs, whatever they ask); the events that
+    concern no wallet (units, and the audit trail of access: keys and certificate mappings)
+    reach only the roles that see every wallet. Errors: UNAUTHENTICATED
     CREDENTIALS_MISSING, CREDENTIALS_INVALID, CREDENTIALS_EXPIRED or CREDENTIALS_REVOKED;
     PERMISSION_DENIED; RESOURCE_EXHAUSTED RATE_LIMITED (retry after the `retry_after_ms`
     metadata). A server on a loopback address with no credential made yet is open: every call

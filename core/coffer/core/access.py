@@ -43,6 +43,7 @@ from . import errors
 from .model import (
     ApiKey,
     CertificateMapping,
+    EventType,
     Page,
     Principal,
     Role,
@@ -56,6 +57,7 @@ from .model import (
     page_size_default,
 )
 from .store import access as stored
+from .store import events
 from .store.connections import Guarded
 
 __all__ = [
@@ -105,8 +107,11 @@ class Access:
         *,
         acquire_timeout_s: float | None = None,
         clock: Callable[[], datetime] = _system_clock,
+        keep_events: bool = True,
     ) -> None:
         self._pool = pool
+        # Whether each change is an event of the stream (the audit trail), as the ledger's.
+        self.keep_events = keep_events
         self._acquire_timeout_s = acquire_timeout_s
         self._clock = clock
         # The database's secret never changes once made: read once.
@@ -122,8 +127,10 @@ class Access:
         owner_id: str | None = None,
         expires_at: datetime | None = None,
         created_by: str,
+        actor: str,
     ) -> tuple[str, ApiKey]:
-        """Makes a key; returns it (to show once: it is not kept) and its record."""
+        """Makes a key; returns it (to show once: it is not kept) and its record. `created_by`
+        names who made it in its record; `actor`, in its event (a principal's scope)."""
         check_principal_fields(name, role, owner_id)
         check_text("created_by", created_by, 256, required=True)
         now = self._clock()
@@ -150,6 +157,7 @@ class Access:
                 expires_at=expires_at,
                 created_by=created_by,
             )
+            await self._record(connection, EventType.api_key_created, record, actor, now)
         return token, record
 
     async def list_keys(
@@ -159,11 +167,16 @@ class Access:
         async with self._connection() as connection:
             return await stored.list_api_keys(connection, page_size=page_size, after_id=after_id)
 
-    async def revoke_key(self, key_id: int) -> ApiKey:
-        """Revokes a key for good; a key revoked already stays as it was."""
+    async def revoke_key(self, key_id: int, *, actor: str) -> ApiKey:
+        """Revokes a key for good; a key revoked already stays as it was (and records no
+        event)."""
         check_id("key_id", key_id)
-        async with self._connection() as connection:
-            return await stored.revoke_api_key(connection, key_id, self._clock())
+        now = self._clock()
+        async with self._connection(transaction=True) as connection:
+            record = await stored.revoke_api_key(connection, key_id, now)
+            if record.revoked_at == now:
+                await self._record(connection, EventType.api_key_revoked, record, actor, now)
+            return record
 
     async def authenticate(self, token: str) -> tuple[Principal, datetime | None]:
         """The principal of an API key, and when it expires (None: never). Raises
@@ -204,6 +217,7 @@ class Access:
         role: Role,
         owner_id: str | None = None,
         created_by: str,
+        actor: str,
     ) -> CertificateMapping:
         """Maps a client certificate's subject common name to a principal (again, if it was:
         the new mapping replaces the old; its idempotency scope stays the subject's)."""
@@ -212,21 +226,28 @@ class Access:
         async with self._connection(transaction=True) as connection:
             # Made with the first credential, of whichever kind: it says that one was made.
             await self._database_secret(connection, create=True)
-            return await stored.upsert_certificate_mapping(
+            now = self._clock()
+            mapping = await stored.upsert_certificate_mapping(
                 connection,
                 subject=subject,
                 name=name,
                 role=Role(role),
                 owner_id=owner_id,
-                now=self._clock(),
+                now=now,
                 created_by=created_by,
             )
+            await self._record(connection, EventType.certificate_mapped, mapping, actor, now)
+            return mapping
 
-    async def unmap_certificate(self, subject: str) -> CertificateMapping:
+    async def unmap_certificate(self, subject: str, *, actor: str) -> CertificateMapping:
         """Removes a mapping; returns what it was."""
         check_subject(subject)
-        async with self._connection() as connection:
-            return await stored.delete_certificate_mapping(connection, subject)
+        async with self._connection(transaction=True) as connection:
+            mapping = await stored.delete_certificate_mapping(connection, subject)
+            await self._record(
+                connection, EventType.certificate_unmapped, mapping, actor, self._clock()
+            )
+            return mapping
 
     async def list_certificates(
         self, *, page_size: int = page_size_default, after_id: int = 0
@@ -259,6 +280,20 @@ class Access:
             return await stored.credentials_exist(connection)
 
     # Plumbing -----------------------------------------------------------------------------------
+
+    async def _record(
+        self,
+        connection: asyncpg.Connection,
+        type_: EventType,
+        credential: ApiKey | CertificateMapping,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        """The change's event, as the last statement of its transaction."""
+        if self.keep_events:
+            await events.record(
+                connection, now, changes=[events.access_change(type_, credential, actor)]
+            )
 
     async def _database_secret(
         self, connection: asyncpg.Connection, *, create: bool

@@ -296,11 +296,14 @@ class Ledger:
         where: EventFilter = _no_filter,
         owner_scope: Owner | None = None,
         page_size: int = page_size_max,
+        progress: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """The events after the cursor, then each as it commits, until the iterator is
         closed. A database that cannot be reached only delays them: the watcher reads again
         every `listener.poll_interval_s`. Past `watchers_max` watchers, Overloaded; once the
-        listener is closed (the server stops), Unavailable: resume from the last cursor."""
+        listener is closed (the server stops), Unavailable: resume from the last cursor.
+        `progress`, if given, is told after each page the position the watcher has read
+        through (filtered-out events included), for how far behind the head it is."""
         if not self.keep_events:
             raise errors.EventsDisabled("this server keeps no events (it runs with events off)")
         if self.watchers >= self.watchers_max:
@@ -327,6 +330,8 @@ class Ledger:
                 for event in page.events:
                     yield event
                 cursor = page.cursor
+                if progress is not None:
+                    progress(cursor.position - 1)
                 if page.caught_up:
                     await listener.wait(seen)
                 else:

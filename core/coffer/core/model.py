@@ -713,6 +713,10 @@ class EventType(IntEnum):
     unit_created = 40
     low_balance = 60
     top_up_requested = 61
+    api_key_created = 80
+    api_key_revoked = 81
+    certificate_mapped = 82
+    certificate_unmapped = 83
 
 
 _hold_event_types = {
@@ -808,7 +812,16 @@ class TopUpRequest:
     balance: Balance
 
 
-EventBody = TransferMoved | Wallet | Unit | BalanceAlert | LowBalance | TopUpRequest
+EventBody = (
+    TransferMoved
+    | Wallet
+    | Unit
+    | BalanceAlert
+    | LowBalance
+    | TopUpRequest
+    | ApiKey
+    | CertificateMapping
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -232,7 +232,11 @@ class Server:
                 ],
                 maximum_concurrent_rpcs=grpc_calls_max,
             )
-            access = Access(pools[1], acquire_timeout_s=settings.statement_timeout_s)
+            access = Access(
+                pools[1],
+                acquire_timeout_s=settings.statement_timeout_s,
+                keep_events=settings.events,
+            )
             gate = Gate(
                 access,
                 open_allowed=settings.loopback,
@@ -249,7 +253,9 @@ class Server:
                 services.TransferService(ledger, batcher, gate),
                 services.HoldService(ledger, batcher, gate),
                 services.AccessService(access, gate),
-                services.EventService(ledger, listener, gate),
+                services.EventService(
+                    ledger, listener, gate, None if metrics is None else metrics.events_behind
+                ),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(

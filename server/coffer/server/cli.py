@@ -30,6 +30,7 @@ from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
 from coffer.core.model import ApiKey, CertificateMapping, Role
+from coffer.core.store.connections import create_pool
 from coffer.postgres.supervisor import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -67,7 +68,8 @@ def certificates(argv: list[str]) -> int:
     return _main(["certificates", *argv])
 
 
-# Who made a credential through these commands.
+# Who made or changed a credential through these commands (its record's `created_by`, and
+# its event's actor).
 made_by_command = "coffer keys"
 
 
@@ -528,7 +530,7 @@ async def _access(arguments: argparse.Namespace) -> int:
             await apply_migrations(connection)
         finally:
             await connection.close()
-        pool = await asyncpg.create_pool(database_url, min_size=0, max_size=1)
+        pool = await create_pool(database_url, size_max=1)
         try:
             lines = await _access_command(Access(pool), arguments)
         finally:
@@ -547,6 +549,7 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
             owner_id=arguments.owner,
             expires_at=arguments.expires_at,
             created_by=made_by_command,
+            actor=made_by_command,
         )
         return [token, *_table(_key_header, [_key_row(key)])]
     if command == ("keys", "list"):
@@ -559,7 +562,9 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
                 return _table(_key_header, rows)
             after_id = page.cursor
     if command == ("keys", "revoke"):
-        return _table(_key_header, [_key_row(await access.revoke_key(arguments.key))])
+        return _table(
+            _key_header, [_key_row(await access.revoke_key(arguments.key, actor=made_by_command))]
+        )
     if command == ("certificates", "map"):
         mapping = await access.map_certificate(
             subject=arguments.subject,
@@ -567,10 +572,11 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
             role=Role[arguments.role],
             owner_id=arguments.owner,
             created_by=made_by_command,
+            actor=made_by_command,
         )
         return _table(_mapping_header, [_mapping_row(mapping)])
     if command == ("certificates", "unmap"):
-        mapping = await access.unmap_certificate(arguments.subject)
+        mapping = await access.unmap_certificate(arguments.subject, actor=made_by_command)
         return _table(_mapping_header, [_mapping_row(mapping)])
     assert command == ("certificates", "list"), command
     rows = []

@@ -708,7 +708,7 @@ def units_of_events(events: Iterable[model.Event]) -> set[str]:
         body = event.body
         if isinstance(body, model.TransferMoved):
             units.add(body.transfer.unit)
-        elif not isinstance(body, model.Unit):
+        elif not isinstance(body, (model.Unit, model.ApiKey, model.CertificateMapping)):
             units.add(body.unit)
     return units
 
@@ -742,6 +742,10 @@ def event_pb(value: model.Event, scales: Mapping[str, int]) -> events_pb2.Event:
         pb.low_balance.wallet_id = body.wallet_id
         pb.low_balance.balance.CopyFrom(balance_pb(body.balance, body.unit, scales))
         pb.low_balance.low_balance_threshold = body.low_balance_threshold
+    elif isinstance(body, model.ApiKey):
+        pb.api_key.CopyFrom(api_key_pb(body))
+    elif isinstance(body, model.CertificateMapping):
+        pb.certificate_mapping.CopyFrom(certificate_mapping_pb(body))
     else:
         pb.top_up_request.wallet_id = body.wallet_id
         pb.top_up_request.request_id = body.request_id

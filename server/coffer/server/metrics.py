@@ -46,8 +46,9 @@ The metrics, with their labels; `coffer_*_total` are counters:
   coffer_pool_connections_max{pool}: the database connections of each pool (write, read,
   health);
 - coffer_database_up: 1 while the health check reaches the database, else 0;
-- coffer_events_behind, coffer_event_watchers: the most events any watcher of the event
-  stream has yet to send, and how many watchers there are (`EventsBehind`);
+- coffer_events_behind, coffer_event_watchers: the most records (committed write
+  transactions, each one or more events) any watcher of the event stream has yet to read, as
+  far as the server has heard of them, and how many watchers there are (`EventsBehind`);
 - process_* and python_*: the process's CPU, memory, open files, and the interpreter's
   garbage collection (prometheus-client's own collectors).
 """
@@ -154,7 +155,8 @@ class EventsBehind(Collector):
         sources = list(self._sources.values())
         yield GaugeMetricFamily(
             "coffer_events_behind",
-            "The most events a watcher of the event stream has yet to send (0 with none).",
+            "The most records (committed write transactions) a watcher of the event stream has yet "
+            "to read (0 with none).",
             value=max((source() for source in sources), default=0),
         )
         yield GaugeMetricFamily(

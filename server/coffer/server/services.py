@@ -37,6 +37,7 @@ from . import convert, logs
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 from .gate import Gate
+from .metrics import EventsBehind
 
 __all__ = [
     "AccessService",
@@ -378,6 +379,7 @@ class AccessService:
             owner_id=request.owner_id or None,
             expires_at=convert.expires_at(request),
             created_by=principal.name,
+            actor=principal.scope,
         )
         self.gate.credentials_made()
         return access_pb2.CreateApiKeyResponse(api_key=secret, key=convert.api_key_pb(key))
@@ -398,7 +400,9 @@ class AccessService:
     async def RevokeApiKey(
         self, request: access_pb2.RevokeApiKeyRequest, context: _Context, principal: Principal
     ) -> access_pb2.RevokeApiKeyResponse:
-        key = await self._access.revoke_key(convert.required_id("key_id", request.key_id))
+        key = await self._access.revoke_key(
+            convert.required_id("key_id", request.key_id), actor=principal.scope
+        )
         self.gate.forget_key(key.id)
         return access_pb2.RevokeApiKeyResponse(key=convert.api_key_pb(key))
 
@@ -411,6 +415,7 @@ class AccessService:
             role=convert.role(request.role),
             owner_id=request.owner_id or None,
             created_by=principal.name,
+            actor=principal.scope,
         )
         self.gate.credentials_made()
         self.gate.forget_certificate(mapping.subject)
@@ -419,7 +424,7 @@ class AccessService:
     async def UnmapCertificate(
         self, request: access_pb2.UnmapCertificateRequest, context: _Context, principal: Principal
     ) -> access_pb2.UnmapCertificateResponse:
-        mapping = await self._access.unmap_certificate(request.subject)
+        mapping = await self._access.unmap_certificate(request.subject, actor=principal.scope)
         self.gate.forget_certificate(mapping.subject)
         return access_pb2.UnmapCertificateResponse(mapping=convert.certificate_mapping_pb(mapping))
 
@@ -445,10 +450,18 @@ class EventService:
     """Merchants and customers see the events of their own wallets alone (the ledger's owner
     scope), whatever their filter asks."""
 
-    def __init__(self, ledger: Ledger, listener: Listener, gate: Gate) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        listener: Listener,
+        gate: Gate,
+        behind: EventsBehind | None = None,
+    ) -> None:
         self._ledger = ledger
         self._listener = listener
         self.gate = gate
+        # Where each watcher says how far behind the stream's head it is (with metrics on).
+        self._behind = behind
 
     async def ListEvents(
         self, request: events_pb2.ListEventsRequest, context: _Context, principal: Principal
@@ -469,16 +482,33 @@ class EventService:
     async def WatchEvents(
         self, request: events_pb2.WatchEventsRequest, context: _Context, principal: Principal
     ) -> AsyncGenerator[events_pb2.WatchEventsResponse, None]:
+        listener = self._listener
+        read_through = 0
+
+        def progress(position: int) -> None:
+            nonlocal read_through
+            read_through = position
+
         events = self._ledger.watch_events(
             convert.event_cursor(request.after_cursor),
-            self._listener,
+            listener,
             where=convert.event_filter(request.filter),
             owner_scope=principal.owner,
+            progress=progress,
         )
-        async with aclosing(events):
-            async for event in events:
-                scales = await self._ledger.unit_scales(convert.units_of_events((event,)))
-                yield events_pb2.WatchEventsResponse(event=convert.event_pb(event, scales))
+        stop_counting = (
+            None
+            if self._behind is None
+            else self._behind.add(lambda: max(listener.head - read_through, 0))
+        )
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    scales = await self._ledger.unit_scales(convert.units_of_events((event,)))
+                    yield events_pb2.WatchEventsResponse(event=convert.event_pb(event, scales))
+        finally:
+            if stop_counting is not None:
+                stop_counting()
 
 
 async def _submit(

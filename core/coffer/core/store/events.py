@@ -60,8 +60,10 @@ import asyncpg
 
 from .. import errors
 from ..model import (
+    ApiKey,
     Balance,
     BalanceAlert,
+    CertificateMapping,
     Event,
     EventBody,
     EventCursor,
@@ -71,6 +73,7 @@ from ..model import (
     LowBalance,
     Owner,
     OwnerKind,
+    Role,
     TopUpRequest,
     Transfer,
     TransferMoved,
@@ -86,6 +89,7 @@ from . import rows, sql
 
 __all__ = [
     "Change",
+    "access_change",
     "alert_change",
     "delete_before",
     "low_balance_change",
@@ -233,6 +237,54 @@ def top_up_change(
     )
 
 
+def access_change(type_: EventType, credential: ApiKey | CertificateMapping, actor: str) -> Change:
+    """A credential made, revoked or unmapped (the audit trail of access): its record, never
+    a secret. It concerns no wallet."""
+    assert type_ in _access_types, type_
+    common = {
+        "name": credential.name,
+        "role": int(credential.role),
+        "owner_id": credential.owner_id,
+        "created_at": credential.created_at.isoformat(),
+        "created_by": credential.created_by,
+    }
+    if isinstance(credential, CertificateMapping):
+        return Change(
+            type_, actor, (), {"certificate_mapping": {"subject": credential.subject, **common}}
+        )
+    return Change(
+        type_,
+        actor,
+        (),
+        {
+            "api_key": {
+                "id": credential.id,
+                **common,
+                "expires_at": _time_json(credential.expires_at),
+                "revoked_at": _time_json(credential.revoked_at),
+            }
+        },
+    )
+
+
+_access_types = frozenset(
+    {
+        EventType.api_key_created,
+        EventType.api_key_revoked,
+        EventType.certificate_mapped,
+        EventType.certificate_unmapped,
+    }
+)
+
+
+def _time_json(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _time(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
 def _wallet_json(wallet: Wallet) -> dict[str, Any]:
     return {
         "id": wallet.id,
@@ -278,6 +330,28 @@ def _body(change: dict[str, Any]) -> EventBody:
             description=unit["description"],
             scale=unit["scale"],
             created_at=datetime.fromisoformat(unit["created_at"]),
+        )
+    if type_ in (EventType.api_key_created, EventType.api_key_revoked):
+        key = change["api_key"]
+        return ApiKey(
+            id=key["id"],
+            name=key["name"],
+            role=Role(key["role"]),
+            owner_id=key["owner_id"],
+            created_at=datetime.fromisoformat(key["created_at"]),
+            created_by=key["created_by"],
+            expires_at=_time(key["expires_at"]),
+            revoked_at=_time(key["revoked_at"]),
+        )
+    if type_ in (EventType.certificate_mapped, EventType.certificate_unmapped):
+        mapping = change["certificate_mapping"]
+        return CertificateMapping(
+            subject=mapping["subject"],
+            name=mapping["name"],
+            role=Role(mapping["role"]),
+            owner_id=mapping["owner_id"],
+            created_at=datetime.fromisoformat(mapping["created_at"]),
+            created_by=mapping["created_by"],
         )
     (wallet_id,) = change["wallet_ids"]
     if type_ == EventType.wallet_alert_set:

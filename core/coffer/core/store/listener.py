@@ -1,9 +1,10 @@
 """The wake-up of the event stream's watchers: one LISTEN connection per process.
 
-Every record notifies `coffer_events` at its commit (`events.record`). `Listener` keeps one
-connection of its own listening (apart from the pools, whose connections keep no session state)
-and counts the notifications in `generation`; a watcher notes the generation before it reads,
-and once it has read all there was, `wait`s for the generation to move on, or for
+Every record notifies `coffer_events` at its commit (`events.record`), its position as the
+payload. `Listener` keeps one connection of its own listening (apart from the pools, whose
+connections keep no session state), counts the notifications in `generation` and keeps the
+newest position notified in `head`; a watcher notes the generation before it reads, and once
+it has read all there was, `wait`s for the generation to move on, or for
 `poll_interval_s` at most: a notification lost (with its connection, or while the database
 restarted) only delays. A lost connection is opened again, every `poll_interval_s` until it
 opens; each new connection moves the generation on, as notifications may have been missed.
@@ -36,6 +37,9 @@ class Listener:
         self._dsn = dsn
         self.poll_interval_s = poll_interval_s
         self.generation = 0
+        # The newest position notified (0 before the first): how far the stream goes, as far
+        # as this process has heard.
+        self.head = 0
         # Set by `close`: watchers end.
         self.closed = False
         self._changed = asyncio.Event()
@@ -64,6 +68,12 @@ class Listener:
             async with asyncio.timeout(self.poll_interval_s):
                 await changed.wait()
 
+    def _notified(self, _connection: object, _pid: int, _channel: str, payload: object) -> None:
+        """A record committed; its notification's payload is its position."""
+        with contextlib.suppress(ValueError):
+            self.head = max(self.head, int(str(payload)))
+        self._wake()
+
     def _wake(self) -> None:
         self.generation += 1
         changed, self._changed = self._changed, asyncio.Event()
@@ -77,7 +87,7 @@ class Listener:
                 connection = await asyncpg.connect(self._dsn, timeout=self.poll_interval_s * 5)
                 closed = asyncio.Event()
                 connection.add_termination_listener(_setter(closed))
-                await connection.add_listener(channel, lambda *_arguments: self._wake())
+                await connection.add_listener(channel, self._notified)
                 if failing:
                     logger.info("the event stream listens to the database again")
                 failing = False
