@@ -34,7 +34,10 @@ from typing import BinaryIO, Self
 import asyncpg
 
 from coffer.core import audit
+from coffer.core.access import Access
+from coffer.core.model import Role
 from coffer.core.preload import preload_transfers
+from coffer.core.store.connections import create_pool
 from coffer.postgres.supervisor import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
 
 __all__ = [
@@ -43,9 +46,11 @@ __all__ = [
     "RssSampler",
     "ServerGroup",
     "bench_database",
+    "bench_key_name",
     "check_books",
     "checkpoint",
     "coffer_command",
+    "make_api_key",
     "preload",
     "run_pgbench",
 ]
@@ -59,6 +64,8 @@ pgbench_clients = 32
 pgbench_threads = 2
 pgbench_database = "pgbench_scratch"
 pgbench_init_timeout_s = 600.0
+# The name of the key the bench makes, and what its record says made it.
+bench_key_name = "bench"
 # Who the preloaded transfers say performed them.
 preload_performed_by = "bench-preload"
 
@@ -93,6 +100,19 @@ async def bench_database(database_url: str | None, note: Note) -> AsyncIterator[
             await asyncio.to_thread(cluster.stop)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def make_api_key(dsn: str) -> str:
+    """An administrator's key, made in the database as `coffer keys create` makes one (once
+    the server has migrated it): the bench's calls carry it, as an integrator's would."""
+    pool = await create_pool(dsn, size_max=1)
+    try:
+        key, _ = await Access(pool).create_key(
+            name=bench_key_name, role=Role.admin, created_by=bench_key_name, actor=bench_key_name
+        )
+    finally:
+        await pool.close()
+    return key
 
 
 def coffer_command() -> list[str]:

@@ -81,8 +81,9 @@ class Fixture:
     merchants: list[int]
 
 
-def open_clients(target: str, count: int) -> list[Client]:
-    """`count` clients; with more than one, each on a connection of its own."""
+def open_clients(target: str, count: int, api_key: str | None = None) -> list[Client]:
+    """`count` clients, each call carrying `api_key` if given; with more than one, each on a
+    connection of its own."""
     # gRPC lets channels with the same target and arguments share one connection, and the
     # kernel spreads the connections to an SO_REUSEPORT port among the server processes, not
     # the calls: to reach several servers, each client needs a connection of its own.
@@ -91,6 +92,7 @@ def open_clients(target: str, count: int) -> list[Client]:
         Client(
             target,
             caller=caller,
+            api_key=api_key,
             timeout_s=call_timeout_s,
             retries_max=0,
             channel_options=options,

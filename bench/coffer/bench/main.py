@@ -149,6 +149,19 @@ def _parser() -> argparse.ArgumentParser:
         "event stream costs",
     )
     parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="call in the open mode, without an API key, to measure what authentication costs "
+        "(by default the bench makes an administrator's key in its database and every call "
+        "carries it)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("COFFER_API_KEY"),
+        metavar="KEY",
+        help="with --target and no --database-url: the key the calls carry (env COFFER_API_KEY)",
+    )
+    parser.add_argument(
         "--servers",
         type=int,
         default=1,
@@ -264,7 +277,12 @@ async def bench(arguments: argparse.Namespace) -> int:
                 )
                 stack.push_async_callback(servers.stop)
                 target = servers.target
-            clients = load.open_clients(target, arguments.connections)
+            api_key = arguments.api_key
+            if not arguments.no_auth and database is not None:
+                api_key = await infra.make_api_key(database.dsn)
+            clients = load.open_clients(
+                target, arguments.connections, None if arguments.no_auth else api_key
+            )
             for client in clients:
                 stack.push_async_callback(client.close)
             result = await _measure(arguments, run_id, database, servers, clients)
@@ -386,6 +404,7 @@ async def _measure(
         "server": servers.target if servers else arguments.target,
         "server_args": arguments.server_arg,
         "events": not arguments.no_events,
+        "auth": not arguments.no_auth,
         "connections": arguments.connections,
         "database": _describe(database),
         "preload": arguments.preload,
