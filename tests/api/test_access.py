@@ -19,10 +19,10 @@ from google.protobuf.descriptor import MethodDescriptor
 
 from coffer.clients import Client, Tls, errors
 from coffer.clients.client import operations
-from coffer.core.model import Role
+from coffer.core.model import Role, events_watchers_per_principal_max
 from coffer.server import roles
 from coffer.server.app import Server, Settings, services_described
-from coffer.v1 import events_pb2, transfers_pb2
+from coffer.v1 import events_pb2, events_pb2_grpc, transfers_pb2
 
 from support.api import error_info
 from support.certificates import Authority
@@ -273,6 +273,40 @@ async def test_a_batch_with_an_operation_the_role_may_not_do_applies_nothing(
         assert (await customer.get_balance(wallet_id=alice)).balance.posted == 1000
 
 
+async def test_a_merchant_batch_with_a_void_it_may_not_make_applies_nothing(
+    server: Server,
+) -> None:
+    """A merchant may void only payments into its wallets, and capture or release only holds
+    towards them: a batch holding another void or capture of what it sees is refused whole,
+    before its other operations are applied."""
+    async with client(server, await make_key(server, Role.admin)) as admin:
+        await admin.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+        shop = (await admin.create_wallet(owner_id="shop", owner_kind="merchant", unit="EUR")).id
+        alice = (await admin.create_wallet(owner_id="alice", owner_kind="customer", unit="EUR")).id
+        credit = await admin.credit(wallet_id=shop, amount=1000)
+        await admin.credit(wallet_id=alice, amount=1000)
+        payment = await admin.pay(payer_wallet_id=alice, payee_wallet_id=shop, amount=100)
+        from_shop = (await admin.place_hold(wallet_id=shop, amount=5, target_wallet_id=alice)).hold
+    token = await make_key(server, Role.merchant, owner_id="shop")
+    async with client(server, token, retries_max=0) as merchant:
+        before = (await merchant.list_transfers(wallet_id=shop)).items
+        withdraw = operations.withdraw(wallet_id=shop, amount=10, funding_source="iban:1")
+        for forbidden, named in (
+            (operations.void(transfer_id=credit.id), f"transfer {credit.id}"),
+            (operations.capture_hold(hold_id=from_shop.id), f"hold {from_shop.id}"),
+            (operations.release_hold(hold_id=from_shop.id), f"hold {from_shop.id}"),
+        ):
+            with pytest.raises(errors.PermissionDenied, match=named):
+                await merchant.submit_batch([withdraw, forbidden])
+            assert (await merchant.list_transfers(wallet_id=shop)).items == before
+        # A refund is its to make, in a batch too.
+        results = await merchant.submit_batch([withdraw, operations.void(transfer_id=payment.id)])
+        assert [(result.HasField("error"), len(result.transfers)) for result in results] == [
+            (False, 1),
+            (False, 1),
+        ], results
+
+
 # Credentials -----------------------------------------------------------------------------------
 
 
@@ -332,12 +366,28 @@ async def test_access_changes_are_audit_events_that_scoped_principals_never_see(
         shop = (await admin.create_wallet(owner_id="alice", owner_kind="merchant", unit="EUR")).id
         for wallet_id in (alice, bob, shop):
             await admin.credit(wallet_id=wallet_id, amount=100)
+        # Paid to another owner: the customer sees its own balance after, not the other's,
+        # nor who acted.
+        await admin.pay(payer_wallet_id=alice, payee_wallet_id=shop, amount=30)
+        manager_key = await make_key(server, Role.manager)
+        every = await every_event(admin)
+        audit_count = len(await every_event(admin, types=audit_types))
+    # Staff other than administrators do not see the audit trail of access.
+    async with client(server, manager_key) as manager:
+        assert await every_event(manager, types=audit_types) == []
+        assert len(await every_event(manager)) == len(every) - audit_count
     async with client(server, made.api_key) as customer:
         seen = await every_event(customer)
-        assert [(event.type, list(event.wallet_ids)[-1]) for event in seen] == [
-            (events_pb2.EVENT_TYPE_WALLET_CREATED, alice),
-            (events_pb2.EVENT_TYPE_TRANSFER, alice),
+        assert [(event.type, alice in event.wallet_ids) for event in seen] == [
+            (events_pb2.EVENT_TYPE_WALLET_CREATED, True),
+            (events_pb2.EVENT_TYPE_TRANSFER, True),
+            (events_pb2.EVENT_TYPE_TRANSFER, True),
         ]
+        credited, paid = seen[1].transfer, seen[2].transfer
+        assert not credited.HasField("source_balance")
+        assert credited.target_balance.available == 100
+        assert paid.source_balance.available == 70 and not paid.HasField("target_balance")
+        assert [event.actor for event in seen] == ["", "", ""]
         # Another owner's wallets, or another kind's of the same owner id, by filter: nothing.
         assert await every_event(customer, wallet_ids=[bob, shop]) == []
         assert await every_event(customer, owner_id="bob") == []
@@ -355,7 +405,13 @@ async def test_missing_invalid_revoked_and_expired_credentials(server: Server) -
     async with client(server, None, retries_max=0) as anonymous:
         with pytest.raises(errors.CredentialsMissing):
             await anonymous.list_units()
-    for wrong in ("coffer_1_" + "A" * 43, "not-a-key", admin_key[:-1] + "B"):
+    # Made up: an id past int64 (the largest id a key may have) too.
+    for wrong in (
+        "coffer_1_" + "A" * 43,
+        "coffer_9999999999999999999_" + "A" * 43,
+        "not-a-key",
+        admin_key[:-1] + "B",
+    ):
         async with client(server, wrong, retries_max=0) as guessing:
             with pytest.raises(errors.CredentialsInvalid):
                 await guessing.list_units()
@@ -522,6 +578,38 @@ async def test_rates_refuse_with_a_retry_after_hint(database_url: str) -> None:
         await limited.stop()
 
 
+async def test_a_host_guessing_keys_does_not_lock_out_the_keys_in_use(database_url: str) -> None:
+    """Behind one address (a NAT, a TLS proxy), a client guessing keys empties the host's
+    bucket of failures; a key already known to the server goes on working past its cache
+    time, while unknown ones are refused unchecked."""
+    guarded = await Server.start(
+        Settings(
+            database_url=database_url,
+            listen="127.0.0.1:0",
+            authentication_failures_per_s=0.1,
+            credentials_cache_ttl_s=0.1,
+        )
+    )
+    try:
+        token = await make_key(guarded, Role.service)
+        async with client(guarded, token, retries_max=0) as known:
+            await known.list_units()
+            async with client(guarded, "coffer_1_" + "A" * 43, retries_max=0) as guessing:
+                with pytest.raises(errors.CredentialsInvalid):
+                    await guessing.list_units()
+                with pytest.raises(errors.RateLimited, match="failed authentications"):
+                    await guessing.list_units()
+            # Past its cache time: looked up again, not refused with the host.
+            await asyncio.sleep(0.2)
+            await known.list_units()
+        other = await make_key(guarded, Role.service)
+        async with client(guarded, other, retries_max=0) as unknown_yet:
+            with pytest.raises(errors.RateLimited, match="failed authentications"):
+                await unknown_yet.list_units()
+    finally:
+        await guarded.stop()
+
+
 async def test_keys_and_authorization_values_are_never_logged(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -582,8 +670,24 @@ async def test_a_client_certificate_authenticates_the_principal_it_is_mapped_to(
                 await pos.get_wallet(wallet_id=other.id)
             with pytest.raises(errors.PermissionDenied):
                 await pos.credit(wallet_id=shop.id, amount=1)
-            withdrawn = await pos.withdraw(wallet_id=shop.id, amount=1, funding_source="iban:1")
+            withdrawn = await pos.withdraw(
+                wallet_id=shop.id, amount=1, funding_source="iban:1", idempotency_key="pos-w-1"
+            )
         assert withdrawn.performed_by == "shop-pos"
+        # Mapped again, to another owner: a new idempotency scope, where the first mapping's
+        # keys replay nothing.
+        async with Client(target, api_key=admin_key, tls=tls("admin-desk")) as admin:
+            await admin.credit(wallet_id=other.id, amount=10)
+            await admin.map_certificate(
+                subject="pos-7", name="other-pos", role="merchant", owner_id="other"
+            )
+        async with Client(target, tls=tls("pos-7"), **options) as pos:
+            again = await pos.withdraw(
+                wallet_id=other.id, amount=1, funding_source="iban:1", idempotency_key="pos-w-1"
+            )
+            assert again.id != withdrawn.id and again.source_wallet_id == other.id
+            with pytest.raises(errors.WalletNotFound):
+                await pos.get_wallet(wallet_id=shop.id)
         async with Client(target, tls=tls("pos-8"), **options) as unmapped:
             with pytest.raises(errors.CredentialsInvalid, match="pos-8"):
                 await unmapped.list_units()
@@ -600,3 +704,39 @@ def test_coffer_serve_refuses_plaintext_off_loopback_without_insecure(
     err = capsys.readouterr().err
     assert err.startswith("coffer serve: --listen must be a loopback address to serve plaintext")
     assert "--insecure" in err and "--tls-cert" in err
+
+
+async def test_one_principal_may_not_take_every_watcher(
+    server: Server, bare: grpc.aio.Channel
+) -> None:
+    """A principal has at most `events_watchers_per_principal_max` streams of events at once;
+    past them OVERLOADED, while another principal still watches; one ended frees its place."""
+    greedy, other = await make_key(server, Role.admin), await make_key(server, Role.admin)
+    stub = events_pb2_grpc.EventServiceStub(bare)
+
+    async def opened(token: str) -> Any:
+        """A stream, once the server has taken it: its first event (a key made, which
+        administrators see)."""
+        stream = stub.WatchEvents(events_pb2.WatchEventsRequest(), metadata=bearer(token))
+        await stream.read()
+        return stream
+
+    streams = [await opened(greedy) for _ in range(events_watchers_per_principal_max)]
+    try:
+        refused = stub.WatchEvents(events_pb2.WatchEventsRequest(), metadata=bearer(greedy))
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await refused.read()
+        assert raised.value.code() == Code.RESOURCE_EXHAUSTED
+        assert error_info(raised.value).reason == "OVERLOADED"
+        streams.append(await opened(other))
+        streams.pop(0).cancel()
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    streams.append(await opened(greedy))
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+    finally:
+        for stream in streams:
+            stream.cancel()

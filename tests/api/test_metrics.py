@@ -19,7 +19,7 @@ import pytest_asyncio
 from google.protobuf import message_factory
 
 from coffer.postgres.supervisor import EmbeddedPostgres
-from coffer.server.app import Server, Settings, services_described
+from coffer.server.app import Server, Settings, access_pool_size, services_described
 from coffer.v1 import events_pb2, events_pb2_grpc, transfers_pb2, wallets_pb2
 
 from support.api import Api, key
@@ -181,6 +181,7 @@ async def test_the_counters_match_the_calls_made(
         "write": measured.settings.pool_size,
         "read": measured.settings.pool_size_read,
         "health": 1,
+        "access": access_pool_size,
     }
     for pool, size in sizes.items():
         in_use = value(samples, "coffer_pool_connections_in_use", pool=pool)

@@ -148,17 +148,21 @@ async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
                     transfers_pb2.SubmitBatchRequest(),
                     metadata=((caller_metadata_key, "tests"), ("x-request-id", "serve-1")),
                 )
-        samples = await scrape(metrics_port)
-        assert (
-            value(
-                samples,
-                "coffer_rpcs_total",
-                service="coffer.v1.TransferService",
-                method="SubmitBatch",
-                code="INVALID_ARGUMENT",
-            )
-            == 1
-        )
+        # The call is counted once its answer is sent: a scrape may come a moment before.
+        async with asyncio.timeout(10):
+            while True:
+                samples = await scrape(metrics_port)
+                counted = value(
+                    samples,
+                    "coffer_rpcs_total",
+                    service="coffer.v1.TransferService",
+                    method="SubmitBatch",
+                    code="INVALID_ARGUMENT",
+                )
+                if counted:
+                    break
+                await asyncio.sleep(0.05)
+        assert counted == 1
         assert value(samples, "coffer_database_up") == 1
     finally:
         _, log = await serving.stop()

@@ -1128,7 +1128,10 @@ def _event_line(event: events_pb2.Event) -> str:
     if body == "transfer":
         moved = event.transfer
         details = _transfer_line(moved.transfer)
-        details += f"  balances {moved.source_balance.available} / {moved.target_balance.available}"
+        # A wallet not the reader's own has no balance shown: "-".
+        source = moved.source_balance.available if moved.HasField("source_balance") else "-"
+        target = moved.target_balance.available if moved.HasField("target_balance") else "-"
+        details += f"  balances {source} / {target}"
     elif body == "wallet":
         details = _wallet_lines(event.wallet)[0]
     elif body == "unit":

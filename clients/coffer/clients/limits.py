@@ -5,6 +5,7 @@ each means), for the client, which installs without the core.
 """
 
 __all__ = [
+    "access_event_types",
     "amount_max",
     "api_key_secret_bytes",
     "balance_max",
@@ -18,6 +19,7 @@ __all__ = [
     "events_scanned_max",
     "events_watchers_max_default",
     "events_watchers_max_limit",
+    "events_watchers_per_principal_max",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -69,7 +71,9 @@ api_key_secret_bytes = 32
 events_scanned_max = 10_000
 event_filter_wallets_max = 1000
 events_watchers_max_default = 1000
+events_watchers_per_principal_max = 16
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})
+access_event_types = frozenset({80, 81, 82, 83})

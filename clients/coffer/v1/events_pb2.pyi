@@ -313,8 +313,9 @@ class Event(_message.Message):
     """What the event records; the body set says it too."""
     actor: _builtins.str
     """Who made it: the scope of the principal that made the call (`@key:<id>` for an API key,
-    `@cert:<subject>` for a client certificate, the `coffer-caller` label in the open mode);
+    `@cert:<mapping id>` for a client certificate, the `coffer-caller` label in the open mode);
     "@coffer" for the ledger's own changes (hold expiries, low balances, top-up requests).
+    Empty to a merchant or customer, unless the ledger itself acted.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -398,15 +399,21 @@ class TransferEvent(_message.Message):
     TARGET_BALANCE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def transfer(self) -> _types_pb2.Transfer:
-        """The transfer, as the journal keeps it."""
+        """The transfer, as it was committed: `voided_by_transfer_id` is never set (an event does
+        not change; a void has its own event).
+        """
 
     @_builtins.property
     def source_balance(self) -> _types_pb2.Balance:
-        """The source wallet's balance right after the transfer."""
+        """The source wallet's balance right after the transfer; unset to a merchant or customer when
+        the wallet is not its own.
+        """
 
     @_builtins.property
     def target_balance(self) -> _types_pb2.Balance:
-        """The target wallet's balance right after the transfer."""
+        """The target wallet's balance right after the transfer; unset to a merchant or customer when
+        the wallet is not its own.
+        """
 
     def __init__(
         self,

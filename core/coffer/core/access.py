@@ -23,8 +23,9 @@ A client certificate is checked by TLS (mTLS: the server's client CA) before a c
 the server; its subject's common name is then mapped to a principal by `map_certificate`.
 Whoever the client CA lets issue a certificate with a mapped common name is that principal.
 
-A principal's idempotency scope is the credential's (`@key:17`, `@cert:<subject>`): a key
-made anew is a new scope, even with the same name.
+A principal's idempotency scope is the credential's (`@key:17`, `@cert:5`, the id of the key
+or of the certificate mapping): a key made anew is a new scope, even with the same name, and
+so is a certificate mapped again (to another owner, say: no replay carries over).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .model import (
     check_principal_fields,
     check_text,
     credential_scope_prefix,
+    id_max,
     page_size_default,
 )
 from .store import access as stored
@@ -62,14 +64,11 @@ from .store.connections import Guarded
 
 __all__ = [
     "Access",
-    "api_key_length_max",
     "certificate_scope",
     "check_subject",
     "key_scope",
 ]
 
-# The longest key this module makes: the prefix, an id of up to 19 digits, "_", the secret.
-api_key_length_max = len(api_key_prefix) + 19 + 1 + (api_key_secret_bytes * 4 + 2) // 3
 _api_key_pattern = re.compile(
     rf"{re.escape(api_key_prefix)}([1-9][0-9]{{0,18}})_[A-Za-z0-9_-]{{43}}"
 )
@@ -80,9 +79,10 @@ def key_scope(key_id: int) -> str:
     return f"{credential_scope_prefix}key:{key_id}"
 
 
-def certificate_scope(subject: str) -> str:
-    """The idempotency scope of a certificate's principal."""
-    return f"{credential_scope_prefix}cert:{subject}"
+def certificate_scope(mapping_id: int) -> str:
+    """The idempotency scope of a certificate's principal: its mapping's, new each time the
+    subject is mapped."""
+    return f"{credential_scope_prefix}cert:{mapping_id}"
 
 
 def check_subject(subject: str) -> str:
@@ -109,7 +109,7 @@ class Access:
         clock: Callable[[], datetime] = _system_clock,
         keep_events: bool = True,
     ) -> None:
-        self._pool = pool
+        self.pool = pool
         # Whether each change is an event of the stream (the audit trail), as the ledger's.
         self.keep_events = keep_events
         self._acquire_timeout_s = acquire_timeout_s
@@ -186,6 +186,8 @@ class Access:
         if match is None:
             raise errors.CredentialsInvalid("the API key is not one of this server's")
         key_id = int(match[1])
+        if key_id > id_max:
+            raise errors.CredentialsInvalid("the API key is not one of this server's")
         async with self._connection() as connection:
             secret = await self._database_secret(connection, create=False)
             found = None if secret is None else await stored.select_api_key(connection, key_id)
@@ -271,7 +273,7 @@ class Access:
             name=found.name,
             role=found.role,
             owner_id=found.owner_id,
-            scope=certificate_scope(subject),
+            scope=certificate_scope(found.id),
         )
 
     async def credentials_exist(self) -> bool:
@@ -303,7 +305,7 @@ class Access:
         return self._secret
 
     def _connection(self, *, transaction: bool = False) -> Guarded:
-        return Guarded(self._pool.acquire(timeout=self._acquire_timeout_s), transaction=transaction)
+        return Guarded(self.pool.acquire(timeout=self._acquire_timeout_s), transaction=transaction)
 
 
 def _digest(secret: bytes, token: str) -> bytes:

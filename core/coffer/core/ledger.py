@@ -46,9 +46,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from . import errors
+from . import errors, rules
 from .model import (
     Applied,
+    CaptureHold,
     Event,
     EventCursor,
     EventFilter,
@@ -61,9 +62,12 @@ from .model import (
     OwnerKind,
     Page,
     Rejected,
+    ReleaseHold,
     Transfer,
     TransferFilter,
+    TransferKind,
     Unit,
+    Void,
     Wallet,
     batch_operations_max,
     check_balance_alert,
@@ -259,6 +263,53 @@ class Ledger:
         `Rejected` entries fail as they are (with their linked chain)."""
         return await self._apply(operations)
 
+    async def check_owner_limits(self, operations: Sequence[Operation | Rejected]) -> None:
+        """Refuses with PermissionDenied, before anything is applied, operations limited to
+        an owner (`Operation.owner_limit`) that void a transfer, or capture or release a hold,
+        it sees but may not resolve (`rules.check_voidable_by`, `check_resolvable_by`): so that
+        a batch holding one is refused whole, never applied in part. What they name is read
+        once: a transfer's kind and wallets, and wallets' owners, never change. What they name
+        and do not see (missing, or another owner's) is left to the batch, which answers it
+        NOT_FOUND as it does a missing id."""
+        named = {
+            operation.transfer_id if isinstance(operation, Void) else operation.hold_id
+            for operation in operations
+            if isinstance(operation, (Void, CaptureHold, ReleaseHold))
+            and operation.owner_limit is not None
+        }
+        if not named:
+            return
+        async with self._read_connection() as connection:
+            found = {
+                row["id"]: row
+                for row in await connection.fetch(sql.select_referenced_transfers, list(named))
+            }
+            wallet_ids = {
+                row[side]
+                for row in found.values()
+                for side in ("source_wallet_id", "target_wallet_id")
+            }
+            owners = {
+                row["id"]: Owner(OwnerKind(row["owner_kind"]), row["owner_id"])
+                for row in await connection.fetch(sql.select_wallet_owners, list(wallet_ids))
+            }
+        for operation in operations:
+            if not isinstance(operation, (Void, CaptureHold, ReleaseHold)):
+                continue
+            owner = operation.owner_limit
+            named_id = operation.transfer_id if isinstance(operation, Void) else operation.hold_id
+            row = found.get(named_id)
+            if owner is None or row is None:
+                continue
+            source_owned = owners.get(row["source_wallet_id"]) == owner
+            target_owned = owners.get(row["target_wallet_id"]) == owner
+            if not (source_owned or target_owned):
+                continue
+            if isinstance(operation, Void):
+                rules.check_voidable_by(owner, named_id, TransferKind(row["kind"]), target_owned)
+            elif TransferKind(row["kind"]) == TransferKind.hold:
+                rules.check_resolvable_by(owner, named_id, target_owned)
+
     async def expire_holds(self) -> int:
         """Releases holds past their expiry; returns how many."""
         now = self._now()
@@ -278,14 +329,20 @@ class Ledger:
         page_size: int = page_size_default,
         where: EventFilter = _no_filter,
         owner_scope: Owner | None = None,
+        hidden_types: frozenset[EventType] = frozenset(),
     ) -> EventPage:
         """Events after the cursor (None: from the oldest kept), in commit order; with
-        `owner_scope`, only those of that owner's wallets."""
+        `owner_scope`, only those of that owner's wallets; never those of `hidden_types`."""
         if not self.keep_events:
             raise errors.EventsDisabled("this server keeps no events (it runs with events off)")
         async with self._read_connection() as connection:
             return await events.read_page(
-                connection, after, page_size=page_size, where=where, owner_scope=owner_scope
+                connection,
+                after,
+                page_size=page_size,
+                where=where,
+                owner_scope=owner_scope,
+                hidden_types=hidden_types,
             )
 
     async def watch_events(
@@ -295,6 +352,7 @@ class Ledger:
         *,
         where: EventFilter = _no_filter,
         owner_scope: Owner | None = None,
+        hidden_types: frozenset[EventType] = frozenset(),
         page_size: int = page_size_max,
         progress: Callable[[int], None] | None = None,
     ) -> AsyncGenerator[Event, None]:
@@ -322,7 +380,11 @@ class Ledger:
                 seen = listener.generation
                 try:
                     page = await self.list_events(
-                        cursor, page_size=page_size, where=where, owner_scope=owner_scope
+                        cursor,
+                        page_size=page_size,
+                        where=where,
+                        owner_scope=owner_scope,
+                        hidden_types=hidden_types,
                     )
                 except errors.Unavailable:
                     await asyncio.sleep(listener.poll_interval_s)

@@ -65,6 +65,7 @@ __all__ = [
     "WalletStatus",
     "WalletTransfer",
     "Withdrawal",
+    "access_event_types",
     "amount_max",
     "api_key_prefix",
     "api_key_secret_bytes",
@@ -87,6 +88,7 @@ __all__ = [
     "events_scanned_max",
     "events_watchers_max_default",
     "events_watchers_max_limit",
+    "events_watchers_per_principal_max",
     "hold_lapsed",
     "hold_status_resolved_by",
     "hold_timeout_s_default",
@@ -152,7 +154,7 @@ page_size_default = 100
 # X.509 bounds at 64 characters.
 principal_name_length_max = 128
 certificate_subject_length_max = 64
-# The idempotency scope of a credential starts with this prefix ("@key:17", "@cert:<subject>"),
+# The idempotency scope of a credential starts with this prefix ("@key:17", "@cert:5"),
 # which the API's rule for callers reserves (a project test holds them equal): no caller label
 # named in the open mode can take a credential's scope.
 credential_scope_prefix = "@"
@@ -168,6 +170,8 @@ events_scanned_max = 10_000
 # Wallets one filter of events may name.
 event_filter_wallets_max = 1000
 events_watchers_max_default = 1000
+# Watchers one principal may have at once on one server: one cannot take them all.
+events_watchers_per_principal_max = 16
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
@@ -459,8 +463,11 @@ class ApiKey:
 
 @dataclass(frozen=True, slots=True)
 class CertificateMapping:
-    """A client certificate's subject common name, mapped to the principal it authenticates."""
+    """A client certificate's subject common name, mapped to the principal it authenticates.
+    `id` is the mapping's own, new each time the subject is mapped (anew, or again): the scope
+    of its principal's idempotency keys."""
 
+    id: int
     subject: str
     name: str
     role: Role
@@ -719,6 +726,16 @@ class EventType(IntEnum):
     certificate_unmapped = 83
 
 
+# The audit trail of access: credentials made, revoked, mapped, unmapped.
+access_event_types = frozenset(
+    {
+        EventType.api_key_created,
+        EventType.api_key_revoked,
+        EventType.certificate_mapped,
+        EventType.certificate_unmapped,
+    }
+)
+
 _hold_event_types = {
     TransferKind.hold: EventType.hold_placed,
     TransferKind.capture: EventType.hold_captured,
@@ -771,11 +788,12 @@ class EventCursor:
 
 @dataclass(frozen=True, slots=True)
 class TransferMoved:
-    """A transfer event's body: the transfer, and its wallets' balances right after it."""
+    """A transfer event's body: the transfer, and its wallets' balances right after it. None
+    for a wallet the reader may not see (another owner's, to a merchant or customer)."""
 
     transfer: Transfer
-    source_balance: Balance
-    target_balance: Balance
+    source_balance: Balance | None
+    target_balance: Balance | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,8 @@ __all__ = [
     "apply",
     "apply_all",
     "balances_after",
+    "check_resolvable_by",
+    "check_voidable_by",
     "expected_posting",
     "kept_refusals",
     "posting_of",
@@ -657,13 +659,9 @@ def _check_owner(book: Book, operation: Operation, owner: Owner) -> None:
                 or _owns(book, original.target_wallet_id, owner)
             ):
                 raise errors.TransferNotFound(f"transfer {operation.transfer_id} does not exist")
-            if original.kind != TransferKind.payment or not _owns(
-                book, original.target_wallet_id, owner
-            ):
-                raise errors.PermissionDenied(
-                    f"a {owner.kind.name} may void only payments into its own wallets: "
-                    f"transfer {original.id} is not one"
-                )
+            check_voidable_by(
+                owner, original.id, original.kind, _owns(book, original.target_wallet_id, owner)
+            )
         case CaptureHold() | ReleaseHold():
             hold = book.holds.get(operation.hold_id)
             if hold is None or not (
@@ -671,13 +669,32 @@ def _check_owner(book: Book, operation: Operation, owner: Owner) -> None:
                 or _owns(book, hold.target_wallet_id, owner)
             ):
                 raise errors.HoldNotFound(f"hold {operation.hold_id} does not exist")
-            if not _owns(book, hold.target_wallet_id, owner):
-                raise errors.PermissionDenied(
-                    f"a {owner.kind.name} may capture or release only holds towards its own "
-                    f"wallets: hold {hold.id} is not one"
-                )
+            check_resolvable_by(owner, hold.id, _owns(book, hold.target_wallet_id, owner))
         case _:
             raise AssertionError(f"{type(operation).__name__} is not limited to an owner")
+
+
+def check_voidable_by(
+    owner: Owner, transfer_id: int, kind: TransferKind, target_owned: bool
+) -> None:
+    """An owner may void, of the transfers it sees, only payments into its own wallets (a
+    refund); else PermissionDenied. (The ledger checks it before a batch too, so that a batch
+    with such a void is refused whole: `Ledger.check_owner_limits`.)"""
+    if kind != TransferKind.payment or not target_owned:
+        raise errors.PermissionDenied(
+            f"a {owner.kind.name} may void only payments into its own wallets: "
+            f"transfer {transfer_id} is not one"
+        )
+
+
+def check_resolvable_by(owner: Owner, hold_id: int, target_owned: bool) -> None:
+    """An owner may capture or release, of the holds it sees, only holds towards its own
+    wallets; else PermissionDenied."""
+    if not target_owned:
+        raise errors.PermissionDenied(
+            f"a {owner.kind.name} may capture or release only holds towards its own "
+            f"wallets: hold {hold_id} is not one"
+        )
 
 
 def _owns(book: Book, wallet_id: int, owner: Owner) -> bool:

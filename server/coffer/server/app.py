@@ -59,10 +59,14 @@ from .metrics import Metrics
 from .settings import Settings, calls_max_limit
 from .tls import ServerTls
 
-__all__ = ["Server", "Settings", "services_described"]
+__all__ = ["Server", "Settings", "access_pool_size", "services_described"]
 
 logger = logging.getLogger(__name__)
 
+# Connections of the pool that looks credentials up: its own, so that reads (event watchers
+# above all) never keep calls waiting to be let in. A lookup is one short query, made once per
+# credential per cache time.
+access_pool_size = 2
 # The largest answer: a page of transfers, or a batch's results, with their metadata.
 response_bytes_max = 64 * 1024 * 1024
 # gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
@@ -195,6 +199,13 @@ class Server:
                 on_close=probe_lost.set,
             )
             pools.append(probe_pool)
+            access_pool = await create_pool(
+                settings.database_url,
+                size_max=access_pool_size,
+                statement_timeout_s=settings.statement_timeout_s,
+                lock_timeout_s=settings.lock_timeout_s,
+            )
+            pools.append(access_pool)
             ledger = Ledger(
                 pools[0],
                 read_pool=pools[1],
@@ -233,7 +244,7 @@ class Server:
                 maximum_concurrent_rpcs=grpc_calls_max,
             )
             access = Access(
-                pools[1],
+                access_pool,
                 acquire_timeout_s=settings.statement_timeout_s,
                 keep_events=settings.events,
             )
@@ -321,6 +332,7 @@ class Server:
                 "write": self.ledger.pool,
                 "read": self.ledger.read_pool,
                 "health": self._probe_pool,
+                "access": self.gate.access.pool,
             },
             database_up=lambda: self.database_up,
             admission=self.admission,
@@ -337,6 +349,7 @@ class Server:
                 await task
         await self.ledger.close()
         await self._probe_pool.close()
+        await self.gate.access.pool.close()
         if self.metrics is not None:
             await self.metrics.stop()
 

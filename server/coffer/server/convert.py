@@ -725,8 +725,10 @@ def event_pb(value: model.Event, scales: Mapping[str, int]) -> events_pb2.Event:
     if isinstance(body, model.TransferMoved):
         unit = body.transfer.unit
         _fill_transfer(pb.transfer.transfer, body.transfer, scales)
-        pb.transfer.source_balance.CopyFrom(balance_pb(body.source_balance, unit, scales))
-        pb.transfer.target_balance.CopyFrom(balance_pb(body.target_balance, unit, scales))
+        if body.source_balance is not None:
+            pb.transfer.source_balance.CopyFrom(balance_pb(body.source_balance, unit, scales))
+        if body.target_balance is not None:
+            pb.transfer.target_balance.CopyFrom(balance_pb(body.target_balance, unit, scales))
     elif isinstance(body, model.Wallet):
         pb.wallet.CopyFrom(wallet_pb(body, scales))
     elif isinstance(body, model.Unit):

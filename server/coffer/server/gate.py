@@ -20,10 +20,11 @@ by another process within `cache_ttl_s`.
 Rates: each principal (by its idempotency scope) has a token bucket of `calls_per_s` with
 `calls_burst`; every call takes a token, those refused for their role too. Failed
 authentications take a token of their peer host's bucket (`failures_per_s`, much smaller), and
-while that is empty the host's calls with credentials not in the cache are refused unchecked:
-guessing keys costs the guesser, not the database. Both maps of buckets are bounded (the least
-recently used bucket goes first). A refusal is RESOURCE_EXHAUSTED RATE_LIMITED with a
-`retry_after_ms` hint.
+while that is empty the host's calls with credentials never seen are refused unchecked:
+guessing keys costs the guesser, not the database, while the keys already in use behind the
+same address (a NAT, a TLS proxy) are looked up again as their cache time passes. Both maps of
+buckets are bounded (the least recently used bucket goes first). A refusal is
+RESOURCE_EXHAUSTED RATE_LIMITED with a `retry_after_ms` hint.
 
 The `coffer-caller` label is checked by its one rule (`coffer.clients.caller`) wherever it is
 sent; with credentials it names nothing more.
@@ -47,7 +48,7 @@ import grpc
 
 from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.core import errors
-from coffer.core.access import Access, certificate_scope, key_scope
+from coffer.core.access import Access, key_scope
 from coffer.core.model import Principal, Role, local_principal_name
 
 from . import roles
@@ -260,7 +261,10 @@ class Gate:
                     f"the API key expired at {cached.expires_at.isoformat()}"
                 )
             return cached.principal
-        self._check_failures(context)
+        if cached is None:
+            # Known keys refresh past the host's failures: a client guessing keys behind the
+            # same address (a NAT, a TLS proxy) does not lock out the keys already in use.
+            self._check_failures(context)
         try:
             principal, expires_at = await self.access.authenticate(token)
         except errors.Unauthenticated:
@@ -278,14 +282,14 @@ class Gate:
         if cached is not None and now - cached.fetched_at < self._cache_ttl_s:
             self._certificates.move_to_end(subject)
             return cached.principal
-        self._check_failures(context)
+        if cached is None:
+            self._check_failures(context)
         try:
             principal = await self.access.principal_for_certificate(subject)
         except errors.Unauthenticated:
             self._certificates.pop(subject, None)
             self._failed(context)
             raise
-        assert principal.scope == certificate_scope(subject)
         _remember(self._certificates, subject, _Cached(principal, None, now))
         return principal
 

@@ -44,7 +44,7 @@ The metrics, with their labels; `coffer_*_total` are counters:
 - coffer_event_loop_lag_seconds: how late the event loop runs, smoothed;
 - coffer_pool_connections_in_use{pool}, coffer_pool_connections_open{pool},
   coffer_pool_connections_max{pool}: the database connections of each pool (write, read,
-  health);
+  health, access);
 - coffer_database_up: 1 while the health check reaches the database, else 0;
 - coffer_events_behind, coffer_event_watchers: the most records (committed write
   transactions, each one or more events) any watcher of the event stream has yet to read, as

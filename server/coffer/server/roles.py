@@ -23,6 +23,7 @@ from coffer.core.model import Principal, Role
 
 __all__ = [
     "allowed",
+    "audit_readers",
     "authorize",
     "batch_method",
     "batch_operations",
@@ -82,6 +83,11 @@ allowed: Mapping[str, frozenset[Role]] = {
     _events + "ListEvents": everyone,
     _events + "WatchEvents": everyone,
 }
+
+# Who may read the audit trail of access in the event stream (keys made and revoked,
+# certificates mapped and unmapped): those who may list the keys. To the others, those events
+# are not there.
+audit_readers = allowed[_access + "ListApiKeys"]
 
 # A batch operation's kind (the `operation` oneof of coffer.v1.Operation) -> its RPC.
 batch_operations: Mapping[str, str] = {

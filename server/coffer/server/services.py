@@ -21,7 +21,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from coffer.core import errors, model
 from coffer.core.access import Access
-from coffer.core.ledger import Ledger
+from coffer.core.ledger import Ledger, watchers_retry_after_ms
 from coffer.core.model import Principal
 from coffer.core.store.listener import Listener
 from coffer.v1 import (
@@ -33,7 +33,7 @@ from coffer.v1 import (
     wallets_pb2,
 )
 
-from . import convert, logs
+from . import convert, logs, roles
 from .batcher import Batcher
 from .errors import replayed_metadata, status_codes, translate_errors
 from .gate import Gate
@@ -267,6 +267,9 @@ class TransferService:
     ) -> transfers_pb2.SubmitBatchResponse:
         try:
             operations = convert.batch(request, principal)
+            if principal.owner is not None:
+                # A void or a resolution it may not make refuses the whole call, first.
+                await self._ledger.check_owner_limits(operations)
             answers = await self._batcher.submit_all(operations, context.time_remaining())
         except errors.CofferError as error:
             await logs.batch_failed(context, principal.name, len(request.operations), error)
@@ -462,6 +465,8 @@ class EventService:
         self.gate = gate
         # Where each watcher says how far behind the stream's head it is (with metrics on).
         self._behind = behind
+        # Watchers at once, by principal (scope).
+        self._watching: dict[str, int] = {}
 
     async def ListEvents(
         self, request: events_pb2.ListEventsRequest, context: _Context, principal: Principal
@@ -471,6 +476,7 @@ class EventService:
             page_size=convert.page_size(request.page_size),
             where=convert.event_filter(request.filter),
             owner_scope=principal.owner,
+            hidden_types=_hidden_event_types(principal),
         )
         scales = await self._ledger.unit_scales(convert.units_of_events(page.events))
         return events_pb2.ListEventsResponse(
@@ -484,6 +490,13 @@ class EventService:
     ) -> AsyncGenerator[events_pb2.WatchEventsResponse, None]:
         listener = self._listener
         read_through = 0
+        scope = principal.scope
+        watching = self._watching.get(scope, 0)
+        if watching >= model.events_watchers_per_principal_max:
+            raise errors.Overloaded(
+                f"{watching} watchers of this principal follow the events already: end one first",
+                retry_after_ms=watchers_retry_after_ms,
+            )
 
         def progress(position: int) -> None:
             nonlocal read_through
@@ -494,14 +507,14 @@ class EventService:
             listener,
             where=convert.event_filter(request.filter),
             owner_scope=principal.owner,
+            hidden_types=_hidden_event_types(principal),
             progress=progress,
         )
-        stop_counting = (
-            None
-            if self._behind is None
-            else self._behind.add(lambda: max(listener.head - read_through, 0))
-        )
+        self._watching[scope] = watching + 1
+        stop_counting = None
         try:
+            if self._behind is not None:
+                stop_counting = self._behind.add(lambda: max(listener.head - read_through, 0))
             async with aclosing(events):
                 async for event in events:
                     scales = await self._ledger.unit_scales(convert.units_of_events((event,)))
@@ -509,6 +522,18 @@ class EventService:
         finally:
             if stop_counting is not None:
                 stop_counting()
+            left = self._watching[scope] - 1
+            if left:
+                self._watching[scope] = left
+            else:
+                del self._watching[scope]
+
+
+def _hidden_event_types(principal: Principal) -> frozenset[model.EventType]:
+    """The events a principal may not see: the audit trail of access, but to its readers."""
+    if principal.role in roles.audit_readers:
+        return frozenset()
+    return model.access_event_types
 
 
 async def _submit(

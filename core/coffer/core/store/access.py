@@ -69,6 +69,7 @@ def api_key(row: asyncpg.Record) -> ApiKey:
 
 def certificate_mapping(row: asyncpg.Record) -> CertificateMapping:
     return CertificateMapping(
+        id=row["id"],
         subject=row["subject"],
         name=row["name"],
         role=_roles[row["role"]],
@@ -179,7 +180,8 @@ async def upsert_certificate_mapping(
                                           created_by)
         values ($1, $2, $3, $4, $5, $6)
         on conflict (subject) do update
-        set name = excluded.name, role = excluded.role, owner_id = excluded.owner_id,
+        set id = nextval(pg_get_serial_sequence('certificate_mappings', 'id')),
+            name = excluded.name, role = excluded.role, owner_id = excluded.owner_id,
             created_at = excluded.created_at, created_by = excluded.created_by
         returning {_mapping_columns}
         """,

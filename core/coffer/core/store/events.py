@@ -81,9 +81,11 @@ from ..model import (
     UnitKind,
     Wallet,
     WalletStatus,
+    access_event_types,
     event_type_of_kind,
     events_scanned_max,
     page_size_max,
+    system_caller,
 )
 from . import rows, sql
 
@@ -240,7 +242,7 @@ def top_up_change(
 def access_change(type_: EventType, credential: ApiKey | CertificateMapping, actor: str) -> Change:
     """A credential made, revoked or unmapped (the audit trail of access): its record, never
     a secret. It concerns no wallet."""
-    assert type_ in _access_types, type_
+    assert type_ in access_event_types, type_
     common = {
         "name": credential.name,
         "role": int(credential.role),
@@ -249,9 +251,8 @@ def access_change(type_: EventType, credential: ApiKey | CertificateMapping, act
         "created_by": credential.created_by,
     }
     if isinstance(credential, CertificateMapping):
-        return Change(
-            type_, actor, (), {"certificate_mapping": {"subject": credential.subject, **common}}
-        )
+        mapping = {"id": credential.id, "subject": credential.subject, **common}
+        return Change(type_, actor, (), {"certificate_mapping": mapping})
     return Change(
         type_,
         actor,
@@ -265,16 +266,6 @@ def access_change(type_: EventType, credential: ApiKey | CertificateMapping, act
             }
         },
     )
-
-
-_access_types = frozenset(
-    {
-        EventType.api_key_created,
-        EventType.api_key_revoked,
-        EventType.certificate_mapped,
-        EventType.certificate_unmapped,
-    }
-)
 
 
 def _time_json(value: datetime | None) -> str | None:
@@ -346,6 +337,7 @@ def _body(change: dict[str, Any]) -> EventBody:
     if type_ in (EventType.certificate_mapped, EventType.certificate_unmapped):
         mapping = change["certificate_mapping"]
         return CertificateMapping(
+            id=mapping["id"],
             subject=mapping["subject"],
             name=mapping["name"],
             role=Role(mapping["role"]),
@@ -382,6 +374,7 @@ async def read_page(
     page_size: int,
     where: EventFilter,
     owner_scope: Owner | None,
+    hidden_types: frozenset[EventType] = frozenset(),
 ) -> EventPage:
     """The events from `after` on (None: from the oldest kept), in commit order, that pass
     `where` and, with `owner_scope`, concern a wallet of that owner (its kind and id); at most
@@ -401,18 +394,19 @@ async def read_page(
             )
         if cursor.position > head + 1 or (cursor.position == head + 1 and cursor.index):
             raise errors.InvalidArgument("after_cursor", "names no event of this ledger")
-        wallets = await _wallets_of(connection, where, owner_scope)
+        owned = None if owner_scope is None else await _owned(connection, owner_scope)
+        wallets = await _wallets_of(connection, where, owned)
         if wallets is not None and not wallets:
             # No wallet to match: nothing up to the head can.
             return EventPage([], EventCursor(head + 1), True)
-        filtered = wallets is not None or bool(where.types)
+        filtered = wallets is not None or bool(where.types) or bool(hidden_types)
         slots, end = await _slots(
             connection, cursor, head, events_scanned_max if filtered else page_size
         )
         transfers = await _transfers(connection, slots, wallets, where)
     events: list[Event] = []
     for slot in slots:
-        event = _event(slot, transfers, wallets, where)
+        event = _event(slot, transfers, wallets, where, owned, hidden_types)
         if event is None:
             continue
         events.append(event)
@@ -431,22 +425,24 @@ class _Slot:
     after: EventCursor
 
 
+async def _owned(connection: asyncpg.Connection, owner: Owner) -> set[int]:
+    """The wallets of an owner scope: of its kind and owner id."""
+    found = await connection.fetch(sql.select_owner_wallets, owner.id, owner.kind)
+    return {row["id"] for row in found}
+
+
 async def _wallets_of(
-    connection: asyncpg.Connection, where: EventFilter, owner_scope: Owner | None
+    connection: asyncpg.Connection, where: EventFilter, owned: set[int] | None
 ) -> set[int] | None:
-    """The wallets an event must concern one of; None: any."""
+    """The wallets an event must concern one of (those of the filter, and of the owner scope
+    `owned` if any); None: any."""
     wallets = set(where.wallet_ids) if where.wallet_ids else None
-    for owner_id, owner_kind in (
-        (where.owner_id, None),
-        (None, None) if owner_scope is None else (owner_scope.id, owner_scope.kind),
-    ):
-        if owner_id is None:
-            continue
-        owned = {
-            row["id"]
-            for row in await connection.fetch(sql.select_owner_wallets, owner_id, owner_kind)
-        }
-        wallets = owned if wallets is None else wallets & owned
+    if where.owner_id is not None:
+        found = await connection.fetch(sql.select_owner_wallets, where.owner_id, None)
+        named = {row["id"] for row in found}
+        wallets = named if wallets is None else wallets & named
+    if owned is not None:
+        wallets = set(owned) if wallets is None else wallets & owned
     return wallets
 
 
@@ -515,8 +511,12 @@ def _event(
     transfers: dict[int, tuple[Transfer, str]],
     wallets: set[int] | None,
     where: EventFilter,
+    owned: set[int] | None,
+    hidden_types: frozenset[EventType],
 ) -> Event | None:
-    """The slot's event, if it passes the filters (the transfers passed them in the query)."""
+    """The slot's event, if it passes the filters (the transfers passed them in the query).
+    To a reader limited to the wallets `owned` (a merchant or customer), a transfer's other
+    wallet's balance is not shown, nor who acted, unless the ledger itself did."""
     record, index = slot.record, slot.index
     transfer_ids = record["transfer_ids"]
     if index < len(transfer_ids):
@@ -527,26 +527,34 @@ def _event(
         source_posted, source_pending, target_posted, target_pending = _balances.unpack_from(
             record["balances"], index * _balances.size
         )
+        source_balance: Balance | None = Balance(source_posted, source_pending)
+        target_balance: Balance | None = Balance(target_posted, target_pending)
+        if owned is not None:
+            if transfer.source_wallet_id not in owned:
+                source_balance = None
+            if transfer.target_wallet_id not in owned:
+                target_balance = None
+            if actor != system_caller:
+                actor = ""
         return Event(
             slot.after,
             event_type_of_kind[transfer.kind],
             record["created_at"],
             actor,
             (transfer.source_wallet_id, transfer.target_wallet_id),
-            TransferMoved(
-                transfer,
-                Balance(source_posted, source_pending),
-                Balance(target_posted, target_pending),
-            ),
+            TransferMoved(transfer, source_balance, target_balance),
         )
     change = record["changes"][index - len(transfer_ids)]
     type_ = EventType(change["type"])
     concerned = tuple(change["wallet_ids"])
-    if where.types and type_ not in where.types:
+    if (where.types and type_ not in where.types) or type_ in hidden_types:
         return None
     if wallets is not None and not wallets.intersection(concerned):
         return None
-    return Event(slot.after, type_, record["created_at"], change["actor"], concerned, _body(change))
+    actor = change["actor"]
+    if owned is not None and actor != system_caller:
+        actor = ""
+    return Event(slot.after, type_, record["created_at"], actor, concerned, _body(change))
 
 
 # Retention -------------------------------------------------------------------------------------

@@ -410,15 +410,16 @@ select_commits = """
     limit $3
 """
 
-# The transfers $1 (with their callers), of the wallets $2 and the kinds $3 (null: any).
+# The transfers $1 (with their callers), of the wallets $2 and the kinds $3 (null: any). As
+# they were committed: an event never changes once made, so what happened later (a void) is
+# left out; its own event says it.
 select_event_transfers = """
     select t.id, t.operation_id, t.kind, t.source_wallet_id, t.target_wallet_id, w.unit,
            t.amount, t.amount_requested, t.note, t.reference, t.performed_by, t.metadata,
            t.created_at, t.voids_transfer_id, t.hold_id, t.hold_expires_at, t.caller,
-           v.id as voided_by
+           null::bigint as voided_by
     from transfers t
     join wallets w on w.id = t.source_wallet_id
-    left join transfers v on v.voids_transfer_id = t.id
     where t.id = any($1::bigint[])
       and ($2::bigint[] is null
            or t.source_wallet_id = any($2::bigint[]) or t.target_wallet_id = any($2::bigint[]))
