@@ -178,7 +178,10 @@ def effects_hold(
         after_source = event.transfer.source_balance
         after_target = event.transfer.target_balance
         assert (after_source.posted, after_source.pending) == source, event
-        assert (after_target.posted, after_target.pending) == target, event
+        # Unset for a lapsed hold's target, which its release does not change, when the
+        # batch that released it had not locked the target.
+        if event.transfer.HasField("target_balance"):
+            assert (after_target.posted, after_target.pending) == target, event
         assert after_source.available == after_source.posted - after_source.pending
         balances[transfer.source_wallet_id] = source
         balances[transfer.target_wallet_id] = target

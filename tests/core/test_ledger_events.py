@@ -17,6 +17,7 @@ from coffer.core import errors, model
 from coffer.core.ledger import Ledger
 from coffer.core.model import (
     Applied,
+    Balance,
     BalanceAlert,
     CaptureHold,
     Credit,
@@ -247,6 +248,51 @@ async def test_every_operation_kind_records_its_transfer_with_the_balances_after
     # The transfer kinds met: every one of them.
     kinds = {event.body.transfer.kind for event in seen.values()}  # type: ignore[union-attr]
     assert kinds | {TransferKind.hold} == set(TransferKind)
+
+
+async def test_a_hold_lapsed_in_a_batch_of_its_source_leaves_its_target_unrecorded(
+    ledger: Ledger,
+) -> None:
+    """A batch that locks a wallet releases its lapsed holds first; a hold's target, which the
+    batch did not lock (and the release does not change), has no balance after recorded."""
+    clock = ledger._clock
+    assert isinstance(clock, Clock)
+    customer, other = await wallet(ledger), await wallet(ledger)
+    shop = await wallet(ledger, kind=OwnerKind.merchant)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer.id, amount=100))
+    held = await one(
+        ledger,
+        PlaceHold(
+            idempotency_key=key(),
+            wallet_id=customer.id,
+            amount=10,
+            target_wallet_id=shop.id,
+            timeout_s=1,
+        ),
+    )
+    before = await head(ledger)
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=5)
+    try:
+        await one(
+            ledger,
+            WalletTransfer(
+                idempotency_key=key(),
+                source_wallet_id=customer.id,
+                target_wallet_id=other.id,
+                amount=20,
+            ),
+        )
+    finally:
+        clock.stopped_at = None
+    expired, moved = await since(ledger, before)
+    assert expired.type == EventType.hold_expired and expired.actor == system_caller
+    assert isinstance(expired.body, TransferMoved)
+    assert expired.body.transfer.hold_id == held.transfer.id
+    assert expired.body.source_balance == Balance(100, 0)
+    assert expired.body.target_balance is None
+    assert isinstance(moved.body, TransferMoved)
+    assert moved.body.source_balance == Balance(80, 0)
+    assert moved.body.target_balance == Balance(20, 0)
 
 
 async def test_units_and_wallets_record_their_events(ledger: Ledger) -> None:

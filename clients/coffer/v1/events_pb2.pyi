@@ -412,7 +412,8 @@ class TransferEvent(_message.Message):
     @_builtins.property
     def target_balance(self) -> _types_pb2.Balance:
         """The target wallet's balance right after the transfer; unset to a merchant or customer when
-        the wallet is not its own.
+        the wallet is not its own, and for a hold released as it lapsed by a batch of its source's
+        (the release leaves the target as it was).
         """
 
     def __init__(

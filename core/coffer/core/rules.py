@@ -66,6 +66,7 @@ __all__ = [
     "posting_of",
     "seal",
     "system_wallet_kinds",
+    "unrecorded_pending",
     "wallets_named",
 ]
 
@@ -179,14 +180,22 @@ class Book:
 Outcome = list[Posting] | errors.CofferError
 # The balances right after a transfer: its source's posted and pending, its target's.
 BalancesAfter = tuple[int, int, int, int]
+# The pending of a balance not recorded (no balance is ever pending below 0): a lapsed hold's
+# target, when the batch that releases the hold (having locked its source) did not lock it;
+# the release does not change it.
+unrecorded_pending = -1
 
 
 def balances_after(book: Book, postings: list[Posting]) -> BalancesAfter:
-    """The balances of the wallets of an operation's one transfer, as `apply` left them."""
+    """The balances of the wallets of an operation's one transfer, as `apply` left them (a
+    wallet not in the book: unrecorded, see `unrecorded_pending`)."""
     assert len(postings) == 1, postings
     posting = postings[0]
     source = book.wallets[posting.source_wallet_id]
-    target = book.wallets[posting.target_wallet_id]
+    target = book.wallets.get(posting.target_wallet_id)
+    if target is None:
+        assert posting.kind == TransferKind.hold_expiry, posting
+        return source.posted, source.pending, 0, unrecorded_pending
     return source.posted, source.pending, target.posted, target.pending
 
 

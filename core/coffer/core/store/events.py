@@ -58,7 +58,7 @@ from typing import Any
 
 import asyncpg
 
-from .. import errors
+from .. import errors, rules
 from ..model import (
     ApiKey,
     Balance,
@@ -528,7 +528,11 @@ def _event(
             record["balances"], index * _balances.size
         )
         source_balance: Balance | None = Balance(source_posted, source_pending)
-        target_balance: Balance | None = Balance(target_posted, target_pending)
+        target_balance: Balance | None = (
+            None
+            if target_pending == rules.unrecorded_pending
+            else Balance(target_posted, target_pending)
+        )
         if owned is not None:
             if transfer.source_wallet_id not in owned:
                 source_balance = None
