@@ -363,6 +363,28 @@ async def test_stream_errors_are_statuses(server: Server, channel: grpc.aio.Chan
             await asyncio.sleep(0.01)
 
 
+async def test_a_balance_alert_out_of_its_rules_is_refused_by_field(
+    channel: grpc.aio.Channel,
+) -> None:
+    api = Api(channel)
+    await api.setup_units()
+    wallet_id = await api.wallet()
+    for request, field in [
+        (wallets_pb2.SetBalanceAlertRequest(wallet_id=wallet_id, top_up_to=5), "top_up_to"),
+        (
+            wallets_pb2.SetBalanceAlertRequest(
+                wallet_id=wallet_id, low_balance_threshold=10, top_up_to=5
+            ),
+            "top_up_to",
+        ),
+        (wallets_pb2.SetBalanceAlertRequest(low_balance_threshold=10), "wallet_id"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await api.wallets.SetBalanceAlert(request)
+        assert raised.value.code() == Code.INVALID_ARGUMENT
+        assert error_info(raised.value).metadata["field"] == field
+
+
 async def test_events_off_answers_events_disabled(
     database_url: str, open_channel: Callable[[str], grpc.aio.Channel]
 ) -> None:

@@ -242,16 +242,7 @@ def apply_all(
                 else:
                     chain.append(postings)
                     if after is not None:
-                        # balances_after, inline: this runs for every operation.
-                        posting = postings[0]
-                        source = book.wallets[posting.source_wallet_id]
-                        target = book.wallets[posting.target_wallet_id]
-                        after[index] = (
-                            source.posted,
-                            source.pending,
-                            target.posted,
-                            target.pending,
-                        )
+                        after[index] = balances_after(book, postings)
                     continue
             chain.append(error)
             if book.undo is not None:

@@ -180,7 +180,7 @@ def balance_alert(request: wallets_pb2.SetBalanceAlertRequest) -> BalanceAlert:
         request.low_balance_threshold if request.HasField("low_balance_threshold") else None,
         request.top_up_to if request.HasField("top_up_to") else None,
     )
-    model.check_balance_alert(alert.low_balance_threshold, alert.top_up_to)
+    # Checked by the ledger (`model.check_balance_alert`), which names the fields alike.
     return alert
 
 
