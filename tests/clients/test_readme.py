@@ -9,40 +9,14 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from coffer.server.app import Server
 
-from support.paths import readme
+from support.walkthrough import Step, walkthrough
 
 command_timeout_s = 30.0
 _time = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
-
-
-@dataclass(frozen=True)
-class Step:
-    line: int
-    command: str
-    output: list[str]
-
-
-def walkthrough() -> list[Step]:
-    """The commands of the README's console blocks, each with the lines shown under it."""
-    steps: list[Step] = []
-    inside = False
-    for number, text in enumerate(readme.read_text().splitlines(), start=1):
-        if text.startswith("```"):
-            inside = text == "```console"
-            continue
-        if not inside:
-            continue
-        if text.startswith("$ "):
-            steps.append(Step(number, text[2:], []))
-        else:
-            assert steps, f"README.md:{number}: output before any command"
-            steps[-1].output.append(text)
-    return steps
 
 
 def loose(lines: list[str]) -> list[str]:
@@ -54,7 +28,7 @@ def refused(step: Step) -> bool:
 
 
 def test_the_walkthrough_is_found_and_refuses_last() -> None:
-    steps = walkthrough()
+    steps = walkthrough("```console")
     assert len(steps) >= 15
     assert all(shlex.split(step.command)[0] == "coffer" for step in steps), steps
     # A refusal may use up a transfer id: after the first, nothing shows a transfer or hold id.
@@ -72,7 +46,7 @@ async def test_the_walkthrough_runs_as_written(server: Server) -> None:
         name: value for name, value in os.environ.items() if not name.startswith("COFFER_")
     }
     environment["COFFER_TARGET"] = f"127.0.0.1:{server.port}"
-    for step in walkthrough():
+    for step in walkthrough("```console"):
         argv = shlex.split(step.command)
         process = await asyncio.create_subprocess_exec(
             str(program),

@@ -12,7 +12,6 @@ import re
 import shlex
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from coffer.server.app import Server, Settings
@@ -20,35 +19,13 @@ from coffer.server.app import Server, Settings
 from support.certificates import Authority
 from support.paths import readme
 from support.processes import run_beside
+from support.walkthrough import walkthrough
 
 command_timeout_s = 30.0
 readme_target = "127.0.0.1:50051"
 _time = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
 _key = re.compile(r"coffer_([0-9]+)_[A-Za-z0-9_-]{43}")
 _key_shown = re.compile(r"coffer_([0-9]+)_…")
-
-
-@dataclass(frozen=True)
-class Step:
-    line: int
-    command: str
-    output: list[str]
-
-
-def walkthrough() -> list[Step]:
-    steps: list[Step] = []
-    inside = False
-    for number, text in enumerate(readme.read_text().splitlines(), start=1):
-        if text.startswith("```"):
-            inside = text == "```console access"
-            continue
-        if not inside:
-            continue
-        if text.startswith("$ "):
-            steps.append(Step(number, text[2:], []))
-        else:
-            steps[-1].output.append(text)
-    return steps
 
 
 def python_example() -> str:
@@ -61,7 +38,7 @@ def loose(lines: list[str]) -> list[str]:
 
 
 async def test_the_access_walkthrough_runs_as_written(database_url: str, tmp_path: Path) -> None:
-    steps = walkthrough()
+    steps = walkthrough("```console access")
     assert len(steps) >= 10 and "keys create --role admin" in steps[0].command
     authority = Authority(tmp_path, "readme")
     certificate = authority.issue_server()

@@ -120,6 +120,9 @@ server_imports_from_clients: dict[str, frozenset[str] | None] = {
     "coffer.clients.errors": frozenset({"error_domain", "replayed_metadata_key"}),
     # Both sides read PEM files, bounded alike.
     "coffer.clients.tls": frozenset({"pem_bytes_max"}),
+    # `coffer keys` and `coffer certificates` take the same options on the database as
+    # through the server.
+    "coffer.clients.cli": frozenset({"add_principal_options", "moment"}),
 }
 
 

@@ -39,7 +39,13 @@ from coffer.v1 import (
     wallets_pb2,
 )
 
-__all__ = ["argument_parser", "deadline_s_max", "main"]
+__all__ = [
+    "add_principal_options",
+    "argument_parser",
+    "deadline_s_max",
+    "main",
+    "moment",
+]
 
 program = "coffer"
 # The entry point group through which other distributions add commands to `coffer`.
@@ -370,10 +376,10 @@ def argument_parser(
 
     keys = group("keys", "API keys (administrators; with the server, also against its database)")
     sub = command(keys, "create", "make an API key, shown this once", _keys_create)
-    _add_principal_options(sub)
+    add_principal_options(sub)
     sub.add_argument(
         "--expires-at",
-        type=_moment,
+        type=moment,
         metavar="ISO",
         help="when it stops being good, e.g. 2027-01-31T00:00:00Z (default: never)",
     )
@@ -384,7 +390,7 @@ def argument_parser(
     certificates = group("certificates", "client certificates mapped to principals (mTLS)")
     sub = command(certificates, "map", "map a certificate's subject common name", _certificates_map)
     sub.add_argument("subject", metavar="COMMON_NAME")
-    _add_principal_options(sub)
+    add_principal_options(sub)
     sub = command(certificates, "unmap", "remove a mapping", _certificates_unmap)
     sub.add_argument("subject", metavar="COMMON_NAME")
     sub = command(certificates, "list", "list the mappings", _certificates_list)
@@ -392,7 +398,9 @@ def argument_parser(
     return parser
 
 
-def _add_principal_options(sub: argparse.ArgumentParser) -> None:
+def add_principal_options(sub: argparse.ArgumentParser) -> None:
+    """The options naming a principal (`coffer keys create`, `coffer certificates map`), of
+    both forms of those commands: through the server, and the server's own on the database."""
     sub.add_argument("--role", required=True, choices=_names(access_pb2.Role))
     sub.add_argument("--name", required=True, help='the principal\'s name, e.g. "ops"')
     sub.add_argument(
@@ -403,7 +411,8 @@ def _add_principal_options(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _moment(text: str) -> datetime:
+def moment(text: str) -> datetime:
+    """An ISO 8601 time that says its time zone (an option's type)."""
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:

@@ -26,6 +26,7 @@ from pathlib import Path
 import asyncpg
 import uvloop
 
+from coffer.clients.cli import add_principal_options, moment
 from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
@@ -110,10 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     key_commands = keys_command.add_subparsers(dest="access_command", required=True)
     create = key_commands.add_parser("create", help="make an API key, shown this once")
-    _add_principal_options(create)
+    add_principal_options(create)
     create.add_argument(
         "--expires-at",
-        type=_moment,
+        type=moment,
         metavar="ISO",
         help="when it stops being good, e.g. 2027-01-31T00:00:00Z (default: never)",
     )
@@ -126,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     mapping_commands = certificates_command.add_subparsers(dest="access_command", required=True)
     map_command = mapping_commands.add_parser("map", help="map a subject common name")
     map_command.add_argument("subject", metavar="COMMON_NAME")
-    _add_principal_options(map_command)
+    add_principal_options(map_command)
     unmap = mapping_commands.add_parser("unmap", help="remove a mapping")
     unmap.add_argument("subject", metavar="COMMON_NAME")
     mapping_commands.add_parser("list", help="list the mappings")
@@ -463,27 +464,6 @@ async def _migrate(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _add_principal_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--role", required=True, choices=[role.name for role in Role])
-    command.add_argument("--name", required=True, help='the principal\'s name, e.g. "ops"')
-    command.add_argument(
-        "--owner",
-        default=None,
-        metavar="ID",
-        help="for merchants and customers: the owner whose wallets it may touch",
-    )
-
-
-def _moment(text: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
-    if moment.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"say the time zone, e.g. {text}Z")
-    return moment
-
-
 def _when(moment: datetime | None) -> str:
     return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -546,7 +526,7 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
         token, key = await access.create_key(
             name=arguments.name,
             role=Role[arguments.role],
-            owner_id=arguments.owner,
+            owner_id=arguments.owner or None,
             expires_at=arguments.expires_at,
             created_by=made_by_command,
             actor=made_by_command,
@@ -570,7 +550,7 @@ async def _access_command(access: Access, arguments: argparse.Namespace) -> list
             subject=arguments.subject,
             name=arguments.name,
             role=Role[arguments.role],
-            owner_id=arguments.owner,
+            owner_id=arguments.owner or None,
             created_by=made_by_command,
             actor=made_by_command,
         )
