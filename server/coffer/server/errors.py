@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -148,6 +148,19 @@ def translate_errors(service: ServiceDescriptor) -> Callable[[_Servicer], _Servi
     return decorate
 
 
+async def _answer_failure(
+    context: grpc.aio.ServicerContext[Any, Any], method: str, error: Exception
+) -> NoReturn:
+    """Ends a call that raised `error` with its status: a CofferError's own; an abort as it
+    is; anything else, a bug, logged with its traceback and answered INTERNAL."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    if not isinstance(error, errors.CofferError):
+        logger.error("%s failed", method, exc_info=error)
+        error = _internal_error
+    await context.abort_with_status(_to_status(error))
+
+
 def _guard(inner: _Handler, method: str) -> _Guarded:
     @functools.wraps(inner)
     async def guarded(
@@ -163,13 +176,8 @@ def _guard(inner: _Handler, method: str) -> _Guarded:
                 message = request
             principal = await self.gate.admit(context, method, message)
             return await inner(self, message, context, principal)
-        except errors.CofferError as error:
-            await context.abort_with_status(_to_status(error))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            logger.exception("%s failed", method)
-            await context.abort_with_status(_to_status(_internal_error))
+        except Exception as error:
+            await _answer_failure(context, method, error)
         finally:
             if admitted is not None:
                 admitted.release()
@@ -192,13 +200,8 @@ def _guard_stream(inner: _StreamHandler, method: str) -> _GuardedStream:
             async with aclosing(inner(self, message, context, principal)) as responses:
                 async for response in responses:
                     yield response
-        except errors.CofferError as error:
-            await context.abort_with_status(_to_status(error))
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            logger.exception("%s failed", method)
-            await context.abort_with_status(_to_status(_internal_error))
+        except Exception as error:
+            await _answer_failure(context, method, error)
         finally:
             if admitted is not None:
                 admitted.release()
