@@ -244,6 +244,29 @@ async def test_every_operation_kind_records_its_transfer_with_the_balances_after
     assert expired.body.transfer.kind == TransferKind.hold_expiry
     assert expired.body.source_balance == (await ledger.get_wallet(customer.id)).balance
     seen[model.ExpireHold] = expired
+    # Expiration: a grant passes its expiry, a run expires what is left of it.
+    granted = await one(
+        ledger,
+        Credit(
+            idempotency_key=key(),
+            wallet_id=customer.id,
+            amount=7,
+            expires_at=datetime.now(UTC) + timedelta(seconds=1),
+        ),
+    )
+    before = await head(ledger)
+    clock.stopped_at = datetime.now(UTC) + timedelta(seconds=5)
+    try:
+        assert await ledger.expire_grants() == 1
+    finally:
+        clock.stopped_at = None
+    [expired] = await since(ledger, before)
+    assert expired.type == EventType.grant_expired and expired.actor == system_caller
+    assert isinstance(expired.body, TransferMoved)
+    assert expired.body.transfer.kind == TransferKind.expiration
+    assert expired.body.transfer.amount == granted.transfer.amount
+    assert expired.body.source_balance == (await ledger.get_wallet(customer.id)).balance
+    seen[model.ExpireGrant] = expired
     assert set(seen) == operation_kinds()
     # The transfer kinds met: every one of them.
     kinds = {event.body.transfer.kind for event in seen.values()}  # type: ignore[union-attr]

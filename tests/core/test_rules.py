@@ -36,6 +36,7 @@ from coffer.core.model import (
     Debit,
     DebitMode,
     Deposit,
+    ExpireGrant,
     ExpireHold,
     Operation,
     OwnerKind,
@@ -60,6 +61,7 @@ now = datetime(2025, 1, 1, 12, tzinfo=UTC)
 # Wallet ids. EUR:
 eur_operator = 1
 eur_funding = 2
+eur_expired = 3
 alice = 10  # customer, floor 0
 bob = 11  # customer, overdraft of 500
 carol = 12  # customer, no practical floor (balance_min)
@@ -71,6 +73,7 @@ dan = 17  # customer, no practical floor either
 # PTS:
 pts_operator = 21
 pts_funding = 22
+pts_expired = 23
 dave = 30  # customer, floor 0
 erin = 31  # customer, overdraft of 50
 stall = 33  # merchant, floor 0
@@ -86,6 +89,7 @@ system = OwnerKind.system
 wallet_rows: tuple[tuple[int, str, OwnerKind, WalletStatus, int | None, int], ...] = (
     (eur_operator, "EUR", system, active, None, -1300),
     (eur_funding, "EUR", system, active, None, -200),
+    (eur_expired, "EUR", system, active, None, 0),
     (alice, "EUR", customer, active, 0, 1000),
     (bob, "EUR", customer, active, -500, 200),
     (carol, "EUR", customer, active, balance_min, 0),
@@ -96,6 +100,7 @@ wallet_rows: tuple[tuple[int, str, OwnerKind, WalletStatus, int | None, int], ..
     (dan, "EUR", customer, active, balance_min, 0),
     (pts_operator, "PTS", system, active, None, 0),
     (pts_funding, "PTS", system, active, None, -100),
+    (pts_expired, "PTS", system, active, None, 0),
     (dave, "PTS", customer, active, 0, 100),
     (erin, "PTS", customer, active, -50, 0),
     (stall, "PTS", merchant, active, 0, 0),
@@ -103,8 +108,10 @@ wallet_rows: tuple[tuple[int, str, OwnerKind, WalletStatus, int | None, int], ..
 system_rows = {
     ("EUR", SystemWallet.operator): eur_operator,
     ("EUR", SystemWallet.funding): eur_funding,
+    ("EUR", SystemWallet.expired): eur_expired,
     ("PTS", SystemWallet.operator): pts_operator,
     ("PTS", SystemWallet.funding): pts_funding,
+    ("PTS", SystemWallet.expired): pts_expired,
 }
 
 # Earlier transfers, for voids: id, kind, source, target, amount.
@@ -240,13 +247,61 @@ def expire(hold_id: int, *, linked: bool = False) -> ExpireHold:
     return ExpireHold(idempotency_key=key(), hold_id=hold_id, linked=linked)
 
 
+def expire_grant(grant_id: int) -> ExpireGrant:
+    return ExpireGrant(idempotency_key=key(), grant_id=grant_id)
+
+
+def grant(book: Book, wallet_id: int = alice, amount: int = 100, *, days: int = -1) -> int:
+    """Credits the wallet funds that expire `days` from now (by default, expired a day ago),
+    through the rules: the grant's id."""
+    wallet = book.wallets[wallet_id]
+    expires_at = now + timedelta(days=days)
+    if days < 0:
+        # Credited when the expiry was still to come.
+        [posting] = rules.apply(
+            book,
+            Credit(
+                idempotency_key=key(),
+                wallet_id=wallet_id,
+                amount=amount,
+                expires_at=expires_at,
+            ),
+            expires_at - timedelta(days=30),
+        )
+    else:
+        [posting] = rules.apply(
+            book,
+            Credit(
+                idempotency_key=key(), wallet_id=wallet_id, amount=amount, expires_at=expires_at
+            ),
+            now,
+        )
+    record(book, [posting])
+    [made] = posting.new_grants
+    assert made.wallet_id == wallet.id
+    return made.id
+
+
 def record(book: Book, postings: Iterable[Posting]) -> list[int]:
     """What the ledger does when it writes postings: gives each an id, keeps it as a transfer
-    a void can name, and keeps a hold's posting as an open hold."""
+    a void can name (with what it changed in grants and the grants it made), and keeps a
+    hold's posting as an open hold."""
     ids = []
     for posting in postings:
         transfer_id = next(_ids)
         ids.append(transfer_id)
+        # The grants it made get their ids, as the ledger gives them.
+        given = {}
+        for made in posting.new_grants:
+            given[made.id] = next(_ids)
+            del book.grants[made.id]
+            made.id = given[made.id]
+            book.grants[made.id] = made
+        allocations = tuple(
+            (given.get(grant_id, grant_id), change) for grant_id, change in posting.allocations
+        )
+        book.transfer_allocations[transfer_id] = list(allocations)
+        book.transfer_grants[transfer_id] = [made.id for made in posting.new_grants]
         book.transfers[transfer_id] = TransferState(
             transfer_id,
             posting.kind,
@@ -262,6 +317,7 @@ def record(book: Book, postings: Iterable[Posting]) -> list[int]:
                 posting.target_wallet_id,
                 posting.amount,
                 posting.hold_expires_at,
+                allocations=allocations,
             )
     return ids
 
@@ -515,6 +571,25 @@ def at_most(wallet_id: int, posted: int, operation: Callable[[], Operation]) -> 
     return setup
 
 
+def spent_grant(book: Book) -> int:
+    """A grant expired a day ago, with nothing left: spent before."""
+    grant_id = grant(book, dave, 50)
+    rules.apply(book, debit(dave, 150), now - timedelta(days=2))
+    return grant_id
+
+
+def spent_credit(book: Book) -> int:
+    """A credit to the stall whose grant it spent in part, with no other funds: its id."""
+    [posting] = rules.apply(
+        book,
+        Credit(idempotency_key=key(), wallet_id=stall, amount=40, expires_at=now + timedelta(1)),
+        now,
+    )
+    [credit_id] = record(book, [posting])
+    rules.apply(book, debit(stall, 10), now)
+    return credit_id
+
+
 def expired_hold(book: Book) -> int:
     return hold(book, alice, 100, timeout_s=60, placed_at=now - timedelta(hours=1))
 
@@ -704,6 +779,14 @@ failures: list[Any] = [
         lambda b: release(resolved_hold(b, release)), errors.HoldNotPending, id="release-again"
     ),
     pytest.param(lambda b: expire(missing), errors.HoldNotFound, id="expire-missing"),
+    pytest.param(lambda b: expire_grant(missing), errors.GrantNotFound, id="expire-grant-missing"),
+    pytest.param(
+        lambda b: expire_grant(grant(b, days=3)), errors.GrantNotExpired, id="expire-grant-early"
+    ),
+    pytest.param(
+        lambda b: expire_grant(spent_grant(b)), errors.GrantNotExpired, id="expire-grant-spent"
+    ),
+    pytest.param(lambda b: void(spent_credit(b)), errors.GrantSpent, id="void-spent-grant"),
     pytest.param(lambda b: expire(hold(b)), errors.HoldNotPending, id="expire-early"),
     pytest.param(
         lambda b: expire(resolved_hold(b, release)),
@@ -779,6 +862,7 @@ posting_examples: dict[type[Operation], list[tuple[Setup, bool]]] = {
     CaptureHold: [(lambda b: capture(hold(b)), False), (lambda b: capture(hold(b), 40), False)],
     ReleaseHold: [(lambda b: release(hold(b)), False)],
     ExpireHold: [(lambda b: expire(expired_hold(b)), False)],
+    ExpireGrant: [(lambda b: expire_grant(grant(b)), False)],
 }
 
 

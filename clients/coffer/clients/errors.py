@@ -21,7 +21,8 @@ client's tests fail if the two drift apart.
     │   ├── TransferNotFound
     │   ├── HoldNotFound
     │   ├── ApiKeyNotFound
-    │   └── CertificateMappingNotFound
+    │   ├── CertificateMappingNotFound
+    │   └── GrantNotFound
     ├── AlreadyExists                                                    ALREADY_EXISTS
     │   ├── IdempotencyKeyReused the key was used before for another request
     │   └── UnitExists           the unit exists with other fields
@@ -29,7 +30,8 @@ client's tests fail if the two drift apart.
     │   ├── InsufficientFunds, WalletNotActive, WalletNotEmpty, WalletKindMismatch,
     │   ├── UnitMismatch, SameWallet, AlreadyVoided, NotVoidable, HoldExpired,
     │   ├── HoldNotPending, CaptureExceedsHold, BalanceOverflow,
-    │   └── EventsDisabled, EventsCursorExpired (of the event stream)
+    │   ├── EventsDisabled, EventsCursorExpired (of the event stream),
+    │   └── GrantNotExpired, GrantSpent (of grants)
     ├── Aborted                                                          ABORTED
     │   └── LinkedOperationFailed   another operation of its linked chain failed
     ├── Unauthenticated          who calls is not known                  UNAUTHENTICATED
@@ -80,6 +82,9 @@ __all__ = [
     "EventsCursorExpired",
     "EventsDisabled",
     "FailedPrecondition",
+    "GrantNotExpired",
+    "GrantNotFound",
+    "GrantSpent",
     "HoldExpired",
     "HoldNotFound",
     "HoldNotPending",
@@ -192,6 +197,10 @@ class HoldNotFound(NotFound):
     reason = "HOLD_NOT_FOUND"
 
 
+class GrantNotFound(NotFound):
+    reason = "GRANT_NOT_FOUND"
+
+
 class ApiKeyNotFound(NotFound):
     reason = "API_KEY_NOT_FOUND"
 
@@ -277,6 +286,19 @@ class EventsCursorExpired(FailedPrecondition):
     still available."""
 
     reason = "EVENTS_CURSOR_EXPIRED"
+
+
+class GrantNotExpired(FailedPrecondition):
+    """An expiration of a grant not past its expiry, or with nothing left to expire."""
+
+    reason = "GRANT_NOT_EXPIRED"
+
+
+class GrantSpent(FailedPrecondition):
+    """The void of a transfer whose grant was partly spent, which the wallet's other funds
+    cannot cover."""
+
+    reason = "GRANT_SPENT"
 
 
 class Aborted(CofferError):
@@ -386,6 +408,9 @@ _error_by_reason: dict[str, type[CofferError]] = {
         BalanceOverflow,
         EventsDisabled,
         EventsCursorExpired,
+        GrantNotFound,
+        GrantNotExpired,
+        GrantSpent,
         LinkedOperationFailed,
         CredentialsMissing,
         CredentialsInvalid,

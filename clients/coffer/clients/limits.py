@@ -20,6 +20,7 @@ __all__ = [
     "events_watchers_max_default",
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
+    "expiration_runs_grants_max",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -75,5 +76,6 @@ events_watchers_per_principal_max = 16
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
-posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11})
+expiration_runs_grants_max = 1000
+posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11, 12})
 access_event_types = frozenset({80, 81, 82, 83})

@@ -146,6 +146,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The cursor names events older than the oldest the server keeps (its retention); the
     message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
     """
+    ERROR_REASON_GRANT_NOT_FOUND: _ErrorReason.ValueType  # 36
+    """No grant has this id. NOT_FOUND; not retryable."""
+    ERROR_REASON_GRANT_NOT_EXPIRED: _ErrorReason.ValueType  # 37
+    """The grant is not past its expiry, or has nothing left to expire. FAILED_PRECONDITION;
+    not retryable.
+    """
+    ERROR_REASON_GRANT_SPENT: _ErrorReason.ValueType  # 38
+    """A void of a transfer whose grant was partly spent, which the wallet's other funds cannot
+    cover. FAILED_PRECONDITION; not retryable.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a Coffer call can fail for. A failed call's status carries a
@@ -285,6 +295,16 @@ FAILED_PRECONDITION; not retryable.
 ERROR_REASON_EVENTS_CURSOR_EXPIRED: ErrorReason.ValueType  # 35
 """The cursor names events older than the oldest the server keeps (its retention); the
 message names the oldest cursor still available. FAILED_PRECONDITION; not retryable.
+"""
+ERROR_REASON_GRANT_NOT_FOUND: ErrorReason.ValueType  # 36
+"""No grant has this id. NOT_FOUND; not retryable."""
+ERROR_REASON_GRANT_NOT_EXPIRED: ErrorReason.ValueType  # 37
+"""The grant is not past its expiry, or has nothing left to expire. FAILED_PRECONDITION;
+not retryable.
+"""
+ERROR_REASON_GRANT_SPENT: ErrorReason.ValueType  # 38
+"""A void of a transfer whose grant was partly spent, which the wallet's other funds cannot
+cover. FAILED_PRECONDITION; not retryable.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

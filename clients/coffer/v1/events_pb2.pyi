@@ -74,6 +74,16 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_CERTIFICATE_UNMAPPED: _EventType.ValueType  # 83
     """A certificate mapping removed: body `certificate_mapping`, as it was. Concerns no wallet."""
+    EVENT_TYPE_GRANT_CREATED: _EventType.ValueType  # 100
+    """A grant made: funds with terms (a start, an expiry) came into a wallet: body `grant`, as
+    made. The transfer that brought them has its own event.
+    """
+    EVENT_TYPE_GRANT_EXPIRING_SOON: _EventType.ValueType  # 101
+    """A grant expires within the server's notice period (once per grant): body `grant`, as it
+    then was.
+    """
+    EVENT_TYPE_GRANT_EXPIRED: _EventType.ValueType  # 102
+    """What was left of a grant expired: body `transfer`, an EXPIRATION transfer."""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
     """What an event records: one value per kind of change. Numbered in groups, with room in each."""
@@ -123,6 +133,16 @@ EVENT_TYPE_CERTIFICATE_MAPPED: EventType.ValueType  # 82
 """
 EVENT_TYPE_CERTIFICATE_UNMAPPED: EventType.ValueType  # 83
 """A certificate mapping removed: body `certificate_mapping`, as it was. Concerns no wallet."""
+EVENT_TYPE_GRANT_CREATED: EventType.ValueType  # 100
+"""A grant made: funds with terms (a start, an expiry) came into a wallet: body `grant`, as
+made. The transfer that brought them has its own event.
+"""
+EVENT_TYPE_GRANT_EXPIRING_SOON: EventType.ValueType  # 101
+"""A grant expires within the server's notice period (once per grant): body `grant`, as it
+then was.
+"""
+EVENT_TYPE_GRANT_EXPIRED: EventType.ValueType  # 102
+"""What was left of a grant expired: body `transfer`, an EXPIRATION transfer."""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

@@ -145,6 +145,10 @@ class _TransferKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Transfer
     """A hold that reached its expiry released itself."""
     TRANSFER_KIND_VOID: _TransferKind.ValueType  # 11
     """Reverses an earlier transfer, which stays visible and is marked voided."""
+    TRANSFER_KIND_EXPIRATION: _TransferKind.ValueType  # 12
+    """What was left of a grant at its expiry, moved by an expiration run to the unit's
+    expired-credits system wallet. Its void restores the grant, with a new expiry.
+    """
 
 class TransferKind(_TransferKind, metaclass=_TransferKindEnumTypeWrapper):
     """What a transfer records. Every transfer moves `amount` from its source wallet to its target."""
@@ -173,6 +177,10 @@ TRANSFER_KIND_HOLD_EXPIRY: TransferKind.ValueType  # 10
 """A hold that reached its expiry released itself."""
 TRANSFER_KIND_VOID: TransferKind.ValueType  # 11
 """Reverses an earlier transfer, which stays visible and is marked voided."""
+TRANSFER_KIND_EXPIRATION: TransferKind.ValueType  # 12
+"""What was left of a grant at its expiry, moved by an expiration run to the unit's
+expired-credits system wallet. Its void restores the grant, with a new expiry.
+"""
 Global___TransferKind: _TypeAlias = TransferKind  # noqa: Y015
 
 class _DebitMode:
@@ -296,16 +304,23 @@ class Balance(_message.Message):
     AVAILABLE_FIELD_NUMBER: _builtins.int
     UNIT_FIELD_NUMBER: _builtins.int
     UNIT_SCALE_FIELD_NUMBER: _builtins.int
+    UNSPENDABLE_FIELD_NUMBER: _builtins.int
     posted: _builtins.int
     """What the wallet holds, after every posted transfer."""
     pending: _builtins.int
     """Held by open holds."""
     available: _builtins.int
-    """posted - pending: what the wallet can spend, down to its `balance_minimum`."""
+    """posted - pending - unspendable: what the wallet can spend, down to its
+    `balance_minimum`.
+    """
     unit: _builtins.str
     """The code of the wallet's unit ("EUR", "session"), so that a balance prints by itself."""
     unit_scale: _builtins.int
     """The unit's scale (`Unit.scale`): the amounts are in units of 10^-unit_scale; 0 to 18."""
+    unspendable: _builtins.int
+    """Posted but not spendable now: what the wallet's grants hold that is not valid yet, or is
+    past its expiry and not yet removed by an expiration run.
+    """
     def __init__(
         self,
         *,
@@ -314,10 +329,11 @@ class Balance(_message.Message):
         available: _builtins.int = ...,
         unit: _builtins.str = ...,
         unit_scale: _builtins.int = ...,
+        unspendable: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "pending", b"pending", "posted", b"posted", "unit", b"unit", "unit_scale", b"unit_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "pending", b"pending", "posted", b"posted", "unit", b"unit", "unit_scale", b"unit_scale", "unspendable", b"unspendable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

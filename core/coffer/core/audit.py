@@ -8,7 +8,11 @@ wrote it, the invariants that hold whatever the operations were:
 - each unit's posted balances sum to zero (money moves between wallets, never appears);
 - each wallet's posted balance is its posting transfers in less its posting transfers out;
 - each wallet's pending balance is the sum of its open holds;
-- no wallet's available balance is below its minimum;
+- no wallet's untracked balance (what its grants do not hold) is below its minimum, so
+  neither is its available balance;
+- each wallet's tracked sum is what its grants have left;
+- each grant has left its amount plus the changes its allocations made, and has expired what
+  the expirations allocated to it took;
 - the open holds are exactly the hold transfers that nothing captured, released or expired;
 - no transfer is voided more than once.
 
@@ -75,10 +79,23 @@ class Audit:
     floors: Finding
     holds: Finding
     voids: Finding
+    tracked: Finding
+    grants: Finding
+    expired: Finding
 
     @property
     def findings(self) -> tuple[Finding, ...]:
-        return (self.units, self.posted, self.pending, self.floors, self.holds, self.voids)
+        return (
+            self.units,
+            self.posted,
+            self.pending,
+            self.floors,
+            self.holds,
+            self.voids,
+            self.tracked,
+            self.grants,
+            self.expired,
+        )
 
     @property
     def passed(self) -> bool:
@@ -110,15 +127,23 @@ async def check_books(
             sql.audit_holds_mismatched, int(TransferKind.hold), examples_max
         )
         voids = await connection.fetch(sql.audit_voided_twice, examples_max)
+        tracked = await connection.fetch(sql.audit_tracked_mismatched, examples_max)
+        grants = await connection.fetch(sql.audit_grants_mismatched, examples_max)
+        expired = await connection.fetch(
+            sql.audit_expired_mismatched, int(TransferKind.expiration), examples_max
+        )
     return Audit(
         transfers=transfers,
         wallets=wallets,
         units=_finding("units whose posted balances do not sum to 0", units),
         posted=_finding("wallets whose posted balance is not their postings in less out", posted),
         pending=_finding("wallets whose pending balance is not their open holds", pending),
-        floors=_finding("wallets whose available balance is below their minimum", floors),
+        floors=_finding("wallets whose untracked balance is below their minimum", floors),
         holds=_finding("holds whose open amount is not the journal's", holds),
         voids=_finding("transfers voided more than once (stored: voids)", voids),
+        tracked=_finding("wallets whose tracked sum is not their grants' remainders", tracked),
+        grants=_finding("grants whose remainder is not their amount and allocations", grants),
+        expired=_finding("grants whose expired sum is not their expirations'", expired),
     )
 
 

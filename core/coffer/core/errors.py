@@ -53,6 +53,9 @@ __all__ = [
     "EventsCursorExpired",
     "EventsDisabled",
     "FailedPrecondition",
+    "GrantNotExpired",
+    "GrantNotFound",
+    "GrantSpent",
     "HoldExpired",
     "HoldNotFound",
     "HoldNotPending",
@@ -156,6 +159,10 @@ class HoldNotFound(NotFound):
     reason = "HOLD_NOT_FOUND"
 
 
+class GrantNotFound(NotFound):
+    reason = "GRANT_NOT_FOUND"
+
+
 class ApiKeyNotFound(NotFound):
     reason = "API_KEY_NOT_FOUND"
     refusal = False
@@ -229,6 +236,19 @@ class CaptureExceedsHold(FailedPrecondition):
 
 class BalanceOverflow(FailedPrecondition):
     reason = "BALANCE_OVERFLOW"
+
+
+class GrantNotExpired(FailedPrecondition):
+    """An expiration of a grant not past its expiry, or with nothing left to expire."""
+
+    reason = "GRANT_NOT_EXPIRED"
+
+
+class GrantSpent(FailedPrecondition):
+    """The void of a transfer whose grant was partly spent, when the wallet's other funds
+    cannot cover what was spent."""
+
+    reason = "GRANT_SPENT"
 
 
 class EventsDisabled(FailedPrecondition):

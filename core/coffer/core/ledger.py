@@ -42,19 +42,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from . import errors, rules
 from .model import (
     Applied,
+    Balance,
     CaptureHold,
     Event,
     EventCursor,
     EventFilter,
     EventPage,
     EventType,
+    Grant,
     Hold,
     NewWallet,
     Operation,
@@ -72,11 +74,12 @@ from .model import (
     batch_operations_max,
     check_balance_alert,
     events_watchers_max_default,
+    expiration_runs_grants_max,
     page_size_default,
     page_size_max,
     system_caller,
 )
-from .store import catalog, events, queries, sql
+from .store import catalog, events, grants, queries, sql
 from .store.batch import Batch, expiry
 from .store.connections import Guarded
 from .store.facts import Facts
@@ -320,6 +323,58 @@ class Ledger:
         outcomes = await self._apply([expiry(row["transfer_id"]) for row in lapsed], now)
         return sum(1 for outcome in outcomes if isinstance(outcome, Applied))
 
+    async def expire_grants(self, *, batch_max: int = expiration_runs_grants_max) -> int:
+        """An expiration run: moves what is left of every grant past its expiry to its unit's
+        expired-credits wallet, in batches of at most `batch_max` grants, each one batch
+        through the rules (which lock each grant's wallet, so that nothing is both spent and
+        expired, and find nothing left of a grant another run expired first); returns how many
+        grants it expired. Safe to run at once from several servers: two runs that pick the
+        same grant expire it under one key (`grant_expiry_key`)."""
+        total = 0
+        while True:
+            now = self._now()
+            async with self._connection() as connection:
+                expirations, units = await grants.expired(connection, now, batch_max)
+                if expirations:
+                    await self._facts.expired_wallets(connection, units)
+            if not expirations:
+                return total
+            outcomes = await self._apply(expirations, now)
+            done = sum(
+                1 for outcome in outcomes if isinstance(outcome, Applied) and not outcome.replayed
+            )
+            total += done
+            # A full batch of which none expired (another run's, at once) ends the run too:
+            # the next one finds what is left.
+            if len(expirations) < batch_max or not done:
+                return total
+
+    async def announce_expiring_grants(
+        self, notice: timedelta, *, batch_max: int = expiration_runs_grants_max
+    ) -> int:
+        """Says on the event stream, once per grant, which grants with something left expire
+        within `notice` (GRANT_EXPIRING_SOON), in batches of at most `batch_max`; returns how
+        many. Without events kept, it does nothing."""
+        if not self.keep_events:
+            return 0
+        total = 0
+        while True:
+            now = self._now()
+            async with self._connection(transaction=True) as connection:
+                expiring = await grants.take_expiring(connection, now + notice, batch_max)
+                if expiring:
+                    await events.record(
+                        connection,
+                        now,
+                        changes=[
+                            events.grant_change(EventType.grant_expiring_soon, grant, system_caller)
+                            for grant in expiring
+                        ],
+                    )
+            total += len(expiring)
+            if len(expiring) < batch_max:
+                return total
+
     # Events ------------------------------------------------------------------------------------
 
     async def list_events(
@@ -431,6 +486,31 @@ class Ledger:
             return await queries.list_transfers(
                 connection, where, page_size=page_size, before_id=before_id
             )
+
+    async def list_grants(
+        self,
+        wallet_id: int,
+        *,
+        after_id: int = 0,
+        page_size: int = page_size_default,
+        spent: bool = False,
+    ) -> Page[Grant]:
+        """A wallet's grants, oldest first: those with something left, or with `spent` all."""
+        async with self._read_connection() as connection:
+            await catalog.get_wallet(connection, wallet_id, self._now())
+            return await grants.list_grants(
+                connection, wallet_id, after_id=after_id, page_size=page_size, spent=spent
+            )
+
+    async def balance_at(self, wallet_id: int, at: datetime) -> Balance:
+        """A wallet's balance at a time to come, if nothing more moves (`grants.balance_at`);
+        at a time past, InvalidArgument."""
+        now = self._now()
+        if at <= now:
+            raise errors.InvalidArgument("at", "must be a time to come")
+        async with self._read_connection() as connection:
+            wallet = await catalog.get_wallet(connection, wallet_id, now)
+            return await grants.balance_at(connection, wallet_id, wallet.balance, at)
 
     async def get_hold(self, hold_id: int) -> Hold:
         async with self._read_connection() as connection:

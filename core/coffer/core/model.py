@@ -14,7 +14,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum, IntEnum
 from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
 
@@ -37,7 +37,9 @@ __all__ = [
     "EventFilter",
     "EventPage",
     "EventType",
+    "ExpireGrant",
     "ExpireHold",
+    "Grant",
     "Hold",
     "HoldStatus",
     "LowBalance",
@@ -76,6 +78,7 @@ __all__ = [
     "certificate_subject_length_max",
     "check_balance_alert",
     "check_enum",
+    "check_grant_terms",
     "check_id",
     "check_principal_fields",
     "check_text",
@@ -89,6 +92,9 @@ __all__ = [
     "events_watchers_max_default",
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
+    "expiration_runs_grants_max",
+    "grant_expiry_key",
+    "grant_spendable",
     "hold_lapsed",
     "hold_status_resolved_by",
     "hold_timeout_s_default",
@@ -115,6 +121,7 @@ __all__ = [
     "unit_description_length_max",
     "unit_name_length_max",
     "unit_scale_max",
+    "unit_system_wallets",
 ]
 
 # Limits: every string, map and number that comes in has one.
@@ -175,6 +182,8 @@ events_watchers_per_principal_max = 16
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
+# Grants one expiration run expires in one batch (a run goes on batch after batch).
+expiration_runs_grants_max = 1000
 # The most transfers one operation writes (each writes one today): an operation's transfers
 # have consecutive ids from its own, so its replay reads at most this many.
 operation_transfers_max = 1
@@ -208,6 +217,8 @@ class TransferKind(IntEnum):
     release = 9
     hold_expiry = 10
     void = 11
+    # What was left of a grant at its expiry, moved to the unit's expired-credits wallet.
+    expiration = 12
 
 
 # Kinds that move posted balances; the others only reserve or release.
@@ -221,6 +232,7 @@ posting_kinds = frozenset(
         TransferKind.payment,
         TransferKind.capture,
         TransferKind.void,
+        TransferKind.expiration,
     }
 )
 
@@ -271,6 +283,13 @@ class SystemWallet(IntEnum):
 
     operator = 1
     funding = 2
+    # Where what is left of grants goes when they expire: made at the unit's first
+    # expiration, so that a unit whose credits never expire has none.
+    expired = 3
+
+
+# The system wallets made with a unit.
+unit_system_wallets = (SystemWallet.operator, SystemWallet.funding)
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,12 +324,17 @@ class Unit:
 
 @dataclass(frozen=True, slots=True)
 class Balance:
+    """A wallet's balance: `posted`, what its transfers moved; `pending`, what its open holds
+    reserve; `unspendable`, what its grants hold that cannot be spent now (not valid yet, or
+    past their expiry and not yet expired by a run). `available` is what it can spend."""
+
     posted: int
     pending: int
+    unspendable: int = 0
 
     @property
     def available(self) -> int:
-        return self.posted - self.pending
+        return self.posted - self.pending - self.unspendable
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,6 +416,41 @@ class Hold:
     created_at: datetime
     resolved_by_transfer_id: int | None = None
     amount_captured: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Funds a wallet received that carry terms: valid from `valid_from`, until `expires_at`
+    (None: never). `remaining` is what is left of `amount`: drawn by debits, payments,
+    transfers and holds (soonest expiry first), returned by voids and released holds, and
+    moved to the unit's expired-credits wallet by an expiration run (`expired`, in all).
+    Funds that never expire and are valid when received are not kept as grants: they are the
+    wallet's untracked balance."""
+
+    id: int
+    wallet_id: int
+    unit: str
+    # The transfer that brought the funds in.
+    transfer_id: int
+    amount: int
+    remaining: int
+    valid_from: datetime
+    expires_at: datetime | None
+    expired: int
+    created_at: datetime
+
+
+def grant_spendable(valid_from: datetime, expires_at: datetime | None, now: datetime) -> bool:
+    """A grant can be spent from its start up to (not at) its expiry."""
+    return valid_from <= now and (expires_at is None or now < expires_at)
+
+
+def grant_expiry_key(grant_id: int, expired: int) -> str:
+    """The idempotency key of the expiration of a grant that had `expired` expired before:
+    two runs that find the same remainder expire it under one key (and the second, if it
+    comes after the first, finds nothing left); funds returned to the grant later (a hold
+    released) expire under the next."""
+    return f"grant-expiry:{grant_id}:{expired}"
 
 
 # Principals ----------------------------------------------------------------------------------
@@ -510,11 +569,16 @@ class Operation:
 class Credit(Operation):
     wallet_id: int
     amount: int
+    # The terms of the grant it makes: None, from now; and until the unit's default validity
+    # has passed (if it has one), else never.
+    valid_from: datetime | None = None
+    expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
         check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
+        check_grant_terms(self.valid_from, self.expires_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -549,12 +613,17 @@ class Deposit(Operation):
 
     wallet_id: int
     amount: int
+    # The terms of the grant it makes, as a credit's: money paid in never expires unless the
+    # caller says so.
+    valid_from: datetime | None = None
+    expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
         check_id("wallet_id", self.wallet_id)
         _check_amount("amount", self.amount)
         check_text("funding_source", self.reference, reference_length_max, required=True)
+        check_grant_terms(self.valid_from, self.expires_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -587,10 +656,14 @@ class Payment(Operation):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Void(Operation):
     transfer_id: int
+    # For the void of an expiration alone, and required there: the new expiry of the grant
+    # whose remainder it restores.
+    expires_at: datetime | None = None
 
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
         check_id("transfer_id", self.transfer_id)
+        check_grant_terms(None, self.expires_at)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -644,6 +717,18 @@ class ExpireHold(Operation):
     def __post_init__(self) -> None:
         Operation.__post_init__(self)
         check_id("hold_id", self.hold_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExpireGrant(Operation):
+    """Written by the ledger itself, by an expiration run: moves what is left of a grant past
+    its expiry to the unit's expired-credits wallet."""
+
+    grant_id: int
+
+    def __post_init__(self) -> None:
+        Operation.__post_init__(self)
+        check_id("grant_id", self.grant_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -724,6 +809,9 @@ class EventType(IntEnum):
     api_key_revoked = 81
     certificate_mapped = 82
     certificate_unmapped = 83
+    grant_created = 100
+    grant_expiring_soon = 101
+    grant_expired = 102
 
 
 # The audit trail of access: credentials made, revoked, mapped, unmapped.
@@ -736,7 +824,8 @@ access_event_types = frozenset(
     }
 )
 
-_hold_event_types = {
+_own_event_types = {
+    TransferKind.expiration: EventType.grant_expired,
     TransferKind.hold: EventType.hold_placed,
     TransferKind.capture: EventType.hold_captured,
     TransferKind.release: EventType.hold_released,
@@ -744,7 +833,7 @@ _hold_event_types = {
 }
 # A transfer's event type, by its kind.
 event_type_of_kind: Mapping[TransferKind, EventType] = {
-    kind: _hold_event_types.get(kind, EventType.transfer) for kind in TransferKind
+    kind: _own_event_types.get(kind, EventType.transfer) for kind in TransferKind
 }
 
 
@@ -839,6 +928,7 @@ EventBody = (
     | TopUpRequest
     | ApiKey
     | CertificateMapping
+    | Grant
 )
 
 
@@ -895,6 +985,16 @@ def check_balance_alert(low_balance_threshold: int | None, top_up_to: int | None
             raise InvalidArgument("top_up_to", "needs a low_balance_threshold")
         if top_up_to < low_balance_threshold:
             raise InvalidArgument("top_up_to", "must be at least low_balance_threshold")
+
+
+def check_grant_terms(valid_from: datetime | None, expires_at: datetime | None) -> None:
+    """A grant's terms as asked: times with a time zone, the expiry after the start. (That the
+    expiry is still to come is the rules' to check, against the ledger's clock.)"""
+    for name, value in (("valid_from", valid_from), ("expires_at", expires_at)):
+        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+            raise InvalidArgument(name, "must be a time with a time zone")
+    if valid_from is not None and expires_at is not None and expires_at <= valid_from:
+        raise InvalidArgument("expires_at", "must be after valid_from")
 
 
 def _check_key(idempotency_key: str, caller: str) -> None:
@@ -959,9 +1059,12 @@ def _check_metadata(metadata: Mapping[str, str]) -> None:
 
 
 _unhashed = frozenset({"idempotency_key", "caller", "linked", "owner_limit"})
-# Per operation type: its hashed fields, each with whether it holds a mapping or an enum.
+# Fields added since operations were first stored: left out of the digest while None, so
+# that a replay of an operation stored before they existed still matches it.
+_hashed_when_set = frozenset({"valid_from", "expires_at"})
+# Per operation type: its hashed fields, each with its form.
 _hashed_fields: dict[type, tuple[tuple[str, int], ...]] = {}
-_plain, _mapping, _enum = 0, 1, 2
+_plain, _mapping, _enum, _time = 0, 1, 2, 3
 
 
 def _hash(value: Any) -> bytes:
@@ -976,6 +1079,8 @@ def _hash(value: Any) -> bytes:
                 each.name,
                 _mapping
                 if each.name == "metadata"
+                else _time
+                if each.name in _hashed_when_set
                 else _enum
                 if isinstance(hints[each.name], type) and issubclass(hints[each.name], Enum)
                 else _plain,
@@ -990,5 +1095,10 @@ def _hash(value: Any) -> bytes:
             item = tuple(sorted(item.items())) if item else ()
         elif form == _enum:
             item = int(item)
+        elif form == _time:
+            if item is None:
+                continue
+            # One form of one instant, whatever its time zone.
+            item = (name, item.astimezone(UTC).isoformat())
         items.append(item)
     return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()

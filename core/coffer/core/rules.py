@@ -15,10 +15,10 @@ locks any wallet (`expected_posting`), so that the locks are held only to valida
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from . import errors
 from .model import (
@@ -27,6 +27,7 @@ from .model import (
     Debit,
     DebitMode,
     Deposit,
+    ExpireGrant,
     ExpireHold,
     Operation,
     Owner,
@@ -43,6 +44,7 @@ from .model import (
     Withdrawal,
     balance_max,
     balance_min,
+    grant_spendable,
     hold_lapsed,
     hold_status_resolved_by,
     posting_kinds,
@@ -51,6 +53,7 @@ from .model import (
 __all__ = [
     "BalancesAfter",
     "Book",
+    "GrantState",
     "HoldState",
     "Outcome",
     "Posting",
@@ -65,6 +68,7 @@ __all__ = [
     "kept_refusals",
     "posting_of",
     "seal",
+    "spendable",
     "system_wallet_kinds",
     "unrecorded_pending",
     "wallets_named",
@@ -87,10 +91,44 @@ class WalletState:
     low_balance_threshold: int | None = None
     top_up_to: int | None = None
     low_balance_crossings: int = 0
+    # What the wallet's grants hold (the sum of their remainders), and, when it is not 0, its
+    # grants with something left (the book loads them with the wallet), and those the batch
+    # touches. What is not in grants is its untracked balance (`untracked`).
+    tracked: int = 0
+    grants: list[GrantState] = field(default_factory=list)
 
     @property
     def available(self) -> int:
         return self.posted - self.pending
+
+    @property
+    def untracked(self) -> int:
+        """Funds that never expire and are always valid, not kept as grants; below 0, what
+        the wallet owes (it overdrew, down to its minimum)."""
+        return self.posted - self.pending - self.tracked
+
+
+@dataclass(slots=True)
+class GrantState:
+    """A grant, as the rules see it. A grant the batch makes has a provisional id, below 0,
+    until it is written."""
+
+    id: int
+    wallet_id: int
+    amount: int
+    remaining: int
+    valid_from: datetime
+    expires_at: datetime | None
+    expired: int = 0
+
+    def spendable(self, now: datetime) -> bool:
+        return self.remaining > 0 and grant_spendable(self.valid_from, self.expires_at, now)
+
+
+class Validity(Protocol):
+    """A unit's default validity (coffer.core.validity.Validity)."""
+
+    def after(self, start: datetime) -> datetime: ...
 
 
 @dataclass(slots=True)
@@ -102,6 +140,9 @@ class HoldState:
     expires_at: datetime
     # None while open; else the kind of transfer that resolved it.
     resolution: TransferKind | None = None
+    # What it reserved from the source's grants: (grant id, change to its remainder), the
+    # change below 0; the rest of its amount is from the untracked balance.
+    allocations: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +168,11 @@ class Posting:
     voids_transfer_id: int | None = None
     hold_id: int | None = None
     hold_expires_at: datetime | None = None
+    # What it changed in grants (not part of the journal row, so not of its equality, by which
+    # a transfer written ahead is confirmed): each (grant id, change to its remainder), and the
+    # grants it made.
+    allocations: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+    new_grants: tuple[GrantState, ...] = field(default=(), compare=False)
 
 
 @dataclass(slots=True)
@@ -136,6 +182,13 @@ class Book:
     transfers: dict[int, TransferState] = field(default_factory=dict)
     voided: set[int] = field(default_factory=set)
     system_wallets: dict[tuple[str, SystemWallet], int] = field(default_factory=dict)
+    # Every grant loaded or made, by id; the grants each earlier transfer (that a void names)
+    # made; what each earlier transfer (that a void names) and each hold changed in grants.
+    grants: dict[int, GrantState] = field(default_factory=dict)
+    transfer_grants: dict[int, list[int]] = field(default_factory=dict)
+    transfer_allocations: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # The default validity of each unit that has one.
+    validities: Mapping[str, Validity] = field(default_factory=dict)
     # While a linked chain runs: how to undo what it changed.
     undo: list[tuple[str, object, object]] | None = None
 
@@ -145,11 +198,52 @@ class Book:
 
     def adjust(self, wallet: WalletState, posted: int = 0, pending: int = 0) -> None:
         if self.undo is not None:
-            self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending)))
+            self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending, wallet.tracked)))
         wallet.posted += posted
         wallet.pending += pending
         assert wallet.pending >= 0, wallet
         assert balance_min <= wallet.posted <= balance_max, wallet
+
+    def change_grant(self, wallet: WalletState, grant: GrantState, change: int) -> None:
+        """Adds `change` to what is left of a grant of the wallet."""
+        if self.undo is not None:
+            self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending, wallet.tracked)))
+            self.undo.append(("grant", grant, (grant.remaining, grant.expires_at, grant.expired)))
+        grant.remaining += change
+        wallet.tracked += change
+        assert 0 <= grant.remaining <= grant.amount, grant
+
+    def expire_grant(self, wallet: WalletState, grant: GrantState) -> int:
+        """Takes what is left of a grant, as expired; returns it."""
+        amount = grant.remaining
+        self.change_grant(wallet, grant, -amount)
+        grant.expired += amount
+        return amount
+
+    def extend_grant(self, grant: GrantState, expires_at: datetime) -> None:
+        if self.undo is not None:
+            self.undo.append(("grant", grant, (grant.remaining, grant.expires_at, grant.expired)))
+        grant.expires_at = expires_at
+
+    def add_grant(
+        self,
+        wallet: WalletState,
+        amount: int,
+        valid_from: datetime,
+        expires_at: datetime | None,
+    ) -> GrantState:
+        """A new grant of the wallet, with a provisional id."""
+        grant = GrantState(-len(self.grants) - 1, wallet.id, amount, 0, valid_from, expires_at)
+        while grant.id in self.grants:
+            grant.id -= 1
+        if self.undo is not None:
+            self.undo.append(("new grant", wallet, grant))
+        self.grants[grant.id] = grant
+        wallet.grants.append(grant)
+        # The amount is added as a change, so that the wallet's tracked sum follows.
+        grant.remaining = 0
+        self.change_grant(wallet, grant, amount)
+        return grant
 
     def resolve(self, hold: HoldState, kind: TransferKind) -> None:
         if self.undo is not None:
@@ -166,7 +260,14 @@ class Book:
         for kind, target, before in reversed(self.undo):
             if kind == "wallet":
                 assert isinstance(target, WalletState) and isinstance(before, tuple)
-                target.posted, target.pending = before
+                target.posted, target.pending, target.tracked = before
+            elif kind == "grant":
+                assert isinstance(target, GrantState) and isinstance(before, tuple)
+                target.remaining, target.expires_at, target.expired = before
+            elif kind == "new grant":
+                assert isinstance(target, WalletState) and isinstance(before, GrantState)
+                target.grants.remove(before)
+                del self.grants[before.id]
             elif kind == "hold":
                 assert isinstance(target, HoldState)
                 assert before is None or isinstance(before, TransferKind)
@@ -293,7 +394,8 @@ def kept_refusals(
         kept.extend(
             index
             for index in chain
-            if index not in settled and not isinstance(operations[index], Rejected | ExpireHold)
+            if index not in settled
+            and not isinstance(operations[index], Rejected | ExpireHold | ExpireGrant)
         )
     return kept
 
@@ -473,19 +575,19 @@ def apply(book: Book, operation: Operation, now: datetime) -> list[Posting]:
         _check_owner(book, operation, operation.owner_limit)
     match operation:
         case Credit():
-            return _credit(book, operation)
+            return _credit(book, operation, now)
         case Debit():
-            return _debit(book, operation)
+            return _debit(book, operation, now)
         case WalletTransfer():
-            return _transfer(book, operation)
+            return _transfer(book, operation, now)
         case Deposit():
-            return _deposit(book, operation)
+            return _deposit(book, operation, now)
         case Withdrawal():
-            return _withdrawal(book, operation)
+            return _withdrawal(book, operation, now)
         case Payment():
-            return _payment(book, operation)
+            return _payment(book, operation, now)
         case Void():
-            return _void(book, operation)
+            return _void(book, operation, now)
         case PlaceHold():
             return _place_hold(book, operation, now)
         case CaptureHold():
@@ -494,70 +596,79 @@ def apply(book: Book, operation: Operation, now: datetime) -> list[Posting]:
             return _release_hold(book, operation, now)
         case ExpireHold():
             return _expire_hold(book, operation, now)
+        case ExpireGrant():
+            return _expire_grant(book, operation, now)
     raise AssertionError(f"unknown operation {operation!r}")
 
 
-def _credit(book: Book, operation: Credit) -> list[Posting]:
-    _user_wallet(book, operation.wallet_id)
+def _credit(book: Book, operation: Credit, now: datetime) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
     posting = _credit_posting(operation, book.unit_of, book.system_wallets)
     assert posting is not None
-    source, target = _check_posting(book, posting)
+    terms = _terms(book, wallet, operation.valid_from, operation.expires_at, now)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now, parts=[(posting.amount, *terms)])]
 
 
-def _debit(book: Book, operation: Debit) -> list[Posting]:
+def _debit(book: Book, operation: Debit, now: datetime) -> list[Posting]:
     wallet = _user_wallet(book, operation.wallet_id)
     posting = _debit_posting(operation, book.unit_of, book.system_wallets)
     assert posting is not None
     if operation.mode == DebitMode.up_to:
         assert wallet.balance_minimum is not None
-        spare = max(0, wallet.available - wallet.balance_minimum)
+        spare = max(0, spendable(wallet, now) - wallet.balance_minimum)
         posting = replace(posting, amount=min(posting.amount, spare))
-    source, target = _check_posting(book, posting)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now)]
 
 
-def _transfer(book: Book, operation: WalletTransfer) -> list[Posting]:
+def _transfer(book: Book, operation: WalletTransfer, now: datetime) -> list[Posting]:
     _wallet_pair(book, operation.source_wallet_id, operation.target_wallet_id)
     posting = _transfer_posting(operation, book.unit_of, book.system_wallets)
-    source, target = _check_posting(book, posting)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now, carry=True)]
 
 
-def _deposit(book: Book, operation: Deposit) -> list[Posting]:
-    _user_wallet(book, operation.wallet_id)
+def _deposit(book: Book, operation: Deposit, now: datetime) -> list[Posting]:
+    wallet = _user_wallet(book, operation.wallet_id)
     posting = _deposit_posting(operation, book.unit_of, book.system_wallets)
     assert posting is not None
-    source, target = _check_posting(book, posting)
+    terms = _terms(book, wallet, operation.valid_from, operation.expires_at, now)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now, parts=[(posting.amount, *terms)])]
 
 
-def _withdrawal(book: Book, operation: Withdrawal) -> list[Posting]:
+def _withdrawal(book: Book, operation: Withdrawal, now: datetime) -> list[Posting]:
     _user_wallet(book, operation.wallet_id)
     posting = _withdrawal_posting(operation, book.unit_of, book.system_wallets)
     assert posting is not None
-    source, target = _check_posting(book, posting)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now)]
 
 
-def _payment(book: Book, operation: Payment) -> list[Posting]:
+def _payment(book: Book, operation: Payment, now: datetime) -> list[Posting]:
     payer, payee = _wallet_pair(book, operation.payer_wallet_id, operation.payee_wallet_id)
     if payer.owner_kind != OwnerKind.customer:
         raise errors.WalletKindMismatch(f"payer wallet {payer.id} is not a customer's")
     if payee.owner_kind != OwnerKind.merchant:
         raise errors.WalletKindMismatch(f"payee wallet {payee.id} is not a merchant's")
     posting = _payment_posting(operation, book.unit_of, book.system_wallets)
-    source, target = _check_posting(book, posting)
+    source, target = _check_posting(book, posting, now)
     # Checks done.
-    return [_move(book, posting, source, target)]
+    return [_move(book, posting, source, target, now)]
 
 
-def _void(book: Book, operation: Void) -> list[Posting]:
+def _void(book: Book, operation: Void, now: datetime) -> list[Posting]:
+    """The reverse of a transfer, back from its target to its source. The target gives back
+    first what is left of the grants the transfer made there, then, for what of them was
+    spent, its other funds in the order of a debit (if they cannot cover it: GrantSpent). The
+    source gets back into each of its grants what the transfer took from it (the void of an
+    expiration, with the new expiry it names); the rest into its untracked balance."""
     original = book.transfers.get(operation.transfer_id)
     if original is None:
         raise errors.TransferNotFound(f"transfer {operation.transfer_id} does not exist")
@@ -569,18 +680,45 @@ def _void(book: Book, operation: Void) -> list[Posting]:
         )
     if original.id in book.voided:
         raise errors.AlreadyVoided(f"transfer {original.id} is voided already")
+    if original.kind == TransferKind.expiration:
+        if operation.expires_at is None:
+            raise errors.InvalidArgument(
+                "expires_at", "is required to void an expiration: the grant's new expiry"
+            )
+        _check_future("expires_at", operation.expires_at, now)
+    elif operation.expires_at is not None:
+        raise errors.InvalidArgument("expires_at", "is only for the void of an expiration")
     # The reverse: back from the original target to the original source.
     source = _wallet(book, original.target_wallet_id)
     target = _wallet(book, original.source_wallet_id)
     _check_active(source)
     _check_active(target)
-    _check_move(source, target, original.amount)
+    own = [book.grants[grant_id] for grant_id in book.transfer_grants.get(original.id, ())]
+    _check_give_back(source, target, original, own, now)
     # Checks done.
     book.mark_voided(original.id)
-    posting = Posting(
-        TransferKind.void, source.id, target.id, original.amount, voids_transfer_id=original.id
-    )
-    return [_move(book, posting, source, target)]
+    drawn = _draw(book, source, original.amount, now, first=own)
+    restored = []
+    for grant_id, change in _net(book.transfer_allocations.get(original.id, ())):
+        grant = book.grants[grant_id]
+        if grant.wallet_id != target.id or change >= 0:
+            continue
+        book.change_grant(target, grant, -change)
+        if operation.expires_at is not None:
+            book.extend_grant(grant, operation.expires_at)
+        restored.append((grant_id, -change))
+    book.adjust(source, posted=-original.amount)
+    book.adjust(target, posted=original.amount)
+    return [
+        Posting(
+            TransferKind.void,
+            source.id,
+            target.id,
+            original.amount,
+            voids_transfer_id=original.id,
+            allocations=(*drawn, *restored),
+        )
+    ]
 
 
 def _place_hold(book: Book, operation: PlaceHold, now: datetime) -> list[Posting]:
@@ -589,34 +727,68 @@ def _place_hold(book: Book, operation: PlaceHold, now: datetime) -> list[Posting
         target = _system_wallet(book, wallet.unit, SystemWallet.operator)
     else:
         wallet, target = _wallet_pair(book, operation.wallet_id, operation.target_wallet_id)
-    _check_move(wallet, target, operation.amount)
-    # Checks done.
+    _check_move(wallet, target, operation.amount, now)
+    # Checks done: the hold reserves from the wallet's grants as a debit draws.
+    drawn = _draw(book, wallet, operation.amount, now)
     book.adjust(wallet, pending=operation.amount)
     expires_at = now + timedelta(seconds=operation.timeout_s)
     return [
         Posting(
-            TransferKind.hold, wallet.id, target.id, operation.amount, hold_expires_at=expires_at
+            TransferKind.hold,
+            wallet.id,
+            target.id,
+            operation.amount,
+            hold_expires_at=expires_at,
+            allocations=tuple(drawn),
         )
     ]
 
 
 def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Posting]:
+    """Captures what is asked of a hold, as far as what it reserved is still valid: what it
+    reserved from grants since expired is released to them, and the capture, short of what
+    was asked, says what was (`amount_requested`). It captures from the grants first, in the
+    order the hold reserved from them, then from the untracked balance; the rest of the hold
+    returns to its grants."""
     hold = _open_hold(book, operation.hold_id, now)
-    amount = hold.amount if operation.amount is None else operation.amount
-    if amount > hold.amount:
+    asked = hold.amount if operation.amount is None else operation.amount
+    if asked > hold.amount:
         raise errors.CaptureExceedsHold(
-            f"hold {hold.id} holds {hold.amount}; cannot capture {amount}"
+            f"hold {hold.id} holds {hold.amount}; cannot capture {asked}"
         )
     source = _wallet(book, hold.source_wallet_id)
     target = _wallet(book, hold.target_wallet_id)
     _check_active(target)
+    lapsed = sum(
+        change for grant_id, change in hold.allocations if not _valid(book.grants[grant_id], now)
+    )
+    amount = min(asked, hold.amount + lapsed)
     if target.posted + amount > balance_max:
         raise errors.BalanceOverflow(f"wallet {target.id} would exceed {balance_max}")
     # Checks done: the source keeps its floor, as the hold reserved more than is captured.
     book.resolve(hold, TransferKind.capture)
+    left = amount
+    returned = []
+    for grant_id, change in hold.allocations:
+        grant = book.grants[grant_id]
+        taken = min(-change, left) if _valid(grant, now) else 0
+        left -= taken
+        if -change - taken:
+            book.change_grant(source, grant, -change - taken)
+            returned.append((grant_id, -change - taken))
     book.adjust(source, posted=-amount, pending=-hold.amount)
     book.adjust(target, posted=amount)
-    return [Posting(TransferKind.capture, source.id, target.id, amount, hold_id=hold.id)]
+    return [
+        Posting(
+            TransferKind.capture,
+            source.id,
+            target.id,
+            amount,
+            amount_requested=asked if amount < asked else None,
+            hold_id=hold.id,
+            allocations=tuple(returned),
+        )
+    ]
 
 
 def _release_hold(book: Book, operation: ReleaseHold, now: datetime) -> list[Posting]:
@@ -633,6 +805,34 @@ def _expire_hold(book: Book, operation: ExpireHold, now: datetime) -> list[Posti
         raise errors.HoldNotPending(f"hold {hold.id} has not expired")
     # Checks done.
     return [_unhold(book, hold, TransferKind.hold_expiry)]
+
+
+def _expire_grant(book: Book, operation: ExpireGrant, now: datetime) -> list[Posting]:
+    grant = book.grants.get(operation.grant_id)
+    if grant is None:
+        raise errors.GrantNotFound(f"grant {operation.grant_id} does not exist")
+    if grant.expires_at is None or now < grant.expires_at:
+        when = "never" if grant.expires_at is None else f"at {grant.expires_at.isoformat()}"
+        raise errors.GrantNotExpired(f"grant {grant.id} expires {when}")
+    if not grant.remaining:
+        raise errors.GrantNotExpired(f"grant {grant.id} has nothing left to expire")
+    wallet = book.wallets[grant.wallet_id]
+    target = _system_wallet(book, wallet.unit, SystemWallet.expired)
+    if target.posted + grant.remaining > balance_max:
+        raise errors.BalanceOverflow(f"wallet {target.id} would exceed {balance_max}")
+    # Checks done.
+    amount = book.expire_grant(wallet, grant)
+    book.adjust(wallet, posted=-amount)
+    book.adjust(target, posted=amount)
+    return [
+        Posting(
+            TransferKind.expiration,
+            wallet.id,
+            target.id,
+            amount,
+            allocations=((grant.id, -amount),),
+        )
+    ]
 
 
 # Lookups and checks ----------------------------------------------------------------------------
@@ -745,27 +945,91 @@ def _check_active(wallet: WalletState) -> None:
         raise errors.WalletNotActive(f"wallet {wallet.id} is {wallet.status.name}")
 
 
-def _check_posting(book: Book, posting: Posting) -> tuple[WalletState, WalletState]:
+def _check_posting(book: Book, posting: Posting, now: datetime) -> tuple[WalletState, WalletState]:
     """Checks that the posting's source can spare its amount and its target hold it; returns
     the two."""
     source = book.wallets[posting.source_wallet_id]
     target = book.wallets[posting.target_wallet_id]
-    _check_move(source, target, posting.amount)
+    _check_move(source, target, posting.amount, now)
     return source, target
 
 
-def _check_move(source: WalletState, target: WalletState, amount: int) -> None:
+def _check_move(source: WalletState, target: WalletState, amount: int, now: datetime) -> None:
     if source.balance_minimum is None:
         if source.posted - amount < balance_min:
             raise errors.BalanceOverflow(f"wallet {source.id} would fall below {balance_min}")
-    elif source.available - amount < source.balance_minimum:
-        raise errors.InsufficientFunds(
-            f"wallet {source.id} has {source.available} available"
-            + (f" above its minimum {source.balance_minimum}" if source.balance_minimum else "")
-            + f", needs {amount}"
-        )
+    else:
+        can = spendable(source, now)
+        if can - amount < source.balance_minimum:
+            raise errors.InsufficientFunds(
+                f"wallet {source.id} has {can} available"
+                + (f" above its minimum {source.balance_minimum}" if source.balance_minimum else "")
+                + f", needs {amount}"
+            )
+    _check_room(target, amount)
+
+
+def _check_room(target: WalletState, amount: int) -> None:
     if target.posted + amount > balance_max:
         raise errors.BalanceOverflow(f"wallet {target.id} would exceed {balance_max}")
+
+
+def _check_give_back(
+    source: WalletState,
+    target: WalletState,
+    original: TransferState,
+    own: Sequence[GrantState],
+    now: datetime,
+) -> None:
+    """That the target of a transfer (`source`, for its void) can give back its amount: what
+    is left of the grants it made there (`own`), and its other funds that it can spend."""
+    amount = original.amount
+    if source.balance_minimum is None:
+        if source.posted - amount < balance_min:
+            raise errors.BalanceOverflow(f"wallet {source.id} would fall below {balance_min}")
+    else:
+        left = sum(grant.remaining for grant in own)
+        others = spendable(source, now) - sum(
+            grant.remaining for grant in own if grant.spendable(now)
+        )
+        if left + others - amount < source.balance_minimum:
+            granted = sum(grant.amount for grant in own)
+            if left < granted:
+                raise errors.GrantSpent(
+                    f"transfer {original.id} granted {granted} to wallet {source.id}, "
+                    f"{granted - left} of it spent; the wallet's other funds cannot cover it"
+                )
+            raise errors.InsufficientFunds(
+                f"wallet {source.id} has {left + others} available"
+                + (f" above its minimum {source.balance_minimum}" if source.balance_minimum else "")
+                + f", needs {amount}"
+            )
+    _check_room(target, amount)
+
+
+def _check_future(name: str, value: datetime, now: datetime) -> None:
+    if value <= now:
+        raise errors.InvalidArgument(name, f"is past: it must be after {now.isoformat()}")
+
+
+def _terms(
+    book: Book,
+    wallet: WalletState,
+    valid_from: datetime | None,
+    expires_at: datetime | None,
+    now: datetime,
+) -> tuple[datetime, datetime | None]:
+    """The terms of the grant of funds coming in from outside (a credit, a deposit): valid from
+    when asked, or now (a start past is now); until the expiry asked, else the unit's default
+    validity after the start, else never."""
+    start = now if valid_from is None or valid_from < now else valid_from
+    if expires_at is None:
+        validity = book.validities.get(wallet.unit)
+        if validity is not None:
+            expires_at = validity.after(start)
+    else:
+        _check_future("expires_at", expires_at, now)
+    return start, expires_at
 
 
 def _hold(book: Book, hold_id: int) -> HoldState:
@@ -794,13 +1058,150 @@ def _resolution_name(hold: HoldState) -> str:
 # Writes ----------------------------------------------------------------------------------------
 
 
-def _move(book: Book, posting: Posting, source: WalletState, target: WalletState) -> Posting:
+# Grants: a transfer draws from its source's grants (`_draw`) and makes grants on its target
+# (`_receive`); what is not in grants is the untracked balance, which never expires.
+
+
+def spendable(wallet: WalletState, now: datetime) -> int:
+    """What the wallet has available that it can spend now: its available balance, less what
+    its grants hold that is not valid yet, or past its expiry and not yet expired by a run."""
+    if not wallet.tracked:
+        return wallet.available
+    return wallet.available - sum(
+        grant.remaining for grant in wallet.grants if grant.remaining and not grant.spendable(now)
+    )
+
+
+_never = datetime.max.replace(tzinfo=UTC)
+
+
+def _spend_key(grant: GrantState) -> tuple[bool, datetime, bool, int]:
+    """The order in which a wallet's grants are spent: the soonest expiry first, those that
+    never expire last; among equals, the oldest first (grants made by this batch after those
+    before it). The untracked balance comes after every grant."""
+    return (
+        grant.expires_at is None,
+        grant.expires_at or _never,
+        grant.id < 0,
+        abs(grant.id),
+    )
+
+
+def _draw(
+    book: Book,
+    wallet: WalletState,
+    amount: int,
+    now: datetime,
+    first: Sequence[GrantState] = (),
+) -> list[tuple[int, int]]:
+    """Takes `amount` from the wallet's grants it can spend now, in the order of `_spend_key`
+    (after the grants `first`, whatever their terms), as far as they go; the rest comes from the
+    untracked balance (the caller checked that the wallet can spare it). Returns what it took
+    from each grant, as changes to their remainders."""
+    if not wallet.tracked:
+        return []
+    skip = {grant.id for grant in first}
+    order = sorted(
+        (grant for grant in wallet.grants if grant.id not in skip and grant.spendable(now)),
+        key=_spend_key,
+    )
+    drawn = []
+    left = amount
+    for grant in (*first, *order):
+        if not left:
+            break
+        taken = min(grant.remaining, left)
+        if taken:
+            book.change_grant(wallet, grant, -taken)
+            drawn.append((grant.id, -taken))
+            left -= taken
+    return drawn
+
+
+# Funds coming into a wallet, in order: (amount, valid from, expires at).
+_Parts = Sequence[tuple[int, datetime, datetime | None]]
+
+
+def _receive(book: Book, wallet: WalletState, parts: _Parts, now: datetime) -> list[GrantState]:
+    """Makes the grants of funds coming into a user's wallet. Funds that never expire and are
+    valid now are untracked. A wallet that owes (its untracked balance below 0) is repaid first,
+    from the funds in the order they come: what repays is untracked; only the rest of each part
+    becomes a grant."""
+    if wallet.owner_kind == OwnerKind.system or not parts:
+        return []
+    owed = max(0, -wallet.untracked)
+    made = []
+    for amount, valid_from, expires_at in parts:
+        repaid = min(owed, amount)
+        owed -= repaid
+        if amount - repaid and (expires_at is not None or valid_from > now):
+            made.append(book.add_grant(wallet, amount - repaid, valid_from, expires_at))
+    return made
+
+
+def _carried(book: Book, drawn: Sequence[tuple[int, int]], amount: int, now: datetime) -> _Parts:
+    """What a transfer between two wallets brings its target: the funds it took from grants
+    that expire keep their expiries; the rest never expires."""
+    parts: list[tuple[int, datetime, datetime | None]] = []
+    for grant_id, change in drawn:
+        expires_at = book.grants[grant_id].expires_at
+        if expires_at is not None:
+            parts.append((-change, now, expires_at))
+    rest = amount - sum(part[0] for part in parts)
+    if rest:
+        parts.append((rest, now, None))
+    return parts
+
+
+def _net(allocations: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The changes to each grant, summed, in the order the grants first come."""
+    net: dict[int, int] = {}
+    for grant_id, change in allocations:
+        net[grant_id] = net.get(grant_id, 0) + change
+    return list(net.items())
+
+
+def _valid(grant: GrantState, now: datetime) -> bool:
+    return grant_spendable(grant.valid_from, grant.expires_at, now)
+
+
+def _move(
+    book: Book,
+    posting: Posting,
+    source: WalletState,
+    target: WalletState,
+    now: datetime,
+    *,
+    parts: _Parts = (),
+    carry: bool = False,
+) -> Posting:
+    """Moves the posting's amount: drawn from the source's grants, into the target as `parts`
+    (with `carry`, as `_carried` says; none: untracked)."""
+    drawn = _draw(book, source, posting.amount, now)
+    if carry:
+        parts = _carried(book, drawn, posting.amount, now)
+    made = _receive(book, target, parts, now)
     book.adjust(source, posted=-posting.amount)
     book.adjust(target, posted=posting.amount)
+    if drawn or made:
+        posting = replace(posting, allocations=tuple(drawn), new_grants=tuple(made))
     return posting
 
 
 def _unhold(book: Book, hold: HoldState, kind: TransferKind) -> Posting:
+    """Releases a hold: what it reserved from grants returns to them."""
     book.resolve(hold, kind)
-    book.adjust(book.wallets[hold.source_wallet_id], pending=-hold.amount)
-    return Posting(kind, hold.source_wallet_id, hold.target_wallet_id, hold.amount, hold_id=hold.id)
+    source = book.wallets[hold.source_wallet_id]
+    returned = []
+    for grant_id, change in hold.allocations:
+        book.change_grant(source, book.grants[grant_id], -change)
+        returned.append((grant_id, -change))
+    book.adjust(source, pending=-hold.amount)
+    return Posting(
+        kind,
+        hold.source_wallet_id,
+        hold.target_wallet_id,
+        hold.amount,
+        hold_id=hold.id,
+        allocations=tuple(returned),
+    )

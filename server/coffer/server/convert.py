@@ -564,6 +564,7 @@ def balance_pb(value: model.Balance, unit: str, scales: Mapping[str, int]) -> ty
         posted=value.posted,
         pending=value.pending,
         available=value.available,
+        unspendable=value.unspendable,
         unit=unit,
         unit_scale=scales[unit],
     )

@@ -35,6 +35,9 @@ from .. import errors, rules
 from ..model import (
     Applied,
     CaptureHold,
+    Credit,
+    Deposit,
+    ExpireGrant,
     ExpireHold,
     Operation,
     Rejected,
@@ -89,25 +92,31 @@ class Batch:
             if index not in keys.settled and not isinstance(operation, Rejected)
         ]
         # 2. What voids, captures and releases name.
-        transfer_ids, hold_ids = _named(operations, fresh)
+        transfer_ids, hold_ids, grant_ids = _named(operations, fresh)
         referenced = await self._referenced_transfers(transfer_ids | hold_ids)
+        grant_wallets = await self._referenced_grants(grant_ids)
         # 3. Write ahead.
         wallet_ids = {
             wallet_id for index in fresh for wallet_id in rules.wallets_named(operations[index])
         }
         for transfer in referenced.values():
             wallet_ids.update((transfer["source_wallet_id"], transfer["target_wallet_id"]))
+        wallet_ids.update(grant_wallets.values())
         units = await self._facts.wallet_units(connection, wallet_ids)
-        system_wallets = await self._system_wallets(fresh, units)
+        system_wallets = await self._system_wallets(fresh, units, grant_wallets)
         wallet_ids.update(system_wallets.values())
         ahead = await write_ahead(
             connection, operations, fresh, keys.hashes, units, system_wallets, now
         )
         # 4. Locks.
-        book = rules.Book(system_wallets=system_wallets)
+        book = rules.Book(
+            system_wallets=system_wallets,
+            validities=await self._validities(fresh, units),
+        )
         balances_read = await self._lock_wallets(book, wallet_ids)
         lapsed, hold_created_at = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
+        grants_read = await self._load_grants(book, referenced, grant_ids)
         # 5. Validation; with events, the balances after each operation, by its index in the
         # journal (the expiries first).
         after: dict[int, rules.BalancesAfter] | None = {} if self._keep_events else None
@@ -131,7 +140,9 @@ class Batch:
             now=now,
             after=after,
         )
-        written = await write(connection, journal, book, balances_read, hold_created_at)
+        written = await write(
+            connection, journal, book, balances_read, grants_read, hold_created_at
+        )
         results = written.results[len(lapsed) :]
         # Answers for replays and for repeats within the batch.
         if keys.replays:
@@ -154,9 +165,10 @@ class Batch:
         return answers
 
     async def _system_wallets(
-        self, fresh: list[int], units: Mapping[int, str]
+        self, fresh: list[int], units: Mapping[int, str], grant_wallets: Mapping[int, int]
     ) -> dict[tuple[str, SystemWallet], int]:
-        """The system wallets of the units of the operations that move money with one."""
+        """The system wallets of the units of the operations that move money with one (an
+        expiration, with its grant's wallet's unit's)."""
         operations = self._operations
         system_units = {
             units[wallet_id]
@@ -165,9 +177,84 @@ class Batch:
             for wallet_id in rules.wallets_named(operations[index])
             if wallet_id in units
         }
+        system_units.update(units[wallet_id] for wallet_id in grant_wallets.values())
         if not system_units:
             return {}
         return await self._facts.system_wallets(self._connection, system_units)
+
+    async def _validities(
+        self, fresh: list[int], units: Mapping[int, str]
+    ) -> dict[str, rules.Validity]:
+        """The default validities of the units of the wallets credits and deposits go into."""
+        operations = self._operations
+        credited = {
+            units[operation.wallet_id]
+            for operation in (operations[index] for index in fresh)
+            if isinstance(operation, Credit | Deposit) and operation.wallet_id in units
+        }
+        if not credited:
+            return {}
+        validities = await self._facts.unit_validities(self._connection, credited)
+        return {unit: validity for unit, validity in validities.items() if validity is not None}
+
+    async def _referenced_grants(self, ids: set[int]) -> dict[int, int]:
+        """The wallet of each grant that expirations name, of those that exist."""
+        if not ids:
+            return {}
+        found = await self._connection.fetch(sql.select_referenced_grants, list(ids))
+        return {row["id"]: row["wallet_id"] for row in found}
+
+    async def _load_grants(
+        self,
+        book: rules.Book,
+        referenced: Mapping[int, asyncpg.Record],
+        grant_ids: set[int],
+    ) -> dict[int, tuple[int, datetime | None, int]]:
+        """The grants the batch may change, into the book, under their wallets' locks: those
+        with something left of the wallets with grants; those the open holds reserved from
+        (with what each hold reserved); and, for the voids, what each voided transfer changed
+        in grants (a capture: with what its hold did) and the grants it made. Returns each
+        grant's remainder, expiry and expired sum as read, so that only those that changed
+        are written."""
+        holds = [hold.id for hold in book.holds.values() if hold.resolution is None]
+        voids = list(book.transfers)
+        captures = {
+            transfer_id: referenced[transfer_id]["hold_id"]
+            for transfer_id in voids
+            if book.transfers[transfer_id].kind == TransferKind.capture
+        }
+        allocated: dict[int, list[tuple[int, int]]] = {}
+        if holds or voids:
+            for row in await self._connection.fetch(
+                sql.select_allocations, [*holds, *voids, *captures.values()]
+            ):
+                allocated.setdefault(row["transfer_id"], []).append(
+                    (row["grant_id"], row["amount"])
+                )
+        for hold_id in holds:
+            book.holds[hold_id].allocations = tuple(allocated.get(hold_id, ()))
+        for transfer_id in voids:
+            book.transfer_allocations[transfer_id] = [
+                *allocated.get(captures.get(transfer_id, 0), ()),
+                *allocated.get(transfer_id, ()),
+            ]
+        tracked = [wallet.id for wallet in book.wallets.values() if wallet.tracked]
+        named = {grant_id for each in allocated.values() for grant_id, _ in each} | grant_ids
+        if not tracked and not named and not voids:
+            return {}
+        made_by = set(voids)
+        for row in await self._connection.fetch(
+            sql.select_batch_grants, tracked, list(named), voids
+        ):
+            grant = rows.grant_state(row)
+            book.grants[grant.id] = grant
+            book.wallets[grant.wallet_id].grants.append(grant)
+            if row["transfer_id"] in made_by:
+                book.transfer_grants.setdefault(row["transfer_id"], []).append(grant.id)
+        return {
+            grant.id: (grant.remaining, grant.expires_at, grant.expired)
+            for grant in book.grants.values()
+        }
 
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:
@@ -247,17 +334,21 @@ def expiry(hold_id: int) -> ExpireHold:
 
 def _named(
     operations: Sequence[Operation | Rejected], fresh: list[int]
-) -> tuple[set[int], set[int]]:
-    """The transfers the fresh operations void, and the holds they resolve."""
+) -> tuple[set[int], set[int], set[int]]:
+    """The transfers the fresh operations void, the holds they resolve, and the grants they
+    expire."""
     transfer_ids: set[int] = set()
     hold_ids: set[int] = set()
+    grant_ids: set[int] = set()
     for index in fresh:
         operation = operations[index]
         if isinstance(operation, Void):
             transfer_ids.add(operation.transfer_id)
         elif isinstance(operation, (CaptureHold, ReleaseHold, ExpireHold)):
             hold_ids.add(operation.hold_id)
-    return transfer_ids, hold_ids
+        elif isinstance(operation, ExpireGrant):
+            grant_ids.add(operation.grant_id)
+    return transfer_ids, hold_ids, grant_ids
 
 
 def _expire(

@@ -13,11 +13,11 @@ from ..model import (
     NewWallet,
     OwnerKind,
     Page,
-    SystemWallet,
     Unit,
     Wallet,
     WalletStatus,
     page_size_max,
+    unit_system_wallets,
 )
 from . import rows, sql
 from .keys import key_reused
@@ -55,7 +55,7 @@ async def create_unit(connection: asyncpg.Connection, unit: Unit) -> tuple[Unit,
         return existing, False
     await connection.executemany(
         sql.insert_system_wallet,
-        [(which.name, OwnerKind.system, unit.code) for which in SystemWallet],
+        [(which.name, OwnerKind.system, unit.code) for which in unit_system_wallets],
     )
     return rows.unit(row), True
 

@@ -70,6 +70,7 @@ from ..model import (
     EventFilter,
     EventPage,
     EventType,
+    Grant,
     LowBalance,
     Owner,
     OwnerKind,
@@ -94,6 +95,7 @@ __all__ = [
     "access_change",
     "alert_change",
     "delete_before",
+    "grant_change",
     "low_balance_change",
     "pack_balances",
     "read_page",
@@ -186,6 +188,29 @@ def unit_change(unit: Unit, actor: str) -> Change:
                 "description": unit.description,
                 "scale": unit.scale,
                 "created_at": unit.created_at.isoformat(),
+            }
+        },
+    )
+
+
+def grant_change(type_: EventType, grant: Grant, actor: str) -> Change:
+    """A grant made, or expiring soon: the grant as it then was."""
+    return Change(
+        type_,
+        actor,
+        (grant.wallet_id,),
+        {
+            "grant": {
+                "id": grant.id,
+                "wallet_id": grant.wallet_id,
+                "unit": grant.unit,
+                "transfer_id": grant.transfer_id,
+                "amount": grant.amount,
+                "remaining": grant.remaining,
+                "valid_from": grant.valid_from.isoformat(),
+                "expires_at": None if grant.expires_at is None else grant.expires_at.isoformat(),
+                "expired": grant.expired,
+                "created_at": grant.created_at.isoformat(),
             }
         },
     )
@@ -310,6 +335,20 @@ def _body(change: dict[str, Any]) -> EventBody:
             created_at=datetime.fromisoformat(wallet["created_at"]),
             low_balance_threshold=wallet["low_balance_threshold"],
             top_up_to=wallet["top_up_to"],
+        )
+    if type_ in (EventType.grant_created, EventType.grant_expiring_soon):
+        grant = change["grant"]
+        return Grant(
+            id=grant["id"],
+            wallet_id=grant["wallet_id"],
+            unit=grant["unit"],
+            transfer_id=grant["transfer_id"],
+            amount=grant["amount"],
+            remaining=grant["remaining"],
+            valid_from=datetime.fromisoformat(grant["valid_from"]),
+            expires_at=_time(grant["expires_at"]),
+            expired=grant["expired"],
+            created_at=datetime.fromisoformat(grant["created_at"]),
         )
     if type_ == EventType.unit_created:
         unit = change["unit"]

@@ -6,7 +6,7 @@ so that every amount says how to read it. Read once, they cost no round trip aga
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -91,6 +91,20 @@ class Facts:
             for which, wallet_id in wallets.items()
         }
 
+    async def expired_wallets(self, connection: asyncpg.Connection, units: set[str]) -> None:
+        """Makes the expired-credits wallets of the units that have none yet (each unit's is
+        made at its first expiration), so that `system_wallets` then has them."""
+        lacking = [
+            unit for unit in units if SystemWallet.expired not in self._system_wallets.get(unit, {})
+        ]
+        if not lacking:
+            return
+        await connection.execute(
+            sql.insert_expired_wallets, lacking, SystemWallet.expired.name, OwnerKind.system
+        )
+        for unit in lacking:
+            self._system_wallets.pop(unit, None)
+
     def unit_scales_known(self, units: Collection[str]) -> Mapping[str, int] | None:
         """The scale of each of the units, if every one is known already (no I/O: what an
         answer's conversion asks first); else None."""
@@ -114,3 +128,8 @@ class Facts:
         """Learns a unit's scale from its creation: one query fewer."""
         if code not in self._unit_scales and len(self._unit_scales) < self._unit_scales_max:
             self._unit_scales[code] = scale
+
+    async def unit_validities(
+        self, connection: asyncpg.Connection, units: set[str]
+    ) -> dict[str, Any]:
+        return {}

@@ -18,6 +18,8 @@ import asyncpg
 from .. import errors, rules
 from ..model import (
     Applied,
+    EventType,
+    Grant,
     Hold,
     HoldStatus,
     Operation,
@@ -31,7 +33,7 @@ from ..model import (
     top_up_request_id,
 )
 from . import sql
-from .events import Change, low_balance_change, top_up_change
+from .events import Change, grant_change, low_balance_change, top_up_change
 
 __all__ = ["Ahead", "Journal", "Written", "write", "write_ahead"]
 
@@ -112,7 +114,11 @@ async def write_ahead(
 
 
 async def _transfer_ids(connection: asyncpg.Connection, count: int) -> list[int]:
-    ids: list[int] = await connection.fetchval(sql.next_transfer_ids, count)
+    return await _ids(connection, sql.next_transfer_ids, count)
+
+
+async def _ids(connection: asyncpg.Connection, statement: str, count: int) -> list[int]:
+    ids: list[int] = await connection.fetchval(statement, count)
     return ids
 
 
@@ -121,11 +127,12 @@ async def write(
     journal: Journal,
     book: rules.Book,
     balances_read: Mapping[int, tuple[int, int]],
+    grants_read: Mapping[int, tuple[int, datetime | None, int]],
     hold_created_at: Mapping[int, datetime],
 ) -> Written:
     """Writes what validation decided: the transfers not written ahead, the removal of
-    those written ahead that did not happen after all, holds, balances (with the wallets'
-    low-balance crossings)."""
+    those written ahead that did not happen after all, holds, grants and what each transfer
+    changed in them, balances (with the wallets' low-balance crossings)."""
     operations, hashes, outcomes, ahead = (
         journal.operations,
         journal.hashes,
@@ -152,6 +159,9 @@ async def write(
     after = journal.after
     transfer_ids: list[int] = []
     balances: list[int] = []
+    # Each transfer's changes to grants, and the grants it made (with provisional ids).
+    allocations: list[tuple[int, int, int]] = []
+    made: list[tuple[int, rules.GrantState, str]] = []
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Exception):
             results.append(outcome)
@@ -214,6 +224,11 @@ async def write(
                 )
             if posting.hold_id is not None:
                 resolved_holds.append(posting.hold_id)
+            if posting.allocations:
+                allocations.extend(
+                    (transfer_id, grant_id, change) for grant_id, change in posting.allocations
+                )
+            made.extend((transfer_id, grant, operation.caller) for grant in posting.new_grants)
             if after is not None:
                 transfer_ids.append(transfer_id)
         if after is not None:
@@ -234,12 +249,18 @@ async def write(
         await connection.execute(sql.insert_pending_holds, *zip(*new_holds, strict=True))
     if resolved_holds:
         await connection.execute(sql.delete_pending_holds, resolved_holds)
+    changes: list[Change] = []
+    if made or allocations:
+        changes = await _write_grants(
+            connection, book, grants_read, allocations, made, now, keep_events=after is not None
+        )
     changed = [
         wallet
         for wallet in book.wallets.values()
         if (wallet.posted, wallet.pending) != balances_read[wallet.id]
     ]
-    changes = [] if after is None else _low_balances(changed, balances_read)
+    if after is not None:
+        changes.extend(_low_balances(changed, balances_read))
     if changed:
         await connection.execute(
             sql.update_balances,
@@ -247,8 +268,92 @@ async def write(
             [wallet.posted for wallet in changed],
             [wallet.pending for wallet in changed],
             [wallet.low_balance_crossings for wallet in changed],
+            [wallet.tracked for wallet in changed],
         )
     return Written(results, transfer_ids, balances, changes)
+
+
+async def _write_grants(
+    connection: asyncpg.Connection,
+    book: rules.Book,
+    grants_read: Mapping[int, tuple[int, datetime | None, int]],
+    allocations: Sequence[tuple[int, int, int]],
+    made: Sequence[tuple[int, rules.GrantState, str]],
+    now: datetime,
+    *,
+    keep_events: bool,
+) -> list[Change]:
+    """Writes the grants the batch made (with their ids now given), the changes to the others,
+    and each transfer's allocations (one row per transfer and grant, the changes summed);
+    returns, when the batch keeps events, a GRANT_CREATED change for each grant made."""
+    ids: dict[int, int] = {}
+    provisional: dict[int, int] = {}
+    if made:
+        given = await _ids(connection, sql.next_grant_ids, len(made))
+        ids = {grant.id: grant_id for (_, grant, _), grant_id in zip(made, given, strict=True)}
+        provisional = {grant_id: made_id for made_id, grant_id in ids.items()}
+        await connection.execute(
+            sql.insert_grants,
+            [grant.wallet_id for _, grant, _ in made],
+            given,
+            [transfer_id for transfer_id, _, _ in made],
+            [grant.amount for _, grant, _ in made],
+            [grant.remaining for _, grant, _ in made],
+            [grant.valid_from for _, grant, _ in made],
+            [grant.expires_at for _, grant, _ in made],
+            now,
+        )
+    touched = [
+        grant
+        for grant_id, grant in book.grants.items()
+        if grant_id > 0
+        and (grant.remaining, grant.expires_at, grant.expired) != grants_read[grant_id]
+    ]
+    if touched:
+        await connection.execute(
+            sql.update_grants,
+            [grant.id for grant in touched],
+            [grant.remaining for grant in touched],
+            [grant.expires_at for grant in touched],
+            [grant.expired for grant in touched],
+        )
+    summed: dict[tuple[int, int], int] = {}
+    for transfer_id, grant_id, change in allocations:
+        key = (transfer_id, ids.get(grant_id, grant_id))
+        summed[key] = summed.get(key, 0) + change
+    rows = [(key, change) for key, change in summed.items() if change]
+    if rows:
+        await connection.execute(
+            sql.insert_allocations,
+            [transfer_id for (transfer_id, _), _ in rows],
+            [grant_id for (_, grant_id), _ in rows],
+            [
+                book.grants[provisional.get(grant_id, grant_id)].wallet_id
+                for (_, grant_id), _ in rows
+            ],
+            [change for _, change in rows],
+        )
+    if not keep_events:
+        return []
+    return [
+        grant_change(
+            EventType.grant_created,
+            Grant(
+                id=ids[grant.id],
+                wallet_id=grant.wallet_id,
+                unit=book.wallets[grant.wallet_id].unit,
+                transfer_id=transfer_id,
+                amount=grant.amount,
+                remaining=grant.amount,
+                valid_from=grant.valid_from,
+                expires_at=grant.expires_at,
+                expired=0,
+                created_at=now,
+            ),
+            actor,
+        )
+        for transfer_id, grant, actor in made
+    ]
 
 
 def _low_balances(

@@ -13,6 +13,7 @@ import asyncpg
 from .. import rules
 from ..model import (
     Balance,
+    Grant,
     Hold,
     HoldStatus,
     OwnerKind,
@@ -27,6 +28,8 @@ from ..model import (
 )
 
 __all__ = [
+    "grant",
+    "grant_state",
     "hold",
     "open_hold_state",
     "resolved_hold_state",
@@ -62,7 +65,9 @@ def wallet(row: asyncpg.Record) -> Wallet:
         unit=row["unit"],
         status=_wallet_statuses[row["status"]],
         balance_minimum=row["balance_minimum"],
-        balance=Balance(posted=row["posted"], pending=row["pending"]),
+        balance=Balance(
+            posted=row["posted"], pending=row["pending"], unspendable=row["unspendable"]
+        ),
         metadata=row["metadata"] or {},
         created_at=row["created_at"],
         low_balance_threshold=row["low_balance_threshold"],
@@ -128,6 +133,34 @@ def wallet_state(row: asyncpg.Record) -> rules.WalletState:
         low_balance_threshold=row["low_balance_threshold"],
         top_up_to=row["top_up_to"],
         low_balance_crossings=row["low_balance_crossings"],
+        tracked=row["tracked"],
+    )
+
+
+def grant(row: asyncpg.Record) -> Grant:
+    return Grant(
+        id=row["id"],
+        wallet_id=row["wallet_id"],
+        unit=row["unit"],
+        transfer_id=row["transfer_id"],
+        amount=row["amount"],
+        remaining=row["remaining"],
+        valid_from=row["valid_from"],
+        expires_at=row["expires_at"],
+        expired=row["expired"],
+        created_at=row["created_at"],
+    )
+
+
+def grant_state(row: asyncpg.Record) -> rules.GrantState:
+    return rules.GrantState(
+        id=row["id"],
+        wallet_id=row["wallet_id"],
+        amount=row["amount"],
+        remaining=row["remaining"],
+        valid_from=row["valid_from"],
+        expires_at=row["expires_at"],
+        expired=row["expired"],
     )
 
 

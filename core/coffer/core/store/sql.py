@@ -15,10 +15,14 @@ from ..model import TransferFilter
 __all__ = [
     "analyze_transfers",
     "analyze_wallets",
+    "announce_expiring_grants",
+    "audit_expired_mismatched",
     "audit_floors_broken",
+    "audit_grants_mismatched",
     "audit_holds_mismatched",
     "audit_pending_mismatched",
     "audit_posted_mismatched",
+    "audit_tracked_mismatched",
     "audit_units_unbalanced",
     "audit_voided_twice",
     "count_transfers",
@@ -26,7 +30,10 @@ __all__ = [
     "delete_commits_through",
     "delete_pending_holds",
     "delete_transfers",
+    "insert_allocations",
     "insert_commit",
+    "insert_expired_wallets",
+    "insert_grants",
     "insert_pending_holds",
     "insert_preload_chunk",
     "insert_system_wallet",
@@ -35,12 +42,17 @@ __all__ = [
     "lock_holds",
     "lock_wallet",
     "lock_wallets",
+    "next_grant_ids",
     "next_transfer_ids",
     "refusal_columns",
     "refusals_table",
+    "select_allocations",
+    "select_batch_grants",
     "select_commits",
     "select_event_bounds",
     "select_event_transfers",
+    "select_expired_grants",
+    "select_grants_at",
     "select_hold_resolutions",
     "select_holds",
     "select_keys_taken",
@@ -49,6 +61,7 @@ __all__ = [
     "select_one",
     "select_operation_transfers",
     "select_owner_wallets",
+    "select_referenced_grants",
     "select_referenced_transfers",
     "select_stored_keys",
     "select_system_wallets",
@@ -61,6 +74,7 @@ __all__ = [
     "select_voiding_transfers",
     "select_wallet",
     "select_wallet_by_key",
+    "select_wallet_grants",
     "select_wallet_owners",
     "select_wallet_states",
     "select_wallet_units",
@@ -69,6 +83,7 @@ __all__ = [
     "transfers_table",
     "update_balance_alert",
     "update_balances",
+    "update_grants",
     "update_wallet_status",
 ]
 
@@ -103,6 +118,11 @@ def _wallet_columns(now: str) -> str:
     return f"""
     id, owner_id, owner_kind, unit, status, balance_minimum, posted, metadata, created_at,
     low_balance_threshold, top_up_to,
+    case when tracked = 0 then 0 else coalesce(
+        (select sum(g.remaining) from grants g
+         where g.wallet_id = wallets.id and g.remaining > 0
+           and (g.valid_from > {now}::timestamptz or g.expires_at <= {now}::timestamptz)), 0
+    ) end::bigint as unspendable,
     pending - case when pending = 0 then 0 else coalesce(
         (select sum(h.amount) from pending_holds h
          where h.source_wallet_id = wallets.id and h.expires_at <= {now}::timestamptz), 0
@@ -206,15 +226,60 @@ refusal_columns = (
 
 # The earlier transfers and holds that voids, captures and releases name.
 select_referenced_transfers = """
-    select id, kind, source_wallet_id, target_wallet_id, amount, hold_expires_at, created_at
+    select id, kind, source_wallet_id, target_wallet_id, amount, hold_id, hold_expires_at,
+           created_at
     from transfers where id = any($1::bigint[])
+"""
+
+# The wallets of the grants that expirations name, and what each had expired.
+select_referenced_grants = "select id, wallet_id from grants where id = any($1::bigint[])"
+
+# What the transfers in $1 changed in grants.
+select_allocations = """
+    select transfer_id, grant_id, amount from allocations where transfer_id = any($1::bigint[])
+"""
+
+# The grants of the wallets in $1 with something left, the grants in $2, and those the
+# transfers in $3 made. Read after their wallets are locked: grants change only under that
+# lock.
+select_batch_grants = """
+    select id, wallet_id, transfer_id, amount, remaining, valid_from, expires_at, expired
+    from grants
+    where (wallet_id = any($1::bigint[]) and remaining > 0)
+       or id = any($2::bigint[])
+       or transfer_id = any($3::bigint[])
+"""
+
+next_grant_ids = "select array(select nextval('grants_id') from generate_series(1, $1))"
+
+insert_grants = """
+    insert into grants
+        (wallet_id, id, transfer_id, amount, remaining, valid_from, expires_at, created_at)
+    select w, i, t, a, r, f, e, $8
+    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                $6::timestamptz[], $7::timestamptz[]) as v (w, i, t, a, r, f, e)
+"""
+
+update_grants = """
+    update grants g
+    set remaining = v.remaining, expires_at = v.expires_at, expired = v.expired,
+        -- A new expiry (a void of an expiration) is announced again.
+        announced = g.announced and g.expires_at is not distinct from v.expires_at
+    from unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[])
+        as v (id, remaining, expires_at, expired)
+    where g.id = v.id
+"""
+
+insert_allocations = """
+    insert into allocations (transfer_id, grant_id, wallet_id, amount)
+    select * from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
 """
 
 # In ascending id order, so that batches never deadlock.
 # What the rules read of a wallet (`rows.wallet_state`).
 _wallet_state_columns = """
     id, unit, owner_kind, owner_id, status, balance_minimum, posted, pending,
-    low_balance_threshold, top_up_to, low_balance_crossings
+    low_balance_threshold, top_up_to, low_balance_crossings, tracked
 """
 
 lock_wallets = f"""
@@ -284,9 +349,10 @@ delete_pending_holds = "delete from pending_holds where transfer_id = any($1::bi
 
 update_balances = """
     update wallets w
-    set posted = v.posted, pending = v.pending, low_balance_crossings = v.crossings
-    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
-        as v (id, posted, pending, crossings)
+    set posted = v.posted, pending = v.pending, low_balance_crossings = v.crossings,
+        tracked = v.tracked
+    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+        as v (id, posted, pending, crossings, tracked)
     where w.id = v.id
 """
 
@@ -295,6 +361,66 @@ select_lapsed_holds = """
     select transfer_id from pending_holds where expires_at <= $1
     order by expires_at limit $2
 """
+
+# Grants (coffer.core.store.grants) --------------------------------------------------------------
+
+# Grants past their expiry at $1 with something left, the soonest first, at most $2, with
+# their units.
+select_expired_grants = """
+    select g.id, g.expired, w.unit from grants g join wallets w on w.id = g.wallet_id
+    where g.remaining > 0 and g.expires_at <= $1
+    order by g.expires_at, g.id
+    limit $2
+"""
+
+# The expired-credits wallets of the units in $1 that have none yet.
+insert_expired_wallets = """
+    insert into wallets (owner_id, owner_kind, unit)
+    select $2, $3, code from unnest($1::text[]) as u (code)
+    on conflict (unit, owner_id) where owner_kind = 3 do nothing
+"""
+
+_grant_columns = """
+    g.id, g.wallet_id, w.unit, g.transfer_id, g.amount, g.remaining, g.valid_from, g.expires_at,
+    g.expired, g.created_at
+"""
+
+# Marks as announced, and returns, grants with something left expiring by $1 not announced
+# yet, at most $2; those another transaction holds are left for the next time.
+announce_expiring_grants = f"""
+    with chosen as (
+        select id from grants
+        where remaining > 0 and expires_at <= $1 and not announced
+        order by expires_at, id
+        limit $2
+        for update skip locked
+    ), marked as (
+        update grants g set announced = true from chosen where g.id = chosen.id
+        returning g.*
+    )
+    select {_grant_columns} from marked g join wallets w on w.id = g.wallet_id
+    order by g.expires_at, g.id
+"""
+
+# A wallet's grants ($1) after id $2, with something left unless $3, at most $4.
+select_wallet_grants = f"""
+    select {_grant_columns} from grants g join wallets w on w.id = g.wallet_id
+    where g.wallet_id = $1 and g.id > $2 and ($3 or g.remaining > 0)
+    order by g.id
+    limit $4
+"""
+
+# What a wallet's grants ($1) with something left hold at $2: what expires by then, and what
+# is not valid yet.
+select_grants_at = """
+    select coalesce(sum(remaining) filter (where expires_at <= $2), 0)::bigint as expiring,
+           coalesce(sum(remaining) filter (where valid_from > $2
+                                           and (expires_at is null or expires_at > $2)), 0
+           )::bigint as not_yet_valid
+    from grants
+    where wallet_id = $1 and remaining > 0
+"""
+
 
 # Transfers and holds ---------------------------------------------------------------------------
 
@@ -478,13 +604,49 @@ order by w.id
 limit $1
 """
 
+# The untracked balance: what the grants do not hold.
 audit_floors_broken = """
-select id as subject, posted - pending as stored, balance_minimum as expected,
+select id as subject, posted - pending - tracked as stored, balance_minimum as expected,
        count(*) over () as count
 from wallets
-where balance_minimum is not null and posted - pending < balance_minimum
+where balance_minimum is not null and posted - pending - tracked < balance_minimum
 order by id
 limit $1
+"""
+
+audit_tracked_mismatched = """
+select w.id as subject, w.tracked as stored, coalesce(g.remaining, 0) as expected,
+       count(*) over () as count
+from wallets w
+left join (select wallet_id, sum(remaining) as remaining
+           from grants group by wallet_id) g on g.wallet_id = w.id
+where w.tracked <> coalesce(g.remaining, 0)
+order by w.id
+limit $1
+"""
+
+audit_grants_mismatched = """
+select g.id as subject, g.remaining as stored, g.amount + coalesce(a.amount, 0) as expected,
+       count(*) over () as count
+from grants g
+left join (select grant_id, sum(amount) as amount
+           from allocations group by grant_id) a on a.grant_id = g.id
+where g.remaining <> g.amount + coalesce(a.amount, 0)
+order by g.id
+limit $1
+"""
+
+# What the expirations ($1: their kind) took from each grant.
+audit_expired_mismatched = """
+select g.id as subject, g.expired as stored, coalesce(e.amount, 0) as expected,
+       count(*) over () as count
+from grants g
+left join (select a.grant_id, -sum(a.amount) as amount
+           from allocations a join transfers t on t.id = a.transfer_id
+           where t.kind = $1 group by a.grant_id) e on e.grant_id = g.id
+where g.expired <> coalesce(e.amount, 0)
+order by g.id
+limit $2
 """
 
 # An open hold is a hold transfer no other transfer resolved (captured, released, expired:

@@ -1,0 +1,48 @@
+-- Grants: funds a wallet received that carry terms (a start, an expiry), with what is left of
+-- them, and the allocations that say which grants each transfer drew from or returned to.
+--
+-- Funds that never expire and are valid when received are not kept as grants: they are the
+-- wallet's untracked balance, posted - pending - tracked, where `tracked` is the sum of its
+-- grants' remainders (below 0, the untracked balance is what the wallet owes). A wallet that
+-- never receives such funds has no grant row and pays nothing for grants. Grants change only
+-- under their wallet's row lock, which every batch takes first.
+--
+-- allocations: for each transfer, the change it made to each grant's remainder: below 0 drawn
+-- (a debit, a payment, a transfer, a hold, an expiration), above 0 returned (a void, a hold
+-- released, captured in part, or expired). For every grant,
+-- remaining = amount + the sum of its allocations; expired sums what runs expired.
+
+alter table wallets add column tracked bigint not null default 0;
+
+create table grants (
+    wallet_id bigint not null,
+    id bigint primary key,
+    -- The transfer that brought the funds in.
+    transfer_id bigint not null,
+    amount bigint not null check (amount > 0),
+    remaining bigint not null check (remaining >= 0 and remaining <= amount),
+    valid_from timestamptz not null,
+    expires_at timestamptz,
+    expired bigint not null default 0,
+    -- Whether the stream has said it expires soon.
+    announced boolean not null default false,
+    created_at timestamptz not null,
+    constraint expires_after_start check (expires_at is null or expires_at > valid_from)
+);
+
+create sequence grants_id owned by grants.id;
+
+create index grants_live on grants (wallet_id, id) where remaining > 0;
+create index grants_wallet on grants (wallet_id, id);
+create index grants_expiry on grants (expires_at, id) where remaining > 0 and expires_at is not null;
+create index grants_transfer on grants (transfer_id);
+
+create table allocations (
+    transfer_id bigint not null,
+    grant_id bigint not null,
+    wallet_id bigint not null,
+    amount bigint not null check (amount <> 0),
+    primary key (transfer_id, grant_id)
+);
+
+create index allocations_grant on allocations (grant_id);

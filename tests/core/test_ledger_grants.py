@@ -1,0 +1,379 @@
+"""Grants against a real PostgreSQL: what a batch writes of them, the expiration run (also two at
+once, and racing spends), voids that return to the grants drawn, holds, balances at a time to
+come, the notice of expiry, and the books' check of every grant."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import pytest_asyncio
+
+from coffer.core import errors
+from coffer.core.audit import check_books
+from coffer.core.ledger import Ledger
+from coffer.core.model import (
+    Applied,
+    CaptureHold,
+    Credit,
+    Debit,
+    DebitMode,
+    EventType,
+    Grant,
+    NewWallet,
+    Operation,
+    OwnerKind,
+    PlaceHold,
+    SystemWallet,
+    Transfer,
+    TransferFilter,
+    TransferKind,
+    Unit,
+    UnitKind,
+    Void,
+    Wallet,
+    WalletTransfer,
+)
+from coffer.core.store.connections import create_pool
+
+_keys = itertools.count(1)
+day = timedelta(days=1)
+
+
+def key() -> str:
+    return f"grants-{next(_keys)}"
+
+
+class Clock:
+    """The ledger's clock, which a test may move: `now` plus `shift`."""
+
+    def __init__(self) -> None:
+        self.shift = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.shift
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def ledger(database_url: str) -> AsyncIterator[Ledger]:
+    pool = await create_pool(database_url, size_max=8)
+    try:
+        ledger = Ledger(pool, clock=Clock())
+        await ledger.create_unit(Unit(code="seat", kind=UnitKind.credit, name="seat"))
+        yield ledger
+    finally:
+        await pool.close()
+
+
+def clock(ledger: Ledger) -> Clock:
+    assert isinstance(ledger._clock, Clock)
+    return ledger._clock
+
+
+async def wallet(ledger: Ledger, *, minimum: int = 0) -> Wallet:
+    created, _ = await ledger.create_wallet(
+        NewWallet(
+            idempotency_key=key(),
+            owner_id=f"owner-{next(_keys)}",
+            owner_kind=OwnerKind.customer,
+            unit="seat",
+            balance_minimum=minimum,
+        )
+    )
+    return created
+
+
+async def one(ledger: Ledger, operation: Operation) -> Applied:
+    [outcome] = await ledger.apply([operation])
+    if isinstance(outcome, errors.CofferError):
+        raise outcome
+    return outcome
+
+
+async def credit(
+    ledger: Ledger, wallet_id: int, amount: int, expires_in: timedelta | None = None
+) -> Applied:
+    expires_at = None if expires_in is None else clock(ledger)() + expires_in
+    return await one(
+        ledger,
+        Credit(idempotency_key=key(), wallet_id=wallet_id, amount=amount, expires_at=expires_at),
+    )
+
+
+async def grants(ledger: Ledger, wallet_id: int, *, spent: bool = True) -> list[Grant]:
+    page = await ledger.list_grants(wallet_id, spent=spent)
+    return page.items
+
+
+async def expirations(ledger: Ledger, wallet_id: int | None = None) -> list[Transfer]:
+    page = await ledger.list_transfers(
+        TransferFilter(wallet_id=wallet_id, kinds=(TransferKind.expiration,))
+    )
+    return page.items
+
+
+async def books(ledger: Ledger) -> None:
+    async with ledger.pool.acquire() as connection:
+        audit = await check_books(connection)
+    assert audit.passed, audit.summary()
+
+
+async def test_a_batch_writes_grants_and_what_each_transfer_drew(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    soon = await credit(ledger, ann.id, 10, 5 * day)
+    later = await credit(ledger, ann.id, 10, 10 * day)
+    await credit(ledger, ann.id, 10)
+    [first, second] = await grants(ledger, ann.id)
+    assert (first.transfer_id, first.amount, first.remaining) == (soon.transfer.id, 10, 10)
+    assert second.transfer_id == later.transfer.id and first.unit == "seat"
+    spent = await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=15))
+    assert [grant.remaining for grant in await grants(ledger, ann.id)] == [0, 5]
+    assert [grant.id for grant in await grants(ledger, ann.id, spent=False)] == [second.id]
+    balance = (await ledger.get_wallet(ann.id)).balance
+    assert (balance.posted, balance.available, balance.unspendable) == (15, 15, 0)
+    await books(ledger)
+    # Its void returns each amount to the grant it came from.
+    await one(ledger, Void(idempotency_key=key(), transfer_id=spent.transfer.id))
+    assert [grant.remaining for grant in await grants(ledger, ann.id)] == [10, 10]
+    await books(ledger)
+
+
+async def test_wallets_without_terms_write_no_grants(ledger: Ledger) -> None:
+    ann, ben = await wallet(ledger), await wallet(ledger)
+    await credit(ledger, ann.id, 100)
+    operations: list[Operation] = [
+        Debit(idempotency_key=key(), wallet_id=ann.id, amount=10),
+        WalletTransfer(
+            idempotency_key=key(), source_wallet_id=ann.id, target_wallet_id=ben.id, amount=5
+        ),
+    ]
+    await ledger.apply(operations)
+    assert await grants(ledger, ann.id) == [] and await grants(ledger, ben.id) == []
+    async with ledger.pool.acquire() as connection:
+        assert await connection.fetchval("select count(*) from allocations") == 0
+
+
+async def test_an_expiration_run_expires_each_remainder_once(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, day)
+    await credit(ledger, ann.id, 4, 3 * day)
+    await credit(ledger, ann.id, 6)
+    await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=3))
+    assert await ledger.expire_grants() == 0
+    clock(ledger).shift = 2 * day
+    balance = (await ledger.get_wallet(ann.id)).balance
+    assert (balance.posted, balance.unspendable, balance.available) == (17, 7, 10)
+    assert await ledger.expire_grants() == 1
+    assert await ledger.expire_grants() == 0
+    balance = (await ledger.get_wallet(ann.id)).balance
+    assert (balance.posted, balance.unspendable, balance.available) == (10, 0, 10)
+    first = (await grants(ledger, ann.id))[0]
+    assert (first.remaining, first.expired) == (0, 7)
+    expired = await expirations(ledger)
+    assert [(each.source_wallet_id, each.amount) for each in expired] == [(ann.id, 7)]
+    system = await ledger_system_wallet(ledger, SystemWallet.expired)
+    assert (await ledger.get_wallet(system)).balance.posted == 7
+    await books(ledger)
+
+
+async def ledger_system_wallet(ledger: Ledger, which: SystemWallet) -> int:
+    async with ledger.pool.acquire() as connection:
+        wallet_id: int = await connection.fetchval(
+            "select id from wallets where owner_kind = 3 and unit = 'seat' and owner_id = $1",
+            which.name,
+        )
+    return wallet_id
+
+
+async def test_two_runs_at_once_expire_nothing_twice(ledger: Ledger) -> None:
+    wallets = [await wallet(ledger) for _ in range(20)]
+    for each in wallets:
+        for days in (1, 2, 3):
+            await credit(ledger, each.id, days, days * day)
+    clock(ledger).shift = 10 * day
+    counts = await asyncio.gather(
+        ledger.expire_grants(batch_max=7), ledger.expire_grants(batch_max=5)
+    )
+    counts.append(await ledger.expire_grants())
+    assert sum(counts) == 60
+    for each in wallets:
+        assert (await ledger.get_wallet(each.id)).balance.posted == 0
+    system = await ledger_system_wallet(ledger, SystemWallet.expired)
+    assert (await ledger.get_wallet(system)).balance.posted == 20 * 6
+    await books(ledger)
+
+
+async def test_spends_racing_a_run_never_spend_what_expired(ledger: Ledger) -> None:
+    """Grants expiring just as debits draw from them, from many calls at once: no credit is
+    both spent and expired (every grant's remainder is its amount and allocations, checked by
+    the books; the unit sums to 0), and what was spent and expired is what came in."""
+    wallets = [await wallet(ledger) for _ in range(10)]
+    for each in wallets:
+        await credit(ledger, each.id, 50, day)
+        await credit(ledger, each.id, 50, 30 * day)
+
+    async def spend(wallet_id: int) -> int:
+        spent = 0
+        for _ in range(10):
+            [outcome] = await ledger.apply(
+                [
+                    Debit(
+                        idempotency_key=key(),
+                        wallet_id=wallet_id,
+                        amount=9,
+                        mode=DebitMode.up_to,
+                    )
+                ]
+            )
+            assert isinstance(outcome, Applied)
+            spent += outcome.transfer.amount
+            await asyncio.sleep(0.05)
+        return spent
+
+    async def run() -> int:
+        # The first grants pass their expiry while the debits go on.
+        await asyncio.sleep(0.2)
+        clock(ledger).shift = 2 * day
+        expired = 0
+        for _ in range(30):
+            expired += await ledger.expire_grants(batch_max=3)
+            await asyncio.sleep(0.05)
+        return expired
+
+    results = await asyncio.gather(*(spend(each.id) for each in wallets), run())
+    await ledger.expire_grants()
+    spent = sum(results[:-1])
+    system = await ledger_system_wallet(ledger, SystemWallet.expired)
+    expired = (await ledger.get_wallet(system)).balance.posted
+    left = sum([(await ledger.get_wallet(each.id)).balance.posted for each in wallets])
+    assert spent + expired + left == 1000
+    # Some of the first grants were spent before they expired, the rest expired.
+    assert 0 < expired < 500
+    await books(ledger)
+
+
+async def test_the_void_of_an_expiration_restores_the_grant(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, day)
+    clock(ledger).shift = 2 * day
+    assert await ledger.expire_grants() == 1
+    [expiration] = await expirations(ledger, ann.id)
+    [outcome] = await ledger.apply([Void(idempotency_key=key(), transfer_id=expiration.id)])
+    assert isinstance(outcome, errors.InvalidArgument) and outcome.field == "expires_at"
+    new_expiry = clock(ledger)() + 30 * day
+    await one(
+        ledger,
+        Void(idempotency_key=key(), transfer_id=expiration.id, expires_at=new_expiry),
+    )
+    [grant] = await grants(ledger, ann.id)
+    assert (grant.remaining, grant.expires_at, grant.expired) == (10, new_expiry, 10)
+    assert (await ledger.get_wallet(ann.id)).balance.available == 10
+    await books(ledger)
+    # It expires again, once, at its new expiry.
+    clock(ledger).shift += 31 * day
+    assert await ledger.expire_grants() == 1
+    assert (await ledger.get_wallet(ann.id)).balance.posted == 0
+    await books(ledger)
+
+
+async def test_a_hold_reserves_from_grants_and_a_late_capture_takes_what_is_valid(
+    ledger: Ledger,
+) -> None:
+    ann, shop = await wallet(ledger), await wallet(ledger)
+    soon = await credit(ledger, ann.id, 10, day)
+    await credit(ledger, ann.id, 10)
+    held = await one(
+        ledger,
+        PlaceHold(
+            idempotency_key=key(),
+            wallet_id=ann.id,
+            target_wallet_id=shop.id,
+            amount=15,
+            timeout_s=3 * 86400,
+        ),
+    )
+    [grant] = await grants(ledger, ann.id)
+    assert grant.transfer_id == soon.transfer.id and grant.remaining == 0
+    await books(ledger)
+    clock(ledger).shift = 2 * day
+    captured = await one(ledger, CaptureHold(idempotency_key=key(), hold_id=held.transfer.id))
+    assert (captured.transfer.amount, captured.transfer.amount_requested) == (5, 15)
+    assert captured.hold is not None and captured.hold.amount_captured == 5
+    [grant] = await grants(ledger, ann.id)
+    assert grant.remaining == 10
+    assert await ledger.expire_grants() == 1
+    assert (await ledger.get_wallet(ann.id)).balance.posted == 5
+    await books(ledger)
+
+
+async def test_a_lapsed_hold_returns_to_its_grants(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, 5 * day)
+    await one(ledger, PlaceHold(idempotency_key=key(), wallet_id=ann.id, amount=8, timeout_s=1))
+    clock(ledger).shift = timedelta(seconds=5)
+    # The debit's batch releases the lapsed hold first, then draws from the grant.
+    await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=9))
+    [grant] = await grants(ledger, ann.id)
+    assert grant.remaining == 1
+    await books(ledger)
+
+
+async def test_balance_at_a_time_to_come(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, 5 * day)
+    await credit(ledger, ann.id, 4, 20 * day)
+    await credit(ledger, ann.id, 3)
+    now = clock(ledger)()
+    later = await one(
+        ledger,
+        Credit(
+            idempotency_key=key(),
+            wallet_id=ann.id,
+            amount=2,
+            valid_from=now + 8 * day,
+        ),
+    )
+    assert later.transfer.amount == 2
+    assert (await ledger.get_wallet(ann.id)).balance.available == 17
+    for at, posted, available in (
+        (now + day, 19, 17),
+        (now + 6 * day, 9, 7),
+        (now + 9 * day, 9, 9),
+        (now + 30 * day, 5, 5),
+    ):
+        balance = await ledger.balance_at(ann.id, at)
+        assert (balance.posted, balance.available) == (posted, available), at
+    with pytest.raises(errors.InvalidArgument):
+        await ledger.balance_at(ann.id, now - day)
+
+
+async def test_expiring_grants_are_announced_once(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    soon = await credit(ledger, ann.id, 10, 2 * day)
+    await credit(ledger, ann.id, 10, 20 * day)
+    before = await ledger.list_events()
+    assert await ledger.announce_expiring_grants(7 * day) == 1
+    assert await ledger.announce_expiring_grants(7 * day) == 0
+    page = await ledger.list_events(before.cursor)
+    [event] = [each for each in page.events if each.type == EventType.grant_expiring_soon]
+    assert isinstance(event.body, Grant) and event.body.transfer_id == soon.transfer.id
+    assert event.wallet_ids == (ann.id,)
+    created = [
+        each for each in (await ledger.list_events()).events if each.type == EventType.grant_created
+    ]
+    assert soon.transfer.id in {
+        each.body.transfer_id for each in created if isinstance(each.body, Grant)
+    }
+
+
+async def test_books_catch_a_grant_that_does_not_add_up(ledger: Ledger) -> None:
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, day)
+    async with ledger.pool.acquire() as connection:
+        await connection.execute("update grants set remaining = remaining - 1")
+        audit = await check_books(connection)
+    assert audit.grants.count == 1 and audit.tracked.count == 1
+    assert not audit.passed
