@@ -103,6 +103,41 @@ async def test_units(api: Api) -> None:
     )
 
 
+async def test_a_units_default_validity(api: Api) -> None:
+    """Given at creation, answered in its canonical form by every RPC that shows the unit, and
+    part of the definition an idempotent creation compares."""
+
+    def pack(default_validity: str) -> units_pb2.CreateUnitRequest:
+        return units_pb2.CreateUnitRequest(
+            code="pack",
+            kind=types_pb2.UNIT_KIND_CREDIT,
+            name="Pack",
+            default_validity=default_validity,
+        )
+
+    created = await api.units.CreateUnit(pack("P6M"))
+    assert created.unit.default_validity == "P6M"
+    got = await api.units.GetUnit(units_pb2.GetUnitRequest(code="pack"))
+    assert got.unit == created.unit
+    listed = await api.units.ListUnits(units_pb2.ListUnitsRequest())
+    assert {unit.code: unit.default_validity for unit in listed.units} == {
+        "EUR": "",
+        "pack": "P6M",
+        "session": "",
+    }
+    assert (await api.units.CreateUnit(pack("P6M"))).unit == created.unit
+    for other in ["P7M", "P180D", ""]:
+        await fails(api.units.CreateUnit(pack(other)), Code.ALREADY_EXISTS, "UNIT_EXISTS")
+    # Stored canonical: P1Y6M is P18M, and created again as P18M it is the same unit.
+    spelled = units_pb2.CreateUnitRequest(
+        code="pass", kind=types_pb2.UNIT_KIND_CREDIT, name="Pass", default_validity="P1Y6M"
+    )
+    longer = await api.units.CreateUnit(spelled)
+    assert longer.unit.default_validity == "P18M"
+    spelled.default_validity = "P18M"
+    assert (await api.units.CreateUnit(spelled)).unit == longer.unit
+
+
 async def test_wallets(api: Api) -> None:
     request = wallets_pb2.CreateWalletRequest(
         idempotency_key="w-1",
@@ -630,6 +665,13 @@ async def test_bad_input_for_every_rpc(api: Api) -> None:
         u.CreateUnit(units_pb2.CreateUnitRequest(code="pts", kind=2, name="x", scale=19)), "scale"
     )
     await invalid(u.CreateUnit(units_pb2.CreateUnitRequest(code="pts", kind=2)), "name")
+    for validity in ["P", "P0D", "P1.5D", "-P1D", "p1d", "P1D ", "P1201M", "P" + "0" * 32 + "1D"]:
+        await invalid(
+            u.CreateUnit(
+                units_pb2.CreateUnitRequest(code="pts", kind=2, name="x", default_validity=validity)
+            ),
+            "default_validity",
+        )
     await invalid(u.GetUnit(units_pb2.GetUnitRequest(code="")), "code")
     await invalid(u.GetUnit(units_pb2.GetUnitRequest(code="a b")), "code")
     await invalid(

@@ -92,8 +92,8 @@ async def test_operator_walkthrough(cli: Cli) -> None:
         "--plural", "Euros",
     ) == ["unit EUR  currency  scale 2  Euro/Euros"]  # fmt: skip
     units = await cli.ok("unit", "list")
-    assert units[0].split() == ["CODE", "KIND", "SCALE", "NAME", "PLURAL"]
-    assert units[1].split() == ["EUR", "currency", "2", "Euro", "Euros"]
+    assert units[0].split() == ["CODE", "KIND", "SCALE", "VALIDITY", "NAME", "PLURAL"]
+    assert units[1].split() == ["EUR", "currency", "2", "-", "Euro", "Euros"]
 
     created = await cli.json(
         "wallet", "create", "--owner", "ada", "--owner-kind", "customer", "--unit", "EUR"
@@ -287,6 +287,31 @@ async def test_a_movement_sends_its_options_and_shows_the_balance_after_it(
     assert (replayed.reference, replayed.performed_by) == ("order-1", "ada")
 
 
+async def test_a_units_default_validity(cli: Cli) -> None:
+    create = ["unit", "create", "pack", "--kind", "credit", "--scale", "0", "--name", "Pack"]
+    assert await cli.ok(*create, "--validity", "P1Y6M") == [
+        "unit pack  credit  scale 0  validity P18M  Pack"
+    ]
+    assert await cli.ok(*create, "--validity", "P18M") == [
+        "unit pack  credit  scale 0  validity P18M  Pack"
+    ]
+    shown = await cli.json("unit", "create", "seat", "--kind", "credit", "--scale", "0",
+                           "--name", "Seat", "--validity", "P6M")  # fmt: skip
+    assert shown["unit"]["defaultValidity"] == "P6M"
+    units = await cli.ok("unit", "list")
+    assert [line.split() for line in units] == [
+        ["CODE", "KIND", "SCALE", "VALIDITY", "NAME", "PLURAL"],
+        ["pack", "credit", "0", "P18M", "Pack"],
+        ["seat", "credit", "0", "P6M", "Seat"],
+    ]
+    # Another validity is another definition; a text that is no duration, bad input.
+    refused = await cli(*create, "--validity", "P6M")
+    assert refused.exit_code == 1 and refused.err.startswith("error: UNIT_EXISTS: ")
+    refused = await cli(*create[:2], "box", *create[3:], "--validity", "6 months")
+    assert refused.exit_code == 1, refused
+    assert refused.err.startswith("error: INVALID_ARGUMENT: default_validity: must be ")
+
+
 async def test_json_output_is_the_response(cli: Cli) -> None:
     unit = await cli.json(
         "unit", "create", "pts", "--kind", "credit", "--scale", "0", "--name", "P"
@@ -381,6 +406,8 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro"],
         ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro",
          "--scale", str(limits.unit_scale_max + 1)],
+        ["unit", "create", "EUR", "--kind", "currency", "--name", "Euro", "--scale", "2",
+         "--validity", "P" + "1" * limits.validity_length_max + "D"],
         ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max + 1)],
         ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_min - 1)],
         ["hold", "place", "7", "5", "--timeout", "1.5"],

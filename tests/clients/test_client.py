@@ -169,6 +169,18 @@ async def test_units(coffer: Coffer) -> None:
     # Names the client does not know are refused before anything is sent.
     with pytest.raises(ValueError, match="currency, credit"):
         await coffer.create_unit(code="pts", kind="coin", scale=0, name="Point")
+    # A default validity for credits that name no expiry, read back in its canonical form.
+    pack = await coffer.create_unit(
+        code="pack", kind="credit", scale=0, name="Pack", default_validity="P1Y"
+    )
+    assert pack.default_validity == "P12M" == (await coffer.get_unit(code="pack")).default_validity
+    error = await fails(
+        coffer.create_unit(
+            code="pack", kind="credit", scale=0, name="Pack", default_validity="P6M"
+        ),
+        errors.UnitExists,
+    )
+    assert "another definition" in error.message
 
 
 async def test_wallets(coffer: Coffer) -> None:
@@ -584,6 +596,12 @@ async def test_invalid_argument_names_its_field(coffer: Coffer) -> None:
         (lambda: coffer.create_unit(code="a b", kind="credit", scale=0, name="x"), "code"),
         (lambda: coffer.create_unit(code="pts", kind="credit", scale=19, name="x"), "scale"),
         (lambda: coffer.create_unit(code="pts", kind="credit", scale=0, name=""), "name"),
+        (
+            lambda: coffer.create_unit(
+                code="pts", kind="credit", scale=0, name="x", default_validity="6 months"
+            ),
+            "default_validity",
+        ),
         (lambda: coffer.get_unit(code=""), "code"),
         (
             lambda: coffer.create_wallet(

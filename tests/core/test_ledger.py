@@ -41,6 +41,7 @@ from coffer.core.model import (
 )
 from coffer.core.store.connections import create_pool
 from coffer.core.store.facts import Facts
+from coffer.core.validity import Validity
 
 from support.database import lock_waiters
 
@@ -562,6 +563,34 @@ async def test_unit_scales_are_read_once(ledger: Ledger, database_url: str) -> N
     finally:
         await pool.close()
     assert (await other.unit_scales({"EUR"}))["EUR"] == 2
+
+
+async def test_a_units_default_validity(ledger: Ledger, database_url: str) -> None:
+    """Kept in its canonical form, part of the unit's definition, and read once per unit by
+    the facts of a batch."""
+    pack = Unit(code="pack", kind=UnitKind.credit, name="Pack", default_validity="P1Y6M")
+    created = await ledger.create_unit(pack)
+    assert created.default_validity == "P18M"
+    assert (await ledger.get_unit("pack")).default_validity == "P18M"
+    assert (await ledger.get_unit("seat")).default_validity == ""
+    # Created again: the same validity spelled otherwise is the same unit; another is not.
+    again = Unit(code="pack", kind=UnitKind.credit, name="Pack", default_validity="P18M")
+    assert await ledger.create_unit(again) == created
+    for other in ["P19M", ""]:
+        with pytest.raises(errors.UnitExists):
+            await ledger.create_unit(dataclasses.replace(pack, default_validity=other))
+    facts = Facts()
+    async with ledger.pool.acquire() as connection:
+        validities = await facts.unit_validities(connection, {"pack", "seat", "XYZ"})
+    assert validities == {"pack": Validity(months=18), "seat": None}
+    # Read once: asked again, the facts need no connection that works.
+    closed = await asyncpg.connect(database_url)
+    await closed.close()
+    assert await facts.unit_validities(closed, {"pack"}) == {"pack": Validity(months=18)}
+    # Learned from a creation, with no query at all.
+    learned = Facts()
+    learned.unit_created(created)
+    assert await learned.unit_validities(closed, {"pack"}) == {"pack": Validity(months=18)}
 
 
 async def test_facts_started_over_still_answer_all_they_are_asked(ledger: Ledger) -> None:

@@ -321,7 +321,8 @@ async def test_a_hold_lapsed_in_a_batch_of_its_source_leaves_its_target_unrecord
 async def test_units_and_wallets_record_their_events(ledger: Ledger) -> None:
     before = await head(ledger)
     unit = await ledger.create_unit(
-        Unit(code="seat", kind=UnitKind.credit, name="Seat"), actor="admin"
+        Unit(code="seat", kind=UnitKind.credit, name="Seat", default_validity="P1Y"),
+        actor="admin",
     )
     created = await wallet(ledger, caller="shop")
     alerted = await ledger.set_balance_alert(
@@ -336,13 +337,16 @@ async def test_units_and_wallets_record_their_events(ledger: Ledger) -> None:
         (EventType.wallet_cancelled, "ops"),
     ]
     assert events[0].body == unit and events[0].wallet_ids == ()
+    assert unit.default_validity == "P12M"
     assert events[1].body == created and events[1].wallet_ids == (created.id,)
     assert events[2].body == BalanceAlert(created.id, "EUR", 100, 500)
     assert alerted.low_balance_threshold == 100 and alerted.top_up_to == 500
     assert events[3].body == cancelled
     # What changed nothing records nothing: the unit again, the wallet's key replayed, the
     # same alert, a cancelled wallet cancelled again.
-    await ledger.create_unit(Unit(code="seat", kind=UnitKind.credit, name="Seat"))
+    await ledger.create_unit(
+        Unit(code="seat", kind=UnitKind.credit, name="Seat", default_validity="P12M")
+    )
     other = await wallet(ledger)
     after = await head(ledger)
     await ledger.set_balance_alert(other.id, low_balance_threshold=None)

@@ -33,6 +33,10 @@ _field_phrases: dict[str, tuple[str, ...]] = {
         f"{model.hold_timeout_s_min} second to {model.hold_timeout_s_max // 86_400} days",
         f"unset means {model.hold_timeout_s_default // 3600} hour",
     ),
+    "default_validity": (
+        f"up to {model.validity_length_max} characters",
+        f"at most {model.validity_months_max // 12} years",
+    ),
     "operations": (
         f"to {model.batch_operations_max:,} operations",
         f"{request_bytes_max:,} bytes",
@@ -51,6 +55,7 @@ _limitless = {
     ("SubmitBatchResponse", "operations"),
     ("ApiKey", "owner_id"),
     ("CertificateMapping", "owner_id"),
+    ("Unit", "default_validity"),
 }
 
 

@@ -218,6 +218,14 @@ def argument_parser(
     sub.add_argument("--name", required=True, help='e.g. "Euro"')
     sub.add_argument("--plural", default="", help='e.g. "Euros"')
     sub.add_argument("--description", default="")
+    sub.add_argument(
+        "--validity",
+        default="",
+        type=_validity,
+        metavar="DURATION",
+        help="how long its credits that name no expiry stay valid, an ISO 8601 duration:"
+        " P6M (six months), P1Y, P30D, PT12H (default: no expiry)",
+    )
     command(units, "list", "list the units", _unit_list)
 
     wallets = group("wallet", "wallets")
@@ -661,6 +669,15 @@ def _scale(text: str) -> int:
     return value
 
 
+def _validity(text: str) -> str:
+    """A duration's text, if not too long; the server checks its form."""
+    if len(text) > limits.validity_length_max:
+        raise argparse.ArgumentTypeError(
+            f"longer than {limits.validity_length_max} characters: {text}"
+        )
+    return text
+
+
 def _limit(text: str) -> int:
     value = _int64(text)
     if not 1 <= value <= list_limit_max:
@@ -723,6 +740,7 @@ def _unit_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
         name=arguments.name,
         plural=arguments.plural,
         description=arguments.description,
+        default_validity=arguments.validity,
     )
     return _Output(units_pb2.CreateUnitResponse(unit=unit), lambda: [_unit_line(unit)])
 
@@ -730,12 +748,19 @@ def _unit_create(client: SyncClient, arguments: argparse.Namespace) -> _Output:
 def _unit_list(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     units = client.list_units()
     rows = [
-        [unit.code, _name(types_pb2.UnitKind, unit.kind), str(unit.scale), unit.name, unit.plural]
+        [
+            unit.code,
+            _name(types_pb2.UnitKind, unit.kind),
+            str(unit.scale),
+            unit.default_validity or "-",
+            unit.name,
+            unit.plural,
+        ]
         for unit in units
     ]
     return _Output(
         units_pb2.ListUnitsResponse(units=units),
-        lambda: _table(["CODE", "KIND", "SCALE", "NAME", "PLURAL"], rows, right={2}),
+        lambda: _table(["CODE", "KIND", "SCALE", "VALIDITY", "NAME", "PLURAL"], rows, right={2}),
     )
 
 
@@ -1064,7 +1089,8 @@ def _collect(fetch: Callable[[int, str], Page[_Item]], limit: int) -> tuple[list
 def _unit_line(unit: types_pb2.Unit) -> str:
     names = "/".join(name for name in (unit.name, unit.plural) if name)
     kind = _name(types_pb2.UnitKind, unit.kind)
-    return f"unit {unit.code}  {kind}  scale {unit.scale}  {names}".rstrip()
+    validity = f"  validity {unit.default_validity}" if unit.default_validity else ""
+    return f"unit {unit.code}  {kind}  scale {unit.scale}{validity}  {names}".rstrip()
 
 
 def _wallet_lines(wallet: types_pb2.Wallet) -> list[str]:

@@ -591,8 +591,11 @@ class Client:
         name: str,
         plural: str = "",
         description: str = "",
+        default_validity: str = "",
     ) -> Unit:
-        """Idempotent by code: an existing unit with the same fields is returned as it is."""
+        """Idempotent by code: an existing unit with the same fields is returned as it is.
+        `default_validity`: how long its credits that name no expiry stay valid, an ISO 8601
+        duration such as "P6M" ("" for no expiry)."""
         request = units_pb2.CreateUnitRequest(
             code=code,
             kind=_enum(types_pb2.UnitKind, "UNIT_KIND_", kind),
@@ -600,6 +603,7 @@ class Client:
             plural=plural,
             description=description,
             scale=scale,
+            default_validity=default_validity,
         )
         response = await self._call(self._stubs().units.CreateUnit, request)
         return response.unit

@@ -41,6 +41,8 @@ __all__ = [
     "unit_description_length_max",
     "unit_name_length_max",
     "unit_scale_max",
+    "validity_length_max",
+    "validity_months_max",
 ]
 
 amount_max = 9_223_372_036_854_775_807
@@ -60,6 +62,8 @@ unit_code_length_max = 32
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
+validity_length_max = 32
+validity_months_max = 1200
 hold_timeout_s_min = 1
 hold_timeout_s_max = 2_592_000
 hold_timeout_s_default = 3600

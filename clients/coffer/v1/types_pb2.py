@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/types.proto\x12\tcoffer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x01\n\x04Unit\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.coffer.v1.UnitKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06plural\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\r\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"t\n\x07\x42\x61lance\x12\x0e\n\x06posted\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x11\n\tavailable\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x12\n\nunit_scale\x18\x05 \x01(\r\x12\x13\n\x0bunspendable\x18\x06 \x01(\x03\"\xd7\x03\n\x06Wallet\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12(\n\nowner_kind\x18\x03 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.coffer.v1.WalletStatus\x12\x1c\n\x0f\x62\x61lance_minimum\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12#\n\x07\x62\x61lance\x18\x07 \x01(\x0b\x32\x12.coffer.v1.Balance\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.coffer.v1.Wallet.MetadataEntry\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x15low_balance_threshold\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x0b \x01(\x03H\x02\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_balance_minimumB\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"\xa2\x04\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x14\n\x0coperation_id\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.coffer.v1.TransferKind\x12\x18\n\x10source_wallet_id\x18\x04 \x01(\x03\x12\x18\n\x10target_wallet_id\x18\x05 \x01(\x03\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x18\n\x10\x61mount_requested\x18\x08 \x01(\x03\x12\x0c\n\x04note\x18\t \x01(\t\x12\x11\n\treference\x18\n \x01(\t\x12\x14\n\x0cperformed_by\x18\x0b \x01(\t\x12\x33\n\x08metadata\x18\x0c \x03(\x0b\x32!.coffer.v1.Transfer.MetadataEntry\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11voids_transfer_id\x18\x0e \x01(\x03\x12\x0f\n\x07hold_id\x18\x0f \x01(\x03\x12\x1d\n\x15voided_by_transfer_id\x18\x10 \x01(\x03\x12\x34\n\x10hold_expire_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nunit_scale\x18\x12 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x02\n\x04Hold\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x18\n\x10source_wallet_id\x18\x02 \x01(\x03\x12\x18\n\x10target_wallet_id\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.coffer.v1.HoldStatus\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17resolved_by_transfer_id\x18\x08 \x01(\x03\x12\x17\n\x0f\x61mount_captured\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nunit_scale\x18\x0b \x01(\r*S\n\x08UnitKind\x12\x19\n\x15UNIT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12UNIT_KIND_CURRENCY\x10\x01\x12\x14\n\x10UNIT_KIND_CREDIT\x10\x02*p\n\tOwnerKind\x12\x1a\n\x16OWNER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OWNER_KIND_CUSTOMER\x10\x01\x12\x17\n\x13OWNER_KIND_MERCHANT\x10\x02\x12\x15\n\x11OWNER_KIND_SYSTEM\x10\x03*d\n\x0cWalletStatus\x12\x1d\n\x19WALLET_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14WALLET_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17WALLET_STATUS_CANCELLED\x10\x02*\xf3\x02\n\x0cTransferKind\x12\x1d\n\x19TRANSFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TRANSFER_KIND_CREDIT\x10\x01\x12\x17\n\x13TRANSFER_KIND_DEBIT\x10\x02\x12\x1a\n\x16TRANSFER_KIND_TRANSFER\x10\x03\x12\x19\n\x15TRANSFER_KIND_DEPOSIT\x10\x04\x12\x1c\n\x18TRANSFER_KIND_WITHDRAWAL\x10\x05\x12\x19\n\x15TRANSFER_KIND_PAYMENT\x10\x06\x12\x16\n\x12TRANSFER_KIND_HOLD\x10\x07\x12\x19\n\x15TRANSFER_KIND_CAPTURE\x10\x08\x12\x19\n\x15TRANSFER_KIND_RELEASE\x10\t\x12\x1d\n\x19TRANSFER_KIND_HOLD_EXPIRY\x10\n\x12\x16\n\x12TRANSFER_KIND_VOID\x10\x0b\x12\x1c\n\x18TRANSFER_KIND_EXPIRATION\x10\x0c*\\\n\tDebitMode\x12\x1a\n\x16\x44\x45\x42IT_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x42IT_MODE_ALL_OR_NOTHING\x10\x01\x12\x14\n\x10\x44\x45\x42IT_MODE_UP_TO\x10\x02*\x8f\x01\n\nHoldStatus\x12\x1b\n\x17HOLD_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13HOLD_STATUS_PENDING\x10\x01\x12\x18\n\x14HOLD_STATUS_CAPTURED\x10\x02\x12\x18\n\x14HOLD_STATUS_RELEASED\x10\x03\x12\x17\n\x13HOLD_STATUS_EXPIRED\x10\x04\x42\x89\x01\n\rdev.coffer.v1B\nTypesProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/types.proto\x12\tcoffer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\x04Unit\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.coffer.v1.UnitKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06plural\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\r\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65\x66\x61ult_validity\x18\x08 \x01(\t\"t\n\x07\x42\x61lance\x12\x0e\n\x06posted\x18\x01 \x01(\x03\x12\x0f\n\x07pending\x18\x02 \x01(\x03\x12\x11\n\tavailable\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x12\n\nunit_scale\x18\x05 \x01(\r\x12\x13\n\x0bunspendable\x18\x06 \x01(\x03\"\xd7\x03\n\x06Wallet\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08owner_id\x18\x02 \x01(\t\x12(\n\nowner_kind\x18\x03 \x01(\x0e\x32\x14.coffer.v1.OwnerKind\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\'\n\x06status\x18\x05 \x01(\x0e\x32\x17.coffer.v1.WalletStatus\x12\x1c\n\x0f\x62\x61lance_minimum\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12#\n\x07\x62\x61lance\x18\x07 \x01(\x0b\x32\x12.coffer.v1.Balance\x12\x31\n\x08metadata\x18\x08 \x03(\x0b\x32\x1f.coffer.v1.Wallet.MetadataEntry\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\"\n\x15low_balance_threshold\x18\n \x01(\x03H\x01\x88\x01\x01\x12\x16\n\ttop_up_to\x18\x0b \x01(\x03H\x02\x88\x01\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x12\n\x10_balance_minimumB\x18\n\x16_low_balance_thresholdB\x0c\n\n_top_up_to\"\xa2\x04\n\x08Transfer\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x14\n\x0coperation_id\x18\x02 \x01(\x03\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.coffer.v1.TransferKind\x12\x18\n\x10source_wallet_id\x18\x04 \x01(\x03\x12\x18\n\x10target_wallet_id\x18\x05 \x01(\x03\x12\x0c\n\x04unit\x18\x06 \x01(\t\x12\x0e\n\x06\x61mount\x18\x07 \x01(\x03\x12\x18\n\x10\x61mount_requested\x18\x08 \x01(\x03\x12\x0c\n\x04note\x18\t \x01(\t\x12\x11\n\treference\x18\n \x01(\t\x12\x14\n\x0cperformed_by\x18\x0b \x01(\t\x12\x33\n\x08metadata\x18\x0c \x03(\x0b\x32!.coffer.v1.Transfer.MetadataEntry\x12/\n\x0b\x63reate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11voids_transfer_id\x18\x0e \x01(\x03\x12\x0f\n\x07hold_id\x18\x0f \x01(\x03\x12\x1d\n\x15voided_by_transfer_id\x18\x10 \x01(\x03\x12\x34\n\x10hold_expire_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nunit_scale\x18\x12 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xbb\x02\n\x04Hold\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x18\n\x10source_wallet_id\x18\x02 \x01(\x03\x12\x18\n\x10target_wallet_id\x18\x03 \x01(\x03\x12\x0c\n\x04unit\x18\x04 \x01(\t\x12\x0e\n\x06\x61mount\x18\x05 \x01(\x03\x12%\n\x06status\x18\x06 \x01(\x0e\x32\x15.coffer.v1.HoldStatus\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x17resolved_by_transfer_id\x18\x08 \x01(\x03\x12\x17\n\x0f\x61mount_captured\x18\t \x01(\x03\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nunit_scale\x18\x0b \x01(\r*S\n\x08UnitKind\x12\x19\n\x15UNIT_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12UNIT_KIND_CURRENCY\x10\x01\x12\x14\n\x10UNIT_KIND_CREDIT\x10\x02*p\n\tOwnerKind\x12\x1a\n\x16OWNER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13OWNER_KIND_CUSTOMER\x10\x01\x12\x17\n\x13OWNER_KIND_MERCHANT\x10\x02\x12\x15\n\x11OWNER_KIND_SYSTEM\x10\x03*d\n\x0cWalletStatus\x12\x1d\n\x19WALLET_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14WALLET_STATUS_ACTIVE\x10\x01\x12\x1b\n\x17WALLET_STATUS_CANCELLED\x10\x02*\xf3\x02\n\x0cTransferKind\x12\x1d\n\x19TRANSFER_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TRANSFER_KIND_CREDIT\x10\x01\x12\x17\n\x13TRANSFER_KIND_DEBIT\x10\x02\x12\x1a\n\x16TRANSFER_KIND_TRANSFER\x10\x03\x12\x19\n\x15TRANSFER_KIND_DEPOSIT\x10\x04\x12\x1c\n\x18TRANSFER_KIND_WITHDRAWAL\x10\x05\x12\x19\n\x15TRANSFER_KIND_PAYMENT\x10\x06\x12\x16\n\x12TRANSFER_KIND_HOLD\x10\x07\x12\x19\n\x15TRANSFER_KIND_CAPTURE\x10\x08\x12\x19\n\x15TRANSFER_KIND_RELEASE\x10\t\x12\x1d\n\x19TRANSFER_KIND_HOLD_EXPIRY\x10\n\x12\x16\n\x12TRANSFER_KIND_VOID\x10\x0b\x12\x1c\n\x18TRANSFER_KIND_EXPIRATION\x10\x0c*\\\n\tDebitMode\x12\x1a\n\x16\x44\x45\x42IT_MODE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x42IT_MODE_ALL_OR_NOTHING\x10\x01\x12\x14\n\x10\x44\x45\x42IT_MODE_UP_TO\x10\x02*\x8f\x01\n\nHoldStatus\x12\x1b\n\x17HOLD_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13HOLD_STATUS_PENDING\x10\x01\x12\x18\n\x14HOLD_STATUS_CAPTURED\x10\x02\x12\x18\n\x14HOLD_STATUS_RELEASED\x10\x03\x12\x17\n\x13HOLD_STATUS_EXPIRED\x10\x04\x42\x89\x01\n\rdev.coffer.v1B\nTypesProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WALLET_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_TRANSFER_METADATAENTRY']._loaded_options = None
   _globals['_TRANSFER_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_UNITKIND']._serialized_start=1701
-  _globals['_UNITKIND']._serialized_end=1784
-  _globals['_OWNERKIND']._serialized_start=1786
-  _globals['_OWNERKIND']._serialized_end=1898
-  _globals['_WALLETSTATUS']._serialized_start=1900
-  _globals['_WALLETSTATUS']._serialized_end=2000
-  _globals['_TRANSFERKIND']._serialized_start=2003
-  _globals['_TRANSFERKIND']._serialized_end=2374
-  _globals['_DEBITMODE']._serialized_start=2376
-  _globals['_DEBITMODE']._serialized_end=2468
-  _globals['_HOLDSTATUS']._serialized_start=2471
-  _globals['_HOLDSTATUS']._serialized_end=2614
+  _globals['_UNITKIND']._serialized_start=1727
+  _globals['_UNITKIND']._serialized_end=1810
+  _globals['_OWNERKIND']._serialized_start=1812
+  _globals['_OWNERKIND']._serialized_end=1924
+  _globals['_WALLETSTATUS']._serialized_start=1926
+  _globals['_WALLETSTATUS']._serialized_end=2026
+  _globals['_TRANSFERKIND']._serialized_start=2029
+  _globals['_TRANSFERKIND']._serialized_end=2400
+  _globals['_DEBITMODE']._serialized_start=2402
+  _globals['_DEBITMODE']._serialized_end=2494
+  _globals['_HOLDSTATUS']._serialized_start=2497
+  _globals['_HOLDSTATUS']._serialized_end=2640
   _globals['_UNIT']._serialized_start=70
-  _globals['_UNIT']._serialized_end=240
-  _globals['_BALANCE']._serialized_start=242
-  _globals['_BALANCE']._serialized_end=358
-  _globals['_WALLET']._serialized_start=361
-  _globals['_WALLET']._serialized_end=832
-  _globals['_WALLET_METADATAENTRY']._serialized_start=725
-  _globals['_WALLET_METADATAENTRY']._serialized_end=772
-  _globals['_TRANSFER']._serialized_start=835
-  _globals['_TRANSFER']._serialized_end=1381
-  _globals['_TRANSFER_METADATAENTRY']._serialized_start=725
-  _globals['_TRANSFER_METADATAENTRY']._serialized_end=772
-  _globals['_HOLD']._serialized_start=1384
-  _globals['_HOLD']._serialized_end=1699
+  _globals['_UNIT']._serialized_end=266
+  _globals['_BALANCE']._serialized_start=268
+  _globals['_BALANCE']._serialized_end=384
+  _globals['_WALLET']._serialized_start=387
+  _globals['_WALLET']._serialized_end=858
+  _globals['_WALLET_METADATAENTRY']._serialized_start=751
+  _globals['_WALLET_METADATAENTRY']._serialized_end=798
+  _globals['_TRANSFER']._serialized_start=861
+  _globals['_TRANSFER']._serialized_end=1407
+  _globals['_TRANSFER_METADATAENTRY']._serialized_start=751
+  _globals['_TRANSFER_METADATAENTRY']._serialized_end=798
+  _globals['_HOLD']._serialized_start=1410
+  _globals['_HOLD']._serialized_end=1725
 # @@protoc_insertion_point(module_scope)

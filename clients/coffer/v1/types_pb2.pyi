@@ -252,6 +252,7 @@ class Unit(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALIDITY_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """"EUR", or an operator's credit code such as "seat": 1 to 32 letters, digits, '_', '-' or
     '.'; case-sensitive.
@@ -268,6 +269,12 @@ class Unit(_message.Message):
     """Minor units per major unit as a power of ten: 2 for EUR (cents), 0 for whole seats;
     0 to 18.
     """
+    default_validity: _builtins.str
+    """How long a credit of the unit that names no expiry of its own stays valid: it expires
+    that long after it is granted. An ISO 8601 duration in its canonical form: months as
+    "nM", days as "nD", then seconds as "TnS", each only when not zero ("P6M", "P30D",
+    "PT43200S", "P1M15D"). Empty: such credits do not expire.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the unit was created."""
@@ -282,10 +289,11 @@ class Unit(_message.Message):
         description: _builtins.str = ...,
         scale: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        default_validity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "description", b"description", "kind", b"kind", "name", b"name", "plural", b"plural", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "create_time", b"create_time", "default_validity", b"default_validity", "description", b"description", "kind", b"kind", "name", b"name", "plural", b"plural", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from coffer.v1 import types_pb2 as coffer_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/units.proto\x12\tcoffer.v1\x1a\x15\x63offer/v1/types.proto\"\x86\x01\n\x11\x43reateUnitRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.coffer.v1.UnitKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06plural\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\r\"3\n\x12\x43reateUnitResponse\x12\x1d\n\x04unit\x18\x01 \x01(\x0b\x32\x0f.coffer.v1.Unit\"\x1e\n\x0eGetUnitRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"0\n\x0fGetUnitResponse\x12\x1d\n\x04unit\x18\x01 \x01(\x0b\x32\x0f.coffer.v1.Unit\"\x12\n\x10ListUnitsRequest\"3\n\x11ListUnitsResponse\x12\x1e\n\x05units\x18\x01 \x03(\x0b\x32\x0f.coffer.v1.Unit2\xe2\x01\n\x0bUnitService\x12I\n\nCreateUnit\x12\x1c.coffer.v1.CreateUnitRequest\x1a\x1d.coffer.v1.CreateUnitResponse\x12@\n\x07GetUnit\x12\x19.coffer.v1.GetUnitRequest\x1a\x1a.coffer.v1.GetUnitResponse\x12\x46\n\tListUnits\x12\x1b.coffer.v1.ListUnitsRequest\x1a\x1c.coffer.v1.ListUnitsResponseB\x89\x01\n\rdev.coffer.v1B\nUnitsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63offer/v1/units.proto\x12\tcoffer.v1\x1a\x15\x63offer/v1/types.proto\"\xa0\x01\n\x11\x43reateUnitRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12!\n\x04kind\x18\x02 \x01(\x0e\x32\x13.coffer.v1.UnitKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06plural\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\r\n\x05scale\x18\x06 \x01(\r\x12\x18\n\x10\x64\x65\x66\x61ult_validity\x18\x07 \x01(\t\"3\n\x12\x43reateUnitResponse\x12\x1d\n\x04unit\x18\x01 \x01(\x0b\x32\x0f.coffer.v1.Unit\"\x1e\n\x0eGetUnitRequest\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\"0\n\x0fGetUnitResponse\x12\x1d\n\x04unit\x18\x01 \x01(\x0b\x32\x0f.coffer.v1.Unit\"\x12\n\x10ListUnitsRequest\"3\n\x11ListUnitsResponse\x12\x1e\n\x05units\x18\x01 \x03(\x0b\x32\x0f.coffer.v1.Unit2\xe2\x01\n\x0bUnitService\x12I\n\nCreateUnit\x12\x1c.coffer.v1.CreateUnitRequest\x1a\x1d.coffer.v1.CreateUnitResponse\x12@\n\x07GetUnit\x12\x19.coffer.v1.GetUnitRequest\x1a\x1a.coffer.v1.GetUnitResponse\x12\x46\n\tListUnits\x12\x1b.coffer.v1.ListUnitsRequest\x1a\x1c.coffer.v1.ListUnitsResponseB\x89\x01\n\rdev.coffer.v1B\nUnitsProtoP\x01Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\xa2\x02\x03\x43\x46R\xaa\x02\tCoffer.V1\xba\x02\x03\x43\x46R\xca\x02\tCoffer\\V1\xea\x02\nCoffer::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,17 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.coffer.v1B\nUnitsProtoP\001Z9github.com/coffer-ledger/coffer/gen/go/coffer/v1;cofferv1\242\002\003CFR\252\002\tCoffer.V1\272\002\003CFR\312\002\tCoffer\\V1\352\002\nCoffer::V1'
   _globals['_CREATEUNITREQUEST']._serialized_start=60
-  _globals['_CREATEUNITREQUEST']._serialized_end=194
-  _globals['_CREATEUNITRESPONSE']._serialized_start=196
-  _globals['_CREATEUNITRESPONSE']._serialized_end=247
-  _globals['_GETUNITREQUEST']._serialized_start=249
-  _globals['_GETUNITREQUEST']._serialized_end=279
-  _globals['_GETUNITRESPONSE']._serialized_start=281
-  _globals['_GETUNITRESPONSE']._serialized_end=329
-  _globals['_LISTUNITSREQUEST']._serialized_start=331
-  _globals['_LISTUNITSREQUEST']._serialized_end=349
-  _globals['_LISTUNITSRESPONSE']._serialized_start=351
-  _globals['_LISTUNITSRESPONSE']._serialized_end=402
-  _globals['_UNITSERVICE']._serialized_start=405
-  _globals['_UNITSERVICE']._serialized_end=631
+  _globals['_CREATEUNITREQUEST']._serialized_end=220
+  _globals['_CREATEUNITRESPONSE']._serialized_start=222
+  _globals['_CREATEUNITRESPONSE']._serialized_end=273
+  _globals['_GETUNITREQUEST']._serialized_start=275
+  _globals['_GETUNITREQUEST']._serialized_end=305
+  _globals['_GETUNITRESPONSE']._serialized_start=307
+  _globals['_GETUNITRESPONSE']._serialized_end=355
+  _globals['_LISTUNITSREQUEST']._serialized_start=357
+  _globals['_LISTUNITSREQUEST']._serialized_end=375
+  _globals['_LISTUNITSRESPONSE']._serialized_start=377
+  _globals['_LISTUNITSRESPONSE']._serialized_end=428
+  _globals['_UNITSERVICE']._serialized_start=431
+  _globals['_UNITSERVICE']._serialized_end=657
 # @@protoc_insertion_point(module_scope)

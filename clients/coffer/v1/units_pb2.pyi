@@ -32,6 +32,7 @@ class CreateUnitRequest(_message.Message):
     PLURAL_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     SCALE_FIELD_NUMBER: _builtins.int
+    DEFAULT_VALIDITY_FIELD_NUMBER: _builtins.int
     code: _builtins.str
     """1 to 32 letters, digits, '_', '-' or '.'; case-sensitive. Currencies: the ISO-4217 code
     ("EUR"), by convention: the server does not check it against ISO-4217 today.
@@ -48,6 +49,18 @@ class CreateUnitRequest(_message.Message):
     """0 to 18: minor units per major unit as a power of ten. For currencies, the ISO-4217
     exponent (2 for EUR), by convention: not checked today.
     """
+    default_validity: _builtins.str
+    """How long a credit of the unit that names no expiry of its own stays valid: credits
+    without an explicit expiry expire that long after they are granted. An ISO 8601 duration
+    P[nY][nM][nW][nD][T[nH][nM][nS]] of whole numbers, not zero, up to 32 characters and at
+    most 100 years (a month counted as 30 days): "P6M" (six months), "P1Y", "P2W", "P30D",
+    "PT12H". Computed in UTC: months first, as calendar months (for a day the month lacks, as
+    in 31 January + P1M, the credit runs to the end of the month's last day), then days, then
+    seconds.
+    Stored in a canonical form (P1Y6M as P18M, P2W as P14D, PT12H as PT43200S), which is
+    the one compared when the unit is created again. Empty (the default): such credits do
+    not expire.
+    """
     def __init__(
         self,
         *,
@@ -57,10 +70,11 @@ class CreateUnitRequest(_message.Message):
         plural: _builtins.str = ...,
         description: _builtins.str = ...,
         scale: _builtins.int = ...,
+        default_validity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "description", b"description", "kind", b"kind", "name", b"name", "plural", b"plural", "scale", b"scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "default_validity", b"default_validity", "description", b"description", "kind", b"kind", "name", b"name", "plural", b"plural", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -107,8 +107,8 @@ class UnitServiceServicer:
         """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
         key: creating an existing unit with the same fields returns it; with different fields
         fails with ALREADY_EXISTS UNIT_EXISTS.
-        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
-        UNIT_EXISTS.
+        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale,
+        default_validity), ALREADY_EXISTS UNIT_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,8 +62,8 @@ class UnitServiceStub:
     """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
     key: creating an existing unit with the same fields returns it; with different fields
     fails with ALREADY_EXISTS UNIT_EXISTS.
-    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
-    UNIT_EXISTS.
+    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale,
+    default_validity), ALREADY_EXISTS UNIT_EXISTS.
     """
     GetUnit: _grpc.UnaryUnaryMultiCallable[_units_pb2.GetUnitRequest, _units_pb2.GetUnitResponse]
     """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code)."""
@@ -103,8 +103,8 @@ class UnitServiceAsyncStub(UnitServiceStub):
     """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
     key: creating an existing unit with the same fields returns it; with different fields
     fails with ALREADY_EXISTS UNIT_EXISTS.
-    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
-    UNIT_EXISTS.
+    Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale,
+    default_validity), ALREADY_EXISTS UNIT_EXISTS.
     """
     GetUnit: _aio.UnaryUnaryMultiCallable[_units_pb2.GetUnitRequest, _units_pb2.GetUnitResponse]  # type: ignore[assignment]
     """One unit by its code. Errors: NOT_FOUND UNIT_NOT_FOUND, INVALID_ARGUMENT (code)."""
@@ -147,8 +147,8 @@ class UnitServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a unit and its two system wallets. Idempotent by code, without an idempotency
         key: creating an existing unit with the same fields returns it; with different fields
         fails with ALREADY_EXISTS UNIT_EXISTS.
-        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale), ALREADY_EXISTS
-        UNIT_EXISTS.
+        Errors: INVALID_ARGUMENT (code, kind, name, plural, description, scale,
+        default_validity), ALREADY_EXISTS UNIT_EXISTS.
         """
 
     @_abc_1.abstractmethod

@@ -155,7 +155,7 @@ class Ledger:
                 await events.record(
                     connection, self._now(), changes=[events.unit_change(created, actor)]
                 )
-        self._facts.unit_created(created.code, created.scale)
+        self._facts.unit_created(created)
         return created
 
     async def get_unit(self, code: str) -> Unit:

@@ -122,6 +122,8 @@ __all__ = [
     "unit_name_length_max",
     "unit_scale_max",
     "unit_system_wallets",
+    "validity_length_max",
+    "validity_months_max",
 ]
 
 # Limits: every string, map and number that comes in has one.
@@ -148,6 +150,10 @@ _unit_code_pattern = re.compile(rf"[A-Za-z0-9_.\-]{{1,{unit_code_length_max}}}")
 unit_name_length_max = 128
 unit_description_length_max = 1000
 unit_scale_max = 18
+# A unit's default validity (coffer.core.validity): an ISO 8601 duration of at most this many
+# characters, lasting at most this many months (100 years), a month counted as 30 days.
+validity_length_max = 32
+validity_months_max = 1200
 hold_timeout_s_min = 1
 hold_timeout_s_max = 30 * 24 * 3600
 hold_timeout_s_default = 3600
@@ -300,9 +306,15 @@ class Unit:
     plural: str = ""
     description: str = ""
     scale: int = 0
+    # How long each credit of the unit stays valid when it names no expiry of its own: an ISO
+    # 8601 duration (coffer.core.validity), kept in its canonical form; "" for no expiry.
+    default_validity: str = ""
     created_at: datetime | None = None
 
     def __post_init__(self) -> None:
+        # Here, not at the top: coffer.core.validity takes its limits from this module.
+        from .validity import parse_validity
+
         check_unit_code("code", self.code)
         check_enum("kind", self.kind, UnitKind)
         check_text("name", self.name, unit_name_length_max, required=True)
@@ -310,15 +322,22 @@ class Unit:
         check_text("description", self.description, unit_description_length_max)
         if not 0 <= self.scale <= unit_scale_max:
             raise InvalidArgument("scale", f"must be 0 to {unit_scale_max}")
+        if self.default_validity:
+            validity = parse_validity(self.default_validity, "default_validity")
+            object.__setattr__(self, "default_validity", validity.text)
 
     def same_definition(self, other: Unit) -> bool:
-        return (self.code, self.kind, self.name, self.plural, self.description, self.scale) == (
-            other.code,
-            other.kind,
-            other.name,
-            other.plural,
-            other.description,
-            other.scale,
+        return self._definition() == other._definition()
+
+    def _definition(self) -> tuple[object, ...]:
+        return (
+            self.code,
+            self.kind,
+            self.name,
+            self.plural,
+            self.description,
+            self.scale,
+            self.default_validity,
         )
 
 

@@ -133,6 +133,7 @@ def unit(request: units_pb2.CreateUnitRequest) -> model.Unit:
         plural=request.plural,
         description=request.description,
         scale=request.scale,
+        default_validity=request.default_validity,
     )
 
 
@@ -551,6 +552,7 @@ def unit_pb(value: model.Unit) -> types_pb2.Unit:
         plural=value.plural,
         description=value.description,
         scale=value.scale,
+        default_validity=value.default_validity,
     )
     if value.created_at is not None:
         pb.create_time.CopyFrom(_timestamp(value.created_at))

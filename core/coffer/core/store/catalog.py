@@ -45,6 +45,7 @@ async def create_unit(connection: asyncpg.Connection, unit: Unit) -> tuple[Unit,
         unit.plural,
         unit.description,
         unit.scale,
+        unit.default_validity,
     )
     if row is None:
         found = await connection.fetchrow(sql.select_unit, unit.code)

@@ -187,6 +187,7 @@ def unit_change(unit: Unit, actor: str) -> Change:
                 "plural": unit.plural,
                 "description": unit.description,
                 "scale": unit.scale,
+                "default_validity": unit.default_validity,
                 "created_at": unit.created_at.isoformat(),
             }
         },
@@ -359,6 +360,8 @@ def _body(change: dict[str, Any]) -> EventBody:
             plural=unit["plural"],
             description=unit["description"],
             scale=unit["scale"],
+            # Records of units made before units had a default validity have none.
+            default_validity=unit.get("default_validity", ""),
             created_at=datetime.fromisoformat(unit["created_at"]),
         )
     if type_ in (EventType.api_key_created, EventType.api_key_revoked):

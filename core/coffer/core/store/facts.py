@@ -1,19 +1,27 @@
 """Facts that never change once written, kept between batches: each wallet's unit, each
-unit's system wallets, and each unit's scale. A batch needs the first two before it locks
-anything (to write ahead, and to know which system wallets to lock); answers need the scale,
-so that every amount says how to read it. Read once, they cost no round trip again."""
+unit's system wallets, each unit's scale and each unit's default validity. A batch needs the
+first two before it locks anything (to write ahead, and to know which system wallets to lock),
+and the validity to date the grants of credits that name no expiry; answers need the scale, so
+that every amount says how to read it. Read once, they cost no round trip again."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 
-from ..model import OwnerKind, SystemWallet
+from ..model import OwnerKind, SystemWallet, Unit
+from ..validity import Validity, parse_validity
 from . import sql
 
-__all__ = ["Facts", "system_wallet_units_max", "unit_scales_max", "wallet_units_max"]
+__all__ = [
+    "Facts",
+    "system_wallet_units_max",
+    "unit_scales_max",
+    "unit_validities_max",
+    "wallet_units_max",
+]
 
 # Wallets whose unit is kept; past it, the cache starts over.
 wallet_units_max = 100_000
@@ -21,6 +29,8 @@ wallet_units_max = 100_000
 system_wallet_units_max = 10_000
 # Units whose scale is kept; past it, the cache starts over.
 unit_scales_max = 10_000
+# Units whose default validity is kept; past it, the cache starts over.
+unit_validities_max = 10_000
 
 _Key = TypeVar("_Key")
 _Value = TypeVar("_Value")
@@ -51,13 +61,16 @@ class Facts:
         wallet_units_max: int = wallet_units_max,
         system_wallet_units_max: int = system_wallet_units_max,
         unit_scales_max: int = unit_scales_max,
+        unit_validities_max: int = unit_validities_max,
     ) -> None:
         self._wallet_units: dict[int, str] = {}
         self._system_wallets: dict[str, dict[SystemWallet, int]] = {}
         self._unit_scales: dict[str, int] = {}
+        self._unit_validities: dict[str, Validity | None] = {}
         self._wallet_units_max = wallet_units_max
         self._system_wallet_units_max = system_wallet_units_max
         self._unit_scales_max = unit_scales_max
+        self._unit_validities_max = unit_validities_max
 
     async def wallet_units(
         self, connection: asyncpg.Connection, wallet_ids: set[int]
@@ -124,12 +137,27 @@ class Facts:
 
         return await _read_through(self._unit_scales, units, self._unit_scales_max, read)
 
-    def unit_created(self, code: str, scale: int) -> None:
-        """Learns a unit's scale from its creation: one query fewer."""
-        if code not in self._unit_scales and len(self._unit_scales) < self._unit_scales_max:
-            self._unit_scales[code] = scale
-
     async def unit_validities(
         self, connection: asyncpg.Connection, units: set[str]
-    ) -> dict[str, Any]:
-        return {}
+    ) -> dict[str, Validity | None]:
+        """The default validity of each of the units that exist (None: none), read once per
+        unit."""
+
+        async def read(missing: list[str]) -> Iterable[tuple[str, Validity | None]]:
+            rows = await connection.fetch(sql.select_unit_validities, missing)
+            return ((row["code"], _validity(row["default_validity"])) for row in rows)
+
+        return await _read_through(self._unit_validities, units, self._unit_validities_max, read)
+
+    def unit_created(self, unit: Unit) -> None:
+        """Learns a unit's scale and default validity from its creation: queries fewer."""
+        if unit.code not in self._unit_scales and len(self._unit_scales) < self._unit_scales_max:
+            self._unit_scales[unit.code] = unit.scale
+        known = self._unit_validities
+        if unit.code not in known and len(known) < self._unit_validities_max:
+            known[unit.code] = _validity(unit.default_validity)
+
+
+def _validity(text: str) -> Validity | None:
+    """A unit's stored default validity ("" for none), which its creation checked."""
+    return parse_validity(text, "default_validity") if text else None

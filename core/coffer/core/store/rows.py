@@ -53,6 +53,7 @@ def unit(row: asyncpg.Record) -> Unit:
         plural=row["plural"],
         description=row["description"],
         scale=row["scale"],
+        default_validity=row["default_validity"],
         created_at=row["created_at"],
     )
 

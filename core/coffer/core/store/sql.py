@@ -70,6 +70,7 @@ __all__ = [
     "select_unit",
     "select_unit_exists",
     "select_unit_scales",
+    "select_unit_validities",
     "select_units",
     "select_voiding_transfers",
     "select_wallet",
@@ -91,12 +92,12 @@ select_one = "select 1"
 
 # Units -----------------------------------------------------------------------------------------
 
-_unit_columns = "code, kind, name, plural, description, scale, created_at"
+_unit_columns = "code, kind, name, plural, description, scale, default_validity, created_at"
 
 # Nothing when the code is taken: the caller compares the definitions.
 insert_unit = f"""
-    insert into units (code, kind, name, plural, description, scale)
-    values ($1, $2, $3, $4, $5, $6)
+    insert into units (code, kind, name, plural, description, scale, default_validity)
+    values ($1, $2, $3, $4, $5, $6, $7)
     on conflict (code) do nothing
     returning {_unit_columns}
 """
@@ -108,6 +109,8 @@ select_units = f"select {_unit_columns} from units order by code"
 select_unit_exists = "select true from units where code = $1"
 
 select_unit_scales = "select code, scale from units where code = any($1::text[])"
+
+select_unit_validities = "select code, default_validity from units where code = any($1::text[])"
 
 # Wallets ---------------------------------------------------------------------------------------
 
