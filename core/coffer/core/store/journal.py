@@ -228,7 +228,8 @@ async def write(
                 allocations.extend(
                     (transfer_id, grant_id, change) for grant_id, change in posting.allocations
                 )
-            made.extend((transfer_id, grant, operation.caller) for grant in posting.new_grants)
+            if posting.new_grants:
+                made.extend((transfer_id, grant, operation.caller) for grant in posting.new_grants)
             if after is not None:
                 transfer_ids.append(transfer_id)
         if after is not None:
