@@ -675,3 +675,24 @@ def test_the_void_of_a_transfer_whose_grant_expired_takes_no_other_funds() -> No
     except errors.GrantSpent:
         return
     assert book.wallets[ben].posted == 10
+
+
+def test_a_start_whose_default_expiry_falls_past_the_year_9999_is_invalid() -> None:
+    """Review: the unit's default validity after a start far ahead overflows `datetime`; the
+    ValueError is no CofferError, so it failed the whole batch (every operation coalesced into
+    it) instead of this one credit."""
+    from coffer.core.validity import parse_validity
+
+    book = make_book()
+    book.validities = {"seat": parse_validity("P1Y", "default_validity")}
+    far = Credit(
+        idempotency_key=key(),
+        wallet_id=ann,
+        amount=1,
+        valid_from=datetime(9999, 6, 1, tzinfo=UTC),
+    )
+    fine = Credit(idempotency_key=key(), wallet_id=ben, amount=1)
+    outcomes = rules.apply_all(book, [far, fine], now)
+    assert isinstance(outcomes[0], errors.InvalidArgument)
+    assert outcomes[0].field == "valid_from"
+    assert isinstance(outcomes[1], list)
