@@ -616,3 +616,83 @@ def test_grant_state_spendable_matches_the_model() -> None:
     model = ModelWallet([], 0, 0)
     for at in (now - day, now, now + day / 2, now + day, now + 2 * day):
         assert grant.spendable(at) == model.valid(ModelGrant(1, 10, now, now + day), at)
+
+
+# Review ------------------------------------------------------------------------------------------
+
+
+def test_a_hold_released_after_the_void_of_its_grant_does_not_bring_the_grant_back() -> None:
+    """Review: a credit's grant partly reserved by a hold, then the credit voided (the held
+    part counted as spent, taken from the untracked balance), then the hold released: the
+    release returns the held part into the voided credit's grant, so the wallet's own funds
+    that never expire now expire."""
+    book = make_book()
+    credit(book, ann, 10)
+    granted = credit(book, ann, 10, expires_at=now + day)
+    hold_id = place(book, 6)
+    void(book, granted)
+    apply(book, ReleaseHold(idempotency_key=key(), hold_id=hold_id))
+    wallet = book.wallets[ann]
+    assert (wallet.posted, wallet.pending) == (10, 0)
+    assert remaining(book, granted) == [0] and wallet.untracked == 10
+    check_sums(book)
+
+
+def test_a_hold_captured_into_another_customers_wallet_keeps_the_expiries() -> None:
+    """Review: a transfer between wallets carries the expiries; a hold towards another
+    customer's wallet, captured, moves the same funds, but makes them never expire."""
+    book = make_book()
+    credit(book, ann, 10, expires_at=now + day)
+    placed = apply(
+        book,
+        PlaceHold(
+            idempotency_key=key(), wallet_id=ann, target_wallet_id=ben, amount=10, timeout_s=60
+        ),
+    )
+    apply(book, CaptureHold(idempotency_key=key(), hold_id=transfer_id(placed)))
+    assert book.wallets[ben].tracked == 10
+    assert [grant.expires_at for grant in book.wallets[ben].grants] == [now + day]
+
+
+def test_the_void_of_a_transfer_whose_grant_expired_takes_no_other_funds() -> None:
+    """Review: what a transfer carried expired in its target; its void takes the target's own
+    funds for it (as if spent) and restores the source's grant, which expires again: the same
+    10 expire twice, and the target loses 10 it never spent."""
+    book = make_book()
+    credit(book, ann, 10, expires_at=now + day)
+    moved = apply(
+        book,
+        WalletTransfer(
+            idempotency_key=key(), source_wallet_id=ann, target_wallet_id=ben, amount=10
+        ),
+    )
+    credit(book, ben, 10)
+    later = now + 2 * day
+    apply(book, ExpireGrant(idempotency_key=key(), grant_id=grant_of(moved)), later)
+    assert book.wallets[ben].posted == 10
+    try:
+        apply(book, Void(idempotency_key=key(), transfer_id=transfer_id(moved)), later)
+    except errors.GrantSpent:
+        return
+    assert book.wallets[ben].posted == 10
+
+
+def test_a_start_whose_default_expiry_falls_past_the_year_9999_is_invalid() -> None:
+    """Review: the unit's default validity after a start far ahead overflows `datetime`; the
+    ValueError is no CofferError, so it failed the whole batch (every operation coalesced into
+    it) instead of this one credit."""
+    from coffer.core.validity import parse_validity
+
+    book = make_book()
+    book.validities = {"seat": parse_validity("P1Y", "default_validity")}
+    far = Credit(
+        idempotency_key=key(),
+        wallet_id=ann,
+        amount=1,
+        valid_from=datetime(9999, 6, 1, tzinfo=UTC),
+    )
+    fine = Credit(idempotency_key=key(), wallet_id=ben, amount=1)
+    outcomes = rules.apply_all(book, [far, fine], now)
+    assert isinstance(outcomes[0], errors.InvalidArgument)
+    assert outcomes[0].field == "valid_from"
+    assert isinstance(outcomes[1], list)

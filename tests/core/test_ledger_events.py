@@ -691,3 +691,23 @@ async def test_watchers_follow_live_and_are_bounded(ledger: Ledger, database_url
         assert ledger.watchers == 0
     finally:
         await listener.close()
+
+
+async def test_low_balance_is_judged_on_what_the_wallet_can_spend(ledger: Ledger) -> None:
+    """Review: `available` (get_wallet, the proto) leaves out what grants hold that cannot be
+    spent now; the alert must cross on that same balance, and the top-up ask for the
+    difference from it."""
+    customer = await wallet(ledger, low_balance_threshold=100, top_up_to=300)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=customer.id, amount=200))
+    tomorrow = datetime.now(UTC) + timedelta(days=1)
+    await one(
+        ledger,
+        Credit(idempotency_key=key(), wallet_id=customer.id, amount=500, valid_from=tomorrow),
+    )
+    before = await head(ledger)
+    await one(ledger, Debit(idempotency_key=key(), wallet_id=customer.id, amount=150))
+    assert (await ledger.get_wallet(customer.id)).balance.available == 50
+    alerts = [event for event in await since(ledger, before) if event.type >= 60]
+    assert [event.type for event in alerts] == [EventType.low_balance, EventType.top_up_requested]
+    top_up = alerts[1].body
+    assert isinstance(top_up, TopUpRequest) and top_up.amount == 300 - 50

@@ -1026,7 +1026,12 @@ def _terms(
     if expires_at is None:
         validity = book.validities.get(wallet.unit)
         if validity is not None:
-            expires_at = validity.after(start)
+            try:
+                expires_at = validity.after(start)
+            except (ValueError, OverflowError) as error:
+                raise errors.InvalidArgument(
+                    "valid_from", "is too far ahead: the unit's validity after it passes 9999"
+                ) from error
     else:
         _check_future("expires_at", expires_at, now)
     return start, expires_at

@@ -264,12 +264,15 @@ class Batch:
 
     async def _lock_wallets(
         self, book: rules.Book, wallet_ids: set[int]
-    ) -> dict[int, tuple[int, int]]:
+    ) -> dict[int, tuple[int, int, int]]:
         """Locks the wallets into the book; returns their balances as read (posted,
-        pending), so that only those that changed are written."""
+        pending, tracked), so that only those that changed are written."""
         for row in await self._connection.fetch(sql.lock_wallets, sorted(wallet_ids)):
             book.wallets[row["id"]] = rows.wallet_state(row)
-        return {wallet.id: (wallet.posted, wallet.pending) for wallet in book.wallets.values()}
+        return {
+            wallet.id: (wallet.posted, wallet.pending, wallet.tracked)
+            for wallet in book.wallets.values()
+        }
 
     async def _lock_holds(
         self, book: rules.Book, referenced: Mapping[int, asyncpg.Record], hold_ids: set[int]

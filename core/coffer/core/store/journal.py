@@ -126,7 +126,7 @@ async def write(
     connection: asyncpg.Connection,
     journal: Journal,
     book: rules.Book,
-    balances_read: Mapping[int, tuple[int, int]],
+    balances_read: Mapping[int, tuple[int, int, int]],
     grants_read: Mapping[int, tuple[int, datetime | None, int]],
     hold_created_at: Mapping[int, datetime],
 ) -> Written:
@@ -258,7 +258,8 @@ async def write(
     changed = [
         wallet
         for wallet in book.wallets.values()
-        if (wallet.posted, wallet.pending) != balances_read[wallet.id]
+        # Tracked too: a batch may move grants and leave posted and pending as it read them.
+        if (wallet.posted, wallet.pending, wallet.tracked) != balances_read[wallet.id]
     ]
     if after is not None:
         changes.extend(_low_balances(changed, balances_read))
@@ -358,7 +359,7 @@ async def _write_grants(
 
 
 def _low_balances(
-    changed: Sequence[rules.WalletState], balances_read: Mapping[int, tuple[int, int]]
+    changed: Sequence[rules.WalletState], balances_read: Mapping[int, tuple[int, int, int]]
 ) -> list[Change]:
     """The low balances and top-ups the batch calls for: each wallet with a threshold whose
     available balance was at or above it before the batch and is below it after crosses it
@@ -369,7 +370,7 @@ def _low_balances(
         threshold = wallet.low_balance_threshold
         if threshold is None:
             continue
-        posted, pending = balances_read[wallet.id]
+        posted, pending, _ = balances_read[wallet.id]
         if not (posted - pending >= threshold > wallet.available):
             continue
         wallet.low_balance_crossings += 1
