@@ -192,7 +192,7 @@ async def test_a_balance_below_its_minimum_is_found(ledger: Ledger) -> None:
     await _apply(ledger, Debit(idempotency_key=_key(), wallet_id=customer, amount=1))
     assert (await _audit(ledger)).floors.count == 0
     # The database refuses such a balance by a constraint; the check does not rely on it.
-    await _execute(ledger, "alter table wallets drop constraint available_above_minimum")
+    await _execute(ledger, "alter table wallets drop constraint untracked_above_minimum")
     await _execute(ledger, "update wallets set balance_minimum = 5 where id = $1", customer)
     audit = await _audit(ledger)
     [mismatch] = audit.floors.examples

@@ -618,14 +618,14 @@ def test_grant_state_spendable_matches_the_model() -> None:
         assert grant.spendable(at) == model.valid(ModelGrant(1, 10, now, now + day), at)
 
 
-# Review ------------------------------------------------------------------------------------------
+# Holds, voids and expiries together --------------------------------------------------------------
 
 
 def test_a_hold_released_after_the_void_of_its_grant_does_not_bring_the_grant_back() -> None:
-    """Review: a credit's grant partly reserved by a hold, then the credit voided (the held
-    part counted as spent, taken from the untracked balance), then the hold released: the
-    release returns the held part into the voided credit's grant, so the wallet's own funds
-    that never expire now expire."""
+    """A credit's grant partly reserved by a hold, then the credit voided (the held part
+    counted as spent, taken from the untracked balance), then the hold released: the held part
+    returns to the untracked balance, not to the voided grant (else the wallet's own funds,
+    which never expire, would expire)."""
     book = make_book()
     credit(book, ann, 10)
     granted = credit(book, ann, 10, expires_at=now + day)
@@ -639,8 +639,8 @@ def test_a_hold_released_after_the_void_of_its_grant_does_not_bring_the_grant_ba
 
 
 def test_a_hold_captured_into_another_customers_wallet_keeps_the_expiries() -> None:
-    """Review: a transfer between wallets carries the expiries; a hold towards another
-    customer's wallet, captured, moves the same funds, but makes them never expire."""
+    """A transfer between wallets carries the expiries; so does a hold towards another
+    customer's wallet, captured: else it would make expiring funds never expire."""
     book = make_book()
     credit(book, ann, 10, expires_at=now + day)
     placed = apply(
@@ -654,10 +654,10 @@ def test_a_hold_captured_into_another_customers_wallet_keeps_the_expiries() -> N
     assert [grant.expires_at for grant in book.wallets[ben].grants] == [now + day]
 
 
-def test_the_void_of_a_transfer_whose_grant_expired_takes_no_other_funds() -> None:
-    """Review: what a transfer carried expired in its target; its void takes the target's own
-    funds for it (as if spent) and restores the source's grant, which expires again: the same
-    10 expire twice, and the target loses 10 it never spent."""
+def test_the_void_of_a_transfer_whose_grant_expired_is_refused() -> None:
+    """What a transfer carried expired in its target: its void would take the target's own
+    funds for it (as if spent) and restore the source's grant, to expire again. It is refused
+    until the expiration is voided."""
     book = make_book()
     credit(book, ann, 10, expires_at=now + day)
     moved = apply(
@@ -668,19 +668,26 @@ def test_the_void_of_a_transfer_whose_grant_expired_takes_no_other_funds() -> No
     )
     credit(book, ben, 10)
     later = now + 2 * day
-    apply(book, ExpireGrant(idempotency_key=key(), grant_id=grant_of(moved)), later)
+    expired = apply(book, ExpireGrant(idempotency_key=key(), grant_id=grant_of(moved)), later)
     assert book.wallets[ben].posted == 10
-    try:
-        apply(book, Void(idempotency_key=key(), transfer_id=transfer_id(moved)), later)
-    except errors.GrantSpent:
-        return
+    with pytest.raises(errors.NotVoidable):
+        rules.apply(book, Void(idempotency_key=key(), transfer_id=transfer_id(moved)), later)
     assert book.wallets[ben].posted == 10
+    # Voiding the expiration restores the grant to the target (with a new expiry); the
+    # transfer stays, as a grant that expired once can never be taken back by a void.
+    apply(
+        book,
+        Void(idempotency_key=key(), transfer_id=transfer_id(expired), expires_at=later + day),
+        later,
+    )
+    assert book.wallets[ben].posted == 20
+    with pytest.raises(errors.NotVoidable):
+        rules.apply(book, Void(idempotency_key=key(), transfer_id=transfer_id(moved)), later)
 
 
 def test_a_start_whose_default_expiry_falls_past_the_year_9999_is_invalid() -> None:
-    """Review: the unit's default validity after a start far ahead overflows `datetime`; the
-    ValueError is no CofferError, so it failed the whole batch (every operation coalesced into
-    it) instead of this one credit."""
+    """The unit's default validity after a start far ahead overflows `datetime`: that credit
+    alone is invalid, not the whole batch (every operation coalesced into it)."""
     from coffer.core.validity import parse_validity
 
     book = make_book()

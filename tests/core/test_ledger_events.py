@@ -694,7 +694,7 @@ async def test_watchers_follow_live_and_are_bounded(ledger: Ledger, database_url
 
 
 async def test_low_balance_is_judged_on_what_the_wallet_can_spend(ledger: Ledger) -> None:
-    """Review: `available` (get_wallet, the proto) leaves out what grants hold that cannot be
+    """`available` (get_wallet, the proto) leaves out what grants hold that cannot be
     spent now; the alert must cross on that same balance, and the top-up ask for the
     difference from it."""
     customer = await wallet(ledger, low_balance_threshold=100, top_up_to=300)

@@ -103,8 +103,8 @@ async def credit(
     )
 
 
-async def grants(ledger: Ledger, wallet_id: int, *, spent: bool = True) -> list[Grant]:
-    page = await ledger.list_grants(wallet_id, spent=spent)
+async def grants(ledger: Ledger, wallet_id: int, *, include_spent: bool = True) -> list[Grant]:
+    page = await ledger.list_grants(wallet_id, include_spent=include_spent)
     return page.items
 
 
@@ -131,7 +131,7 @@ async def test_a_batch_writes_grants_and_what_each_transfer_drew(ledger: Ledger)
     assert second.transfer_id == later.transfer.id and first.unit == "seat"
     spent = await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=15))
     assert [grant.remaining for grant in await grants(ledger, ann.id)] == [0, 5]
-    assert [grant.id for grant in await grants(ledger, ann.id, spent=False)] == [second.id]
+    assert [grant.id for grant in await grants(ledger, ann.id, include_spent=False)] == [second.id]
     balance = (await ledger.get_wallet(ann.id)).balance
     assert (balance.posted, balance.available, balance.unspendable) == (15, 15, 0)
     await books(ledger)
@@ -380,7 +380,7 @@ async def test_books_catch_a_grant_that_does_not_add_up(ledger: Ledger) -> None:
 
 
 async def test_a_batch_that_leaves_balances_as_read_still_writes_tracked(ledger: Ledger) -> None:
-    """Review: a wallet whose posted and pending end a batch as they were read, but whose
+    """A wallet whose posted and pending end a batch as they were read, but whose
     grants changed (funds that never expire in, a grant spent out), must still have its
     tracked sum written."""
     ann = await wallet(ledger)
@@ -399,7 +399,7 @@ async def test_a_batch_that_leaves_balances_as_read_still_writes_tracked(ledger:
 async def test_a_grant_made_in_a_batch_that_leaves_balances_as_read_is_spent_first(
     ledger: Ledger,
 ) -> None:
-    """Review: the same, the other way: a debit from the untracked balance and a credit that
+    """The same, the other way: a debit from the untracked balance and a credit that
     expires, in one batch. With the tracked sum left at 0, the grant was never drawn (the
     wallet looked as if it had none), then expired on top of what was spent: below the floor."""
     ann = await wallet(ledger)

@@ -493,13 +493,18 @@ class Ledger:
         *,
         after_id: int = 0,
         page_size: int = page_size_default,
-        spent: bool = False,
+        include_spent: bool = False,
     ) -> Page[Grant]:
-        """A wallet's grants, oldest first: those with something left, or with `spent` all."""
+        """A wallet's grants, oldest first: those with something left, or with `include_spent`
+        all (those spent, expired or voided too)."""
         async with self._read_connection() as connection:
             await catalog.get_wallet(connection, wallet_id, self._now())
             return await grants.list_grants(
-                connection, wallet_id, after_id=after_id, page_size=page_size, spent=spent
+                connection,
+                wallet_id,
+                after_id=after_id,
+                page_size=page_size,
+                include_spent=include_spent,
             )
 
     async def balance_at(self, wallet_id: int, at: datetime) -> Balance:
@@ -508,7 +513,11 @@ class Ledger:
         now = self._now()
         if at <= now:
             raise errors.InvalidArgument("at", "must be a time to come")
-        async with self._read_connection() as connection:
+        # The wallet and its grants in one snapshot.
+        async with (
+            self._read_connection() as connection,
+            connection.transaction(isolation="repeatable_read", readonly=True),
+        ):
             wallet = await catalog.get_wallet(connection, wallet_id, now)
             return await grants.balance_at(connection, wallet_id, wallet.balance, at)
 

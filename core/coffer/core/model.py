@@ -633,7 +633,7 @@ class Deposit(Operation):
     wallet_id: int
     amount: int
     # The terms of the grant it makes, as a credit's: money paid in never expires unless the
-    # caller says so.
+    # caller says so, or its unit has a default validity.
     valid_from: datetime | None = None
     expires_at: datetime | None = None
 

@@ -120,9 +120,16 @@ class GrantState:
     valid_from: datetime
     expires_at: datetime | None
     expired: int = 0
+    # Taken back by the void of the transfer that made it: what a hold reserved from it no
+    # longer returns to it (the void took that much from the wallet's other funds).
+    voided: bool = False
 
     def spendable(self, now: datetime) -> bool:
         return self.remaining > 0 and grant_spendable(self.valid_from, self.expires_at, now)
+
+    def state(self) -> tuple[int, datetime | None, int, bool]:
+        """What of a grant a batch may change (and undoes, and writes)."""
+        return self.remaining, self.expires_at, self.expired, self.voided
 
 
 class Validity(Protocol):
@@ -208,7 +215,7 @@ class Book:
         """Adds `change` to what is left of a grant of the wallet."""
         if self.undo is not None:
             self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending, wallet.tracked)))
-            self.undo.append(("grant", grant, (grant.remaining, grant.expires_at, grant.expired)))
+            self.undo.append(("grant", grant, grant.state()))
         grant.remaining += change
         wallet.tracked += change
         assert 0 <= grant.remaining <= grant.amount, grant
@@ -222,8 +229,13 @@ class Book:
 
     def extend_grant(self, grant: GrantState, expires_at: datetime) -> None:
         if self.undo is not None:
-            self.undo.append(("grant", grant, (grant.remaining, grant.expires_at, grant.expired)))
+            self.undo.append(("grant", grant, grant.state()))
         grant.expires_at = expires_at
+
+    def void_grant(self, grant: GrantState) -> None:
+        if self.undo is not None:
+            self.undo.append(("grant", grant, grant.state()))
+        grant.voided = True
 
     def add_grant(
         self,
@@ -263,7 +275,7 @@ class Book:
                 target.posted, target.pending, target.tracked = before
             elif kind == "grant":
                 assert isinstance(target, GrantState) and isinstance(before, tuple)
-                target.remaining, target.expires_at, target.expired = before
+                target.remaining, target.expires_at, target.expired, target.voided = before
             elif kind == "new grant":
                 assert isinstance(target, WalletState) and isinstance(before, GrantState)
                 target.grants.remove(before)
@@ -694,10 +706,17 @@ def _void(book: Book, operation: Void, now: datetime) -> list[Posting]:
     _check_active(source)
     _check_active(target)
     own = [book.grants[grant_id] for grant_id in book.transfer_grants.get(original.id, ())]
+    if any(grant.expired for grant in own):
+        raise errors.NotVoidable(
+            f"what transfer {original.id} granted wallet {source.id} expired in part: its void "
+            "would take back what expired (void the expiration first)"
+        )
     _check_give_back(source, target, original, own, now)
     # Checks done.
     book.mark_voided(original.id)
     drawn = _draw(book, source, original.amount, now, first=own)
+    for grant in own:
+        book.void_grant(grant)
     restored = []
     for grant_id, change in _net(book.transfer_allocations.get(original.id, ())):
         grant = book.grants[grant_id]
@@ -749,7 +768,9 @@ def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Pos
     reserved from grants since expired is released to them, and the capture, short of what
     was asked, says what was (`amount_requested`). It captures from the grants first, in the
     order the hold reserved from them, then from the untracked balance; the rest of the hold
-    returns to its grants."""
+    returns to its grants (to the untracked balance from a grant voided since). Captured into
+    a customer's wallet, the funds keep their expiries, as a transfer's; into a merchant's they
+    never expire, as a payment's."""
     hold = _open_hold(book, operation.hold_id, now)
     asked = hold.amount if operation.amount is None else operation.amount
     if asked > hold.amount:
@@ -769,13 +790,19 @@ def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Pos
     book.resolve(hold, TransferKind.capture)
     left = amount
     returned = []
+    captured = []
     for grant_id, change in hold.allocations:
         grant = book.grants[grant_id]
         taken = min(-change, left) if _valid(grant, now) else 0
         left -= taken
-        if -change - taken:
+        if taken:
+            captured.append((grant_id, -taken))
+        if -change - taken and not grant.voided:
             book.change_grant(source, grant, -change - taken)
             returned.append((grant_id, -change - taken))
+    made: list[GrantState] = []
+    if target.owner_kind == OwnerKind.customer:
+        made = _receive(book, target, _carried(book, captured, amount, now), now)
     book.adjust(source, posted=-amount, pending=-hold.amount)
     book.adjust(target, posted=amount)
     return [
@@ -787,6 +814,7 @@ def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Pos
             amount_requested=asked if amount < asked else None,
             hold_id=hold.id,
             allocations=tuple(returned),
+            new_grants=tuple(made),
         )
     ]
 
@@ -1194,13 +1222,16 @@ def _move(
 
 
 def _unhold(book: Book, hold: HoldState, kind: TransferKind) -> Posting:
-    """Releases a hold: what it reserved from grants returns to them."""
+    """Releases a hold: what it reserved from grants returns to them (to the untracked balance
+    from a grant voided since)."""
     book.resolve(hold, kind)
     source = book.wallets[hold.source_wallet_id]
     returned = []
     for grant_id, change in hold.allocations:
-        book.change_grant(source, book.grants[grant_id], -change)
-        returned.append((grant_id, -change))
+        grant = book.grants[grant_id]
+        if not grant.voided:
+            book.change_grant(source, grant, -change)
+            returned.append((grant_id, -change))
     book.adjust(source, pending=-hold.amount)
     return Posting(
         kind,

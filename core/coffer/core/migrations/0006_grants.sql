@@ -12,7 +12,13 @@
 -- released, captured in part, or expired). For every grant,
 -- remaining = amount + the sum of its allocations; expired sums what runs expired.
 
-alter table wallets add column tracked bigint not null default 0;
+alter table wallets
+    add column tracked bigint not null default 0,
+    -- The floor holds for the untracked balance, and so for the available balance.
+    drop constraint available_above_minimum,
+    add constraint untracked_above_minimum check (
+        balance_minimum is null or posted - pending - tracked >= balance_minimum
+    );
 
 create table grants (
     wallet_id bigint not null,
@@ -24,6 +30,9 @@ create table grants (
     valid_from timestamptz not null,
     expires_at timestamptz,
     expired bigint not null default 0,
+    -- Taken back by the void of the transfer that made it: a hold's reservation no longer
+    -- returns to it.
+    voided boolean not null default false,
     -- Whether the stream has said it expires soon.
     announced boolean not null default false,
     created_at timestamptz not null,

@@ -117,6 +117,11 @@ class Batch:
         lapsed, hold_created_at = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
         grants_read = await self._load_grants(book, referenced, grant_ids)
+        spendable_read = {
+            wallet.id: rules.spendable(wallet, now)
+            for wallet in book.wallets.values()
+            if wallet.low_balance_threshold is not None
+        }
         # 5. Validation; with events, the balances after each operation, by its index in the
         # journal (the expiries first).
         after: dict[int, rules.BalancesAfter] | None = {} if self._keep_events else None
@@ -139,6 +144,7 @@ class Batch:
             ahead={index + len(lapsed): written for index, written in ahead.items()},
             now=now,
             after=after,
+            spendable_read=spendable_read,
         )
         written = await write(
             connection, journal, book, balances_read, grants_read, hold_created_at
@@ -209,7 +215,7 @@ class Batch:
         book: rules.Book,
         referenced: Mapping[int, asyncpg.Record],
         grant_ids: set[int],
-    ) -> dict[int, tuple[int, datetime | None, int]]:
+    ) -> dict[int, tuple[int, datetime | None, int, bool]]:
         """The grants the batch may change, into the book, under their wallets' locks: those
         with something left of the wallets with grants; those the open holds reserved from
         (with what each hold reserved); and, for the voids, what each voided transfer changed
@@ -251,10 +257,7 @@ class Batch:
             book.wallets[grant.wallet_id].grants.append(grant)
             if row["transfer_id"] in made_by:
                 book.transfer_grants.setdefault(row["transfer_id"], []).append(grant.id)
-        return {
-            grant.id: (grant.remaining, grant.expires_at, grant.expired)
-            for grant in book.grants.values()
-        }
+        return {grant.id: grant.state() for grant in book.grants.values()}
 
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:

@@ -231,38 +231,45 @@ def alert_change(wallet: Wallet, actor: str) -> Change:
 
 
 def low_balance_change(
-    wallet_id: int, unit: str, posted: int, pending: int, threshold: int, actor: str
+    wallet_id: int, unit: str, balance: Balance, threshold: int, actor: str
 ) -> Change:
     return Change(
         EventType.low_balance,
         actor,
         (wallet_id,),
-        {"unit": unit, "posted": posted, "pending": pending, "low_balance_threshold": threshold},
+        {"unit": unit, **_balance_json(balance), "low_balance_threshold": threshold},
     )
 
 
 def top_up_change(
     wallet_id: int,
     unit: str,
-    posted: int,
-    pending: int,
+    balance: Balance,
     request_id: str,
     top_up_to: int,
     actor: str,
 ) -> Change:
+    """A top-up asked for: what brings the available balance to `top_up_to`."""
     return Change(
         EventType.top_up_requested,
         actor,
         (wallet_id,),
         {
             "unit": unit,
-            "posted": posted,
-            "pending": pending,
+            **_balance_json(balance),
             "request_id": request_id,
-            "amount": top_up_to - (posted - pending),
+            "amount": top_up_to - balance.available,
             "top_up_to": top_up_to,
         },
     )
+
+
+def _balance_json(balance: Balance) -> dict[str, int]:
+    return {
+        "posted": balance.posted,
+        "pending": balance.pending,
+        "unspendable": balance.unspendable,
+    }
 
 
 def access_change(type_: EventType, credential: ApiKey | CertificateMapping, actor: str) -> Change:
@@ -392,7 +399,8 @@ def _body(change: dict[str, Any]) -> EventBody:
         return BalanceAlert(
             wallet_id, change["unit"], change["low_balance_threshold"], change["top_up_to"]
         )
-    balance = Balance(change["posted"], change["pending"])
+    # Records made before grants have no unspendable part.
+    balance = Balance(change["posted"], change["pending"], change.get("unspendable", 0))
     if type_ == EventType.low_balance:
         return LowBalance(wallet_id, change["unit"], balance, change["low_balance_threshold"])
     assert type_ == EventType.top_up_requested, change

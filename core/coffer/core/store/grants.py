@@ -46,12 +46,12 @@ async def list_grants(
     *,
     after_id: int,
     page_size: int,
-    spent: bool,
+    include_spent: bool,
 ) -> Page[Grant]:
-    """A wallet's grants, oldest first, after `after_id`: with something left, or with `spent`
-    all of them."""
+    """A wallet's grants, oldest first, after `after_id`: with something left, or with
+    `include_spent` all of them."""
     found = await connection.fetch(
-        sql.select_wallet_grants, wallet_id, after_id, spent, page_size + 1
+        sql.select_wallet_grants, wallet_id, after_id, include_spent, page_size + 1
     )
     items = [rows.grant(row) for row in found[:page_size]]
     return Page(items, items[-1].id if len(found) > page_size else None)

@@ -9,7 +9,7 @@ all (never committed, so never seen) and writes the rest.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -18,6 +18,7 @@ import asyncpg
 from .. import errors, rules
 from ..model import (
     Applied,
+    Balance,
     EventType,
     Grant,
     Hold,
@@ -55,6 +56,8 @@ class Journal:
     # The balances after each entry that succeeded anew, by index, when the batch keeps
     # events (`rules.apply_all`); None when it does not.
     after: Mapping[int, rules.BalancesAfter] | None = None
+    # What each wallet with a balance alert could spend as the batch read it.
+    spendable_read: Mapping[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +130,7 @@ async def write(
     journal: Journal,
     book: rules.Book,
     balances_read: Mapping[int, tuple[int, int, int]],
-    grants_read: Mapping[int, tuple[int, datetime | None, int]],
+    grants_read: Mapping[int, tuple[int, datetime | None, int, bool]],
     hold_created_at: Mapping[int, datetime],
 ) -> Written:
     """Writes what validation decided: the transfers not written ahead, the removal of
@@ -262,7 +265,7 @@ async def write(
         if (wallet.posted, wallet.pending, wallet.tracked) != balances_read[wallet.id]
     ]
     if after is not None:
-        changes.extend(_low_balances(changed, balances_read))
+        changes.extend(_low_balances(changed, journal.spendable_read, now))
     if changed:
         await connection.execute(
             sql.update_balances,
@@ -278,7 +281,7 @@ async def write(
 async def _write_grants(
     connection: asyncpg.Connection,
     book: rules.Book,
-    grants_read: Mapping[int, tuple[int, datetime | None, int]],
+    grants_read: Mapping[int, tuple[int, datetime | None, int, bool]],
     allocations: Sequence[tuple[int, int, int]],
     made: Sequence[tuple[int, rules.GrantState, str]],
     now: datetime,
@@ -308,8 +311,7 @@ async def _write_grants(
     touched = [
         grant
         for grant_id, grant in book.grants.items()
-        if grant_id > 0
-        and (grant.remaining, grant.expires_at, grant.expired) != grants_read[grant_id]
+        if grant_id > 0 and grant.state() != grants_read[grant_id]
     ]
     if touched:
         await connection.execute(
@@ -318,6 +320,7 @@ async def _write_grants(
             [grant.remaining for grant in touched],
             [grant.expires_at for grant in touched],
             [grant.expired for grant in touched],
+            [grant.voided for grant in touched],
         )
     summed: dict[tuple[int, int], int] = {}
     for transfer_id, grant_id, change in allocations:
@@ -359,33 +362,32 @@ async def _write_grants(
 
 
 def _low_balances(
-    changed: Sequence[rules.WalletState], balances_read: Mapping[int, tuple[int, int, int]]
+    changed: Sequence[rules.WalletState], spendable_read: Mapping[int, int], now: datetime
 ) -> list[Change]:
     """The low balances and top-ups the batch calls for: each wallet with a threshold whose
-    available balance was at or above it before the batch and is below it after crosses it
-    once (counted on the wallet, which the batch's update writes), whatever it went through
-    within the batch, which nobody saw. Rising back to the threshold or above re-arms it."""
+    available balance (what it can spend: `rules.spendable`) was at or above it before the
+    batch and is below it after crosses it once (counted on the wallet, which the batch's
+    update writes), whatever it went through within the batch, which nobody saw. Rising back
+    to the threshold or above re-arms it."""
     changes: list[Change] = []
     for wallet in changed:
         threshold = wallet.low_balance_threshold
         if threshold is None:
             continue
-        posted, pending, _ = balances_read[wallet.id]
-        if not (posted - pending >= threshold > wallet.available):
+        available = rules.spendable(wallet, now)
+        if not (spendable_read[wallet.id] >= threshold > available):
             continue
         wallet.low_balance_crossings += 1
+        balance = Balance(wallet.posted, wallet.pending, wallet.available - available)
         changes.append(
-            low_balance_change(
-                wallet.id, wallet.unit, wallet.posted, wallet.pending, threshold, system_caller
-            )
+            low_balance_change(wallet.id, wallet.unit, balance, threshold, system_caller)
         )
         if wallet.top_up_to is not None:
             changes.append(
                 top_up_change(
                     wallet.id,
                     wallet.unit,
-                    wallet.posted,
-                    wallet.pending,
+                    balance,
                     top_up_request_id(wallet.id, wallet.low_balance_crossings),
                     wallet.top_up_to,
                     system_caller,

@@ -162,6 +162,7 @@ def grant_state(row: asyncpg.Record) -> rules.GrantState:
         valid_from=row["valid_from"],
         expires_at=row["expires_at"],
         expired=row["expired"],
+        voided=row["voided"],
     )
 
 

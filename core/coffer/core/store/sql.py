@@ -234,7 +234,7 @@ select_referenced_transfers = """
     from transfers where id = any($1::bigint[])
 """
 
-# The wallets of the grants that expirations name, and what each had expired.
+# The wallets of the grants that expirations name.
 select_referenced_grants = "select id, wallet_id from grants where id = any($1::bigint[])"
 
 # What the transfers in $1 changed in grants.
@@ -246,7 +246,8 @@ select_allocations = """
 # transfers in $3 made. Read after their wallets are locked: grants change only under that
 # lock.
 select_batch_grants = """
-    select id, wallet_id, transfer_id, amount, remaining, valid_from, expires_at, expired
+    select id, wallet_id, transfer_id, amount, remaining, valid_from, expires_at, expired,
+           voided
     from grants
     where (wallet_id = any($1::bigint[]) and remaining > 0)
        or id = any($2::bigint[])
@@ -266,10 +267,11 @@ insert_grants = """
 update_grants = """
     update grants g
     set remaining = v.remaining, expires_at = v.expires_at, expired = v.expired,
+        voided = v.voided,
         -- A new expiry (a void of an expiration) is announced again.
         announced = g.announced and g.expires_at is not distinct from v.expires_at
-    from unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[])
-        as v (id, remaining, expires_at, expired)
+    from unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::boolean[])
+        as v (id, remaining, expires_at, expired, voided)
     where g.id = v.id
 """
 
