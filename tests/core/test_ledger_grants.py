@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -26,7 +27,9 @@ from coffer.core.model import (
     NewWallet,
     Operation,
     OwnerKind,
+    Payment,
     PlaceHold,
+    ReleaseHold,
     SystemWallet,
     Transfer,
     TransferFilter,
@@ -425,3 +428,100 @@ async def test_a_grant_made_in_a_batch_that_leaves_balances_as_read_is_spent_fir
         clock(ledger).shift -= 2 * day
     assert (await ledger.get_wallet(ann.id)).balance.posted == 0
     await books(ledger)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_work_keeps_the_books(ledger: Ledger, seed: int) -> None:
+    """Random batches of every operation that touches grants — credits with and without terms,
+    debits, transfers, payments, holds placed, captured, released and lapsing, voids, and
+    expiration runs — with the clock moving forward: after each batch the books balance, every
+    grant adds up and every wallet's tracked sum is its grants'."""
+    randomness = random.Random(seed)
+    customers = [await wallet(ledger, minimum=randomness.choice([0, -20])) for _ in range(4)]
+    merchant, _ = await ledger.create_wallet(
+        NewWallet(
+            idempotency_key=key(),
+            owner_id=f"shop-{next(_keys)}",
+            owner_kind=OwnerKind.merchant,
+            unit="seat",
+        )
+    )
+    ids = [each.id for each in customers]
+    transfers: list[int] = []
+    holds: list[int] = []
+
+    def operation() -> Operation:
+        now = clock(ledger)()
+        kind = randomness.choice(
+            ["credit", "credit", "debit", "transfer", "pay", "hold", "capture", "release", "void"]
+        )
+        wallet_id = randomness.choice(ids)
+        amount = randomness.randint(1, 30)
+        if kind == "credit":
+            start = randomness.choice([None, None, now + randomness.randint(0, 2) * day])
+            return Credit(
+                idempotency_key=key(),
+                wallet_id=wallet_id,
+                amount=amount,
+                valid_from=start,
+                expires_at=randomness.choice(
+                    [None, (start or now) + randomness.randint(1, 5) * day]
+                ),
+            )
+        if kind == "debit":
+            return Debit(
+                idempotency_key=key(),
+                wallet_id=wallet_id,
+                amount=amount,
+                mode=randomness.choice(list(DebitMode)),
+            )
+        if kind == "transfer":
+            target = randomness.choice([each for each in ids if each != wallet_id])
+            return WalletTransfer(
+                idempotency_key=key(),
+                source_wallet_id=wallet_id,
+                target_wallet_id=target,
+                amount=amount,
+            )
+        if kind == "pay":
+            return Payment(
+                idempotency_key=key(),
+                payer_wallet_id=wallet_id,
+                payee_wallet_id=merchant.id,
+                amount=amount,
+            )
+        if kind == "hold" or (not holds and kind in ("capture", "release")):
+            return PlaceHold(
+                idempotency_key=key(),
+                wallet_id=wallet_id,
+                target_wallet_id=randomness.choice([None, merchant.id]),
+                amount=amount,
+                timeout_s=randomness.choice([1, 86400, 3 * 86400]),
+            )
+        if kind == "capture":
+            return CaptureHold(
+                idempotency_key=key(),
+                hold_id=randomness.choice(holds),
+                amount=randomness.choice([None, amount]),
+            )
+        if kind == "release":
+            return ReleaseHold(idempotency_key=key(), hold_id=randomness.choice(holds))
+        if not transfers:
+            return Credit(idempotency_key=key(), wallet_id=wallet_id, amount=amount)
+        return Void(idempotency_key=key(), transfer_id=randomness.choice(transfers))
+
+    for _ in range(40):
+        outcomes = await ledger.apply([operation() for _ in range(randomness.randint(1, 8))])
+        for outcome in outcomes:
+            if isinstance(outcome, Applied):
+                if outcome.transfer.kind == TransferKind.hold:
+                    holds.append(outcome.transfer.id)
+                else:
+                    transfers.append(outcome.transfer.id)
+        if randomness.random() < 0.3:
+            clock(ledger).shift += randomness.choice([timedelta(seconds=2), day, 2 * day])
+        if randomness.random() < 0.3:
+            await ledger.expire_grants(batch_max=randomness.randint(1, 4))
+            expired = await expirations(ledger)
+            transfers.extend(each.id for each in expired)
+        await books(ledger)
