@@ -507,7 +507,7 @@ class Ledger:
         at a time past, InvalidArgument."""
         now = self._now()
         if at <= now:
-            raise errors.InvalidArgument("at", "must be a time to come")
+            raise errors.InvalidArgument("time", "must be a time to come")
         async with self._read_connection() as connection:
             wallet = await catalog.get_wallet(connection, wallet_id, now)
             return await grants.balance_at(connection, wallet_id, wallet.balance, at)
