@@ -16,15 +16,14 @@ import pytest
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2, status_pb2
 
 from coffer.clients import Client
 from coffer.clients.caller import caller_length_max, caller_metadata_key
-from coffer.server.app import Server
+from coffer.server.app import Server, services_described
 from coffer.v1 import (
-    access_pb2,
-    events_pb2,
-    holds_pb2,
+    grants_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
@@ -41,9 +40,8 @@ def key() -> str:
 
 
 def rpcs() -> Iterator[MethodDescriptor]:
-    for module in (units_pb2, wallets_pb2, transfers_pb2, holds_pb2, access_pb2, events_pb2):
-        for service in module.DESCRIPTOR.services_by_name.values():
-            yield from service.methods
+    for service in services_described:
+        yield from service.methods
 
 
 def rpc(service: str, name: str) -> MethodDescriptor:
@@ -293,13 +291,19 @@ async def filters_of_each_list(channel: grpc.aio.Channel) -> dict[str, tuple[Mes
             ),
         )
         ids.setdefault(owner, created.wallet.id)
+    # Credits that expire, each a grant.
+    expires_at = Timestamp()
+    expires_at.FromDatetime(datetime.now(UTC) + timedelta(days=30))
     for owner, count in (("ada", 4), ("bo", 1)):
         for amount in range(1, count + 1):
             await call(
                 channel,
                 credit,
                 transfers_pb2.CreditRequest(
-                    idempotency_key=key(), wallet_id=ids[owner], amount=amount
+                    idempotency_key=key(),
+                    wallet_id=ids[owner],
+                    amount=amount,
+                    expires_at=expires_at,
                 ),
             )
     return {
@@ -310,6 +314,10 @@ async def filters_of_each_list(channel: grpc.aio.Channel) -> dict[str, tuple[Mes
         "coffer.v1.TransferService.ListTransfers": (
             transfers_pb2.ListTransfersRequest(wallet_id=ids["ada"]),
             transfers_pb2.ListTransfersRequest(wallet_id=ids["bo"]),
+        ),
+        "coffer.v1.GrantService.ListGrants": (
+            grants_pb2.ListGrantsRequest(wallet_id=ids["ada"]),
+            grants_pb2.ListGrantsRequest(wallet_id=ids["ada"], include_spent=True),
         ),
     }
 

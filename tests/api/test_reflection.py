@@ -17,6 +17,7 @@ from coffer.server.app import Server
 services_expected = [
     "coffer.v1.AccessService",
     "coffer.v1.EventService",
+    "coffer.v1.GrantService",
     "coffer.v1.HoldService",
     "coffer.v1.TransferService",
     "coffer.v1.UnitService",

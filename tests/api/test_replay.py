@@ -98,6 +98,22 @@ async def test_success_replays(world: World, kind: str, batched: bool) -> None:
     await _key_reused(world, kind, request, batched)
 
 
+@pytest.mark.parametrize("kind", operation_kinds)
+async def test_successes_change_grants(world: World, kind: str) -> None:
+    """The successes the replays are shown with bring funds in with terms (a grant made) or
+    say what they changed in grants, so that a replay is shown to give those back alike."""
+    request = await scenarios[kind][0](world)
+    answer = await world.call(kind, request, batched=True)
+    [transfer] = transfers_pb2.OperationResult.FromString(answer.reply).transfers
+    if kind in ("credit", "deposit"):
+        made = await world.connection.fetchval(
+            "select count(*) from grants where transfer_id = $1", transfer.id
+        )
+        assert made == 1, kind
+    else:
+        assert transfer.allocations, (kind, transfer)
+
+
 @modes
 @pytest.mark.parametrize("kind", operation_kinds)
 async def test_refusal_replays(world: World, kind: str, batched: bool) -> None:

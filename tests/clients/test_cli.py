@@ -14,7 +14,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,7 @@ async def test_operator_walkthrough(cli: Cli) -> None:
             "available": "3000",
             "unit": "EUR",
             "unitScale": 2,
+            "unspendable": "0",
         },
     }
     captured = await cli.ok("hold", "capture", str(hold), "--amount", "300")
@@ -340,10 +341,80 @@ async def test_json_output_is_the_response(cli: Cli) -> None:
         "available": "0",
         "unit": "pts",
         "unitScale": 0,
+        "unspendable": "0",
     }
     listed = await cli.json("wallet", "list", "--owner", "w")
     assert [each["id"] for each in listed["wallets"]] == [wallet_id]
     assert listed["nextPageToken"] == ""
+
+
+async def test_credits_that_expire(cli: Cli) -> None:
+    """Terms on credits and deposits, a wallet's grants, its balance now and to come, an
+    expiration run and the void of an expiration, as the operator types and reads them."""
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    wallet = await cli.wallet("ada")
+    (line,) = await cli.ok("deposit", str(wallet), "5000", "--source", "card:4242")
+    assert line.endswith("balance 5000")
+    now = datetime.now(UTC)
+    (line,) = await cli.ok("credit", str(wallet), "2000", "--expires-in-days", "30")
+    goodwill = number(r"transfer (\d+)  credit  ", line)
+    assert line.endswith("balance 7000")
+    start = (now + timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    later = await cli.json(
+        "credit", str(wallet), "300", "--valid-from", start, "--expires-in-days", "5"
+    )
+    assert later["transfer"]["amount"] == "300"
+    (line,) = await cli.ok("balance", str(wallet))
+    assert line == (
+        f"wallet {wallet}  EUR  posted 7300  pending 0  unspendable 300  available 7000"
+    )
+    (line,) = await cli.ok("debit", str(wallet), "1500", "--note", "booking")
+    assert line.endswith("balance 5800 (available 5500)")
+
+    header, *rows = await cli.ok("grants", str(wallet))
+    assert header.split() == [
+        "ID", "AMOUNT", "REMAINING", "VALID", "FROM", "(UTC)", "EXPIRES", "(UTC)", "TRANSFER",
+    ]  # fmt: skip
+    assert [row.split()[:3] for row in rows] == [["1", "2000", "500"], ["2", "300", "300"]]
+    assert rows[0].split()[-1] == str(goodwill)
+    expires = datetime.strptime(" ".join(rows[0].split()[5:7]), "%Y-%m-%d %H:%M:%S")
+    assert abs(expires.replace(tzinfo=UTC) - (now + timedelta(days=30))) < timedelta(minutes=1)
+    assert " ".join(rows[1].split()[3:5]) == start.replace("T", " ").removesuffix("Z")
+    listed = await cli.json("grants", str(wallet), "--all")
+    assert [grant["remaining"] for grant in listed["grants"]] == ["500", "300"]
+
+    at = (now + timedelta(days=40)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (line,) = await cli.ok("balance", str(wallet), "--at", at)
+    assert line == (
+        f"wallet {wallet}  EUR  posted 5000  pending 0  available 5000"
+        f"  at {at.replace('T', ' ').removesuffix('Z')}"
+    )
+    future = await cli.json("balance", str(wallet), "--at", at)
+    assert (future["time"], future["balance"]["posted"]) == (at, "5000")
+    assert await cli.ok("expire") == ["expired 0 grants"]
+    assert (await cli.json("expire")) == {"expiredCount": "0"}
+
+    # A grant a second from expiry, past it, then expired by a run, and its expiration voided.
+    soon = (datetime.now(UTC) + timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await cli.ok("credit", str(wallet), "70", "--expires-at", soon)
+    async with asyncio.timeout(10):
+        while (await cli.ok("expire")) != ["expired 1 grant"]:
+            await asyncio.sleep(0.2)
+    history = await cli.ok("history", str(wallet), "--kind", "expiration")
+    assert history[1].split()[3:5] == ["expiration", "-70"]
+    expiration = int(history[1].split()[0])
+    refused = await cli("void", str(expiration))
+    assert refused.exit_code == 1
+    assert refused.err.startswith("error: INVALID_ARGUMENT: expires_at: is required")
+    restored = (now + timedelta(days=7)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (line,) = await cli.ok("void", str(expiration), "--expires-at", restored)
+    assert re.fullmatch(rf"transfer \d+  void  70 EUR  wallet \d+ -> wallet {wallet}  .*", line)
+    grants = await cli.json("grants", str(wallet))
+    assert [grant["expiresAt"] for grant in grants["grants"]][-1] == restored
+
+    events = await cli.ok("events", "--type", "grant-created", "--wallet", str(wallet))
+    assert len(events) == 3
+    assert "grant 1  wallet" in events[0] and "2000 of 2000 EUR" in events[0]
 
 
 async def test_refusals_print_one_line_and_exit_1(cli: Cli) -> None:
@@ -411,6 +482,16 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_max + 1)],
         ["hold", "place", "7", "5", "--timeout", str(limits.hold_timeout_s_min - 1)],
         ["hold", "place", "7", "5", "--timeout", "1.5"],
+        ["credit", "7", "5", "--expires-at", "2030-01-01T00:00:00"],
+        ["credit", "7", "5", "--expires-at", "tomorrow"],
+        ["credit", "7", "5", "--expires-in-days", "0"],
+        ["credit", "7", "5", "--expires-in-days", str(limits.validity_months_max * 30 + 1)],
+        ["credit", "7", "5", "--expires-in-days", "5", "--expires-at", "2030-01-01T00:00:00Z"],
+        ["deposit", "7", "5", "--source", "x", "--valid-from", "2030-01-01"],
+        ["void", "7", "--expires-at", "soon"],
+        ["balance", "7", "--at", "2030-01-01"],
+        ["grants", "0"],
+        ["grants", "7", "--limit", "0"],
         ["balance", "7", "--deadline", "0"],
         ["balance", "7", "--deadline", str(deadline_s_max + 1)],
         ["--caller", "", "balance", "7"],
@@ -480,7 +561,7 @@ def test_choices_are_the_apis() -> None:
     }
     assert options["history", "--kind"].choices == [
         "credit", "debit", "transfer", "deposit", "withdrawal", "payment", "hold", "capture",
-        "release", "hold-expiry", "void",
+        "release", "hold-expiry", "void", "expiration",
     ]  # fmt: skip
     assert options["unit create", "--kind"].choices == ["currency", "credit"]
     assert options["debit", "--mode"].choices == ["all-or-nothing", "up-to"]

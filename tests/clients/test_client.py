@@ -22,6 +22,7 @@ import pytest
 
 from coffer.clients import (
     Client,
+    Grant,
     Operation,
     SyncClient,
     Transfer,
@@ -70,6 +71,12 @@ class Coffer:
         if isinstance(client, Client):
             return [wallet async for wallet in client.iter_wallets(**filters)]
         return await asyncio.to_thread(lambda: list(client.iter_wallets(**filters)))
+
+    async def all_grants(self, **arguments: Any) -> list[Grant]:
+        client = self.client
+        if isinstance(client, Client):
+            return [grant async for grant in client.iter_grants(**arguments)]
+        return await asyncio.to_thread(lambda: list(client.iter_grants(**arguments)))
 
     async def setup_units(self) -> None:
         await self.create_unit(code="EUR", kind="currency", scale=2, name="Euro", plural="Euros")
@@ -403,6 +410,46 @@ async def test_void(coffer: Coffer) -> None:
     (credit,) = await coffer.all_transfers(wallet_id=wallet, kinds=["credit"])
     # Taking the credit back would overdraw the wallet.
     await fails(coffer.void(transfer_id=credit.id), errors.InsufficientFunds)
+
+
+async def test_credits_that_expire(coffer: Coffer) -> None:
+    """The terms of a credit and a deposit, the grants they make, what a debit drew from
+    them, the balance to come, an expiration run; naive times are refused before any call."""
+    wallet = await coffer.wallet()
+    now = datetime.now(UTC)
+    expiry = (now + timedelta(days=30)).replace(microsecond=0)
+    credited = await coffer.credit(wallet_id=wallet, amount=200, expires_at=expiry)
+    start = (now + timedelta(days=2)).replace(microsecond=0)
+    await coffer.deposit(wallet_id=wallet, amount=50, funding_source="iban:1", valid_from=start)
+    page = await coffer.list_grants(wallet_id=wallet, page_size=1)
+    assert [grant.transfer_id for grant in page.items] == [credited.id]
+    assert page.next_page_token
+    grants = await coffer.all_grants(wallet_id=wallet)
+    assert [(grant.amount, grant.expires_at.ToDatetime(tzinfo=UTC)) for grant in grants[:1]] == [
+        (200, expiry)
+    ]
+    assert grants[1].valid_from.ToDatetime(tzinfo=UTC) == start
+    assert not grants[1].HasField("expires_at")
+    balance = (await coffer.get_balance(wallet_id=wallet)).balance
+    assert (balance.posted, balance.unspendable, balance.available) == (250, 50, 200)
+    debited = await coffer.debit(wallet_id=wallet, amount=80)
+    assert [(each.grant_id, each.amount) for each in debited.transfer.allocations] == [
+        (grants[0].id, -80)
+    ]
+    later = await coffer.future_balance(wallet_id=wallet, at=now + timedelta(days=40))
+    assert (later.wallet_id, later.unit) == (wallet, "EUR")
+    assert (later.balance.posted, later.balance.available) == (50, 50)
+    assert await coffer.run_expiration() == 0
+    await fails(
+        coffer.void(transfer_id=credited.id, expires_at=now + timedelta(days=1)),
+        errors.InvalidArgument,
+    )
+    for call in (
+        lambda: coffer.credit(wallet_id=wallet, amount=1, valid_from=datetime(2030, 1, 1)),
+        lambda: coffer.future_balance(wallet_id=wallet, at=datetime(2030, 1, 1)),
+    ):
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await call()
 
 
 async def test_holds(coffer: Coffer) -> None:

@@ -36,6 +36,7 @@ from coffer.clients import client as client_module
 from coffer.clients.cli import main
 from coffer.core import errors as core_errors
 from coffer.v1 import (
+    events_pb2,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -687,6 +688,7 @@ def test_public_names() -> None:
         "DebitResult",
         "Event",
         "EventPage",
+        "Grant",
         "Hold",
         "HoldResult",
         "Operation",
@@ -702,6 +704,7 @@ def test_public_names() -> None:
         "errors",
         "events_pb2",
         "format_amount",
+        "grants_pb2",
         "holds_pb2",
         "operations",
         "transfers_pb2",
@@ -757,16 +760,21 @@ def test_literal_names_are_the_protos() -> None:
     assert list(get_args(client_module.UnitKindName)) == values(types_pb2.UnitKind, "UNIT_KIND_")
     assert list(get_args(client_module.OwnerKindName)) == values(types_pb2.OwnerKind, "OWNER_KIND_")
     assert list(get_args(client_module.DebitModeName)) == values(types_pb2.DebitMode, "DEBIT_MODE_")
+    assert list(get_args(client_module.EventTypeName)) == values(
+        events_pb2.EventType, "EVENT_TYPE_"
+    )
 
 
 # What a type checker sees of the client, as its users' code would: each line marked
 # `# error: CODE` must be refused with that code, every other line accepted.
 typed_use = """\
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from typing import assert_type
 
 from coffer.clients import (
-    Client, DebitResult, HoldResult, Operation, Page, SyncClient, Transfer, Wallet, operations
+    Client, DebitResult, Grant, HoldResult, Operation, Page, SyncClient, Transfer, Wallet,
+    WalletBalance, operations
 )
 
 
@@ -777,6 +785,11 @@ async def asynchronous(coffer: Client) -> None:
     assert_type(coffer.iter_transfers(wallet_id=1), AsyncIterator[Transfer])
     await coffer.credit(wallet_id=1, amount=2, linked=True)  # error: call-arg
     await coffer.debit(wallet_id=1, amount=2, mode="sometimes")  # error: arg-type
+    assert_type(await coffer.credit(wallet_id=1, amount=2, expires_at=datetime.now(UTC)), Transfer)
+    assert_type(await coffer.list_grants(wallet_id=1), Page[Grant])
+    assert_type(coffer.iter_grants(wallet_id=1, include_spent=True), AsyncIterator[Grant])
+    assert_type(await coffer.run_expiration(), int)
+    await coffer.credit(wallet_id=1, amount=2, valid_from="now")  # error: arg-type
 
 
 def synchronous(coffer: SyncClient) -> None:
@@ -788,6 +801,10 @@ def synchronous(coffer: SyncClient) -> None:
     coffer.pay(payer_wallet_id=1, payee_wallet_id="2", amount=3)  # error: arg-type
     coffer.void(transfer_id=1, linked=False)  # error: call-arg
     coffer.transfer(source_wallet_id=1, amount=3)  # error: call-arg
+    assert_type(coffer.future_balance(wallet_id=1, at=datetime.now(UTC)), WalletBalance)
+    assert_type(coffer.iter_grants(wallet_id=1), Iterator[Grant])
+    assert_type(coffer.void(transfer_id=1, expires_at=datetime.now(UTC)), Transfer)
+    coffer.future_balance(wallet_id=1)  # error: call-arg
 
 
 def batched() -> None:

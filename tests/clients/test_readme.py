@@ -1,6 +1,7 @@
-"""The README's walkthrough, run as written: every `$ coffer …` line of its `console` blocks, in
+"""The README's walkthroughs, run as written: every `$ coffer …` line of its `console` blocks, in
 order, through the real `coffer` program against a server on a fresh database, printing what
-the README shows under it. Times (and only times) may differ."""
+the README shows under it; and likewise its `console grants` blocks (credits that expire), on
+a fresh database of their own. Times (and only times) may differ."""
 
 from __future__ import annotations
 
@@ -40,13 +41,26 @@ def test_the_walkthrough_is_found_and_refuses_last() -> None:
 
 
 async def test_the_walkthrough_runs_as_written(server: Server) -> None:
+    await run(walkthrough("```console"), server)
+
+
+async def test_the_walkthrough_of_credits_that_expire_runs_as_written(server: Server) -> None:
+    """Its `console grants` blocks, on a fresh server of their own."""
+    steps = walkthrough("```console grants")
+    assert len(steps) >= 10 and "--validity P6M" in steps[0].command
+    assert not any(refused(step) for step in steps)
+    await run(steps, server)
+
+
+async def run(steps: list[Step], server: Server) -> None:
+    """Runs each step's command through the real `coffer`, comparing what it prints."""
     program = Path(sys.executable).parent / "coffer"
     assert program.exists(), program
     environment = {
         name: value for name, value in os.environ.items() if not name.startswith("COFFER_")
     }
     environment["COFFER_TARGET"] = f"127.0.0.1:{server.port}"
-    for step in walkthrough("```console"):
+    for step in steps:
         argv = shlex.split(step.command)
         process = await asyncio.create_subprocess_exec(
             str(program),

@@ -12,6 +12,7 @@ import itertools
 import pkgutil
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from types import ModuleType
 
@@ -20,6 +21,7 @@ import grpc
 import pytest
 from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 import coffer.core
 import coffer.v1
@@ -27,6 +29,8 @@ from coffer.core import model
 from coffer.v1 import (
     access_pb2,
     access_pb2_grpc,
+    grants_pb2,
+    grants_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -75,6 +79,7 @@ schema_numbers: dict[tuple[str, str, str], frozenset[IntEnum]] = {
     ("wallets", "owner_kind", "index wallets_system"): frozenset({model.OwnerKind.system}),
 }
 hold_expiry_wait_s_max = 10.0
+expiration_wait_s_max = 10.0
 _keys = itertools.count(1)
 
 
@@ -365,6 +370,22 @@ async def test_rows_keep_the_numbers_the_api_shows(
             if lapsed.hold.resolved_by_transfer_id:
                 break
             await asyncio.sleep(0.1)
+
+    # An expiration: a credit that expires a second from now, once it has.
+    expires_at = Timestamp()
+    expires_at.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
+    await transfers.Credit(
+        transfers_pb2.CreditRequest(
+            idempotency_key=key(), wallet_id=customer, amount=5, expires_at=expires_at
+        )
+    )
+    grants = grants_pb2_grpc.GrantServiceStub(channel)
+    async with asyncio.timeout(expiration_wait_s_max):
+        while True:
+            await asyncio.sleep(0.2)
+            run = await grants.RunExpiration(grants_pb2.RunExpirationRequest())
+            if run.expired_count:
+                break
 
     shown_statuses = {
         (await holds.GetHold(holds_pb2.GetHoldRequest(hold_id=hold_id))).hold.status

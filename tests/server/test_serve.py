@@ -247,6 +247,11 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
         (["--database-url", "coffer"], "--database-url must start with postgresql://"),
         (["--metrics-listen", "127.0.0.1:65536"], "--metrics-listen must be HOST:PORT with a port"),
         (
+            ["--expiration-interval-s", "0.001"],
+            "--expiration-interval-s must be 0 (no expiration runs) or 0.01 to 86400",
+        ),
+        (["--expiry-notice-days", "367"], "--expiry-notice-days must be 0 to 366 (0: no notices)"),
+        (
             ["--listen", "127.0.0.1:9090", "--metrics-listen", "127.0.0.1:9090"],
             "--metrics-listen must differ from --listen",
         ),

@@ -25,6 +25,8 @@ from coffer.server.settings import (
     batch_wait_ms_max,
     calls_max_limit,
     credentials_cache_ttl_s_max,
+    expiration_interval_s_max,
+    expiry_notice_days_max,
     interval_s_max,
     interval_s_min,
     pool_size_min,
@@ -240,6 +242,26 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"events_watchers_max": 0}, {"events_watchers_max": events_watchers_max_limit + 1}],
     ),
     "events_poll_interval_s": intervals("events_poll_interval_s"),
+    # 0: no expiration runs; else as long as a day.
+    "expiration_interval_s": (
+        [
+            {"expiration_interval_s": 0},
+            {"expiration_interval_s": interval_s_min},
+            {"expiration_interval_s": expiration_interval_s_max},
+        ],
+        [
+            {"expiration_interval_s": value}
+            for value in (0.001, -1, expiration_interval_s_max + 1, True, "1", *not_numbers)
+        ],
+    ),
+    # 0: no notices.
+    "expiry_notice_days": (
+        [{"expiry_notice_days": 0}, {"expiry_notice_days": expiry_notice_days_max}],
+        [
+            {"expiry_notice_days": value}
+            for value in (-1, expiry_notice_days_max + 1, 1.5, *not_numbers)
+        ],
+    ),
 }
 
 

@@ -1,18 +1,28 @@
 """Every operation kind through the API, as a single call and in a batch: per kind, a request
-that succeeds and one refused for a reason of state; answers in a form two compare in."""
+that succeeds and one refused for a reason of state; answers in a form two compare in.
+
+The successes use what every kind's request may say of grants, so that replays are shown to
+give it back alike: credits and deposits name their terms, the wallets spent from are funded
+by a grant that expires (so that spending says which grant it drew from), and the void voids an
+expiration, naming the restored grant's new expiry."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from coffer.v1 import (
+    grants_pb2,
+    grants_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -36,6 +46,9 @@ metadata = (("coffer-caller", caller),)
 
 
 _keys = itertools.count(1)
+# Expirations made at once, to be voided one by one (each costs a wait for a second).
+expirations_made = 2
+expiration_wait_s_max = 10.0
 
 
 operation_kinds = [
@@ -45,6 +58,17 @@ operation_kinds = [
 
 def key() -> str:
     return f"replay-{next(_keys)}"
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def in_days(days: int) -> Timestamp:
+    """A time that many days from now, whole seconds."""
+    return timestamp((datetime.now(UTC) + timedelta(days=days)).replace(microsecond=0))
 
 
 def rpc_of(kind: str) -> tuple[str, str]:
@@ -90,6 +114,9 @@ class World:
             "HoldService": holds_pb2_grpc.HoldServiceStub(channel),
         }
         self.units = units_pb2_grpc.UnitServiceStub(channel)
+        self.grants = grants_pb2_grpc.GrantServiceStub(channel)
+        # Expirations made and not voided yet (`expiration`).
+        self._expirations: list[int] = []
 
     async def setup(self) -> None:
         await self.units.CreateUnit(
@@ -108,17 +135,48 @@ class World:
         )
         return response.wallet.id
 
-    async def credit(self, wallet_id: int, amount: int = 1000) -> int:
+    async def credit(
+        self, wallet_id: int, amount: int = 1000, expires_at: Timestamp | None = None
+    ) -> int:
         request = transfers_pb2.CreditRequest(
-            idempotency_key=key(), wallet_id=wallet_id, amount=amount
+            idempotency_key=key(), wallet_id=wallet_id, amount=amount, expires_at=expires_at
         )
         response = await self.stubs["TransferService"].Credit(request, metadata=metadata)
         return response.transfer.id
 
     async def funded(self, amount: int = 1000, kind: int = types_pb2.OWNER_KIND_CUSTOMER) -> int:
+        """A wallet with `amount` in a grant that expires in 30 days: what spends from it
+        says so (`Transfer.allocations`)."""
         wallet_id = await self.wallet(kind)
-        await self.credit(wallet_id, amount)
+        await self.credit(wallet_id, amount, expires_at=in_days(30))
         return wallet_id
+
+    async def expiration(self) -> int:
+        """An EXPIRATION transfer not voided yet: a few are made at once, by credits that
+        expire a second from now, once they have expired."""
+        if not self._expirations:
+            wallet_id = await self.wallet()
+            expiry = datetime.now(UTC) + timedelta(seconds=1)
+            for _ in range(expirations_made):
+                await self.credit(wallet_id, 10, expires_at=timestamp(expiry))
+            async with asyncio.timeout(expiration_wait_s_max):
+                expired = 0
+                while expired < expirations_made:
+                    await asyncio.sleep(0.1)
+                    if datetime.now(UTC) > expiry:
+                        run = await self.grants.RunExpiration(
+                            grants_pb2.RunExpirationRequest(), metadata=metadata
+                        )
+                        expired += run.expired_count
+            listed = await self.stubs["TransferService"].ListTransfers(
+                transfers_pb2.ListTransfersRequest(
+                    wallet_id=wallet_id, kinds=[types_pb2.TRANSFER_KIND_EXPIRATION]
+                ),
+                metadata=metadata,
+            )
+            self._expirations = [transfer.id for transfer in listed.transfers]
+            assert len(self._expirations) == expirations_made, listed
+        return self._expirations.pop()
 
     async def hold(self, wallet_id: int, amount: int = 100) -> int:
         request = holds_pb2.PlaceHoldRequest(
@@ -235,7 +293,11 @@ Refusal = Callable[[World], Awaitable[tuple[Message, str, Callable[[], Awaitable
 
 async def _credit_success(world: World) -> Message:
     return transfers_pb2.CreditRequest(
-        idempotency_key=key(), wallet_id=await world.wallet(), amount=100
+        idempotency_key=key(),
+        wallet_id=await world.wallet(),
+        amount=100,
+        valid_from=in_days(1),
+        expires_at=in_days(30),
     )
 
 
@@ -279,7 +341,11 @@ async def _transfer_refusal(world: World) -> tuple[Message, str, Callable[[], Aw
 
 async def _deposit_success(world: World) -> Message:
     return transfers_pb2.DepositRequest(
-        idempotency_key=key(), wallet_id=await world.wallet(), amount=100, funding_source="iban:1"
+        idempotency_key=key(),
+        wallet_id=await world.wallet(),
+        amount=100,
+        funding_source="iban:1",
+        expires_at=in_days(30),
     )
 
 
@@ -326,8 +392,9 @@ async def _pay_refusal(world: World) -> tuple[Message, str, Callable[[], Awaitab
 
 
 async def _void_success(world: World) -> Message:
-    transfer_id = await world.credit(await world.wallet())
-    return transfers_pb2.VoidRequest(idempotency_key=key(), transfer_id=transfer_id)
+    return transfers_pb2.VoidRequest(
+        idempotency_key=key(), transfer_id=await world.expiration(), expires_at=in_days(7)
+    )
 
 
 async def _void_refusal(world: World) -> tuple[Message, str, Callable[[], Awaitable[None]]]:

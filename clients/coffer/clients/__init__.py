@@ -13,8 +13,9 @@ for mTLS what it presents (`Client(…, tls=Tls.from_files(ca="ca.pem"))`); `ope
 builds the operations of a batch (`submit_batch`); `format_amount` prints an amount with its
 unit ("25.99 EUR") from the unit and scale every Transfer, Hold and Balance carries. The
 protobuf messages are here too: `Transfer`, `Wallet`, `Hold`, `Event`…, and their modules
-`types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`.
-`watch_events` follows the event stream (`list_events` pages through it).
+`types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`,
+`grants_pb2`. `watch_events` follows the event stream (`list_events` pages through it);
+`list_grants` shows a wallet's credits that expire.
 """
 
 from coffer.clients import errors
@@ -32,10 +33,18 @@ from coffer.clients.client import (
 from coffer.clients.errors import CofferError
 from coffer.clients.money import format_amount
 from coffer.clients.tls import Tls
-from coffer.v1 import events_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    events_pb2,
+    grants_pb2,
+    holds_pb2,
+    transfers_pb2,
+    types_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 from coffer.v1.events_pb2 import Event
 from coffer.v1.transfers_pb2 import Operation, OperationResult
-from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
+from coffer.v1.types_pb2 import Balance, Grant, Hold, Transfer, Unit, Wallet
 
 __all__ = [
     "Balance",
@@ -44,6 +53,7 @@ __all__ = [
     "DebitResult",
     "Event",
     "EventPage",
+    "Grant",
     "Hold",
     "HoldResult",
     "Operation",
@@ -59,6 +69,7 @@ __all__ = [
     "errors",
     "events_pb2",
     "format_amount",
+    "grants_pb2",
     "holds_pb2",
     "operations",
     "transfers_pb2",

@@ -32,6 +32,7 @@ from coffer.clients.tls import Tls
 from coffer.v1 import (
     access_pb2,
     events_pb2,
+    grants_pb2,
     holds_pb2,
     transfers_pb2,
     types_pb2,
@@ -262,6 +263,7 @@ def argument_parser(
 
     sub = command(commands, "credit", "the operator funds a wallet", _credit)
     _add_wallet_amount(sub)
+    _add_terms_options(sub)
     _add_mutation_options(sub, reference=True)
     sub = command(commands, "debit", "a wallet spends, back to the operator", _debit)
     _add_wallet_amount(sub)
@@ -282,6 +284,7 @@ def argument_parser(
     sub.add_argument(
         "--source", required=True, metavar="REF", help="the funding source, e.g. a bank account"
     )
+    _add_terms_options(sub)
     _add_mutation_options(sub, reference=False)
     sub = command(
         commands, "withdraw", "from a wallet out to an external funding source", _withdraw
@@ -331,9 +334,41 @@ def argument_parser(
 
     sub = command(commands, "void", "reverse a transfer with a new one", _void)
     sub.add_argument("transfer", type=_identifier, metavar="TRANSFER")
+    sub.add_argument(
+        "--expires-at",
+        type=moment,
+        metavar="ISO",
+        help="for the void of an expiration, and required there: the restored grant's new "
+        "expiry, e.g. 2027-06-30T23:59:59Z",
+    )
     _add_mutation_options(sub, reference=False)
     sub = command(commands, "balance", "a wallet's balance", _balance)
     sub.add_argument("wallet", type=_identifier, metavar="WALLET")
+    sub.add_argument(
+        "--at",
+        type=moment,
+        metavar="ISO",
+        help="a time to come: the balance then, if nothing more moves (what expires by then "
+        "gone, what becomes valid by then spendable), e.g. 2027-01-31T00:00:00Z",
+    )
+    sub = command(
+        commands,
+        "grants",
+        "a wallet's grants (funds with a start or an expiry), oldest first",
+        _grants,
+    )
+    sub.add_argument("wallet", type=_identifier, metavar="WALLET")
+    sub.add_argument(
+        "--all", action="store_true", help="also those with nothing left (spent or expired)"
+    )
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
+    command(
+        commands,
+        "expire",
+        "run an expiration now: what is left of the grants past their expiry moves to the "
+        "expired-credits wallets",
+        _expire,
+    )
     sub = command(commands, "history", "a wallet's transfers, newest first", _history)
     sub.add_argument("wallet", type=_identifier, metavar="WALLET")
     sub.add_argument(
@@ -617,6 +652,30 @@ def _add_mutation_options(parser: argparse.ArgumentParser, *, reference: bool) -
     )
 
 
+def _add_terms_options(parser: argparse.ArgumentParser) -> None:
+    """The terms of funds coming in (`coffer credit`, `coffer deposit`)."""
+    parser.add_argument(
+        "--valid-from",
+        type=moment,
+        metavar="ISO",
+        help="from when the funds can be spent, e.g. 2027-01-01T00:00:00Z (default: now)",
+    )
+    expiry = parser.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-at",
+        type=moment,
+        metavar="ISO",
+        help="when the funds expire, e.g. 2027-06-30T23:59:59Z (default: the unit's validity "
+        "after the start, if it has one, else never)",
+    )
+    expiry.add_argument(
+        "--expires-in-days",
+        type=_days,
+        metavar="DAYS",
+        help="they expire this many days from now (or from --valid-from), by this machine's clock",
+    )
+
+
 def _add_alert_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
@@ -682,6 +741,15 @@ def _limit(text: str) -> int:
     value = _int64(text)
     if not 1 <= value <= list_limit_max:
         raise argparse.ArgumentTypeError(f"not 1 to {list_limit_max}: {text}")
+    return value
+
+
+def _days(text: str) -> int:
+    """A whole number of days, within the longest validity a unit may have."""
+    value = _int64(text)
+    days_max = limits.validity_months_max * 30
+    if not 1 <= value <= days_max:
+        raise argparse.ArgumentTypeError(f"not 1 to {days_max:,} days: {text}")
     return value
 
 
@@ -842,9 +910,23 @@ def _wallet_cancel(client: SyncClient, arguments: argparse.Namespace) -> _Output
     return _Output(wallets_pb2.CancelWalletResponse(wallet=wallet), lambda: _wallet_lines(wallet))
 
 
+def _expires_at(arguments: argparse.Namespace) -> datetime | None:
+    """When funds coming in expire: --expires-at, or --expires-in-days from --valid-from or
+    from now; None: as the unit says."""
+    if arguments.expires_in_days is None:
+        expires_at: datetime | None = arguments.expires_at
+        return expires_at
+    start = arguments.valid_from or datetime.now(UTC)
+    return start + timedelta(days=arguments.expires_in_days)
+
+
 def _credit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     transfer = client.credit(
-        wallet_id=arguments.wallet, amount=arguments.amount, **_mutation(arguments)
+        wallet_id=arguments.wallet,
+        amount=arguments.amount,
+        valid_from=arguments.valid_from,
+        expires_at=_expires_at(arguments),
+        **_mutation(arguments),
     )
     return _Output(
         transfers_pb2.CreditResponse(transfer=transfer),
@@ -893,6 +975,8 @@ def _deposit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
         wallet_id=arguments.wallet,
         amount=arguments.amount,
         funding_source=arguments.source,
+        valid_from=arguments.valid_from,
+        expires_at=_expires_at(arguments),
         **_mutation(arguments),
     )
     return _Output(
@@ -966,20 +1050,81 @@ def _hold_show(client: SyncClient, arguments: argparse.Namespace) -> _Output:
 
 
 def _void(client: SyncClient, arguments: argparse.Namespace) -> _Output:
-    transfer = client.void(transfer_id=arguments.transfer, **_mutation(arguments))
+    transfer = client.void(
+        transfer_id=arguments.transfer, expires_at=arguments.expires_at, **_mutation(arguments)
+    )
     return _Output(
         transfers_pb2.VoidResponse(transfer=transfer), lambda: [_transfer_line(transfer)]
     )
 
 
 def _balance(client: SyncClient, arguments: argparse.Namespace) -> _Output:
-    result = client.get_balance(wallet_id=arguments.wallet)
-    response = wallets_pb2.GetBalanceResponse(
-        wallet_id=result.wallet_id, unit=result.unit, balance=result.balance
-    )
+    at: datetime | None = arguments.at
+    response: Message
+    if at is None:
+        result = client.get_balance(wallet_id=arguments.wallet)
+        response = wallets_pb2.GetBalanceResponse(
+            wallet_id=result.wallet_id, unit=result.unit, balance=result.balance
+        )
+        when = ""
+    else:
+        result = client.future_balance(wallet_id=arguments.wallet, at=at)
+        response = grants_pb2.GetFutureBalanceResponse(
+            wallet_id=result.wallet_id,
+            unit=result.unit,
+            time=_timestamp_of(at),
+            balance=result.balance,
+        )
+        when = f"  at {at.astimezone(UTC):%Y-%m-%d %H:%M:%S}"
     return _Output(
         response,
-        lambda: [f"wallet {result.wallet_id}  {result.unit}  {_balance_text(result.balance)}"],
+        lambda: [
+            f"wallet {result.wallet_id}  {result.unit}  {_balance_text(result.balance)}{when}"
+        ],
+    )
+
+
+def _grants(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    grants, next_page_token = _collect(
+        lambda page_size, page_token: client.list_grants(
+            wallet_id=arguments.wallet,
+            include_spent=arguments.all,
+            page_size=page_size,
+            page_token=page_token,
+        ),
+        arguments.limit,
+    )
+
+    def render() -> list[str]:
+        rows = [
+            [
+                str(grant.id),
+                str(grant.amount),
+                str(grant.remaining),
+                _time(grant.valid_from),
+                _time(grant.expires_at) if grant.HasField("expires_at") else "never",
+                str(grant.transfer_id),
+            ]
+            for grant in grants
+        ]
+        lines = _table(
+            ["ID", "AMOUNT", "REMAINING", "VALID FROM (UTC)", "EXPIRES (UTC)", "TRANSFER"],
+            rows,
+            right={0, 1, 2, 5},
+        )
+        if next_page_token:
+            lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
+        return lines
+
+    response = grants_pb2.ListGrantsResponse(grants=grants, next_page_token=next_page_token)
+    return _Output(response, render)
+
+
+def _expire(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    count = client.run_expiration()
+    return _Output(
+        grants_pb2.RunExpirationResponse(expired_count=count),
+        lambda: [f"expired {count} grant{'' if count == 1 else 's'}"],
     )
 
 
@@ -1114,7 +1259,11 @@ def _wallet_lines(wallet: types_pb2.Wallet) -> list[str]:
 
 
 def _balance_text(balance: types_pb2.Balance) -> str:
-    return f"posted {balance.posted}  pending {balance.pending}  available {balance.available}"
+    unspendable = f"  unspendable {balance.unspendable}" if balance.unspendable else ""
+    return (
+        f"posted {balance.posted}  pending {balance.pending}{unspendable}"
+        f"  available {balance.available}"
+    )
 
 
 def _balance_after(client: SyncClient, wallet_id: int) -> str:
@@ -1185,6 +1334,8 @@ def _event_line(event: events_pb2.Event) -> str:
             f"wallet {low.wallet_id}  available {low.balance.available} {low.balance.unit}"
             f"  below {low.low_balance_threshold}"
         )
+    elif body == "grant":
+        details = _grant_line(event.grant)
     elif body == "top_up_request":
         top_up = event.top_up_request
         details = (
@@ -1201,6 +1352,22 @@ def _event_line(event: events_pb2.Event) -> str:
         details,
     ]
     return "  ".join(part for part in parts if part)
+
+
+def _grant_line(grant: types_pb2.Grant) -> str:
+    """E.g. `grant 3  wallet 7  450 of 500 session  valid from …  expires …  transfer 1`."""
+    expires = _time(grant.expires_at) if grant.HasField("expires_at") else "never"
+    return (
+        f"grant {grant.id}  wallet {grant.wallet_id}  {grant.remaining} of {grant.amount} "
+        f"{grant.unit}  valid from {_time(grant.valid_from)}  expires {expires}"
+        f"  transfer {grant.transfer_id}"
+    )
+
+
+def _timestamp_of(moment: datetime) -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.FromDatetime(moment)
+    return timestamp
 
 
 def _signed_amount(transfer: types_pb2.Transfer, incoming: bool) -> str:

@@ -63,6 +63,8 @@ from coffer.v1 import (
     access_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
+    grants_pb2,
+    grants_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
     transfers_pb2,
@@ -75,7 +77,7 @@ from coffer.v1 import (
 )
 from coffer.v1.events_pb2 import Event
 from coffer.v1.transfers_pb2 import Operation, OperationResult
-from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
+from coffer.v1.types_pb2 import Balance, Grant, Hold, Transfer, Unit, Wallet
 
 target_default = "127.0.0.1:50051"
 # The caller of a client not told otherwise. (The server has no default: a call that writes
@@ -111,6 +113,7 @@ TransferKindName = Literal[
     "release",
     "hold_expiry",
     "void",
+    "expiration",
 ]
 
 EventTypeName = Literal[
@@ -129,6 +132,9 @@ EventTypeName = Literal[
     "api_key_revoked",
     "certificate_mapped",
     "certificate_unmapped",
+    "grant_created",
+    "grant_expiring_soon",
+    "grant_expired",
 ]
 
 ItemT = TypeVar("ItemT")
@@ -188,7 +194,8 @@ class Operations:
     no next, so its method has no `linked`. It comes first because a leading argument is the
     one a typed signature can drop (`Concatenate`).
 
-    Each fills a fresh idempotency key unless given one.
+    Each fills a fresh idempotency key unless given one. Times (`valid_from`, `expires_at`)
+    must be timezone-aware (`datetime.now(UTC)`), else ValueError.
     """
 
     @staticmethod
@@ -202,8 +209,12 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        valid_from: datetime | None = None,
+        expires_at: datetime | None = None,
     ) -> Operation:
-        """The operator funds a wallet."""
+        """The operator funds a wallet. `valid_from`: from when the funds can be spent (None:
+        now); `expires_at`: when they expire (None: the unit's default validity after the
+        start, if it has one, else never)."""
         request = transfers_pb2.CreditRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -212,6 +223,8 @@ class Operations:
             reference=reference,
             performed_by=performed_by,
             metadata=_metadata(metadata),
+            valid_from=_timestamp(valid_from),
+            expires_at=_timestamp(expires_at),
         )
         return Operation(credit=request, linked=linked)
 
@@ -279,8 +292,11 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        valid_from: datetime | None = None,
+        expires_at: datetime | None = None,
     ) -> Operation:
-        """From an external funding source (a bank account, a card reference) into a wallet."""
+        """From an external funding source (a bank account, a card reference) into a wallet.
+        `valid_from` and `expires_at` as for a credit."""
         request = transfers_pb2.DepositRequest(
             idempotency_key=_key(idempotency_key),
             wallet_id=wallet_id,
@@ -289,6 +305,8 @@ class Operations:
             note=note,
             performed_by=performed_by,
             metadata=_metadata(metadata),
+            valid_from=_timestamp(valid_from),
+            expires_at=_timestamp(expires_at),
         )
         return Operation(deposit=request, linked=linked)
 
@@ -351,14 +369,18 @@ class Operations:
         performed_by: str = "",
         metadata: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        expires_at: datetime | None = None,
     ) -> Operation:
-        """Reverses a transfer with a new one; the voided transfer stays, marked voided."""
+        """Reverses a transfer with a new one; the voided transfer stays, marked voided.
+        `expires_at`: for the void of an expiration alone, and required there, the new expiry
+        of the grant it restores."""
         request = transfers_pb2.VoidRequest(
             idempotency_key=_key(idempotency_key),
             transfer_id=transfer_id,
             note=note,
             performed_by=performed_by,
             metadata=_metadata(metadata),
+            expires_at=_timestamp(expires_at),
         )
         return Operation(void=request, linked=linked)
 
@@ -449,6 +471,7 @@ class _Stubs:
     transfers: transfers_pb2_grpc.TransferServiceAsyncStub
     holds: holds_pb2_grpc.HoldServiceAsyncStub
     events: events_pb2_grpc.EventServiceAsyncStub
+    grants: grants_pb2_grpc.GrantServiceAsyncStub
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
@@ -920,6 +943,60 @@ class Client:
             finally:
                 stream.cancel()
 
+    # Grants: credits that expire.
+
+    async def list_grants(
+        self,
+        *,
+        wallet_id: int,
+        include_spent: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[Grant]:
+        """One page of a wallet's grants, oldest first: those with something left, or with
+        `include_spent` all. Page size 0 means 100."""
+        request = grants_pb2.ListGrantsRequest(
+            wallet_id=wallet_id,
+            include_spent=include_spent,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._call(self._stubs().grants.ListGrants, request)
+        return Page(list(response.grants), response.next_page_token)
+
+    async def iter_grants(
+        self, *, wallet_id: int, include_spent: bool = False, page_size: int = 0
+    ) -> AsyncIterator[Grant]:
+        """Every grant `list_grants` lists, page after page."""
+        page_token = ""
+        while True:
+            page = await self.list_grants(
+                wallet_id=wallet_id,
+                include_spent=include_spent,
+                page_size=page_size,
+                page_token=page_token,
+            )
+            for grant in page.items:
+                yield grant
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
+    async def future_balance(self, *, wallet_id: int, at: datetime) -> WalletBalance:
+        """The wallet's balance at `at`, a time to come (timezone-aware), if nothing more
+        moves: what expires by then is gone, what becomes valid by then is spendable."""
+        timestamp = _timestamp(at)
+        request = grants_pb2.GetFutureBalanceRequest(wallet_id=wallet_id, time=timestamp)
+        response = await self._call(self._stubs().grants.GetFutureBalance, request)
+        return WalletBalance(response.wallet_id, response.unit, response.balance)
+
+    async def run_expiration(self) -> int:
+        """Runs an expiration now (staff only): what is left of every grant past its expiry
+        moves to its unit's expired-credits wallet. Returns how many grants it expired."""
+        request = grants_pb2.RunExpirationRequest()
+        response = await self._call(self._stubs().grants.RunExpiration, request)
+        return response.expired_count
+
     # Health.
 
     # Access (administrators only).
@@ -1013,6 +1090,7 @@ class Client:
                 transfers=transfers_pb2_grpc.TransferServiceStub(channel),
                 holds=holds_pb2_grpc.HoldServiceStub(channel),
                 events=events_pb2_grpc.EventServiceStub(channel),
+                grants=grants_pb2_grpc.GrantServiceStub(channel),
                 health_check=channel.unary_unary(
                     health_check_method,
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -1205,6 +1283,10 @@ class SyncClient:
     list_certificate_mappings = _blocking(Client.list_certificate_mappings)
     list_events = _blocking(Client.list_events)
     watch_events = _blocking_iterator(Client.watch_events)
+    list_grants = _blocking(Client.list_grants)
+    iter_grants = _blocking_iterator(Client.iter_grants)
+    future_balance = _blocking(Client.future_balance)
+    run_expiration = _blocking(Client.run_expiration)
     health = _blocking(Client.health)
 
 

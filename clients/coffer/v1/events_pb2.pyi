@@ -327,6 +327,7 @@ class Event(_message.Message):
     TOP_UP_REQUEST_FIELD_NUMBER: _builtins.int
     API_KEY_FIELD_NUMBER: _builtins.int
     CERTIFICATE_MAPPING_FIELD_NUMBER: _builtins.int
+    GRANT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Where the stream goes on after this event: pass it as `after_cursor` to resume. Opaque."""
     type: Global___EventType.ValueType
@@ -334,8 +335,9 @@ class Event(_message.Message):
     actor: _builtins.str
     """Who made it: the scope of the principal that made the call (`@key:<id>` for an API key,
     `@cert:<mapping id>` for a client certificate, the `coffer-caller` label in the open mode);
-    "@coffer" for the ledger's own changes (hold expiries, low balances, top-up requests).
-    Empty to a merchant or customer, unless the ledger itself acted.
+    "@coffer" for the ledger's own changes (hold expiries, low balances, top-up requests,
+    expirations of grants and their notices). Empty to a merchant or customer, unless the
+    ledger itself acted.
     """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -349,7 +351,7 @@ class Event(_message.Message):
 
     @_builtins.property
     def transfer(self) -> Global___TransferEvent:
-        """TRANSFER and the HOLD_ types."""
+        """TRANSFER, the HOLD_ types and GRANT_EXPIRED."""
 
     @_builtins.property
     def wallet(self) -> _types_pb2.Wallet:
@@ -379,6 +381,10 @@ class Event(_message.Message):
     def certificate_mapping(self) -> _access_pb2.CertificateMapping:
         """CERTIFICATE_MAPPED, CERTIFICATE_UNMAPPED."""
 
+    @_builtins.property
+    def grant(self) -> _types_pb2.Grant:
+        """GRANT_CREATED, GRANT_EXPIRING_SOON."""
+
     def __init__(
         self,
         *,
@@ -395,12 +401,13 @@ class Event(_message.Message):
         top_up_request: Global___TopUpRequest | None = ...,
         api_key: _access_pb2.ApiKey | None = ...,
         certificate_mapping: _access_pb2.CertificateMapping | None = ...,
+        grant: _types_pb2.Grant | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "unit", b"unit", "wallet", b"wallet"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "grant", b"grant", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "unit", b"unit", "wallet", b"wallet"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "cursor", b"cursor", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "type", b"type", "unit", b"unit", "wallet", b"wallet", "wallet_ids", b"wallet_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "api_key", b"api_key", "balance_alert", b"balance_alert", "body", b"body", "certificate_mapping", b"certificate_mapping", "create_time", b"create_time", "cursor", b"cursor", "grant", b"grant", "low_balance", b"low_balance", "top_up_request", b"top_up_request", "transfer", b"transfer", "type", b"type", "unit", b"unit", "wallet", b"wallet", "wallet_ids", b"wallet_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["transfer", "wallet", "unit", "balance_alert", "low_balance", "top_up_request", "api_key", "certificate_mapping"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["transfer", "wallet", "unit", "balance_alert", "low_balance", "top_up_request", "api_key", "certificate_mapping", "grant"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

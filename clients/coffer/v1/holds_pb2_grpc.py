@@ -120,6 +120,8 @@ class HoldServiceServicer:
 
     def PlaceHold(self, request, context):
         """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+        It reserves from the wallet's grants as a debit draws from them (the soonest expiry
+        first); released or expired, the hold returns them.
 
         Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
         WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
@@ -131,6 +133,10 @@ class HoldServiceServicer:
 
     def CaptureHold(self, request, context):
         """Posts all or part of a pending hold to its target; the rest goes back to the source.
+        What the hold reserved from grants that have expired since is not captured: the capture
+        takes what is still valid and releases the rest, and says so (the transfer's
+        `amount_requested`, the hold's `amount_captured`). The target is paid in funds that
+        never expire.
 
         Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
         HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),

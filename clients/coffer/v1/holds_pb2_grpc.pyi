@@ -65,6 +65,8 @@ class HoldServiceStub:
     def __new__(cls, channel: _aio.Channel) -> HoldServiceAsyncStub: ...
     PlaceHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.PlaceHoldRequest, _holds_pb2.PlaceHoldResponse]
     """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+    It reserves from the wallet's grants as a debit draws from them (the soonest expiry
+    first); released or expired, the hold returns them.
 
     Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
     WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
@@ -72,6 +74,10 @@ class HoldServiceStub:
     """
     CaptureHold: _grpc.UnaryUnaryMultiCallable[_holds_pb2.CaptureHoldRequest, _holds_pb2.CaptureHoldResponse]
     """Posts all or part of a pending hold to its target; the rest goes back to the source.
+    What the hold reserved from grants that have expired since is not captured: the capture
+    takes what is still valid and releases the rest, and says so (the transfer's
+    `amount_requested`, the hold's `amount_captured`). The target is paid in funds that
+    never expire.
 
     Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
     HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
@@ -121,6 +127,8 @@ class HoldServiceAsyncStub(HoldServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     PlaceHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.PlaceHoldRequest, _holds_pb2.PlaceHoldResponse]  # type: ignore[assignment]
     """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+    It reserves from the wallet's grants as a debit draws from them (the soonest expiry
+    first); released or expired, the hold returns them.
 
     Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
     WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
@@ -128,6 +136,10 @@ class HoldServiceAsyncStub(HoldServiceStub):
     """
     CaptureHold: _aio.UnaryUnaryMultiCallable[_holds_pb2.CaptureHoldRequest, _holds_pb2.CaptureHoldResponse]  # type: ignore[assignment]
     """Posts all or part of a pending hold to its target; the rest goes back to the source.
+    What the hold reserved from grants that have expired since is not captured: the capture
+    takes what is still valid and releases the rest, and says so (the transfer's
+    `amount_requested`, the hold's `amount_captured`). The target is paid in funds that
+    never expire.
 
     Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
     HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),
@@ -180,6 +192,8 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_holds_pb2.PlaceHoldResponse, _abc.Awaitable[_holds_pb2.PlaceHoldResponse]]:
         """Reserves an amount of a wallet: its available balance drops, its posted balance stays.
+        It reserves from the wallet's grants as a debit draws from them (the soonest expiry
+        first); released or expired, the hold returns them.
 
         Errors: INVALID_ARGUMENT (wallet_id, target_wallet_id, amount, timeout), NOT_FOUND
         WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, WALLET_NOT_ACTIVE,
@@ -193,6 +207,10 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_holds_pb2.CaptureHoldResponse, _abc.Awaitable[_holds_pb2.CaptureHoldResponse]]:
         """Posts all or part of a pending hold to its target; the rest goes back to the source.
+        What the hold reserved from grants that have expired since is not captured: the capture
+        takes what is still valid and releases the rest, and says so (the transfer's
+        `amount_requested`, the hold's `amount_captured`). The target is paid in funds that
+        never expire.
 
         Errors: INVALID_ARGUMENT (hold_id, amount), NOT_FOUND HOLD_NOT_FOUND, FAILED_PRECONDITION
         HOLD_EXPIRED, HOLD_NOT_PENDING, CAPTURE_EXCEEDS_HOLD, WALLET_NOT_ACTIVE (the target),

@@ -61,6 +61,8 @@ class CreditRequest(_message.Message):
     REFERENCE_FIELD_NUMBER: _builtins.int
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
@@ -81,6 +83,20 @@ class CreditRequest(_message.Message):
         to 512.
         """
 
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """From when the funds can be spent; unset, or a time past: now. Until then they are posted
+        but unspendable (`Balance.unspendable`).
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the funds expire: after now and after `valid_from` (else INVALID_ARGUMENT, field
+        `expires_at`). Unset: the unit's `default_validity` after the start, if it has one, else
+        never. What is left of them at their expiry is unspendable until an expiration run moves
+        it to the unit's expired-credits wallet.
+        """
+
     def __init__(
         self,
         *,
@@ -91,10 +107,12 @@ class CreditRequest(_message.Message):
         reference: _builtins.str = ...,
         performed_by: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "valid_from", b"valid_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "reference", b"reference", "wallet_id", b"wallet_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "reference", b"reference", "valid_from", b"valid_from", "wallet_id", b"wallet_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -365,6 +383,8 @@ class DepositRequest(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
@@ -387,6 +407,20 @@ class DepositRequest(_message.Message):
         to 512.
         """
 
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """From when the money can be spent; unset, or a time past: now. Until then it is posted
+        but unspendable (`Balance.unspendable`).
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the money expires: after now and after `valid_from` (else INVALID_ARGUMENT, field
+        `expires_at`). Unset: the unit's `default_validity` after the start, if it has one, else
+        never. What is left of it at its expiry is unspendable until an expiration run moves it
+        to the unit's expired-credits wallet.
+        """
+
     def __init__(
         self,
         *,
@@ -397,10 +431,12 @@ class DepositRequest(_message.Message):
         note: _builtins.str = ...,
         performed_by: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "valid_from", b"valid_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "funding_source", b"funding_source", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "wallet_id", b"wallet_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "expires_at", b"expires_at", "funding_source", b"funding_source", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "valid_from", b"valid_from", "wallet_id", b"wallet_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -659,6 +695,7 @@ class VoidRequest(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     PERFORMED_BY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Up to 128 characters, unique per principal (its idempotency scope); required. A retry with the
     same key and request returns the first outcome.
@@ -675,6 +712,12 @@ class VoidRequest(_message.Message):
         to 512.
         """
 
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Only for the void of an EXPIRATION, and required there: the new expiry of the grant whose
+        remainder it restores, after now (else INVALID_ARGUMENT, field `expires_at`).
+        """
+
     def __init__(
         self,
         *,
@@ -683,10 +726,11 @@ class VoidRequest(_message.Message):
         note: _builtins.str = ...,
         performed_by: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "idempotency_key", b"idempotency_key", "metadata", b"metadata", "note", b"note", "performed_by", b"performed_by", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

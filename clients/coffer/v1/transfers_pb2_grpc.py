@@ -179,16 +179,22 @@ class TransferServiceServicer:
     """
 
     def Credit(self, request, context):
-        """The operator funds a customer's or merchant's wallet.
-        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
-        WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """The operator funds a customer's or merchant's wallet. Funds with an expiry, or valid
+        from a time to come, make a grant (GrantService); the rest is the wallet's untracked
+        balance. A wallet that owes (below 0 in untracked funds) is repaid first: only the rest
+        makes a grant.
+        Errors: INVALID_ARGUMENT (valid_from, expires_at), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Debit(self, request, context):
-        """A wallet spends, back to the operator: all or nothing, or up to what it has.
+        """A wallet spends, back to the operator: all or nothing, or up to what it has. Spending
+        draws from the wallet's grants valid now, the soonest expiry first, then from its
+        untracked balance (`Transfer.allocations` says from which).
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
         nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -197,7 +203,8 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Transfer(self, request, context):
-        """Moves an amount between two wallets of one unit.
+        """Moves an amount between two wallets of one unit. What it draws from the source's grants
+        keeps its expiry: the target gets grants with the same expiries.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
         UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -207,8 +214,11 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Deposit(self, request, context):
-        """Money in from an external funding source (a bank account, a card).
-        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        """Money in from an external funding source (a bank account, a card). It makes a grant as
+        a credit does, when it names an expiry or a start to come (or the unit has a default
+        validity).
+        Errors: INVALID_ARGUMENT (funding_source, valid_from, expires_at), NOT_FOUND
+        WALLET_NOT_FOUND,
         FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
         """
@@ -227,7 +237,8 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Pay(self, request, context):
-        """A customer pays a merchant, in one unit.
+        """A customer pays a merchant, in one unit. The merchant is paid in funds that never
+        expire.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
         WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
         SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -238,10 +249,14 @@ class TransferServiceServicer:
 
     def Void(self, request, context):
         """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-        original stays, marked voided.
-        Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
-        void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
-        it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        original stays, marked voided. Each amount goes back to the grant it came from. The
+        original target gives back first what is left of the grants the transfer made there,
+        then, for what of them was spent, its other funds (else GRANT_SPENT). The void of an
+        EXPIRATION restores the grant with the new expiry `expires_at` names.
+        Errors: INVALID_ARGUMENT (expires_at: required for the void of an expiration, refused
+        for any other), NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED,
+        NOT_VOIDABLE (a void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original
+        target cannot give it back), GRANT_SPENT, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,24 +79,34 @@ class TransferServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TransferServiceAsyncStub: ...
     Credit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]
-    """The operator funds a customer's or merchant's wallet.
-    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
-    WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """The operator funds a customer's or merchant's wallet. Funds with an expiry, or valid
+    from a time to come, make a grant (GrantService); the rest is the wallet's untracked
+    balance. A wallet that owes (below 0 in untracked funds) is repaid first: only the rest
+    makes a grant.
+    Errors: INVALID_ARGUMENT (valid_from, expires_at), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
     """
     Debit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]
-    """A wallet spends, back to the operator: all or nothing, or up to what it has.
+    """A wallet spends, back to the operator: all or nothing, or up to what it has. Spending
+    draws from the wallet's grants valid now, the soonest expiry first, then from its
+    untracked balance (`Transfer.allocations` says from which).
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
     nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Transfer: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]
-    """Moves an amount between two wallets of one unit.
+    """Moves an amount between two wallets of one unit. What it draws from the source's grants
+    keeps its expiry: the target gets grants with the same expiries.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
     UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Deposit: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]
-    """Money in from an external funding source (a bank account, a card).
-    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    """Money in from an external funding source (a bank account, a card). It makes a grant as
+    a credit does, when it names an expiry or a start to come (or the unit has a default
+    validity).
+    Errors: INVALID_ARGUMENT (funding_source, valid_from, expires_at), NOT_FOUND
+    WALLET_NOT_FOUND,
     FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
@@ -107,17 +117,22 @@ class TransferServiceStub:
     wallet), BALANCE_OVERFLOW.
     """
     Pay: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]
-    """A customer pays a merchant, in one unit.
+    """A customer pays a merchant, in one unit. The merchant is paid in funds that never
+    expire.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
     WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
     SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     Void: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]
     """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-    original stays, marked voided.
-    Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
-    void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
-    it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    original stays, marked voided. Each amount goes back to the grant it came from. The
+    original target gives back first what is left of the grants the transfer made there,
+    then, for what of them was spent, its other funds (else GRANT_SPENT). The void of an
+    EXPIRATION restores the grant with the new expiry `expires_at` names.
+    Errors: INVALID_ARGUMENT (expires_at: required for the void of an expiration, refused
+    for any other), NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED,
+    NOT_VOIDABLE (a void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original
+    target cannot give it back), GRANT_SPENT, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     SubmitBatch: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]
     """Up to 8,000 operations applied in order in one database transaction, in a request of at
@@ -190,24 +205,34 @@ class TransferServiceAsyncStub(TransferServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Credit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.CreditRequest, _transfers_pb2.CreditResponse]  # type: ignore[assignment]
-    """The operator funds a customer's or merchant's wallet.
-    Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
-    WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+    """The operator funds a customer's or merchant's wallet. Funds with an expiry, or valid
+    from a time to come, make a grant (GrantService); the rest is the wallet's untracked
+    balance. A wallet that owes (below 0 in untracked funds) is repaid first: only the rest
+    makes a grant.
+    Errors: INVALID_ARGUMENT (valid_from, expires_at), NOT_FOUND WALLET_NOT_FOUND,
+    FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+    BALANCE_OVERFLOW.
     """
     Debit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DebitRequest, _transfers_pb2.DebitResponse]  # type: ignore[assignment]
-    """A wallet spends, back to the operator: all or nothing, or up to what it has.
+    """A wallet spends, back to the operator: all or nothing, or up to what it has. Spending
+    draws from the wallet's grants valid now, the soonest expiry first, then from its
+    untracked balance (`Transfer.allocations` says from which).
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
     nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
     """
     Transfer: _aio.UnaryUnaryMultiCallable[_transfers_pb2.TransferRequest, _transfers_pb2.TransferResponse]  # type: ignore[assignment]
-    """Moves an amount between two wallets of one unit.
+    """Moves an amount between two wallets of one unit. What it draws from the source's grants
+    keeps its expiry: the target gets grants with the same expiries.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
     UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
     Deposit: _aio.UnaryUnaryMultiCallable[_transfers_pb2.DepositRequest, _transfers_pb2.DepositResponse]  # type: ignore[assignment]
-    """Money in from an external funding source (a bank account, a card).
-    Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+    """Money in from an external funding source (a bank account, a card). It makes a grant as
+    a credit does, when it names an expiry or a start to come (or the unit has a default
+    validity).
+    Errors: INVALID_ARGUMENT (funding_source, valid_from, expires_at), NOT_FOUND
+    WALLET_NOT_FOUND,
     FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
     BALANCE_OVERFLOW.
     """
@@ -218,17 +243,22 @@ class TransferServiceAsyncStub(TransferServiceStub):
     wallet), BALANCE_OVERFLOW.
     """
     Pay: _aio.UnaryUnaryMultiCallable[_transfers_pb2.PayRequest, _transfers_pb2.PayResponse]  # type: ignore[assignment]
-    """A customer pays a merchant, in one unit.
+    """A customer pays a merchant, in one unit. The merchant is paid in funds that never
+    expire.
     Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
     WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
     SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     Void: _aio.UnaryUnaryMultiCallable[_transfers_pb2.VoidRequest, _transfers_pb2.VoidResponse]  # type: ignore[assignment]
     """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-    original stays, marked voided.
-    Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
-    void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
-    it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+    original stays, marked voided. Each amount goes back to the grant it came from. The
+    original target gives back first what is left of the grants the transfer made there,
+    then, for what of them was spent, its other funds (else GRANT_SPENT). The void of an
+    EXPIRATION restores the grant with the new expiry `expires_at` names.
+    Errors: INVALID_ARGUMENT (expires_at: required for the void of an expiration, refused
+    for any other), NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED,
+    NOT_VOIDABLE (a void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original
+    target cannot give it back), GRANT_SPENT, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
     """
     SubmitBatch: _aio.UnaryUnaryMultiCallable[_transfers_pb2.SubmitBatchRequest, _transfers_pb2.SubmitBatchResponse]  # type: ignore[assignment]
     """Up to 8,000 operations applied in order in one database transaction, in a request of at
@@ -304,9 +334,13 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.CreditRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.CreditResponse, _abc.Awaitable[_transfers_pb2.CreditResponse]]:
-        """The operator funds a customer's or merchant's wallet.
-        Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION WALLET_NOT_ACTIVE,
-        WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
+        """The operator funds a customer's or merchant's wallet. Funds with an expiry, or valid
+        from a time to come, make a grant (GrantService); the rest is the wallet's untracked
+        balance. A wallet that owes (below 0 in untracked funds) is repaid first: only the rest
+        makes a grant.
+        Errors: INVALID_ARGUMENT (valid_from, expires_at), NOT_FOUND WALLET_NOT_FOUND,
+        FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
+        BALANCE_OVERFLOW.
         """
 
     @_abc_1.abstractmethod
@@ -315,7 +349,9 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.DebitRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.DebitResponse, _abc.Awaitable[_transfers_pb2.DebitResponse]]:
-        """A wallet spends, back to the operator: all or nothing, or up to what it has.
+        """A wallet spends, back to the operator: all or nothing, or up to what it has. Spending
+        draws from the wallet's grants valid now, the soonest expiry first, then from its
+        untracked balance (`Transfer.allocations` says from which).
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS (all or
         nothing), WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet), BALANCE_OVERFLOW.
         """
@@ -326,7 +362,8 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.TransferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.TransferResponse, _abc.Awaitable[_transfers_pb2.TransferResponse]]:
-        """Moves an amount between two wallets of one unit.
+        """Moves an amount between two wallets of one unit. What it draws from the source's grants
+        keeps its expiry: the target gets grants with the same expiries.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS, SAME_WALLET,
         UNIT_MISMATCH, WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
@@ -338,8 +375,11 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.DepositRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.DepositResponse, _abc.Awaitable[_transfers_pb2.DepositResponse]]:
-        """Money in from an external funding source (a bank account, a card).
-        Errors: INVALID_ARGUMENT (funding_source), NOT_FOUND WALLET_NOT_FOUND,
+        """Money in from an external funding source (a bank account, a card). It makes a grant as
+        a credit does, when it names an expiry or a start to come (or the unit has a default
+        validity).
+        Errors: INVALID_ARGUMENT (funding_source, valid_from, expires_at), NOT_FOUND
+        WALLET_NOT_FOUND,
         FAILED_PRECONDITION WALLET_NOT_ACTIVE, WALLET_KIND_MISMATCH (a system wallet),
         BALANCE_OVERFLOW.
         """
@@ -362,7 +402,8 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.PayRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.PayResponse, _abc.Awaitable[_transfers_pb2.PayResponse]]:
-        """A customer pays a merchant, in one unit.
+        """A customer pays a merchant, in one unit. The merchant is paid in funds that never
+        expire.
         Errors: NOT_FOUND WALLET_NOT_FOUND, FAILED_PRECONDITION INSUFFICIENT_FUNDS,
         WALLET_KIND_MISMATCH (the payer is no customer's, or the payee no merchant's),
         SAME_WALLET, UNIT_MISMATCH, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
@@ -375,10 +416,14 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.VoidResponse, _abc.Awaitable[_transfers_pb2.VoidResponse]]:
         """Reverses an earlier transfer that moved posted money, with a new transfer back; the
-        original stays, marked voided.
-        Errors: NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED, NOT_VOIDABLE (a
-        void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original target cannot give
-        it back), WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
+        original stays, marked voided. Each amount goes back to the grant it came from. The
+        original target gives back first what is left of the grants the transfer made there,
+        then, for what of them was spent, its other funds (else GRANT_SPENT). The void of an
+        EXPIRATION restores the grant with the new expiry `expires_at` names.
+        Errors: INVALID_ARGUMENT (expires_at: required for the void of an expiration, refused
+        for any other), NOT_FOUND TRANSFER_NOT_FOUND, FAILED_PRECONDITION ALREADY_VOIDED,
+        NOT_VOIDABLE (a void, hold, release or hold expiry), INSUFFICIENT_FUNDS (the original
+        target cannot give it back), GRANT_SPENT, WALLET_NOT_ACTIVE, BALANCE_OVERFLOW.
         """
 
     @_abc_1.abstractmethod

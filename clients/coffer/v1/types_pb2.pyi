@@ -68,8 +68,9 @@ class _OwnerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OwnerKind.V
     OWNER_KIND_MERCHANT: _OwnerKind.ValueType  # 2
     """A merchant: the payee of a payment."""
     OWNER_KIND_SYSTEM: _OwnerKind.ValueType  # 3
-    """One of a unit's two wallets of the ledger's own (the operator, and external funding
-    sources), created with the unit; only the ledger moves them, and they have no floor.
+    """One of a unit's wallets of the ledger's own: the operator and external funding sources,
+    created with the unit, and expired credits, created at the unit's first expiration; only
+    the ledger moves them, and they have no floor.
     """
 
 class OwnerKind(_OwnerKind, metaclass=_OwnerKindEnumTypeWrapper):
@@ -82,8 +83,9 @@ OWNER_KIND_CUSTOMER: OwnerKind.ValueType  # 1
 OWNER_KIND_MERCHANT: OwnerKind.ValueType  # 2
 """A merchant: the payee of a payment."""
 OWNER_KIND_SYSTEM: OwnerKind.ValueType  # 3
-"""One of a unit's two wallets of the ledger's own (the operator, and external funding
-sources), created with the unit; only the ledger moves them, and they have no floor.
+"""One of a unit's wallets of the ledger's own: the operator and external funding sources,
+created with the unit, and expired credits, created at the unit's first expiration; only
+the ledger moves them, and they have no floor.
 """
 Global___OwnerKind: _TypeAlias = OwnerKind  # noqa: Y015
 
@@ -498,6 +500,7 @@ class Transfer(_message.Message):
     VOIDED_BY_TRANSFER_ID_FIELD_NUMBER: _builtins.int
     HOLD_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     UNIT_SCALE_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Unique across all transfers, increasing with time (int64: a string or BigInt in
     JavaScript).
@@ -517,7 +520,10 @@ class Transfer(_message.Message):
     spare.
     """
     amount_requested: _builtins.int
-    """For up-to debits: what was asked for; amount_requested - amount is due elsewhere."""
+    """For up-to debits: what was asked for; amount_requested - amount is due elsewhere. For a
+    capture that captured less than asked (what the hold reserved from grants had expired
+    since): what was asked for.
+    """
     note: _builtins.str
     """Why, as the request said (up to 1,000 characters)."""
     reference: _builtins.str
@@ -548,6 +554,16 @@ class Transfer(_message.Message):
     def hold_expire_time(self) -> _timestamp_pb2.Timestamp:
         """Set on a hold: when it releases itself."""
 
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allocation]:
+        """What the transfer changed in grants (GrantService), one entry per grant, by grant id:
+        drawn from the source's grants, returned to them, or taken back from the grants it
+        voids. The rest of its amount moved untracked funds, and the grants a transfer makes on
+        its target are listed by ListGrants (their `transfer_id`), not here. Set in the answers
+        of the calls that make transfers (and their replays), GetTransfer and ListTransfers;
+        empty in events.
+        """
+
     def __init__(
         self,
         *,
@@ -569,14 +585,126 @@ class Transfer(_message.Message):
         voided_by_transfer_id: _builtins.int = ...,
         hold_expire_time: _timestamp_pb2.Timestamp | None = ...,
         unit_scale: _builtins.int = ...,
+        allocations: _abc.Iterable[Global___Allocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "hold_expire_time", b"hold_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "amount_requested", b"amount_requested", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "amount", b"amount", "amount_requested", b"amount_requested", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Transfer: _TypeAlias = Transfer  # noqa: Y015
+
+@_typing.final
+class Allocation(_message.Message):
+    """What one transfer changed in one grant's remainder."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    grant_id: _builtins.int
+    """The grant (`Grant.id`)."""
+    amount: _builtins.int
+    """The change to the grant's `remaining`, in the unit's minor units: below 0 drawn (spent,
+    held, expired, or taken back by a void), above 0 returned (a void of a spending, a hold
+    released, expired or captured in part).
+    """
+    def __init__(
+        self,
+        *,
+        grant_id: _builtins.int = ...,
+        amount: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "grant_id", b"grant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Allocation: _TypeAlias = Allocation  # noqa: Y015
+
+@_typing.final
+class Grant(_message.Message):
+    """Funds a wallet received that carry terms: valid from `valid_from`, until `expires_at`. A
+    credit or deposit with a start to come or an expiry makes one, and so does a transfer of
+    such funds (with their expiries). Funds that never expire and are valid when received are
+    no grant: they are the wallet's untracked balance. Spending draws from the grants valid
+    now, the soonest expiry first (among equal expiries the oldest first), then from those
+    that never expire, then from the untracked balance.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    WALLET_ID_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    UNIT_SCALE_FIELD_NUMBER: _builtins.int
+    TRANSFER_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Unique across all grants, increasing with time (int64: a string or BigInt in
+    JavaScript).
+    """
+    wallet_id: _builtins.int
+    """The wallet that holds it."""
+    unit: _builtins.str
+    """The code of the wallet's unit."""
+    unit_scale: _builtins.int
+    """The unit's scale (`Unit.scale`): the amounts are in units of 10^-unit_scale; 0 to 18."""
+    transfer_id: _builtins.int
+    """The transfer that brought the funds in: a credit, a deposit, or a transfer."""
+    amount: _builtins.int
+    """What it granted, in the unit's minor units; positive."""
+    remaining: _builtins.int
+    """What is left of it: 0 to `amount`. Drawn by spending and holds, returned by voids and
+    holds released, moved out by an expiration run once past `expires_at`.
+    """
+    expired: _builtins.int
+    """What expiration runs moved out of it, in all."""
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """From when it can be spent: what is left before then is posted but unspendable
+        (`Balance.unspendable`).
+        """
+
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When it expires: from then on what is left is unspendable, until an expiration run moves
+        it to the unit's expired-credits wallet (an EXPIRATION transfer). Unset: never.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        wallet_id: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        unit_scale: _builtins.int = ...,
+        transfer_id: _builtins.int = ...,
+        amount: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        expired: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expires_at", b"expires_at", "valid_from", b"valid_from"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount", b"amount", "create_time", b"create_time", "expired", b"expired", "expires_at", b"expires_at", "id", b"id", "remaining", b"remaining", "transfer_id", b"transfer_id", "unit", b"unit", "unit_scale", b"unit_scale", "valid_from", b"valid_from", "wallet_id", b"wallet_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Grant: _TypeAlias = Grant  # noqa: Y015
 
 @_typing.final
 class Hold(_message.Message):

@@ -509,10 +509,10 @@ class Ledger:
 
     async def balance_at(self, wallet_id: int, at: datetime) -> Balance:
         """A wallet's balance at a time to come, if nothing more moves (`grants.balance_at`);
-        at a time past, InvalidArgument."""
+        at a time past, InvalidArgument naming `time` (GetFutureBalance's field)."""
         now = self._now()
         if at <= now:
-            raise errors.InvalidArgument("at", "must be a time to come")
+            raise errors.InvalidArgument("time", "must be a time to come")
         # The wallet and its grants in one snapshot.
         async with (
             self._read_connection() as connection,

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
 from .errors import CofferError, InvalidArgument
 
 __all__ = [
+    "Allocation",
     "ApiKey",
     "Applied",
     "Balance",
@@ -401,8 +402,18 @@ class NewWallet:
 
 
 @dataclass(frozen=True, slots=True)
+class Allocation:
+    """What a transfer changed in one grant's remainder: below 0 drawn, above 0 returned."""
+
+    grant_id: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
 class Transfer:
-    """One row of the journal: `amount` moved from the source wallet to the target."""
+    """One row of the journal: `amount` moved from the source wallet to the target.
+    `allocations`: what it changed in grants, by grant id (not part of the row; set where it
+    is read with them)."""
 
     id: int
     operation_id: int
@@ -421,6 +432,7 @@ class Transfer:
     hold_id: int | None = None
     hold_expires_at: datetime | None = None
     voided_by_transfer_id: int | None = None
+    allocations: tuple[Allocation, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -773,9 +785,10 @@ class Applied:
 
     @property
     def amount_remaining(self) -> int:
-        """For an up-to debit: what the wallet could not cover, due elsewhere."""
+        """For an up-to debit: what the wallet could not cover, due elsewhere. (A capture's
+        `amount_requested` is what it was asked, not what is due.)"""
         first = self.transfers[0]
-        if first.amount_requested is None:
+        if first.amount_requested is None or first.kind != TransferKind.debit:
             return 0
         return first.amount_requested - first.amount
 

@@ -21,6 +21,11 @@ With events on (`settings.events`), a listener wakes the event streams' watchers
 (`coffer.core.store.listener`), and a sweep deletes every `events_retention_interval_s` the
 records older than `events_retention_days`.
 
+Every `expiration_interval_s` (at start, then on; 0: never) an expiration run moves what is
+left of the grants past their expiry to their units' expired-credits wallets, then the stream
+is told of the grants that expire within `expiry_notice_days` (0: none). Runs are safe at once
+from several servers.
+
 Health tells the truth: every `health_check_interval_s`, and at once when its connection
 closes, a connection of its own asks the database `select 1`; while it gets no answer within
 `health_check_timeout_s`, every service (and "") is NOT_SERVING, and SERVING again once it
@@ -50,7 +55,15 @@ from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
 from coffer.core.store.listener import Listener
-from coffer.v1 import access_pb2, events_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    access_pb2,
+    events_pb2,
+    grants_pb2,
+    holds_pb2,
+    transfers_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 
 from . import admission, reflection, services
 from .batcher import Batcher
@@ -87,6 +100,7 @@ services_described = (
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
     access_pb2.DESCRIPTOR.services_by_name["AccessService"],
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
+    grants_pb2.DESCRIPTOR.services_by_name["GrantService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
 
@@ -161,6 +175,7 @@ class Server:
         logging.getLogger("asyncio").addFilter(_unawaited_connection_loss)
         self._sweep = asyncio.create_task(self._expire_holds())
         self._retention = asyncio.create_task(self._delete_old_events())
+        self._expiration = asyncio.create_task(self._expire_grants())
         self._health_check = asyncio.create_task(self._check_health())
         self._loop_watch = asyncio.create_task(admitting.watch_loop())
 
@@ -267,6 +282,7 @@ class Server:
                 services.EventService(
                     ledger, listener, gate, None if metrics is None else metrics.events_behind
                 ),
+                services.GrantService(ledger, gate),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(
@@ -343,7 +359,13 @@ class Server:
         await self._health.enter_graceful_shutdown()
         await self._server.stop(self.settings.shutdown_grace_s)
         await self.batcher.close()
-        for task in (self._sweep, self._retention, self._health_check, self._loop_watch):
+        for task in (
+            self._sweep,
+            self._retention,
+            self._expiration,
+            self._health_check,
+            self._loop_watch,
+        ):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -405,6 +427,46 @@ class Server:
             else:
                 if deleted:
                     logger.info("deleted %d event records older than %s", deleted, cutoff)
+                failing = False
+            await asyncio.sleep(interval_s)
+
+    async def _expire_grants(self) -> None:
+        """Every expiration_interval_s, from the start: an expiration run
+        (`Ledger.expire_grants`), then the notices of the grants that expire within
+        expiry_notice_days (`Ledger.announce_expiring_grants`)."""
+        settings = self.settings
+        interval_s = settings.expiration_interval_s
+        if not interval_s:
+            return
+        notice = timedelta(days=settings.expiry_notice_days)
+        failing = False
+        while True:
+            try:
+                expired = await self.ledger.expire_grants()
+                announced = (
+                    await self.ledger.announce_expiring_grants(notice)
+                    if settings.expiry_notice_days
+                    else 0
+                )
+            except Exception as error:
+                if not failing:
+                    logger.warning(
+                        "the expiration run failed (%s); trying again every %g s",
+                        _described(error.__cause__ or error),
+                        interval_s,
+                        exc_info=not isinstance(error, errors.Unavailable),
+                    )
+                failing = True
+            else:
+                if expired or announced:
+                    logger.info(
+                        "expiration run: expired %d, announced %d expiring within %d days",
+                        expired,
+                        announced,
+                        settings.expiry_notice_days,
+                    )
+                if failing:
+                    logger.info("the expiration run works again")
                 failing = False
             await asyncio.sleep(interval_s)
 

@@ -298,6 +298,23 @@ def _parser() -> argparse.ArgumentParser:
         f"as a call of --calls-max (default {defaults.events_watchers_max})",
     )
     serve.add_argument(
+        "--expiration-interval-s",
+        type=float,
+        default=defaults.expiration_interval_s,
+        metavar="S",
+        help="run an expiration every this many seconds, from the start: what is left of "
+        "grants past their expiry moves to the expired-credits wallets; 0: never "
+        f"(default {defaults.expiration_interval_s:g})",
+    )
+    serve.add_argument(
+        "--expiry-notice-days",
+        type=int,
+        default=defaults.expiry_notice_days,
+        metavar="DAYS",
+        help="after each run, say on the event stream which grants expire within this many "
+        f"days (GRANT_EXPIRING_SOON), once each; 0: never (default {defaults.expiry_notice_days})",
+    )
+    serve.add_argument(
         "--tls-cert",
         default=os.environ.get("COFFER_TLS_CERT", ""),
         metavar="PEM",
@@ -381,6 +398,8 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         events=arguments.events,
         events_retention_days=arguments.events_retention_days,
         events_watchers_max=arguments.events_watchers_max,
+        expiration_interval_s=arguments.expiration_interval_s,
+        expiry_notice_days=arguments.expiry_notice_days,
     )
 
 

@@ -27,6 +27,7 @@ from coffer.core.model import TransferFilter, batch_operations_max, page_size_de
 from coffer.v1 import (
     access_pb2,
     events_pb2,
+    grants_pb2,
     holds_pb2,
     transfers_pb2,
     types_pb2,
@@ -55,6 +56,9 @@ __all__ = [
     "event_pb",
     "expires_at",
     "fill_operation_result",
+    "future_time",
+    "grant_pb",
+    "grants_of",
     "hold_pb",
     "new_wallet",
     "page_scope",
@@ -239,12 +243,32 @@ def _common(
     }
 
 
+class _Terms(Protocol):
+    """What a request that brings funds in from outside says of their terms."""
+
+    @property
+    def valid_from(self) -> Timestamp: ...
+    @property
+    def expires_at(self) -> Timestamp: ...
+    def HasField(self, field_name: Any) -> bool: ...
+
+
+def _optional_time(request: _Terms, field: str) -> datetime | None:
+    """A request's time field: None when unset."""
+    if not request.HasField(field):
+        return None
+    value: Timestamp = getattr(request, field)
+    return _time(value, field)
+
+
 def credit(
     request: transfers_pb2.CreditRequest, principal: model.Principal, linked: bool = False
 ) -> model.Credit:
     return model.Credit(
         wallet_id=request.wallet_id,
         amount=request.amount,
+        valid_from=_optional_time(request, "valid_from"),
+        expires_at=_optional_time(request, "expires_at"),
         **_common(request, principal, linked, request.reference),
     )
 
@@ -286,6 +310,8 @@ def deposit(
     return model.Deposit(
         wallet_id=request.wallet_id,
         amount=request.amount,
+        valid_from=_optional_time(request, "valid_from"),
+        expires_at=_optional_time(request, "expires_at"),
         **_common(request, principal, linked, request.funding_source),
     )
 
@@ -314,7 +340,12 @@ def payment(
 def void(
     request: transfers_pb2.VoidRequest, principal: model.Principal, linked: bool = False
 ) -> model.Void:
-    return model.Void(transfer_id=request.transfer_id, **_common(request, principal, linked))
+    expires_at = _time(request.expires_at, "expires_at") if request.HasField("expires_at") else None
+    return model.Void(
+        transfer_id=request.transfer_id,
+        expires_at=expires_at,
+        **_common(request, principal, linked),
+    )
 
 
 def place_hold(
@@ -445,6 +476,14 @@ def role(number: int) -> model.Role:
 
 def expires_at(request: access_pb2.CreateApiKeyRequest) -> datetime | None:
     return _time(request.expires_at, "expires_at") if request.HasField("expires_at") else None
+
+
+def future_time(request: grants_pb2.GetFutureBalanceRequest) -> datetime:
+    """GetFutureBalance's time, required. (That it is to come is the ledger's to check, by
+    its clock.)"""
+    if not request.HasField("time"):
+        raise errors.InvalidArgument("time", "is required: a time to come")
+    return _time(request.time, "time")
 
 
 def _time(pb: Timestamp, field: str) -> datetime:
@@ -616,6 +655,10 @@ def _fill_transfer(
     pb.create_time.CopyFrom(_timestamp(value.created_at))
     if value.amount_requested is not None:
         pb.amount_requested = value.amount_requested
+    if value.allocations:
+        add = pb.allocations.add
+        for allocation in value.allocations:
+            add(grant_id=allocation.grant_id, amount=allocation.amount)
     if value.note:
         pb.note = value.note
     if value.reference:
@@ -674,6 +717,29 @@ def fill_operation_result(
         pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:
         pb.hold.CopyFrom(hold_pb(outcome.hold, scales))
+
+
+def grant_pb(value: model.Grant, scales: Mapping[str, int]) -> types_pb2.Grant:
+    pb = types_pb2.Grant(
+        id=value.id,
+        wallet_id=value.wallet_id,
+        unit=value.unit,
+        unit_scale=scales[value.unit],
+        transfer_id=value.transfer_id,
+        amount=value.amount,
+        remaining=value.remaining,
+        valid_from=_timestamp(value.valid_from),
+        expired=value.expired,
+        create_time=_timestamp(value.created_at),
+    )
+    if value.expires_at is not None:
+        pb.expires_at.CopyFrom(_timestamp(value.expires_at))
+    return pb
+
+
+def grants_of(request: grants_pb2.ListGrantsRequest) -> tuple[int, bool]:
+    """ListGrants' wallet and whether to list spent grants too."""
+    return required_id("wallet_id", request.wallet_id), request.include_spent
 
 
 def api_key_pb(value: model.ApiKey) -> access_pb2.ApiKey:
@@ -751,6 +817,8 @@ def event_pb(value: model.Event, scales: Mapping[str, int]) -> events_pb2.Event:
         pb.api_key.CopyFrom(api_key_pb(body))
     elif isinstance(body, model.CertificateMapping):
         pb.certificate_mapping.CopyFrom(certificate_mapping_pb(body))
+    elif isinstance(body, model.Grant):
+        pb.grant.CopyFrom(grant_pb(body, scales))
     else:
         pb.top_up_request.wallet_id = body.wallet_id
         pb.top_up_request.request_id = body.request_id

@@ -27,6 +27,7 @@ from coffer.core.store.listener import Listener
 from coffer.v1 import (
     access_pb2,
     events_pb2,
+    grants_pb2,
     holds_pb2,
     transfers_pb2,
     units_pb2,
@@ -42,6 +43,7 @@ from .metrics import EventsBehind
 __all__ = [
     "AccessService",
     "EventService",
+    "GrantService",
     "HoldService",
     "TransferService",
     "UnitService",
@@ -74,6 +76,16 @@ async def _owns_any(ledger: Ledger, principal: Principal, wallet_ids: tuple[int,
         return True
     owners = await ledger.wallet_owners(set(wallet_ids))
     return any(owners.get(wallet_id) == owner for wallet_id in wallet_ids)
+
+
+async def _visible_wallet(ledger: Ledger, wallet_id: int, principal: Principal) -> model.Wallet:
+    """The wallet, if the principal may read it: another owner's is not found, as a missing
+    one is."""
+    wallet = await ledger.get_wallet(convert.required_id("wallet_id", wallet_id))
+    owner = principal.owner
+    if owner is not None and not owner.owns(wallet.owner_kind, wallet.owner_id):
+        raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+    return wallet
 
 
 @translate_errors(_described(units_pb2, "UnitService"))
@@ -184,11 +196,7 @@ class WalletService:
         return wallets_pb2.SetBalanceAlertResponse(wallet=convert.wallet_pb(wallet, scales))
 
     async def _visible_wallet(self, wallet_id: int, principal: Principal) -> model.Wallet:
-        wallet = await self._ledger.get_wallet(convert.required_id("wallet_id", wallet_id))
-        owner = principal.owner
-        if owner is not None and not owner.owns(wallet.owner_kind, wallet.owner_id):
-            raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
-        return wallet
+        return await _visible_wallet(self._ledger, wallet_id, principal)
 
 
 @translate_errors(_described(transfers_pb2, "TransferService"))
@@ -362,6 +370,58 @@ class HoldService:
             raise errors.HoldNotFound(f"hold {hold_id} does not exist")
         scales = await self._ledger.unit_scales((hold.unit,))
         return holds_pb2.GetHoldResponse(hold=convert.hold_pb(hold, scales))
+
+
+@translate_errors(_described(grants_pb2, "GrantService"))
+class GrantService:
+    """Merchants and customers read the grants and future balance of their own wallets alone
+    (another owner's wallet is not found, as a missing one); running an expiration is the
+    staff's (`roles`)."""
+
+    def __init__(self, ledger: Ledger, gate: Gate) -> None:
+        self._ledger = ledger
+        self.gate = gate
+
+    async def ListGrants(
+        self, request: grants_pb2.ListGrantsRequest, context: _Context, principal: Principal
+    ) -> grants_pb2.ListGrantsResponse:
+        wallet_id, include_spent = convert.grants_of(request)
+        if not await _owns_any(self._ledger, principal, (wallet_id,)):
+            raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
+        scope = convert.page_scope("grants", wallet_id, include_spent)
+        page = await self._ledger.list_grants(
+            wallet_id,
+            after_id=convert.cursor(request.page_token, scope) or 0,
+            page_size=convert.page_size(request.page_size),
+            include_spent=include_spent,
+        )
+        scales = await self._ledger.unit_scales({grant.unit for grant in page.items})
+        return grants_pb2.ListGrantsResponse(
+            grants=[convert.grant_pb(grant, scales) for grant in page.items],
+            next_page_token=convert.page_token(page.cursor, scope),
+        )
+
+    async def GetFutureBalance(
+        self,
+        request: grants_pb2.GetFutureBalanceRequest,
+        context: _Context,
+        principal: Principal,
+    ) -> grants_pb2.GetFutureBalanceResponse:
+        at = convert.future_time(request)
+        wallet = await _visible_wallet(self._ledger, request.wallet_id, principal)
+        balance = await self._ledger.balance_at(wallet.id, at)
+        scales = await self._ledger.unit_scales((wallet.unit,))
+        return grants_pb2.GetFutureBalanceResponse(
+            wallet_id=wallet.id,
+            unit=wallet.unit,
+            time=request.time,
+            balance=convert.balance_pb(balance, wallet.unit, scales),
+        )
+
+    async def RunExpiration(
+        self, request: grants_pb2.RunExpirationRequest, context: _Context, principal: Principal
+    ) -> grants_pb2.RunExpirationResponse:
+        return grants_pb2.RunExpirationResponse(expired_count=await self._ledger.expire_grants())
 
 
 @translate_errors(_described(access_pb2, "AccessService"))

@@ -44,6 +44,10 @@ __all__ = [
     "calls_max_limit",
     "credentials_cache_ttl_s_default",
     "credentials_cache_ttl_s_max",
+    "expiration_interval_s_default",
+    "expiration_interval_s_max",
+    "expiry_notice_days_default",
+    "expiry_notice_days_max",
     "interval_s_max",
     "interval_s_min",
     "listen_default",
@@ -93,6 +97,13 @@ interval_s_min = 0.01
 interval_s_max = 3600.0
 shutdown_grace_s_default = 10.0
 shutdown_grace_s_max = 600.0
+# Expiration runs (`Ledger.expire_grants`): every so often, 0 for none (another server may run
+# them), at least once a day when on; each followed by the notices of the grants that expire
+# within so many days (GRANT_EXPIRING_SOON), 0 for none.
+expiration_interval_s_default = 3600.0
+expiration_interval_s_max = 86_400.0
+expiry_notice_days_default = 7
+expiry_notice_days_max = 366
 
 # Rates (server/gate.py): calls a second per principal, with a burst, generous by default (a
 # guard against a runaway client, not a quota); failed authentications a second per peer host,
@@ -183,6 +194,10 @@ class Settings:
     rate_limit_burst: int = rate_limit_burst_default
     authentication_failures_per_s: float = authentication_failures_per_s_default
     credentials_cache_ttl_s: float = credentials_cache_ttl_s_default
+    # Expiration runs: every expiration_interval_s (0: none), each followed by the notices of
+    # the grants that expire within expiry_notice_days (0: none).
+    expiration_interval_s: float = expiration_interval_s_default
+    expiry_notice_days: int = expiry_notice_days_default
 
     @property
     def loopback(self) -> bool:
@@ -225,6 +240,7 @@ class Settings:
                 "there (--tls-cert and --tls-key), or pass --insecure for plaintext on a trusted "
                 "network or behind a TLS proxy (API keys would cross it in the clear)",
             )
+        self._check_expiration_interval()
         timeout_note = " (PostgreSQL counts whole milliseconds, and 0 means no timeout)"
         bounds: list[tuple[str, float, float, str]] = [
             ("pool_size", pool_size_min, pool_size_max, ""),
@@ -270,6 +286,7 @@ class Settings:
             ("events_retention_interval_s", interval_s_min, interval_s_max, ""),
             ("events_watchers_max", 1, events_watchers_max_limit, ""),
             ("events_poll_interval_s", interval_s_min, interval_s_max, ""),
+            ("expiry_notice_days", 0, expiry_notice_days_max, " (0: no notices)"),
         ]
         for setting, low, high, note in bounds:
             value = getattr(self, setting)
@@ -286,6 +303,20 @@ class Settings:
                 raise SettingsError(
                     setting, f"must be {_number(low)} to {_number(high)}{note}, not {value!r}"
                 )
+
+    def _check_expiration_interval(self) -> None:
+        """0 (no runs), or an interval as the other sweeps' but as long as a day."""
+        value = self.expiration_interval_s
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (value == 0 or interval_s_min <= value <= expiration_interval_s_max)
+        ):
+            raise SettingsError(
+                "expiration_interval_s",
+                f"must be 0 (no expiration runs) or {_number(interval_s_min)} to "
+                f"{_number(expiration_interval_s_max)}, not {value!r}",
+            )
 
     def _check_metrics_listen(self) -> None:
         if not isinstance(self.metrics_listen, str):

@@ -166,7 +166,11 @@ class Guarded:
             transaction = self._connection.transaction()
             try:
                 await transaction.start()
-            except Exception as error:
+            except BaseException as error:
+                if not isinstance(error, Exception):
+                    # Cancelled while it began (a task stopped): the connection, in a state
+                    # nobody knows, is closed, and so goes back to the pool.
+                    self._connection.terminate()
                 await self.__aexit__(type(error), error, error.__traceback__)
                 raise
             self._transaction = transaction
@@ -185,6 +189,13 @@ class Guarded:
                 lost = _unreachable(failure, self._connection)
                 if lost:
                     error = failure
+            except BaseException:
+                # Cancelled while the transaction ended (a task stopped during its commit):
+                # whether it committed is the database's to say; the connection, in a state
+                # nobody knows, is closed, and so goes back to the pool.
+                self._connection.terminate()
+                await self._acquiring.__aexit__(*exc_info)
+                raise
         if lost and not _closed(self._connection):
             self._connection.terminate()
         try:

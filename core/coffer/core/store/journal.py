@@ -9,7 +9,7 @@ all (never committed, so never seen) and writes the rest.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ import asyncpg
 
 from .. import errors, rules
 from ..model import (
+    Allocation,
     Applied,
     Balance,
     EventType,
@@ -162,9 +163,11 @@ async def write(
     after = journal.after
     transfer_ids: list[int] = []
     balances: list[int] = []
-    # Each transfer's changes to grants, and the grants it made (with provisional ids).
+    # Each transfer's changes to grants, and the grants it made (with provisional ids); the
+    # result of each transfer that changed grants, by transfer id.
     allocations: list[tuple[int, int, int]] = []
     made: list[tuple[int, rules.GrantState, str]] = []
+    allocating: dict[int, int] = {}
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Exception):
             results.append(outcome)
@@ -231,6 +234,7 @@ async def write(
                 allocations.extend(
                     (transfer_id, grant_id, change) for grant_id, change in posting.allocations
                 )
+                allocating[transfer_id] = len(results)
             if posting.new_grants:
                 made.extend((transfer_id, grant, operation.caller) for grant in posting.new_grants)
             if after is not None:
@@ -255,9 +259,10 @@ async def write(
         await connection.execute(sql.delete_pending_holds, resolved_holds)
     changes: list[Change] = []
     if made or allocations:
-        changes = await _write_grants(
+        changes, allocated = await _write_grants(
             connection, book, grants_read, allocations, made, now, keep_events=after is not None
         )
+        _answer_allocations(results, allocating, allocated)
     changed = [
         wallet
         for wallet in book.wallets.values()
@@ -287,10 +292,11 @@ async def _write_grants(
     now: datetime,
     *,
     keep_events: bool,
-) -> list[Change]:
+) -> tuple[list[Change], dict[int, list[Allocation]]]:
     """Writes the grants the batch made (with their ids now given), the changes to the others,
     and each transfer's allocations (one row per transfer and grant, the changes summed);
-    returns, when the batch keeps events, a GRANT_CREATED change for each grant made."""
+    returns, when the batch keeps events, a GRANT_CREATED change for each grant made, and the
+    allocations written, by transfer."""
     ids: dict[int, int] = {}
     provisional: dict[int, int] = {}
     if made:
@@ -327,6 +333,9 @@ async def _write_grants(
         key = (transfer_id, ids.get(grant_id, grant_id))
         summed[key] = summed.get(key, 0) + change
     rows = [(key, change) for key, change in summed.items() if change]
+    allocated: dict[int, list[Allocation]] = {}
+    for (transfer_id, grant_id), change in rows:
+        allocated.setdefault(transfer_id, []).append(Allocation(grant_id, change))
     if rows:
         await connection.execute(
             sql.insert_allocations,
@@ -339,7 +348,7 @@ async def _write_grants(
             [change for _, change in rows],
         )
     if not keep_events:
-        return []
+        return [], allocated
     return [
         grant_change(
             EventType.grant_created,
@@ -358,7 +367,33 @@ async def _write_grants(
             actor,
         )
         for transfer_id, grant, actor in made
-    ]
+    ], allocated
+
+
+def _answer_allocations(
+    results: list[Applied | errors.CofferError | None],
+    allocating: Mapping[int, int],
+    allocated: Mapping[int, list[Allocation]],
+) -> None:
+    """Gives the transfers of the results what they changed in grants, as a read of them gives
+    it (by grant id, the grants with their ids now given), in place."""
+    for transfer_id, index in allocating.items():
+        changes = allocated.get(transfer_id)
+        result = results[index]
+        if not changes or not isinstance(result, Applied):
+            continue
+        results[index] = replace(
+            result,
+            transfers=tuple(
+                replace(
+                    transfer,
+                    allocations=tuple(sorted(changes, key=lambda change: change.grant_id)),
+                )
+                if transfer.id == transfer_id
+                else transfer
+                for transfer in result.transfers
+            ),
+        )
 
 
 def _low_balances(

@@ -1,16 +1,19 @@
 """Transfers and holds as they are read back: one, a page of history, and the stored results
-of operations (what a replay answers). `now` is the ledger's clock, by which an open hold past
-its expiry reads as expired."""
+of operations (what a replay answers), each transfer with what it changed in grants (its
+allocations, read in one more query for all of them). `now` is the ledger's clock, by which an
+open hold past its expiry reads as expired."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
 
 from .. import errors
 from ..model import (
+    Allocation,
     Applied,
     Hold,
     Page,
@@ -22,14 +25,22 @@ from ..model import (
 )
 from . import rows, sql
 
-__all__ = ["get_hold", "get_transfer", "holds", "list_transfers", "stored_results"]
+__all__ = [
+    "get_hold",
+    "get_transfer",
+    "holds",
+    "list_transfers",
+    "stored_results",
+    "with_allocations",
+]
 
 
 async def get_transfer(connection: asyncpg.Connection, transfer_id: int) -> Transfer:
     found = await connection.fetch(sql.select_transfer, transfer_id)
     if not found:
         raise errors.TransferNotFound(f"transfer {transfer_id} does not exist")
-    return rows.transfer(found[0])
+    [transfer] = await with_allocations(connection, [rows.transfer(found[0])])
+    return transfer
 
 
 async def list_transfers(
@@ -45,7 +56,31 @@ async def list_transfers(
     found = await connection.fetch(query, *arguments)
     transfers = [rows.transfer(row) for row in found[:page_size]]
     cursor = transfers[-1].id if len(found) > page_size else None
-    return Page(transfers, cursor)
+    return Page(await with_allocations(connection, transfers), cursor)
+
+
+async def with_allocations(
+    connection: asyncpg.Connection, transfers: Sequence[Transfer]
+) -> list[Transfer]:
+    """The transfers, each with what it changed in grants, by grant id."""
+    if not transfers:
+        return []
+    found = await connection.fetch(
+        sql.select_transfer_allocations, [transfer.id for transfer in transfers]
+    )
+    if not found:
+        return list(transfers)
+    allocated: dict[int, list[Allocation]] = {}
+    for row in found:
+        allocated.setdefault(row["transfer_id"], []).append(
+            Allocation(row["grant_id"], row["amount"])
+        )
+    return [
+        replace(transfer, allocations=tuple(allocated[transfer.id]))
+        if transfer.id in allocated
+        else transfer
+        for transfer in transfers
+    ]
 
 
 async def get_hold(connection: asyncpg.Connection, hold_id: int, now: datetime) -> Hold:
@@ -72,8 +107,8 @@ async def stored_results(
         sql.select_operation_transfers, list(operation_ids), operation_transfers_max
     )
     grouped: dict[int, list[Transfer]] = {}
-    for row in found:
-        grouped.setdefault(row["operation_id"], []).append(rows.transfer(row))
+    for transfer in await with_allocations(connection, [rows.transfer(row) for row in found]):
+        grouped.setdefault(transfer.operation_id, []).append(transfer)
     hold_of = {
         operation_id: transfers[0].id
         if transfers[0].kind == TransferKind.hold

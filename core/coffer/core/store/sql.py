@@ -66,6 +66,7 @@ __all__ = [
     "select_stored_keys",
     "select_system_wallets",
     "select_transfer",
+    "select_transfer_allocations",
     "select_transfers_page",
     "select_unit",
     "select_unit_exists",
@@ -440,6 +441,13 @@ _select_transfers = """
 """
 
 select_transfer = f"{_select_transfers} where t.id = $1"
+
+# What the transfers in $1 changed in grants, as reads answer it: by transfer, then grant.
+select_transfer_allocations = """
+    select transfer_id, grant_id, amount from allocations
+    where transfer_id = any($1::bigint[])
+    order by transfer_id, grant_id
+"""
 
 # The transfers of the operations in $1, each of at most $2 transfers: an operation's
 # transfers have consecutive ids from its own (operation_id).
