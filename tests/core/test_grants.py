@@ -703,3 +703,16 @@ def test_a_start_whose_default_expiry_falls_past_the_year_9999_is_invalid() -> N
     assert isinstance(outcomes[0], errors.InvalidArgument)
     assert outcomes[0].field == "valid_from"
     assert isinstance(outcomes[1], list)
+
+
+def test_a_partial_capture_takes_in_the_order_reserved_however_stored() -> None:
+    """The ledger reads a hold's reservations in no set order: a partial capture still takes
+    the soonest expiry first."""
+    book = make_book()
+    later = credit(book, ann, 10, expires_at=now + 2 * day)
+    sooner = credit(book, ann, 10, expires_at=now + day)
+    hold_id = place(book, 20)
+    hold = book.holds[hold_id]
+    hold.allocations = tuple(sorted(hold.allocations, reverse=True))
+    apply(book, CaptureHold(idempotency_key=key(), hold_id=hold_id, amount=10))
+    assert remaining(book, sooner) == [0] and remaining(book, later) == [10]

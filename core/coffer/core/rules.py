@@ -791,7 +791,9 @@ def _capture_hold(book: Book, operation: CaptureHold, now: datetime) -> list[Pos
     left = amount
     returned = []
     captured = []
-    for grant_id, change in hold.allocations:
+    # In the order reserved: the order of spending (whatever order they were stored in).
+    reserved = sorted(hold.allocations, key=lambda each: _spend_key(book.grants[each[0]]))
+    for grant_id, change in reserved:
         grant = book.grants[grant_id]
         taken = min(-change, left) if _valid(grant, now) else 0
         left -= taken
