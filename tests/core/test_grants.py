@@ -713,6 +713,8 @@ def test_a_partial_capture_takes_in_the_order_reserved_however_stored() -> None:
     sooner = credit(book, ann, 10, expires_at=now + day)
     hold_id = place(book, 20)
     hold = book.holds[hold_id]
-    hold.allocations = tuple(sorted(hold.allocations, reverse=True))
+    # Stored by grant id: the later expiry (the older grant) first.
+    hold.allocations = tuple(sorted(hold.allocations))
+    assert hold.allocations[0][0] == grant_of(later)
     apply(book, CaptureHold(idempotency_key=key(), hold_id=hold_id, amount=10))
     assert remaining(book, sooner) == [0] and remaining(book, later) == [10]
