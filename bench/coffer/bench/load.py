@@ -25,8 +25,8 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TextIO, TypedDict
 
 from coffer.bench.measure import Recorder, progress
@@ -48,8 +48,8 @@ __all__ = [
     "setup",
 ]
 
-scenarios = ("batch", "single", "hot", "mixed", "payments", "overload")
-batch_scenarios = ("batch", "hot", "payments")
+scenarios = ("batch", "single", "hot", "mixed", "payments", "credits", "overload")
+batch_scenarios = ("batch", "hot", "payments", "credits")
 unit_code = "EUR"
 caller = "bench"
 performed_by = "bench"
@@ -67,6 +67,12 @@ error_pause_s = 0.05
 hold_timeout = timedelta(minutes=10)
 voidable_max = 10_000
 refused_reasons = frozenset({"INSUFFICIENT_FUNDS"})
+# The credits scenario: each customer starts with 3 to 5 grants; a fifth of its load credits a
+# new grant (four times a debit's amount on average, so that wallets neither fill nor empty),
+# the rest debits that draw from the grants, the soonest expiry first. Expiries are days ahead.
+credits_grants_min, credits_grants_max = 3, 5
+credits_share = 0.2
+credits_expiry_days_max = 90
 
 Note = Callable[[str], None]
 
@@ -79,6 +85,9 @@ class Fixture:
     run_id: str
     customers: list[int]
     merchants: list[int]
+    # For the credits scenario: as many customers again, funded without terms, for the batch
+    # load it is compared with in the same run.
+    plain: list[int] = field(default_factory=list)
 
 
 def open_clients(target: str, count: int, api_key: str | None = None) -> list[Client]:
@@ -103,7 +112,9 @@ def open_clients(target: str, count: int, api_key: str | None = None) -> list[Cl
 
 async def setup(client: Client, scenario: str, wallets: int, run_id: str, note: Note) -> Fixture:
     """The unit, the wallets (customers with an overdraft; merchants for `hot` and
-    `payments`), and a funding credit (a deposit, for `payments`) to every customer."""
+    `payments`), and a funding credit (a deposit, for `payments`) to every customer; for
+    `credits`, also 3 to 5 grants with expiries days ahead to each, and as many customers again
+    funded without terms (for the batch load it is compared with)."""
     started = time.monotonic()
     await client.create_unit(code=unit_code, kind="currency", name="Euro", scale=2)
     merchant_count = {"hot": 1, "payments": max(1, wallets // 10)}.get(scenario, 0)
@@ -126,9 +137,15 @@ async def setup(client: Client, scenario: str, wallets: int, run_id: str, note: 
 
     customers = await asyncio.gather(*(create(n, "customer") for n in range(customer_count)))
     merchants = await asyncio.gather(*(create(n, "merchant") for n in range(merchant_count)))
-    for start in range(0, customer_count, setup_batch_size):
+    plain: list[int] = []
+    if scenario == "credits":
+        plain = await asyncio.gather(
+            *(create(n, "customer") for n in range(customer_count, 2 * customer_count))
+        )
+    funded = [*customers, *plain]
+    for start in range(0, len(funded), setup_batch_size):
         batch = []
-        for number, wallet_id in enumerate(customers[start : start + setup_batch_size], start):
+        for number, wallet_id in enumerate(funded[start : start + setup_batch_size], start):
             key = f"{run_id}-funding-{number}"
             if scenario == "payments":
                 batch.append(
@@ -156,11 +173,37 @@ async def setup(client: Client, scenario: str, wallets: int, run_id: str, note: 
         failed = [result.error for result in results if result.HasField("error")]
         if failed:
             raise RuntimeError(f"funding failed: {failed[0].reason}: {failed[0].message}")
+    if scenario == "credits":
+        await _grant(client, customers, run_id)
     note(
-        f"setup: {customer_count:,} customer and {merchant_count:,} merchant wallets, funded "
+        f"setup: {len(funded):,} customer and {merchant_count:,} merchant wallets, funded "
         f"({time.monotonic() - started:.1f} s)"
     )
-    return Fixture(run_id, list(customers), list(merchants))
+    return Fixture(run_id, list(customers), list(merchants), list(plain))
+
+
+async def _grant(client: Client, customers: Sequence[int], run_id: str) -> None:
+    """3 to 5 grants to each customer, expiring on different days ahead."""
+    randomness = random.Random(run_id)
+    now = datetime.now(UTC)
+    grants = [
+        operations.credit(
+            wallet_id=wallet_id,
+            amount=randomness.randint(1, transfer_amount_max) * 4,
+            expires_at=now + timedelta(days=randomness.randint(1, credits_expiry_days_max)),
+            note="bench grant",
+            reference=f"{run_id}-grant-{wallet_id}-{number}",
+            performed_by=performed_by,
+            idempotency_key=f"{run_id}-grant-{wallet_id}-{number}",
+        )
+        for wallet_id in customers
+        for number in range(randomness.randint(credits_grants_min, credits_grants_max))
+    ]
+    for start in range(0, len(grants), setup_batch_size):
+        results = await client.submit_batch(grants[start : start + setup_batch_size])
+        failed = [result.error for result in results if result.HasField("error")]
+        if failed:
+            raise RuntimeError(f"granting failed: {failed[0].reason}: {failed[0].message}")
 
 
 def _picks(
@@ -241,7 +284,8 @@ class _PreparedBatch:
 
 class BatchWorkload(Workload):
     """SubmitBatch calls of `batch_size` operations: transfers among customers (`batch`), from
-    customers to one merchant (`hot`), or deposits and payments (`payments`)."""
+    customers to one merchant (`hot`), deposits and payments (`payments`), or credits with
+    expiries and debits that draw from them (`credits`)."""
 
     def __init__(
         self,
@@ -279,6 +323,33 @@ class BatchWorkload(Workload):
                         idempotency_key="",
                     )
                 )
+        elif scenario == "credits":
+            now = datetime.now(UTC)
+            for wallet_id, amount in zip(
+                _picks(fixture.customers, size, skew, randomness), amounts, strict=True
+            ):
+                if randomness.random() < credits_share:
+                    days = randomness.randint(1, credits_expiry_days_max)
+                    built.append(
+                        operations.credit(
+                            wallet_id=wallet_id,
+                            amount=amount * 4,
+                            expires_at=now + timedelta(days=days),
+                            note="bench grant",
+                            performed_by=performed_by,
+                            idempotency_key="",
+                        )
+                    )
+                else:
+                    built.append(
+                        operations.debit(
+                            wallet_id=wallet_id,
+                            amount=amount,
+                            note="bench session",
+                            performed_by=performed_by,
+                            idempotency_key="",
+                        )
+                    )
         elif scenario == "hot":
             (merchant,) = fixture.merchants
             for source, amount in zip(

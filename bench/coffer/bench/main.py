@@ -326,6 +326,7 @@ async def _measure(
     rss = infra.RssSampler(servers.pids if servers else [])
     rss.start()
     points = []
+    baseline: dict[str, Any] = {}
     try:
         if scenario == "overload":
             points.append(
@@ -342,6 +343,8 @@ async def _measure(
             )
         else:
             points += await _load(arguments, fixture, clients)
+            if scenario == "credits":
+                baseline = await _batch_beside(arguments, fixture, clients)
     finally:
         await rss.stop()
     servers_exited = servers.exited() if servers else []
@@ -380,9 +383,19 @@ async def _measure(
         )
 
     best = max(points, key=lambda point: point["transfers_per_s"])
+    beside: dict[str, Any] = {}
+    if scenario == "credits":
+        beside = {
+            "batch_transfers_per_s": baseline["transfers_per_s"],
+            "credits_vs_batch": round(best["transfers_per_s"] / baseline["transfers_per_s"], 3)
+            if baseline["transfers_per_s"]
+            else None,
+            "batch_latency_ms_p99": baseline["latency_ms_p99"],
+        }
     result: dict[str, Any] = {
         "scenario": scenario,
         "transfers_per_s": best["transfers_per_s"],
+        **beside,
         "latency_ms_p50": best["latency_ms_p50"],
         "latency_ms_p99": best["latency_ms_p99"],
         "errors": best["errors"],
@@ -454,6 +467,29 @@ async def _load(
             )
         )
     return points
+
+
+async def _batch_beside(
+    arguments: argparse.Namespace, fixture: load.Fixture, clients: list[Client]
+) -> dict[str, Any]:
+    """The batch load on the credits scenario's customers funded without terms, on the same
+    server, right after: what the credits load is compared with."""
+    # Keys of its own: the same run, another load.
+    plain = load.Fixture(f"{fixture.run_id}-batch", fixture.plain, [])
+    workload = load.make_workload(
+        "batch", plain, arguments.batch_size, arguments.skew, arguments.seed
+    )
+    _note(
+        f"batch beside it: {arguments.inflight} in flight, {arguments.warmup:g} s warmup, "
+        f"{arguments.duration:g} s measured"
+    )
+    return await load.run_load(
+        workload,
+        clients,
+        inflight=arguments.inflight,
+        warmup_s=arguments.warmup,
+        duration_s=arguments.duration,
+    )
 
 
 def _describe(database: infra.BenchDatabase | None) -> str | None:

@@ -34,6 +34,14 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
             ),
         ),
         ("refused (insufficient funds)", _number(result["refused"])),
+        *(
+            [
+                ("batch transfers/s beside it", _number(result["batch_transfers_per_s"])),
+                ("credits / batch", _number(result["credits_vs_batch"], 2)),
+            ]
+            if result.get("batch_transfers_per_s") is not None
+            else []
+        ),
         ("errors", _number(result["errors"])),
     ]
     overload = result.get("overload")
