@@ -704,6 +704,7 @@ def test_public_names() -> None:
         "format_amount",
         "holds_pb2",
         "operations",
+        "reports_pb2",
         "transfers_pb2",
         "types_pb2",
         "units_pb2",

@@ -13,8 +13,9 @@ for mTLS what it presents (`Client(…, tls=Tls.from_files(ca="ca.pem"))`); `ope
 builds the operations of a batch (`submit_batch`); `format_amount` prints an amount with its
 unit ("25.99 EUR") from the unit and scale every Transfer, Hold and Balance carries. The
 protobuf messages are here too: `Transfer`, `Wallet`, `Hold`, `Event`…, and their modules
-`types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`.
-`watch_events` follows the event stream (`list_events` pages through it).
+`types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`,
+`reports_pb2`. `watch_events` follows the event stream (`list_events` pages through it);
+`list_usage`, `outstanding` and `past_balance` read the reports.
 """
 
 from coffer.clients import errors
@@ -32,7 +33,15 @@ from coffer.clients.client import (
 from coffer.clients.errors import CofferError
 from coffer.clients.money import format_amount
 from coffer.clients.tls import Tls
-from coffer.v1 import events_pb2, holds_pb2, transfers_pb2, types_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    events_pb2,
+    holds_pb2,
+    reports_pb2,
+    transfers_pb2,
+    types_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 from coffer.v1.events_pb2 import Event
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Hold, Transfer, Unit, Wallet
@@ -61,6 +70,7 @@ __all__ = [
     "format_amount",
     "holds_pb2",
     "operations",
+    "reports_pb2",
     "transfers_pb2",
     "types_pb2",
     "units_pb2",

@@ -50,7 +50,15 @@ from coffer.core.ledger import Ledger
 from coffer.core.migrate import migrate
 from coffer.core.store.connections import create_pool, ping
 from coffer.core.store.listener import Listener
-from coffer.v1 import access_pb2, events_pb2, holds_pb2, transfers_pb2, units_pb2, wallets_pb2
+from coffer.v1 import (
+    access_pb2,
+    events_pb2,
+    holds_pb2,
+    reports_pb2,
+    transfers_pb2,
+    units_pb2,
+    wallets_pb2,
+)
 
 from . import admission, reflection, services
 from .batcher import Batcher
@@ -87,6 +95,7 @@ services_described = (
     holds_pb2.DESCRIPTOR.services_by_name["HoldService"],
     access_pb2.DESCRIPTOR.services_by_name["AccessService"],
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
+    reports_pb2.DESCRIPTOR.services_by_name["ReportService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
 
@@ -267,6 +276,7 @@ class Server:
                 services.EventService(
                     ledger, listener, gate, None if metrics is None else metrics.events_behind
                 ),
+                services.ReportService(ledger, gate),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(

@@ -46,6 +46,7 @@ _transfers = "coffer.v1.TransferService."
 _holds = "coffer.v1.HoldService."
 _access = "coffer.v1.AccessService."
 _events = "coffer.v1.EventService."
+_reports = "coffer.v1.ReportService."
 batch_method = _transfers + "SubmitBatch"
 
 # RPC full name -> the roles that may call it.
@@ -82,6 +83,9 @@ allowed: Mapping[str, frozenset[Role]] = {
     _access + "ListCertificateMappings": frozenset({admin}),
     _events + "ListEvents": everyone,
     _events + "WatchEvents": everyone,
+    _reports + "ListUsage": everyone,
+    _reports + "GetOutstanding": _staff,
+    _reports + "GetPastBalance": everyone,
 }
 
 # Who may read the audit trail of access in the event stream (keys made and revoked,
@@ -120,6 +124,8 @@ scoped_to_own: Mapping[str, str] = {
     _holds + "GetHold": "holds from or towards an own wallet",
     _events + "ListEvents": "events of own wallets (the owner scope is forced)",
     _events + "WatchEvents": "events of own wallets (the owner scope is forced)",
+    _reports + "ListUsage": "usage of own wallets (the owner filter is forced)",
+    _reports + "GetPastBalance": "own wallets",
 }
 
 

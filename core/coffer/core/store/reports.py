@@ -288,9 +288,7 @@ async def past_balance(connection: asyncpg.Connection, wallet_id: int, at: datet
         wallet = await connection.fetchrow(sql.select_wallet_posted, wallet_id)
         if wallet is None:
             raise errors.WalletNotFound(f"wallet {wallet_id} does not exist")
-        after = await connection.fetch(
-            sql.select_transfers_after, wallet_id, at, at - timedelta(seconds=stamp_lag_s_max)
-        )
+        after = await connection.fetch(sql.select_transfers_after, wallet_id, at, _lagged(at))
         held = {
             row["id"]: row["amount"]
             for row in await connection.fetch(sql.select_holds_open_at, wallet_id, at)
@@ -311,6 +309,15 @@ async def past_balance(connection: asyncpg.Connection, wallet_id: int, at: datet
         if row["kind"] in _posting_kinds
     )
     return PastBalance(wallet_id, wallet["unit"], at, wallet["posted"] - moved, sum(held.values()))
+
+
+_stamp_lag = timedelta(seconds=stamp_lag_s_max)
+_first_instant = datetime.min.replace(tzinfo=UTC)
+
+
+def _lagged(at: datetime) -> datetime:
+    """`stamp_lag_s_max` before `at`; at the earliest, the first instant a time can name."""
+    return at - _stamp_lag if at - _first_instant > _stamp_lag else _first_instant
 
 
 # Balances after history entries ----------------------------------------------------------------
