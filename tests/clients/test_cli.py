@@ -211,7 +211,7 @@ async def test_operator_walkthrough(cli: Cli) -> None:
 
     history = await cli.ok("history", str(customer), "--limit", "4")
     assert history[0].split() == [
-        "ID", "TIME", "(UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "REFERENCE", "NOTE",
+        "ID", "TIME", "(UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "BALANCE", "REFERENCE", "NOTE",
     ]  # fmt: skip
     rows = history[1:5]
     assert column(rows, 0)[0] == str(void_id)
@@ -221,6 +221,8 @@ async def test_operator_walkthrough(cli: Cli) -> None:
     amounts = column(rows, 4)
     assert amounts == ["+200", "(100)", "(100)", "-300"]
     assert column(rows, 6) == ["1", "1", "1", str(merchant)]
+    # The wallet's posted balance after each: what holds reserve and free moves none.
+    assert column(rows, 7) == ["3400", "3200", "3200", "3200"]
     assert history[5] == "(more than 4; raise --limit to see them)"
     everything = (await cli.ok("history", str(customer), "--limit", "100"))[1:]
     assert len(everything) == 11 and "raise --limit" not in everything[-1]

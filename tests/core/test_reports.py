@@ -514,6 +514,11 @@ async def test_the_usage_register_lists_each_consumption_with_the_grants_it_drew
             lambda each: each.transfer.source_wallet_id == wallets["ann"],
         ),
         (UsageFilter(owner_id="ann", wallet_id=wallets["ben"]), lambda each: False),
+        (UsageFilter(wallet_id=wallets["ann"], unit="EUR"), lambda each: False),
+        (
+            UsageFilter(wallet_id=wallets["ann-eur"], unit="EUR"),
+            lambda each: each.transfer.source_wallet_id == wallets["ann-eur"],
+        ),
         (UsageFilter(unit="EUR"), lambda each: each.transfer.unit == "EUR"),
         (UsageFilter(unit="seat"), lambda each: each.transfer.unit == "seat"),
         (

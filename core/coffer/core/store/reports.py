@@ -13,6 +13,18 @@ first, at most `model.usage_scanned_max` transfers (those the filter skips inclu
 - else, with a reference, along transfers_reference (reference, id);
 - else along the primary key.
 
+    -- select_usage_scan, for each wallet (EXPLAIN; the others alike on transfers_reference
+    -- or transfers_pkey, without the loop):
+    Nested Loop
+      ->  Function Scan on unnest o
+      ->  Limit
+            ->  Subquery Scan on s
+                  Filter: (s.matched OR (s."position" = $scanned))
+                  ->  Limit
+                        ->  WindowAgg
+                              ->  Index Scan Backward using transfers_source on transfers t
+                                    Index Cond: ((source_wallet_id = o.wallet_id) AND (id < $1))
+
 A filter that matches little may so give a short page, even an empty one, while more follow:
 the next page goes on below the last transfer looked at (for an owner, below the highest one
 any wallet's look stopped at). What a consumption drew from grants is read from `allocations`:
@@ -28,10 +40,13 @@ A balance at a past instant (`past_balance`): from now backwards, the wallet's b
 stored less what its transfers stamped after the instant moved. A transfer is stamped with its
 batch's time, taken as the batch begins; its id is drawn later, as the batch goes, so ids and
 stamps are not in the same order: a transfer stamped after the instant may have an id below one
-stamped before it. Every batch draws its ids and commits within `model.stamp_lag_s_max` of its
-stamp, so every transfer stamped after the instant has an id above every transfer stamped
-`stamp_lag_s_max` before it: the walk back, on each side of the wallet, stops at the newest of
-those (index range scans on transfers_source and transfers_target, never a scan of the table).
+stamped before it. A batch draws its ids within seconds of its stamp: its statements and its
+waits for locks are bounded by the server's timeouts (5 s each by default). Taking that gap to
+be at most `model.stamp_lag_s_max` (five minutes), every transfer stamped after the instant has
+an id above every transfer stamped that long before it: the walk back, on each side of the
+wallet, stops at the newest of those (index range scans on transfers_source and
+transfers_target, never a scan of the table). A batch slower than that (timeouts set far
+longer, and used up) could stamp, just after the instant, a transfer the walk does not meet.
 Its cost is proportional to the wallet's transfers stamped after the instant, and those of the
 `stamp_lag_s_max` before it: recent instants are cheap, the distant past is not.
 
@@ -127,17 +142,21 @@ async def list_usage(
 
 async def _source_wallets(connection: asyncpg.Connection, where: UsageFilter) -> list[int] | None:
     """The wallets whose consumptions may match (None: any): the filter's wallet, or its
-    owner's wallets (of its unit, if it names one), or both (the wallet, if the owner's)."""
-    if where.owner_id is None:
-        return None if where.wallet_id is None else [where.wallet_id]
+    owner's wallets, or both (the wallet, if the owner's); of the filter's unit, if it names
+    one."""
+    if where.owner_id is None and where.wallet_id is None:
+        return None
     kinds = _user_kinds if where.owner_kind is None else [int(where.owner_kind)]
-    found = await connection.fetch(
-        sql.select_owner_wallets_of_unit, where.owner_id, kinds, where.unit
-    )
-    owned = [row["id"] for row in found]
+    if where.owner_id is None:
+        found = await connection.fetch(sql.select_usage_wallet, where.wallet_id, where.unit)
+    else:
+        found = await connection.fetch(
+            sql.select_owner_wallets_of_unit, where.owner_id, kinds, where.unit
+        )
+    wallet_ids = [row["id"] for row in found]
     if where.wallet_id is None:
-        return owned
-    return [where.wallet_id] if where.wallet_id in owned else []
+        return wallet_ids
+    return [where.wallet_id] if where.wallet_id in wallet_ids else []
 
 
 def _page_of(found: Sequence[asyncpg.Record], page_size: int) -> tuple[list[int], int | None]:

@@ -82,6 +82,7 @@ __all__ = [
     "select_unit_validities",
     "select_units",
     "select_usage_scan",
+    "select_usage_wallet",
     "select_voiding_transfers",
     "select_wallet",
     "select_wallet_by_key",
@@ -600,6 +601,9 @@ select_owner_wallets_of_unit = """
     where owner_id = $1 and owner_kind = any($2::smallint[]) and ($3::text is null or unit = $3)
     order by id
 """
+
+# Wallet $1, if it is of unit $2 (null: any).
+select_usage_wallet = "select id from wallets where id = $1 and ($2::text is null or unit = $2)"
 
 # The allocations of the transfers in $1, each with its grant's expiry.
 select_allocations_drawn = """
