@@ -196,7 +196,7 @@ class World:
 
     async def adopt(self, wallet_id: int, transfer: Transfer, made: list[ModelGrant]) -> None:
         """Gives the grants the model expects a transfer to have made their ids."""
-        page = await self.ledger.list_grants(wallet_id, spent=True, page_size=page_size_max)
+        page = await self.ledger.list_grants(wallet_id, include_spent=True, page_size=page_size_max)
         found = [grant for grant in page.items if grant.transfer_id == transfer.id]
         assert [(g.amount, g.expires_at) for g in found] == [
             (g.remaining, g.expires_at) for g in made
@@ -557,6 +557,22 @@ async def test_the_usage_register_lists_each_consumption_with_the_grants_it_drew
             assert seen(found) == want, (where, page_size, scanned_max)
             if scanned_max >= 1000:
                 assert pages == max(1, -(-len(want) // page_size)), (where, page_size)
+
+
+async def test_a_capture_from_a_grant_voided_since_its_hold(world: World) -> None:
+    """A hold reserves from a grant; the void of the credit that made the grant takes it back
+    (the wallet's other funds cover it); a capture in part then takes from the grant, and the
+    rest of the reservation returns nothing to it: the capture drew what it took, not what the
+    hold reserved."""
+    await world.credit("ben", 100)
+    granted = await world.credit("ben", 10, 10 * day)
+    hold = await world.place_hold("ben", 8)
+    await world.one(Void(idempotency_key=key(), transfer_id=granted.id))
+    captured = await world.one(CaptureHold(idempotency_key=key(), hold_id=hold.id, amount=5))
+    page = await world.ledger.list_usage(UsageFilter(wallet_id=world.wallets["ben"]))
+    [entry] = [each for each in page.items if each.transfer.id == captured.id]
+    assert [(each.grant_id, each.amount) for each in entry.drawn] == [(hold.reserved[0][0], 5)]
+    assert entry.untracked == 0
 
 
 async def test_a_bounded_look_gives_short_pages_that_go_on(world: World) -> None:

@@ -30,7 +30,8 @@ the next page goes on below the last transfer looked at (for an owner, below the
 any wallet's look stopped at). What a consumption drew from grants is read from `allocations`:
 a debit's and a payment's allocations on their source are what they drew (below 0); a
 capture's are the returns of its hold's reservation, so that it drew, from each grant, what
-the hold reserved there less what the capture returned.
+the hold reserved there less what the capture returned (but from a grant voided in between,
+which takes no return: `_captured`).
 
 Outstanding (`outstanding`): the unit's customers' and merchants' wallets with something
 posted, by id (along wallets_unit: unit, id), each with what its grants have left that expires
@@ -94,6 +95,7 @@ from ..model import (
     TransferKind,
     UsageEntry,
     UsageFilter,
+    grant_spendable,
     hold_lapsed,
     page_size_max,
     posting_kinds,
@@ -196,7 +198,7 @@ async def _drawn(
     connection: asyncpg.Connection, transfers: Sequence[Transfer]
 ) -> dict[int, tuple[GrantDrawn, ...]]:
     """What each consumption drew from its source's grants, by transfer id: a debit's and a
-    payment's draws; a capture's, its hold's reservation less what the capture returned."""
+    payment's draws; a capture's, as `_captured` works it out."""
     hold_of = {
         each.id: each.hold_id
         for each in transfers
@@ -207,38 +209,72 @@ async def _drawn(
     )
     # By transfer: the changes it made to its source's grants.
     changes: dict[int, dict[int, int]] = {}
-    expiries: dict[int, datetime | None] = {}
+    grants: dict[int, asyncpg.Record] = {}
     sources = {each.id: each.source_wallet_id for each in transfers}
     sources.update({hold_id: sources[capture] for capture, hold_id in hold_of.items()})
     for row in found:
         if row["wallet_id"] == sources[row["transfer_id"]]:
             changes.setdefault(row["transfer_id"], {})[row["grant_id"]] = row["amount"]
-            expiries[row["grant_id"]] = row["expires_at"]
+            grants[row["grant_id"]] = row
     drawn: dict[int, tuple[GrantDrawn, ...]] = {}
     for each in transfers:
         own = changes.get(each.id, {})
         if each.id in hold_of:
-            reserved = changes.get(hold_of[each.id], {})
-            taken = {
-                grant_id: -(change + own.get(grant_id, 0)) for grant_id, change in reserved.items()
-            }
+            taken = _captured(each, changes.get(hold_of[each.id], {}), own, grants)
         else:
             taken = {grant_id: -change for grant_id, change in own.items()}
-        order = sorted(taken, key=lambda grant_id: _spending_order(grant_id, expiries[grant_id]))
+        order = sorted(taken, key=lambda grant_id: _spending_order(grants[grant_id]))
         drawn[each.id] = tuple(
-            GrantDrawn(grant_id, taken[grant_id], expiries[grant_id])
+            GrantDrawn(grant_id, taken[grant_id], grants[grant_id]["expires_at"])
             for grant_id in order
             if taken[grant_id] > 0
         )
     return drawn
 
 
+def _captured(
+    capture: Transfer,
+    reserved: dict[int, int],
+    returned: dict[int, int],
+    grants: dict[int, asyncpg.Record],
+) -> dict[int, int]:
+    """What a capture took from each grant its hold reserved from. The capture takes from the
+    grants still valid (in the order of its hold's reservation, as far as its amount goes), then
+    from the untracked balance, and returns the rest of each reservation to its grant: what it
+    took is the reservation less what it returned. But to a grant voided before the capture (the
+    void of the transfer that made it, which came first on the wallet, as its id says) the rest
+    returns nothing: what it took from those is what the capture took from grants, the least of
+    its amount and what the valid grants held, less what it took from the others, shared among
+    them in the order spending takes them."""
+    taken: dict[int, int] = {}
+    unknown = []
+    valid = 0
+    for grant_id, change in reserved.items():
+        grant = grants[grant_id]
+        if not grant_spendable(grant["valid_from"], grant["expires_at"], capture.created_at):
+            taken[grant_id] = 0
+            continue
+        valid += -change
+        if grant_id in returned:
+            taken[grant_id] = -change - returned[grant_id]
+        elif grant["voided_by"] is not None and grant["voided_by"] < capture.id:
+            unknown.append(grant_id)
+        else:
+            taken[grant_id] = -change
+    left = min(capture.amount, valid) - sum(taken.values())
+    for grant_id in sorted(unknown, key=lambda grant_id: _spending_order(grants[grant_id])):
+        taken[grant_id] = min(-reserved[grant_id], max(left, 0))
+        left -= taken[grant_id]
+    return taken
+
+
 _never = datetime.max.replace(tzinfo=UTC)
 
 
-def _spending_order(grant_id: int, expires_at: datetime | None) -> tuple[bool, datetime, int]:
+def _spending_order(grant: asyncpg.Record) -> tuple[bool, datetime, int]:
     """Grants in the order spending takes them: the soonest expiry first, then by id."""
-    return (expires_at is None, expires_at or _never, grant_id)
+    expires_at = grant["expires_at"]
+    return (expires_at is None, expires_at or _never, grant["grant_id"])
 
 
 # Outstanding -----------------------------------------------------------------------------------

@@ -605,9 +605,13 @@ select_owner_wallets_of_unit = """
 # Wallet $1, if it is of unit $2 (null: any).
 select_usage_wallet = "select id from wallets where id = $1 and ($2::text is null or unit = $2)"
 
-# The allocations of the transfers in $1, each with its grant's expiry.
+# The allocations of the transfers in $1, each with its grant's terms and, if the grant was
+# voided (taken back by the void of the transfer that made it), that void.
 select_allocations_drawn = """
-    select a.transfer_id, a.grant_id, a.wallet_id, a.amount, g.expires_at
+    select a.transfer_id, a.grant_id, a.wallet_id, a.amount, g.valid_from, g.expires_at,
+           case when g.voided then
+               (select v.id from transfers v where v.voids_transfer_id = g.transfer_id)
+           end as voided_by
     from allocations a
     join grants g on g.id = a.grant_id
     where a.transfer_id = any($1::bigint[])
