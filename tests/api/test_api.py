@@ -253,6 +253,12 @@ async def test_credit_debit_modes_and_history(api: Api) -> None:
         transfers_pb2.ListTransfersRequest(wallet_id=wallet)
     )
     assert [t.amount for t in history.transfers] == [250, 50, 300]
+    # Each entry of one wallet's history says the balance after it, and its signed amount.
+    assert [(t.signed_amount, t.balance_after) for t in history.transfers] == [
+        (-250, 0),
+        (-50, 250),
+        (300, 300),
+    ]
     first = history.transfers[-1]
     assert (first.note, first.reference, first.performed_by) == (
         "3 sessions sold",
@@ -285,7 +291,12 @@ async def test_credit_debit_modes_and_history(api: Api) -> None:
     )
     assert [t.id for t in rest.transfers] == [first.id] and not rest.next_page_token
     got = await api.transfers.GetTransfer(transfers_pb2.GetTransferRequest(transfer_id=first.id))
-    assert got.transfer == first
+    # The transfer itself: the history's entry but the wallet's view of it.
+    alone = types_pb2.Transfer()
+    alone.CopyFrom(first)
+    alone.ClearField("balance_after")
+    alone.ClearField("signed_amount")
+    assert got.transfer == alone
 
 
 async def test_transfer_and_its_errors(api: Api) -> None:

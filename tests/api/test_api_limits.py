@@ -116,6 +116,7 @@ async def test_malformed_bytes_are_invalid_argument_for_every_rpc(
         "HoldService",
         "EventService",
         "GrantService",
+        "ReportService",
     }
     utf8_cases = 0
     with caplog.at_level(logging.INFO):

@@ -19,6 +19,7 @@ services_expected = [
     "coffer.v1.EventService",
     "coffer.v1.GrantService",
     "coffer.v1.HoldService",
+    "coffer.v1.ReportService",
     "coffer.v1.TransferService",
     "coffer.v1.UnitService",
     "coffer.v1.WalletService",

@@ -212,7 +212,7 @@ async def test_operator_walkthrough(cli: Cli) -> None:
 
     history = await cli.ok("history", str(customer), "--limit", "4")
     assert history[0].split() == [
-        "ID", "TIME", "(UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "REFERENCE", "NOTE",
+        "ID", "TIME", "(UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "BALANCE", "REFERENCE", "NOTE",
     ]  # fmt: skip
     rows = history[1:5]
     assert column(rows, 0)[0] == str(void_id)
@@ -222,6 +222,8 @@ async def test_operator_walkthrough(cli: Cli) -> None:
     amounts = column(rows, 4)
     assert amounts == ["+200", "(100)", "(100)", "-300"]
     assert column(rows, 6) == ["1", "1", "1", str(merchant)]
+    # The wallet's posted balance after each: what holds reserve and free moves none.
+    assert column(rows, 7) == ["3400", "3200", "3200", "3200"]
     assert history[5] == "(more than 4; raise --limit to see them)"
     everything = (await cli.ok("history", str(customer), "--limit", "100"))[1:]
     assert len(everything) == 11 and "raise --limit" not in everything[-1]
@@ -649,10 +651,12 @@ async def test_module_runs_every_command_it_defines(cli: Cli, server: Server) ->
     out, err = await asyncio.wait_for(process.communicate(), timeout=30)
     assert (process.returncode, err.decode()) == (0, "")
     header, row = out.decode().splitlines()
-    assert header == "ID  TIME (UTC)           KIND    AMOUNT  UNIT  WALLET  REFERENCE  NOTE"
+    assert header == (
+        "ID  TIME (UTC)           KIND    AMOUNT  UNIT  WALLET  BALANCE  REFERENCE  NOTE"
+    )
     fields = row.split()
     assert fields[0] == str(credit_id)
-    assert fields[3:] == ["credit", "+700", "EUR", "1", "inv-9"]
+    assert fields[3:] == ["credit", "+700", "EUR", "1", "700", "inv-9"]
 
 
 async def test_events_and_alerts(cli: Cli) -> None:
@@ -718,3 +722,89 @@ async def test_events_follow_prints_each_as_it_comes(cli: Cli, server: Server) -
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_the_reports(cli: Cli) -> None:
+    await cli.ok(
+        "unit", "create", "seat", "--kind", "credit", "--scale", "0", "--name", "Seat",
+        "--validity", "P30D",
+    )  # fmt: skip
+    await cli.ok("unit", "create", "EUR", "--kind", "currency", "--scale", "2", "--name", "Euro")
+    created = await cli.json(
+        "wallet", "create", "--owner", "ann", "--owner-kind", "customer", "--unit", "seat"
+    )
+    ann = int(created["wallet"]["id"])
+    created = await cli.json(
+        "wallet", "create", "--owner", "bob", "--owner-kind", "customer", "--unit", "seat"
+    )
+    bob = int(created["wallet"]["id"])
+    credited = await cli.json("credit", str(ann), "10")
+    credited_at = credited["transfer"]["createTime"]
+    (line,) = await cli.ok(
+        "debit", str(ann), "4", "--performed-by", "coach:bo", "--note", "team of 4",
+        "--reference", "r-1",
+    )  # fmt: skip
+    debit_id = number(r"transfer (\d+)  debit  -4 seat  ", line)
+    assert line.endswith("  balance 6")
+    await cli.ok("credit", str(bob), "5")
+    (line,) = await cli.ok("debit", str(bob), "1", "--performed-by", "ops")
+    bob_debit = number(r"transfer (\d+)  debit", line)
+
+    header, *rows = await cli.ok("usage")
+    assert re.split(r"  +", header)[:3] == ["TIME (UTC)", "TRANSFER", "KIND"]
+    assert [number(r"\S+ \S+ +(\d+)", row) for row in rows] == [bob_debit, debit_id]
+    fields = re.split(r"  +", rows[1])
+    assert fields[1:8] == [str(debit_id), "debit", str(ann), "4", "seat", "coach:bo", "team of 4"]
+    assert re.fullmatch(r"grant \d+: 4 \(expires \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\)", fields[8])
+    for options, expected in (
+        (["--wallet", str(ann)], [debit_id]),
+        (["--owner", "bob"], [bob_debit]),
+        (["--performed-by", "coach:bo"], [debit_id]),
+        (["--reference", "r-1"], [debit_id]),
+        (["--unit", "EUR"], []),
+        (["--since", credited_at, "--until", credited_at], []),
+        (["--since", credited_at], [bob_debit, debit_id]),
+    ):
+        header, *rows = await cli.ok("usage", *options)
+        assert [number(r"\S+ \S+ +(\d+)", row) for row in rows] == expected, options
+    limited = await cli.ok("usage", "--limit", "1")
+    assert len(limited) == 3 and limited[-1] == "(more than 1; raise --limit to see them)"
+    listed = await cli.json("usage", "--owner", "ann")
+    [entry] = listed["entries"]
+    assert (entry["transfer"]["id"], entry["drawn"][0]["amount"]) == (str(debit_id), "4")
+
+    header, *rows, total = await cli.ok("outstanding", "seat")
+    assert header.split() == ["WALLET", "OWNER", "KIND", "POSTED", "AVAILABLE", "EXPIRING"]
+    assert [row.split() for row in rows] == [
+        [str(ann), "ann", "customer", "6", "6", "6"],
+        [str(bob), "bob", "customer", "4", "4", "4"],
+    ]
+    assert re.fullmatch(
+        r"total  2 wallets  outstanding 10 seat  expiring 10 seat by \S+ \S+", total
+    )
+    *_, total = await cli.ok("outstanding", "seat", "--within", "0")
+    assert "expiring 0 seat" in total
+    limited = await cli.ok("outstanding", "seat", "--limit", "1")
+    assert limited[2] == "(more than 1; raise --limit to see them)"
+    assert limited[3].startswith("total  2 wallets  outstanding 10 seat")
+    listed = await cli.json("outstanding", "seat", "--limit", "1")
+    assert listed["totals"] == {"wallets": "2", "outstanding": "10", "expiring": "10"}
+    assert len(listed["wallets"]) == 1 and listed["nextPageToken"]
+    refused = await cli("outstanding", "seat", "--within", "-1")
+    assert refused.exit_code == 2
+
+    (line,) = await cli.ok("balance", str(ann), "--at", credited_at)
+    assert re.fullmatch(
+        rf"wallet {ann}  seat  posted 10  pending 0  at \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", line
+    )
+    shown = await cli.json("balance", str(ann), "--at", credited_at)
+    assert (shown["posted"], shown["pending"], shown["time"]) == ("10", "0", credited_at)
+    # A time to come is the future balance.
+    (line,) = await cli.ok("balance", str(ann), "--at", "2999-01-01T00:00:00Z")
+    assert line.startswith(f"wallet {ann}  seat  posted 6  pending 0") and "at 2999-01-01" in line
+    refused = await cli("balance", str(ann), "--at", "yesterday")
+    assert refused.exit_code == 2
+
+    header, *rows = await cli.ok("history", str(ann))
+    assert header.split()[6:8] == ["WALLET", "BALANCE"]
+    assert [row.split()[7] for row in rows] == ["6", "10"]

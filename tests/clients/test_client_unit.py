@@ -707,6 +707,7 @@ def test_public_names() -> None:
         "grants_pb2",
         "holds_pb2",
         "operations",
+        "reports_pb2",
         "transfers_pb2",
         "types_pb2",
         "units_pb2",

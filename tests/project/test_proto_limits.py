@@ -56,6 +56,7 @@ _limitless = {
     ("ApiKey", "owner_id"),
     ("CertificateMapping", "owner_id"),
     ("Unit", "default_validity"),
+    ("OutstandingWallet", "owner_id"),
 }
 
 

@@ -14,8 +14,9 @@ builds the operations of a batch (`submit_batch`); `format_amount` prints an amo
 unit ("25.99 EUR") from the unit and scale every Transfer, Hold and Balance carries. The
 protobuf messages are here too: `Transfer`, `Wallet`, `Hold`, `Event`…, and their modules
 `types_pb2`, `units_pb2`, `wallets_pb2`, `transfers_pb2`, `holds_pb2`, `events_pb2`,
-`grants_pb2`. `watch_events` follows the event stream (`list_events` pages through it);
-`list_grants` shows a wallet's credits that expire.
+`grants_pb2`, `reports_pb2`. `watch_events` follows the event stream (`list_events` pages
+through it); `list_grants` shows a wallet's credits that expire; `list_usage`, `outstanding`
+and `past_balance` read the reports.
 """
 
 from coffer.clients import errors
@@ -37,6 +38,7 @@ from coffer.v1 import (
     events_pb2,
     grants_pb2,
     holds_pb2,
+    reports_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
@@ -72,6 +74,7 @@ __all__ = [
     "grants_pb2",
     "holds_pb2",
     "operations",
+    "reports_pb2",
     "transfers_pb2",
     "types_pb2",
     "units_pb2",

@@ -27,13 +27,20 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2
 
 from coffer.clients import errors, limits
-from coffer.clients.client import Page, SyncClient, target_default, timeout_s_default
+from coffer.clients.client import (
+    Page,
+    SyncClient,
+    expiring_within_days_default,
+    target_default,
+    timeout_s_default,
+)
 from coffer.clients.tls import Tls
 from coffer.v1 import (
     access_pb2,
     events_pb2,
     grants_pb2,
     holds_pb2,
+    reports_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
@@ -342,14 +349,15 @@ def argument_parser(
         "expiry, e.g. 2027-06-30T23:59:59Z",
     )
     _add_mutation_options(sub, reference=False)
-    sub = command(commands, "balance", "a wallet's balance", _balance)
+    sub = command(commands, "balance", "a wallet's balance, now, in the past or to come", _balance)
     sub.add_argument("wallet", type=_identifier, metavar="WALLET")
     sub.add_argument(
         "--at",
         type=moment,
         metavar="ISO",
-        help="a time to come: the balance then, if nothing more moves (what expires by then "
-        "gone, what becomes valid by then spendable), e.g. 2027-01-31T00:00:00Z",
+        help="the balance at that time: in the past, posted and pending then, from the journal "
+        "(e.g. 2026-11-28T04:00:00Z); to come, the balance then if nothing more moves (what "
+        "expires by then gone, what becomes valid by then spendable)",
     )
     sub = command(
         commands,
@@ -415,6 +423,37 @@ def argument_parser(
         metavar="N",
         help=f"most events without --follow (default {list_limit_default})",
     )
+    sub = command(
+        commands,
+        "usage",
+        "the usage register: debits, payments and captures, newest first, each with the grants "
+        "it drew from",
+        _usage,
+    )
+    sub.add_argument("--wallet", type=_identifier, metavar="ID", help="the wallet that spent")
+    sub.add_argument("--owner", default="", metavar="ID", help="of this owner's wallets")
+    sub.add_argument("--unit", default="", metavar="CODE")
+    sub.add_argument("--performed-by", default="", metavar="WHO")
+    sub.add_argument("--since", type=moment, metavar="ISO", help="made at or after this time")
+    sub.add_argument("--until", type=moment, metavar="ISO", help="made before this time")
+    sub.add_argument("--reference", default="", metavar="R")
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
+    sub = command(
+        commands,
+        "outstanding",
+        "what a unit's wallets hold, and what of it expires soon, with the totals",
+        _outstanding,
+    )
+    sub.add_argument("unit", metavar="UNIT")
+    sub.add_argument(
+        "--within",
+        type=_horizon,
+        default=expiring_within_days_default,
+        metavar="DAYS",
+        help="count as expiring what expires within this many days "
+        f"(default {expiring_within_days_default}; 0: what is past its expiry, not yet expired)",
+    )
+    sub.add_argument("--limit", type=_limit, default=list_limit_default, metavar="N")
     command(commands, "health", "check that the server is serving (gRPC health)", _health)
 
     keys = group("keys", "API keys (administrators; with the server, also against its database)")
@@ -737,6 +776,14 @@ def _validity(text: str) -> str:
     return text
 
 
+def _horizon(text: str) -> int:
+    """The days ahead of the outstanding overview's expiring amounts."""
+    value = _int64(text)
+    if not 0 <= value <= limits.expiring_within_days_max:
+        raise argparse.ArgumentTypeError(f"not 0 to {limits.expiring_within_days_max:,}: {text}")
+    return value
+
+
 def _limit(text: str) -> int:
     value = _int64(text)
     if not 1 <= value <= list_limit_max:
@@ -931,7 +978,8 @@ def _credit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     return _Output(
         transfers_pb2.CreditResponse(transfer=transfer),
         lambda: [
-            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+            _transfer_line(transfer, arguments.wallet)
+            + _balance_after(client, transfer, arguments.wallet)
         ],
     )
 
@@ -953,7 +1001,7 @@ def _debit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
         line = _transfer_line(result.transfer, arguments.wallet)
         if result.amount_remaining:
             line += f"  remaining {result.amount_remaining} due"
-        return [line + _balance_after(client, arguments.wallet)]
+        return [line + _balance_after(client, result.transfer, arguments.wallet)]
 
     return _Output(response, render)
 
@@ -982,7 +1030,8 @@ def _deposit(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     return _Output(
         transfers_pb2.DepositResponse(transfer=transfer),
         lambda: [
-            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+            _transfer_line(transfer, arguments.wallet)
+            + _balance_after(client, transfer, arguments.wallet)
         ],
     )
 
@@ -997,7 +1046,8 @@ def _withdraw(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     return _Output(
         transfers_pb2.WithdrawResponse(transfer=transfer),
         lambda: [
-            _transfer_line(transfer, arguments.wallet) + _balance_after(client, arguments.wallet)
+            _transfer_line(transfer, arguments.wallet)
+            + _balance_after(client, transfer, arguments.wallet)
         ],
     )
 
@@ -1061,6 +1111,15 @@ def _void(client: SyncClient, arguments: argparse.Namespace) -> _Output:
 def _balance(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     at: datetime | None = arguments.at
     response: Message
+    if at is not None and at <= datetime.now(UTC):
+        past = client.past_balance(arguments.wallet, at)
+        return _Output(
+            past,
+            lambda: [
+                f"wallet {past.wallet_id}  {past.unit}  posted {past.posted}  pending "
+                f"{past.pending}  at {_time(past.time)}"
+            ],
+        )
     if at is None:
         result = client.get_balance(wallet_id=arguments.wallet)
         response = wallets_pb2.GetBalanceResponse(
@@ -1153,14 +1212,25 @@ def _history(client: SyncClient, arguments: argparse.Namespace) -> _Output:
                     _signed_amount(transfer, incoming),
                     transfer.unit,
                     str(counterpart),
+                    str(transfer.balance_after) if transfer.HasField("balance_after") else "",
                     transfer.reference,
                     transfer.note,
                 ]
             )
         lines = _table(
-            ["ID", "TIME (UTC)", "KIND", "AMOUNT", "UNIT", "WALLET", "REFERENCE", "NOTE"],
+            [
+                "ID",
+                "TIME (UTC)",
+                "KIND",
+                "AMOUNT",
+                "UNIT",
+                "WALLET",
+                "BALANCE",
+                "REFERENCE",
+                "NOTE",
+            ],
             rows,
-            right={0, 3, 5},
+            right={0, 3, 5, 6},
         )
         if next_page_token:
             lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
@@ -1169,6 +1239,128 @@ def _history(client: SyncClient, arguments: argparse.Namespace) -> _Output:
     response = transfers_pb2.ListTransfersResponse(
         transfers=transfers, next_page_token=next_page_token
     )
+    return _Output(response, render)
+
+
+def _usage(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    entries, next_page_token = _collect(
+        lambda page_size, page_token: client.list_usage(
+            wallet_id=arguments.wallet or 0,
+            owner_id=arguments.owner,
+            unit=arguments.unit,
+            performed_by=arguments.performed_by,
+            start_time=arguments.since,
+            end_time=arguments.until,
+            reference=arguments.reference,
+            page_size=page_size,
+            page_token=page_token,
+        ),
+        arguments.limit,
+    )
+
+    def render() -> list[str]:
+        rows = [
+            [
+                _time(entry.transfer.create_time),
+                str(entry.transfer.id),
+                _name(types_pb2.TransferKind, entry.transfer.kind),
+                str(entry.transfer.source_wallet_id),
+                str(entry.transfer.amount),
+                entry.transfer.unit,
+                entry.transfer.performed_by,
+                entry.transfer.note,
+                _drawn_text(entry),
+            ]
+            for entry in entries
+        ]
+        lines = _table(
+            [
+                "TIME (UTC)",
+                "TRANSFER",
+                "KIND",
+                "WALLET",
+                "AMOUNT",
+                "UNIT",
+                "PERFORMED BY",
+                "NOTE",
+                "DRAWN FROM",
+            ],
+            rows,
+            right={1, 3, 4},
+        )
+        if next_page_token:
+            lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
+        return lines
+
+    response = reports_pb2.ListUsageResponse(entries=entries, next_page_token=next_page_token)
+    return _Output(response, render)
+
+
+def _drawn_text(entry: reports_pb2.UsageEntry) -> str:
+    """E.g. `grant 4: 100 (expires 2026-12-28 04:49:06), untracked: 50  voided by transfer 9`."""
+    parts = []
+    for drawn in entry.drawn:
+        expiry = f" (expires {_time(drawn.expires_at)})" if drawn.HasField("expires_at") else ""
+        parts.append(f"grant {drawn.grant_id}: {drawn.amount}{expiry}")
+    if entry.untracked or not parts:
+        parts.append(f"untracked: {entry.untracked}")
+    text = ", ".join(parts)
+    if entry.transfer.voided_by_transfer_id:
+        text += f"  voided by transfer {entry.transfer.voided_by_transfer_id}"
+    return text
+
+
+def _outstanding(client: SyncClient, arguments: argparse.Namespace) -> _Output:
+    pages: list[reports_pb2.GetOutstandingResponse] = []
+
+    def fetch(page_size: int, page_token: str) -> Page[reports_pb2.OutstandingWallet]:
+        page = client.outstanding(
+            arguments.unit,
+            expiring_within_days=arguments.within,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        pages.append(page)
+        return Page(list(page.wallets), page.next_page_token)
+
+    wallets, next_page_token = _collect(fetch, arguments.limit)
+    first = pages[0]
+    response = reports_pb2.GetOutstandingResponse(
+        unit=first.unit,
+        unit_scale=first.unit_scale,
+        expiring_before=first.expiring_before,
+        wallets=wallets,
+        totals=first.totals,
+        next_page_token=next_page_token,
+    )
+
+    def render() -> list[str]:
+        rows = [
+            [
+                str(wallet.wallet_id),
+                wallet.owner_id,
+                _name(types_pb2.OwnerKind, wallet.owner_kind),
+                str(wallet.posted),
+                str(wallet.available),
+                str(wallet.expiring),
+            ]
+            for wallet in wallets
+        ]
+        lines = _table(
+            ["WALLET", "OWNER", "KIND", "POSTED", "AVAILABLE", "EXPIRING"],
+            rows,
+            right={0, 3, 4, 5},
+        )
+        if next_page_token:
+            lines.append(f"(more than {arguments.limit}; raise --limit to see them)")
+        totals = first.totals
+        lines.append(
+            f"total  {totals.wallets} wallet{'' if totals.wallets == 1 else 's'}  "
+            f"outstanding {totals.outstanding} {first.unit}  "
+            f"expiring {totals.expiring} {first.unit} by {_time(first.expiring_before)}"
+        )
+        return lines
+
     return _Output(response, render)
 
 
@@ -1266,15 +1458,36 @@ def _balance_text(balance: types_pb2.Balance) -> str:
     )
 
 
-def _balance_after(client: SyncClient, wallet_id: int) -> str:
-    """The wallet's balance now, for the line of a movement that succeeded: on failure the line
-    goes without it, so that nobody repeats a movement that took place."""
+def _balance_after(client: SyncClient, transfer: types_pb2.Transfer, wallet_id: int) -> str:
+    """The wallet's posted balance right after the transfer, for the line of a movement that
+    succeeded, as its history says (`balance_after` of its entry: among the newest, or else
+    among those stamped when it was, as for a replay of an old one); and what the wallet has
+    available, when nothing has posted since and it differs. On failure the line goes without
+    them, so that nobody repeats a movement that took place."""
+    stamp = transfer.create_time.ToDatetime(tzinfo=UTC)
     try:
+        found = [
+            each
+            for each in client.list_transfers(wallet_id=wallet_id, page_size=10).items
+            if each.id == transfer.id
+        ] or [
+            each
+            for each in client.list_transfers(
+                wallet_id=wallet_id,
+                start_time=stamp,
+                end_time=stamp + timedelta(microseconds=1),
+                page_size=limits.page_size_max,
+            ).items
+            if each.id == transfer.id
+        ]
         balance = client.get_balance(wallet_id=wallet_id).balance
     except errors.CofferError:
         return ""
-    text = f"  balance {balance.posted}"
-    if balance.available != balance.posted:
+    if not found:
+        return ""
+    after = found[0].balance_after
+    text = f"  balance {after}"
+    if balance.posted == after and balance.available != after:
         text += f" (available {balance.available})"
     return text
 

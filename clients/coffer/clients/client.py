@@ -67,6 +67,8 @@ from coffer.v1 import (
     grants_pb2_grpc,
     holds_pb2,
     holds_pb2_grpc,
+    reports_pb2,
+    reports_pb2_grpc,
     transfers_pb2,
     transfers_pb2_grpc,
     types_pb2,
@@ -76,6 +78,7 @@ from coffer.v1 import (
     wallets_pb2_grpc,
 )
 from coffer.v1.events_pb2 import Event
+from coffer.v1.reports_pb2 import GetOutstandingResponse, GetPastBalanceResponse, UsageEntry
 from coffer.v1.transfers_pb2 import Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Grant, Hold, Transfer, Unit, Wallet
 
@@ -88,6 +91,8 @@ authorization_metadata_key = "authorization"
 # What an API key may be, to be sent as metadata: visible ASCII, no spaces.
 _api_key_pattern = re.compile(r"[!-~]{1,256}")
 timeout_s_default = 10.0
+# What `outstanding` counts as expiring when not told: what expires within this many days.
+expiring_within_days_default = 30
 retries_max_default = 3
 retries_max_limit = 10
 backoff_s_min = 0.1
@@ -472,6 +477,7 @@ class _Stubs:
     holds: holds_pb2_grpc.HoldServiceAsyncStub
     events: events_pb2_grpc.EventServiceAsyncStub
     grants: grants_pb2_grpc.GrantServiceAsyncStub
+    reports: reports_pb2_grpc.ReportServiceAsyncStub
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
@@ -982,6 +988,76 @@ class Client:
                 return
             page_token = page.next_page_token
 
+    # Reports.
+
+    async def list_usage(
+        self,
+        *,
+        wallet_id: int = 0,
+        owner_id: str = "",
+        unit: str = "",
+        performed_by: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        reference: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> Page[UsageEntry]:
+        """One page of the usage register, newest first: debits, payments and captures, each
+        with the grants it drew from (`entry.drawn`) and what it took from untracked funds
+        (`entry.untracked`). Of the wallet `wallet_id` (the one that spent; 0 for any), of
+        `owner_id`'s wallets, in `unit`, by `performed_by`, from `start_time` (inclusive) to
+        `end_time` (exclusive), with `reference`; empty filters match all. A page looks at a
+        bounded number of transfers: it may be short, even empty, while more follow (go on
+        until `next_page_token` is empty; `iter_usage` does)."""
+        request = reports_pb2.ListUsageRequest(
+            filter=reports_pb2.UsageFilter(
+                wallet_id=wallet_id,
+                owner_id=owner_id,
+                unit=unit,
+                performed_by=performed_by,
+                start_time=_timestamp(start_time),
+                end_time=_timestamp(end_time),
+                reference=reference,
+            ),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        response = await self._call(self._stubs().reports.ListUsage, request)
+        return Page(list(response.entries), response.next_page_token)
+
+    async def iter_usage(
+        self,
+        *,
+        wallet_id: int = 0,
+        owner_id: str = "",
+        unit: str = "",
+        performed_by: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        reference: str = "",
+        page_size: int = 0,
+    ) -> AsyncIterator[UsageEntry]:
+        """Every consumption that matches, newest first, page after page."""
+        page_token = ""
+        while True:
+            page = await self.list_usage(
+                wallet_id=wallet_id,
+                owner_id=owner_id,
+                unit=unit,
+                performed_by=performed_by,
+                start_time=start_time,
+                end_time=end_time,
+                reference=reference,
+                page_size=page_size,
+                page_token=page_token,
+            )
+            for entry in page.items:
+                yield entry
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
+
     async def future_balance(self, *, wallet_id: int, at: datetime) -> WalletBalance:
         """The wallet's balance at `at`, a time to come (timezone-aware), if nothing more
         moves: what expires by then is gone, what becomes valid by then is spendable."""
@@ -996,6 +1072,32 @@ class Client:
         request = grants_pb2.RunExpirationRequest()
         response = await self._call(self._stubs().grants.RunExpiration, request)
         return response.expired_count
+
+    async def outstanding(
+        self,
+        unit: str,
+        *,
+        expiring_within_days: int = expiring_within_days_default,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> GetOutstandingResponse:
+        """One page of the unit's outstanding overview: its customers' and merchants' wallets
+        with something posted, by id, each with what of it expires within
+        `expiring_within_days` (default 30; 0: what is past its expiry and not yet expired);
+        the first page (no `page_token`) also has the `totals`."""
+        request = reports_pb2.GetOutstandingRequest(
+            unit=unit,
+            expiring_within_days=expiring_within_days,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self._call(self._stubs().reports.GetOutstanding, request)
+
+    async def past_balance(self, wallet_id: int, at: datetime) -> GetPastBalanceResponse:
+        """The wallet's posted and pending balances at `at`, a past instant (timezone-aware);
+        the cost grows with the wallet's transfers since then."""
+        request = reports_pb2.GetPastBalanceRequest(wallet_id=wallet_id, time=_timestamp(at))
+        return await self._call(self._stubs().reports.GetPastBalance, request)
 
     # Health.
 
@@ -1091,6 +1193,7 @@ class Client:
                 holds=holds_pb2_grpc.HoldServiceStub(channel),
                 events=events_pb2_grpc.EventServiceStub(channel),
                 grants=grants_pb2_grpc.GrantServiceStub(channel),
+                reports=reports_pb2_grpc.ReportServiceStub(channel),
                 health_check=channel.unary_unary(
                     health_check_method,
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
@@ -1287,6 +1390,10 @@ class SyncClient:
     iter_grants = _blocking_iterator(Client.iter_grants)
     future_balance = _blocking(Client.future_balance)
     run_expiration = _blocking(Client.run_expiration)
+    list_usage = _blocking(Client.list_usage)
+    iter_usage = _blocking_iterator(Client.iter_usage)
+    outstanding = _blocking(Client.outstanding)
+    past_balance = _blocking(Client.past_balance)
     health = _blocking(Client.health)
 
 
@@ -1358,6 +1465,7 @@ __all__ = [
     "TransferKindName",
     "UnitKindName",
     "WalletBalance",
+    "expiring_within_days_default",
     "operations",
     "target_default",
     "timeout_s_default",

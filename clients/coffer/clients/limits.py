@@ -21,6 +21,7 @@ __all__ = [
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
     "expiration_runs_grants_max",
+    "expiring_within_days_max",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -41,6 +42,8 @@ __all__ = [
     "unit_description_length_max",
     "unit_name_length_max",
     "unit_scale_max",
+    "usage_kinds",
+    "usage_scanned_max",
     "validity_length_max",
     "validity_months_max",
 ]
@@ -81,5 +84,8 @@ events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
 expiration_runs_grants_max = 1000
+usage_scanned_max = 10_000
+expiring_within_days_max = 36_500
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11, 12})
+usage_kinds = frozenset({2, 6, 8})
 access_event_types = frozenset({80, 81, 82, 83})

@@ -287,8 +287,10 @@ class TransferServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTransfers(self, request, context):
-        """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
-        end_time, reference, page_size, page_token).
+        """History, newest first, paged. Filtered by a wallet, each transfer carries that wallet's
+        posted balance right after it (`balance_after`) and its amount as the wallet saw it
+        (`signed_amount`). Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time, end_time,
+        reference, page_size, page_token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

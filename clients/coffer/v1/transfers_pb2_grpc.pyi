@@ -151,8 +151,10 @@ class TransferServiceStub:
     TRANSFER_NOT_FOUND.
     """
     ListTransfers: _grpc.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]
-    """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
-    end_time, reference, page_size, page_token).
+    """History, newest first, paged. Filtered by a wallet, each transfer carries that wallet's
+    posted balance right after it (`balance_after`) and its amount as the wallet saw it
+    (`signed_amount`). Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time, end_time,
+    reference, page_size, page_token).
     """
 
 @_typing.type_check_only
@@ -277,8 +279,10 @@ class TransferServiceAsyncStub(TransferServiceStub):
     TRANSFER_NOT_FOUND.
     """
     ListTransfers: _aio.UnaryUnaryMultiCallable[_transfers_pb2.ListTransfersRequest, _transfers_pb2.ListTransfersResponse]  # type: ignore[assignment]
-    """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
-    end_time, reference, page_size, page_token).
+    """History, newest first, paged. Filtered by a wallet, each transfer carries that wallet's
+    posted balance right after it (`balance_after`) and its amount as the wallet saw it
+    (`signed_amount`). Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time, end_time,
+    reference, page_size, page_token).
     """
 
 class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -460,8 +464,10 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _transfers_pb2.ListTransfersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_transfers_pb2.ListTransfersResponse, _abc.Awaitable[_transfers_pb2.ListTransfersResponse]]:
-        """History, newest first, paged. Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time,
-        end_time, reference, page_size, page_token).
+        """History, newest first, paged. Filtered by a wallet, each transfer carries that wallet's
+        posted balance right after it (`balance_after`) and its amount as the wallet saw it
+        (`signed_amount`). Errors: INVALID_ARGUMENT (wallet_id, kinds, start_time, end_time,
+        reference, page_size, page_token).
         """
 
 def add_TransferServiceServicer_to_server(servicer: TransferServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

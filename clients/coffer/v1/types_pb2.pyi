@@ -501,6 +501,8 @@ class Transfer(_message.Message):
     HOLD_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     UNIT_SCALE_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    BALANCE_AFTER_FIELD_NUMBER: _builtins.int
+    SIGNED_AMOUNT_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Unique across all transfers, increasing with time (int64: a string or BigInt in
     JavaScript).
@@ -541,6 +543,17 @@ class Transfer(_message.Message):
     unit_scale: _builtins.int
     """The scale of `unit` (`Unit.scale`): `amount` and `amount_requested` are in units of
     10^-unit_scale (2599 at scale 2 is 25.99); 0 to 18.
+    """
+    balance_after: _builtins.int
+    """Set only in ListTransfers filtered by a wallet: that wallet's posted balance right after
+    this transfer. Computed when read: the wallet's posted balance now, less what its later
+    transfers moved. The order is the journal's (ids), which for one wallet is the order its
+    changes committed in, except when two batches touching it committed in the order
+    opposite to the ids they drew; the balance after the newest entry is always the wallet's.
+    """
+    signed_amount: _builtins.int
+    """Set only in ListTransfers filtered by a wallet: `amount` as that wallet saw it, + in and
+    - out; 0 for a hold, a release or a hold expiry, which move no posted money.
     """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -586,12 +599,21 @@ class Transfer(_message.Message):
         hold_expire_time: _timestamp_pb2.Timestamp | None = ...,
         unit_scale: _builtins.int = ...,
         allocations: _abc.Iterable[Global___Allocation] | None = ...,
+        balance_after: _builtins.int | None = ...,
+        signed_amount: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "hold_expire_time", b"hold_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_balance_after", b"_balance_after", "_signed_amount", b"_signed_amount", "balance_after", b"balance_after", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "signed_amount", b"signed_amount"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "amount", b"amount", "amount_requested", b"amount_requested", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_balance_after", b"_balance_after", "_signed_amount", b"_signed_amount", "allocations", b"allocations", "amount", b"amount", "amount_requested", b"amount_requested", "balance_after", b"balance_after", "create_time", b"create_time", "hold_expire_time", b"hold_expire_time", "hold_id", b"hold_id", "id", b"id", "kind", b"kind", "metadata", b"metadata", "note", b"note", "operation_id", b"operation_id", "performed_by", b"performed_by", "reference", b"reference", "signed_amount", b"signed_amount", "source_wallet_id", b"source_wallet_id", "target_wallet_id", b"target_wallet_id", "unit", b"unit", "unit_scale", b"unit_scale", "voided_by_transfer_id", b"voided_by_transfer_id", "voids_transfer_id", b"voids_transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__balance_after: _TypeAlias = _typing.Literal["balance_after"]  # noqa: Y015
+    _WhichOneofArgType__balance_after: _TypeAlias = _typing.Literal["_balance_after", b"_balance_after"]  # noqa: Y015
+    _WhichOneofReturnType__signed_amount: _TypeAlias = _typing.Literal["signed_amount"]  # noqa: Y015
+    _WhichOneofArgType__signed_amount: _TypeAlias = _typing.Literal["_signed_amount", b"_signed_amount"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__balance_after) -> _WhichOneofReturnType__balance_after | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__signed_amount) -> _WhichOneofReturnType__signed_amount | None: ...
 
 Global___Transfer: _TypeAlias = Transfer  # noqa: Y015
 

@@ -3,8 +3,9 @@
 `Ledger` is the one entry point; the work is done in `coffer.core.store`: `connections` (the
 pools and the boundary that turns a lost database into errors.Unavailable), `sql` (every
 statement), `rows` (rows to values), `facts` (what never changes, cached), `catalog` (units and
-wallets), `queries` (transfers and holds), `keys` (idempotency keys), `batch` (a batch, in
-the phases its docstring numbers) and `journal` (what a batch writes).
+wallets), `queries` (transfers and holds), `reports` (usage, outstanding, past balances, the
+balances after history entries), `keys` (idempotency keys), `batch` (a batch, in the phases
+its docstring numbers) and `journal` (what a batch writes).
 
 A batch is one database transaction. Keys are stored in the same transaction as the postings:
 a success's on its first transfer, a refusal's (NOT_FOUND, FAILED_PRECONDITION,
@@ -60,26 +61,31 @@ from .model import (
     Hold,
     NewWallet,
     Operation,
+    Outstanding,
     Owner,
     OwnerKind,
     Page,
+    PastBalance,
     Rejected,
     ReleaseHold,
     Transfer,
     TransferFilter,
     TransferKind,
     Unit,
+    UsageEntry,
+    UsageFilter,
     Void,
     Wallet,
     batch_operations_max,
     check_balance_alert,
     events_watchers_max_default,
     expiration_runs_grants_max,
+    expiring_within_days_max,
     page_size_default,
     page_size_max,
     system_caller,
 )
-from .store import catalog, events, grants, queries, sql
+from .store import catalog, events, grants, queries, reports, sql
 from .store.batch import Batch, expiry
 from .store.connections import Guarded
 from .store.facts import Facts
@@ -481,11 +487,19 @@ class Ledger:
         page_size: int = page_size_default,
         before_id: int | None = None,
     ) -> Page[Transfer]:
-        """Newest first."""
+        """Newest first. With a wallet, each transfer carries the wallet's posted balance right
+        after it and its amount signed as the wallet saw it (`reports.balances_after`)."""
         async with self._read_connection() as connection:
-            return await queries.list_transfers(
-                connection, where, page_size=page_size, before_id=before_id
-            )
+            if where.wallet_id is None:
+                return await queries.list_transfers(
+                    connection, where, page_size=page_size, before_id=before_id
+                )
+            async with connection.transaction(isolation="repeatable_read", readonly=True):
+                page = await queries.list_transfers(
+                    connection, where, page_size=page_size, before_id=before_id
+                )
+                items = await reports.balances_after(connection, where.wallet_id, page.items)
+            return Page(items, page.cursor)
 
     async def list_grants(
         self,
@@ -520,6 +534,62 @@ class Ledger:
         ):
             wallet = await catalog.get_wallet(connection, wallet_id, now)
             return await grants.balance_at(connection, wallet_id, wallet.balance, at)
+
+    # Reports -----------------------------------------------------------------------------------
+
+    async def list_usage(
+        self,
+        where: UsageFilter,
+        *,
+        page_size: int = page_size_default,
+        before_id: int | None = None,
+    ) -> Page[UsageEntry]:
+        """The usage register: consumptions (debits, payments, captures), newest first, each
+        with the grants it drew from (`store.reports`). A page looks at a bounded number of
+        transfers: it may hold fewer than `page_size`, even none, while more follow (its
+        cursor says where)."""
+        async with self._read_connection() as connection:
+            return await reports.list_usage(
+                connection, where, page_size=page_size, before_id=before_id
+            )
+
+    async def outstanding(
+        self,
+        unit: str,
+        *,
+        expiring_within_days: int = 0,
+        page_size: int = page_size_default,
+        after_id: int = 0,
+    ) -> Outstanding:
+        """A page of the unit's outstanding overview: its customers' and merchants' wallets
+        with something posted, after wallet `after_id`, each with what its grants have left
+        that expires within `expiring_within_days` from now (or is past its expiry, not yet
+        expired by a run); the totals with the first page (`after_id` 0)."""
+        if not 0 <= expiring_within_days <= expiring_within_days_max:
+            raise errors.InvalidArgument(
+                "expiring_within_days", f"must be 0 to {expiring_within_days_max}"
+            )
+        async with self._read_connection() as connection:
+            return await reports.outstanding(
+                connection,
+                unit,
+                now=self._now(),
+                expiring_within=timedelta(days=expiring_within_days),
+                page_size=page_size,
+                after_id=after_id,
+            )
+
+    async def past_balance(self, wallet_id: int, at: datetime) -> PastBalance:
+        """A wallet's posted and pending balances at a past instant (`reports.past_balance`:
+        its cost grows with the wallet's transfers since); at a time to come, InvalidArgument
+        (`balance_at` answers those)."""
+        now = self._now()
+        if at > now:
+            raise errors.InvalidArgument(
+                "time", f"is to come: it must be at most now ({now.isoformat()})"
+            )
+        async with self._read_connection() as connection:
+            return await reports.past_balance(connection, wallet_id, at)
 
     async def get_hold(self, hold_id: int) -> Hold:
         async with self._read_connection() as connection:

@@ -41,14 +41,19 @@ __all__ = [
     "ExpireGrant",
     "ExpireHold",
     "Grant",
+    "GrantDrawn",
     "Hold",
     "HoldStatus",
     "LowBalance",
     "NewWallet",
     "Operation",
+    "Outstanding",
+    "OutstandingTotals",
+    "OutstandingWallet",
     "Owner",
     "OwnerKind",
     "Page",
+    "PastBalance",
     "Payment",
     "PlaceHold",
     "Principal",
@@ -63,6 +68,8 @@ __all__ = [
     "TransferMoved",
     "Unit",
     "UnitKind",
+    "UsageEntry",
+    "UsageFilter",
     "Void",
     "Wallet",
     "WalletStatus",
@@ -94,6 +101,7 @@ __all__ = [
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
     "expiration_runs_grants_max",
+    "expiring_within_days_max",
     "grant_expiry_key",
     "grant_spendable",
     "hold_lapsed",
@@ -116,6 +124,7 @@ __all__ = [
     "posting_kinds",
     "principal_name_length_max",
     "reference_length_max",
+    "stamp_lag_s_max",
     "system_caller",
     "top_up_request_id",
     "unit_code_length_max",
@@ -123,6 +132,8 @@ __all__ = [
     "unit_name_length_max",
     "unit_scale_max",
     "unit_system_wallets",
+    "usage_kinds",
+    "usage_scanned_max",
     "validity_length_max",
     "validity_months_max",
 ]
@@ -191,6 +202,17 @@ events_retention_days_default = 30
 events_retention_days_max = 36_500
 # Grants one expiration run expires in one batch (a run goes on batch after batch).
 expiration_runs_grants_max = 1000
+# Reports (coffer.core.store.reports). The usage register looks at most this many transfers
+# per page (and per wallet of an owner), those it skips included; the next page goes on from
+# there.
+usage_scanned_max = 10_000
+# The outstanding overview counts what expires within 0 to this many days from now.
+expiring_within_days_max = 36_500
+# The longest a batch may take from its stamp (the time its transfers carry, taken as it
+# begins) to drawing its transfer ids and committing: a balance at a past instant walks the
+# journal back this much further than the instant, so that it meets every transfer stamped
+# after it whatever the order their ids were drawn in (see `store.reports.past_balance`).
+stamp_lag_s_max = 300
 # The most transfers one operation writes (each writes one today): an operation's transfers
 # have consecutive ids from its own, so its replay reads at most this many.
 operation_transfers_max = 1
@@ -242,6 +264,11 @@ posting_kinds = frozenset(
         TransferKind.expiration,
     }
 )
+
+
+# The kinds that consume a wallet's funds, which the usage register lists: what its source
+# spent.
+usage_kinds = frozenset({TransferKind.debit, TransferKind.payment, TransferKind.capture})
 
 
 class DebitMode(IntEnum):
@@ -433,6 +460,11 @@ class Transfer:
     hold_expires_at: datetime | None = None
     voided_by_transfer_id: int | None = None
     allocations: tuple[Allocation, ...] = ()
+    # Set only in a history read for one wallet (`Ledger.list_transfers` with a wallet): the
+    # wallet's posted balance right after this transfer, and the amount as the wallet saw it
+    # (+ in, - out; 0 for the kinds that move no posted money).
+    balance_after: int | None = None
+    signed_amount: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -816,6 +848,95 @@ class Page(Generic[_Item]):
     items: list[_Item]
     # Where the next page starts (an id to pass back as the cursor); None on the last page.
     cursor: int | None
+
+
+# Reports -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    """Which consumptions the usage register lists; None: any. `wallet_id` and the owner name
+    the spending wallet (the source): `owner_id` its owner's id, `owner_kind` (for a merchant
+    or customer limited to its own) its owner's kind. `start` and `end` bound the time they
+    were made, half-open: [start, end)."""
+
+    wallet_id: int | None = None
+    owner_id: str | None = None
+    owner_kind: OwnerKind | None = None
+    unit: str | None = None
+    performed_by: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+    reference: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrantDrawn:
+    """What a consumption took from one grant of its wallet (positive), and when that grant
+    expires (None: never)."""
+
+    grant_id: int
+    amount: int
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEntry:
+    """One consumption (a debit, a payment, a capture) and the grants it drew from; the rest
+    of its amount came from the wallet's untracked balance."""
+
+    transfer: Transfer
+    drawn: tuple[GrantDrawn, ...]
+
+    @property
+    def untracked(self) -> int:
+        return self.transfer.amount - sum(each.amount for each in self.drawn)
+
+
+@dataclass(frozen=True, slots=True)
+class OutstandingWallet:
+    """A wallet with something posted, and what its grants have left that expires by the
+    overview's horizon (past expiry and not yet expired by a run included)."""
+
+    wallet_id: int
+    owner_id: str
+    owner_kind: OwnerKind
+    balance: Balance
+    expiring: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutstandingTotals:
+    """The sums over every wallet of the overview (all its pages): how many, what they have
+    posted, what of it expires by the horizon."""
+
+    wallets: int
+    outstanding: int
+    expiring: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outstanding:
+    """A page of a unit's outstanding overview: its wallets with something posted, by id, what
+    expires by `horizon`, and (on the first page) the totals."""
+
+    unit: str
+    horizon: datetime
+    wallets: list[OutstandingWallet]
+    # Where the next page starts (the last wallet's id); None on the last page.
+    cursor: int | None
+    totals: OutstandingTotals | None
+
+
+@dataclass(frozen=True, slots=True)
+class PastBalance:
+    """A wallet's posted and pending balances as they stood at a past instant."""
+
+    wallet_id: int
+    unit: str
+    at: datetime
+    posted: int
+    pending: int
 
 
 # Events --------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ from coffer.v1 import (
     events_pb2,
     grants_pb2,
     holds_pb2,
+    reports_pb2,
     transfers_pb2,
     units_pb2,
     wallets_pb2,
@@ -101,6 +102,7 @@ services_described = (
     access_pb2.DESCRIPTOR.services_by_name["AccessService"],
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
     grants_pb2.DESCRIPTOR.services_by_name["GrantService"],
+    reports_pb2.DESCRIPTOR.services_by_name["ReportService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
 
@@ -283,6 +285,7 @@ class Server:
                     ledger, listener, gate, None if metrics is None else metrics.events_behind
                 ),
                 services.GrantService(ledger, gate),
+                services.ReportService(ledger, gate),
             )
             for servicer, service in zip(servicers, services_described, strict=True):
                 admission.register(

@@ -29,6 +29,7 @@ from coffer.v1 import (
     events_pb2,
     grants_pb2,
     holds_pb2,
+    reports_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BalanceAlert",
+    "PastBalanceRequest",
     "WalletFilter",
     "api_key_pb",
     "balance_alert",
@@ -61,9 +63,12 @@ __all__ = [
     "grants_of",
     "hold_pb",
     "new_wallet",
+    "outstanding_pb",
     "page_scope",
     "page_size",
     "page_token",
+    "past_balance_pb",
+    "past_balance_request",
     "payment",
     "place_hold",
     "release_hold",
@@ -77,6 +82,8 @@ __all__ = [
     "unit_pb",
     "units_of",
     "units_of_events",
+    "usage_entry_pb",
+    "usage_filter",
     "void",
     "wallet_filter",
     "wallet_pb",
@@ -469,6 +476,44 @@ def _kinds_in_order(kinds: list[int]) -> tuple[model.TransferKind, ...]:
     return tuple(sorted({_transfer_kinds.to_core_checked("kinds", kind) for kind in kinds}))
 
 
+def usage_filter(pb: reports_pb2.UsageFilter) -> model.UsageFilter:
+    """ListUsage's filter, checked by the core's rules, each field named as in the request."""
+    if pb.wallet_id < 0:
+        raise errors.InvalidArgument("filter.wallet_id", "must be a positive id, or 0 for any")
+    model.check_text("filter.owner_id", pb.owner_id, model.owner_id_length_max)
+    if pb.unit:
+        model.check_unit_code("filter.unit", pb.unit)
+    model.check_text("filter.performed_by", pb.performed_by, model.performed_by_length_max)
+    model.check_text("filter.reference", pb.reference, model.reference_length_max)
+    start = _time(pb.start_time, "filter.start_time") if pb.HasField("start_time") else None
+    end = _time(pb.end_time, "filter.end_time") if pb.HasField("end_time") else None
+    if start is not None and end is not None and end < start:
+        raise errors.InvalidArgument("filter.end_time", "must not be before start_time")
+    return model.UsageFilter(
+        wallet_id=pb.wallet_id or None,
+        owner_id=pb.owner_id or None,
+        unit=pb.unit or None,
+        performed_by=pb.performed_by or None,
+        start=start,
+        end=end,
+        reference=pb.reference or None,
+    )
+
+
+class PastBalanceRequest(NamedTuple):
+    """GetPastBalance's request: the wallet, and the instant."""
+
+    wallet_id: int
+    at: datetime
+
+
+def past_balance_request(request: reports_pb2.GetPastBalanceRequest) -> PastBalanceRequest:
+    wallet_id = required_id("wallet_id", request.wallet_id)
+    if not request.HasField("time"):
+        raise errors.InvalidArgument("time", "is required")
+    return PastBalanceRequest(wallet_id, _time(request.time, "time"))
+
+
 def role(number: int) -> model.Role:
     """A request's role: unspecified or unknown is INVALID_ARGUMENT on `role`."""
     return _roles.to_core_checked("role", number)
@@ -675,6 +720,10 @@ def _fill_transfer(
         pb.voided_by_transfer_id = value.voided_by_transfer_id
     if value.hold_expires_at is not None:
         pb.hold_expire_time.CopyFrom(_timestamp(value.hold_expires_at))
+    if value.balance_after is not None:
+        pb.balance_after = value.balance_after
+    if value.signed_amount is not None:
+        pb.signed_amount = value.signed_amount
 
 
 def hold_pb(value: model.Hold, scales: Mapping[str, int]) -> types_pb2.Hold:
@@ -740,6 +789,56 @@ def grant_pb(value: model.Grant, scales: Mapping[str, int]) -> types_pb2.Grant:
 def grants_of(request: grants_pb2.ListGrantsRequest) -> tuple[int, bool]:
     """ListGrants' wallet and whether to list spent grants too."""
     return required_id("wallet_id", request.wallet_id), request.include_spent
+
+
+def usage_entry_pb(value: model.UsageEntry, scales: Mapping[str, int]) -> reports_pb2.UsageEntry:
+    pb = reports_pb2.UsageEntry(untracked=value.untracked)
+    _fill_transfer(pb.transfer, value.transfer, scales)
+    for each in value.drawn:
+        drawn = pb.drawn.add(grant_id=each.grant_id, amount=each.amount)
+        if each.expires_at is not None:
+            drawn.expires_at.CopyFrom(_timestamp(each.expires_at))
+    return pb
+
+
+def outstanding_pb(
+    value: model.Outstanding, scales: Mapping[str, int], next_page_token: str
+) -> reports_pb2.GetOutstandingResponse:
+    pb = reports_pb2.GetOutstandingResponse(
+        unit=value.unit,
+        unit_scale=scales[value.unit],
+        expiring_before=_timestamp(value.horizon),
+        wallets=[
+            reports_pb2.OutstandingWallet(
+                wallet_id=each.wallet_id,
+                owner_id=each.owner_id,
+                owner_kind=_owner_kinds.to_proto(each.owner_kind),
+                posted=each.balance.posted,
+                available=each.balance.available,
+                expiring=each.expiring,
+            )
+            for each in value.wallets
+        ],
+        next_page_token=next_page_token,
+    )
+    if value.totals is not None:
+        pb.totals.wallets = value.totals.wallets
+        pb.totals.outstanding = value.totals.outstanding
+        pb.totals.expiring = value.totals.expiring
+    return pb
+
+
+def past_balance_pb(
+    value: model.PastBalance, scales: Mapping[str, int]
+) -> reports_pb2.GetPastBalanceResponse:
+    return reports_pb2.GetPastBalanceResponse(
+        wallet_id=value.wallet_id,
+        unit=value.unit,
+        unit_scale=scales[value.unit],
+        time=_timestamp(value.at),
+        posted=value.posted,
+        pending=value.pending,
+    )
 
 
 def api_key_pb(value: model.ApiKey) -> access_pb2.ApiKey:

@@ -47,6 +47,7 @@ _holds = "coffer.v1.HoldService."
 _access = "coffer.v1.AccessService."
 _events = "coffer.v1.EventService."
 _grants = "coffer.v1.GrantService."
+_reports = "coffer.v1.ReportService."
 batch_method = _transfers + "SubmitBatch"
 
 # RPC full name -> the roles that may call it.
@@ -86,6 +87,9 @@ allowed: Mapping[str, frozenset[Role]] = {
     _grants + "ListGrants": everyone,
     _grants + "GetFutureBalance": everyone,
     _grants + "RunExpiration": _staff,
+    _reports + "ListUsage": everyone,
+    _reports + "GetOutstanding": _staff,
+    _reports + "GetPastBalance": everyone,
 }
 
 # Who may read the audit trail of access in the event stream (keys made and revoked,
@@ -126,6 +130,8 @@ scoped_to_own: Mapping[str, str] = {
     _events + "WatchEvents": "events of own wallets (the owner scope is forced)",
     _grants + "ListGrants": "own wallets",
     _grants + "GetFutureBalance": "own wallets",
+    _reports + "ListUsage": "usage of own wallets (the owner filter is forced)",
+    _reports + "GetPastBalance": "own wallets",
 }
 
 

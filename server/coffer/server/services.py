@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +30,7 @@ from coffer.v1 import (
     events_pb2,
     grants_pb2,
     holds_pb2,
+    reports_pb2,
     transfers_pb2,
     units_pb2,
     wallets_pb2,
@@ -45,6 +47,7 @@ __all__ = [
     "EventService",
     "GrantService",
     "HoldService",
+    "ReportService",
     "TransferService",
     "UnitService",
     "WalletService",
@@ -587,6 +590,64 @@ class EventService:
                 self._watching[scope] = left
             else:
                 del self._watching[scope]
+
+
+@translate_errors(_described(reports_pb2, "ReportService"))
+class ReportService:
+    """Merchants and customers read the usage of their own wallets alone (the owner filter is
+    theirs, whatever they ask), and the past balances of their own wallets; the outstanding
+    overview is not theirs (`roles`)."""
+
+    def __init__(self, ledger: Ledger, gate: Gate) -> None:
+        self._ledger = ledger
+        self.gate = gate
+
+    async def ListUsage(
+        self, request: reports_pb2.ListUsageRequest, context: _Context, principal: Principal
+    ) -> reports_pb2.ListUsageResponse:
+        where = convert.usage_filter(request.filter)
+        owner = principal.owner
+        if owner is not None:
+            # A merchant or customer reads the usage of its own wallets: of another owner's,
+            # it reads none.
+            if where.owner_id not in (None, owner.id):
+                return reports_pb2.ListUsageResponse()
+            where = replace(where, owner_id=owner.id, owner_kind=owner.kind)
+        scope = convert.page_scope("usage", where)
+        page = await self._ledger.list_usage(
+            where,
+            page_size=convert.page_size(request.page_size),
+            before_id=convert.cursor(request.page_token, scope),
+        )
+        scales = await self._ledger.unit_scales({entry.transfer.unit for entry in page.items})
+        return reports_pb2.ListUsageResponse(
+            entries=[convert.usage_entry_pb(entry, scales) for entry in page.items],
+            next_page_token=convert.page_token(page.cursor, scope),
+        )
+
+    async def GetOutstanding(
+        self, request: reports_pb2.GetOutstandingRequest, context: _Context, principal: Principal
+    ) -> reports_pb2.GetOutstandingResponse:
+        model.check_unit_code("unit", request.unit)
+        scope = convert.page_scope("outstanding", request.unit, request.expiring_within_days)
+        page = await self._ledger.outstanding(
+            request.unit,
+            expiring_within_days=request.expiring_within_days,
+            page_size=convert.page_size(request.page_size),
+            after_id=convert.cursor(request.page_token, scope) or 0,
+        )
+        scales = await self._ledger.unit_scales((page.unit,))
+        return convert.outstanding_pb(page, scales, convert.page_token(page.cursor, scope))
+
+    async def GetPastBalance(
+        self, request: reports_pb2.GetPastBalanceRequest, context: _Context, principal: Principal
+    ) -> reports_pb2.GetPastBalanceResponse:
+        asked = convert.past_balance_request(request)
+        if not await _owns_any(self._ledger, principal, (asked.wallet_id,)):
+            raise errors.WalletNotFound(f"wallet {asked.wallet_id} does not exist")
+        balance = await self._ledger.past_balance(asked.wallet_id, asked.at)
+        scales = await self._ledger.unit_scales((balance.unit,))
+        return convert.past_balance_pb(balance, scales)
 
 
 def _hidden_event_types(principal: Principal) -> frozenset[model.EventType]:

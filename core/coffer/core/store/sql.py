@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..model import TransferFilter
+from ..model import TransferFilter, UsageFilter
 
 __all__ = [
     "analyze_transfers",
@@ -47,37 +47,49 @@ __all__ = [
     "refusal_columns",
     "refusals_table",
     "select_allocations",
+    "select_allocations_drawn",
     "select_batch_grants",
     "select_commits",
     "select_event_bounds",
     "select_event_transfers",
     "select_expired_grants",
     "select_grants_at",
+    "select_history_moves",
     "select_hold_resolutions",
+    "select_hold_terms",
     "select_holds",
+    "select_holds_open_at",
     "select_keys_taken",
     "select_lapsed_holds",
     "select_oldest_commits",
     "select_one",
     "select_operation_transfers",
+    "select_outstanding_totals",
+    "select_outstanding_wallets",
     "select_owner_wallets",
+    "select_owner_wallets_of_unit",
     "select_referenced_grants",
     "select_referenced_transfers",
     "select_stored_keys",
     "select_system_wallets",
     "select_transfer",
     "select_transfer_allocations",
+    "select_transfers_after",
+    "select_transfers_by_id",
     "select_transfers_page",
     "select_unit",
     "select_unit_exists",
     "select_unit_scales",
     "select_unit_validities",
     "select_units",
+    "select_usage_scan",
+    "select_usage_wallet",
     "select_voiding_transfers",
     "select_wallet",
     "select_wallet_by_key",
     "select_wallet_grants",
     "select_wallet_owners",
+    "select_wallet_posted",
     "select_wallet_states",
     "select_wallet_units",
     "select_wallets",
@@ -509,6 +521,180 @@ def select_transfers_page(
     else:
         where_clause = " and ".join(conditions) or "true"
         query = f"{_select_transfers} where {where_clause} order by t.id desc limit {limit}"
+    return query, arguments
+
+
+# Reports (coffer.core.store.reports) ------------------------------------------------------------
+
+# The wallet's posting transfers (kinds $4) from id $3 on, as the wallet saw them (+ in, - out):
+# those above id $2 summed into one row (id null), the others one row each. Two index range
+# scans, one per side (transfers_target, transfers_source).
+select_history_moves = """
+    with moved as (
+        select id, amount as signed from transfers
+        where target_wallet_id = $1 and id >= $3 and kind = any($4::smallint[])
+        union all
+        select id, -amount from transfers
+        where source_wallet_id = $1 and id >= $3 and kind = any($4::smallint[])
+    )
+    select null::bigint as id, coalesce(sum(signed), 0)::bigint as signed
+    from moved where id > $2
+    union all
+    select id, signed from moved where id <= $2
+"""
+
+# A wallet's posted balance as stored, and its unit.
+select_wallet_posted = "select unit, posted from wallets where id = $1"
+
+# The transfers of wallet $1 stamped after $2, on each side: those above the last id of that
+# side stamped at or before $3 (the instant less `model.stamp_lag_s_max`), which bounds the
+# walk back. Each side is one index range scan backward from its newest transfer
+# (transfers_source, transfers_target) down to that id, and one forward up from it.
+select_transfers_after = """
+    select t.id, t.kind, t.source_wallet_id, t.target_wallet_id, t.amount, t.hold_id
+    from transfers t
+    where t.source_wallet_id = $1 and t.created_at > $2
+      and t.id > coalesce((select max(b.id) from transfers b
+                           where b.source_wallet_id = $1 and b.created_at <= $3), 0)
+    union all
+    select t.id, t.kind, t.source_wallet_id, t.target_wallet_id, t.amount, t.hold_id
+    from transfers t
+    where t.target_wallet_id = $1 and t.created_at > $2
+      and t.id > coalesce((select max(b.id) from transfers b
+                           where b.target_wallet_id = $1 and b.created_at <= $3), 0)
+"""
+
+# The holds of wallet $1 open now that were placed by $2 and lapse after it: they held then.
+select_holds_open_at = """
+    select h.transfer_id as id, h.amount
+    from pending_holds h
+    join transfers t on t.id = h.transfer_id
+    where h.source_wallet_id = $1 and h.expires_at > $2 and t.created_at <= $2
+"""
+
+# The holds in $1 (hold transfers of kind $2) with their terms.
+select_hold_terms = """
+    select id, amount, created_at, hold_expires_at from transfers
+    where id = any($1::bigint[]) and kind = $2
+"""
+
+# The customers' and merchants' wallets ($2) of unit $1 with something posted, after id $3, at
+# most $5, each with its balance at $4 and what its grants have left that expires by $6.
+select_outstanding_wallets = f"""
+    select {_wallet_columns("$4")},
+        case when tracked = 0 then 0 else coalesce(
+            (select sum(g.remaining) from grants g
+             where g.wallet_id = wallets.id and g.remaining > 0 and g.expires_at <= $6), 0)
+        end::bigint as expiring
+    from wallets
+    where unit = $1 and owner_kind = any($2::smallint[]) and posted > 0 and id > $3
+    order by id
+    limit $5
+"""
+
+# The totals of those wallets, all of them.
+select_outstanding_totals = """
+    select count(*) as wallets, coalesce(sum(posted), 0) as outstanding,
+        coalesce(sum(case when tracked = 0 then 0 else
+            (select sum(g.remaining) from grants g
+             where g.wallet_id = wallets.id and g.remaining > 0 and g.expires_at <= $3)
+        end), 0) as expiring
+    from wallets
+    where unit = $1 and owner_kind = any($2::smallint[]) and posted > 0
+"""
+
+# The wallets of owner $1, of the kinds $2, of unit $3 (null: any), by id.
+select_owner_wallets_of_unit = """
+    select id from wallets
+    where owner_id = $1 and owner_kind = any($2::smallint[]) and ($3::text is null or unit = $3)
+    order by id
+"""
+
+# Wallet $1, if it is of unit $2 (null: any).
+select_usage_wallet = "select id from wallets where id = $1 and ($2::text is null or unit = $2)"
+
+# The allocations of the transfers in $1, each with its grant's terms and, if the grant was
+# voided (taken back by the void of the transfer that made it), that void.
+select_allocations_drawn = """
+    select a.transfer_id, a.grant_id, a.wallet_id, a.amount, g.valid_from, g.expires_at,
+           case when g.voided then
+               (select v.id from transfers v where v.voids_transfer_id = g.transfer_id)
+           end as voided_by
+    from allocations a
+    join grants g on g.id = a.grant_id
+    where a.transfer_id = any($1::bigint[])
+"""
+
+select_transfers_by_id = f"{_select_transfers} where t.id = any($1::bigint[]) order by t.id desc"
+
+
+def select_usage_scan(
+    where: UsageFilter,
+    wallet_ids: list[int] | None,
+    kinds: list[int],
+    before_id: int | None,
+    scanned_max: int,
+    rows_max: int,
+) -> tuple[str, list[Any]]:
+    """The scan of one page of the usage register: the statement and its arguments. It looks
+    at the transfers newest first, at most `scanned_max` (per wallet, with `wallet_ids`),
+    below `before_id`, along one index range: the source's (transfers_source), for each
+    wallet of `wallet_ids`; else the reference's (transfers_reference) when the filter names
+    one; else the primary key. Each row it returns is a transfer that matched (the filter and
+    the `kinds`), or the last one looked at (`last_scanned`), with its wallet (0 without
+    `wallet_ids`); at most `rows_max` a wallet."""
+    arguments: list[Any] = []
+
+    def argument(value: Any, cast: str) -> str:
+        arguments.append(value)
+        return f"${len(arguments)}::{cast}"
+
+    matched = [f"t.kind = any({argument(kinds, 'smallint[]')})"]
+    if where.start is not None:
+        matched.append(f"t.created_at >= {argument(where.start, 'timestamptz')}")
+    if where.end is not None:
+        matched.append(f"t.created_at < {argument(where.end, 'timestamptz')}")
+    if where.performed_by is not None:
+        matched.append(f"t.performed_by = {argument(where.performed_by, 'text')}")
+    ranges = []
+    if before_id is not None:
+        ranges.append(f"t.id < {argument(before_id, 'bigint')}")
+    if wallet_ids is not None:
+        # The unit is the wallets' own: the caller picked those of the unit.
+        ranges.append("t.source_wallet_id = o.wallet_id")
+        if where.reference is not None:
+            matched.append(f"t.reference = {argument(where.reference, 'text')}")
+    else:
+        if where.reference is not None:
+            ranges.append(f"t.reference = {argument(where.reference, 'text')}")
+        if where.unit is not None:
+            matched.append(
+                "exists (select from wallets w where w.id = t.source_wallet_id"
+                f" and w.unit = {argument(where.unit, 'text')})"
+            )
+    scanned = argument(scanned_max, "bigint")
+    page = f"""
+        select s.id, s.matched, s.position = {scanned} as last_scanned
+        from (
+            select t.id, ({" and ".join(matched)}) as matched,
+                   row_number() over (order by t.id desc) as position
+            from transfers t
+            where {" and ".join(ranges) or "true"}
+            order by t.id desc
+            limit {scanned}
+        ) s
+        where s.matched or s.position = {scanned}
+        order by s.id desc
+        limit {argument(rows_max, "bigint")}
+    """
+    if wallet_ids is None:
+        return f"select 0::bigint as wallet_id, p.* from ({page}) p", arguments
+    wallets = argument(wallet_ids, "bigint[]")
+    query = f"""
+        select o.wallet_id, p.*
+        from unnest({wallets}) as o (wallet_id)
+        cross join lateral ({page}) p
+    """
     return query, arguments
 
 
