@@ -101,3 +101,44 @@ async def test_the_readmes_python_example(server: Server) -> None:
         ["TRANSFER_KIND_DEBIT", "15.00", "EUR"],
         ["TRANSFER_KIND_CREDIT", "15.00", "EUR"],
     ]
+
+
+async def test_the_stories_of_credits_that_expire(server: Server) -> None:
+    """The four stories of credits that expire, as the example tells them (twice: a second
+    run finds the units made)."""
+    target = f"127.0.0.1:{server.port}"
+    for _ in range(2):
+        exit_code, out, err = await run_beside(
+            sys.executable,
+            "-m",
+            "coffer.clients.examples.credits",
+            "--target",
+            target,
+            timeout_s=example_timeout_s,
+        )
+        assert exit_code == 0 and err == "", err
+        venue, coach, overview, booking, loyalty = out.splitlines()
+        assert re.fullmatch(
+            r"venue: 8 seats left \(8 seat left of 10 seat until \d{4}-\d\d-\d\d\); "
+            r"after the season: 0",
+            venue,
+        ), venue
+        assert re.fullmatch(
+            r"coach: 4\.50 session left \(4\.50 session left of 5\.00 session until "
+            r"\d{4}-\d\d-\d\d\); used 0\.50 session by coach Bo: half a session: warm-up",
+            coach,
+        ), coach
+        assert overview.endswith(
+            "outstanding 4.50 session for "
+            + overview.split(" for ")[1].split(",")[0]
+            + ", expiring within 31 days 0.00 session"
+        ), overview
+        assert re.fullmatch(
+            r"booking: paid 15\.00 EUR, 15\.00 EUR of it from the goodwill; 5\.00 EUR left of "
+            r"20\.00 EUR until \d{4}-\d\d-\d\d",
+            booking,
+        ), booking
+        assert re.fullmatch(
+            r"loyalty: the month ended, the run expired [1-9]\d* grant\(s\); 0 points left",
+            loyalty,
+        ), loyalty
