@@ -24,6 +24,7 @@ from coffer.clients.caller import caller_length_max, caller_metadata_key
 from coffer.server.app import Server, services_described
 from coffer.v1 import (
     grants_pb2,
+    reports_pb2,
     transfers_pb2,
     types_pb2,
     units_pb2,
@@ -245,7 +246,20 @@ async def page(
     request.page_size = size
     request.page_token = token
     response = await call(channel, method, request)
-    return [item.id for item in getattr(response, items_field(method))], response.next_page_token
+    return [
+        _item_id(item) for item in getattr(response, items_field(method))
+    ], response.next_page_token
+
+
+def _item_id(item: Message) -> int:
+    """An item's id: its own, its transfer's (a usage entry), or its wallet's (an
+    outstanding wallet)."""
+    for name in ("id", "wallet_id"):
+        if name in item.DESCRIPTOR.fields_by_name:
+            value: int = getattr(item, name)
+            return value
+    transfer: int = item.transfer.id  # type: ignore[attr-defined]
+    return transfer
 
 
 async def page_through(
@@ -306,7 +320,42 @@ async def filters_of_each_list(channel: grpc.aio.Channel) -> dict[str, tuple[Mes
                     expires_at=expires_at,
                 ),
             )
+    # Two more owners, funded without terms: four wallets hold something (the outstanding
+    # overview); four debits of one of them, made at one till (the usage register).
+    for owner in ("cy", "dee"):
+        created = await call(
+            channel,
+            wallets,
+            wallets_pb2.CreateWalletRequest(
+                idempotency_key=key(),
+                owner_id=owner,
+                owner_kind=types_pb2.OWNER_KIND_CUSTOMER,
+                unit="EUR",
+            ),
+        )
+        ids[owner] = created.wallet.id
+        await call(
+            channel,
+            credit,
+            transfers_pb2.CreditRequest(idempotency_key=key(), wallet_id=ids[owner], amount=100),
+        )
+    for _ in range(4):
+        await call(
+            channel,
+            rpc("TransferService", "Debit"),
+            transfers_pb2.DebitRequest(
+                idempotency_key=key(), wallet_id=ids["cy"], amount=1, performed_by="till-1"
+            ),
+        )
     return {
+        "coffer.v1.ReportService.ListUsage": (
+            reports_pb2.ListUsageRequest(filter=reports_pb2.UsageFilter(performed_by="till-1")),
+            reports_pb2.ListUsageRequest(filter=reports_pb2.UsageFilter(performed_by="till-2")),
+        ),
+        "coffer.v1.ReportService.GetOutstanding": (
+            reports_pb2.GetOutstandingRequest(unit="EUR", expiring_within_days=30),
+            reports_pb2.GetOutstandingRequest(unit="EUR", expiring_within_days=7),
+        ),
         "coffer.v1.WalletService.ListWallets": (
             wallets_pb2.ListWalletsRequest(owner_id="ada"),
             wallets_pb2.ListWalletsRequest(owner_id="bo"),
