@@ -492,6 +492,13 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         ["deposit", "7", "5", "--source", "x", "--valid-from", "2030-01-01"],
         ["void", "7", "--expires-at", "soon"],
         ["balance", "7", "--at", "2030-01-01"],
+        # Times whose UTC falls outside the years 1 to 9999, and an expiry past 9999.
+        ["balance", "7", "--at", "0001-01-01T00:30:00+01:00"],
+        ["credit", "7", "5", "--expires-at", "9999-12-31T23:30:00-01:00"],
+        ["usage", "--since", "0001-01-01T00:30:00+01:00"],
+        ["credit", "7", "5", "--valid-from", "9999-12-01T00:00:00Z", "--expires-in-days", "100"],
+        ["deposit", "7", "5", "--source", "x", "--valid-from", "9999-12-01T00:00:00Z",
+         "--expires-in-days", "100"],
         ["grants", "0"],
         ["grants", "7", "--limit", "0"],
         ["balance", "7", "--deadline", "0"],
