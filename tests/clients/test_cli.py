@@ -492,6 +492,13 @@ def test_usage(capsys: pytest.CaptureFixture[str]) -> None:
         ["deposit", "7", "5", "--source", "x", "--valid-from", "2030-01-01"],
         ["void", "7", "--expires-at", "soon"],
         ["balance", "7", "--at", "2030-01-01"],
+        # Times whose UTC falls outside the years 1 to 9999, and an expiry past 9999.
+        ["balance", "7", "--at", "0001-01-01T00:30:00+01:00"],
+        ["credit", "7", "5", "--expires-at", "9999-12-31T23:30:00-01:00"],
+        ["usage", "--since", "0001-01-01T00:30:00+01:00"],
+        ["credit", "7", "5", "--valid-from", "9999-12-01T00:00:00Z", "--expires-in-days", "100"],
+        ["deposit", "7", "5", "--source", "x", "--valid-from", "9999-12-01T00:00:00Z",
+         "--expires-in-days", "100"],
         ["grants", "0"],
         ["grants", "7", "--limit", "0"],
         ["balance", "7", "--deadline", "0"],
@@ -799,9 +806,8 @@ async def test_the_reports(cli: Cli) -> None:
     )
     shown = await cli.json("balance", str(ann), "--at", credited_at)
     assert (shown["posted"], shown["pending"], shown["time"]) == ("10", "0", credited_at)
-    # A time to come is the future balance.
+    # A time to come is the future balance: the seats (valid 30 days) are gone by then.
     (line,) = await cli.ok("balance", str(ann), "--at", "2999-01-01T00:00:00Z")
-    # By then its seats have expired (the unit's validity, 30 days).
     assert line.startswith(f"wallet {ann}  seat  posted 0  pending 0") and "at 2999-01-01" in line
     refused = await cli("balance", str(ann), "--at", "yesterday")
     assert refused.exit_code == 2

@@ -44,6 +44,7 @@ from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
 day = timedelta(days=1)
+hour = timedelta(hours=1)
 
 
 def key() -> str:
@@ -321,6 +322,35 @@ async def test_a_lapsed_hold_returns_to_its_grants(ledger: Ledger) -> None:
     await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=9))
     [grant] = await grants(ledger, ann.id)
     assert grant.remaining == 1
+    await books(ledger)
+
+
+async def test_a_lapsed_hold_from_an_expired_grant_leaves_nothing_available(
+    ledger: Ledger,
+) -> None:
+    """A hold reserves all of a grant; the grant expires, then the hold lapses, and no batch
+    has released it yet. What it reserved is the grant's again, past its expiry: the next
+    batch on the wallet finds nothing to spend. Every read says so: unspendable now, not
+    available; gone at a time to come."""
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, 2 * hour)
+    await one(ledger, PlaceHold(idempotency_key=key(), wallet_id=ann.id, amount=10, timeout_s=3600))
+    clock(ledger).shift = 3 * hour
+    balance = (await ledger.get_wallet(ann.id)).balance
+    future = await ledger.balance_at(ann.id, clock(ledger)() + day)
+    [listed] = [
+        each for each in (await ledger.outstanding("seat")).wallets if each.wallet_id == ann.id
+    ]
+    with pytest.raises(errors.InsufficientFunds):
+        await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=1))
+    # As the debit's batch found it (it released the hold into the grant past its expiry).
+    released = (await ledger.get_wallet(ann.id)).balance
+    assert (released.posted, released.pending, released.available) == (10, 0, 0)
+    assert (balance.posted, balance.pending, balance.available) == (10, 0, 0)
+    assert balance.unspendable == 10
+    # Past its expiry and not yet expired by a run: expiring, as the grant's remainder is.
+    assert (listed.balance.available, listed.expiring) == (0, 10)
+    assert (future.posted, future.available) == (0, 0)
     await books(ledger)
 
 

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 for line in output.render():
                     print(line)
             return output.exit_code
+    except _BadUsage as error:
+        print(f"error: {error}", file=sys.stderr)
+        return exit_usage
     except (errors.Unavailable, errors.DeadlineExceeded) as error:
         print(f"error: {error}", file=sys.stderr)
         return exit_unreachable
@@ -148,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_refused
     except KeyboardInterrupt:
         return 130
+
+
+class _BadUsage(Exception):
+    """Options that parse one by one but not together: exit 2, nothing sent."""
 
 
 # The parser.
@@ -501,6 +508,10 @@ def moment(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     if moment.tzinfo is None:
         raise argparse.ArgumentTypeError(f"say the time zone, e.g. {text}Z")
+    try:
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"not in the years 1 to 9999 in UTC: {text}") from None
     return moment
 
 
@@ -964,7 +975,10 @@ def _expires_at(arguments: argparse.Namespace) -> datetime | None:
         expires_at: datetime | None = arguments.expires_at
         return expires_at
     start = arguments.valid_from or datetime.now(UTC)
-    return start + timedelta(days=arguments.expires_in_days)
+    try:
+        return start + timedelta(days=arguments.expires_in_days)
+    except OverflowError:
+        raise _BadUsage("--expires-in-days: the expiry would fall after the year 9999") from None
 
 
 def _credit(client: SyncClient, arguments: argparse.Namespace) -> _Output:

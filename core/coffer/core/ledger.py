@@ -533,7 +533,7 @@ class Ledger:
             connection.transaction(isolation="repeatable_read", readonly=True),
         ):
             wallet = await catalog.get_wallet(connection, wallet_id, now)
-            return await grants.balance_at(connection, wallet_id, wallet.balance, at)
+            return await grants.balance_at(connection, wallet_id, wallet.balance, at, now)
 
     # Reports -----------------------------------------------------------------------------------
 

@@ -58,12 +58,13 @@ async def list_grants(
 
 
 async def balance_at(
-    connection: asyncpg.Connection, wallet_id: int, balance: Balance, at: datetime
+    connection: asyncpg.Connection, wallet_id: int, balance: Balance, at: datetime, now: datetime
 ) -> Balance:
     """A wallet's balance at a future time, if nothing more moves: its grants that expire by
     then are gone (as an expiration run would take them), those valid by then have started.
-    Its holds are as now."""
-    row = await connection.fetchrow(sql.select_grants_at, wallet_id, at)
+    Its holds are as now (`balance`, read at `now`): those lapsed by now hold nothing, and
+    what they reserved is their grants' again."""
+    row = await connection.fetchrow(sql.select_grants_at, wallet_id, at, now)
     assert row is not None
     return Balance(
         posted=balance.posted - row["expiring"],

@@ -308,7 +308,7 @@ async def outstanding(
         totals = None
         if not after_id:
             row = await connection.fetchrow(
-                sql.select_outstanding_totals, unit, _user_kinds, horizon
+                sql.select_outstanding_totals, unit, _user_kinds, horizon, now
             )
             assert row is not None
             totals = OutstandingTotals(

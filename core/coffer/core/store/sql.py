@@ -128,17 +128,37 @@ select_unit_validities = "select code, default_validity from units where code = 
 # Wallets ---------------------------------------------------------------------------------------
 
 
+def _unspendable(now: str) -> str:
+    """Whether grant `g` cannot be spent at `now` (`model.grant_spendable`, negated)."""
+    return f"(g.valid_from > {now}::timestamptz or g.expires_at <= {now}::timestamptz)"
+
+
+def _lapsed_reserved(wallet_id: str, now: str, grants_where: str) -> str:
+    """What the holds of wallet `wallet_id` lapsed by `now` reserved from its grants that
+    match `grants_where` (on `g`), but those voided since. A lapsed hold holds nothing, and
+    the batch that releases it returns those reservations to their grants (`rules._unhold`):
+    reads count them as their grants' already, as that batch will find them."""
+    return f"""coalesce(
+        (select -sum(a.amount) from pending_holds h
+         join allocations a on a.transfer_id = h.transfer_id
+         join grants g on g.id = a.grant_id
+         where h.source_wallet_id = {wallet_id} and h.expires_at <= {now}::timestamptz
+           and a.amount < 0 and not g.voided and {grants_where}), 0)"""
+
+
 def _wallet_columns(now: str) -> str:
     """A wallet's columns, its pending balance less what its holds lapsed by `now` (the
-    statement's parameter holding the ledger's clock) still count."""
+    statement's parameter holding the ledger's clock) still count; unspendable, what its
+    grants hold (with what its lapsed holds reserved from them) that cannot be spent then."""
     return f"""
     id, owner_id, owner_kind, unit, status, balance_minimum, posted, metadata, created_at,
     low_balance_threshold, top_up_to,
-    case when tracked = 0 then 0 else coalesce(
+    (case when tracked = 0 then 0 else coalesce(
         (select sum(g.remaining) from grants g
-         where g.wallet_id = wallets.id and g.remaining > 0
-           and (g.valid_from > {now}::timestamptz or g.expires_at <= {now}::timestamptz)), 0
-    ) end::bigint as unspendable,
+         where g.wallet_id = wallets.id and g.remaining > 0 and {_unspendable(now)}), 0
+    ) end
+    + case when pending = 0 then 0
+      else {_lapsed_reserved("wallets.id", now, _unspendable(now))} end)::bigint as unspendable,
     pending - case when pending = 0 then 0 else coalesce(
         (select sum(h.amount) from pending_holds h
          where h.source_wallet_id = wallets.id and h.expires_at <= {now}::timestamptz), 0
@@ -428,10 +448,11 @@ select_wallet_grants = f"""
     limit $4
 """
 
-# What a wallet's grants ($1) with something left hold at $2: what expires by then, and what
-# is not valid yet.
-select_grants_at = """
-    select coalesce(sum(remaining) filter (where expires_at <= $2), 0)::bigint as expiring,
+# What a wallet's grants ($1) with something left hold at $2: what expires by then (with what
+# the wallet's holds lapsed by now, $3, reserved from them), and what is not valid yet.
+select_grants_at = f"""
+    select (coalesce(sum(remaining) filter (where expires_at <= $2), 0)
+            + {_lapsed_reserved("$1", "$3", "g.expires_at <= $2")})::bigint as expiring,
            coalesce(sum(remaining) filter (where valid_from > $2
                                            and (expires_at is null or expires_at > $2)), 0
            )::bigint as not_yet_valid
@@ -578,27 +599,33 @@ select_hold_terms = """
     where id = any($1::bigint[]) and kind = $2
 """
 
+
+def _expiring(now: str, horizon: str) -> str:
+    """What a wallet's grants have left that expires by `horizon`, with what its holds lapsed
+    by `now` reserved from them."""
+    return f"""(case when tracked = 0 then 0 else coalesce(
+            (select sum(g.remaining) from grants g
+             where g.wallet_id = wallets.id and g.remaining > 0
+               and g.expires_at <= {horizon}), 0) end
+        + case when pending = 0 then 0
+          else {_lapsed_reserved("wallets.id", now, f"g.expires_at <= {horizon}")} end)"""
+
+
 # The customers' and merchants' wallets ($2) of unit $1 with something posted, after id $3, at
 # most $5, each with its balance at $4 and what its grants have left that expires by $6.
 select_outstanding_wallets = f"""
     select {_wallet_columns("$4")},
-        case when tracked = 0 then 0 else coalesce(
-            (select sum(g.remaining) from grants g
-             where g.wallet_id = wallets.id and g.remaining > 0 and g.expires_at <= $6), 0)
-        end::bigint as expiring
+        {_expiring("$4", "$6")}::bigint as expiring
     from wallets
     where unit = $1 and owner_kind = any($2::smallint[]) and posted > 0 and id > $3
     order by id
     limit $5
 """
 
-# The totals of those wallets, all of them.
-select_outstanding_totals = """
+# The totals of those wallets, all of them (at $4).
+select_outstanding_totals = f"""
     select count(*) as wallets, coalesce(sum(posted), 0) as outstanding,
-        coalesce(sum(case when tracked = 0 then 0 else
-            (select sum(g.remaining) from grants g
-             where g.wallet_id = wallets.id and g.remaining > 0 and g.expires_at <= $3)
-        end), 0) as expiring
+        coalesce(sum({_expiring("$4", "$3")}), 0) as expiring
     from wallets
     where unit = $1 and owner_kind = any($2::smallint[]) and posted > 0
 """
