@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 
 from coffer.core import errors
+from coffer.core import ledger as ledger_module
 from coffer.core.audit import check_books
 from coffer.core.ledger import Ledger
 from coffer.core.model import (
@@ -40,6 +41,7 @@ from coffer.core.model import (
     Wallet,
     WalletTransfer,
 )
+from coffer.core.store import reports as reports_module
 from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
@@ -555,3 +557,40 @@ async def test_random_work_keeps_the_books(ledger: Ledger, seed: int) -> None:
             expired = await expirations(ledger)
             transfers.extend(each.id for each in expired)
         await books(ledger)
+
+
+async def test_one_run_makes_a_bounded_number_of_batches(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog longer than one run's batches is the next run's."""
+    ann = await wallet(ledger)
+    for _ in range(3):
+        await credit(ledger, ann.id, 1, day)
+    clock(ledger).shift = 2 * day
+    monkeypatch.setattr(ledger_module, "expiration_run_batches_max", 2)
+    assert await ledger.expire_grants(batch_max=1) == 2
+    assert await ledger.expire_grants(batch_max=1) == 1
+    assert await ledger.expire_grants(batch_max=1) == 0
+
+
+async def test_a_deep_history_page_carries_no_balance_after(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a bound of newer transfers, the balance after an entry is left unset (working it
+    out would read them all); the signed amount stays."""
+    ann = await wallet(ledger)
+    for amount in (1, 2, 3, 4, 5):
+        await credit(ledger, ann.id, amount)
+    monkeypatch.setattr(reports_module, "history_balances_scanned_max", 1)
+    where = TransferFilter(wallet_id=ann.id)
+    first = await ledger.list_transfers(where, page_size=2)
+    assert [(each.balance_after, each.signed_amount) for each in first.items] == [
+        (15, 5),
+        (10, 4),
+    ]
+    assert first.cursor is not None
+    deep = await ledger.list_transfers(where, page_size=2, before_id=first.items[-1].id)
+    assert [(each.balance_after, each.signed_amount) for each in deep.items] == [
+        (None, 3),
+        (None, 2),
+    ]

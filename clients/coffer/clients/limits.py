@@ -20,8 +20,10 @@ __all__ = [
     "events_watchers_max_default",
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
+    "expiration_run_batches_max",
     "expiration_runs_grants_max",
     "expiring_within_days_max",
+    "history_balances_scanned_max",
     "hold_timeout_s_default",
     "hold_timeout_s_max",
     "hold_timeout_s_min",
@@ -84,7 +86,9 @@ events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
 expiration_runs_grants_max = 1000
+expiration_run_batches_max = 100
 usage_scanned_max = 10_000
+history_balances_scanned_max = 10_000
 expiring_within_days_max = 36_500
 posting_kinds = frozenset({1, 2, 3, 4, 5, 6, 8, 11, 12})
 usage_kinds = frozenset({2, 6, 8})

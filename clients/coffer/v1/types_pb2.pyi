@@ -545,9 +545,9 @@ class Transfer(_message.Message):
     10^-unit_scale (2599 at scale 2 is 25.99); 0 to 18.
     """
     balance_after: _builtins.int
-    """Set only in ListTransfers filtered by a wallet: that wallet's posted balance right after
-    this transfer. Computed when read: the wallet's posted balance now, less what its later
-    transfers moved. The order is the journal's (ids), which for one wallet is the order its
+    """Set only in ListTransfers filtered by a wallet, when that wallet has at most 10,000
+    transfers newer than the page: that wallet's posted balance right after this transfer.
+    Computed when read: the wallet's posted balance now, less what its later transfers moved. The order is the journal's (ids), which for one wallet is the order its
     changes committed in, except when two batches touching it committed in the order
     opposite to the ids they drew; the balance after the newest entry is always the wallet's.
     """

@@ -79,6 +79,7 @@ from .model import (
     batch_operations_max,
     check_balance_alert,
     events_watchers_max_default,
+    expiration_run_batches_max,
     expiration_runs_grants_max,
     expiring_within_days_max,
     page_size_default,
@@ -334,10 +335,11 @@ class Ledger:
         expired-credits wallet, in batches of at most `batch_max` grants, each one batch
         through the rules (which lock each grant's wallet, so that nothing is both spent and
         expired, and find nothing left of a grant another run expired first); returns how many
-        grants it expired. Safe to run at once from several servers: two runs that pick the
-        same grant expire it under one key (`grant_expiry_key`)."""
+        grants it expired. At most `expiration_run_batches_max` batches: a longer backlog is the
+        next run's. Safe to run at once from several servers: two runs that pick the same grant
+        expire it under one key (`grant_expiry_key`)."""
         total = 0
-        while True:
+        for _ in range(expiration_run_batches_max):
             now = self._now()
             async with self._connection() as connection:
                 expirations, units = await grants.expired(connection, now, batch_max)
@@ -354,6 +356,7 @@ class Ledger:
             # the next one finds what is left.
             if len(expirations) < batch_max or not done:
                 return total
+        return total
 
     async def announce_expiring_grants(
         self, notice: timedelta, *, batch_max: int = expiration_runs_grants_max
@@ -364,7 +367,7 @@ class Ledger:
         if not self.keep_events:
             return 0
         total = 0
-        while True:
+        for _ in range(expiration_run_batches_max):
             now = self._now()
             async with self._connection(transaction=True) as connection:
                 expiring = await grants.take_expiring(connection, now + notice, batch_max)
@@ -380,6 +383,7 @@ class Ledger:
             total += len(expiring)
             if len(expiring) < batch_max:
                 return total
+        return total
 
     # Events ------------------------------------------------------------------------------------
 

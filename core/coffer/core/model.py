@@ -100,10 +100,12 @@ __all__ = [
     "events_watchers_max_default",
     "events_watchers_max_limit",
     "events_watchers_per_principal_max",
+    "expiration_run_batches_max",
     "expiration_runs_grants_max",
     "expiring_within_days_max",
     "grant_expiry_key",
     "grant_spendable",
+    "history_balances_scanned_max",
     "hold_lapsed",
     "hold_status_resolved_by",
     "hold_timeout_s_default",
@@ -200,12 +202,17 @@ events_watchers_per_principal_max = 16
 events_watchers_max_limit = 10_000
 events_retention_days_default = 30
 events_retention_days_max = 36_500
-# Grants one expiration run expires in one batch (a run goes on batch after batch).
+# Grants one expiration run expires in one batch (a run goes on batch after batch), and the
+# batches one run makes at most (the next run goes on from there).
 expiration_runs_grants_max = 1000
+expiration_run_batches_max = 100
 # Reports (coffer.core.store.reports). The usage register looks at most this many transfers
 # per page (and per wallet of an owner), those it skips included; the next page goes on from
 # there.
 usage_scanned_max = 10_000
+# A wallet's history gives each entry the balance after it when the wallet has at most this
+# many transfers newer than the page (the balance is worked out from now backwards).
+history_balances_scanned_max = 10_000
 # The outstanding overview counts what expires within 0 to this many days from now.
 expiring_within_days_max = 36_500
 # The longest a batch may take from its stamp (the time its transfers carry, taken as it

@@ -96,6 +96,7 @@ from ..model import (
     UsageEntry,
     UsageFilter,
     grant_spendable,
+    history_balances_scanned_max,
     hold_lapsed,
     page_size_max,
     posting_kinds,
@@ -385,9 +386,16 @@ async def balances_after(
 ) -> list[Transfer]:
     """The entries of a page of a wallet's history (newest first), each with the wallet's
     posted balance right after it and its amount signed as the wallet saw it. To be read in the
-    snapshot the page was read in."""
+    snapshot the page was read in. The balance is worked out from now backwards: past
+    `history_balances_scanned_max` transfers of the wallet newer than the page, the entries
+    carry only their signed amounts, so that a page deep in a long history costs no more than
+    the first."""
     if not entries:
         return []
+    if await connection.fetchval(
+        sql.select_history_newer_beyond, wallet_id, entries[0].id, history_balances_scanned_max
+    ):
+        return [replace(entry, signed_amount=_signed(entry, wallet_id)) for entry in entries]
     wallet = await connection.fetchrow(sql.select_wallet_posted, wallet_id)
     assert wallet is not None
     posted = wallet["posted"]

@@ -55,6 +55,7 @@ __all__ = [
     "select_expired_grants",
     "select_grants_at",
     "select_history_moves",
+    "select_history_newer_beyond",
     "select_hold_resolutions",
     "select_hold_terms",
     "select_holds",
@@ -546,6 +547,16 @@ def select_transfers_page(
 
 
 # Reports (coffer.core.store.reports) ------------------------------------------------------------
+
+# Whether the wallet ($1) has more than $3 transfers above id $2: two index range scans, each
+# bounded.
+select_history_newer_beyond = """
+    select (select count(*) from (
+        select 1 from transfers where target_wallet_id = $1 and id > $2 limit $3 + 1
+    ) t) + (select count(*) from (
+        select 1 from transfers where source_wallet_id = $1 and id > $2 limit $3 + 1
+    ) s) > $3
+"""
 
 # The wallet's posting transfers (kinds $4) from id $3 on, as the wallet saw them (+ in, - out):
 # those above id $2 summed into one row (id null), the others one row each. Two index range
