@@ -196,6 +196,8 @@ class Book:
     transfer_allocations: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     # The default validity of each unit that has one.
     validities: Mapping[str, Validity] = field(default_factory=dict)
+    # The state of each grant before the batch first changed it, by id.
+    grants_before: dict[int, tuple[int, datetime | None, int, bool]] = field(default_factory=dict)
     # While a linked chain runs: how to undo what it changed.
     undo: list[tuple[str, object, object]] | None = None
 
@@ -211,11 +213,17 @@ class Book:
         assert wallet.pending >= 0, wallet
         assert balance_min <= wallet.posted <= balance_max, wallet
 
+    def _touch(self, grant: GrantState) -> None:
+        """Before a grant first changes: its state as read (see `grants_before`)."""
+        if grant.id not in self.grants_before:
+            self.grants_before[grant.id] = grant.state()
+
     def change_grant(self, wallet: WalletState, grant: GrantState, change: int) -> None:
         """Adds `change` to what is left of a grant of the wallet."""
         if self.undo is not None:
             self.undo.append(("wallet", wallet, (wallet.posted, wallet.pending, wallet.tracked)))
             self.undo.append(("grant", grant, grant.state()))
+        self._touch(grant)
         grant.remaining += change
         wallet.tracked += change
         assert 0 <= grant.remaining <= grant.amount, grant
@@ -230,12 +238,23 @@ class Book:
     def extend_grant(self, grant: GrantState, expires_at: datetime) -> None:
         if self.undo is not None:
             self.undo.append(("grant", grant, grant.state()))
+        self._touch(grant)
         grant.expires_at = expires_at
 
     def void_grant(self, grant: GrantState) -> None:
         if self.undo is not None:
             self.undo.append(("grant", grant, grant.state()))
+        self._touch(grant)
         grant.voided = True
+
+    def changed_grants(self) -> list[GrantState]:
+        """The grants read (not made by the batch) whose state the batch changed: those to
+        write."""
+        return [
+            grant
+            for grant_id, before in self.grants_before.items()
+            if grant_id > 0 and (grant := self.grants[grant_id]).state() != before
+        ]
 
     def add_grant(
         self,
@@ -1219,7 +1238,19 @@ def _move(
     book.adjust(source, posted=-posting.amount)
     book.adjust(target, posted=posting.amount)
     if drawn or made:
-        posting = replace(posting, allocations=tuple(drawn), new_grants=tuple(made))
+        # Built anew rather than by `replace`, some times quicker.
+        posting = Posting(
+            posting.kind,
+            posting.source_wallet_id,
+            posting.target_wallet_id,
+            posting.amount,
+            posting.amount_requested,
+            posting.voids_transfer_id,
+            posting.hold_id,
+            posting.hold_expires_at,
+            tuple(drawn),
+            tuple(made),
+        )
     return posting
 
 

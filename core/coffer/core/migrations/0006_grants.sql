@@ -36,14 +36,17 @@ create table grants (
     -- Whether the stream has said it expires soon.
     announced boolean not null default false,
     created_at timestamptz not null,
+    -- Whether something is left: what the partial indexes say, so that no index names
+    -- `remaining`, and a draw that leaves something is a HOT update (no index entry written).
+    live boolean generated always as (remaining > 0) stored,
     constraint expires_after_start check (expires_at is null or expires_at > valid_from)
-);
+) with (fillfactor = 70);
 
 create sequence grants_id owned by grants.id;
 
-create index grants_live on grants (wallet_id, id) where remaining > 0;
+create index grants_live on grants (wallet_id, id) where live;
 create index grants_wallet on grants (wallet_id, id);
-create index grants_expiry on grants (expires_at, id) where remaining > 0 and expires_at is not null;
+create index grants_expiry on grants (expires_at, id) where live and expires_at is not null;
 create index grants_transfer on grants (transfer_id);
 
 create table allocations (

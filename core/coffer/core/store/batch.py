@@ -116,7 +116,7 @@ class Batch:
         balances_read = await self._lock_wallets(book, wallet_ids)
         lapsed, hold_created_at = await self._lock_holds(book, referenced, hold_ids)
         await self._load_voids(book, referenced, transfer_ids)
-        grants_read = await self._load_grants(book, referenced, grant_ids)
+        await self._load_grants(book, referenced, grant_ids)
         spendable_read = {
             wallet.id: rules.spendable(wallet, now)
             for wallet in book.wallets.values()
@@ -146,9 +146,7 @@ class Batch:
             after=after,
             spendable_read=spendable_read,
         )
-        written = await write(
-            connection, journal, book, balances_read, grants_read, hold_created_at
-        )
+        written = await write(connection, journal, book, balances_read, hold_created_at)
         results = written.results[len(lapsed) :]
         # Answers for replays and for repeats within the batch.
         if keys.replays:
@@ -215,13 +213,13 @@ class Batch:
         book: rules.Book,
         referenced: Mapping[int, asyncpg.Record],
         grant_ids: set[int],
-    ) -> dict[int, tuple[int, datetime | None, int, bool]]:
+    ) -> None:
         """The grants the batch may change, into the book, under their wallets' locks: those
         with something left of the wallets with grants; those the open holds reserved from
         (with what each hold reserved); and, for the voids, what each voided transfer changed
-        in grants (a capture: with what its hold did) and the grants it made. Returns each
-        grant's remainder, expiry and expired sum as read, so that only those that changed
-        are written."""
+        in grants (a capture: with what its hold did) and the grants it made. (The book keeps
+        the state of each before the batch first changes it: only those that changed are
+        written.)"""
         holds = [hold.id for hold in book.holds.values() if hold.resolution is None]
         voids = list(book.transfers)
         captures = {
@@ -247,7 +245,7 @@ class Batch:
         tracked = [wallet.id for wallet in book.wallets.values() if wallet.tracked]
         named = {grant_id for each in allocated.values() for grant_id, _ in each} | grant_ids
         if not tracked and not named and not voids:
-            return {}
+            return
         made_by = set(voids)
         for row in await self._connection.fetch(
             sql.select_batch_grants, tracked, list(named), voids
@@ -257,7 +255,6 @@ class Batch:
             book.wallets[grant.wallet_id].grants.append(grant)
             if row["transfer_id"] in made_by:
                 book.transfer_grants.setdefault(row["transfer_id"], []).append(grant.id)
-        return {grant.id: grant.state() for grant in book.grants.values()}
 
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:

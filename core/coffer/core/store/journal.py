@@ -131,7 +131,6 @@ async def write(
     journal: Journal,
     book: rules.Book,
     balances_read: Mapping[int, tuple[int, int, int]],
-    grants_read: Mapping[int, tuple[int, datetime | None, int, bool]],
     hold_created_at: Mapping[int, datetime],
 ) -> Written:
     """Writes what validation decided: the transfers not written ahead, the removal of
@@ -197,6 +196,17 @@ async def write(
                         first=first,
                     )
                 )
+            # What it changed in grants, as answered: now, unless it names a grant the batch
+            # made, whose id is given when written (then `_answer_allocations`).
+            answered: tuple[Allocation, ...] = ()
+            if posting.allocations:
+                if all(grant_id > 0 for grant_id, _ in posting.allocations):
+                    answered = tuple(
+                        Allocation(grant_id, change)
+                        for grant_id, change in sorted(posting.allocations)
+                    )
+                else:
+                    allocating[transfer_id] = len(results)
             transfers.append(
                 Transfer(
                     transfer_id,
@@ -215,6 +225,7 @@ async def write(
                     posting.voids_transfer_id,
                     posting.hold_id,
                     posting.hold_expires_at,
+                    allocations=answered,
                 )
             )
             if posting.kind == TransferKind.hold:
@@ -234,7 +245,6 @@ async def write(
                 allocations.extend(
                     (transfer_id, grant_id, change) for grant_id, change in posting.allocations
                 )
-                allocating[transfer_id] = len(results)
             if posting.new_grants:
                 made.extend((transfer_id, grant, operation.caller) for grant in posting.new_grants)
             if after is not None:
@@ -260,7 +270,7 @@ async def write(
     changes: list[Change] = []
     if made or allocations:
         changes, allocated = await _write_grants(
-            connection, book, grants_read, allocations, made, now, keep_events=after is not None
+            connection, book, allocations, made, now, keep_events=after is not None
         )
         _answer_allocations(results, allocating, allocated)
     changed = [
@@ -286,7 +296,6 @@ async def write(
 async def _write_grants(
     connection: asyncpg.Connection,
     book: rules.Book,
-    grants_read: Mapping[int, tuple[int, datetime | None, int, bool]],
     allocations: Sequence[tuple[int, int, int]],
     made: Sequence[tuple[int, rules.GrantState, str]],
     now: datetime,
@@ -314,11 +323,7 @@ async def _write_grants(
             [grant.expires_at for _, grant, _ in made],
             now,
         )
-    touched = [
-        grant
-        for grant_id, grant in book.grants.items()
-        if grant_id > 0 and grant.state() != grants_read[grant_id]
-    ]
+    touched = book.changed_grants()
     if touched:
         await connection.execute(
             sql.update_grants,

@@ -156,7 +156,7 @@ def _wallet_columns(now: str) -> str:
     low_balance_threshold, top_up_to,
     (case when tracked = 0 then 0 else coalesce(
         (select sum(g.remaining) from grants g
-         where g.wallet_id = wallets.id and g.remaining > 0 and {_unspendable(now)}), 0
+         where g.wallet_id = wallets.id and g.live and {_unspendable(now)}), 0
     ) end
     + case when pending = 0 then 0
       else {_lapsed_reserved("wallets.id", now, _unspendable(now))} end)::bigint as unspendable,
@@ -283,7 +283,7 @@ select_batch_grants = """
     select id, wallet_id, transfer_id, amount, remaining, valid_from, expires_at, expired,
            voided
     from grants
-    where (wallet_id = any($1::bigint[]) and remaining > 0)
+    where (wallet_id = any($1::bigint[]) and live)
        or id = any($2::bigint[])
        or transfer_id = any($3::bigint[])
 """
@@ -407,7 +407,7 @@ select_lapsed_holds = """
 # their units.
 select_expired_grants = """
     select g.id, g.expired, w.unit from grants g join wallets w on w.id = g.wallet_id
-    where g.remaining > 0 and g.expires_at <= $1
+    where g.live and g.expires_at <= $1
     order by g.expires_at, g.id
     limit $2
 """
@@ -429,7 +429,7 @@ _grant_columns = """
 announce_expiring_grants = f"""
     with chosen as (
         select id from grants
-        where remaining > 0 and expires_at <= $1 and not announced
+        where live and expires_at <= $1 and not announced
         order by expires_at, id
         limit $2
         for update skip locked
@@ -444,7 +444,7 @@ announce_expiring_grants = f"""
 # A wallet's grants ($1) after id $2, with something left unless $3, at most $4.
 select_wallet_grants = f"""
     select {_grant_columns} from grants g join wallets w on w.id = g.wallet_id
-    where g.wallet_id = $1 and g.id > $2 and ($3 or g.remaining > 0)
+    where g.wallet_id = $1 and g.id > $2 and ($3 or g.live)
     order by g.id
     limit $4
 """
@@ -458,7 +458,7 @@ select_grants_at = f"""
                                            and (expires_at is null or expires_at > $2)), 0
            )::bigint as not_yet_valid
     from grants
-    where wallet_id = $1 and remaining > 0
+    where wallet_id = $1 and live
 """
 
 
@@ -616,7 +616,7 @@ def _expiring(now: str, horizon: str) -> str:
     by `now` reserved from them."""
     return f"""(case when tracked = 0 then 0 else coalesce(
             (select sum(g.remaining) from grants g
-             where g.wallet_id = wallets.id and g.remaining > 0
+             where g.wallet_id = wallets.id and g.live
                and g.expires_at <= {horizon}), 0) end
         + case when pending = 0 then 0
           else {_lapsed_reserved("wallets.id", now, f"g.expires_at <= {horizon}")} end)"""
