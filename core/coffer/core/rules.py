@@ -1232,7 +1232,8 @@ def _move(
     """Moves the posting's amount: drawn from the source's grants, into the target as `parts`
     (with `carry`, as `_carried` says; none: untracked)."""
     drawn = _draw(book, source, posting.amount, now)
-    if carry:
+    if carry and drawn:
+        # (Funds drawn from the untracked balance alone never expire: nothing to carry.)
         parts = _carried(book, drawn, posting.amount, now)
     made = _receive(book, target, parts, now)
     book.adjust(source, posted=-posting.amount)

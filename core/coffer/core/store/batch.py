@@ -192,9 +192,11 @@ class Batch:
         """The default validities of the units of the wallets credits and deposits go into."""
         operations = self._operations
         credited = {
-            units[operation.wallet_id]
+            units[wallet_id]
             for operation in (operations[index] for index in fresh)
-            if isinstance(operation, Credit | Deposit) and operation.wallet_id in units
+            if type(operation) in _credited_kinds
+            for wallet_id in rules.wallets_named(operation)
+            if wallet_id in units
         }
         if not credited:
             return {}
@@ -333,6 +335,10 @@ def expiry(hold_id: int) -> ExpireHold:
     return ExpireHold(
         hold_id=hold_id, idempotency_key=f"hold-expiry:{hold_id}", caller=system_caller
     )
+
+
+# The operations whose grants may take their unit's default validity.
+_credited_kinds: frozenset[type[Operation]] = frozenset({Credit, Deposit})
 
 
 def _named(
