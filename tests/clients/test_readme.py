@@ -1,7 +1,8 @@
 """The README's walkthroughs, run as written: every `$ coffer …` line of its `console` blocks, in
 order, through the real `coffer` program against a server on a fresh database, printing what
-the README shows under it; and likewise its `console grants` blocks (credits that expire), on
-a fresh database of their own. Times (and only times) may differ."""
+the README shows under it; and likewise its `console grants` blocks (credits that expire) and
+its `console reports` blocks, each on a fresh database of their own. Times (and only times)
+may differ."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ async def test_the_walkthrough_of_credits_that_expire_runs_as_written(server: Se
     steps = walkthrough("```console grants")
     assert len(steps) >= 10 and "--validity P6M" in steps[0].command
     assert not any(refused(step) for step in steps)
+    await run(steps, server)
+
+
+async def test_the_walkthrough_of_the_reports_runs_as_written(server: Server) -> None:
+    """Its `console reports` blocks, on a fresh server of their own."""
+    steps = walkthrough("```console reports")
+    commands = [shlex.split(step.command)[1] for step in steps]
+    assert {"usage", "outstanding"} <= set(commands), commands
     await run(steps, server)
 
 

@@ -342,15 +342,18 @@ async def _write_grants(
     for (transfer_id, grant_id), change in rows:
         allocated.setdefault(transfer_id, []).append(Allocation(grant_id, change))
     if rows:
-        await connection.execute(
-            sql.insert_allocations,
-            [transfer_id for (transfer_id, _), _ in rows],
-            [grant_id for (_, grant_id), _ in rows],
-            [
-                book.grants[provisional.get(grant_id, grant_id)].wallet_id
-                for (_, grant_id), _ in rows
+        await connection.copy_records_to_table(
+            sql.allocations_table,
+            records=[
+                (
+                    transfer_id,
+                    grant_id,
+                    book.grants[provisional.get(grant_id, grant_id)].wallet_id,
+                    change,
+                )
+                for (transfer_id, grant_id), change in rows
             ],
-            [change for _, change in rows],
+            columns=sql.allocation_columns,
         )
     if not keep_events:
         return [], allocated

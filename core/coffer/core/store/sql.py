@@ -13,6 +13,8 @@ from typing import Any
 from ..model import TransferFilter, UsageFilter
 
 __all__ = [
+    "allocation_columns",
+    "allocations_table",
     "analyze_transfers",
     "analyze_wallets",
     "announce_expiring_grants",
@@ -30,7 +32,6 @@ __all__ = [
     "delete_commits_through",
     "delete_pending_holds",
     "delete_transfers",
-    "insert_allocations",
     "insert_commit",
     "insert_expired_wallets",
     "insert_grants",
@@ -309,10 +310,9 @@ update_grants = """
     where g.id = v.id
 """
 
-insert_allocations = """
-    insert into allocations (transfer_id, grant_id, wallet_id, amount)
-    select * from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[])
-"""
+# Written with COPY, in this order.
+allocations_table = "allocations"
+allocation_columns = ("transfer_id", "grant_id", "wallet_id", "amount")
 
 # In ascending id order, so that batches never deadlock.
 # What the rules read of a wallet (`rows.wallet_state`).
