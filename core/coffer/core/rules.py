@@ -68,6 +68,7 @@ __all__ = [
     "kept_refusals",
     "posting_of",
     "seal",
+    "spend_order",
     "spendable",
     "system_wallet_kinds",
     "unrecorded_pending",
@@ -1129,16 +1130,16 @@ def spendable(wallet: WalletState, now: datetime) -> int:
 _never = datetime.max.replace(tzinfo=UTC)
 
 
+def spend_order(expires_at: datetime | None, grant_id: int) -> tuple[bool, datetime, bool, int]:
+    """The order in which a wallet's grants are spent, as a sort key: the soonest expiry first,
+    those that never expire last; among equals, the oldest first (grants made by this batch,
+    their ids provisional, below 0, after those before it). The untracked balance comes after
+    every grant."""
+    return (expires_at is None, expires_at or _never, grant_id < 0, abs(grant_id))
+
+
 def _spend_key(grant: GrantState) -> tuple[bool, datetime, bool, int]:
-    """The order in which a wallet's grants are spent: the soonest expiry first, those that
-    never expire last; among equals, the oldest first (grants made by this batch after those
-    before it). The untracked balance comes after every grant."""
-    return (
-        grant.expires_at is None,
-        grant.expires_at or _never,
-        grant.id < 0,
-        abs(grant.id),
-    )
+    return spend_order(grant.expires_at, grant.id)
 
 
 def _draw(

@@ -81,7 +81,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from .. import errors
+from .. import errors, rules
 from ..model import (
     Balance,
     GrantDrawn,
@@ -269,13 +269,9 @@ def _captured(
     return taken
 
 
-_never = datetime.max.replace(tzinfo=UTC)
-
-
-def _spending_order(grant: asyncpg.Record) -> tuple[bool, datetime, int]:
-    """Grants in the order spending takes them: the soonest expiry first, then by id."""
-    expires_at = grant["expires_at"]
-    return (expires_at is None, expires_at or _never, grant["grant_id"])
+def _spending_order(grant: asyncpg.Record) -> tuple[bool, datetime, bool, int]:
+    """Grants in the order spending takes them (`rules.spend_order`)."""
+    return rules.spend_order(grant["expires_at"], grant["grant_id"])
 
 
 # Outstanding -----------------------------------------------------------------------------------
