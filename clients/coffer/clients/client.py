@@ -39,6 +39,7 @@ import time
 import uuid
 from collections.abc import (
     AsyncIterator,
+    Awaitable,
     Callable,
     Coroutine,
     Iterator,
@@ -186,6 +187,21 @@ class WalletBalance:
     wallet_id: int
     unit: str
     balance: Balance
+
+
+async def _every(
+    list_page: Callable[..., Awaitable[Page[ItemT]]], **filters: Any
+) -> AsyncIterator[ItemT]:
+    """Every item of a paged list, page after page: `list_page` called with the filters and
+    each page's `next_page_token` until there is none."""
+    page_token = ""
+    while True:
+        page = await list_page(page_token=page_token, **filters)
+        for item in page.items:
+            yield item
+        if not page.next_page_token:
+            return
+        page_token = page.next_page_token
 
 
 class Operations:
@@ -715,20 +731,14 @@ class Client:
         page_size: int = 0,
     ) -> AsyncIterator[Wallet]:
         """Every wallet that matches, page after page."""
-        page_token = ""
-        while True:
-            page = await self.list_wallets(
-                owner_id=owner_id,
-                owner_kind=owner_kind,
-                unit=unit,
-                page_size=page_size,
-                page_token=page_token,
-            )
-            for wallet in page.items:
-                yield wallet
-            if not page.next_page_token:
-                return
-            page_token = page.next_page_token
+        async for item in _every(
+            self.list_wallets,
+            owner_id=owner_id,
+            owner_kind=owner_kind,
+            unit=unit,
+            page_size=page_size,
+        ):
+            yield item
 
     async def cancel_wallet(self, *, wallet_id: int) -> Wallet:
         """Only an empty wallet can be cancelled; cancelling it again returns it unchanged."""
@@ -850,22 +860,16 @@ class Client:
         page_size: int = 0,
     ) -> AsyncIterator[Transfer]:
         """Every transfer that matches, newest first, page after page."""
-        page_token = ""
-        while True:
-            page = await self.list_transfers(
-                wallet_id=wallet_id,
-                kinds=kinds,
-                start_time=start_time,
-                end_time=end_time,
-                reference=reference,
-                page_size=page_size,
-                page_token=page_token,
-            )
-            for transfer in page.items:
-                yield transfer
-            if not page.next_page_token:
-                return
-            page_token = page.next_page_token
+        async for item in _every(
+            self.list_transfers,
+            wallet_id=wallet_id,
+            kinds=kinds,
+            start_time=start_time,
+            end_time=end_time,
+            reference=reference,
+            page_size=page_size,
+        ):
+            yield item
 
     # Holds; placing, capturing and releasing are declared in `Operations` too.
 
@@ -974,19 +978,13 @@ class Client:
         self, *, wallet_id: int, include_spent: bool = False, page_size: int = 0
     ) -> AsyncIterator[Grant]:
         """Every grant `list_grants` lists, page after page."""
-        page_token = ""
-        while True:
-            page = await self.list_grants(
-                wallet_id=wallet_id,
-                include_spent=include_spent,
-                page_size=page_size,
-                page_token=page_token,
-            )
-            for grant in page.items:
-                yield grant
-            if not page.next_page_token:
-                return
-            page_token = page.next_page_token
+        async for item in _every(
+            self.list_grants,
+            wallet_id=wallet_id,
+            include_spent=include_spent,
+            page_size=page_size,
+        ):
+            yield item
 
     # Reports.
 
@@ -1039,24 +1037,18 @@ class Client:
         page_size: int = 0,
     ) -> AsyncIterator[UsageEntry]:
         """Every consumption that matches, newest first, page after page."""
-        page_token = ""
-        while True:
-            page = await self.list_usage(
-                wallet_id=wallet_id,
-                owner_id=owner_id,
-                unit=unit,
-                performed_by=performed_by,
-                start_time=start_time,
-                end_time=end_time,
-                reference=reference,
-                page_size=page_size,
-                page_token=page_token,
-            )
-            for entry in page.items:
-                yield entry
-            if not page.next_page_token:
-                return
-            page_token = page.next_page_token
+        async for item in _every(
+            self.list_usage,
+            wallet_id=wallet_id,
+            owner_id=owner_id,
+            unit=unit,
+            performed_by=performed_by,
+            start_time=start_time,
+            end_time=end_time,
+            reference=reference,
+            page_size=page_size,
+        ):
+            yield item
 
     async def future_balance(self, *, wallet_id: int, at: datetime) -> WalletBalance:
         """The wallet's balance at `at`, a time to come (timezone-aware), if nothing more
