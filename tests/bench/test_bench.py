@@ -200,6 +200,10 @@ def test_embedded_database_two_servers_and_comparisons(tmp_path: Path) -> None:
     assert isinstance(result["pgbench_tps"], float) and result["pgbench_tps"] > 0
     assert isinstance(result["echo_rps"], float) and result["echo_rps"] > 0
     assert "durable" in str(result["database"])
+    # The CPU the servers, PostgreSQL and the client spent per transfer in the window.
+    budget = result["cpu_us_per_transfer"]
+    assert isinstance(budget, dict) and set(budget) == {"server", "postgres", "client"}
+    assert all(isinstance(value, float) and value > 0 for value in budget.values()), budget
     # The cluster and the servers ran in a temporary directory: all stopped, and it is gone.
     data_dir = str(result["database"]).split(" in ", 1)[1].split(" ", 1)[0]
     assert data_dir.startswith(tempfile.gettempdir())

@@ -51,6 +51,7 @@ __all__ = [
     "checkpoint",
     "coffer_command",
     "make_api_key",
+    "postmaster_pid",
     "preload",
     "run_pgbench",
 ]
@@ -315,6 +316,17 @@ def _rss_kb(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+def postmaster_pid(cluster: EmbeddedPostgres | None) -> int | None:
+    """The embedded cluster's postmaster, from its postmaster.pid."""
+    if cluster is None:
+        return None
+    try:
+        first = (cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    return int(first) if first.strip().isdigit() else None
 
 
 # pgbench ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TextIO, TypedDict
 
-from coffer.bench.measure import Recorder, progress
+from coffer.bench.measure import CpuMeter, Recorder, progress
 from coffer.clients import Client, errors, operations
 from coffer.v1.transfers_pb2 import Operation
 
@@ -647,10 +647,12 @@ async def run_load(
     inflight: int,
     warmup_s: float,
     duration_s: float,
+    cpu: CpuMeter | None = None,
     stream: TextIO = sys.stderr,
 ) -> dict[str, Any]:
     """`inflight` loops, each making one call at a time, spread over the clients'
-    connections, for the warmup and then the measured duration; then the summary."""
+    connections, for the warmup and then the measured duration; then the summary, with the
+    CPU each of `cpu`'s groups spent in the measured window when given."""
     recorder = Recorder(warmup_s, duration_s)
 
     async def loop(client: Client) -> None:
@@ -659,6 +661,7 @@ async def run_load(
 
     recorder.start()
     reporting = asyncio.create_task(progress(workload.label, workload.unit, recorder, stream))
+    metering = asyncio.create_task(_meter(cpu, recorder)) if cpu is not None else None
     try:
         await asyncio.gather(*(loop(clients[n % len(clients)]) for n in range(inflight)))
     finally:
@@ -666,4 +669,26 @@ async def run_load(
         await asyncio.gather(reporting, return_exceptions=True)
     summary = recorder.summary()
     summary["inflight"] = inflight
+    if metering is not None:
+        summary.update(cpu_budget(await metering, summary["transfers"], duration_s))
     return summary
+
+
+async def _meter(cpu: CpuMeter, recorder: Recorder) -> dict[str, float]:
+    """What each group of processes spent in the measured window."""
+    await asyncio.sleep(max(0.0, recorder.measure_start - time.perf_counter()))
+    before = cpu.read()
+    await asyncio.sleep(max(0.0, recorder.measure_end - time.perf_counter()))
+    after = cpu.read()
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+def cpu_budget(spent: dict[str, float], transfers: int, duration_s: float) -> dict[str, Any]:
+    """The CPU each group spent per transfer (µs) and the cores it kept busy."""
+    return {
+        "cpu_us_per_transfer": {
+            name: round(seconds / transfers * 1e6, 1) if transfers else None
+            for name, seconds in spent.items()
+        },
+        "cpu_cores": {name: round(seconds / duration_s, 2) for name, seconds in spent.items()},
+    }

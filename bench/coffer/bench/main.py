@@ -43,7 +43,7 @@ from typing import Any
 import grpc
 import uvloop
 
-from coffer.bench import infra, load, overload, report
+from coffer.bench import infra, load, measure, overload, report
 from coffer.bench.load import batch_scenarios, scenarios
 from coffer.clients import Client, limits
 
@@ -325,6 +325,13 @@ async def _measure(
         await infra.checkpoint(database.dsn)
     rss = infra.RssSampler(servers.pids if servers else [])
     rss.start()
+    postmaster = infra.postmaster_pid(database.cluster) if database is not None else None
+    cpu = measure.CpuMeter(
+        {
+            "server": servers.pids if servers else [],
+            "postgres": [postmaster] if postmaster is not None else [],
+        }
+    )
     points = []
     baseline: dict[str, Any] = {}
     try:
@@ -344,8 +351,8 @@ async def _measure(
         else:
             if scenario == "credits":
                 # First, so that the credits load runs on the larger tables.
-                baseline = await _batch_beside(arguments, fixture, clients)
-            points += await _load(arguments, fixture, clients)
+                baseline = await _batch_beside(arguments, fixture, clients, cpu)
+            points += await _load(arguments, fixture, clients, cpu)
     finally:
         await rss.stop()
     servers_exited = servers.exited() if servers else []
@@ -392,6 +399,7 @@ async def _measure(
             if baseline["transfers_per_s"]
             else None,
             "batch_latency_ms_p99": baseline["latency_ms_p99"],
+            "batch_cpu_us_per_transfer": baseline.get("cpu_us_per_transfer"),
         }
     result: dict[str, Any] = {
         "scenario": scenario,
@@ -446,7 +454,10 @@ async def _measure(
 
 
 async def _load(
-    arguments: argparse.Namespace, fixture: load.Fixture, clients: list[Client]
+    arguments: argparse.Namespace,
+    fixture: load.Fixture,
+    clients: list[Client],
+    cpu: measure.CpuMeter,
 ) -> list[dict[str, Any]]:
     """The scenario's closed-loop load at each in-flight count: one point each."""
     workload = load.make_workload(
@@ -465,13 +476,17 @@ async def _load(
                 inflight=inflight,
                 warmup_s=arguments.warmup,
                 duration_s=arguments.duration,
+                cpu=cpu,
             )
         )
     return points
 
 
 async def _batch_beside(
-    arguments: argparse.Namespace, fixture: load.Fixture, clients: list[Client]
+    arguments: argparse.Namespace,
+    fixture: load.Fixture,
+    clients: list[Client],
+    cpu: measure.CpuMeter,
 ) -> dict[str, Any]:
     """The batch load on the credits scenario's customers funded without terms, on the same
     server, right before it: what the credits load is compared with."""
@@ -490,6 +505,7 @@ async def _batch_beside(
         inflight=arguments.inflight,
         warmup_s=arguments.warmup,
         duration_s=arguments.duration,
+        cpu=cpu,
     )
 
 

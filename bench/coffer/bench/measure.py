@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-__all__ = ["Recorder", "percentile_ms", "progress"]
+__all__ = ["CpuMeter", "Recorder", "percentile_ms", "progress"]
 
 progress_interval_tty_s = 1.0
 progress_interval_s = 5.0
@@ -155,3 +156,55 @@ async def progress(label: str, unit: str, recorder: Recorder, stream: TextIO) ->
             stream.write("\r\x1b[K")
             stream.flush()
         raise
+
+
+# CPU time per process tree --------------------------------------------------------------------
+
+
+class CpuMeter:
+    """The CPU seconds (user + system) spent so far by each named group of processes: a
+    group is a list of root pids, each counted with every process below it (live children as
+    they run, exited ones through their parent's reaped-children times), and "client" is this
+    process. Differences of two readings give what each group spent between them."""
+
+    def __init__(self, groups: dict[str, Sequence[int]]) -> None:
+        self._groups = {name: list(pids) for name, pids in groups.items() if pids}
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    def read(self) -> dict[str, float]:
+        stats = _process_stats()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in stats.items():
+            children.setdefault(parent, []).append(pid)
+
+        def tree(pid: int) -> int:
+            own = stats.get(pid)
+            if own is None:
+                return 0
+            return own[1] + sum(tree(child) for child in children.get(pid, ()))
+
+        reading = {
+            name: sum(tree(pid) for pid in pids) / self._ticks
+            for name, pids in self._groups.items()
+        }
+        times = os.times()
+        reading["client"] = times.user + times.system
+        return reading
+
+
+def _process_stats() -> dict[int, tuple[int, int]]:
+    """Every process's parent and its CPU ticks: its own, and its reaped children's."""
+    stats = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as file:
+                text = file.read()
+        except OSError:
+            continue
+        # After the command's closing parenthesis: state, ppid, ..., utime (14th field),
+        # stime, cutime, cstime.
+        fields = text[text.rindex(")") + 2 :].split()
+        stats[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
+    return stats

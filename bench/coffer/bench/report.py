@@ -52,6 +52,7 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
             f"{reason} {count}" for reason, count in result["error_reasons"].items()
         )
         rows.append(("error reasons", reasons))
+    rows += _budget_rows(result)
     rows += [
         ("server RSS max", _number(result["server_rss_mb_max"], 1) + " MB"),
         ("transfers stored", _number(result["transfers_stored"])),
@@ -76,6 +77,27 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         stream.write(f"{name:<{width}}  {value}\n")
+
+
+def _budget_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """CPU µs per transfer by process group (and the cores each kept busy)."""
+    rows = []
+    for label, budget, cores in (
+        ("CPU µs per transfer", result.get("cpu_us_per_transfer"), result.get("cpu_cores")),
+        ("  batch beside it", result.get("batch_cpu_us_per_transfer"), None),
+    ):
+        if budget:
+            rows.append(
+                (
+                    label,
+                    ", ".join(
+                        f"{name} {_number(value, 1)}"
+                        + (f" ({cores[name]:.2f} cores)" if cores and name in cores else "")
+                        for name, value in budget.items()
+                    ),
+                )
+            )
+    return rows
 
 
 def _load(result: dict[str, Any]) -> str:
