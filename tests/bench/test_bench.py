@@ -115,6 +115,8 @@ def _result(printed: str) -> dict[str, object]:
         ("hot", ["--sweep", "1,2", "--skew", "1"]),
         ("mixed", ["--inflight", "8"]),
         ("payments", []),
+        # Whole transfers in the answers, counted alike.
+        ("payments", ["--whole-answers"]),
     ],
 )
 async def test_scenario(
@@ -128,6 +130,7 @@ async def test_scenario(
         ["--scenario", scenario, *shared_server, "--no-compare", *quick, *extra], tmp_path, capsys
     )
     assert result["scenario"] == scenario
+    assert result["answers"] == ("whole" if "--whole-answers" in extra else "compact")
     assert result["self_check"] == "passed"
     assert result["errors"] == 0, result["error_reasons"]
     assert isinstance(result["transfers_per_s"], float) and result["transfers_per_s"] > 0

@@ -576,6 +576,40 @@ async def test_submit_batch(coffer: Coffer) -> None:
     assert error.field == "operations"
 
 
+async def test_submit_batch_compact(coffer: Coffer) -> None:
+    """A compact answer names the transfer each operation made and the failures by index;
+    the same batch sent again whole replays those very transfers."""
+    customer = await coffer.wallet()
+    batch = [
+        operations.credit(wallet_id=customer, amount=100),
+        operations.debit(wallet_id=customer, amount=500),
+        operations.debit(wallet_id=customer, amount=130, mode="up_to"),
+        Operation(),
+    ]
+    outcomes = await coffer.submit_batch_compact(batch)
+    assert len(outcomes.transfer_ids) == len(batch)
+    assert outcomes.transfer_ids[0] > 0 and outcomes.transfer_ids[2] > 0
+    assert [outcomes.transfer_ids[1], outcomes.transfer_ids[3]] == [0, 0]
+    assert [(failed.index, failed.error.reason) for failed in outcomes.failed] == [
+        (1, "INSUFFICIENT_FUNDS"),
+        (3, "INVALID_ARGUMENT"),
+    ]
+    assert isinstance(from_operation_error(outcomes.failed[0].error), errors.InsufficientFunds)
+    assert list(outcomes.amounts_remaining) == [0, 0, 30, 0]
+    assert not outcomes.replayed
+    whole = await coffer.submit_batch(batch)
+    assert [result.transfers[0].id if result.transfers else 0 for result in whole] == list(
+        outcomes.transfer_ids
+    )
+    assert whole[2].amount_remaining == 30
+    # The refusal is kept under its key too; the invalid operation has none.
+    assert [result.replayed for result in whole] == [True, True, True, False]
+    again = await coffer.submit_batch_compact(batch)
+    assert list(again.replayed) == [True, True, True, False]
+    assert list(again.transfer_ids) == list(outcomes.transfer_ids)
+    assert await coffer.balance(customer) == (0, 0, 0)
+
+
 async def test_idempotency(coffer: Coffer) -> None:
     wallet = await coffer.wallet()
     # Without keys, each call is its own: the client makes a fresh key for each.

@@ -683,6 +683,7 @@ def test_operation_builders() -> None:
 def test_public_names() -> None:
     assert set(clients.__all__) == {
         "Balance",
+        "BatchOutcomes",
         "Client",
         "CofferError",
         "DebitResult",

@@ -1,8 +1,10 @@
 """The load of `coffer bench`: the setup of units and wallets, the scenarios, and what they
 measure.
 
-Every operation goes through the typed client (`coffer.clients.Client`): `submit_batch` with
-`operations` builders for the batch scenarios, its single calls otherwise. The client's own
+Every operation goes through the typed client (`coffer.clients.Client`):
+`submit_batch_compact` with `operations` builders for the batch scenarios (compact answers,
+as an importer or a load generator asks for them; `--whole-answers` asks for whole transfers
+instead), its single calls otherwise. The client's own
 retries are off (`retries_max=0`), so that every failure is counted. Request messages are
 built before the timed part: the batch scenarios cycle through a ring of prepared batches and
 give each operation a fresh idempotency key (and reference) as it is sent, so no operation is
@@ -294,10 +296,13 @@ class BatchWorkload(Workload):
         batch_size: int,
         skew: float,
         randomness: random.Random,
+        *,
+        compact: bool = True,
     ) -> None:
         super().__init__(fixture.run_id)
         self.label = scenario
         self.batch_size = batch_size
+        self.compact = compact
         wallets = len(fixture.customers) + len(fixture.merchants)
         count = max(4, -(-_ring_size(wallets) // batch_size))
         self.ring = [self._prepare(scenario, fixture, skew, randomness) for _ in range(count)]
@@ -416,24 +421,26 @@ class BatchWorkload(Workload):
         batch = self.next_operations()
         started = time.perf_counter()
         try:
-            results = await client.submit_batch(batch)
+            if self.compact:
+                outcomes = await client.submit_batch_compact(batch)
+                failures = [failed.error.reason for failed in outcomes.failed]
+            else:
+                results = await client.submit_batch(batch)
+                failures = [result.error.reason for result in results if result.HasField("error")]
         except Exception as error:
             await self._failed(recorder, started, error, len(batch))
             return
         ended = time.perf_counter()
-        succeeded = refused = failed = 0
+        refused = failed = 0
         reasons: Counter[str] | None = None
-        for result in results:
-            if not result.HasField("error"):
-                succeeded += 1
-                continue
-            reason = result.error.reason
+        for reason in failures:
             if reason in refused_reasons:
                 refused += 1
             else:
                 failed += 1
                 reasons = reasons or Counter()
                 reasons[reason] += 1
+        succeeded = len(batch) - len(failures)
         recorder.record(started, ended, succeeded, refused=refused, errors=failed, reasons=reasons)
 
 
@@ -629,11 +636,19 @@ class EchoWorkload(Workload):
 
 
 def make_workload(
-    scenario: str, fixture: Fixture, batch_size: int, skew: float, seed: int
+    scenario: str,
+    fixture: Fixture,
+    batch_size: int,
+    skew: float,
+    seed: int,
+    *,
+    compact: bool = True,
 ) -> Workload:
+    """The scenario's load; batch scenarios ask for compact answers unless `compact` is
+    false (whole transfers in each answer)."""
     randomness = random.Random(seed)
     if scenario in batch_scenarios:
-        return BatchWorkload(scenario, fixture, batch_size, skew, randomness)
+        return BatchWorkload(scenario, fixture, batch_size, skew, randomness, compact=compact)
     if scenario == "single":
         return SingleWorkload(fixture, skew, randomness)
     assert scenario == "mixed", scenario

@@ -190,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="end stdout with the results as one JSON line"
     )
     parser.add_argument("--seed", type=int, default=1, help="of the random load (default 1)")
+    parser.add_argument(
+        "--whole-answers",
+        action="store_true",
+        help="batch calls ask for whole transfers in their answers, not compact outcomes",
+    )
     return parser
 
 
@@ -426,6 +431,7 @@ async def _measure(
         "server": servers.target if servers else arguments.target,
         "server_args": arguments.server_arg,
         "events": not arguments.no_events,
+        "answers": "whole" if arguments.whole_answers else "compact",
         "auth": not arguments.no_auth,
         "connections": arguments.connections,
         "database": _describe(database),
@@ -461,7 +467,12 @@ async def _load(
 ) -> list[dict[str, Any]]:
     """The scenario's closed-loop load at each in-flight count: one point each."""
     workload = load.make_workload(
-        arguments.scenario, fixture, arguments.batch_size, arguments.skew, arguments.seed
+        arguments.scenario,
+        fixture,
+        arguments.batch_size,
+        arguments.skew,
+        arguments.seed,
+        compact=not arguments.whole_answers,
     )
     points = []
     for inflight in arguments.sweep or [arguments.inflight]:
@@ -493,7 +504,12 @@ async def _batch_beside(
     # Keys of its own: the same run, another load.
     plain = load.Fixture(f"{fixture.run_id}-batch", fixture.plain, [])
     workload = load.make_workload(
-        "batch", plain, arguments.batch_size, arguments.skew, arguments.seed
+        "batch",
+        plain,
+        arguments.batch_size,
+        arguments.skew,
+        arguments.seed,
+        compact=not arguments.whole_answers,
     )
     _note(
         f"batch, to compare with: {arguments.inflight} in flight, {arguments.warmup:g} s warmup, "

@@ -45,11 +45,12 @@ from coffer.v1 import (
     wallets_pb2,
 )
 from coffer.v1.events_pb2 import Event
-from coffer.v1.transfers_pb2 import Operation, OperationResult
+from coffer.v1.transfers_pb2 import BatchOutcomes, Operation, OperationResult
 from coffer.v1.types_pb2 import Balance, Grant, Hold, Transfer, Unit, Wallet
 
 __all__ = [
     "Balance",
+    "BatchOutcomes",
     "Client",
     "CofferError",
     "DebitResult",

@@ -955,6 +955,13 @@ class SubmitBatchRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     OPERATIONS_FIELD_NUMBER: _builtins.int
+    COMPACT_FIELD_NUMBER: _builtins.int
+    compact: _builtins.bool
+    """Answer in `outcomes` (the transfer each operation made, and the errors of those that
+    failed) instead of `results` (whole transfers and holds): for callers that keep what
+    they sent, such as importers and load generators. The server spends less on each
+    operation, and the answer is a few bytes an operation.
+    """
     @_builtins.property
     def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Operation]:
         """1 to 8,000 operations, in at most 8,192,000 bytes."""
@@ -963,10 +970,11 @@ class SubmitBatchRequest(_message.Message):
         self,
         *,
         operations: _abc.Iterable[Global___Operation] | None = ...,
+        compact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operations", b"operations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compact", b"compact", "operations", b"operations"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -979,22 +987,104 @@ class SubmitBatchResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationResult]:
-        """One per operation, in order."""
+        """One per operation, in order; empty with `compact`."""
+
+    @_builtins.property
+    def outcomes(self) -> Global___BatchOutcomes:
+        """With `compact`: the outcomes, in columns."""
 
     def __init__(
         self,
         *,
         results: _abc.Iterable[Global___OperationResult] | None = ...,
+        outcomes: Global___BatchOutcomes | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitBatchResponse: _TypeAlias = SubmitBatchResponse  # noqa: Y015
+
+@_typing.final
+class BatchOutcomes(_message.Message):
+    """The outcomes of a batch's operations, in columns: entry i of a column is operation i's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRANSFER_IDS_FIELD_NUMBER: _builtins.int
+    AMOUNTS_REMAINING_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def transfer_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The id of the transfer each operation made (its operation id; a hold's is the hold's id;
+        a replay's, the stored one); 0 when it failed.
+        """
+
+    @_builtins.property
+    def amounts_remaining(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """For up-to debits: what the wallet could not cover, in the unit's minor units; 0 for
+        the other operations. Empty when no operation left anything to cover.
+        """
+
+    @_builtins.property
+    def replayed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """Whether each is the stored outcome of an earlier request with the same key. Empty when
+        none is.
+        """
+
+    @_builtins.property
+    def failed(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailedOperation]:
+        """The operations that failed, in order."""
+
+    def __init__(
+        self,
+        *,
+        transfer_ids: _abc.Iterable[_builtins.int] | None = ...,
+        amounts_remaining: _abc.Iterable[_builtins.int] | None = ...,
+        replayed: _abc.Iterable[_builtins.bool] | None = ...,
+        failed: _abc.Iterable[Global___FailedOperation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amounts_remaining", b"amounts_remaining", "failed", b"failed", "replayed", b"replayed", "transfer_ids", b"transfer_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchOutcomes: _TypeAlias = BatchOutcomes  # noqa: Y015
+
+@_typing.final
+class FailedOperation(_message.Message):
+    """An operation of a batch that failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in the batch, from 0."""
+    @_builtins.property
+    def error(self) -> Global___OperationError:
+        """Why, as in OperationResult.error."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        error: Global___OperationError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailedOperation: _TypeAlias = FailedOperation  # noqa: Y015
 
 @_typing.final
 class GetTransferRequest(_message.Message):

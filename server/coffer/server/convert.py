@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import IntEnum
 from types import MappingProxyType
@@ -58,6 +58,7 @@ __all__ = [
     "event_pb",
     "expires_at",
     "fill_operation_result",
+    "fill_outcomes",
     "future_time",
     "grant_pb",
     "grants_of",
@@ -751,14 +752,7 @@ def fill_operation_result(
     if outcome.replayed:
         pb.replayed = True
     if isinstance(outcome, errors.CofferError):
-        pb.error.reason = outcome.reason
-        pb.error.message = outcome.message
-        # googleapis-common-protos types google.rpc.Code's values as a subclass of int.
-        pb.error.status_code = cast(code_pb2.Code, code_of[outcome.category])
-        # The same code, for clients built before `status_code`.
-        pb.error.code = pb.error.status_code
-        if isinstance(outcome, errors.InvalidArgument):
-            pb.error.field = outcome.field
+        _fill_operation_error(pb.error, outcome, code_of)
         return
     for each in outcome.transfers:
         _fill_transfer(pb.transfers.add(), each, scales)
@@ -766,6 +760,47 @@ def fill_operation_result(
         pb.amount_remaining = outcome.amount_remaining
     if outcome.hold is not None:
         pb.hold.CopyFrom(hold_pb(outcome.hold, scales))
+
+
+def _fill_operation_error(
+    pb: transfers_pb2.OperationError,
+    error: errors.CofferError,
+    code_of: dict[errors.Category, int],
+) -> None:
+    pb.reason = error.reason
+    pb.message = error.message
+    # googleapis-common-protos types google.rpc.Code's values as a subclass of int.
+    pb.status_code = cast(code_pb2.Code, code_of[error.category])
+    # The same code, for clients built before `status_code`.
+    pb.code = pb.status_code
+    if isinstance(error, errors.InvalidArgument):
+        pb.field = error.field
+
+
+def fill_outcomes(
+    pb: transfers_pb2.BatchOutcomes,
+    outcomes: Sequence[model.Applied | errors.CofferError],
+    code_of: dict[errors.Category, int],
+) -> None:
+    """A compact batch's answer: the columns of BatchOutcomes, each filled at once."""
+    transfer_ids = []
+    remaining = []
+    replayed = []
+    add_failed = pb.failed.add
+    for index, outcome in enumerate(outcomes):
+        replayed.append(outcome.replayed)
+        if isinstance(outcome, errors.CofferError):
+            transfer_ids.append(0)
+            remaining.append(0)
+            _fill_operation_error(add_failed(index=index).error, outcome, code_of)
+        else:
+            transfer_ids.append(outcome.transfers[0].id)
+            remaining.append(outcome.amount_remaining)
+    pb.transfer_ids.extend(transfer_ids)
+    if any(remaining):
+        pb.amounts_remaining.extend(remaining)
+    if any(replayed):
+        pb.replayed.extend(replayed)
 
 
 def grant_pb(value: model.Grant, scales: Mapping[str, int]) -> types_pb2.Grant:

@@ -286,8 +286,11 @@ class TransferService:
             await logs.batch_failed(context, principal.name, len(request.operations), error)
             raise
         await logs.batch_answered(context, principal.name, answers)
-        scales = await self._ledger.unit_scales(convert.units_of(answers))
         response = transfers_pb2.SubmitBatchResponse()
+        if request.compact:
+            convert.fill_outcomes(response.outcomes, answers, _codes)
+            return response
+        scales = await self._ledger.unit_scales(convert.units_of(answers))
         add = response.results.add
         for answer in answers:
             convert.fill_operation_result(add(), answer, _codes, scales)
