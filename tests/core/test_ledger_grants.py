@@ -5,6 +5,7 @@ come, the notice of expiry, and the books' check of every grant."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import random
 from collections.abc import AsyncIterator
@@ -41,7 +42,9 @@ from coffer.core.model import (
     Wallet,
     WalletTransfer,
 )
+from coffer.core.rules import GrantState
 from coffer.core.store import reports as reports_module
+from coffer.core.store import rows, sql
 from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
@@ -145,6 +148,19 @@ async def test_a_batch_writes_grants_and_what_each_transfer_drew(ledger: Ledger)
     await one(ledger, Void(idempotency_key=key(), transfer_id=spent.transfer.id))
     assert [grant.remaining for grant in await grants(ledger, ann.id)] == [10, 10]
     await books(ledger)
+
+
+async def test_a_batch_reads_grants_as_the_rules_see_them(ledger: Ledger) -> None:
+    """The batch builds each grant's state by position: the query's first columns are the
+    state's fields, in their order."""
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, 5 * day)
+    async with ledger.pool.acquire() as connection:
+        [row] = await connection.fetch(sql.select_batch_grants, [ann.id], [], [])
+    names = [field.name for field in dataclasses.fields(GrantState)]
+    assert list(row.keys())[: len(names)] == names
+    state = rows.grant_state(row)
+    assert (state.wallet_id, state.amount, state.remaining, state.voided) == (ann.id, 10, 10, False)
 
 
 async def test_wallets_without_terms_write_no_grants(ledger: Ledger) -> None:

@@ -248,14 +248,20 @@ class Book:
         self._touch(grant)
         grant.voided = True
 
-    def changed_grants(self) -> list[GrantState]:
+    def changed_grants(self) -> tuple[list[GrantState], list[GrantState]]:
         """The grants read (not made by the batch) whose state the batch changed: those to
-        write."""
-        return [
-            grant
-            for grant_id, before in self.grants_before.items()
-            if grant_id > 0 and (grant := self.grants[grant_id]).state() != before
-        ]
+        write, as two lists: those whose remainder alone changed (draws and returns: most),
+        and the others."""
+        remainders: list[GrantState] = []
+        others: list[GrantState] = []
+        for grant_id, before in self.grants_before.items():
+            if grant_id < 0:
+                continue
+            grant = self.grants[grant_id]
+            after = grant.state()
+            if after != before:
+                (remainders if after[1:] == before[1:] else others).append(grant)
+        return remainders, others
 
     def add_grant(
         self,

@@ -323,15 +323,21 @@ async def _write_grants(
             [grant.expires_at for _, grant, _ in made],
             now,
         )
-    touched = book.changed_grants()
-    if touched:
+    drawn, others = book.changed_grants()
+    if drawn:
+        await connection.execute(
+            sql.update_grant_remainders,
+            [grant.id for grant in drawn],
+            [grant.remaining for grant in drawn],
+        )
+    if others:
         await connection.execute(
             sql.update_grants,
-            [grant.id for grant in touched],
-            [grant.remaining for grant in touched],
-            [grant.expires_at for grant in touched],
-            [grant.expired for grant in touched],
-            [grant.voided for grant in touched],
+            [grant.id for grant in others],
+            [grant.remaining for grant in others],
+            [grant.expires_at for grant in others],
+            [grant.expired for grant in others],
+            [grant.voided for grant in others],
         )
     summed: dict[tuple[int, int], int] = {}
     for transfer_id, grant_id, change in allocations:

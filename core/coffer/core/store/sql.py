@@ -99,6 +99,7 @@ __all__ = [
     "transfers_table",
     "update_balance_alert",
     "update_balances",
+    "update_grant_remainders",
     "update_grants",
     "update_wallet_status",
 ]
@@ -280,9 +281,10 @@ select_allocations = """
 # The grants of the wallets in $1 with something left, the grants in $2, and those the
 # transfers in $3 made. Read after their wallets are locked: grants change only under that
 # lock.
+# The fields of rules.GrantState, in its order (`rows.grant_state`), then the transfer.
 select_batch_grants = """
-    select id, wallet_id, transfer_id, amount, remaining, valid_from, expires_at, expired,
-           voided
+    select id, wallet_id, amount, remaining, valid_from, expires_at, expired, voided,
+           transfer_id
     from grants
     where (wallet_id = any($1::bigint[]) and live)
        or id = any($2::bigint[])
@@ -307,6 +309,14 @@ update_grants = """
         announced = g.announced and g.expires_at is not distinct from v.expires_at
     from unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::boolean[])
         as v (id, remaining, expires_at, expired, voided)
+    where g.id = v.id
+"""
+
+# The grants whose remainder alone a batch changed (the most): the others, `update_grants`.
+update_grant_remainders = """
+    update grants g
+    set remaining = v.remaining
+    from unnest($1::bigint[], $2::bigint[]) as v (id, remaining)
     where g.id = v.id
 """
 
