@@ -4,9 +4,11 @@ kind of error, never INTERNAL. Field values through the stubs, and raw bytes to 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import string
+import time
 from collections import Counter
 from typing import Any
 
@@ -35,6 +37,8 @@ from support.api import raw_call
 scale = int(os.environ.get("COFFER_FUZZ_SCALE", "1"))
 calls = 600 * scale
 R = random.Random(7)  # seeded: the same calls every run
+# How soon the server ends a stream the client cancelled (it notices at its next read).
+cancelled_streams_end_within_s = 5.0
 
 
 def number() -> int:
@@ -273,4 +277,8 @@ async def test_raw_bytes_never_reach_internal(server: Server, channel: grpc.aio.
     # Healthy after, and every call's request bytes given back.
     health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # A stream the fuzz cancelled ends on the server once it sees the cancellation.
+    deadline = time.monotonic() + cancelled_streams_end_within_s
+    while server.admission.calls and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
     assert (server.admission.calls, server.admission.bytes) == (0, 0)

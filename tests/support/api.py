@@ -109,12 +109,16 @@ def raw_call(channel: grpc.aio.Channel, method: MethodDescriptor) -> Any:
     stream = channel.unary_stream(path, request_serializer=None, response_deserializer=None)
 
     async def first(data: bytes, timeout: float = 10) -> Any:
+        call = stream(data, timeout=min(timeout, 1))
         try:
-            async for response in stream(data, timeout=min(timeout, 1)):
+            async for response in call:
                 return response
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise
+        finally:
+            # Done with it: the server is told now, not when the call is collected.
+            call.cancel()
         return None
 
     return first
