@@ -9,8 +9,10 @@ its calls go through `asyncio.to_thread` (see `Coffer`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -754,6 +756,40 @@ async def test_health(coffer: Coffer) -> None:
     with pytest.raises(errors.NotFound) as raised:
         await coffer.health(service="no.such.Service")
     assert raised.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def established_to(port: int) -> int:
+    """This process's TCP connections established to `port` (IPv4 or IPv6)."""
+    sockets = set()
+    for descriptor in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{descriptor}")
+            if link.startswith("socket:["):
+                sockets.add(link.removeprefix("socket:[").removesuffix("]"))
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                # remote address, state (01: established), ..., inode
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01" and fields[9] in sockets:
+                    count += 1
+    return count
+
+
+@pytest.mark.parametrize("kind", client_kinds)
+@pytest.mark.parametrize("connections", [1, 4])
+async def test_each_connection_is_one_of_its_own_and_calls_take_them_in_turn(
+    kind: str, connections: int, server: Server
+) -> None:
+    """What lets a client reach every worker of `coffer serve --workers`: the kernel gives
+    each connection to one worker."""
+    async with opened(kind, f"127.0.0.1:{server.port}", connections=connections) as coffer:
+        for _ in range(2 * connections):
+            assert await coffer.health() == "SERVING"
+        assert established_to(server.port) == connections
 
 
 @pytest.mark.parametrize("kind", client_kinds)

@@ -34,6 +34,7 @@ from coffer import clients
 from coffer.clients import Client, Operations, SyncClient, errors, operations
 from coffer.clients import client as client_module
 from coffer.clients.cli import main
+from coffer.clients.client import connections_max
 from coffer.core import errors as core_errors
 from coffer.v1 import (
     events_pb2,
@@ -572,6 +573,10 @@ def test_client_arguments_are_checked() -> None:
         Client(retries_max=11)
     with pytest.raises(ValueError, match="timeout_s"):
         Client(timeout_s=0)
+    for connections in (0, connections_max + 1, True, 1.5):
+        with pytest.raises(ValueError, match=f"connections must be 1 to {connections_max}"):
+            Client(connections=connections)  # type: ignore[arg-type]
+    assert Client(connections=connections_max).connections == connections_max
 
 
 async def test_iterator_walks_every_page(server: Server, script: Script) -> None:

@@ -20,6 +20,12 @@ Every call:
   when the deadline has passed, so it is raised at once;
 - raises the typed errors of `coffer.clients.errors`.
 
+With `connections=N` the client opens N connections (a gRPC channel each) and sends its calls
+over them in turn. A server of several processes (`coffer serve --workers`) gives each
+connection to one of its processes, so a client that opens one reaches one of them: open a
+few per process to reach them all (the kernel picks a process for each connection, evenly
+only on average).
+
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
 makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
 retries across processes safe as well.
@@ -96,6 +102,7 @@ timeout_s_default = 10.0
 expiring_within_days_default = 30
 retries_max_default = 3
 retries_max_limit = 10
+connections_max = 64
 backoff_s_min = 0.1
 backoff_s_max = 2.0
 reconnect_backoff_ms_min = 100
@@ -573,13 +580,16 @@ class Client:
         tls: Tls | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         """`api_key` authenticates every call (`authorization: Bearer <key>`); `tls` makes
         the channel use TLS: the authorities to trust, and for mTLS the
         client's certificate and key (`Tls.from_files(ca=…, cert=…, key=…)`); `credentials`
         (e.g. grpc.ssl_channel_credentials()) does too, built by hand, in its place;
         `channel_options` are added to the channel's gRPC arguments (e.g.
-        `("grpc.use_local_subchannel_pool", 1)` for a connection of its own)."""
+        `("grpc.use_local_subchannel_pool", 1)` for a connection of its own); `connections`
+        (1 to `connections_max`) channels are opened, each its own connection, and the calls
+        take them in turn."""
         if not target:
             raise ValueError("target must name a server, e.g. 127.0.0.1:50051")
         try:
@@ -592,6 +602,12 @@ class Client:
             raise ValueError("timeout_s must be positive")
         if not 0 <= retries_max <= retries_max_limit:
             raise ValueError(f"retries_max must be 0 to {retries_max_limit}")
+        if (
+            isinstance(connections, bool)
+            or not isinstance(connections, int)
+            or not 1 <= connections <= connections_max
+        ):
+            raise ValueError(f"connections must be 1 to {connections_max}, not {connections!r}")
         if tls is not None:
             if credentials is not None:
                 raise ValueError("give tls or credentials, not both")
@@ -600,12 +616,15 @@ class Client:
         self.caller = caller
         self.timeout_s = timeout_s
         self.retries_max = retries_max
+        self.connections = connections
         self._credentials = credentials
         self._channel_options = tuple(channel_options)
         self._call_metadata: tuple[tuple[str, str], ...] = ((caller_metadata_key, caller),)
         if api_key is not None:
             self._call_metadata += ((authorization_metadata_key, f"Bearer {api_key}"),)
-        self._stubs_open: _Stubs | None = None
+        # One a connection, once opened; the one the next call takes.
+        self._stubs_open: list[_Stubs] = []
+        self._turn = 0
 
     async def __aenter__(self) -> Self:
         self._stubs()
@@ -620,9 +639,9 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        """Closes the channel; a later call opens a new one."""
-        stubs, self._stubs_open = self._stubs_open, None
-        if stubs is not None:
+        """Closes the channels; a later call opens new ones."""
+        opened, self._stubs_open = self._stubs_open, []
+        for stubs in opened:
             await stubs.channel.close()
 
     # Units.
@@ -1165,38 +1184,48 @@ class Client:
     # The boundary: every call goes through here.
 
     def _stubs(self) -> _Stubs:
-        if self._stubs_open is None:
-            options = [
-                ("grpc.max_send_message_length", message_bytes_max),
-                ("grpc.max_receive_message_length", message_bytes_max),
-                # Reconnect about as fast as the retries come, so that a retry after a
-                # server restart finds it rather than failing on gRPC's own 1 s backoff.
-                ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms_min),
-                ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms_min),
-                ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms_max),
-                *self._channel_options,
-            ]
-            if self._credentials is None:
-                channel = grpc.aio.insecure_channel(self.target, options=options)
-            else:
-                channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
-            self._stubs_open = _Stubs(
-                channel=channel,
-                access=access_pb2_grpc.AccessServiceStub(channel),
-                units=units_pb2_grpc.UnitServiceStub(channel),
-                wallets=wallets_pb2_grpc.WalletServiceStub(channel),
-                transfers=transfers_pb2_grpc.TransferServiceStub(channel),
-                holds=holds_pb2_grpc.HoldServiceStub(channel),
-                events=events_pb2_grpc.EventServiceStub(channel),
-                grants=grants_pb2_grpc.GrantServiceStub(channel),
-                reports=reports_pb2_grpc.ReportServiceStub(channel),
-                health_check=channel.unary_unary(
-                    health_check_method,
-                    request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
-                ),
-            )
-        return self._stubs_open
+        """The stubs of the connection whose turn it is (the channels opened first)."""
+        if not self._stubs_open:
+            self._stubs_open = [self._open() for _ in range(self.connections)]
+        stubs = self._stubs_open[self._turn]
+        self._turn = (self._turn + 1) % len(self._stubs_open)
+        return stubs
+
+    def _open(self) -> _Stubs:
+        options = [
+            ("grpc.max_send_message_length", message_bytes_max),
+            ("grpc.max_receive_message_length", message_bytes_max),
+            # Reconnect about as fast as the retries come, so that a retry after a
+            # server restart finds it rather than failing on gRPC's own 1 s backoff.
+            ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms_min),
+            ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms_min),
+            ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms_max),
+            *self._channel_options,
+        ]
+        if self.connections > 1:
+            # gRPC lets channels to one target with the same arguments share a connection;
+            # a subchannel pool of its own gives each channel its own.
+            options.append(("grpc.use_local_subchannel_pool", 1))
+        if self._credentials is None:
+            channel = grpc.aio.insecure_channel(self.target, options=options)
+        else:
+            channel = grpc.aio.secure_channel(self.target, self._credentials, options=options)
+        return _Stubs(
+            channel=channel,
+            access=access_pb2_grpc.AccessServiceStub(channel),
+            units=units_pb2_grpc.UnitServiceStub(channel),
+            wallets=wallets_pb2_grpc.WalletServiceStub(channel),
+            transfers=transfers_pb2_grpc.TransferServiceStub(channel),
+            holds=holds_pb2_grpc.HoldServiceStub(channel),
+            events=events_pb2_grpc.EventServiceStub(channel),
+            grants=grants_pb2_grpc.GrantServiceStub(channel),
+            reports=reports_pb2_grpc.ReportServiceStub(channel),
+            health_check=channel.unary_unary(
+                health_check_method,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            ),
+        )
 
     async def _call(
         self,
@@ -1302,6 +1331,7 @@ class SyncClient:
         retries_max: int = retries_max_default,
         tls: Tls | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        connections: int = 1,
     ) -> None:
         self._client = Client(
             target,
@@ -1311,6 +1341,7 @@ class SyncClient:
             retries_max=retries_max,
             tls=tls,
             credentials=credentials,
+            connections=connections,
         )
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -1477,6 +1508,7 @@ __all__ = [
     "TransferKindName",
     "UnitKindName",
     "WalletBalance",
+    "connections_max",
     "expiring_within_days_default",
     "operations",
     "target_default",
