@@ -98,9 +98,15 @@ async def test_settings_follow_durability(scratch_dir: Path) -> None:
         "listen_addresses": "",
         "server_encoding": "UTF8",
     }
-    # The settings belong to the start, not to the data directory.
-    with EmbeddedPostgres(data_dir, durable=False) as cluster:
-        assert await fetch_settings(cluster.dsn, *names) == dict.fromkeys(names, "off")
+    # The settings belong to the start, not to the data directory; connections are raised
+    # past the default when asked, never lowered.
+    with EmbeddedPostgres(data_dir, durable=False, connections_max=300) as cluster:
+        assert await fetch_settings(cluster.dsn, *names, "max_connections") == {
+            **dict.fromkeys(names, "off"),
+            "max_connections": "300",
+        }
+    with EmbeddedPostgres(data_dir, connections_max=10) as cluster:
+        assert await fetch_settings(cluster.dsn, "max_connections") == {"max_connections": "200"}
 
 
 async def test_stale_postmaster_pid_does_not_block_start(scratch_dir: Path) -> None:

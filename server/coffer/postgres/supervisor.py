@@ -69,6 +69,7 @@ from typing import Self
 
 __all__ = [
     "BINARIES_COPY_DIR",
+    "CONNECTIONS_MAX_DEFAULT",
     "LEDGER_ROLE",
     "SUPERUSER",
     "SYSTEM_USER",
@@ -124,9 +125,11 @@ LOG_TAIL_LINES_MAX = 40
 
 BINARIES_REQUIRED = ("initdb", "pg_ctl", "postgres", "psql")
 
+CONNECTIONS_MAX_DEFAULT = 200
+"""PostgreSQL's max_connections unless told more: a server's pools at their defaults take 16."""
+
 SETTINGS_COMMON = {
     "listen_addresses": "",
-    "max_connections": "200",
     "shared_buffers": "512MB",
     "log_min_messages": "warning",
     # Fewer checkpoints: after each, the first change of every page logs the whole page, and
@@ -249,12 +252,22 @@ class EmbeddedPostgres:
     """A PostgreSQL cluster in `data_dir` (the PGDATA directory itself), started on demand.
 
     `durable=False` turns off fsync, synchronous_commit and full_page_writes: for throwaway
-    test clusters only. `database` is created on start if missing.
+    test clusters only. `database` is created on start if missing. `connections_max` is
+    PostgreSQL's max_connections, at least CONNECTIONS_MAX_DEFAULT (the settings belong to
+    each start: a cluster started again with another takes it).
     """
 
-    def __init__(self, data_dir: Path, *, durable: bool = True, database: str = "coffer") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        durable: bool = True,
+        database: str = "coffer",
+        connections_max: int = CONNECTIONS_MAX_DEFAULT,
+    ) -> None:
         if not database or len(database.encode()) > 63:
             raise EmbeddedPostgresError(f"invalid database name: {database!r}")
+        self._connections_max = max(connections_max, CONNECTIONS_MAX_DEFAULT)
         self._data_dir = Path(data_dir).expanduser().absolute()
         if _DATA_DIR_CHARACTERS_UNSAFE.search(str(self._data_dir)):
             raise EmbeddedPostgresError(
@@ -665,6 +678,7 @@ class EmbeddedPostgres:
         settings = {
             **SETTINGS_COMMON,
             **(SETTINGS_DURABLE if self._durable else SETTINGS_NOT_DURABLE),
+            "max_connections": str(self._connections_max),
             "unix_socket_directories": str(socket_dir),
             "port": str(PORT),
         }
