@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import pytest
@@ -37,6 +38,8 @@ from coffer.server.settings import (
     rate_limit_calls_per_s_max,
     rate_min,
     shutdown_grace_s_max,
+    workers_default,
+    workers_max,
 )
 
 Changes = dict[str, Any]
@@ -143,6 +146,14 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"insecure": False}, {"insecure": True}],
         [{"insecure": "yes"}, {"insecure": 1}],
     ),
+    "workers": (
+        [{"workers": 1}, {"workers": workers_max}],
+        [{"workers": value} for value in (0, workers_max + 1, 1.5, True, math.nan)],
+    ),
+    "background_jobs": (
+        [{"background_jobs": False}, {"background_jobs": True}],
+        [{"background_jobs": "no"}, {"background_jobs": 0}],
+    ),
     "rate_limit_calls_per_s": (
         [
             {"rate_limit_calls_per_s": rate_min},
@@ -196,6 +207,10 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
             {"metrics_listen": f"[::]:{port_max}"},
             # Port 0 twice: two free ports.
             {"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"},
+            # Ports P to P + 3 for 4 workers; port 0: each a free one.
+            {"workers": 4, "metrics_listen": f"127.0.0.1:{port_max - 3}"},
+            {"workers": 4, "listen": "127.0.0.1:9104", "metrics_listen": "127.0.0.1:9100"},
+            {"workers": workers_max, "metrics_listen": "127.0.0.1:0"},
         ],
         [
             {"metrics_listen": "127.0.0.1"},
@@ -204,6 +219,9 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
             {"metrics_listen": 9090},
             # The gRPC port itself.
             {"listen": "127.0.0.1:9090", "metrics_listen": "127.0.0.1:9090"},
+            # With workers, a port each from P: past the last port, or --listen's among them.
+            {"workers": 4, "metrics_listen": f"127.0.0.1:{port_max - 2}"},
+            {"workers": 4, "listen": "127.0.0.1:9103", "metrics_listen": "127.0.0.1:9100"},
         ],
     ),
     # TLS files: none is plaintext; real certificates are accepted in tests/server/test_tls.py,
@@ -274,6 +292,9 @@ def test_the_defaults_are_within_bounds() -> None:
     # Made without error, and with the values the other bounds assume.
     assert base.batch_size_max == batch_size_max_default
     assert 2 * base.batch_workers <= base.pool_size < 10
+    # A Server is one process; `coffer serve` starts one a core it may run on by default.
+    assert base.workers == 1 and base.background_jobs
+    assert workers_default() == min(len(os.sched_getaffinity(0)), workers_max)
 
 
 @pytest.mark.parametrize("setting", sorted(bounds))

@@ -24,7 +24,8 @@ records older than `events_retention_days`.
 Every `expiration_interval_s` (at start, then on; 0: never) an expiration run moves what is
 left of the grants past their expiry to their units' expired-credits wallets, then the stream
 is told of the grants that expire within `expiry_notice_days` (0: none). Runs are safe at once
-from several servers.
+from several servers. With `background_jobs` off, a server runs none of these (the hold-expiry
+sweep, the deletion of old events, the expiration runs): another server does.
 
 Health tells the truth: every `health_check_interval_s`, and at once when its connection
 closes, a connection of its own asks the database `select 1`; while it gets no answer within
@@ -73,7 +74,13 @@ from .metrics import Metrics
 from .settings import Settings, calls_max_limit
 from .tls import ServerTls
 
-__all__ = ["Server", "Settings", "access_pool_size", "services_described"]
+__all__ = [
+    "Server",
+    "Settings",
+    "access_pool_size",
+    "database_connections_max",
+    "services_described",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +88,9 @@ logger = logging.getLogger(__name__)
 # above all) never keep calls waiting to be let in. A lookup is one short query, made once per
 # credential per cache time.
 access_pool_size = 2
+# The health check's pool, and the listener of the event stream (with events on).
+probe_pool_size = 1
+listener_connections = 1
 # The largest answer: a page of transfers, or a batch's results, with their metadata.
 response_bytes_max = 64 * 1024 * 1024
 # gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
@@ -105,6 +115,19 @@ services_described = (
     reports_pb2.DESCRIPTOR.services_by_name["ReportService"],
 )
 _service_names = tuple(service.full_name for service in services_described)
+
+
+def database_connections_max(settings: Settings) -> int:
+    """The most connections to the database a server with these settings holds at once: its
+    pools (writes, queries, credentials, the health check) and the event stream's listener.
+    (At start it also opens one, alone, for the migrations.)"""
+    return (
+        settings.pool_size
+        + settings.pool_size_read
+        + access_pool_size
+        + probe_pool_size
+        + (listener_connections if settings.events else 0)
+    )
 
 
 class _UnawaitedConnectionLoss(logging.Filter):
@@ -183,6 +206,8 @@ class Server:
 
     @classmethod
     async def start(cls, settings: Settings) -> Server:
+        # One process: `coffer serve` starts the workers of settings.workers > 1, each a Server.
+        assert settings.workers == 1, settings.workers
         # Migrations run on a connection of their own, without the pools' timeouts: one may
         # take long, and waits for another server's under an advisory lock.
         connection = await asyncpg.connect(
@@ -210,7 +235,7 @@ class Server:
             probe_lost = asyncio.Event()
             probe_pool = await create_pool(
                 settings.database_url,
-                size_max=1,
+                size_max=probe_pool_size,
                 statement_timeout_s=probe_timeout_s,
                 lock_timeout_s=probe_timeout_s,
                 on_close=probe_lost.set,
@@ -306,15 +331,29 @@ class Server:
                 ),
                 reflection.described_files(),
             ).add_to(server)
-            metrics_port = None if metrics is None else metrics.serve(settings.metrics_listen)
+            metrics_port = None
+            if metrics is not None:
+                try:
+                    metrics_port = metrics.serve(settings.metrics_listen)
+                except OSError as error:
+                    raise OSError(
+                        f"cannot serve metrics on {settings.metrics_listen}: "
+                        f"{error.strerror or error}"
+                    ) from error
             tls_files = settings.tls_files
             tls = None if tls_files is None else ServerTls(tls_files)
-            if tls is None:
-                port = server.add_insecure_port(settings.listen)
-            else:
-                port = server.add_secure_port(settings.listen, tls.credentials())
+            try:
+                if tls is None:
+                    port = server.add_insecure_port(settings.listen)
+                else:
+                    port = server.add_secure_port(settings.listen, tls.credentials())
+            except RuntimeError:  # What gRPC raises when it cannot bind.
+                port = 0
             if port == 0:
-                raise OSError(f"cannot listen on {settings.listen}")
+                raise OSError(
+                    f"cannot listen on {settings.listen}: the port is taken, or the address is "
+                    "not this machine's"
+                )
             await server.start()
             if settings.events:
                 listener.start()
@@ -379,6 +418,8 @@ class Server:
             await self.metrics.stop()
 
     async def _expire_holds(self) -> None:
+        if not self.settings.background_jobs:
+            return
         interval_s = self.settings.hold_expiry_interval_s
         failing = False
         while True:
@@ -410,7 +451,7 @@ class Server:
         """Every events_retention_interval_s, deletes the records older than
         events_retention_days (in bounded chunks: `Ledger.delete_events_before`)."""
         settings = self.settings
-        if not settings.events:
+        if not settings.events or not settings.background_jobs:
             return
         interval_s = settings.events_retention_interval_s
         failing = False
@@ -439,7 +480,7 @@ class Server:
         expiry_notice_days (`Ledger.announce_expiring_grants`)."""
         settings = self.settings
         interval_s = settings.expiration_interval_s
-        if not interval_s:
+        if not interval_s or not settings.background_jobs:
             return
         notice = timedelta(days=settings.expiry_notice_days)
         failing = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,8 @@ __all__ = [
     "rate_limit_calls_per_s_max",
     "rate_min",
     "shutdown_grace_s_max",
+    "workers_default",
+    "workers_max",
 ]
 
 listen_default = "127.0.0.1:50051"
@@ -119,8 +122,21 @@ rate_min = 0.1
 # made through another server takes effect within it.
 credentials_cache_ttl_s_default = 2.0
 credentials_cache_ttl_s_max = 60.0
+# Processes of `coffer serve` (server/workers.py): by default one a core this process may run
+# on, as many as PostgreSQL and the machine sensibly take at most (each opens its own pools).
+workers_max = 64
 # The names of the loopback interface that are not IP addresses.
 _loopback_names = frozenset({"localhost"})
+
+
+def workers_default() -> int:
+    """`coffer serve`'s workers when not told: the cores this process may run on (its CPU
+    affinity, which a container's or a `taskset`'s limit narrows), at most workers_max."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, workers_max))
 
 
 class SettingsError(ValueError):
@@ -198,6 +214,15 @@ class Settings:
     # the grants that expire within expiry_notice_days (0: none).
     expiration_interval_s: float = expiration_interval_s_default
     expiry_notice_days: int = expiry_notice_days_default
+    # Processes serving on one port (`coffer serve --workers`): 1, the server alone; more, a
+    # supervisor and that many workers, each a server with workers=1 and reuse_port (a Server
+    # is one process: `Server.start` takes 1 only). With more than one and a metrics port P,
+    # worker k serves its metrics on P + k - 1.
+    workers: int = 1
+    # Whether this server runs the background jobs: the hold-expiry sweep, the deletion of old
+    # events, the expiration runs and their notices. Safe from several servers at once, but
+    # each run is work done again: of `coffer serve`'s workers, only the first runs them.
+    background_jobs: bool = True
 
     @property
     def loopback(self) -> bool:
@@ -229,7 +254,7 @@ class Settings:
             )
         _check_address("listen", self.listen)
         self._check_metrics_listen()
-        for flag in ("reuse_port", "insecure", "events"):
+        for flag in ("reuse_port", "insecure", "events", "background_jobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise SettingsError(flag, f"must be true or false, not {getattr(self, flag)!r}")
         self._check_tls()
@@ -287,6 +312,7 @@ class Settings:
             ("events_watchers_max", 1, events_watchers_max_limit, ""),
             ("events_poll_interval_s", interval_s_min, interval_s_max, ""),
             ("expiry_notice_days", 0, expiry_notice_days_max, " (0: no notices)"),
+            ("workers", 1, workers_max, ""),
         ]
         for setting, low, high, note in bounds:
             value = getattr(self, setting)
@@ -329,6 +355,19 @@ class Settings:
         if self.metrics_listen == self.listen and not self.listen.endswith(":0"):
             raise SettingsError(
                 "metrics_listen", f"must differ from --listen, not {self.metrics_listen!r}"
+            )
+        # With several workers, a port each from P: all of them within the ports, none --listen's.
+        workers = self.workers if isinstance(self.workers, int) and self.workers > 1 else 1
+        metrics_port = int(self.metrics_listen.rpartition(":")[2])
+        if workers == 1 or metrics_port == 0:
+            return
+        last = metrics_port + workers - 1
+        listen_port = int(self.listen.rpartition(":")[2])
+        if last > port_max or metrics_port <= listen_port <= last:
+            raise SettingsError(
+                "metrics_listen",
+                f"must leave a port to each of the {workers} workers (P to P + {workers - 1}), "
+                f"all of them to {port_max} and none --listen's, not {self.metrics_listen!r}",
             )
 
     def _check_tls(self) -> None:
