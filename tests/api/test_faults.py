@@ -932,6 +932,9 @@ class ServeProcess:
             "serve",
             "--listen",
             target,
+            # One process, killed whole (a supervisor killed leaves its workers draining).
+            "--workers",
+            "1",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env={**os.environ, "DATABASE_URL": database_url},

@@ -75,6 +75,17 @@ def test_text_lines_end_with_the_fields() -> None:
     assert line.endswith(' coffer.test: refused principal="a shop" request_id=r-1 reasons={"X":1}')
 
 
+def test_a_workers_records_say_which_worker_wrote_them() -> None:
+    """In a worker of `coffer serve --workers N`, every record carries its number, before the
+    record's own fields."""
+    fields = {"worker": 2}
+    line = TextFormatter(fields).format(record("refused", fields={"request_id": "r-1"}))
+    assert line.endswith(" coffer.test: refused worker=2 request_id=r-1")
+    assert TextFormatter(fields).format(record("started")).endswith(" started worker=2")
+    entry = json.loads(JsonFormatter(process_fields=fields).format(record("started")))
+    assert entry["worker"] == 2 and entry["message"] == "started"
+
+
 async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None:
     """Calls carry a secret in `authorization` and other metadata, in notes, metadata, keys,
     a caller and a request id too long to use; some are answered, some refused, some
@@ -90,6 +101,9 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
         "debug",
         "--metrics-listen",
         "127.0.0.1:0",
+        # One process, whose metrics count every call.
+        "--workers",
+        "1",
         env={**os.environ, "DATABASE_URL": database_url},
     )
     try:

@@ -20,9 +20,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coffer.clients.caller import caller_metadata_key
+from coffer.server.settings import workers_max
 from coffer.v1 import transfers_pb2, transfers_pb2_grpc, units_pb2, units_pb2_grpc
 
 from support.metrics import scrape, value
+from support.ports import free_ports
 from support.processes import serve_beside
 
 coffer = str(Path(sys.executable).parent / "coffer")
@@ -125,12 +127,16 @@ async def test_serve_on_database_url(database_url: str) -> None:
 
 
 async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
-    """--metrics-listen and --log-format, from the environment as from the flags."""
-    metrics_port = free_port()
+    """--metrics-listen and --log-format, from the environment as from the flags: with two
+    workers, their metrics on two ports from the one given, each record of their log saying
+    which worker wrote it."""
+    metrics_port = free_ports(2)
     serving = await serve_beside(
         coffer,
         "--listen",
         "127.0.0.1:0",
+        "--workers",
+        "2",
         env={
             **os.environ,
             "DATABASE_URL": database_url,
@@ -138,8 +144,11 @@ async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
             "COFFER_LOG_FORMAT": "json",
         },
     )
+    metrics_ports = [metrics_port, metrics_port + 1]
     try:
-        assert f"coffer: metrics on http://127.0.0.1:{metrics_port}/metrics\n" in serving.printed
+        for number, port in enumerate(metrics_ports, start=1):
+            said = f"coffer: metrics on http://127.0.0.1:{port}/metrics (worker {number})\n"
+            assert said in serving.printed
         target = serving.ready.split("serving on ", 1)[1].split()[0]
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError):
@@ -148,27 +157,32 @@ async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
                     transfers_pb2.SubmitBatchRequest(),
                     metadata=((caller_metadata_key, "tests"), ("x-request-id", "serve-1")),
                 )
-        # The call is counted once its answer is sent: a scrape may come a moment before.
+        # The call is counted, by the worker that took it, once its answer is sent: a scrape
+        # may come a moment before.
         async with asyncio.timeout(10):
             while True:
-                samples = await scrape(metrics_port)
-                counted = value(
-                    samples,
-                    "coffer_rpcs_total",
-                    service="coffer.v1.TransferService",
-                    method="SubmitBatch",
-                    code="INVALID_ARGUMENT",
+                scraped = [await scrape(port) for port in metrics_ports]
+                counted = sum(
+                    value(
+                        samples,
+                        "coffer_rpcs_total",
+                        service="coffer.v1.TransferService",
+                        method="SubmitBatch",
+                        code="INVALID_ARGUMENT",
+                    )
+                    for samples in scraped
                 )
                 if counted:
                     break
                 await asyncio.sleep(0.05)
         assert counted == 1
-        assert value(samples, "coffer_database_up") == 1
+        assert all(value(samples, "coffer_database_up") == 1 for samples in scraped)
     finally:
         _, log = await serving.stop()
     [line] = [json.loads(each) for each in log.splitlines() if "batch_failed" in each]
     assert line["request_id"] == "serve-1" and line["reason"] == "INVALID_ARGUMENT"
     assert line["level"] == "INFO" and line["logger"] == "coffer.server.logs"
+    assert line["worker"] in (1, 2)
 
 
 async def test_migrate(database_url: str) -> None:
@@ -189,7 +203,8 @@ async def test_migrate(database_url: str) -> None:
 async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
     environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
-    process, _ = await serve("--listen", target, environment=environment)
+    # One server, whose log says each end of the outage once (each worker would say it).
+    process, _ = await serve("--listen", target, "--workers", "1", environment=environment)
     assert process.stdout is not None
     output = asyncio.create_task(process.stdout.read())
     try:
@@ -251,6 +266,12 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
             "--expiration-interval-s must be 0 (no expiration runs) or 0.01 to 86400",
         ),
         (["--expiry-notice-days", "367"], "--expiry-notice-days must be 0 to 366 (0: no notices)"),
+        (["--workers", "0"], f"--workers must be 1 to {workers_max}, not 0"),
+        (["--workers", "65"], f"--workers must be 1 to {workers_max}, not 65"),
+        (
+            ["--workers", "3", "--metrics-listen", "127.0.0.1:65534"],
+            "--metrics-listen must leave a port to each of the 3 workers (P to P + 2)",
+        ),
         (
             ["--listen", "127.0.0.1:9090", "--metrics-listen", "127.0.0.1:9090"],
             "--metrics-listen must differ from --listen",

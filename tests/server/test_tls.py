@@ -29,6 +29,10 @@ coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120
 # A TLS call that cannot succeed fails fast: no retries, a short deadline.
 refused_timeout_s = 5.0
+# `coffer serve`'s workers, and connections enough to reach each (all 16 on one of two: one
+# chance in 32,768).
+workers = 2
+connections = 16
 
 
 @pytest.fixture
@@ -56,8 +60,9 @@ async def tls_server(
         await running.stop()
 
 
-async def health(target: str, tls: Tls | None) -> str:
-    """The server's health over a connection of its own; raises the client's typed error."""
+async def health(target: str, tls: Tls | None, connections: int = 1) -> str:
+    """The server's health over `connections` connections of its own, asked over each: the
+    one answer they all gave; raises the client's typed error."""
     async with Client(
         target,
         tls=tls,
@@ -66,8 +71,10 @@ async def health(target: str, tls: Tls | None) -> str:
         # A connection of this client's own: another client's, made with other
         # certificates, is never shared.
         channel_options=[("grpc.use_local_subchannel_pool", 1)],
+        connections=connections,
     ) as client:
-        return await client.health()
+        [answer] = {await client.health() for _ in range(connections)}
+        return answer
 
 
 async def test_tls_serves_clients_that_trust_its_authority(
@@ -167,6 +174,7 @@ def replace(served: Issued, issued: Issued) -> None:
 async def test_coffer_serve_reloads_its_files_on_sighup(
     database_url: str, authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
+    """SIGHUP to `coffer serve` reaches each of its workers, and each reads the files again."""
     first, second = authorities
     served = Issued(cert=tmp_path / "served.pem", key=tmp_path / "served-key.pem")
     replace(served, first.issue_server())
@@ -175,6 +183,8 @@ async def test_coffer_serve_reloads_its_files_on_sighup(
         "serve",
         "--listen",
         "127.0.0.1:0",
+        "--workers",
+        str(workers),
         "--tls-cert",
         str(served.cert),
         stdout=asyncio.subprocess.PIPE,
@@ -197,9 +207,11 @@ async def test_coffer_serve_reloads_its_files_on_sighup(
         replace(served, second.issue_server())
         process.send_signal(signal.SIGHUP)
         async with asyncio.timeout(30):
-            said = await until_line(process, "TLS")
-        assert "reloaded" in said, said
-        assert await health(target, trusting_second) == "SERVING"
+            said = [await until_line(process, "TLS") for _ in range(workers)]
+        assert all("reloaded" in line for line in said), said
+        assert {line.split("worker=")[1].strip() for line in said} == {"1", "2"}, said
+        # New connections, to whichever worker, get the new certificate.
+        assert await health(target, trusting_second, connections) == "SERVING"
         with pytest.raises(errors.Unavailable):
             await health(target, trusting_first)
 
@@ -207,10 +219,11 @@ async def test_coffer_serve_reloads_its_files_on_sighup(
         served.cert.unlink()
         process.send_signal(signal.SIGHUP)
         async with asyncio.timeout(30):
-            said = await until_line(process, "TLS")
-        assert "WARNING" in said and "keeping the certificates in use" in said, said
-        assert "--tls-cert must be a readable file" in said, said
-        assert await health(target, trusting_second) == "SERVING"
+            said = [await until_line(process, "TLS") for _ in range(workers)]
+        for line in said:
+            assert "WARNING" in line and "keeping the certificates in use" in line, line
+            assert "--tls-cert must be a readable file" in line, line
+        assert await health(target, trusting_second, connections) == "SERVING"
     finally:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(60):

@@ -6,7 +6,10 @@ The `coffer` program is the client's (`coffer.clients.cli`); these join it throu
 `coffer.commands` entry points of this distribution, each called with the arguments after
 its name. The database is found as `coffer migrate` finds it: `--database-url` or
 DATABASE_URL, else the embedded PostgreSQL in the data directory, the running server's if one
-runs there (through its socket), else started for the command and stopped after it."""
+runs there (through its socket), else started for the command and stopped after it.
+
+`coffer serve --workers N` with N > 1 runs a supervisor and N workers on one port
+(`coffer.server.workers`); each worker is this same command, with `--worker K`."""
 
 from __future__ import annotations
 
@@ -33,15 +36,16 @@ from coffer.core.migrate import migrate as apply_migrations
 from coffer.core.model import ApiKey, CertificateMapping, Role
 from coffer.core.store.connections import create_pool
 from coffer.postgres.supervisor import (
+    CONNECTIONS_MAX_DEFAULT,
     EmbeddedPostgres,
     EmbeddedPostgresError,
     default_data_dir,
     supervise,
 )
 
-from . import logs
-from .app import Server
-from .settings import Settings, SettingsError, listen_default
+from . import logs, workers
+from .app import Server, database_connections_max
+from .settings import Settings, SettingsError, listen_default, workers_default, workers_max
 from .tls import ServerTls, TlsError
 
 __all__ = ["certificates", "keys", "migrate", "serve"]
@@ -72,20 +76,35 @@ def certificates(argv: list[str]) -> int:
 # Who made or changed a credential through these commands (its record's `created_by`, and
 # its event's actor).
 made_by_command = "coffer keys"
+# The embedded PostgreSQL takes the servers' connections and as many again as this, for the
+# commands beside them (migrations, `coffer keys`, an operator's psql).
+database_connections_spare = 20
 
 
 def _main(argv: list[str]) -> int:
     arguments = _parser().parse_args(argv)
-    logs.configure(arguments.log_level, arguments.log_format)
+    worker = getattr(arguments, "worker", None)
+    logs.configure(arguments.log_level, arguments.log_format, worker=worker)
+    # Who says what went wrong: a worker's words reach the supervisor's standard error.
+    program = "coffer" if worker is None else f"coffer (worker {worker})"
+    if worker is not None:
+        # A worker serves alone, on the database its supervisor found (given in DATABASE_URL
+        # when the command line named none).
+        arguments.workers = 1
+        arguments.database_url = arguments.database_url or os.environ.get("DATABASE_URL", "")
+        assert arguments.database_url, "a worker is given its database"
     try:
         if arguments.command == "serve":
             try:
                 settings = _settings(arguments)
+                if settings.workers > 1:
+                    database = _database(arguments, connections_max=_connections_max(settings))
+                    return uvloop.run(workers.supervise(argv[1:], settings, database))
                 return uvloop.run(_serve(arguments, settings))
             # The TLS files are read again at start: they may have changed since checked.
             except (SettingsError, TlsError) as error:
                 flag = "--" + error.setting.replace("_", "-")
-                print(f"coffer serve: {flag} {error.problem}", file=sys.stderr)
+                print(f"{program} serve: {flag} {error.problem}", file=sys.stderr)
                 return 2
         if arguments.command in ("keys", "certificates"):
             return uvloop.run(_access(arguments))
@@ -94,10 +113,10 @@ def _main(argv: list[str]) -> int:
         print(f"error: {error.reason}: {error.message}", file=sys.stderr)
         return 1
     except EmbeddedPostgresError as error:
-        print(f"coffer: {error}", file=sys.stderr)
+        print(f"{program}: {error}", file=sys.stderr)
         return 1
     except (OSError, asyncpg.PostgresError) as error:
-        print(f"coffer: {error}", file=sys.stderr)
+        print(f"{program}: {error}", file=sys.stderr)
         return 1
 
 
@@ -242,9 +261,21 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {defaults.calls_max})",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=workers_default(),
+        metavar="N",
+        help="server processes on the one port, each with the pools, limits and rates these "
+        "flags give (a worker's own); 1: this process alone; more: a supervisor and N "
+        "workers, one connection of a client reaching one worker (1 to "
+        f"{workers_max}; default: the cores this process may run on, {workers_default()})",
+    )
+    # A worker of a supervisor (server/workers.py): its number, 1 to N.
+    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--reuse-port",
         action="store_true",
-        help="set SO_REUSEPORT, so that several servers can listen on one port",
+        help="set SO_REUSEPORT, so that other servers can listen on the same port",
     )
     serve.add_argument(
         "--insecure",
@@ -338,20 +369,29 @@ def _parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         default=os.environ.get("COFFER_METRICS_LISTEN", ""),
         metavar="HOST:PORT",
-        help="serve Prometheus metrics over HTTP on this address, at /metrics "
+        help="serve Prometheus metrics over HTTP on this address, at /metrics; with "
+        "--workers N, worker k's on port P+k-1 (port 0: each any free one) "
         "(env COFFER_METRICS_LISTEN; default: none)",
     )
     return parser
 
 
+def _connections_max(settings: Settings) -> int:
+    """The connections the embedded PostgreSQL takes for `coffer serve`: every worker's."""
+    return settings.workers * database_connections_max(settings) + database_connections_spare
+
+
 @asynccontextmanager
-async def _database(arguments: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
-    """The database URL, and how to describe it: the given one, or an embedded cluster."""
+async def _database(
+    arguments: argparse.Namespace, *, connections_max: int = CONNECTIONS_MAX_DEFAULT
+) -> AsyncIterator[tuple[str, str]]:
+    """The database URL, and how to describe it: the given one, or an embedded cluster (taking
+    at least `connections_max` connections)."""
     if arguments.database_url:
         yield arguments.database_url, "DATABASE_URL"
         return
     data_dir = arguments.data_dir or default_data_dir()
-    cluster = EmbeddedPostgres(data_dir / "postgres")
+    cluster = EmbeddedPostgres(data_dir / "postgres", connections_max=connections_max)
     if arguments.command in ("keys", "certificates"):
         # The server may be running on it: go through its socket.
         running = cluster.running_dsn()
@@ -400,43 +440,63 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         events_watchers_max=arguments.events_watchers_max,
         expiration_interval_s=arguments.expiration_interval_s,
         expiry_notice_days=arguments.expiry_notice_days,
+        workers=arguments.workers,
+        # Of a supervisor's workers, the first alone.
+        background_jobs=arguments.worker in (None, 1),
     )
 
 
 async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
-    async with _database(arguments) as (database_url, description):
+    """One server in this process: `coffer serve --workers 1`, or a worker of a supervisor
+    (`--worker K`), which says it serves to its supervisor alone (`workers.WorkerReady`)."""
+    worker = arguments.worker
+    connections_max = _connections_max(settings)
+    async with _database(arguments, connections_max=connections_max) as (database_url, description):
         server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signal_number, stopping.set)
+        if worker is not None:
+            workers.watch_supervisor(stopping)
         # Without TLS, SIGHUP keeps its default (it ends the process), as it always did.
         reloads = None
         if server.tls is not None:
             reload_asked = asyncio.Event()
             loop.add_signal_handler(signal.SIGHUP, reload_asked.set)
             reloads = asyncio.create_task(_reload_tls_on_request(server.tls, reload_asked))
-        host = arguments.listen.rsplit(":", 1)[0]
-        if server.metrics_port is not None:
-            metrics_host = settings.metrics_listen.rsplit(":", 1)[0]
-            print(
-                f"coffer: metrics on http://{metrics_host}:{server.metrics_port}/metrics",
-                flush=True,
+        if worker is not None:
+            ready = workers.WorkerReady(
+                server.port, _security(server), await _access_mode(server), server.metrics_port
             )
-        events = "" if settings.events else ", events off"
-        print(
-            f"coffer: serving on {host}:{server.port}{_security(server)} ({description}{events}); "
-            + await _access_mode(server),
-            flush=True,
-        )
+            print(ready.line(), flush=True)
+        else:
+            if server.metrics_port is not None:
+                metrics_host = settings.metrics_listen.rsplit(":", 1)[0]
+                print(
+                    f"coffer: metrics on http://{metrics_host}:{server.metrics_port}/metrics",
+                    flush=True,
+                )
+            host = arguments.listen.rsplit(":", 1)[0]
+            line = workers.serving_line(
+                f"{host}:{server.port}",
+                _security(server),
+                description,
+                events=settings.events,
+                access_mode=await _access_mode(server),
+                workers=1,
+            )
+            print(line, flush=True)
         await stopping.wait()
-        print("coffer: shutting down", flush=True)
+        if worker is None:
+            print("coffer: shutting down", flush=True)
         if reloads is not None:
             reloads.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reloads
         await server.stop()
-    print("coffer: stopped", flush=True)
+    if worker is None:
+        print("coffer: stopped", flush=True)
     return 0
 
 

@@ -3,7 +3,8 @@
 `configure(level, "text" | "json")` sends every log record to standard error: as text
 (`time level logger: message key=value …`), or as one JSON object per line with `time` (UTC,
 ISO 8601), `level`, `logger`, `message`, the record's structured fields (given as
-`extra={"fields": {...}}`) and, with a traceback, `exception`.
+`extra={"fields": {...}}`) and, with a traceback, `exception`. In a worker of `coffer serve
+--workers N`, every record also carries the field `worker` (its number, 1 to N).
 
 A batch call (SubmitBatch) some of whose operations were refused, or that failed as a whole
 (refused at once, or failed by the database), gets one line: its principal (who is calling),
@@ -56,7 +57,20 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class _Formatter(logging.Formatter):
-    """Tracebacks without what a database error quotes of a request."""
+    """Tracebacks without what a database error quotes of a request; `process_fields`, the
+    fields of every record of this process (before each record's own)."""
+
+    def __init__(self, fmt: str | None = None, process_fields: Mapping[str, Any] | None = None):
+        super().__init__(fmt)
+        self.process_fields = dict(process_fields or {})
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        """The process's fields, then the record's."""
+        fields = dict(self.process_fields)
+        given = getattr(record, _fields_attribute, None)
+        if isinstance(given, Mapping):
+            fields.update(given)
+        return fields
 
     def formatException(self, ei: Any) -> str:
         text = super().formatException(ei)
@@ -92,10 +106,7 @@ class JsonFormatter(_Formatter):
     """One JSON object per record, on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {}
-        fields = getattr(record, _fields_attribute, None)
-        if isinstance(fields, Mapping):
-            entry.update(fields)
+        entry = self.fields(record)
         # The record's own keys win over fields of the same name.
         entry.update(
             time=datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -113,15 +124,14 @@ class JsonFormatter(_Formatter):
 class TextFormatter(_Formatter):
     """`time level logger: message`, then the record's fields as ` key=value`."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, process_fields: Mapping[str, Any] | None = None) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", process_fields)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        fields = getattr(record, _fields_attribute, None)
-        if isinstance(fields, Mapping):
-            line += "".join(f" {key}={_text(value)}" for key, value in fields.items())
-        return line
+        return line + "".join(
+            f" {key}={_text(value)}" for key, value in self.fields(record).items()
+        )
 
 
 def _text(value: object) -> str:
@@ -132,12 +142,17 @@ def _text(value: object) -> str:
     return json.dumps(str(value))
 
 
-def configure(level: str, log_format: str) -> None:
+def configure(level: str, log_format: str, *, worker: int | None = None) -> None:
     """Every record at `level` ("debug", "info", "warning") or above to standard error, in
-    `log_format` (one of `log_formats`)."""
+    `log_format` (one of `log_formats`); with `worker`, each with the field `worker`."""
     assert log_format in log_formats, log_format
+    process_fields = {} if worker is None else {"worker": worker}
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(
+        JsonFormatter(process_fields=process_fields)
+        if log_format == "json"
+        else TextFormatter(process_fields)
+    )
     logging.basicConfig(level=level.upper(), handlers=[handler])
 
 

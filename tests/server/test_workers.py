@@ -1,0 +1,334 @@
+"""`coffer serve --workers N`: a supervisor and N worker processes on one port, as a user runs
+it: one ready line, calls over several connections reaching every worker, idempotent replays
+across them, a killed worker started again (within a budget of restarts), a worker that cannot
+start failing the start, and SIGTERM stopping every process, the embedded PostgreSQL's too."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from coffer.clients import Client
+from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
+from coffer.server.app import Server, Settings, database_connections_max
+from coffer.server.workers import restarts_max
+
+from support.metrics import scrape, value
+from support.ports import children, free_ports, gone
+
+coffer = str(Path(sys.executable).parent / "coffer")
+ready_timeout_s = 120.0
+# Enough connections that the kernel's choice of worker for each leaves none without one
+# (all 16 on one of two workers: one chance in 32,768).
+connections = 16
+
+
+class Serving:
+    """A `coffer serve` process, everything it prints (stdout and the log) read as it comes."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._reading = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.lines.append(line.decode())
+            self._changed.set()
+        self._changed.set()
+
+    async def line(self, predicate: Callable[[str], bool], timeout_s: float = 60.0) -> str:
+        """The first line printed that satisfies `predicate`, waiting for it."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                found = [line for line in self.lines if predicate(line)]
+                if found:
+                    return found[0]
+                assert not self._reading.done(), "coffer serve exited:\n" + "".join(self.lines)
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def count(self, text: str, expected: int, timeout_s: float = 60.0) -> None:
+        """Waits until `expected` lines hold `text`."""
+        async with asyncio.timeout(timeout_s):
+            while sum(text in line for line in self.lines) < expected:
+                assert not self._reading.done(), "coffer serve exited:\n" + "".join(self.lines)
+                self._changed.clear()
+                await self._changed.wait()
+
+    @property
+    def ready(self) -> str:
+        return next(line for line in self.lines if "serving on" in line)
+
+    @property
+    def target(self) -> str:
+        return self.ready.split("serving on ", 1)[1].split()[0]
+
+    async def exited(self, timeout_s: float = 60.0) -> int:
+        """Its exit status, once it has exited and said everything."""
+        async with asyncio.timeout(timeout_s):
+            status = await self.process.wait()
+            await self._reading
+        return status
+
+    async def stop(self) -> None:
+        """SIGTERM: it stops its workers and exits with 0."""
+        self.process.send_signal(signal.SIGTERM)
+        assert await self.exited() == 0, "".join(self.lines)
+
+
+@asynccontextmanager
+async def serving(*arguments: str, environment: dict[str, str]) -> AsyncIterator[Serving]:
+    """`coffer serve` with these arguments, once it says it serves; killed at the end if the
+    test has not stopped it, with its workers."""
+    process = await asyncio.create_subprocess_exec(
+        coffer,
+        "serve",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **environment},
+    )
+    running = Serving(process)
+    try:
+        await running.line(lambda line: "serving on" in line, ready_timeout_s)
+        yield running
+    finally:
+        if process.returncode is None:
+            workers = children(process.pid)
+            process.kill()
+            await process.wait()
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path, which is private (0700): as root the embedded cluster runs as a
+    # system user, which must get through the directories above its data.
+    directory = Path(tempfile.mkdtemp(prefix="coffer-workers-test-"))
+    directory.chmod(0o711)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def credits_counted(metrics_ports: list[int]) -> list[float]:
+    """The Credit calls answered OK, as each worker's metrics count them."""
+    counted = []
+    for port in metrics_ports:
+        samples = await scrape(port)
+        counted.append(
+            value(
+                samples,
+                "coffer_rpcs_total",
+                service="coffer.v1.TransferService",
+                method="Credit",
+                code="OK",
+            )
+        )
+    return counted
+
+
+async def test_workers_share_one_port_and_a_replay_applies_once_across_them(
+    database_url: str,
+) -> None:
+    metrics_port = free_ports(2)
+    async with serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        environment={"DATABASE_URL": database_url},
+    ) as server:
+        # One ready line, on the port chosen for all, after a metrics line for each worker.
+        assert sum("serving on" in line for line in server.lines) == 1, server.lines
+        assert "(DATABASE_URL, 2 workers); open: " in server.ready, server.ready
+        assert not server.target.endswith(":0")
+        metrics_lines = [line for line in server.lines if "metrics on" in line]
+        assert metrics_lines == [
+            f"coffer: metrics on http://127.0.0.1:{metrics_port}/metrics (worker 1)\n",
+            f"coffer: metrics on http://127.0.0.1:{metrics_port + 1}/metrics (worker 2)\n",
+        ]
+        workers = children(server.process.pid)
+        assert len(workers) == 2, workers
+
+        # The same credit, with one key, over every connection: applied once, by whichever
+        # worker came first; every other worker answers with the same transfer.
+        async with Client(server.target, caller="tests", connections=connections) as client:
+            await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+            wallet = await client.create_wallet(owner_id="c-1", owner_kind="customer", unit="EUR")
+            answers = await asyncio.gather(
+                *(
+                    client.credit(wallet_id=wallet.id, amount=150, idempotency_key="order-1")
+                    for _ in range(connections)
+                )
+            )
+            assert len({answer.id for answer in answers}) == 1
+            balance = await client.get_balance(wallet_id=wallet.id)
+            assert balance.balance.posted == 150
+        counted = await credits_counted([metrics_port, metrics_port + 1])
+        assert sum(counted) == connections and min(counted) > 0, counted
+        await server.stop()
+    assert server.lines[-2:] == ["coffer: shutting down\n", "coffer: stopped\n"], server.lines
+    assert all(gone(pid) for pid in workers)
+
+
+async def test_a_killed_worker_is_started_again_within_a_budget(database_url: str) -> None:
+    async with serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        environment={"DATABASE_URL": database_url},
+    ) as server:
+        first, second = children(server.process.pid)
+        os.kill(second, signal.SIGKILL)
+        said = await server.line(lambda line: "serves again" in line)
+        assert "worker" in said and f"(pid {second})" not in said, said
+        assert "exited with signal SIGKILL; starting it again" in "".join(server.lines)
+        assert first in children(server.process.pid) and second not in children(server.process.pid)
+        async with Client(server.target, caller="tests", connections=connections) as client:
+            await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+            wallet = await client.create_wallet(owner_id="c-1", owner_kind="customer", unit="EUR")
+            for number in range(connections):
+                await client.credit(wallet_id=wallet.id, amount=1, idempotency_key=f"k-{number}")
+            assert (await client.get_balance(wallet_id=wallet.id)).balance.posted == connections
+
+        # Past the budget (restarts_max restarts within the window, all workers together),
+        # the supervisor stops every worker and exits with 1.
+        for restarted in range(2, restarts_max + 1):
+            os.kill(children(server.process.pid)[0], signal.SIGKILL)
+            await server.count("serves again", restarted)
+        workers = children(server.process.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        assert await server.exited() == 1
+    log = "".join(server.lines)
+    assert f"after {restarts_max} restarts of workers within 60 s: stopping every worker" in log
+    assert all(gone(pid) for pid in workers)
+
+
+async def test_sigterm_stops_every_worker_and_the_embedded_postgres(data_dir: Path) -> None:
+    """The embedded PostgreSQL, started once by the supervisor, takes every worker's
+    connections (here more than its default); SIGTERM stops it after the workers."""
+    async with serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--pool-size-read",
+        "100",
+        environment={"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""},
+    ) as server:
+        assert f"(embedded PostgreSQL in {data_dir / 'postgres'}, 2 workers)" in server.ready
+        cluster = EmbeddedPostgres(data_dir / "postgres")
+        dsn = cluster.running_dsn()
+        assert dsn is not None
+        connection = await asyncpg.connect(dsn)
+        try:
+            taken = int(await connection.fetchval("show max_connections"))
+        finally:
+            await connection.close()
+        per_worker = database_connections_max(Settings(database_url="", pool_size_read=100))
+        assert taken >= 2 * per_worker > CONNECTIONS_MAX_DEFAULT
+        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        backends = children(postmaster)
+        workers = children(server.process.pid)
+        assert len(workers) == 2 and backends
+        async with Client(server.target, caller="tests", connections=connections) as client:
+            assert await client.health() == "SERVING"
+        await server.stop()
+    assert all(gone(pid) for pid in [*workers, postmaster, *backends])
+
+
+@pytest.mark.parametrize("taken", ["the port", "a worker's metrics port"])
+async def test_a_port_taken_fails_the_start(taken: str, database_url: str) -> None:
+    """A port in use, the gRPC port (refused before anything starts) or the metrics port of
+    the second worker (refused by that worker, whose message is in the log): the start fails,
+    with the reason, and no process is left."""
+    first = free_ports(2)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", first + 1))
+        holder.listen()
+        if taken == "the port":
+            arguments = ["--listen", f"127.0.0.1:{first + 1}"]
+            reason = f"coffer: cannot listen on 127.0.0.1:{first + 1}: Address already in use"
+        else:
+            arguments = ["--listen", "127.0.0.1:0", "--metrics-listen", f"127.0.0.1:{first}"]
+            reason = (
+                f"coffer (worker 2): cannot serve metrics on 127.0.0.1:{first + 1}: "
+                "Address already in use"
+            )
+        process = await asyncio.create_subprocess_exec(
+            coffer,
+            "serve",
+            *arguments,
+            "--workers",
+            "2",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "DATABASE_URL": database_url},
+        )
+        output, errors = await asyncio.wait_for(process.communicate(), ready_timeout_s)
+    assert process.returncode == 1, errors
+    assert output == b""
+    assert reason in errors.decode(), errors
+    if taken != "the port":
+        assert "worker 2 did not start (status 1): stopping" in errors.decode(), errors
+    assert children(process.pid) == []
+
+
+async def test_a_server_without_background_jobs_leaves_them_to_another(
+    database_url: str,
+) -> None:
+    """A worker other than the first runs no sweep: a lapsed hold stays unresolved (its money
+    is free all the same) until a server with the background jobs sweeps it."""
+    settings = Settings(
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        hold_expiry_interval_s=0.1,
+        background_jobs=False,
+    )
+    quiet = await Server.start(settings)
+    try:
+        async with Client(f"127.0.0.1:{quiet.port}", caller="tests") as client:
+            await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+            wallet = await client.create_wallet(owner_id="c-1", owner_kind="customer", unit="EUR")
+            await client.credit(wallet_id=wallet.id, amount=100)
+            placed = await client.place_hold(
+                wallet_id=wallet.id, amount=60, timeout=timedelta(seconds=1)
+            )
+            await asyncio.sleep(1.5)
+            hold = await client.get_hold(hold_id=placed.hold.id)
+            assert not hold.resolved_by_transfer_id
+            assert (await client.get_balance(wallet_id=wallet.id)).balance.available == 100
+    finally:
+        await quiet.stop()
+    sweeping = await Server.start(dataclasses.replace(settings, background_jobs=True))
+    try:
+        async with Client(f"127.0.0.1:{sweeping.port}", caller="tests") as client:
+            async with asyncio.timeout(10):
+                while not (await client.get_hold(hold_id=placed.hold.id)).resolved_by_transfer_id:
+                    await asyncio.sleep(0.05)
+    finally:
+        await sweeping.stop()
