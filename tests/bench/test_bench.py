@@ -4,8 +4,8 @@ Not a benchmark: half a second of load each, to see that every scenario runs, pr
 table and its JSON line, writes its files and checks the books. The scenarios share one
 `coffer serve` process (`--target`, with `--database-url` for the preload and the check), as
 runs against a running server do: each sets up wallets of its own. One run takes the default
-path instead, as a process, as it is used: its own durable embedded PostgreSQL and two server
-processes on one port, pgbench and the gRPC echo comparison, and nothing left running after.
+path instead, as a process, as it is used: its own durable embedded PostgreSQL and a `coffer
+serve` of two workers, pgbench and the gRPC echo comparison, and nothing left running after.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from coffer.bench.infra import ServerGroup, coffer_command
+from coffer.bench.infra import BenchServer, coffer_command
 from coffer.bench.main import bench, main, parse_arguments
 from coffer.postgres.supervisor import EmbeddedPostgres
 
@@ -64,15 +64,15 @@ async def shared_server(
         await administration.close()
     dsn = postgres_cluster.dsn_for(shared_database)
     try:
-        servers = await ServerGroup.start(
+        server = await BenchServer.start(
             dsn,
-            count=1,
+            workers=1,
             server_arguments=[],
             log_dir=tmp_path_factory.mktemp("bench-server"),
             note=lambda message: None,
         )
-        async with servers:
-            yield ["--target", servers.target, "--database-url", dsn]
+        async with server:
+            yield ["--target", server.target, "--database-url", dsn]
     finally:
         administration = await asyncpg.connect(postgres_cluster.dsn)
         try:
@@ -171,14 +171,14 @@ async def test_overload_scenario(
     assert overload["recovery_s"] is not None
 
 
-def test_embedded_database_two_servers_and_comparisons(tmp_path: Path) -> None:
+def test_embedded_database_two_workers_and_comparisons(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
             *coffer_command(),
             "bench",
             "--scenario",
             "single",
-            "--servers",
+            "--workers",
             "2",
             "--inflight",
             "8",
@@ -197,17 +197,20 @@ def test_embedded_database_two_servers_and_comparisons(tmp_path: Path) -> None:
     assert result["self_check"] == "passed"
     assert result["errors"] == 0
     assert isinstance(result["transfers_per_s"], float) and result["transfers_per_s"] > 0
-    # Two processes on one port (--reuse-port), a connection of the client to each at least.
-    assert result["servers"] == 2 and result["connections"] == 8
-    assert isinstance(result["server_rss_mb_max"], float) and result["server_rss_mb_max"] > 0
+    # One `coffer serve` of two workers, the client's calls over two connections a worker.
+    assert result["servers"] == 1 and result["workers"] == 2 and result["connections"] == 4
+    # Its memory: the supervisor and the workers together, and the largest of them.
+    together, largest = result["server_rss_mb_max"], result["server_rss_mb_max_per_process"]
+    assert isinstance(together, float) and isinstance(largest, float)
+    assert 0 < largest < together
     assert isinstance(result["pgbench_tps"], float) and result["pgbench_tps"] > 0
     assert isinstance(result["echo_rps"], float) and result["echo_rps"] > 0
     assert "durable" in str(result["database"])
-    # The CPU the servers, PostgreSQL and the client spent per transfer in the window.
+    # The CPU the server (its workers), PostgreSQL and the client spent per transfer in the window.
     budget = result["cpu_us_per_transfer"]
     assert isinstance(budget, dict) and set(budget) == {"server", "postgres", "client"}
     assert all(isinstance(value, float) and value > 0 for value in budget.values()), budget
-    # The cluster and the servers ran in a temporary directory: all stopped, and it is gone.
+    # The cluster and the server ran in a temporary directory: all stopped, and it is gone.
     data_dir = str(result["database"]).split(" in ", 1)[1].split(" ", 1)[0]
     assert data_dir.startswith(tempfile.gettempdir())
     assert not Path(data_dir).exists()
@@ -222,7 +225,10 @@ def test_embedded_database_two_servers_and_comparisons(tmp_path: Path) -> None:
         ["--duration", "0"],
         ["--scenario", "nonesuch"],
         ["--sweep", "1,x"],
-        ["--target", "127.0.0.1:1", "--servers", "2"],
+        ["--target", "127.0.0.1:1", "--workers", "2"],
+        ["--workers", "0"],
+        ["--workers", "65"],
+        ["--connections", "0"],
         ["--target", "127.0.0.1:1", "--preload", "10"],
         ["--scenario", "overload", "--sweep", "1,2"],
     ],

@@ -1,5 +1,5 @@
-"""What `coffer bench` runs around its load: the database, the server processes, pgbench, the
-preload of stored transfers, and the check of the books afterwards.
+"""What `coffer bench` runs around its load: the database, the server and its workers, pgbench,
+the preload of stored transfers, and the check of the books afterwards.
 
 The benchmark reads and writes the ledger only through the public API (the typed client, in
 `load`) and the core's documented entry points: `coffer.core.preload` for the history it
@@ -7,8 +7,8 @@ preloads, `coffer.core.audit` for the check of the books. pgbench's scratch data
 own.
 
     async with bench_database(None) as database:          # a durable embedded cluster
-        async with ServerGroup.start(database.dsn, count=1, server_arguments=[]) as servers:
-            ...                                           # servers.target, servers.pids
+        async with await BenchServer.start(database.dsn, workers=2, ...) as server:
+            ...                                           # server.target, server.pid
         books = await check_books(database.dsn)           # books.passed, books.summary()
 """
 
@@ -26,7 +26,7 @@ import tempfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Self
@@ -42,9 +42,9 @@ from coffer.postgres.supervisor import EmbeddedPostgres, EmbeddedPostgresError, 
 
 __all__ = [
     "BenchDatabase",
+    "BenchServer",
     "Note",
     "RssSampler",
-    "ServerGroup",
     "bench_database",
     "bench_key_name",
     "check_books",
@@ -139,69 +139,63 @@ def _free_port() -> int:
 
 
 @dataclass
-class _ServerProcess:
-    process: asyncio.subprocess.Process
+class BenchServer:
+    """One `coffer serve` on a free port: with --workers N > 1, a supervisor (`pid`) and N
+    worker processes below it."""
+
+    target: str
+    workers: int
     log_path: Path
     # Its stderr, and its stdout once it serves.
     log: BinaryIO
+    process: asyncio.subprocess.Process | None = None
     drain: asyncio.Task[None] | None = None
 
-
-@dataclass
-class ServerGroup:
-    """`count` server processes on one port (SO_REUSEPORT when more than one)."""
-
-    target: str
-    processes: list[_ServerProcess] = field(default_factory=list)
-
     @property
-    def pids(self) -> list[int]:
-        return [server.process.pid for server in self.processes]
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
 
     @classmethod
     async def start(
         cls,
         dsn: str,
         *,
-        count: int,
+        workers: int,
         server_arguments: Sequence[str],
         log_dir: Path,
         note: Note,
-    ) -> ServerGroup:
-        port = _free_port()
-        group = cls(f"127.0.0.1:{port}")
+    ) -> BenchServer:
+        log_path = log_dir / "server.log"
+        server = cls(f"127.0.0.1:{_free_port()}", workers, log_path, log_path.open("wb"))
         command = [
             *coffer_command(),
             "serve",
             "--listen",
-            group.target,
+            server.target,
             "--database-url",
             dsn,
             "--log-level",
             "warning",
+            "--workers",
+            str(workers),
+            *server_arguments,
         ]
-        if count > 1:
-            command.append("--reuse-port")
-        command.extend(server_arguments)
         try:
-            for number in range(count):
-                await group._start_one(command, log_dir / f"server-{number + 1}.log")
+            await server._start(command)
         except BaseException:
-            await group.stop()
+            await server.stop()
             raise
-        note(f"{count} server process{'es' if count > 1 else ''} serving on {group.target}")
-        return group
+        note(f"coffer serve with {_workers(workers)} serving on {server.target}")
+        return server
 
-    async def _start_one(self, command: list[str], log_path: Path) -> None:
-        log = log_path.open("wb")
-        process = await asyncio.create_subprocess_exec(
+    async def _start(self, command: list[str]) -> None:
+        self.process = process = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            stderr=log,
+            stderr=self.log,
         )
-        server = _ServerProcess(process, log_path, log)
-        self.processes.append(server)
         assert process.stdout is not None
         deadline = time.monotonic() + server_start_timeout_s
         while True:
@@ -211,46 +205,53 @@ class ServerGroup:
             except TimeoutError:
                 raise RuntimeError(
                     f"the server did not start within {server_start_timeout_s:.0f} s:\n"
-                    + _tail(log_path)
+                    + _tail(self.log_path)
                 ) from None
             if not line:
                 await process.wait()
                 raise RuntimeError(
                     f"the server exited with code {process.returncode} before serving:\n"
-                    + _tail(log_path)
+                    + _tail(self.log_path)
                 )
-            log.write(line)
+            self.log.write(line)
             if b"serving on" in line:
                 break
-        server.drain = asyncio.create_task(_drain(process.stdout, log))
+        self.drain = asyncio.create_task(_drain(process.stdout, self.log))
 
     def exited(self) -> list[str]:
-        """The servers that stopped on their own, with the end of their logs."""
-        return [
-            f"server pid {server.process.pid} exited with code {server.process.returncode}:\n"
-            + _tail(server.log_path)
-            for server in self.processes
-            if server.process.returncode is not None
-        ]
+        """The server, if it stopped on its own, with the end of its log; and its workers
+        that did (their supervisor starts them again, and logs it)."""
+        if self.process is None:
+            return []
+        if self.process.returncode is not None:
+            return [
+                f"server pid {self.process.pid} exited with code {self.process.returncode}:\n"
+                + _tail(self.log_path)
+            ]
+        try:
+            log = self.log_path.read_bytes().decode(errors="replace")
+        except OSError:
+            return []
+        return [line for line in log.splitlines() if "starting it again" in line]
 
     async def stop(self) -> None:
-        """SIGTERM to each, then wait; SIGKILL those that do not stop in time."""
-        for server in self.processes:
-            if server.process.returncode is None:
+        """SIGTERM, then wait (the supervisor stops its workers); SIGKILL if it does not stop
+        in time."""
+        process, self.process = self.process, None
+        if process is not None:
+            if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    server.process.send_signal(signal.SIGTERM)
-        for server in self.processes:
+                    process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(server.process.wait(), server_stop_timeout_s)
+                await asyncio.wait_for(process.wait(), server_stop_timeout_s)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    server.process.kill()
-                await server.process.wait()
-            if server.drain is not None:
+                    process.kill()
+                await process.wait()
+            if self.drain is not None:
                 with contextlib.suppress(Exception):
-                    await server.drain
-            server.log.close()
-        self.processes.clear()
+                    await self.drain
+        self.log.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -262,6 +263,10 @@ class ServerGroup:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+def _workers(count: int) -> str:
+    return f"{count} worker{'s' if count > 1 else ''}"
 
 
 async def _drain(stream: asyncio.StreamReader, log: BinaryIO) -> None:
@@ -278,11 +283,14 @@ def _tail(path: Path) -> str:
 
 
 class RssSampler:
-    """Samples the summed VmRSS of some processes every half second, while running."""
+    """Samples every half second, while running, the VmRSS of some processes and of every
+    process below them: their sum (`mb_max`, the largest sum) and the largest of one
+    (`mb_max_per_process`)."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self._pids = list(pids)
         self.mb_max: float | None = None
+        self.mb_max_per_process: float | None = None
         self.samples: list[tuple[float, float]] = []
         self._task: asyncio.Task[None] | None = None
         self._started = 0.0
@@ -301,10 +309,39 @@ class RssSampler:
 
     async def _sample(self) -> None:
         while True:
-            total = sum(_rss_kb(pid) or 0 for pid in self._pids) / 1024
+            each = [(_rss_kb(pid) or 0) / 1024 for pid in _tree(self._pids)]
+            total, largest = sum(each), max(each, default=0.0)
             self.samples.append((round(time.monotonic() - self._started, 1), round(total, 1)))
             self.mb_max = total if self.mb_max is None else max(self.mb_max, total)
+            self.mb_max_per_process = (
+                largest
+                if self.mb_max_per_process is None
+                else max(self.mb_max_per_process, largest)
+            )
             await asyncio.sleep(rss_sample_interval_s)
+
+
+def _tree(roots: Sequence[int]) -> list[int]:
+    """`roots` and every live process below them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as file:
+                text = file.read()
+        except OSError:
+            continue
+        # After the command's closing parenthesis: state, then the parent's pid.
+        parent = int(text[text.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    pending = list(roots)
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, ()))
+    return found
 
 
 def _rss_kb(pid: int) -> int | None:

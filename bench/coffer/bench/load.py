@@ -44,7 +44,7 @@ __all__ = [
     "Workload",
     "batch_scenarios",
     "make_workload",
-    "open_clients",
+    "open_client",
     "run_load",
     "scenarios",
     "setup",
@@ -92,24 +92,18 @@ class Fixture:
     plain: list[int] = field(default_factory=list)
 
 
-def open_clients(target: str, count: int, api_key: str | None = None) -> list[Client]:
-    """`count` clients, each call carrying `api_key` if given; with more than one, each on a
-    connection of its own."""
-    # gRPC lets channels with the same target and arguments share one connection, and the
-    # kernel spreads the connections to an SO_REUSEPORT port among the server processes, not
-    # the calls: to reach several servers, each client needs a connection of its own.
-    options = [("grpc.use_local_subchannel_pool", 1)] if count > 1 else []
-    return [
-        Client(
-            target,
-            caller=caller,
-            api_key=api_key,
-            timeout_s=call_timeout_s,
-            retries_max=0,
-            channel_options=options,
-        )
-        for _ in range(count)
-    ]
+def open_client(target: str, connections: int, api_key: str | None = None) -> Client:
+    """The bench's client: every call carrying `api_key` if given, the calls taking
+    `connections` connections in turn (the kernel gives each connection to one process of a
+    server of several: to reach them all, the client needs several)."""
+    return Client(
+        target,
+        caller=caller,
+        api_key=api_key,
+        timeout_s=call_timeout_s,
+        retries_max=0,
+        connections=connections,
+    )
 
 
 async def setup(client: Client, scenario: str, wallets: int, run_id: str, note: Note) -> Fixture:
@@ -657,7 +651,7 @@ def make_workload(
 
 async def run_load(
     workload: Workload,
-    clients: Sequence[Client],
+    client: Client,
     *,
     inflight: int,
     warmup_s: float,
@@ -665,12 +659,12 @@ async def run_load(
     cpu: CpuMeter | None = None,
     stream: TextIO = sys.stderr,
 ) -> dict[str, Any]:
-    """`inflight` loops, each making one call at a time, spread over the clients'
-    connections, for the warmup and then the measured duration; then the summary, with the
+    """`inflight` loops, each making one call at a time (the client spreads them over its
+    connections), for the warmup and then the measured duration; then the summary, with the
     CPU each of `cpu`'s groups spent in the measured window when given."""
     recorder = Recorder(warmup_s, duration_s)
 
-    async def loop(client: Client) -> None:
+    async def loop() -> None:
         while recorder.running():
             await workload.step(client, recorder)
 
@@ -678,7 +672,7 @@ async def run_load(
     reporting = asyncio.create_task(progress(workload.label, workload.unit, recorder, stream))
     metering = asyncio.create_task(_meter(cpu, recorder)) if cpu is not None else None
     try:
-        await asyncio.gather(*(loop(clients[n % len(clients)]) for n in range(inflight)))
+        await asyncio.gather(*(loop() for _ in range(inflight)))
     finally:
         reporting.cancel()
         await asyncio.gather(reporting, return_exceptions=True)

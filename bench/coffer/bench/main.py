@@ -3,7 +3,8 @@
     coffer bench --scenario batch --duration 20 --json
 
 By default it starts a durable embedded PostgreSQL (fsync and synchronous_commit on, as in
-production) in a temporary directory and a `coffer serve` process on a free port, sets up a
+production) in a temporary directory and a `coffer serve` (as many workers as `coffer serve`
+starts by default, or --workers) on a free port, sets up a
 unit and wallets (not timed), drives the server over gRPC with the typed client for a warmup
 and then the measured duration, checks the books, and, for comparison on the same machine and
 database server, runs pgbench's tpcb-like load and a bare gRPC health-check echo. It prints a
@@ -46,13 +47,17 @@ import uvloop
 from coffer.bench import infra, load, measure, overload, report
 from coffer.bench.load import batch_scenarios, scenarios
 from coffer.clients import Client, limits
+from coffer.clients.client import connections_max
+from coffer.server.settings import workers_default, workers_max
 
 __all__ = ["bench", "main", "parse_arguments"]
 
 inflight_default_batch = 2
 inflight_default_single = 64
 echo_inflight = 64
-connections_per_server = 4
+# The kernel gives each connection to one worker, picked by a hash: a few per worker let
+# every worker have some.
+connections_per_worker = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,17 +167,18 @@ def _parser() -> argparse.ArgumentParser:
         help="with --target and no --database-url: the key the calls carry (env COFFER_API_KEY)",
     )
     parser.add_argument(
-        "--servers",
+        "--workers",
         type=int,
-        default=1,
-        help="server processes to start on one port with SO_REUSEPORT (default 1)",
+        default=None,
+        help="worker processes of the server it starts (`coffer serve --workers`; default "
+        f"coffer serve's: the cores this process may run on, {workers_default()})",
     )
     parser.add_argument(
         "--connections",
         type=int,
         default=None,
-        help=f"gRPC connections of the client (default 1, {connections_per_server} per "
-        "server with --servers)",
+        help=f"gRPC connections of the client, which its calls take in turn (default "
+        f"{connections_per_worker} per worker; 1 with --target)",
     )
     parser.add_argument(
         "--preload",
@@ -206,9 +212,11 @@ def _check(arguments: argparse.Namespace) -> str | None:
             if arguments.scenario in batch_scenarios
             else inflight_default_single
         )
+    if arguments.workers is None and arguments.target is None:
+        arguments.workers = workers_default()
     if arguments.connections is None:
         arguments.connections = (
-            1 if arguments.servers == 1 else (connections_per_server * arguments.servers)
+            1 if arguments.workers is None else connections_per_worker * arguments.workers
         )
     if arguments.sweep is not None:
         try:
@@ -227,8 +235,14 @@ def _check(arguments: argparse.Namespace) -> str | None:
         ),
         (arguments.wallets >= 2, "--wallets must be 2 or more"),
         (arguments.skew >= 0, "--skew must not be negative"),
-        (arguments.servers >= 1, "--servers must be 1 or more"),
-        (arguments.connections >= 1, "--connections must be 1 or more"),
+        (
+            arguments.workers is None or 1 <= arguments.workers <= workers_max,
+            f"--workers must be 1 to {workers_max}",
+        ),
+        (
+            1 <= arguments.connections <= connections_max,
+            f"--connections must be 1 to {connections_max}",
+        ),
         (arguments.preload >= 0, "--preload must not be negative"),
         (
             arguments.scenario != "overload" or arguments.sweep is None,
@@ -236,8 +250,8 @@ def _check(arguments: argparse.Namespace) -> str | None:
         ),
         (
             arguments.target is None
-            or (arguments.servers == 1 and not arguments.server_arg and not arguments.no_events),
-            "--servers, --server-arg and --no-events are for the server it starts, not with "
+            or (arguments.workers is None and not arguments.server_arg and not arguments.no_events),
+            "--workers, --server-arg and --no-events are for the server it starts, not with "
             "--target",
         ),
         (
@@ -266,13 +280,13 @@ async def bench(arguments: argparse.Namespace) -> int:
                 database = await stack.enter_async_context(
                     infra.bench_database(arguments.database_url, _note)
                 )
-            servers = None
+            server = None
             target = arguments.target
             if target is None:
                 assert database is not None
-                servers = await infra.ServerGroup.start(
+                server = await infra.BenchServer.start(
                     database.dsn,
-                    count=arguments.servers,
+                    workers=arguments.workers,
                     server_arguments=[
                         *arguments.server_arg,
                         *(["--no-events"] if arguments.no_events else []),
@@ -280,17 +294,16 @@ async def bench(arguments: argparse.Namespace) -> int:
                     log_dir=log_dir,
                     note=_note,
                 )
-                stack.push_async_callback(servers.stop)
-                target = servers.target
+                stack.push_async_callback(server.stop)
+                target = server.target
             api_key = arguments.api_key
             if not arguments.no_auth and database is not None:
                 api_key = await infra.make_api_key(database.dsn)
-            clients = load.open_clients(
+            client = load.open_client(
                 target, arguments.connections, None if arguments.no_auth else api_key
             )
-            for client in clients:
-                stack.push_async_callback(client.close)
-            result = await _measure(arguments, run_id, database, servers, clients)
+            stack.push_async_callback(client.close)
+            result = await _measure(arguments, run_id, database, server, client)
     finally:
         shutil.rmtree(log_dir, ignore_errors=True)
     result["wall_s"] = round(time.time() - started, 1)
@@ -315,12 +328,12 @@ async def _measure(
     arguments: argparse.Namespace,
     run_id: str,
     database: infra.BenchDatabase | None,
-    servers: infra.ServerGroup | None,
-    clients: list[Client],
+    server: infra.BenchServer | None,
+    client: Client,
 ) -> dict[str, Any]:
     scenario = arguments.scenario
     setup_started = time.monotonic()
-    fixture = await load.setup(clients[0], scenario, arguments.wallets, run_id, _note)
+    fixture = await load.setup(client, scenario, arguments.wallets, run_id, _note)
     setup_s = time.monotonic() - setup_started
     preload_s = None
     if arguments.preload:
@@ -328,12 +341,13 @@ async def _measure(
         preload_s = await infra.preload(database.dsn, fixture.customers, arguments.preload, _note)
     if database is not None:
         await infra.checkpoint(database.dsn)
-    rss = infra.RssSampler(servers.pids if servers else [])
+    # The server's process and every one below it (its workers).
+    rss = infra.RssSampler([server.pid] if server else [])
     rss.start()
     postmaster = infra.postmaster_pid(database.cluster) if database is not None else None
     cpu = measure.CpuMeter(
         {
-            "server": servers.pids if servers else [],
+            "server": [server.pid] if server else [],
             "postgres": [postmaster] if postmaster is not None else [],
         }
     )
@@ -344,7 +358,7 @@ async def _measure(
             points.append(
                 await overload.run(
                     fixture,
-                    clients,
+                    client,
                     batch_size=arguments.batch_size,
                     skew=arguments.skew,
                     seed=arguments.seed,
@@ -356,11 +370,11 @@ async def _measure(
         else:
             if scenario == "credits":
                 # First, so that the credits load runs on the larger tables.
-                baseline = await _batch_beside(arguments, fixture, clients, cpu)
-            points += await _load(arguments, fixture, clients, cpu)
+                baseline = await _batch_beside(arguments, fixture, client, cpu)
+            points += await _load(arguments, fixture, client, cpu)
     finally:
         await rss.stop()
-    servers_exited = servers.exited() if servers else []
+    servers_exited = server.exited() if server else []
     for message in servers_exited:
         _note(message)
 
@@ -379,8 +393,7 @@ async def _measure(
             pgbench = {"tps": None, "note": "skipped: no database url"}
         else:
             # No gRPC channel open while pgbench forks (the echo below opens them again).
-            for client in clients:
-                await client.close()
+            await client.close()
             try:
                 pgbench = await infra.run_pgbench(database, arguments.duration, _note)
             except Exception as error:
@@ -389,7 +402,7 @@ async def _measure(
         _note(f"gRPC echo: health checks, {echo_inflight} in flight")
         echo = await load.run_load(
             load.EchoWorkload(run_id),
-            clients,
+            client,
             inflight=echo_inflight,
             warmup_s=arguments.warmup,
             duration_s=arguments.duration,
@@ -416,7 +429,11 @@ async def _measure(
         "refused": best["refused"],
         "pgbench_tps": pgbench.get("tps"),
         "echo_rps": echo["rpcs_per_s"] if echo else None,
+        # The server's processes together, and the largest of them.
         "server_rss_mb_max": round(rss.mb_max, 1) if rss.mb_max is not None else None,
+        "server_rss_mb_max_per_process": round(rss.mb_max_per_process, 1)
+        if rss.mb_max_per_process is not None
+        else None,
         "transfers_stored": transfers_stored,
         "self_check": self_check,
         "duration_s": arguments.duration,
@@ -427,8 +444,10 @@ async def _measure(
         "warmup_s": arguments.warmup,
         "wallets": arguments.wallets,
         "skew": arguments.skew,
-        "servers": arguments.servers if servers else None,
-        "server": servers.target if servers else arguments.target,
+        # One `coffer serve` started (None: a --target), with this many workers.
+        "servers": 1 if server else None,
+        "workers": server.workers if server else None,
+        "server": server.target if server else arguments.target,
         "server_args": arguments.server_arg,
         "events": not arguments.no_events,
         "answers": "whole" if arguments.whole_answers else "compact",
@@ -454,7 +473,8 @@ async def _measure(
             "grpc": grpc.__version__,
             "platform": platform.platform(),
         },
-        "client": "coffer.clients.Client (typed; retries off), one uvloop event loop",
+        "client": "coffer.clients.Client (typed; retries off; its calls taking its "
+        "connections in turn), one uvloop event loop",
     }
     return result
 
@@ -462,7 +482,7 @@ async def _measure(
 async def _load(
     arguments: argparse.Namespace,
     fixture: load.Fixture,
-    clients: list[Client],
+    client: Client,
     cpu: measure.CpuMeter,
 ) -> list[dict[str, Any]]:
     """The scenario's closed-loop load at each in-flight count: one point each."""
@@ -483,7 +503,7 @@ async def _load(
         points.append(
             await load.run_load(
                 workload,
-                clients,
+                client,
                 inflight=inflight,
                 warmup_s=arguments.warmup,
                 duration_s=arguments.duration,
@@ -496,7 +516,7 @@ async def _load(
 async def _batch_beside(
     arguments: argparse.Namespace,
     fixture: load.Fixture,
-    clients: list[Client],
+    client: Client,
     cpu: measure.CpuMeter,
 ) -> dict[str, Any]:
     """The batch load on the credits scenario's customers funded without terms, on the same
@@ -517,7 +537,7 @@ async def _batch_beside(
     )
     return await load.run_load(
         workload,
-        clients,
+        client,
         inflight=arguments.inflight,
         warmup_s=arguments.warmup,
         duration_s=arguments.duration,

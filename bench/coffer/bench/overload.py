@@ -74,7 +74,7 @@ class _Tally:
 
 async def run(
     fixture: Fixture,
-    clients: Sequence[Client],
+    client: Client,
     *,
     batch_size: int,
     skew: float,
@@ -89,7 +89,6 @@ async def run(
     # Keys of their own: both workloads number their keys from 0.
     singles.key_prefix += "s-"
     batches.key_prefix += "b-"
-    client = clients[0]
 
     idle = array("d")
     for _ in range(idle_calls):
@@ -102,7 +101,7 @@ async def run(
     calibration_s = max(calibration_s, calibration_s_min)
     note(f"overload: measuring capacity for {calibration_s:g} s")
     single_capacity, batch_capacity = await _capacity(
-        singles, batches, clients, batch_size, calibration_s
+        singles, batches, client, batch_size, calibration_s
     )
     single_rate = min(overload_factor * single_capacity, single_calls_per_s_max)
     batch_rate = overload_factor * batch_capacity / batch_size
@@ -147,7 +146,7 @@ async def run(
 
     recorder.start()
     unsent = await _open_loop(
-        [(single_call, single_rate), (batch_call, batch_rate)], clients, duration_s, in_flight
+        [(single_call, single_rate), (batch_call, batch_rate)], client, duration_s, in_flight
     )
     stopped = time.perf_counter()
     note(f"overload: stopped with {len(in_flight):,} calls in flight; measuring recovery")
@@ -187,7 +186,7 @@ async def run(
 async def _capacity(
     singles: SingleWorkload,
     batches: BatchWorkload,
-    clients: Sequence[Client],
+    client: Client,
     batch_size: int,
     calibration_s: float,
 ) -> tuple[float, float]:
@@ -196,7 +195,7 @@ async def _capacity(
     ends = time.perf_counter() + calibration_s
     applied = {"single": 0, "batch": 0}
 
-    async def single_loop(client: Client) -> None:
+    async def single_loop() -> None:
         while time.perf_counter() < ends:
             try:
                 await singles.transfer(client)
@@ -204,7 +203,7 @@ async def _capacity(
             except errors.CofferError:
                 await asyncio.sleep(0.05)
 
-    async def batch_loop(client: Client) -> None:
+    async def batch_loop() -> None:
         while time.perf_counter() < ends:
             try:
                 results = await client.submit_batch(batches.next_operations())
@@ -214,8 +213,8 @@ async def _capacity(
 
     started = time.perf_counter()
     await asyncio.gather(
-        *(single_loop(clients[n % len(clients)]) for n in range(calibration_single_inflight)),
-        *(batch_loop(clients[n % len(clients)]) for n in range(calibration_batch_inflight)),
+        *(single_loop() for _ in range(calibration_single_inflight)),
+        *(batch_loop() for _ in range(calibration_batch_inflight)),
     )
     elapsed = time.perf_counter() - started
     # At least one of each per second, so that the overload sends some of both.
@@ -224,7 +223,7 @@ async def _capacity(
 
 async def _open_loop(
     senders: Sequence[tuple[Callable[[Client], Coroutine[Any, Any, None]], float]],
-    clients: Sequence[Client],
+    client: Client,
     duration_s: float,
     in_flight: set[asyncio.Task[None]],
 ) -> int:
@@ -233,7 +232,6 @@ async def _open_loop(
     started = time.perf_counter()
     sent = [0] * len(senders)
     unsent = 0
-    turn = 0
     while (elapsed := time.perf_counter() - started) < duration_s:
         for index, (send, rate) in enumerate(senders):
             due = int(rate * elapsed) - sent[index]
@@ -242,8 +240,7 @@ async def _open_loop(
                 if len(in_flight) >= client_calls_max:
                     unsent += 1
                     continue
-                task = asyncio.create_task(send(clients[turn % len(clients)]))
-                turn += 1
+                task = asyncio.create_task(send(client))
                 in_flight.add(task)
                 task.add_done_callback(in_flight.discard)
         await asyncio.sleep(tick_s)

@@ -18,10 +18,27 @@ def _number(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
+def _workers(count: int) -> str:
+    return f"{count} worker{'s' if count > 1 else ''}"
+
+
+def _rss(result: dict[str, Any]) -> str:
+    """The server's processes together, and the largest of them when there are several."""
+    total = _number(result["server_rss_mb_max"], 1) + " MB"
+    if (result.get("workers") or 1) > 1:
+        largest = _number(result.get("server_rss_mb_max_per_process"), 1)
+        total += f" (all processes; {largest} MB the largest)"
+    return total
+
+
 def table(result: dict[str, Any], stream: TextIO) -> None:
     rows: list[tuple[str, str]] = [
         ("scenario", str(result["scenario"])),
-        ("server", str(result["server"])),
+        (
+            "server",
+            str(result["server"])
+            + (f" (coffer serve, {_workers(result['workers'])})" if result.get("workers") else ""),
+        ),
         ("database", str(result["database"])),
         ("load", _load(result)),
         ("duration", f"{result['duration_s']:g} s (after {result['warmup_s']:g} s warmup)"),
@@ -54,7 +71,7 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
         rows.append(("error reasons", reasons))
     rows += _budget_rows(result)
     rows += [
-        ("server RSS max", _number(result["server_rss_mb_max"], 1) + " MB"),
+        ("server RSS max", _rss(result)),
         ("transfers stored", _number(result["transfers_stored"])),
         ("preloaded", _number(result["preload"])),
         ("pgbench tpcb-like tps (32 clients)", _pgbench(result)),
@@ -209,12 +226,8 @@ def _title(result: dict[str, Any]) -> str:
     load = (
         f"batches of {result['batch_size']}" if result["batch_size"] is not None else "single calls"
     )
-    servers = result["servers"]
-    server = (
-        f"{servers} server process{'es' if servers > 1 else ''}"
-        if servers
-        else f"server {result['server']}"
-    )
+    workers = result["workers"]
+    server = f"coffer serve, {_workers(workers)}" if workers else f"server {result['server']}"
     return (
         f"coffer bench {result['scenario']}: {load}, {result['wallets']:,} wallets, "
         f"skew {result['skew']:g}, {server}\n"
