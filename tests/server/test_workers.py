@@ -24,7 +24,7 @@ import pytest
 from coffer.clients import Client
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
-from coffer.server.workers import restarts_max
+from coffer.server.workers import reserve_port, restarts_max
 
 from support.metrics import scrape, value
 from support.ports import children, free_ports, gone
@@ -261,16 +261,23 @@ async def test_sigterm_stops_every_worker_and_the_embedded_postgres(data_dir: Pa
     assert all(gone(pid) for pid in [*workers, postmaster, *backends])
 
 
-@pytest.mark.parametrize("taken", ["the port", "a worker's metrics port"])
+@pytest.mark.parametrize(
+    "taken", ["the port", "another supervisor's port", "a worker's metrics port"]
+)
 async def test_a_port_taken_fails_the_start(taken: str, database_url: str) -> None:
-    """A port in use, the gRPC port (refused before anything starts) or the metrics port of
-    the second worker (refused by that worker, whose message is in the log): the start fails,
-    with the reason, and no process is left."""
+    """A port in use, the gRPC port (refused before anything starts), even one another
+    supervisor has reserved while it starts (its workers not yet listening), or the metrics
+    port of the second worker (refused by that worker, whose message is in the log): the start
+    fails, with the reason, and no process is left."""
     first = free_ports(2)
-    with socket.socket() as holder:
+    if taken == "another supervisor's port":
+        holder, _ = reserve_port(f"127.0.0.1:{first + 1}", shared=False)
+    else:
+        holder = socket.socket()
         holder.bind(("127.0.0.1", first + 1))
         holder.listen()
-        if taken == "the port":
+    with holder:
+        if taken != "a worker's metrics port":
             arguments = ["--listen", f"127.0.0.1:{first + 1}"]
             reason = f"coffer: cannot listen on 127.0.0.1:{first + 1}: Address already in use"
         else:
@@ -293,7 +300,7 @@ async def test_a_port_taken_fails_the_start(taken: str, database_url: str) -> No
     assert process.returncode == 1, errors
     assert output == b""
     assert reason in errors.decode(), errors
-    if taken != "the port":
+    if taken == "a worker's metrics port":
         assert "worker 2 did not start (status 1): stopping" in errors.decode(), errors
     assert children(process.pid) == []
 

@@ -8,7 +8,9 @@ The supervisor (`supervise`):
 - reserves the port before anything starts: it binds it, so that a port in use (even by
   another server that shares its port, unless `--reuse-port` says this one may) fails the
   start, and a port 0 becomes a free one, which every worker then takes; it holds it, with
-  SO_REUSEPORT, until the workers listen;
+  SO_REUSEPORT and listening (a port bound but not listened on would not stand in the way of
+  another supervisor's check), until the workers serve: the few connections the kernel may
+  give that socket meanwhile are reset when it closes;
 - finds the database as one `coffer serve` does (starting the embedded PostgreSQL, once,
   here), and applies the migrations, once;
 - starts the workers: the same program with the same arguments, then `--workers 1
@@ -126,10 +128,11 @@ def serving_line(
 
 
 def reserve_port(listen: str, *, shared: bool) -> tuple[socket.socket, int]:
-    """A socket bound to `listen` (HOST:PORT) with SO_REUSEPORT, not listening, and its port
-    (for port 0, a free one): held until the workers listen there. Unless `shared`, first
-    makes sure that nothing listens on that port, with SO_REUSEPORT or without. Raises
-    OSError when the port is taken (or the host is not this machine's)."""
+    """A socket bound to `listen` (HOST:PORT) with SO_REUSEPORT, listening, and its port (for
+    port 0, a free one): held until the workers listen there. Unless `shared`, first makes
+    sure that nothing listens on that port, with SO_REUSEPORT or without (another
+    supervisor's held socket among them: it listens so as to be seen). Raises OSError when
+    the port is taken (or the host is not this machine's)."""
     host, _, port_text = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     family, kind, protocol, _, address = socket.getaddrinfo(
@@ -148,6 +151,9 @@ def reserve_port(listen: str, *, shared: bool) -> tuple[socket.socket, int]:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         held.bind((address[0], port, *address[2:]))
+        # Listening, the smallest backlog: a bind without SO_REUSEPORT fails on it, as it does
+        # on the workers' sockets.
+        held.listen(1)
         bound: int = held.getsockname()[1]
     except BaseException:
         held.close()
