@@ -261,6 +261,68 @@ async def test_sigterm_stops_every_worker_and_the_embedded_postgres(data_dir: Pa
     assert all(gone(pid) for pid in [*workers, postmaster, *backends])
 
 
+# A sitecustomize that holds every worker at its start (its Python started, the server not
+# yet), once it has said so with a file in HOLD_DIRECTORY: a supervisor still starting, for
+# as long as a test needs.
+_hold_workers = """
+import os, sys, time
+if "--worker" in sys.argv:
+    number = sys.argv[sys.argv.index("--worker") + 1]
+    open(os.path.join(os.environ["HOLD_DIRECTORY"], "worker-" + number), "w").close()
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+async def test_a_stop_asked_while_starting_ends_the_start(
+    signal_number: signal.Signals, data_dir: Path
+) -> None:
+    """SIGTERM, SIGINT, or SIGHUP without TLS, while the workers start: no ready line, every
+    worker stopped, the embedded PostgreSQL too, status 0."""
+    hold = data_dir / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(_hold_workers)
+    path = os.pathsep.join(filter(None, [str(hold), os.environ.get("PYTHONPATH")]))
+    process = await asyncio.create_subprocess_exec(
+        coffer,
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={
+            **os.environ,
+            "COFFER_DATA_DIR": str(data_dir),
+            "DATABASE_URL": "",
+            "PYTHONPATH": path,
+            "HOLD_DIRECTORY": str(hold),
+        },
+    )
+    server = Serving(process)
+    try:
+        async with asyncio.timeout(ready_timeout_s):
+            while len(list(hold.glob("worker-*"))) < 2:
+                assert process.returncode is None, "".join(server.lines)
+                await asyncio.sleep(0.05)
+        workers = children(process.pid)
+        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+        assert len(workers) == 2, workers
+        process.send_signal(signal_number)
+        assert await server.exited() == 0, server.lines
+    finally:
+        if process.returncode is None:
+            held = children(process.pid)
+            process.kill()
+            await process.wait()
+            for pid in held:
+                os.kill(pid, signal.SIGKILL)
+    said = [line for line in server.lines if line.startswith("coffer: ")]
+    assert said == ["coffer: shutting down\n", "coffer: stopped\n"], server.lines
+    assert all(gone(pid) for pid in [*workers, postmaster])
+
+
 @pytest.mark.parametrize(
     "taken", ["the port", "another supervisor's port", "a worker's metrics port"]
 )

@@ -24,7 +24,8 @@ The supervisor (`supervise`):
 - passes SIGTERM and SIGINT on as SIGTERM (each worker stops taking calls and drains, as one
   server does), and SIGHUP with TLS (each worker reads its files again; without TLS, SIGHUP
   stops the supervisor as SIGTERM does); waits for the workers, then stops the embedded
-  PostgreSQL;
+  PostgreSQL. Its handlers are in place before anything starts: a stop asked for during the
+  start ends it (the workers started so far stopped, no ready line, status 0);
 - starts again, with its number, a worker that exits on its own, and logs it: at most
   `restarts_max` restarts within `restarts_window_s`, all workers together; past that it
   stops every worker and exits with status 1. A worker that fails to start at first fails the
@@ -371,7 +372,8 @@ async def supervise(
 ) -> int:
     """Runs `settings.workers` workers of `coffer serve` with the arguments `argv` (after
     `serve`) until SIGTERM or SIGINT, on the database `database` yields (its URL and how to
-    describe it); returns the exit status."""
+    describe it); returns the exit status. A stop asked for while it starts (the database, the
+    migrations, the workers) ends the start: no ready line, every worker stopped."""
     assert settings.workers > 1, settings.workers
     try:
         held, port = reserve_port(settings.listen, shared=settings.reuse_port)
@@ -380,36 +382,52 @@ async def supervise(
     address = f"{settings.listen.rsplit(':', 1)[0]}:{port}"
     loop = asyncio.get_running_loop()
     stop_asked = asyncio.Event()
+    workers: _Workers | None = None
+
+    def hang_up() -> None:
+        # With TLS, the workers that serve read their files again; without, SIGHUP stops as
+        # SIGTERM does (one server ends on it).
+        if settings.tls_files is None:
+            stop_asked.set()
+        elif workers is not None:
+            workers.signal(signal.SIGHUP)
+
+    # Every handler before anything starts: a signal during the start is taken, not fatal
+    # (which would leave the embedded PostgreSQL running).
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop_asked.set)
+    loop.add_signal_handler(signal.SIGHUP, hang_up)
     try:
         async with database as (database_url, description):
-            await _migrate(database_url, settings.statement_timeout_s)
             workers = _Workers(argv, settings, database_url, address)
             try:
-                try:
-                    readies = await workers.start()
-                except _StartFailed as failed:
-                    logger.error(
-                        "worker %d did not start (%s): stopping",
-                        failed.number,
-                        _described(failed.status),
-                    )
-                    return failed.status if failed.status and failed.status > 0 else 1
-                finally:
-                    held.close()
-                # With TLS, every worker reads its files again; without, SIGHUP stops as
-                # SIGTERM does (one server ends on it).
-                if settings.tls_files is not None:
-                    loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
-                else:
-                    loop.add_signal_handler(signal.SIGHUP, stop_asked.set)
-                _print_ready(address, description, settings, readies)
+                starting = asyncio.create_task(_start(workers, database_url, settings))
                 asked = asyncio.create_task(stop_asked.wait())
-                failing = asyncio.create_task(workers.failed.wait())
-                await asyncio.wait((asked, failing), return_when=asyncio.FIRST_COMPLETED)
-                asked.cancel()
-                failing.cancel()
+                try:
+                    await asyncio.wait((starting, asked), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    asked.cancel()
+                    held.close()
+                if not starting.done():
+                    starting.cancel()
+                    await asyncio.gather(starting, return_exceptions=True)
+                    logger.warning("asked to stop while starting: stopping")
+                else:
+                    try:
+                        readies = starting.result()
+                    except _StartFailed as failed:
+                        logger.error(
+                            "worker %d did not start (%s): stopping",
+                            failed.number,
+                            _described(failed.status),
+                        )
+                        return failed.status if failed.status and failed.status > 0 else 1
+                    _print_ready(address, description, settings, readies)
+                    asked = asyncio.create_task(stop_asked.wait())
+                    failing = asyncio.create_task(workers.failed.wait())
+                    await asyncio.wait((asked, failing), return_when=asyncio.FIRST_COMPLETED)
+                    asked.cancel()
+                    failing.cancel()
                 print("coffer: shutting down", flush=True)
             finally:
                 await workers.stop()
@@ -419,6 +437,12 @@ async def supervise(
             loop.remove_signal_handler(signal_number)
     print("coffer: stopped", flush=True)
     return 1 if workers.failed.is_set() else 0
+
+
+async def _start(workers: _Workers, database_url: str, settings: Settings) -> list[WorkerReady]:
+    """The migrations, then every worker: what each said once it served."""
+    await _migrate(database_url, settings.statement_timeout_s)
+    return await workers.start()
 
 
 def _print_ready(
