@@ -24,7 +24,7 @@ import pytest
 from coffer.clients import Client
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
-from coffer.server.workers import reserve_port, restarts_max
+from coffer.server.workers import reserve_port, restart_pause_s, restarts_max
 
 from support.metrics import scrape, value
 from support.ports import children, free_ports, gone
@@ -206,7 +206,8 @@ async def test_a_killed_worker_is_started_again_within_a_budget(database_url: st
         os.kill(second, signal.SIGKILL)
         said = await server.line(lambda line: "serves again" in line)
         assert "worker" in said and f"(pid {second})" not in said, said
-        assert "exited with signal SIGKILL; starting it again" in "".join(server.lines)
+        pause_s = restart_pause_s(0)
+        assert f"exited with signal SIGKILL; starting it again in {pause_s:g} s" in said_all(server)
         assert first in children(server.process.pid) and second not in children(server.process.pid)
         async with Client(server.target, caller="tests", connections=connections) as client:
             await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
@@ -226,6 +227,45 @@ async def test_a_killed_worker_is_started_again_within_a_budget(database_url: st
     log = "".join(server.lines)
     assert f"after {restarts_max} restarts of workers within 60 s: stopping every worker" in log
     assert all(gone(pid) for pid in workers)
+
+
+def said_all(server: Serving) -> str:
+    return "".join(server.lines)
+
+
+# A sitecustomize that makes every worker fail at its start (status 3) once FAIL_FILE exists.
+_failing_workers = """
+import os, sys
+if "--worker" in sys.argv and os.path.exists(os.environ["FAIL_FILE"]):
+    os._exit(3)
+"""
+
+
+async def test_each_failed_restart_counts_once_and_waits(database_url: str, tmp_path: Path) -> None:
+    """A worker that exits and then fails every attempt to start it again: each attempt
+    counted once against the budget, after a pause that grows; past the budget the supervisor
+    stops every worker and exits with 1."""
+    (tmp_path / "sitecustomize.py").write_text(_failing_workers)
+    fail = tmp_path / "fail"
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    environment = {"DATABASE_URL": database_url, "PYTHONPATH": path, "FAIL_FILE": str(fail)}
+    async with serving(
+        "--listen", "127.0.0.1:0", "--workers", "2", environment=environment
+    ) as server:
+        fail.touch()
+        first, second = children(server.process.pid)
+        os.kill(second, signal.SIGKILL)
+        assert await server.exited() == 1
+    log = said_all(server)
+    assert f"worker 2 (pid {second}) exited with signal SIGKILL; starting it again in 0.1 s" in log
+    for attempt in range(1, restarts_max):
+        pause_s = restart_pause_s(attempt)
+        said = f"worker 2 did not start again (status 3); starting it again in {pause_s:g} s"
+        assert log.count(said) == 1, log
+    assert log.count("starting it again") == restarts_max, log
+    said = f"worker 2 did not start again (status 3), after {restarts_max} attempts in a row"
+    assert said in log, log
+    assert gone(first)
 
 
 async def test_sigterm_stops_every_worker_and_the_embedded_postgres(data_dir: Path) -> None:

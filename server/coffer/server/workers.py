@@ -26,11 +26,14 @@ The supervisor (`supervise`):
   stops the supervisor as SIGTERM does); waits for the workers, then stops the embedded
   PostgreSQL. Its handlers are in place before anything starts: a stop asked for during the
   start ends it (the workers started so far stopped, no ready line, status 0);
-- starts again, with its number, a worker that exits on its own, and logs it: at most
-  `restarts_max` restarts within `restarts_window_s`, all workers together; past that it
-  stops every worker and exits with status 1. A worker that fails to start at first fails the
-  start: its message is in the log (the workers write to the supervisor's standard error),
-  the other workers are stopped, and the supervisor exits with its status.
+- starts again, with its number, a worker that exits on its own, and logs it, after a pause
+  that grows with the restarts (`restart_pause_s`): at most `restarts_max` restarts within
+  `restarts_window_s`, all workers together, each attempt counted once, and at most
+  `restarts_max` attempts in a row that fail to start a worker (it exits, or says nothing
+  within `worker_start_timeout_s`); past that it stops every worker and exits with status 1.
+  A worker that fails to start at first fails the start: its message is in the log (the
+  workers write to the supervisor's standard error), the other workers are stopped, and the
+  supervisor exits with its status.
 
 A worker's standard input is a pipe from its supervisor (`watch_supervisor`): when it ends,
 the supervisor gone however it went, the worker stops as on SIGTERM. The workers run in a
@@ -63,6 +66,9 @@ from .settings import Settings
 __all__ = [
     "WorkerReady",
     "reserve_port",
+    "restart_pause_s",
+    "restart_pause_s_max",
+    "restart_pause_s_min",
     "restarts_max",
     "restarts_window_s",
     "serving_line",
@@ -73,10 +79,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Restarts of workers that exited on their own, all workers together, within the window: one
-# more and the supervisor stops (a worker that keeps dying would only keep failing calls).
+# Restarts of workers that exited on their own, all workers together, within the window, or
+# attempts in a row that fail to start one worker again (however long each took): one more
+# and the supervisor stops (a worker that keeps dying would only keep failing calls).
 restarts_max = 5
 restarts_window_s = 60.0
+# The pause before a restart: the least, doubled for each restart within the window, at most
+# the most (with restarts_max restarts a window, 0.1 s to 1.6 s).
+restart_pause_s_min = 0.1
+restart_pause_s_max = 5.0
 worker_start_timeout_s = 120.0
 # Past its drain (the server's shutdown grace) and this, a worker that has not stopped is
 # killed.
@@ -193,6 +204,11 @@ class _StartFailed(Exception):
         self.status = status
 
 
+def restart_pause_s(restarts: int) -> float:
+    """The pause before a worker's restart, after `restarts` restarts within the window."""
+    return min(restart_pause_s_min * 2.0**restarts, restart_pause_s_max)
+
+
 def _described(status: int | None) -> str:
     if status is None:
         return f"no word within {worker_start_timeout_s:g} s"
@@ -289,35 +305,34 @@ class _Workers:
         while True:
             process = self.processes[number]
             status = await process.wait()
-            self.serving.discard(number)
-            now = time.monotonic()
-            self._restarts = [each for each in self._restarts if now - each < restarts_window_s]
-            if len(self._restarts) >= restarts_max:
-                logger.error(
-                    "worker %d (pid %d) exited with %s, after %d restarts of workers within "
-                    "%g s: stopping every worker",
-                    number,
-                    process.pid,
-                    _described(status),
-                    len(self._restarts),
-                    restarts_window_s,
-                )
-                self.failed.set()
-                return
-            self._restarts.append(now)
-            logger.warning(
-                "worker %d (pid %d) exited with %s; starting it again",
-                number,
-                process.pid,
-                _described(status),
-            )
-            try:
-                ready = await self._start(number)
-            except _StartFailed as failed:
-                logger.warning(
-                    "worker %d did not start again (%s)", number, _described(failed.status)
-                )
-                continue
+            what = f"worker {number} (pid {process.pid}) exited with {_described(status)}"
+            attempts_failed = 0
+            while True:
+                self.serving.discard(number)
+                now = time.monotonic()
+                self._restarts = [each for each in self._restarts if now - each < restarts_window_s]
+                spent = None
+                if attempts_failed >= restarts_max:
+                    spent = f"{attempts_failed} attempts in a row to start it again"
+                elif len(self._restarts) >= restarts_max:
+                    spent = (
+                        f"{len(self._restarts)} restarts of workers within {restarts_window_s:g} s"
+                    )
+                if spent is not None:
+                    logger.error("%s, after %s: stopping every worker", what, spent)
+                    self.failed.set()
+                    return
+                pause_s = restart_pause_s(len(self._restarts))
+                self._restarts.append(now)
+                logger.warning("%s; starting it again in %g s", what, pause_s)
+                await asyncio.sleep(pause_s)
+                try:
+                    ready = await self._start(number)
+                except _StartFailed as failed:
+                    attempts_failed += 1
+                    what = f"worker {number} did not start again ({_described(failed.status)})"
+                    continue
+                break
             logger.warning(
                 "worker %d serves again (pid %d)%s",
                 number,
