@@ -359,15 +359,22 @@ class _Workers:
             if process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
+        # One deadline for them all: they drain at once.
         wait_s = self._settings.shutdown_grace_s + worker_stop_margin_s
-        for number, process in sorted(self.processes.items()):
-            try:
-                await asyncio.wait_for(process.wait(), wait_s)
-            except TimeoutError:
-                logger.warning("worker %d (pid %d) did not stop: killing it", number, process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+        processes = sorted(self.processes.items())
+        try:
+            async with asyncio.timeout(wait_s):
+                await asyncio.gather(*(process.wait() for _, process in processes))
+        except TimeoutError:
+            for number, process in processes:
+                if process.returncode is None:
+                    logger.warning(
+                        "worker %d (pid %d) did not stop: killing it", number, process.pid
+                    )
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+            await asyncio.gather(*(process.wait() for _, process in processes))
+        for _, process in processes:
             if process.stdin is not None:
                 process.stdin.close()
         for drain in self._drains.values():
