@@ -24,7 +24,15 @@ import pytest
 from coffer.clients import Client
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
-from coffer.server.workers import reserve_port, restart_pause_s, restarts_max
+from coffer.server.workers import (
+    WorkerReady,
+    read_ready,
+    ready_line_bytes_max,
+    reserve_port,
+    restart_pause_s,
+    restarts_max,
+    worker_ready_prefix,
+)
 
 from support.metrics import scrape, value
 from support.ports import children, free_ports, gone
@@ -441,3 +449,33 @@ async def test_a_server_without_background_jobs_leaves_them_to_another(
                     await asyncio.sleep(0.05)
     finally:
         await sweeping.stop()
+
+
+def stream_of(*chunks: bytes) -> asyncio.StreamReader:
+    """A stream that gives these bytes, then ends."""
+    stream = asyncio.StreamReader()
+    for chunk in chunks:
+        stream.feed_data(chunk)
+    stream.feed_eof()
+    return stream
+
+
+async def test_the_ready_line_is_found_past_lines_of_any_length_and_malformed_ones() -> None:
+    """A worker's output is read in chunks: a line longer than a line's read allows (64 KiB)
+    neither ends the reading nor passes for the ready line, even with the words at its end;
+    a line that starts like a ready line but is not one is let go."""
+    ready = WorkerReady(port=4242, security="", access_mode="open", metrics_port=None)
+    long = b"x" * (4 * ready_line_bytes_max)
+    prefix = worker_ready_prefix.encode()
+    found = await read_ready(
+        stream_of(
+            long + b"\n",
+            prefix + b"{not json\n",
+            prefix + b'{"port": "4242"}\n',
+            long + prefix + ready.line().encode() + b"\n",
+            ready.line().encode() + b"\n",
+        )
+    )
+    assert found == ready
+    assert await read_ready(stream_of(long + ready.line().encode() + b"\n")) is None
+    assert await read_ready(stream_of(ready.line().encode())) is None

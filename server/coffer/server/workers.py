@@ -65,6 +65,9 @@ from .settings import Settings
 
 __all__ = [
     "WorkerReady",
+    "read_bytes",
+    "read_ready",
+    "ready_line_bytes_max",
     "reserve_port",
     "restart_pause_s",
     "restart_pause_s_max",
@@ -94,6 +97,10 @@ worker_start_timeout_s = 120.0
 worker_stop_margin_s = 30.0
 # What starts a worker's line that says it serves; the rest is JSON.
 worker_ready_prefix = "coffer-worker-ready "
+# A worker's standard output is read in chunks of this, and a line longer than the other is
+# not kept while looking for the ready line (which is far shorter).
+read_bytes = 64 * 1024
+ready_line_bytes_max = 64 * 1024
 # How a worker is run: this program's `serve`, on the Python running the supervisor.
 _worker_program = "import sys; from coffer.server.cli import serve; sys.exit(serve(sys.argv[1:]))"
 
@@ -114,10 +121,47 @@ class WorkerReady:
 
     @classmethod
     def parse(cls, line: str) -> WorkerReady | None:
-        """The WorkerReady of a line that is one, else None."""
+        """The WorkerReady of a line that is one, else None (a line that only starts like
+        one too)."""
         if not line.startswith(worker_ready_prefix):
             return None
-        return cls(**json.loads(line.removeprefix(worker_ready_prefix)))
+        try:
+            said = json.loads(line.removeprefix(worker_ready_prefix))
+        except ValueError:
+            return None
+        if not (
+            isinstance(said, dict)
+            and said.keys() == {field.name for field in dataclasses.fields(cls)}
+            and isinstance(said["port"], int)
+            and isinstance(said["security"], str)
+            and isinstance(said["access_mode"], str)
+            and (said["metrics_port"] is None or isinstance(said["metrics_port"], int))
+        ):
+            return None
+        return cls(**said)
+
+
+async def read_ready(stream: asyncio.StreamReader) -> WorkerReady | None:
+    """The first WorkerReady said on `stream`, a worker's standard output; None if it ends
+    first. Read in chunks: a line of any length is let go (one longer than
+    ready_line_bytes_max is not kept at all), where a line's read would fail."""
+    line = b""
+    # Within a line too long to keep, whose end is still to come.
+    skipping = False
+    while True:
+        chunk = await stream.read(read_bytes)
+        if not chunk:
+            return None
+        *complete, line = (line + chunk).split(b"\n")
+        for each in complete:
+            if skipping:
+                skipping = False
+                continue
+            ready = WorkerReady.parse(each.decode(errors="replace"))
+            if ready is not None:
+                return ready
+        if len(line) > ready_line_bytes_max:
+            line, skipping = b"", True
 
 
 def serving_line(
@@ -281,14 +325,11 @@ class _Workers:
         )
         self.processes[number] = process
         assert process.stdout is not None
-        ready = None
         try:
             async with asyncio.timeout(worker_start_timeout_s):
-                while ready is None:
-                    line = await process.stdout.readline()
-                    if not line:
-                        raise _StartFailed(number, await process.wait())
-                    ready = WorkerReady.parse(line.decode())
+                ready = await read_ready(process.stdout)
+                if ready is None:
+                    raise _StartFailed(number, await process.wait())
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -383,7 +424,7 @@ class _Workers:
 
 
 async def _drain(stream: asyncio.StreamReader) -> None:
-    while await stream.readline():
+    while await stream.read(read_bytes):
         pass
 
 
