@@ -60,6 +60,8 @@ class Call:
     method: str
     request: Any
     caller: str | None
+    # The client's address: one a connection.
+    peer: str
 
 
 @dataclass
@@ -91,7 +93,9 @@ class Script:
     ) -> Any:
         metadata = dict(context.invocation_metadata() or ())
         caller = metadata.get("coffer-caller")
-        self.calls.append(Call(method, request, caller if isinstance(caller, str) else None))
+        self.calls.append(
+            Call(method, request, caller if isinstance(caller, str) else None, context.peer())
+        )
         outcome = self.outcomes.popleft() if self.outcomes else default
         if isinstance(outcome, Late):
             await asyncio.sleep(outcome.seconds)
@@ -460,6 +464,20 @@ async def test_unavailable_is_retried_with_the_same_key(server: Server, script: 
     assert transfer.id == 42
     assert len(script.calls) == 3
     assert len({call.request.idempotency_key for call in script.calls}) == 1
+
+
+async def test_a_retry_goes_over_the_next_connection(server: Server, script: Script) -> None:
+    """With several connections, each attempt takes the connection whose turn it is: a retry
+    is not stuck on the connection (a server's process) that failed it."""
+    unavailable = rich_status(grpc.StatusCode.UNAVAILABLE, "store unreachable", "UNAVAILABLE")
+    script.plan(unavailable, unavailable)
+    async with Client(server.target, retries_max=2, connections=3) as coffer:
+        assert (await coffer.credit(wallet_id=7, amount=500)).id == 42
+        assert (await coffer.get_balance(wallet_id=7)).balance.posted == 2000
+    assert len(script.calls) == 4
+    assert len({call.peer for call in script.calls[:3]}) == 3
+    # The turn went on from the last attempt: the next call over the first connection again.
+    assert script.calls[3].peer == script.calls[0].peer
 
 
 async def test_retries_are_bounded(server: Server, script: Script) -> None:

@@ -546,8 +546,9 @@ def _single_call(
     async def call(
         self: Client, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs
     ) -> ResultT:
-        method, request = route(self._stubs(), build(False, *args, **kwargs))
-        return result(await self._call(method, request))
+        operation = build(False, *args, **kwargs)
+        _, request = route(self._stubs(taken=False), operation)
+        return result(await self._call(lambda stubs: route(stubs, operation)[0], request))
 
     # What help() and editors show: the builder's name, words and arguments, without `linked`.
     signature = inspect.signature(build)
@@ -669,16 +670,18 @@ class Client:
             scale=scale,
             default_validity=default_validity,
         )
-        response = await self._call(self._stubs().units.CreateUnit, request)
+        response = await self._call(lambda stubs: stubs.units.CreateUnit, request)
         return response.unit
 
     async def get_unit(self, *, code: str) -> Unit:
         request = units_pb2.GetUnitRequest(code=code)
-        response = await self._call(self._stubs().units.GetUnit, request)
+        response = await self._call(lambda stubs: stubs.units.GetUnit, request)
         return response.unit
 
     async def list_units(self) -> list[Unit]:
-        response = await self._call(self._stubs().units.ListUnits, units_pb2.ListUnitsRequest())
+        response = await self._call(
+            lambda stubs: stubs.units.ListUnits, units_pb2.ListUnitsRequest()
+        )
         return list(response.units)
 
     # Wallets.
@@ -708,17 +711,17 @@ class Client:
             low_balance_threshold=low_balance_threshold,
             top_up_to=top_up_to,
         )
-        response = await self._call(self._stubs().wallets.CreateWallet, request)
+        response = await self._call(lambda stubs: stubs.wallets.CreateWallet, request)
         return response.wallet
 
     async def get_wallet(self, *, wallet_id: int) -> Wallet:
         request = wallets_pb2.GetWalletRequest(wallet_id=wallet_id)
-        response = await self._call(self._stubs().wallets.GetWallet, request)
+        response = await self._call(lambda stubs: stubs.wallets.GetWallet, request)
         return response.wallet
 
     async def get_balance(self, *, wallet_id: int) -> WalletBalance:
         request = wallets_pb2.GetBalanceRequest(wallet_id=wallet_id)
-        response = await self._call(self._stubs().wallets.GetBalance, request)
+        response = await self._call(lambda stubs: stubs.wallets.GetBalance, request)
         return WalletBalance(response.wallet_id, response.unit, response.balance)
 
     async def list_wallets(
@@ -738,7 +741,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stubs().wallets.ListWallets, request)
+        response = await self._call(lambda stubs: stubs.wallets.ListWallets, request)
         return Page(list(response.wallets), response.next_page_token)
 
     async def iter_wallets(
@@ -762,7 +765,7 @@ class Client:
     async def cancel_wallet(self, *, wallet_id: int) -> Wallet:
         """Only an empty wallet can be cancelled; cancelling it again returns it unchanged."""
         request = wallets_pb2.CancelWalletRequest(wallet_id=wallet_id)
-        response = await self._call(self._stubs().wallets.CancelWallet, request)
+        response = await self._call(lambda stubs: stubs.wallets.CancelWallet, request)
         return response.wallet
 
     async def set_balance_alert(
@@ -780,7 +783,7 @@ class Client:
             low_balance_threshold=low_balance_threshold,
             top_up_to=top_up_to,
         )
-        response = await self._call(self._stubs().wallets.SetBalanceAlert, request)
+        response = await self._call(lambda stubs: stubs.wallets.SetBalanceAlert, request)
         return response.wallet
 
     # Transfers. The operations that move money are declared once, in `Operations`: each
@@ -829,7 +832,7 @@ class Client:
         fails only itself, or its linked chain. Operations without an idempotency key get one.
         """
         request = _batch_request(operations, compact=False)
-        response = await self._call(self._stubs().transfers.SubmitBatch, request)
+        response = await self._call(lambda stubs: stubs.transfers.SubmitBatch, request)
         return list(response.results)
 
     async def submit_batch_compact(self, operations: Sequence[Operation]) -> BatchOutcomes:
@@ -839,12 +842,12 @@ class Client:
         left something to cover or was replayed. For callers that keep what they sent: the
         server does less for each operation, and the answer is a few bytes each."""
         request = _batch_request(operations, compact=True)
-        response = await self._call(self._stubs().transfers.SubmitBatch, request)
+        response = await self._call(lambda stubs: stubs.transfers.SubmitBatch, request)
         return response.outcomes
 
     async def get_transfer(self, *, transfer_id: int) -> Transfer:
         request = transfers_pb2.GetTransferRequest(transfer_id=transfer_id)
-        response = await self._call(self._stubs().transfers.GetTransfer, request)
+        response = await self._call(lambda stubs: stubs.transfers.GetTransfer, request)
         return response.transfer
 
     async def list_transfers(
@@ -869,7 +872,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stubs().transfers.ListTransfers, request)
+        response = await self._call(lambda stubs: stubs.transfers.ListTransfers, request)
         return Page(list(response.transfers), response.next_page_token)
 
     async def iter_transfers(
@@ -914,7 +917,7 @@ class Client:
 
     async def get_hold(self, *, hold_id: int) -> Hold:
         request = holds_pb2.GetHoldRequest(hold_id=hold_id)
-        response = await self._call(self._stubs().holds.GetHold, request)
+        response = await self._call(lambda stubs: stubs.holds.GetHold, request)
         return response.hold
 
     # Events.
@@ -937,7 +940,7 @@ class Client:
             page_size=page_size,
             filter=_event_filter(wallet_ids, owner_id, types),
         )
-        response = await self._call(self._stubs().events.ListEvents, request)
+        response = await self._call(lambda stubs: stubs.events.ListEvents, request)
         return EventPage(list(response.events), response.next_cursor, response.caught_up)
 
     async def watch_events(
@@ -994,7 +997,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stubs().grants.ListGrants, request)
+        response = await self._call(lambda stubs: stubs.grants.ListGrants, request)
         return Page(list(response.grants), response.next_page_token)
 
     async def iter_grants(
@@ -1044,7 +1047,7 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        response = await self._call(self._stubs().reports.ListUsage, request)
+        response = await self._call(lambda stubs: stubs.reports.ListUsage, request)
         return Page(list(response.entries), response.next_page_token)
 
     async def iter_usage(
@@ -1078,14 +1081,14 @@ class Client:
         moves: what expires by then is gone, what becomes valid by then is spendable."""
         timestamp = _timestamp(at)
         request = grants_pb2.GetFutureBalanceRequest(wallet_id=wallet_id, time=timestamp)
-        response = await self._call(self._stubs().grants.GetFutureBalance, request)
+        response = await self._call(lambda stubs: stubs.grants.GetFutureBalance, request)
         return WalletBalance(response.wallet_id, response.unit, response.balance)
 
     async def run_expiration(self) -> int:
         """Runs an expiration now (staff only): what is left of every grant past its expiry
         moves to its unit's expired-credits wallet. Returns how many grants it expired."""
         request = grants_pb2.RunExpirationRequest()
-        response = await self._call(self._stubs().grants.RunExpiration, request)
+        response = await self._call(lambda stubs: stubs.grants.RunExpiration, request)
         return response.expired_count
 
     async def outstanding(
@@ -1106,13 +1109,13 @@ class Client:
             page_size=page_size,
             page_token=page_token,
         )
-        return await self._call(self._stubs().reports.GetOutstanding, request)
+        return await self._call(lambda stubs: stubs.reports.GetOutstanding, request)
 
     async def past_balance(self, wallet_id: int, at: datetime) -> GetPastBalanceResponse:
         """The wallet's posted and pending balances at `at`, a past instant (timezone-aware);
         the cost grows with the wallet's transfers since then."""
         request = reports_pb2.GetPastBalanceRequest(wallet_id=wallet_id, time=_timestamp(at))
-        return await self._call(self._stubs().reports.GetPastBalance, request)
+        return await self._call(lambda stubs: stubs.reports.GetPastBalance, request)
 
     # Health.
 
@@ -1136,19 +1139,19 @@ class Client:
             owner_id=owner_id,
             expires_at=_timestamp(expires_at),
         )
-        return await self._call(self._stubs().access.CreateApiKey, request)
+        return await self._call(lambda stubs: stubs.access.CreateApiKey, request)
 
     async def list_api_keys(
         self, *, page_size: int = 0, page_token: str = ""
     ) -> Page[access_pb2.ApiKey]:
         """One page of keys (never their secrets), oldest first."""
         request = access_pb2.ListApiKeysRequest(page_size=page_size, page_token=page_token)
-        response = await self._call(self._stubs().access.ListApiKeys, request)
+        response = await self._call(lambda stubs: stubs.access.ListApiKeys, request)
         return Page(list(response.keys), response.next_page_token)
 
     async def revoke_api_key(self, *, key_id: int) -> access_pb2.ApiKey:
         request = access_pb2.RevokeApiKeyRequest(key_id=key_id)
-        return (await self._call(self._stubs().access.RevokeApiKey, request)).key
+        return (await self._call(lambda stubs: stubs.access.RevokeApiKey, request)).key
 
     async def map_certificate(
         self, *, subject: str, name: str, role: RoleName, owner_id: str = ""
@@ -1160,11 +1163,11 @@ class Client:
             role=_enum(access_pb2.Role, "ROLE_", role),
             owner_id=owner_id,
         )
-        return (await self._call(self._stubs().access.MapCertificate, request)).mapping
+        return (await self._call(lambda stubs: stubs.access.MapCertificate, request)).mapping
 
     async def unmap_certificate(self, *, subject: str) -> access_pb2.CertificateMapping:
         request = access_pb2.UnmapCertificateRequest(subject=subject)
-        return (await self._call(self._stubs().access.UnmapCertificate, request)).mapping
+        return (await self._call(lambda stubs: stubs.access.UnmapCertificate, request)).mapping
 
     async def list_certificate_mappings(
         self, *, page_size: int = 0, page_token: str = ""
@@ -1172,23 +1175,25 @@ class Client:
         request = access_pb2.ListCertificateMappingsRequest(
             page_size=page_size, page_token=page_token
         )
-        response = await self._call(self._stubs().access.ListCertificateMappings, request)
+        response = await self._call(lambda stubs: stubs.access.ListCertificateMappings, request)
         return Page(list(response.mappings), response.next_page_token)
 
     async def health(self, *, service: str = "") -> str:
         """The standard gRPC health check: "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"…"""
         request = health_pb2.HealthCheckRequest(service=service)
-        response = await self._call(self._stubs().health_check, request)
+        response = await self._call(lambda stubs: stubs.health_check, request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     # The boundary: every call goes through here.
 
-    def _stubs(self) -> _Stubs:
-        """The stubs of the connection whose turn it is (the channels opened first)."""
+    def _stubs(self, *, taken: bool = True) -> _Stubs:
+        """The stubs of the connection whose turn it is (the channels opened first); once
+        `taken`, the turn passes to the next."""
         if not self._stubs_open:
             self._stubs_open = [self._open() for _ in range(self.connections)]
         stubs = self._stubs_open[self._turn]
-        self._turn = (self._turn + 1) % len(self._stubs_open)
+        if taken:
+            self._turn = (self._turn + 1) % len(self._stubs_open)
         return stubs
 
     def _open(self) -> _Stubs:
@@ -1229,18 +1234,19 @@ class Client:
 
     async def _call(
         self,
-        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        method: Callable[[_Stubs], grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT]],
         request: RequestT,
     ) -> ResponseT:
-        """Sends the request, and again (the same request) while it fails with an error worth
-        retrying (`retryable`), there are retries left and the backoff ends before the
-        deadline. The server is given the time left as its deadline, so its
+        """Sends the request to the RPC `method` picks from a connection's stubs, and again
+        (the same request, over the connection whose turn it is then) while it fails with an
+        error worth retrying (`retryable`), there are retries left and the backoff ends before
+        the deadline. The server is given the time left as its deadline, so its
         DEADLINE_EXCEEDED, like gRPC's own, means that none is left: raised at once."""
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
             try:
-                return await method(
+                return await method(self._stubs())(
                     request,
                     timeout=max(deadline - time.monotonic(), 0.0),
                     metadata=self._call_metadata,
