@@ -21,8 +21,10 @@ import pytest
 import pytest_asyncio
 
 from coffer.bench.infra import BenchServer, coffer_command
-from coffer.bench.main import bench, main, parse_arguments
+from coffer.bench.main import bench, connections_per_worker, main, parse_arguments
+from coffer.clients.client import connections_max
 from coffer.postgres.supervisor import EmbeddedPostgres
+from coffer.server.settings import workers_max
 
 required_keys = {
     "scenario",
@@ -216,6 +218,16 @@ def test_embedded_database_two_workers_and_comparisons(tmp_path: Path) -> None:
     assert not Path(data_dir).exists()
     running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert data_dir not in running
+
+
+@pytest.mark.parametrize("workers", [1, 2, workers_max])
+def test_the_default_connections_are_a_few_per_worker_within_the_clients_limit(
+    workers: int,
+) -> None:
+    parsed = parse_arguments(["--workers", str(workers)])
+    assert parsed is not None
+    assert parsed.connections == min(connections_per_worker * workers, connections_max)
+    assert 1 <= parsed.connections <= connections_max
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,7 @@ from coffer.clients import Client, limits
 from coffer.clients.client import connections_max
 from coffer.server.settings import workers_default, workers_max
 
-__all__ = ["bench", "main", "parse_arguments"]
+__all__ = ["bench", "connections_per_worker", "main", "parse_arguments"]
 
 inflight_default_batch = 2
 inflight_default_single = 64
@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"gRPC connections of the client, which its calls take in turn (default "
-        f"{connections_per_worker} per worker; 1 with --target)",
+        f"{connections_per_worker} per worker, at most {connections_max}; 1 with --target)",
     )
     parser.add_argument(
         "--preload",
@@ -216,7 +216,9 @@ def _check(arguments: argparse.Namespace) -> str | None:
         arguments.workers = workers_default()
     if arguments.connections is None:
         arguments.connections = (
-            1 if arguments.workers is None else connections_per_worker * arguments.workers
+            1
+            if arguments.workers is None
+            else min(connections_per_worker * arguments.workers, connections_max)
         )
     if arguments.sweep is not None:
         try:
