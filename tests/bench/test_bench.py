@@ -24,6 +24,7 @@ from coffer.bench.infra import BenchServer, coffer_command
 from coffer.bench.main import bench, connections_per_worker, main, parse_arguments
 from coffer.clients.client import connections_max
 from coffer.postgres.supervisor import EmbeddedPostgres
+from coffer.server.app import Settings, cluster_connections_max, database_connections_max
 from coffer.server.settings import workers_max
 
 required_keys = {
@@ -230,6 +231,16 @@ def test_the_default_connections_are_a_few_per_worker_within_the_clients_limit(
     assert 1 <= parsed.connections <= connections_max
 
 
+@pytest.mark.parametrize("workers", [1, 8])
+def test_the_embedded_database_takes_every_workers_connections(workers: int) -> None:
+    """The rule of `coffer serve`'s own embedded database, with the flags given the server."""
+    parsed = parse_arguments(["--workers", str(workers), "--server-arg=--pool-size-read=40"])
+    assert parsed is not None
+    settings = Settings(database_url="", workers=workers, pool_size_read=40)
+    assert parsed.database_connections == cluster_connections_max(settings)
+    assert parsed.database_connections >= workers * database_connections_max(settings)
+
+
 @pytest.mark.parametrize(
     "arguments",
     [
@@ -241,6 +252,7 @@ def test_the_default_connections_are_a_few_per_worker_within_the_clients_limit(
         ["--workers", "0"],
         ["--workers", "65"],
         ["--connections", "0"],
+        ["--server-arg=--pool-size-read=0"],
         ["--target", "127.0.0.1:1", "--preload", "10"],
         ["--scenario", "overload", "--sweep", "1,2"],
     ],

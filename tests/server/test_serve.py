@@ -241,6 +241,31 @@ async def test_serve_starts_its_killed_postgres_again(data_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("workers", "message"),
+    [
+        ("0", f"coffer serve: --workers must be 1 to {workers_max}, not 0"),
+        ("two", "argument --workers: invalid int value: 'two'"),
+    ],
+)
+async def test_serve_takes_its_workers_from_the_environment_too(workers: str, message: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        coffer,
+        "serve",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+            "COFFER_WORKERS": workers,
+        },
+    )
+    output, errors = await process.communicate()
+    assert process.returncode == 2
+    assert message in errors.decode(), errors
+    assert output == b""
+
+
+@pytest.mark.parametrize(
     ("arguments", "message"),
     [
         (["--batch-size-max", "9000"], "--batch-size-max must be 1 to 8000"),

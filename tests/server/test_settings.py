@@ -25,6 +25,8 @@ from coffer.server.settings import (
     batch_size_max_default,
     batch_wait_ms_max,
     calls_max_limit,
+    cgroup_cores,
+    cpu_max_cores,
     credentials_cache_ttl_s_max,
     expiration_interval_s_max,
     expiry_notice_days_max,
@@ -294,7 +296,29 @@ def test_the_defaults_are_within_bounds() -> None:
     assert 2 * base.batch_workers <= base.pool_size < 10
     # A Server is one process; `coffer serve` starts one a core it may run on by default.
     assert base.workers == 1 and base.background_jobs
-    assert workers_default() == min(len(os.sched_getaffinity(0)), workers_max)
+    quota = cgroup_cores()
+    cores = (
+        len(os.sched_getaffinity(0)) if quota is None else min(quota, len(os.sched_getaffinity(0)))
+    )
+    assert workers_default() == max(1, min(cores, workers_max))
+
+
+@pytest.mark.parametrize(
+    ("text", "cores"),
+    [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000\n", 2),
+        ("50000 100000\n", 1),
+        ("1000 100000\n", 1),
+        ("", None),
+        ("100000\n", None),
+        ("x 100000\n", None),
+        ("100000 0\n", None),
+    ],
+)
+def test_a_cgroup_cpu_quota_is_whole_cores_rounded_up(text: str, cores: int | None) -> None:
+    assert cpu_max_cores(text) == cores
 
 
 @pytest.mark.parametrize("setting", sorted(bounds))

@@ -38,7 +38,12 @@ from coffer.core.access import Access
 from coffer.core.model import Role
 from coffer.core.preload import preload_transfers
 from coffer.core.store.connections import create_pool
-from coffer.postgres.supervisor import EmbeddedPostgres, EmbeddedPostgresError, find_bin_dir
+from coffer.postgres.supervisor import (
+    CONNECTIONS_MAX_DEFAULT,
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    find_bin_dir,
+)
 
 __all__ = [
     "BenchDatabase",
@@ -82,9 +87,11 @@ class BenchDatabase:
 
 
 @contextlib.asynccontextmanager
-async def bench_database(database_url: str | None, note: Note) -> AsyncIterator[BenchDatabase]:
+async def bench_database(
+    database_url: str | None, note: Note, *, connections_max: int | None = None
+) -> AsyncIterator[BenchDatabase]:
     """The given database, or a durable embedded cluster in a temporary directory, stopped and
-    deleted afterwards."""
+    deleted afterwards, taking at least `connections_max` connections (None: its default)."""
     if database_url:
         yield BenchDatabase(database_url, None, "DATABASE_URL")
         return
@@ -92,7 +99,11 @@ async def bench_database(database_url: str | None, note: Note) -> AsyncIterator[
     # As root the cluster runs as a system user, which must get through this directory.
     directory.chmod(0o711)
     try:
-        cluster = EmbeddedPostgres(directory / "postgres", durable=True)
+        cluster = EmbeddedPostgres(
+            directory / "postgres",
+            durable=True,
+            connections_max=connections_max or CONNECTIONS_MAX_DEFAULT,
+        )
         note(f"starting a durable embedded PostgreSQL in {cluster.data_dir}")
         dsn = await asyncio.to_thread(cluster.start)
         try:

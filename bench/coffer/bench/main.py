@@ -48,7 +48,10 @@ from coffer.bench import infra, load, measure, overload, report
 from coffer.bench.load import batch_scenarios, scenarios
 from coffer.clients import Client, limits
 from coffer.clients.client import connections_max
-from coffer.server.settings import workers_default, workers_max
+from coffer.server.app import cluster_connections_max
+from coffer.server.cli import serve_settings
+from coffer.server.settings import SettingsError, workers_default, workers_max
+from coffer.server.tls import TlsError
 
 __all__ = ["bench", "connections_per_worker", "main", "parse_arguments"]
 
@@ -261,7 +264,25 @@ def _check(arguments: argparse.Namespace) -> str | None:
             "--preload needs the database: give --database-url with --target",
         ),
     ]
-    return next((message for passed, message in checks if not passed), None)
+    problem = next((message for passed, message in checks if not passed), None)
+    arguments.database_connections = None
+    if problem is not None or arguments.target is not None:
+        return problem
+    # The server it starts, as `coffer serve` reads its flags: the embedded database takes
+    # every worker's connections, as `coffer serve`'s own does.
+    try:
+        settings = serve_settings(
+            [*_server_arguments(arguments), "--workers", str(arguments.workers)]
+        )
+    except (SettingsError, TlsError) as error:
+        return f"--server-arg: --{error.setting.replace('_', '-')} {error.problem}"
+    arguments.database_connections = cluster_connections_max(settings)
+    return None
+
+
+def _server_arguments(arguments: argparse.Namespace) -> list[str]:
+    """The flags of the `coffer serve` it starts, but its address, database and workers."""
+    return [*arguments.server_arg, *(["--no-events"] if arguments.no_events else [])]
 
 
 def _note(message: str) -> None:
@@ -280,7 +301,11 @@ async def bench(arguments: argparse.Namespace) -> int:
             database = None
             if arguments.target is None or arguments.database_url:
                 database = await stack.enter_async_context(
-                    infra.bench_database(arguments.database_url, _note)
+                    infra.bench_database(
+                        arguments.database_url,
+                        _note,
+                        connections_max=arguments.database_connections,
+                    )
                 )
             server = None
             target = arguments.target
@@ -289,10 +314,7 @@ async def bench(arguments: argparse.Namespace) -> int:
                 server = await infra.BenchServer.start(
                     database.dsn,
                     workers=arguments.workers,
-                    server_arguments=[
-                        *arguments.server_arg,
-                        *(["--no-events"] if arguments.no_events else []),
-                    ],
+                    server_arguments=_server_arguments(arguments),
                     log_dir=log_dir,
                     note=_note,
                 )

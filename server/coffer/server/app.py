@@ -78,7 +78,9 @@ __all__ = [
     "Server",
     "Settings",
     "access_pool_size",
+    "cluster_connections_max",
     "database_connections_max",
+    "database_connections_spare",
     "services_described",
 ]
 
@@ -91,6 +93,9 @@ access_pool_size = 2
 # The health check's pool, and the listener of the event stream (with events on).
 probe_pool_size = 1
 listener_connections = 1
+# A database takes the servers' connections and as many again as this, for the commands beside
+# them (migrations, `coffer keys`, an operator's psql).
+database_connections_spare = 20
 # The largest answer: a page of transfers, or a batch's results, with their metadata.
 response_bytes_max = 64 * 1024 * 1024
 # gRPC's own limits on calls are multiples of Coffer's `calls_max`, so that Coffer refuses
@@ -128,6 +133,13 @@ def database_connections_max(settings: Settings) -> int:
         + probe_pool_size
         + (listener_connections if settings.events else 0)
     )
+
+
+def cluster_connections_max(settings: Settings) -> int:
+    """The connections a database must take for `coffer serve` with these settings (the
+    embedded PostgreSQL's max_connections): every worker's, and database_connections_spare
+    more."""
+    return settings.workers * database_connections_max(settings) + database_connections_spare
 
 
 class _UnawaitedConnectionLoss(logging.Filter):

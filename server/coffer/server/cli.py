@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,11 +44,11 @@ from coffer.postgres.supervisor import (
 )
 
 from . import logs, workers
-from .app import Server, database_connections_max
+from .app import Server, cluster_connections_max
 from .settings import Settings, SettingsError, listen_default, workers_default, workers_max
 from .tls import ServerTls, TlsError
 
-__all__ = ["certificates", "keys", "migrate", "serve"]
+__all__ = ["certificates", "keys", "migrate", "serve", "serve_settings"]
 
 logger = logging.getLogger("coffer")
 
@@ -76,9 +76,6 @@ def certificates(argv: list[str]) -> int:
 # Who made or changed a credential through these commands (its record's `created_by`, and
 # its event's actor).
 made_by_command = "coffer keys"
-# The embedded PostgreSQL takes the servers' connections and as many again as this, for the
-# commands beside them (migrations, `coffer keys`, an operator's psql).
-database_connections_spare = 20
 
 
 def _main(argv: list[str]) -> int:
@@ -98,7 +95,9 @@ def _main(argv: list[str]) -> int:
             try:
                 settings = _settings(arguments)
                 if settings.workers > 1:
-                    database = _database(arguments, connections_max=_connections_max(settings))
+                    database = _database(
+                        arguments, connections_max=cluster_connections_max(settings)
+                    )
                     return uvloop.run(workers.supervise(argv[1:], settings, database))
                 return uvloop.run(_serve(arguments, settings))
             # The TLS files are read again at start: they may have changed since checked.
@@ -263,12 +262,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=int,
-        default=workers_default(),
+        # A string (from the environment) is read as the flag's would be.
+        default=os.environ.get("COFFER_WORKERS") or workers_default(),
         metavar="N",
         help="server processes on the one port, each with the pools, limits and rates these "
         "flags give (a worker's own); 1: this process alone; more: a supervisor and N "
-        "workers, one connection of a client reaching one worker (1 to "
-        f"{workers_max}; default: the cores this process may run on, {workers_default()})",
+        f"workers, one connection of a client reaching one worker (1 to {workers_max}; env "
+        "COFFER_WORKERS; default: the cores this process may run on, within its CPU quota, "
+        f"{workers_default()})",
     )
     # A worker of a supervisor (server/workers.py): its number, 1 to N.
     serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -376,11 +377,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _connections_max(settings: Settings) -> int:
-    """The connections the embedded PostgreSQL takes for `coffer serve`: every worker's."""
-    return settings.workers * database_connections_max(settings) + database_connections_spare
-
-
 @asynccontextmanager
 async def _database(
     arguments: argparse.Namespace, *, connections_max: int = CONNECTIONS_MAX_DEFAULT
@@ -408,6 +404,12 @@ async def _database(
         with contextlib.suppress(asyncio.CancelledError):
             await supervisor
         await asyncio.to_thread(cluster.stop)
+
+
+def serve_settings(argv: Sequence[str]) -> Settings:
+    """The settings `coffer serve` takes from these arguments (those after `serve`) and the
+    environment, checked; argparse's refusals exit with 2, as the command's do."""
+    return _settings(_parser().parse_args(["serve", *argv]))
 
 
 def _settings(arguments: argparse.Namespace) -> Settings:
@@ -450,7 +452,7 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     """One server in this process: `coffer serve --workers 1`, or a worker of a supervisor
     (`--worker K`), which says it serves to its supervisor alone (`workers.WorkerReady`)."""
     worker = arguments.worker
-    connections_max = _connections_max(settings)
+    connections_max = cluster_connections_max(settings)
     async with _database(arguments, connections_max=connections_max) as (database_url, description):
         server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         stopping = asyncio.Event()

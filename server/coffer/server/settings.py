@@ -43,6 +43,8 @@ __all__ = [
     "batch_wait_ms_max",
     "batch_workers_default",
     "calls_max_limit",
+    "cgroup_cores",
+    "cpu_max_cores",
     "credentials_cache_ttl_s_default",
     "credentials_cache_ttl_s_max",
     "expiration_interval_s_default",
@@ -131,12 +133,50 @@ _loopback_names = frozenset({"localhost"})
 
 def workers_default() -> int:
     """`coffer serve`'s workers when not told: the cores this process may run on (its CPU
-    affinity, which a container's or a `taskset`'s limit narrows), at most workers_max."""
+    affinity, which a cpuset or a `taskset` narrows), fewer if its cgroup's CPU quota allows
+    fewer (`cgroup_cores`), at most workers_max."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # Not on Linux.
         cores = os.cpu_count() or 1
+    quota = cgroup_cores()
+    if quota is not None:
+        cores = min(cores, quota)
     return max(1, min(cores, workers_max))
+
+
+def cgroup_cores(cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The cores the cgroup v2 CPU quotas of this process allow (a container's `--cpus`): the
+    smallest over its cgroup and those above it, within the hierarchy mounted at `cgroups`;
+    None without a quota (or without cgroup v2)."""
+    try:
+        membership = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        return None
+    own = next((line[3:] for line in membership.splitlines() if line.startswith("0::")), None)
+    if own is None:
+        return None
+    directory = cgroups / own.strip().lstrip("/")
+    found = None
+    for each in [directory, *directory.parents]:
+        if not each.is_relative_to(cgroups):
+            break
+        try:
+            cores = cpu_max_cores((each / "cpu.max").read_text())
+        except OSError:
+            continue
+        if cores is not None:
+            found = cores if found is None else min(found, cores)
+    return found
+
+
+def cpu_max_cores(text: str) -> int | None:
+    """The cores a cgroup v2 `cpu.max` allows: "QUOTA PERIOD" (µs), ceil(QUOTA / PERIOD), at
+    least 1; None for "max" (no quota) or what is not one."""
+    fields = text.split()
+    if len(fields) != 2 or not all(field.isdigit() for field in fields) or int(fields[1]) == 0:
+        return None
+    return max(1, math.ceil(int(fields[0]) / int(fields[1])))
 
 
 class SettingsError(ValueError):
