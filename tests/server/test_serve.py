@@ -91,10 +91,12 @@ async def health(target: str) -> int:
 async def test_serve_on_the_embedded_postgres(data_dir: Path) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
-    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": ""}
+    # One process, whatever the machine's cores (the supervisor's tests are test_workers').
+    environment = {"COFFER_DATA_DIR": str(data_dir), "DATABASE_URL": "", "COFFER_WORKERS": "1"}
     process, ready = await serve("--listen", target, environment=environment)
     try:
         assert f"serving on {target}" in ready and "embedded PostgreSQL" in ready
+        assert "workers" not in ready, ready
         assert await health(target) == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(target) as channel:
             await units_pb2_grpc.UnitServiceStub(channel).CreateUnit(
@@ -118,9 +120,11 @@ async def test_serve_on_the_embedded_postgres(data_dir: Path) -> None:
 
 async def test_serve_on_database_url(database_url: str) -> None:
     target = f"127.0.0.1:{free_port()}"
-    process, ready = await serve("--listen", target, environment={"DATABASE_URL": database_url})
+    process, ready = await serve(
+        "--listen", target, "--workers", "1", environment={"DATABASE_URL": database_url}
+    )
     try:
-        assert "DATABASE_URL" in ready
+        assert "DATABASE_URL" in ready and "workers" not in ready
         assert await health(target) == health_pb2.HealthCheckResponse.SERVING
     finally:
         await stop(process, signal.SIGTERM)
