@@ -4,8 +4,9 @@ and its workers look at."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
+
+from coffer.bench.measure import process_stats
 
 __all__ = ["children", "free_ports", "gone"]
 
@@ -29,17 +30,9 @@ def free_ports(count: int) -> int:
 
 def children(pid: int) -> list[int]:
     """The live processes whose parent is `pid`."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry.name}/stat") as file:
-                text = file.read()
-            fields = text[text.rindex(")") + 2 :].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return sorted(found)
+    return sorted(
+        child for child, stat in process_stats().items() if stat.parent == pid and stat.state != "Z"
+    )
 
 
 def gone(pid: int) -> bool:

@@ -45,6 +45,9 @@ from coffer.postgres.supervisor import (
     find_bin_dir,
 )
 
+from .measure import process_tree
+from .report import workers_phrase
+
 __all__ = [
     "BenchDatabase",
     "BenchServer",
@@ -197,7 +200,7 @@ class BenchServer:
         except BaseException:
             await server.stop()
             raise
-        note(f"coffer serve with {_workers(workers)} serving on {server.target}")
+        note(f"coffer serve with {workers_phrase(workers)} serving on {server.target}")
         return server
 
     async def _start(self, command: list[str]) -> None:
@@ -276,10 +279,6 @@ class BenchServer:
         await self.stop()
 
 
-def _workers(count: int) -> str:
-    return f"{count} worker{'s' if count > 1 else ''}"
-
-
 async def _drain(stream: asyncio.StreamReader, log: BinaryIO) -> None:
     while line := await stream.readline():
         log.write(line)
@@ -320,7 +319,7 @@ class RssSampler:
 
     async def _sample(self) -> None:
         while True:
-            each = [(_rss_kb(pid) or 0) / 1024 for pid in _tree(self._pids)]
+            each = [(_rss_kb(pid) or 0) / 1024 for pid in process_tree(self._pids)]
             total, largest = sum(each), max(each, default=0.0)
             self.samples.append((round(time.monotonic() - self._started, 1), round(total, 1)))
             self.mb_max = total if self.mb_max is None else max(self.mb_max, total)
@@ -330,29 +329,6 @@ class RssSampler:
                 else max(self.mb_max_per_process, largest)
             )
             await asyncio.sleep(rss_sample_interval_s)
-
-
-def _tree(roots: Sequence[int]) -> list[int]:
-    """`roots` and every live process below them."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as file:
-                text = file.read()
-        except OSError:
-            continue
-        # After the command's closing parenthesis: state, then the parent's pid.
-        parent = int(text[text.rindex(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found: list[int] = []
-    pending = list(roots)
-    while pending:
-        pid = pending.pop()
-        found.append(pid)
-        pending.extend(children.get(pid, ()))
-    return found
 
 
 def _rss_kb(pid: int) -> int | None:

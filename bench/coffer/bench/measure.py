@@ -16,9 +16,18 @@ import time
 from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TextIO
 
-__all__ = ["CpuMeter", "Recorder", "percentile_ms", "progress"]
+__all__ = [
+    "CpuMeter",
+    "ProcessStat",
+    "Recorder",
+    "percentile_ms",
+    "process_stats",
+    "process_tree",
+    "progress",
+]
 
 progress_interval_tty_s = 1.0
 progress_interval_s = 5.0
@@ -172,19 +181,9 @@ class CpuMeter:
         self._ticks = os.sysconf("SC_CLK_TCK")
 
     def read(self) -> dict[str, float]:
-        stats = _process_stats()
-        children: dict[int, list[int]] = {}
-        for pid, (parent, _) in stats.items():
-            children.setdefault(parent, []).append(pid)
-
-        def tree(pid: int) -> int:
-            own = stats.get(pid)
-            if own is None:
-                return 0
-            return own[1] + sum(tree(child) for child in children.get(pid, ()))
-
+        stats = process_stats()
         reading = {
-            name: sum(tree(pid) for pid in pids) / self._ticks
+            name: sum(stats[pid].ticks for pid in process_tree(pids, stats)) / self._ticks
             for name, pids in self._groups.items()
         }
         times = os.times()
@@ -192,8 +191,19 @@ class CpuMeter:
         return reading
 
 
-def _process_stats() -> dict[int, tuple[int, int]]:
-    """Every process's parent and its CPU ticks: its own, and its reaped children's."""
+@dataclass(frozen=True, slots=True)
+class ProcessStat:
+    """What /proc/PID/stat says of a process."""
+
+    parent: int
+    # R, S, D, Z (a zombie: exited, not yet reaped), …
+    state: str
+    # Its CPU ticks (user + system), its own and its reaped children's.
+    ticks: int
+
+
+def process_stats() -> dict[int, ProcessStat]:
+    """Every process's, by pid."""
     stats = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -206,5 +216,23 @@ def _process_stats() -> dict[int, tuple[int, int]]:
         # After the command's closing parenthesis: state, ppid, ..., utime (14th field),
         # stime, cutime, cstime.
         fields = text[text.rindex(")") + 2 :].split()
-        stats[int(entry.name)] = (int(fields[1]), sum(int(value) for value in fields[11:15]))
+        stats[int(entry.name)] = ProcessStat(
+            int(fields[1]), fields[0], sum(int(value) for value in fields[11:15])
+        )
     return stats
+
+
+def process_tree(roots: Sequence[int], stats: Mapping[int, ProcessStat] | None = None) -> list[int]:
+    """`roots` and every process below them, those of `stats` (by default, read now) alone."""
+    if stats is None:
+        stats = process_stats()
+    children: dict[int, list[int]] = {}
+    for pid, stat in stats.items():
+        children.setdefault(stat.parent, []).append(pid)
+    found: list[int] = []
+    pending = [pid for pid in roots if pid in stats]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(children.get(pid, ()))
+    return found

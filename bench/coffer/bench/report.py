@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["plot", "table", "write_json"]
+__all__ = ["plot", "table", "workers_phrase", "write_json"]
 
 
 def _number(value: Any, digits: int = 0) -> str:
@@ -18,7 +18,8 @@ def _number(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
-def _workers(count: int) -> str:
+def workers_phrase(count: int) -> str:
+    """ "1 worker", "2 workers"."""
     return f"{count} worker{'s' if count > 1 else ''}"
 
 
@@ -37,7 +38,11 @@ def table(result: dict[str, Any], stream: TextIO) -> None:
         (
             "server",
             str(result["server"])
-            + (f" (coffer serve, {_workers(result['workers'])})" if result.get("workers") else ""),
+            + (
+                f" (coffer serve, {workers_phrase(result['workers'])})"
+                if result.get("workers")
+                else ""
+            ),
         ),
         ("database", str(result["database"])),
         ("load", _load(result)),
@@ -227,7 +232,7 @@ def _title(result: dict[str, Any]) -> str:
         f"batches of {result['batch_size']}" if result["batch_size"] is not None else "single calls"
     )
     workers = result["workers"]
-    server = f"coffer serve, {_workers(workers)}" if workers else f"server {result['server']}"
+    server = f"coffer serve, {workers_phrase(workers)}" if workers else f"server {result['server']}"
     return (
         f"coffer bench {result['scenario']}: {load}, {result['wallets']:,} wallets, "
         f"skew {result['skew']:g}, {server}\n"
