@@ -309,6 +309,37 @@ async def test_sigterm_stops_every_worker_and_the_embedded_postgres(data_dir: Pa
     assert all(gone(pid) for pid in [*workers, postmaster, *backends])
 
 
+async def test_sighup_without_tls_stops_the_supervisor_as_sigterm_does(
+    database_url: str,
+) -> None:
+    async with serving(
+        "--listen", "127.0.0.1:0", "--workers", "2", environment={"DATABASE_URL": database_url}
+    ) as server:
+        workers = children(server.process.pid)
+        server.process.send_signal(signal.SIGHUP)
+        assert await server.exited() == 0, server.lines
+    said = [line for line in server.lines if line.startswith("coffer: ")]
+    assert said[-2:] == ["coffer: shutting down\n", "coffer: stopped\n"], server.lines
+    assert all(gone(pid) for pid in workers)
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(database_url: str) -> None:
+    """SIGKILL leaves the supervisor no word to say: its workers see their standard input end,
+    and stop by themselves."""
+    async with serving(
+        "--listen", "127.0.0.1:0", "--workers", "2", environment={"DATABASE_URL": database_url}
+    ) as server:
+        workers = children(server.process.pid)
+        assert len(workers) == 2, workers
+        server.process.kill()
+        await server.process.wait()
+        async with asyncio.timeout(60):
+            while not all(gone(pid) for pid in workers):
+                await asyncio.sleep(0.05)
+        await server.exited()
+    assert "the supervisor is gone: stopping" in said_all(server)
+
+
 # A sitecustomize that holds every worker at its start (its Python started, the server not
 # yet), once it has said so with a file in HOLD_DIRECTORY: a supervisor still starting, for
 # as long as a test needs.
