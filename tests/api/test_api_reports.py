@@ -259,10 +259,10 @@ async def test_bad_input_is_invalid_argument_naming_its_field(server: Server) ->
             (coffer.past_balance(ann, now + timedelta(hours=1)), "time"),
         ):
             assert (await refused(call)).field == field
-        stub = coffer._stubs().reports
         with pytest.raises(errors.InvalidArgument) as raised:
             await coffer._call(
-                stub.GetPastBalance, reports_pb2.GetPastBalanceRequest(wallet_id=ann)
+                lambda stubs: stubs.reports.GetPastBalance,
+                reports_pb2.GetPastBalanceRequest(wallet_id=ann),
             )
         assert raised.value.field == "time"
         with pytest.raises(errors.WalletNotFound):
