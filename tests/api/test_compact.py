@@ -13,24 +13,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import asyncpg
 import grpc
 import pytest
 
 from coffer.v1 import transfers_pb2, types_pb2
 
-from support.replay import World, key, metadata, operation, operation_kinds, scenarios
+from support.replay import World, key, metadata, opened_world, operation, operation_kinds, scenarios
 
 
 @pytest.fixture
 async def world(channel: grpc.aio.Channel, database_url: str) -> AsyncIterator[World]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        world = World(channel, connection)
-        await world.setup()
-        yield world
-    finally:
-        await connection.close()
+    async with opened_world(channel, database_url) as opened:
+        yield opened
 
 
 async def _submit(

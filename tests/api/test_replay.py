@@ -37,6 +37,7 @@ from support.replay import (
     _replayed,
     key,
     metadata,
+    opened_world,
     operation,
     operation_kinds,
     rpc_of,
@@ -57,13 +58,8 @@ def test_every_kind_has_scenarios() -> None:
 
 @pytest.fixture
 async def world(channel: grpc.aio.Channel, database_url: str) -> AsyncIterator[World]:
-    connection = await asyncpg.connect(database_url)
-    try:
-        world = World(channel, connection)
-        await world.setup()
-        yield world
-    finally:
-        await connection.close()
+    async with opened_world(channel, database_url) as opened:
+        yield opened
 
 
 def _other(request: Message) -> Message:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -255,6 +256,18 @@ class World:
         return int(
             await self.connection.fetchval("select posted from wallets where id = $1", wallet_id)
         )
+
+
+@asynccontextmanager
+async def opened_world(channel: grpc.aio.Channel, database_url: str) -> AsyncIterator[World]:
+    """A World set up on the server's channel, with a connection of its own to the database."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        world = World(channel, connection)
+        await world.setup()
+        yield world
+    finally:
+        await connection.close()
 
 
 def operation(kind: str, request: Message, linked: bool = False) -> transfers_pb2.Operation:

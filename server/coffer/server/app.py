@@ -81,6 +81,7 @@ __all__ = [
     "cluster_connections_max",
     "database_connections_max",
     "database_connections_spare",
+    "migrate_database",
     "services_described",
 ]
 
@@ -170,6 +171,18 @@ class _UnawaitedConnectionLoss(logging.Filter):
 _unawaited_connection_loss = _UnawaitedConnectionLoss()
 
 
+async def migrate_database(database_url: str, timeout_s: float) -> None:
+    """The migrations not applied yet, on a connection of their own, without the pools'
+    timeouts: one may take long, and waits for another server's under an advisory lock."""
+    connection = await asyncpg.connect(database_url, timeout=timeout_s)
+    try:
+        applied = await migrate(connection)
+    finally:
+        await connection.close()
+    if applied:
+        logger.info("applied migrations %s", applied)
+
+
 class Server:
     def __init__(
         self,
@@ -220,17 +233,7 @@ class Server:
     async def start(cls, settings: Settings) -> Server:
         # One process: `coffer serve` starts the workers of settings.workers > 1, each a Server.
         assert settings.workers == 1, settings.workers
-        # Migrations run on a connection of their own, without the pools' timeouts: one may
-        # take long, and waits for another server's under an advisory lock.
-        connection = await asyncpg.connect(
-            settings.database_url, timeout=settings.statement_timeout_s
-        )
-        try:
-            applied = await migrate(connection)
-        finally:
-            await connection.close()
-        if applied:
-            logger.info("applied migrations %s", applied)
+        await migrate_database(settings.database_url, settings.statement_timeout_s)
         pools: list[asyncpg.Pool] = []
         metrics = Metrics() if settings.metrics_listen else None
         try:

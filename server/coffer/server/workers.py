@@ -57,10 +57,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-import asyncpg
-
-from coffer.core.migrate import migrate
-
+from .app import migrate_database
 from .settings import Settings
 
 __all__ = [
@@ -504,7 +501,8 @@ async def supervise(
 
 async def _start(workers: _Workers, database_url: str, settings: Settings) -> list[WorkerReady]:
     """The migrations, then every worker: what each said once it served."""
-    await _migrate(database_url, settings.statement_timeout_s)
+    # Once for every worker (each then finds none to apply).
+    await migrate_database(database_url, settings.statement_timeout_s)
     return await workers.start()
 
 
@@ -530,14 +528,3 @@ def _print_ready(
         workers=settings.workers,
     )
     print(line, flush=True)
-
-
-async def _migrate(database_url: str, timeout_s: float) -> None:
-    """The migrations, once for every worker (each then finds none to apply)."""
-    connection = await asyncpg.connect(database_url, timeout=timeout_s)
-    try:
-        applied = await migrate(connection)
-    finally:
-        await connection.close()
-    if applied:
-        logger.info("applied migrations %s", applied)
