@@ -1258,7 +1258,7 @@ class Model:
         if self.posted[operator] + taken > balance_max:
             return {errors.BalanceOverflow}, []
         posting = self._move(TransferKind.debit, wallet_id, operator, taken)
-        return found, [dataclasses.replace(posting, amount_requested=amount)]
+        return found, [posting._replace(amount_requested=amount)]
 
     def _between(
         self, kind: TransferKind, source: int, target: int, amount: int
@@ -1291,7 +1291,7 @@ class Model:
             return found, []
         self.voided.add(transfer_id)
         posting = self._move(TransferKind.void, target, source, amount)
-        return found, [dataclasses.replace(posting, voids_transfer_id=transfer_id)]
+        return found, [posting._replace(voids_transfer_id=transfer_id)]
 
     def _place_hold(self, operation: PlaceHold, at: datetime) -> tuple[Violations, list[Posting]]:
         wallet_id = operation.wallet_id

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum, IntEnum
-from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar, get_type_hints
 
 from .errors import CofferError, InvalidArgument
 
@@ -443,11 +443,11 @@ class Allocation:
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
-class Transfer:
+class Transfer(NamedTuple):
     """One row of the journal: `amount` moved from the source wallet to the target.
     `allocations`: what it changed in grants, by grant id (not part of the row; set where it
-    is read with them)."""
+    is read with them). A named tuple, not a dataclass: a batch makes one a transfer, and a
+    tuple is made in C."""
 
     id: int
     operation_id: int

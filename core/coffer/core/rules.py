@@ -16,9 +16,9 @@ locks any wallet (`expected_posting`), so that the locks are held only to valida
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import errors
 from .model import (
@@ -164,9 +164,9 @@ class TransferState:
     amount: int
 
 
-@dataclass(frozen=True, slots=True)
-class Posting:
-    """A transfer to write; the ledger gives it an id and the operation's details."""
+class Posting(NamedTuple):
+    """A transfer to write; the ledger gives it an id and the operation's details. A named
+    tuple, not a dataclass: the rules make one or two a transfer, and a tuple is made in C."""
 
     kind: TransferKind
     source_wallet_id: int
@@ -176,11 +176,19 @@ class Posting:
     voids_transfer_id: int | None = None
     hold_id: int | None = None
     hold_expires_at: datetime | None = None
-    # What it changed in grants (not part of the journal row, so not of its equality, by which
-    # a transfer written ahead is confirmed): each (grant id, change to its remainder), and the
+    # What it changed in grants (not part of the journal row, so not of `same_row`, by which a
+    # transfer written ahead is confirmed): each (grant id, change to its remainder), and the
     # grants it made.
-    allocations: tuple[tuple[int, int], ...] = field(default=(), compare=False)
-    new_grants: tuple[GrantState, ...] = field(default=(), compare=False)
+    allocations: tuple[tuple[int, int], ...] = ()
+    new_grants: tuple[GrantState, ...] = ()
+
+    def same_row(self, other: Posting) -> bool:
+        """Whether the two write the same journal row."""
+        return self[:_posting_row_fields] == other[:_posting_row_fields]
+
+
+# The fields of a Posting that its journal row holds: those before `allocations`.
+_posting_row_fields = Posting._fields.index("allocations")
 
 
 @dataclass(slots=True)
@@ -656,7 +664,7 @@ def _debit(book: Book, operation: Debit, now: datetime) -> list[Posting]:
     if operation.mode == DebitMode.up_to:
         assert wallet.balance_minimum is not None
         spare = max(0, spendable(wallet, now) - wallet.balance_minimum)
-        posting = replace(posting, amount=min(posting.amount, spare))
+        posting = posting._replace(amount=min(posting.amount, spare))
     source, target = _check_posting(book, posting, now)
     # Checks done.
     return [_move(book, posting, source, target, now)]

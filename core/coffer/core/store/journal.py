@@ -145,7 +145,10 @@ async def write(
     confirmed = {
         index
         for index, (_, posting) in ahead.items()
-        if isinstance(outcomes[index], list) and outcomes[index] == [posting]
+        if (outcome := outcomes[index])
+        and isinstance(outcome, list)
+        and len(outcome) == 1
+        and outcome[0].same_row(posting)
     }
     stale = [transfer_id for index, (transfer_id, _) in ahead.items() if index not in confirmed]
     count = sum(
@@ -399,8 +402,7 @@ def _answer_allocations(
         results[index] = replace(
             result,
             transfers=tuple(
-                replace(
-                    transfer,
+                transfer._replace(
                     allocations=tuple(sorted(changes, key=lambda change: change.grant_id)),
                 )
                 if transfer.id == transfer_id

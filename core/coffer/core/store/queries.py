@@ -6,7 +6,6 @@ open hold past its expiry reads as expired."""
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import replace
 from datetime import datetime
 
 import asyncpg
@@ -76,7 +75,7 @@ async def with_allocations(
             Allocation(row["grant_id"], row["amount"])
         )
     return [
-        replace(transfer, allocations=tuple(allocated[transfer.id]))
+        transfer._replace(allocations=tuple(allocated[transfer.id]))
         if transfer.id in allocated
         else transfer
         for transfer in transfers

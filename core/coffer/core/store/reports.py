@@ -76,7 +76,6 @@ The balance after the newest entry, and so the wallet's balance, is always exact
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -391,7 +390,7 @@ async def balances_after(
     if await connection.fetchval(
         sql.select_history_newer_beyond, wallet_id, entries[0].id, history_balances_scanned_max
     ):
-        return [replace(entry, signed_amount=_signed(entry, wallet_id)) for entry in entries]
+        return [entry._replace(signed_amount=_signed(entry, wallet_id)) for entry in entries]
     wallet = await connection.fetchrow(sql.select_wallet_posted, wallet_id)
     assert wallet is not None
     posted = wallet["posted"]
@@ -410,7 +409,7 @@ async def balances_after(
             balance -= moves[index][1]
             index += 1
         answered.append(
-            replace(entry, balance_after=balance, signed_amount=_signed(entry, wallet_id))
+            entry._replace(balance_after=balance, signed_amount=_signed(entry, wallet_id))
         )
     return answered
 
