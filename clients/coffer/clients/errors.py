@@ -25,7 +25,8 @@ client's tests fail if the two drift apart.
     │   └── GrantNotFound
     ├── AlreadyExists                                                    ALREADY_EXISTS
     │   ├── IdempotencyKeyReused the key was used before for another request
-    │   └── UnitExists           the unit exists with other fields
+    │   ├── UnitExists           the unit exists with other fields
+    │   └── IdempotencyKeyUnavailable  the key cannot be stored: send another key
     ├── FailedPrecondition                                               FAILED_PRECONDITION
     │   ├── InsufficientFunds, WalletNotActive, WalletNotEmpty, WalletKindMismatch,
     │   ├── UnitMismatch, SameWallet, AlreadyVoided, NotVoidable, HoldExpired,
@@ -89,6 +90,7 @@ __all__ = [
     "HoldNotFound",
     "HoldNotPending",
     "IdempotencyKeyReused",
+    "IdempotencyKeyUnavailable",
     "InsufficientFunds",
     "Internal",
     "InvalidArgument",
@@ -220,6 +222,14 @@ class IdempotencyKeyReused(AlreadyExists):
 
 class UnitExists(AlreadyExists):
     reason = "UNIT_EXISTS"
+
+
+class IdempotencyKeyUnavailable(AlreadyExists):
+    """The server cannot store this idempotency key (it would collide with another in the
+    server's index of keys, a chance of about one in 2^96): send the request with another
+    key."""
+
+    reason = "IDEMPOTENCY_KEY_UNAVAILABLE"
 
 
 class FailedPrecondition(CofferError):
@@ -411,6 +421,7 @@ _error_by_reason: dict[str, type[CofferError]] = {
         GrantNotFound,
         GrantNotExpired,
         GrantSpent,
+        IdempotencyKeyUnavailable,
         LinkedOperationFailed,
         CredentialsMissing,
         CredentialsInvalid,

@@ -156,6 +156,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A void of a transfer whose grant was partly spent, which the wallet's other funds cannot
     cover. FAILED_PRECONDITION; not retryable.
     """
+    ERROR_REASON_IDEMPOTENCY_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 39
+    """The idempotency key cannot be stored: the digest under which the server indexes keys is
+    another key's already (a collision of 96 bits, which random keys practically never meet).
+    The message names no key. ALREADY_EXISTS; not retryable: send the request with another
+    key.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every reason a Coffer call can fail for. A failed call's status carries a
@@ -305,6 +311,12 @@ not retryable.
 ERROR_REASON_GRANT_SPENT: ErrorReason.ValueType  # 38
 """A void of a transfer whose grant was partly spent, which the wallet's other funds cannot
 cover. FAILED_PRECONDITION; not retryable.
+"""
+ERROR_REASON_IDEMPOTENCY_KEY_UNAVAILABLE: ErrorReason.ValueType  # 39
+"""The idempotency key cannot be stored: the digest under which the server indexes keys is
+another key's already (a collision of 96 bits, which random keys practically never meet).
+The message names no key. ALREADY_EXISTS; not retryable: send the request with another
+key.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 

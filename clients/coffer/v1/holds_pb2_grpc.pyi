@@ -53,7 +53,8 @@ class HoldServiceStub:
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
-    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or, about as rarely as a 96-bit guess
+    comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key); any call with INVALID_ARGUMENT
     MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
     the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
     INTERNAL (not retryable; details in the server's log).
@@ -118,7 +119,8 @@ class HoldServiceAsyncStub(HoldServiceStub):
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
-    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or, about as rarely as a 96-bit guess
+    comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key); any call with INVALID_ARGUMENT
     MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
     the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
     INTERNAL (not retryable; details in the server's log).
@@ -179,7 +181,8 @@ class HoldServiceServicer(metaclass=_abc_1.ABCMeta):
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, note, reference, performed_by,
-    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any call with INVALID_ARGUMENT
+    metadata) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or, about as rarely as a 96-bit guess
+    comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key); any call with INVALID_ARGUMENT
     MALFORMED_REQUEST (bytes that are not the request), RESOURCE_EXHAUSTED OVERLOADED (retry after
     the `retry_after_ms` metadata), UNAVAILABLE and DEADLINE_EXCEEDED (retry with the same key), or
     INTERNAL (not retryable; details in the server's log).

@@ -67,8 +67,9 @@ class TransferServiceStub:
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
-    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or,
+    about as rarely as a 96-bit guess comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key);
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
     log).
@@ -198,8 +199,9 @@ class TransferServiceAsyncStub(TransferServiceStub):
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
-    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or,
+    about as rarely as a 96-bit guess comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key);
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
     log).
@@ -325,8 +327,9 @@ class TransferServiceServicer(metaclass=_abc_1.ABCMeta):
     one of the ErrorReason enum's (coffer/v1/errors.proto); for INVALID_ARGUMENT its metadata
     `field`, and a google.rpc.BadRequest field violation, name the field at fault. Every write may
     fail with INVALID_ARGUMENT (idempotency_key, coffer-caller, amount, note, reference,
-    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED; any
-    call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
+    performed_by, metadata, and the ids it names) and ALREADY_EXISTS IDEMPOTENCY_KEY_REUSED (or,
+    about as rarely as a 96-bit guess comes true, IDEMPOTENCY_KEY_UNAVAILABLE: send another key);
+    any call with INVALID_ARGUMENT MALFORMED_REQUEST (bytes that are not the request),
     RESOURCE_EXHAUSTED OVERLOADED (retry after the `retry_after_ms` metadata), UNAVAILABLE and
     DEADLINE_EXCEEDED (retry with the same key), or INTERNAL (not retryable; details in the server's
     log).

@@ -8,7 +8,8 @@ says whether the same request may succeed if sent again unchanged.
     ├── InvalidArgument        bad input, named by field             (INVALID_ARGUMENT)
     ├── MalformedRequest       request bytes that are not the message (INVALID_ARGUMENT)
     ├── NotFound               UnitNotFound, WalletNotFound, …       (NOT_FOUND)
-    ├── AlreadyExists          IdempotencyKeyReused, UnitExists      (ALREADY_EXISTS)
+    ├── AlreadyExists          IdempotencyKeyReused, UnitExists,     (ALREADY_EXISTS)
+    │                          IdempotencyKeyUnavailable
     ├── FailedPrecondition     InsufficientFunds, AlreadyVoided, …,  (FAILED_PRECONDITION)
     │                          EventsDisabled, EventsCursorExpired
     ├── LinkedOperationFailed  another operation of a linked chain failed (ABORTED)
@@ -60,6 +61,7 @@ __all__ = [
     "HoldNotFound",
     "HoldNotPending",
     "IdempotencyKeyReused",
+    "IdempotencyKeyUnavailable",
     "InsufficientFunds",
     "Internal",
     "InvalidArgument",
@@ -179,6 +181,14 @@ class AlreadyExists(CofferError):
 
 class IdempotencyKeyReused(AlreadyExists):
     reason = "IDEMPOTENCY_KEY_REUSED"
+
+
+class IdempotencyKeyUnavailable(AlreadyExists):
+    """The key's digest, under which the journal indexes keys (`model.key_digest`), is
+    another caller's or key's already: a collision, about as likely as guessing a 96-bit
+    number. The message names neither key; another key goes through."""
+
+    reason = "IDEMPOTENCY_KEY_UNAVAILABLE"
 
 
 class UnitExists(AlreadyExists):
