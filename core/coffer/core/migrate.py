@@ -40,8 +40,9 @@ def _migrations() -> list[_Migration]:
     return found
 
 
-async def migrate(connection: asyncpg.Connection) -> list[int]:
-    """Applies the migrations the database lacks; returns their versions."""
+async def migrate(connection: asyncpg.Connection, *, through: int | None = None) -> list[int]:
+    """Applies the migrations the database lacks, up to version `through` (None: all);
+    returns their versions."""
     applied: list[int] = []
     await connection.execute("select pg_advisory_lock($1)", advisory_lock_id)
     try:
@@ -61,6 +62,8 @@ async def migrate(connection: asyncpg.Connection) -> list[int]:
         for migration in _migrations():
             if migration.version in done:
                 continue
+            if through is not None and migration.version > through:
+                break
             async with connection.transaction():
                 await connection.execute(migration.sql)
                 await connection.execute(

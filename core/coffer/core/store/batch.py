@@ -46,6 +46,7 @@ from ..model import (
     TransferKind,
     Void,
     hold_lapsed,
+    key_digest,
     system_caller,
 )
 from . import events, rows, sql
@@ -106,7 +107,7 @@ class Batch:
         system_wallets = await self._system_wallets(fresh, units, grant_wallets)
         wallet_ids.update(system_wallets.values())
         ahead = await write_ahead(
-            connection, operations, fresh, keys.hashes, units, system_wallets, now
+            connection, operations, fresh, keys.hashes, keys.digests, units, system_wallets, now
         )
         # 4. Locks.
         book = rules.Book(
@@ -132,7 +133,7 @@ class Batch:
             after.update((index + len(lapsed), each) for index, each in applied_after.items())
         refused = rules.kept_refusals(operations, outcomes, keys.settled)
         # 6. Keys still free; refusals kept.
-        await check_free(connection, operations, fresh, refused, ahead)
+        await check_free(connection, operations, keys.digests, fresh, refused, ahead)
         if refused:
             await record_refusals(connection, operations, keys.hashes, refused, outcomes, now)
         # 7. Writes: the expiries are written like any operation, ahead of the batch's own;
@@ -140,6 +141,8 @@ class Batch:
         journal = Journal(
             operations=[*lapsed, *operations],
             hashes=[each.request_hash() for each in lapsed] + keys.hashes,
+            digests=[key_digest(each.caller, each.idempotency_key) for each in lapsed]
+            + keys.digests,
             outcomes=[*expiries, *outcomes],
             ahead={index + len(lapsed): written for index, written in ahead.items()},
             now=now,

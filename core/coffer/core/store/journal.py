@@ -46,11 +46,13 @@ Ahead = dict[int, tuple[int, rules.Posting]]
 @dataclass(frozen=True, slots=True)
 class Journal:
     """What a batch writes, in order, by index: the expiries of the lapsed holds it found,
-    then its own operations; each with its request digest, its outcome, and the transfer
-    written ahead for it, if any; and the batch's time, which its transfers share."""
+    then its own operations; each with its request digest, its key's digest
+    (`model.key_digest`), its outcome, and the transfer written ahead for it, if any; and the
+    batch's time, which its transfers share."""
 
     operations: Sequence[Operation | Rejected]
     hashes: Sequence[bytes]
+    digests: Sequence[bytes]
     outcomes: Sequence[rules.Outcome]
     ahead: Ahead
     now: datetime
@@ -79,6 +81,7 @@ async def write_ahead(
     operations: Sequence[Operation | Rejected],
     fresh: Sequence[int],
     hashes: Sequence[bytes],
+    digests: Sequence[bytes],
     units: Mapping[int, str],
     system_wallets: Mapping[tuple[str, SystemWallet], int],
     now: datetime,
@@ -107,6 +110,7 @@ async def write_ahead(
                 posting,
                 operations[index],
                 hashes[index],
+                digests[index],
                 now,
                 first=True,
             )
@@ -136,9 +140,10 @@ async def write(
     """Writes what validation decided: the transfers not written ahead, the removal of
     those written ahead that did not happen after all, holds, grants and what each transfer
     changed in them, balances (with the wallets' low-balance crossings)."""
-    operations, hashes, outcomes, ahead = (
+    operations, hashes, digests, outcomes, ahead = (
         journal.operations,
         journal.hashes,
+        journal.digests,
         journal.outcomes,
         journal.ahead,
     )
@@ -195,6 +200,7 @@ async def write(
                         posting,
                         operation,
                         hashes[index],
+                        digests[index],
                         now,
                         first=first,
                     )
@@ -453,12 +459,13 @@ def _row(
     posting: rules.Posting,
     operation: Operation | Rejected,
     request_hash: bytes,
+    digest: bytes,
     now: datetime,
     *,
     first: bool,
 ) -> tuple[Any, ...]:
     """A journal row, in the order of sql.transfer_columns. The first transfer of an
-    operation carries its key."""
+    operation carries its key, with the key's digest, and its request's digest."""
     assert not isinstance(operation, Rejected)
     return (
         transfer_id,
@@ -470,6 +477,7 @@ def _row(
         posting.amount_requested,
         operation.caller if first else None,
         operation.idempotency_key if first else None,
+        digest if first else None,
         request_hash if first else None,
         operation.note or None,
         operation.reference or None,

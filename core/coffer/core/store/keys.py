@@ -3,12 +3,17 @@ another request, which repeat an earlier one of the same batch; whether a key th
 about to answer anew was stored meanwhile; and the refusals kept under their keys.
 
 Keys are stored in the same transaction as the postings: a success's on its first transfer, a
-refusal's in `refusals` (see `coffer.core.ledger` for how racing batches meet).
+refusal's in `refusals` (see `coffer.core.ledger` for how racing batches meet). The journal
+indexes a success's key by its digest (`model.key_digest`), computed once per operation here;
+a row found by digest is the operation's only if its caller and key are the operation's too.
+One that is not is a collision of digests: the operation is refused as
+IdempotencyKeyUnavailable, and the log names the digest alone, never the key or the caller.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +21,7 @@ from datetime import datetime
 import asyncpg
 
 from .. import errors, rules
-from ..model import Applied, Operation, Rejected
+from ..model import Applied, Operation, Rejected, key_digest
 from . import sql
 
 __all__ = [
@@ -25,13 +30,16 @@ __all__ = [
     "check_free",
     "key_constraints",
     "key_reused",
+    "key_unavailable",
     "record_refusals",
     "replay_of",
     "settle",
 ]
 
-# The unique indexes that find an idempotency key stored already (migrations 0001, 0002).
-key_constraints = frozenset({"transfers_idempotency", "refusals_pkey"})
+logger = logging.getLogger(__name__)
+
+# The unique indexes that find an idempotency key stored already (migrations 0008, 0002).
+key_constraints = frozenset({"transfers_key_digest", "refusals_pkey"})
 
 
 class KeyStored(Exception):
@@ -43,8 +51,10 @@ class KeyStored(Exception):
 class Settlement:
     """What the keys of a batch say before anything is applied, by operation index."""
 
-    # Each operation's request digest (empty for a Rejected one).
+    # Each operation's request digest, and its key's (`model.key_digest`); empty for a
+    # Rejected one.
     hashes: list[bytes]
+    digests: list[bytes]
     # Settled before: with None, a replay (or a repeat within the batch), succeeding with
     # nothing to write; with an error, failing with it (`rules.apply_all`).
     settled: dict[int, errors.CofferError | None]
@@ -66,33 +76,52 @@ async def settle(
     settled: dict[int, errors.CofferError | None] = {}
     replays: dict[int, int] = {}
     duplicates: dict[int, int] = {}
-    first: dict[tuple[str, str], int] = {}
-    hashes = [
-        b"" if isinstance(operation, Rejected) else operation.request_hash()
-        for operation in operations
-    ]
+    # The first operation of the batch with each key digest.
+    first: dict[bytes, int] = {}
+    hashes: list[bytes] = []
+    digests: list[bytes] = []
     for index, operation in enumerate(operations):
         if isinstance(operation, Rejected):
+            hashes.append(b"")
+            digests.append(b"")
             continue
-        key = (operation.caller, operation.idempotency_key)
-        if key in first:
-            earlier = first[key]
-            if hashes[earlier] != hashes[index]:
-                settled[index] = key_reused(operation.idempotency_key)
-            else:
-                settled[index] = None
-                duplicates[index] = earlier
+        hashes.append(operation.request_hash())
+        digest = key_digest(operation.caller, operation.idempotency_key)
+        digests.append(digest)
+        earlier = first.get(digest)
+        if earlier is None:
+            first[digest] = index
+        elif _key(operations, earlier) != _key(operations, index):
+            settled[index] = key_unavailable(digest)
+        elif hashes[earlier] != hashes[index]:
+            settled[index] = key_reused(operation.idempotency_key)
         else:
-            first[key] = index
+            settled[index] = None
+            duplicates[index] = earlier
     if not look_up:
-        return Settlement(hashes, settled, replays, duplicates)
-    stored = await connection.fetch(sql.select_stored_keys, *_key_columns(first))
-    # Successes last: where a key holds both (see coffer.core.ledger on a request naming what
-    # is being created at that very moment), the success, which moved money, wins.
-    for row in sorted(stored, key=lambda row: row["operation_id"] is not None):
-        index = first[(row["caller"], row["idempotency_key"])]
+        return Settlement(hashes, digests, settled, replays, duplicates)
+    stored = await connection.fetch(
+        sql.select_stored_keys,
+        list(first),
+        *_key_columns(_key(operations, index) for index in first.values()),
+    )
+    # Collisions first, then refusals, successes last: a row of the operation's own key wins
+    # over another key's of the same digest; and where a key holds both a refusal and a
+    # success (see coffer.core.ledger on a request naming what is being created at that very
+    # moment), the success, which moved money, wins.
+    found: list[tuple[int, int, asyncpg.Record]] = []
+    for row in stored:
+        if row["key_digest"] is None:
+            found.append((1, first[key_digest(row["caller"], row["idempotency_key"])], row))
+            continue
+        index = first[row["key_digest"]]
+        own = (row["caller"], row["idempotency_key"]) == _key(operations, index)
+        found.append((2 if own else 0, index, row))
+    for rank, index, row in sorted(found, key=lambda each: each[0]):
         replays.pop(index, None)
-        if row["request_hash"] != hashes[index]:
+        if rank == 0:
+            settled[index] = key_unavailable(digests[index])
+        elif row["request_hash"] != hashes[index]:
             settled[index] = key_reused(row["idempotency_key"])
         elif row["operation_id"] is None:
             settled[index] = errors.refusal(row["reason"], row["message"])
@@ -107,12 +136,13 @@ async def settle(
         elif isinstance(settled.get(earlier), errors.CofferError):
             settled[index] = settled[earlier]
             del duplicates[index]
-    return Settlement(hashes, settled, replays, duplicates)
+    return Settlement(hashes, digests, settled, replays, duplicates)
 
 
 async def check_free(
     connection: asyncpg.Connection,
     operations: Sequence[Operation | Rejected],
+    digests: Sequence[bytes],
     fresh: Sequence[int],
     refused: Sequence[int],
     ahead: Collection[int],
@@ -124,10 +154,13 @@ async def check_free(
     committed, and what it stored is seen."""
     if not fresh:
         return
-    keys = {_key(operations, index): index for index in fresh}
-    unwritten = {_key(operations, index): index for index in refused if index not in ahead}
+    keys = {_key(operations, index) for index in fresh}
+    unwritten = [index for index in refused if index not in ahead]
     taken = await connection.fetchval(
-        sql.select_keys_taken, *_key_columns(keys), *_key_columns(unwritten)
+        sql.select_keys_taken,
+        *_key_columns(keys),
+        [digests[index] for index in unwritten],
+        *_key_columns(_key(operations, index) for index in unwritten),
     )
     if taken:
         raise KeyStored()
@@ -168,6 +201,20 @@ def replay_of(result: Applied | errors.CofferError | None) -> Applied | errors.C
 def key_reused(key: str) -> errors.IdempotencyKeyReused:
     return errors.IdempotencyKeyReused(
         f"idempotency key {key!r} was used for another request; use a new key"
+    )
+
+
+def key_unavailable(digest: bytes) -> errors.IdempotencyKeyUnavailable:
+    """The error for a key whose digest is another key's: logged by the digest alone (the key
+    and the caller stay out of the log), answered without either."""
+    logger.warning(
+        "idempotency key digest %s is another key's already: the operation is refused as "
+        "IDEMPOTENCY_KEY_UNAVAILABLE",
+        digest.hex(),
+    )
+    return errors.IdempotencyKeyUnavailable(
+        "this idempotency key cannot be stored (its digest is another key's); send the "
+        "request again with another key"
     )
 
 

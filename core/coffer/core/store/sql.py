@@ -223,21 +223,23 @@ select_system_wallets = """
 
 # Idempotency keys ------------------------------------------------------------------------------
 
-# Where keys are stored: on the first transfer of a successful operation, or as a refusal.
+# Where keys are stored: on the first transfer of a successful operation, under the key's
+# digest in $1 (model.key_digest; the caller compares the row's caller and key, which another
+# key of the same digest does not share), or as a refusal, under the caller and key in $2, $3.
 select_stored_keys = """
-    select t.caller, t.idempotency_key, t.request_hash, t.operation_id,
+    select t.key_digest, t.caller, t.idempotency_key, t.request_hash, t.operation_id,
            null as reason, null as message
     from transfers t
-    join unnest($1::text[], $2::text[]) as k (caller, key)
-      on t.caller = k.caller and t.idempotency_key = k.key
+    where t.key_digest = any($1::bytea[])
     union all
-    select r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
+    select null, r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
     from refusals r
-    join unnest($1::text[], $2::text[]) as k (caller, key)
+    join unnest($2::text[], $3::text[]) as k (caller, key)
       on r.caller = k.caller and r.idempotency_key = k.key
 """
 
-# Whether any of the keys in $1, $2 is stored as a refusal, or any in $3, $4 as a success.
+# Whether any of the keys in $1, $2 is stored as a refusal, or any in $3, $4, $5 (digest,
+# caller, key) as a success: found by its digest, with the same caller and key.
 select_keys_taken = """
     select exists (
         select from refusals r
@@ -245,8 +247,9 @@ select_keys_taken = """
           on r.caller = k.caller and r.idempotency_key = k.key
     ) or exists (
         select from transfers t
-        join unnest($3::text[], $4::text[]) as k (caller, key)
-          on t.caller = k.caller and t.idempotency_key = k.key
+        join unnest($3::bytea[], $4::text[], $5::text[]) as k (digest, caller, key)
+          on t.key_digest = k.digest
+        where t.caller = k.caller and t.idempotency_key = k.key
     )
 """
 
@@ -373,6 +376,7 @@ transfer_columns = (
     "amount_requested",
     "caller",
     "idempotency_key",
+    "key_digest",
     "request_hash",
     "note",
     "reference",
