@@ -7,6 +7,8 @@ call and inside a batch:
 - a refusal, then a change that would let the request succeed, then the replay: the same
   refusal, marked a replay;
 - the same key with another request: IDEMPOTENCY_KEY_REUSED;
+- a key whose digest another key has already (a stored transfer crafted with it):
+  IDEMPOTENCY_KEY_UNAVAILABLE, nothing stored, and a new key succeeds;
 - and all of that again after the server restarted.
 Within one batch: the same request twice (also inside a linked chain) is stored once and its
 second answer is the first's, marked a replay; the same key with another request is
@@ -23,6 +25,7 @@ import grpc
 import pytest
 from google.protobuf.message import Message
 
+from coffer.core.model import TransferKind, key_digest
 from coffer.server.app import Server, Settings
 from coffer.v1 import (
     transfers_pb2,
@@ -35,6 +38,7 @@ from support.replay import (
     Code,
     World,
     _replayed,
+    caller,
     key,
     metadata,
     opened_world,
@@ -92,6 +96,43 @@ async def test_success_replays(world: World, kind: str, batched: bool) -> None:
         if route == batched:
             assert again.same_as(first), (again, first)
     await _key_reused(world, kind, request, batched)
+
+
+@modes
+@pytest.mark.parametrize("kind", operation_kinds)
+async def test_a_key_of_a_digest_taken_is_unavailable(
+    world: World, kind: str, batched: bool
+) -> None:
+    """A transfer stored under another key with the same digest (crafted: a real one is a
+    96-bit coincidence) makes the request's key IDEMPOTENCY_KEY_UNAVAILABLE, not a replay of
+    the other's outcome, nor INTERNAL; the message does not name the key; nothing is stored
+    under it; the same request with a new key succeeds."""
+    request = await scenarios[kind][0](world)
+    taken = request.idempotency_key  # type: ignore[attr-defined]
+    wallet_id = await world.wallet()
+    await world.connection.execute(
+        "insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id,"
+        " amount, caller, idempotency_key, key_digest, request_hash, created_at)"
+        " select id, id, $1, $2, $2, 0, 'another-caller', 'another-key', $3, '\\x00', now()"
+        " from nextval('transfers_id') as id",
+        int(TransferKind.credit),
+        wallet_id,
+        key_digest(caller, taken),
+    )
+    for route in (batched, not batched):
+        answer = await world.call(kind, request, route)
+        assert (answer.code, answer.reason) == (
+            Code.ALREADY_EXISTS,
+            "IDEMPOTENCY_KEY_UNAVAILABLE",
+        ), (kind, route, answer)
+        assert not answer.replayed
+        assert taken not in answer.message and "another-key" not in answer.message
+    assert await world.stored(request) == (0, 0)
+    fresh = type(request)()
+    fresh.CopyFrom(request)
+    fresh.idempotency_key = key()  # type: ignore[attr-defined]
+    succeeded = await world.call(kind, fresh, batched)
+    assert succeeded.code == Code.OK, succeeded
 
 
 @pytest.mark.parametrize("kind", operation_kinds)
