@@ -34,8 +34,10 @@ from coffer.core.model import (
     WalletTransfer,
     Withdrawal,
     balance_max,
+    idempotency_key_length_max,
+    key_digest,
 )
-from coffer.core.preload import preload_transfers
+from coffer.core.preload import Keyed, preload_transfers
 from coffer.core.store.connections import create_pool
 
 _keys = itertools.count(1)
@@ -263,6 +265,47 @@ async def test_a_preload_keeps_the_books_balanced(ledger: Ledger) -> None:
     # What the ledger reads afterwards agrees.
     balances = [(await ledger.get_wallet(wallet_id)).balance.posted for wallet_id in wallets]
     assert sum(balances) == 5 * 10_000_000
+
+
+async def test_a_keyed_preload_grows_the_index_of_keys(ledger: Ledger) -> None:
+    """Each transfer carries its key and the key's digest, as a request's first transfer does:
+    a request with one of those keys meets it, and is refused as a key reused."""
+    first, second = await _funded_customers(ledger, 2, 10_000_000)
+    keyed = Keyed(caller="default", prefix=f"{_key()}-preload-")
+    async with ledger.pool.acquire() as connection:
+        await preload_transfers(connection, [first, second], 50, keyed=keyed)
+        rows = await connection.fetch(
+            "select caller, idempotency_key, key_digest from transfers"
+            " where idempotency_key like $1 order by id",
+            keyed.prefix + "%",
+        )
+    assert [row["idempotency_key"] for row in rows] == [
+        f"{keyed.prefix}{number}" for number in range(1, 51)
+    ]
+    assert {row["caller"] for row in rows} == {"default"}
+    assert [row["key_digest"] for row in rows] == keyed.digests(1, 50)
+    assert all(
+        row["key_digest"] == key_digest(row["caller"], row["idempotency_key"]) for row in rows
+    )
+    assert (await _audit(ledger)).passed
+    [outcome] = await ledger.apply(
+        [
+            WalletTransfer(
+                idempotency_key=f"{keyed.prefix}7",
+                source_wallet_id=first,
+                target_wallet_id=second,
+                amount=1,
+            )
+        ]
+    )
+    assert isinstance(outcome, errors.IdempotencyKeyReused), outcome
+
+
+def test_a_keyed_preload_refuses_a_prefix_with_no_room_for_numbers() -> None:
+    with pytest.raises(errors.InvalidArgument, match="prefix"):
+        Keyed(caller="default", prefix="k" * idempotency_key_length_max)
+    with pytest.raises(errors.InvalidArgument, match="caller"):
+        Keyed(caller="", prefix="k")
 
 
 async def test_a_preload_breaking_a_floor_stores_nothing_of_its_chunk(ledger: Ledger) -> None:

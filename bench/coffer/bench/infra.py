@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import asyncpg
 from coffer.core import audit
 from coffer.core.access import Access
 from coffer.core.model import Role
-from coffer.core.preload import preload_transfers
+from coffer.core.preload import Keyed, preload_transfers
 from coffer.core.store.connections import create_pool
 from coffer.postgres.supervisor import (
     CONNECTIONS_MAX_DEFAULT,
@@ -457,8 +458,9 @@ async def _run_command(arguments: list[str], timeout_s: float) -> str:
 
 
 async def preload(dsn: str, wallet_ids: Sequence[int], count: int, note: Note) -> float:
-    """Stores `count` transfers among the wallets with the core's bulk preload; returns the
-    seconds it took."""
+    """Stores `count` transfers among the wallets with the core's bulk preload, each keyed as a
+    request is (so that the index of keys grows as the journal does); returns the seconds it
+    took."""
     started = time.monotonic()
 
     def progress(done: int) -> None:
@@ -467,7 +469,13 @@ async def preload(dsn: str, wallet_ids: Sequence[int], count: int, note: Note) -
     connection = await asyncpg.connect(dsn)
     try:
         await preload_transfers(
-            connection, wallet_ids, count, performed_by=preload_performed_by, progress=progress
+            connection,
+            wallet_ids,
+            count,
+            performed_by=preload_performed_by,
+            # Keys of their own, apart from any earlier preload's in the same database.
+            keyed=Keyed(caller=preload_performed_by, prefix=f"{uuid.uuid4().hex[:12]}-"),
+            progress=progress,
         )
     finally:
         await connection.close()

@@ -188,8 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="store N transfers of history among the customers before the run, with the "
-        "core's bulk preload (e.g. 10000000; needs the database)",
+        help="store N transfers of history among the customers before the run, each with an "
+        "idempotency key, with the core's bulk preload (e.g. 10000000; needs the database)",
     )
     parser.add_argument(
         "--no-compare", action="store_true", help="skip the pgbench and gRPC echo comparisons"

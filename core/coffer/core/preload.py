@@ -17,14 +17,18 @@ transfer within it): a chunk that would leave a wallet below its minimum fails w
 `InsufficientFunds` (past the balance limit, `BalanceOverflow`), and the chunks before it
 stay. Wallets funded far above what the preload moves never come near either.
 
-Preloaded transfers are history, not requests: they carry no idempotency key, so nothing can
-replay them, and they do not grow the index of keys.
+Preloaded transfers are history, not requests. By default they carry no idempotency key and
+do not grow the index of keys; with `keyed`, each carries one, as a request's first transfer
+does (the caller `keyed.caller`, the key `keyed.prefix` followed by the transfer's number in
+the preload, and the key's digest, `model.key_digest`), so that the index of keys grows as a
+ledger's that took as many requests. A replay of such a key finds no request digest to match
+(IDEMPOTENCY_KEY_REUSED).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -34,6 +38,7 @@ from .model import TransferKind, WalletTransfer
 from .store import rows, sql
 
 __all__ = [
+    "Keyed",
     "amount_max_default",
     "chunk_transfers_max",
     "performed_by_default",
@@ -53,6 +58,28 @@ performed_by_default = "preload"
 Progress = Callable[[int], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Keyed:
+    """Under which caller, and with which start of their keys, preloaded transfers are keyed."""
+
+    caller: str
+    prefix: str
+
+    def __post_init__(self) -> None:
+        model.check_text("caller", self.caller, model.caller_length_max, required=True)
+        # Room for the number after it, up to the greatest id.
+        model.check_text(
+            "prefix", self.prefix, model.idempotency_key_length_max - len(str(model.id_max))
+        )
+
+    def digests(self, first: int, last: int) -> list[bytes]:
+        """The digests of the keys of the transfers numbered `first` to `last`."""
+        return [
+            model.key_digest(self.caller, f"{self.prefix}{number}")
+            for number in range(first, last + 1)
+        ]
+
+
 async def preload_transfers(
     connection: asyncpg.Connection,
     wallet_ids: Sequence[int],
@@ -61,6 +88,7 @@ async def preload_transfers(
     amount_max: int = amount_max_default,
     spread: timedelta = spread_default,
     performed_by: str = performed_by_default,
+    keyed: Keyed | None = None,
     progress: Progress | None = None,
 ) -> None:
     """Stores `count` transfers among `wallet_ids` (two or more distinct wallets), each from
@@ -98,6 +126,9 @@ async def preload_transfers(
                     int(TransferKind.transfer),
                     amount_max,
                     performed_by,
+                    None if keyed is None else keyed.caller,
+                    None if keyed is None else keyed.prefix,
+                    None if keyed is None else keyed.digests(done + 1, done + chunk),
                 )
         except asyncpg.CheckViolationError as error:
             raise errors.InsufficientFunds(

@@ -940,7 +940,9 @@ from wallets where id = any($1::bigint[])
 # Each transfer: a source drawn among the wallets, a target among the others (never the
 # source), an amount from 1 to $8; the balances change by what the chunk moved, in the same
 # statement. $1 the wallets, $2 and $3 the chunk's first and last number, $4 the count, $5 the
-# latest time, $6 the spread, $7 the kind, $9 who performed them.
+# latest time, $6 the spread, $7 the kind, $9 who performed them; each keyed, when $10 (the
+# caller) is not null, by $11 followed by its number, with that key's digest, the chunk's
+# $12[number - $2 + 1].
 insert_preload_chunk = """
 with chosen as (
     select nextval('transfers_id') as id,
@@ -951,13 +953,16 @@ with chosen as (
     from generate_series($2::bigint, $3::bigint) as g
 ), inserted as (
     insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id, amount,
-                           performed_by, created_at)
+                           performed_by, created_at, caller, idempotency_key, key_digest)
     select id, id, $7::smallint,
            ($1::bigint[])[source_index + 1],
            ($1::bigint[])[(source_index + 1 + offset_index) % cardinality($1::bigint[]) + 1],
            amount,
            $9::text,
-           $5::timestamptz - $6::interval * (1 - g::float8 / $4::float8)
+           $5::timestamptz - $6::interval * (1 - g::float8 / $4::float8),
+           $10::text,
+           case when $10::text is not null then $11::text || g end,
+           ($12::bytea[])[g - $2::bigint + 1]
     from chosen
     returning source_wallet_id, target_wallet_id, amount
 ), changes as (
