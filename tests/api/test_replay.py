@@ -18,6 +18,7 @@ answers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -81,6 +82,9 @@ async def _key_reused(world: World, kind: str, request: Message, batched: bool) 
 
 
 modes = pytest.mark.parametrize("batched", [False, True], ids=["single", "batch"])
+# The ids of the transfers planted under a digest another key has.
+planted_ids_start = 2**62
+planted_ids = itertools.count()
 
 
 @modes
@@ -99,25 +103,32 @@ async def test_success_replays(world: World, kind: str, batched: bool) -> None:
 
 
 @modes
+@pytest.mark.parametrize("refused", [False, True], ids=["succeeding", "refused"])
 @pytest.mark.parametrize("kind", operation_kinds)
 async def test_a_key_of_a_digest_taken_is_unavailable(
-    world: World, kind: str, batched: bool
+    world: World, kind: str, batched: bool, refused: bool
 ) -> None:
     """A transfer stored under another key with the same digest (crafted: a real one is a
     96-bit coincidence) makes the request's key IDEMPOTENCY_KEY_UNAVAILABLE, not a replay of
-    the other's outcome, nor INTERNAL; the message does not name the key; nothing is stored
-    under it; the same request with a new key succeeds."""
-    request = await scenarios[kind][0](world)
-    taken = request.idempotency_key  # type: ignore[attr-defined]
+    the other's outcome, nor INTERNAL, whether the request would succeed or be refused; the
+    message does not name the key; nothing is stored under it; the same request with a new
+    key gets the answer it would have had."""
+    # The wallet of the planted transfer first: a refusal may name the wallet made next.
     wallet_id = await world.wallet()
+    if refused:
+        request, reason, _ = await scenarios[kind][1](world)
+    else:
+        request, reason = await scenarios[kind][0](world), ""
+    taken = request.idempotency_key  # type: ignore[attr-defined]
     await world.connection.execute(
         "insert into transfers (id, operation_id, kind, source_wallet_id, target_wallet_id,"
         " amount, caller, idempotency_key, key_digest, request_hash, created_at)"
-        " select id, id, $1, $2, $2, 0, 'another-caller', 'another-key', $3, '\\x00', now()"
-        " from nextval('transfers_id') as id",
+        " values ($4, $4, $1, $2, $2, 0, 'another-caller', 'another-key', $3, '\\x00', now())",
         int(TransferKind.credit),
         wallet_id,
         key_digest(caller, taken),
+        # Far above the ids the ledger gives: a refusal may name the transfer made next.
+        planted_ids_start + next(planted_ids),
     )
     for route in (batched, not batched):
         answer = await world.call(kind, request, route)
@@ -131,8 +142,8 @@ async def test_a_key_of_a_digest_taken_is_unavailable(
     fresh = type(request)()
     fresh.CopyFrom(request)
     fresh.idempotency_key = key()  # type: ignore[attr-defined]
-    succeeded = await world.call(kind, fresh, batched)
-    assert succeeded.code == Code.OK, succeeded
+    answered = await world.call(kind, fresh, batched)
+    assert answered.reason == reason and (answered.code == Code.OK) != refused, answered
 
 
 @pytest.mark.parametrize("kind", operation_kinds)

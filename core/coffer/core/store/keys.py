@@ -149,7 +149,9 @@ async def check_free(
 ) -> None:
     """Raises KeyStored if a key the batch is about to answer anew (`fresh`) is stored
     already: as a refusal (for any operation), or as a success (for one `refused` here; one
-    written `ahead` would have met the stored key at the unique index already). Run with the
+    written `ahead` would have met the stored key at the unique index already), its own or
+    another key's of the same digest, so that a refusal meets a collision as a success does
+    (IDEMPOTENCY_KEY_UNAVAILABLE, once the batch looks its keys up). Run with the
     wallets locked: a batch that stored the same request locked the same wallets, so it has
     committed, and what it stored is seen."""
     if not fresh:
@@ -157,10 +159,7 @@ async def check_free(
     keys = {_key(operations, index) for index in fresh}
     unwritten = [index for index in refused if index not in ahead]
     taken = await connection.fetchval(
-        sql.select_keys_taken,
-        *_key_columns(keys),
-        [digests[index] for index in unwritten],
-        *_key_columns(_key(operations, index) for index in unwritten),
+        sql.select_keys_taken, *_key_columns(keys), [digests[index] for index in unwritten]
     )
     if taken:
         raise KeyStored()

@@ -238,18 +238,16 @@ select_stored_keys = """
       on r.caller = k.caller and r.idempotency_key = k.key
 """
 
-# Whether any of the keys in $1, $2 is stored as a refusal, or any in $3, $4, $5 (digest,
-# caller, key) as a success: found by its digest, with the same caller and key.
+# Whether any of the keys in $1, $2 is stored as a refusal, or any digest in $3 is a
+# success's: the key's own, or another's of the same digest, which the batch, started over
+# with its keys looked up, answers as such.
 select_keys_taken = """
     select exists (
         select from refusals r
         join unnest($1::text[], $2::text[]) as k (caller, key)
           on r.caller = k.caller and r.idempotency_key = k.key
     ) or exists (
-        select from transfers t
-        join unnest($3::bytea[], $4::text[], $5::text[]) as k (digest, caller, key)
-          on t.key_digest = k.digest
-        where t.caller = k.caller and t.idempotency_key = k.key
+        select from transfers where key_digest = any($3::bytea[])
     )
 """
 
