@@ -960,8 +960,11 @@ with chosen as (
            $5::timestamptz - $6::interval * (1 - g::float8 / $4::float8),
            $10::text,
            case when $10::text is not null then $11::text || g end,
-           ($12::bytea[])[g - $2::bigint + 1]
+           keys.digest
     from chosen
+    -- Joined, not subscripted: finding an element of an array of bytea walks it from the start.
+    left join unnest($12::bytea[]) with ordinality as keys (digest, position)
+      on keys.position = g - $2::bigint + 1
     returning source_wallet_id, target_wallet_id, amount
 ), changes as (
     select wallet_id, sum(change) as change from (
