@@ -151,8 +151,8 @@ _stored_keys = [
 async def test_migration_backfills_the_digests(empty_database: str) -> None:
     """Migrated through 0007, with keyed transfers stored (one without a caller, which is
     digested as the empty caller; keys of many UTF-8 lengths, a short one), then through
-    0008: every keyed transfer has model.key_digest's bytes, the others none, and the old
-    index is gone."""
+    0008: every keyed transfer has model.key_digest's bytes, the others none, the table was
+    written anew, and the old index is gone."""
     connection = await asyncpg.connect(empty_database)
     try:
         assert await migrate(connection, through=7) == list(range(1, 8))
@@ -177,8 +177,11 @@ async def test_migration_backfills_the_digests(empty_database: str) -> None:
                 "created_at",
             ),
         )
+        stored_in = await connection.fetchval("select pg_relation_filenode('transfers')")
         applied = await migrate(connection)
         assert applied[0] == 8 and applied == list(range(8, 8 + len(applied)))
+        # Backfilled by a rewrite of the table, which leaves no dead row versions behind.
+        assert await connection.fetchval("select pg_relation_filenode('transfers')") != stored_in
         stored = await connection.fetch(
             "select caller, idempotency_key, key_digest from transfers order by id"
         )

@@ -35,7 +35,7 @@ $$;
 
 alter table transfers add column key_digest bytea;
 
--- First: the backfill then maintains one index fewer.
+-- First: the backfill then writes one index fewer.
 drop index transfers_idempotency;
 
 create function pg_temp.key_digest(caller text, idempotency_key text) returns bytea
@@ -49,8 +49,11 @@ as $$
     ) as scoped
 $$;
 
-update transfers set key_digest = pg_temp.key_digest(caller, idempotency_key)
-where idempotency_key is not null;
+-- The backfill as a rewrite of the table, not an update of its keyed rows: one pass, and the
+-- table and its indexes written anew, where an update would leave a dead version of every
+-- keyed transfer behind in the table and in each index.
+alter table transfers alter column key_digest type bytea using
+    case when idempotency_key is not null then pg_temp.key_digest(caller, idempotency_key) end;
 
 drop function pg_temp.key_digest(text, text);
 
