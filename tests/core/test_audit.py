@@ -299,6 +299,12 @@ async def test_a_keyed_preload_grows_the_index_of_keys(ledger: Ledger) -> None:
         ]
     )
     assert isinstance(outcome, errors.IdempotencyKeyReused), outcome
+    # The same keys again: refused, and nothing of the chunk stored.
+    before = await _audit(ledger)
+    async with ledger.pool.acquire() as connection:
+        with pytest.raises(errors.InvalidArgument, match="another prefix"):
+            await preload_transfers(connection, [first, second], 10, keyed=keyed)
+    assert (await _audit(ledger)).transfers == before.transfers
 
 
 def test_a_keyed_preload_refuses_a_prefix_with_no_room_for_numbers() -> None:

@@ -54,7 +54,7 @@ from coffer.core.model import (
     balance_max,
     balance_min,
 )
-from coffer.core.rules import Book, HoldState, Posting, TransferState, WalletState
+from coffer.core.rules import Book, GrantState, HoldState, Posting, TransferState, WalletState
 
 now = datetime(2025, 1, 1, 12, tzinfo=UTC)
 
@@ -888,12 +888,33 @@ def test_the_write_ahead_expects_what_apply_posts(book: Book, setup: Setup, ahea
     postings = rules.apply(book, operation, now)
     if ahead:
         assert expected is not None
-        assert postings == [expected]
+        assert len(postings) == 1 and postings[0].same_row(expected), (postings, expected)
     else:
         assert expected is None
     if planned is not None:
         # Here every wallet can spare the most an up-to debit asks.
-        assert postings == [planned]
+        assert len(postings) == 1 and postings[0].same_row(planned), (postings, planned)
+
+
+def test_a_posting_is_confirmed_by_its_journal_row_alone() -> None:
+    """What a transfer changed in grants is not in its journal row: a posting written ahead
+    without it is confirmed by the one `apply` makes with it; any other field differs."""
+    written = Posting(TransferKind.transfer, 1, 2, 50)
+    drawn = written._replace(allocations=((7, -50),))
+    assert drawn.same_row(written) and written.same_row(drawn)
+    made = written._replace(new_grants=(GrantState(-1, 2, 50, 50, now, None),))
+    assert made.same_row(written)
+    for field, value in [
+        ("kind", TransferKind.payment),
+        ("source_wallet_id", 3),
+        ("target_wallet_id", 3),
+        ("amount", 49),
+        ("amount_requested", 50),
+        ("voids_transfer_id", 9),
+        ("hold_id", 9),
+        ("hold_expires_at", now),
+    ]:
+        assert not written._replace(**{field: value}).same_row(written), field
 
 
 # apply_all: batches and linked chains ---------------------------------------------------------

@@ -614,7 +614,9 @@ class CertificateMapping:
 
 # The digest under which the journal indexes an operation's (caller, idempotency key): its
 # size, the size of its prefix (the digest of the key's stem), the characters of the key's end
-# the stem leaves out, and the size of the caller's length that precedes it.
+# the stem leaves out, and the size of the caller's length that precedes it. Fixed by the
+# digests stored (migration 0008 computes the same in SQL): another value would no longer find
+# the keys stored, and their replays would apply again. Never change them.
 key_digest_size = 16
 key_digest_prefix_size = 4
 key_digest_stem_trimmed = 3

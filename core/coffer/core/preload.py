@@ -36,6 +36,7 @@ import asyncpg
 from . import errors, model, rules
 from .model import TransferKind, WalletTransfer
 from .store import rows, sql
+from .store.keys import journal_key_index
 
 __all__ = [
     "Keyed",
@@ -130,6 +131,12 @@ async def preload_transfers(
                     None if keyed is None else keyed.prefix,
                     None if keyed is None else keyed.digests(done + 1, done + chunk),
                 )
+        except asyncpg.UniqueViolationError as error:
+            if keyed is None or error.constraint_name != journal_key_index:
+                raise
+            raise errors.InvalidArgument(
+                "keyed", f"keys starting {keyed.prefix!r} are stored already; use another prefix"
+            ) from error
         except asyncpg.CheckViolationError as error:
             raise errors.InsufficientFunds(
                 f"transfers {done + 1:,} to {done + chunk:,} would take a wallet below its"

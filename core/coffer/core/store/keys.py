@@ -28,6 +28,7 @@ __all__ = [
     "KeyStored",
     "Settlement",
     "check_free",
+    "journal_key_index",
     "key_constraints",
     "key_reused",
     "key_unavailable",
@@ -38,8 +39,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The unique indexes that find an idempotency key stored already (migrations 0008, 0002).
-key_constraints = frozenset({"transfers_key_digest", "refusals_pkey"})
+# The unique index of the journal's keys (migration 0008), and the unique indexes that find an
+# idempotency key stored already (with migration 0002's).
+journal_key_index = "transfers_key_digest"
+key_constraints = frozenset({journal_key_index, "refusals_pkey"})
 
 
 class KeyStored(Exception):
