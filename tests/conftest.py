@@ -23,6 +23,8 @@ from coffer.clients.caller import caller_metadata_key
 from coffer.postgres.supervisor import EmbeddedPostgres
 from coffer.server.app import Server, Settings
 
+from support.database import scratch_database
+
 TEMPLATE_DATABASE = "coffer_template"
 # The caller the tests' raw channels name on every call that names none.
 CALLER = "tests"
@@ -76,19 +78,10 @@ async def database_url(
 ) -> AsyncIterator[str]:
     """The DSN of a fresh, migrated database of this test's own, dropped after the test."""
     name = f"test_{next(_database_numbers)}"
-    administration = await asyncpg.connect(postgres_cluster.dsn)
-    try:
-        await administration.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
-    finally:
-        await administration.close()
-    try:
-        yield postgres_cluster.dsn_for(name)
-    finally:
-        administration = await asyncpg.connect(postgres_cluster.dsn)
-        try:
-            await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await administration.close()
+    async with scratch_database(
+        postgres_cluster, name, f'TEMPLATE "{template_database}"'
+    ) as database:
+        yield database
 
 
 @pytest_asyncio.fixture(loop_scope="session")

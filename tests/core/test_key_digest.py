@@ -36,6 +36,8 @@ from coffer.core.store.connections import create_pool
 from coffer.core.store.keys import key_constraints
 from coffer.postgres.supervisor import EmbeddedPostgres
 
+from support.database import scratch_database
+
 _databases = itertools.count(1)
 _migration = "0008_key_digest.sql"
 # The migration's function computing the digest in SQL, created in pg_temp and dropped by it.
@@ -59,20 +61,8 @@ def digest_function_sql() -> str:
 @pytest_asyncio.fixture(loop_scope="session")
 async def empty_database(postgres_cluster: EmbeddedPostgres) -> AsyncIterator[str]:
     """A database of this test's own with no migration applied, dropped after the test."""
-    name = f"key_digest_{next(_databases)}"
-    administration = await asyncpg.connect(postgres_cluster.dsn)
-    try:
-        await administration.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await administration.close()
-    try:
-        yield postgres_cluster.dsn_for(name)
-    finally:
-        administration = await asyncpg.connect(postgres_cluster.dsn)
-        try:
-            await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await administration.close()
+    async with scratch_database(postgres_cluster, f"key_digest_{next(_databases)}") as database:
+        yield database
 
 
 def test_digest_is_as_specified() -> None:
@@ -238,14 +228,12 @@ async def test_migration_refuses_a_database_not_in_utf8(
 ) -> None:
     """The SQL digest hashes the database's bytes of the texts, model.key_digest their UTF-8:
     in another encoding they would differ, so the migration refuses, saying why."""
-    name = f"key_digest_ascii_{next(_databases)}"
-    administration = await asyncpg.connect(postgres_cluster.dsn)
-    try:
-        await administration.execute(
-            f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'SQL_ASCII'"
-            " LC_COLLATE 'C' LC_CTYPE 'C'"
-        )
-        connection = await asyncpg.connect(postgres_cluster.dsn_for(name))
+    async with scratch_database(
+        postgres_cluster,
+        f"key_digest_ascii_{next(_databases)}",
+        "TEMPLATE template0 ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C'",
+    ) as database:
+        connection = await asyncpg.connect(database)
         try:
             with pytest.raises(asyncpg.RaiseError, match="needs a database encoded in UTF8"):
                 await migrate(connection)
@@ -257,9 +245,6 @@ async def test_migration_refuses_a_database_not_in_utf8(
             )
         finally:
             await connection.close()
-    finally:
-        await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await administration.close()
 
 
 async def test_key_constraints_are_the_unique_indexes_of_keys(database_url: str) -> None:

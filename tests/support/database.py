@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import asyncpg
+
+from coffer.postgres.supervisor import EmbeddedPostgres
 
 # The ledger does not know this rule (`refuse_unexpected_amount`): a transfer of this amount
 # fails in PostgreSQL with a CHECK violation, which nothing maps to a domain error.
@@ -43,3 +47,24 @@ async def refuse_unexpected_amount(database_url: str) -> None:
         )
     finally:
         await connection.close()
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(
+    cluster: EmbeddedPostgres, name: str, options: str = ""
+) -> AsyncIterator[str]:
+    """A database of the cluster made as `CREATE DATABASE name options` (a template, an
+    encoding), dropped afterwards whoever is still connected; yields its DSN."""
+    administration = await asyncpg.connect(cluster.dsn)
+    try:
+        await administration.execute(f'CREATE DATABASE "{name}" {options}')
+    finally:
+        await administration.close()
+    try:
+        yield cluster.dsn_for(name)
+    finally:
+        administration = await asyncpg.connect(cluster.dsn)
+        try:
+            await administration.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await administration.close()
