@@ -10,6 +10,14 @@ import asyncpg
 
 from coffer.postgres.supervisor import EmbeddedPostgres
 
+__all__ = [
+    "lock_waiters",
+    "lock_waiters_wait_s_max",
+    "refuse_unexpected_amount",
+    "scratch_database",
+    "unexpected_amount",
+]
+
 # The ledger does not know this rule (`refuse_unexpected_amount`): a transfer of this amount
 # fails in PostgreSQL with a CHECK violation, which nothing maps to a domain error.
 unexpected_amount = 666
