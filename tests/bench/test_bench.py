@@ -221,6 +221,50 @@ def test_embedded_database_two_workers_and_comparisons(tmp_path: Path) -> None:
     assert data_dir not in running
 
 
+def test_sigterm_stops_what_the_run_started(tmp_path: Path) -> None:
+    """Terminated mid-run, the bench stops its server and its database, as on Ctrl-C."""
+    command = [
+        *coffer_command(),
+        "bench",
+        "--scenario",
+        "batch",
+        "--workers",
+        "1",
+        "--duration",
+        "60",
+        "--wallets",
+        "20",
+        "--batch-size",
+        "20",
+        "--no-compare",
+        "--out",
+        str(tmp_path),
+    ]
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    ) as running:
+        assert running.stderr is not None
+        said = []
+        for line in running.stderr:
+            said.append(line)
+            if line.startswith("batch:"):  # measuring: the server and the database are up
+                break
+        data_dirs = [line.split(" in ", 1)[1].strip() for line in said if "PostgreSQL in" in line]
+        assert len(data_dirs) == 1, said
+        running.terminate()
+        said.extend(running.stderr)
+        assert running.wait(timeout=run_timeout_s) == 130, "".join(said)[-4000:]
+    assert "interrupted" in said[-1]
+    assert not Path(data_dirs[0]).exists()
+    # Neither the database nor the server (whose database URL names the directory) runs on.
+    processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert data_dirs[0] not in processes
+
+
 @pytest.mark.parametrize("workers", [1, 2, workers_max])
 def test_the_default_connections_are_a_few_per_worker_within_the_clients_limit(
     workers: int,

@@ -27,12 +27,14 @@ Scenarios (every operation with an idempotency key, notes and references, stored
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import platform
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -71,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return uvloop.run(bench(arguments))
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Ctrl-C, or SIGTERM (see bench): what the run started is stopped by then.
         print("coffer bench: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # Anything that stopped the run: say what, in one place.
@@ -294,6 +297,11 @@ async def bench(arguments: argparse.Namespace) -> int:
     JSON line with --json), writes the files, stops everything it started; returns main's
     exit code."""
     started = time.time()
+    # SIGTERM stops the run as Ctrl-C does: the run is cancelled, and stops the server and the
+    # database it started on its way out, rather than leaving them running.
+    run = asyncio.current_task()
+    assert run is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, run.cancel)
     run_id = f"b{secrets.token_hex(4)}"
     log_dir = Path(tempfile.mkdtemp(prefix="coffer-bench-logs-"))
     try:
