@@ -150,8 +150,7 @@ async def write(
     confirmed = {
         index
         for index, (_, posting) in ahead.items()
-        if (outcome := outcomes[index])
-        and isinstance(outcome, list)
+        if isinstance(outcome := outcomes[index], list)
         and len(outcome) == 1
         and outcome[0].same_row(posting)
     }
