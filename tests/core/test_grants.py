@@ -501,6 +501,52 @@ def test_a_failed_linked_chain_undoes_its_grants() -> None:
     assert after == before and len(book.grants) == 1
 
 
+def test_a_grant_restored_by_the_void_of_its_expiration_is_spent_at_once() -> None:
+    """The void of an expiration gives its grant a new expiry: a debit at the same instant
+    draws from it (the book's view of the wallet's grants, read before, follows)."""
+    book = make_book()
+    grant_id = grant_of(credit(book, ann, 10, expires_at=now + day))
+    later = now + 2 * day
+    expired = apply(book, ExpireGrant(idempotency_key=key(), grant_id=grant_id), later)
+    credit(book, ann, 5, expires_at=later + 10 * day, at=later)
+    assert rules.spendable(book.wallets[ann], later) == 5
+    apply(
+        book,
+        Void(idempotency_key=key(), transfer_id=transfer_id(expired), expires_at=later + day),
+        later,
+    )
+    assert debit(book, ann, 7, at=later).allocations == ((grant_id, -7),)
+    check_sums(book)
+
+
+def test_a_chain_undone_puts_back_the_expiry_its_void_of_an_expiration_gave() -> None:
+    """A linked chain that restores an expired grant and then fails is undone, its grant
+    expired again: what a hold released later returns to the grant is not spendable."""
+    book = make_book()
+    grant_id = grant_of(credit(book, ann, 10, expires_at=now + day))
+    hold_id = place(book, 4)
+    later = now + 2 * day
+    expired = apply(book, ExpireGrant(idempotency_key=key(), grant_id=grant_id), later)
+    chain = [
+        Void(
+            idempotency_key=key(),
+            transfer_id=transfer_id(expired),
+            expires_at=later + day,
+            linked=True,
+        ),
+        Debit(idempotency_key=key(), wallet_id=ann, amount=100),
+    ]
+    outcomes = rules.apply_all(book, chain, later)
+    assert all(isinstance(outcome, errors.CofferError) for outcome in outcomes)
+    assert book.grants[grant_id].expires_at == now + day
+    apply(book, ReleaseHold(idempotency_key=key(), hold_id=hold_id), later)
+    assert book.grants[grant_id].remaining == 4
+    assert rules.spendable(book.wallets[ann], later) == 0
+    with pytest.raises(errors.InsufficientFunds):
+        rules.apply(book, Debit(idempotency_key=key(), wallet_id=ann, amount=4), later)
+    check_sums(book)
+
+
 # Against a model ---------------------------------------------------------------------------------
 
 

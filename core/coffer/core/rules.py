@@ -57,6 +57,7 @@ __all__ = [
     "HoldState",
     "Outcome",
     "Posting",
+    "SpendQueue",
     "TransferState",
     "WalletState",
     "apply",
@@ -69,6 +70,7 @@ __all__ = [
     "posting_of",
     "seal",
     "spend_order",
+    "spend_queue",
     "spendable",
     "system_wallet_kinds",
     "unrecorded_pending",
@@ -97,6 +99,9 @@ class WalletState:
     # touches. What is not in grants is its untracked balance (`untracked`).
     tracked: int = 0
     grants: list[GrantState] = field(default_factory=list)
+    # Its grants split at an instant, kept while neither the grants nor their terms change
+    # (`spend_queue`); None when it must be made anew.
+    queue: SpendQueue | None = None
 
     @property
     def available(self) -> int:
@@ -131,6 +136,30 @@ class GrantState:
     def state(self) -> tuple[int, datetime | None, int, bool]:
         """What of a grant a batch may change (and undoes, and writes)."""
         return self.remaining, self.expires_at, self.expired, self.voided
+
+
+class SpendQueue(NamedTuple):
+    """A wallet's grants as of `at`: those valid then, in the order they are spent
+    (`spend_order`), and the others (not valid yet, or past their expiry)."""
+
+    at: datetime
+    valid: list[GrantState]
+    invalid: list[GrantState]
+
+
+def spend_queue(wallet: WalletState, now: datetime) -> SpendQueue:
+    """The wallet's grants as of `now`, sorted once while they and their terms stay as they
+    are: what changes them (a grant made or undone, an expiry extended or restored) drops the
+    wallet's queue."""
+    queue = wallet.queue
+    if queue is None or queue.at != now:
+        valid: list[GrantState] = []
+        invalid: list[GrantState] = []
+        for grant in wallet.grants:
+            (valid if _valid(grant, now) else invalid).append(grant)
+        valid.sort(key=_spend_key)
+        queue = wallet.queue = SpendQueue(now, valid, invalid)
+    return queue
 
 
 class Validity(Protocol):
@@ -249,6 +278,7 @@ class Book:
             self.undo.append(("grant", grant, grant.state()))
         self._touch(grant)
         grant.expires_at = expires_at
+        self.wallets[grant.wallet_id].queue = None
 
     def void_grant(self, grant: GrantState) -> None:
         if self.undo is not None:
@@ -286,6 +316,7 @@ class Book:
             self.undo.append(("new grant", wallet, grant))
         self.grants[grant.id] = grant
         wallet.grants.append(grant)
+        wallet.queue = None
         # The amount is added as a change, so that the wallet's tracked sum follows.
         grant.remaining = 0
         self.change_grant(wallet, grant, amount)
@@ -310,9 +341,11 @@ class Book:
             elif kind == "grant":
                 assert isinstance(target, GrantState) and isinstance(before, tuple)
                 target.remaining, target.expires_at, target.expired, target.voided = before
+                self.wallets[target.wallet_id].queue = None
             elif kind == "new grant":
                 assert isinstance(target, WalletState) and isinstance(before, GrantState)
                 target.grants.remove(before)
+                target.queue = None
                 del self.grants[before.id]
             elif kind == "hold":
                 assert isinstance(target, HoldState)
@@ -1136,9 +1169,7 @@ def spendable(wallet: WalletState, now: datetime) -> int:
     its grants hold that is not valid yet, or past its expiry and not yet expired by a run."""
     if not wallet.tracked:
         return wallet.available
-    return wallet.available - sum(
-        grant.remaining for grant in wallet.grants if grant.remaining and not grant.spendable(now)
-    )
+    return wallet.available - sum(grant.remaining for grant in spend_queue(wallet, now).invalid)
 
 
 _never = datetime.max.replace(tzinfo=UTC)
@@ -1169,18 +1200,17 @@ def _draw(
     from each grant, as changes to their remainders."""
     if not wallet.tracked:
         return []
-    skip = {grant.id for grant in first}
-    order = sorted(
-        (grant for grant in wallet.grants if grant.id not in skip and grant.spendable(now)),
-        key=_spend_key,
-    )
-    drawn = []
+    order: Sequence[GrantState] = spend_queue(wallet, now).valid
+    if first:
+        skip = {grant.id for grant in first}
+        order = [*first, *(grant for grant in order if grant.id not in skip)]
+    drawn: list[tuple[int, int]] = []
     left = amount
-    for grant in (*first, *order):
+    for grant in order:
         if not left:
             break
-        taken = min(grant.remaining, left)
-        if taken:
+        if grant.remaining:
+            taken = min(grant.remaining, left)
             book.change_grant(wallet, grant, -taken)
             drawn.append((grant.id, -taken))
             left -= taken

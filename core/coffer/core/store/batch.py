@@ -252,13 +252,14 @@ class Batch:
         if not tracked and not named and not voids:
             return
         made_by = set(voids)
+        grants, wallets = book.grants, book.wallets
         for row in await self._connection.fetch(
             sql.select_batch_grants, tracked, list(named), voids
         ):
             grant = rows.grant_state(row)
-            book.grants[grant.id] = grant
-            book.wallets[grant.wallet_id].grants.append(grant)
-            if row["transfer_id"] in made_by:
+            grants[grant.id] = grant
+            wallets[grant.wallet_id].grants.append(grant)
+            if made_by and row["transfer_id"] in made_by:
                 book.transfer_grants.setdefault(row["transfer_id"], []).append(grant.id)
 
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
