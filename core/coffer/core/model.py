@@ -440,9 +440,9 @@ class NewWallet:
         return _hash(self)
 
 
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    """What a transfer changed in one grant's remainder: below 0 drawn, above 0 returned."""
+class Allocation(NamedTuple):
+    """What a transfer changed in one grant's remainder: below 0 drawn, above 0 returned. A
+    named tuple: a batch makes one for each grant each of its transfers draws from."""
 
     grant_id: int
     amount: int
