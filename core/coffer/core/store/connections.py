@@ -130,7 +130,12 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
 
 def _encode_jsonb(value: Any) -> bytes:
     # jsonb's binary format: a version byte, then the text.
-    return b"\x01" + json.dumps(value, separators=(",", ":")).encode()
+    return b"\x01" + _json_encoder.encode(value).encode()
+
+
+# One encoder for every value (json.dumps with separators of its own makes one a call). The
+# values are built by the ledger, never circular.
+_json_encoder = json.JSONEncoder(separators=(",", ":"), check_circular=False)
 
 
 def _decode_jsonb(data: bytes) -> Any:
