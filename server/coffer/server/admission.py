@@ -215,7 +215,11 @@ def register(
             ),
             response_serializer=response.SerializeToString,
         )
+    # As a generic handler only, not also as registered methods: grpc.aio's server waits for
+    # the next call on one future per registered method, and every call that comes in makes
+    # it wait on all of them anew (a set of some forty futures, each given a callback and then
+    # rid of it), a cost per call that grows with the RPCs served. A generic handler is found
+    # by its service's name, one dictionary lookup.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
-    server.add_registered_method_handlers(service.full_name, handlers)
