@@ -4,8 +4,14 @@ are the digests of one request of each kind as the ledger has always computed th
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import dataclasses
+import hashlib
+from datetime import UTC, datetime, timedelta, timezone
+from enum import IntEnum
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coffer.core import model
 
@@ -66,3 +72,52 @@ def test_fields_added_since_are_left_out_while_unset() -> None:
         credit.request_hash()
         != model.Credit(idempotency_key="k", wallet_id=7, amount=5, expires_at=at).request_hash()
     )
+
+
+def reference_digest(operation: model.Operation) -> bytes:
+    """The digest as specified: BLAKE2b (16 bytes) of the repr of a list of the operation's
+    type's name and its fields' values in their order, without the key, the caller, the link
+    and the owner limit; metadata as its sorted items; enums as their numbers; the terms
+    (valid from, expires at) as (name, ISO time in UTC), left out while unset."""
+    items: list[Any] = [type(operation).__name__]
+    for each in dataclasses.fields(operation):
+        value = getattr(operation, each.name)
+        if each.name in ("idempotency_key", "caller", "linked", "owner_limit"):
+            continue
+        if each.name == "metadata":
+            value = tuple(sorted(value.items()))
+        elif isinstance(value, IntEnum):
+            value = int(value)
+        elif each.name in ("valid_from", "expires_at"):
+            if value is None:
+                continue
+            value = (each.name, value.astimezone(UTC).isoformat())
+        items.append(value)
+    return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()
+
+
+texts = st.text(st.characters(blacklist_characters="\x00"), max_size=12)
+zones = st.sampled_from(
+    [UTC, timezone(timedelta(hours=-5)), timezone(timedelta(hours=9, minutes=30))]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), name=st.sampled_from(sorted(requests)))
+def test_the_digest_is_as_specified(data: st.DataObject, name: str) -> None:
+    """Any request of any kind: its texts and metadata varied, its times in any zone (the
+    same instant gives the same digest) or, where optional, unset."""
+    fields, _ = requests[name]
+    varied: dict[str, Any] = {
+        **common,
+        "note": data.draw(texts),
+        "reference": data.draw(texts.filter(bool)),
+        "metadata": data.draw(st.dictionaries(texts.filter(bool), texts, max_size=3)),
+    }
+    for field, value in fields.items():
+        if isinstance(value, datetime):
+            in_zone = value.astimezone(data.draw(zones))
+            value = data.draw(st.sampled_from([in_zone, None])) if name != "Credit" else in_zone
+        varied[field] = value
+    operation = getattr(model, name)(**varied)
+    assert operation.request_hash() == reference_digest(operation)
