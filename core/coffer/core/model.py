@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum, IntEnum
+from operator import attrgetter
 from typing import (
     Any,
     ClassVar,
@@ -1293,43 +1294,55 @@ _unhashed = frozenset({"idempotency_key", "caller", "linked", "owner_limit"})
 # Fields added since operations were first stored: left out of the digest while None, so
 # that a replay of an operation stored before they existed still matches it.
 _hashed_when_set = frozenset({"valid_from", "expires_at"})
-# Per operation type: its hashed fields, each with its form.
-_hashed_fields: dict[type, tuple[tuple[str, int], ...]] = {}
-_plain, _mapping, _enum, _time = 0, 1, 2, 3
+# Per operation type: a getter of its hashed fields' values, in their order, and the fields
+# whose values take another form (position among them, name, form), the last first.
+_hashed_fields: dict[type, tuple[attrgetter[Any], tuple[tuple[int, str, int], ...]]] = {}
+_mapping, _enum, _time = 1, 2, 3
+
+
+def _layout(kind: type) -> tuple[attrgetter[Any], tuple[tuple[int, str, int], ...]]:
+    hints = get_type_hints(kind)
+    names = [each.name for each in fields(kind) if each.name not in _unhashed]
+    forms = [
+        _mapping
+        if name == "metadata"
+        else _time
+        if name in _hashed_when_set
+        else _enum
+        if isinstance(hints[name], type) and issubclass(hints[name], Enum)
+        else None
+        for name in names
+    ]
+    others = tuple(
+        (position, names[position], form)
+        for position, form in reversed(list(enumerate(forms)))
+        if form is not None
+    )
+    # (attrgetter of two names or more gives a tuple; every operation has several.)
+    assert len(names) > 1, kind
+    return attrgetter(*names), others
 
 
 def _hash(value: Any) -> bytes:
     """A digest of what a request asks for, to tell a replay from a reused key: of the repr of
-    its type's name and its fields' values, which is stable across processes and versions."""
+    its type's name and its fields' values, which is stable across processes and versions.
+    (tests/core/test_request_hash.py holds the digests stored so far.)"""
     kind = type(value)
     layout = _hashed_fields.get(kind)
     if layout is None:
-        hints = get_type_hints(kind)
-        layout = _hashed_fields[kind] = tuple(
-            (
-                each.name,
-                _mapping
-                if each.name == "metadata"
-                else _time
-                if each.name in _hashed_when_set
-                else _enum
-                if isinstance(hints[each.name], type) and issubclass(hints[each.name], Enum)
-                else _plain,
-            )
-            for each in fields(value)
-            if each.name not in _unhashed
-        )
-    items: list[Any] = [kind.__name__]
-    for name, form in layout:
-        item = getattr(value, name)
+        layout = _hashed_fields[kind] = _layout(kind)
+    get, others = layout
+    items: list[Any] = [kind.__name__, *get(value)]
+    # The others, the last first, so that a value left out shifts none still to come.
+    for position, name, form in others:
+        item = items[position + 1]
         if form == _mapping:
-            item = tuple(sorted(item.items())) if item else ()
+            items[position + 1] = tuple(sorted(item.items())) if item else ()
         elif form == _enum:
-            item = int(item)
-        elif form == _time:
-            if item is None:
-                continue
+            items[position + 1] = int(item)
+        elif item is None:
+            del items[position + 1]
+        else:
             # One form of one instant, whatever its time zone.
-            item = (name, item.astimezone(UTC).isoformat())
-        items.append(item)
+            items[position + 1] = (name, item.astimezone(UTC).isoformat())
     return hashlib.blake2b(repr(items).encode(), digest_size=16).digest()
