@@ -8,6 +8,7 @@ expire, valid when received; below 0, what it owes). Its available balance is al
 
 from __future__ import annotations
 
+import copy
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -91,6 +92,9 @@ def apply(book: Book, operation: Operation, at: datetime = now) -> Posting:
         del book.grants[made.id]
         made.id = given[made.id]
         book.grants[made.id] = made
+        # Its id, part of the spending order: the wallet's queue is made anew, as a later
+        # batch's book would.
+        book.wallets[made.wallet_id].queue = None
     allocations = tuple((given.get(each, each), change) for each, change in posting.allocations)
     book.transfers[transfer_id] = TransferState(
         transfer_id,
@@ -517,6 +521,17 @@ def test_a_grant_restored_by_the_void_of_its_expiration_is_spent_at_once() -> No
     )
     assert debit(book, ann, 7, at=later).allocations == ((grant_id, -7),)
     check_sums(book)
+
+
+def test_a_refused_debit_leaves_the_book_as_it_was() -> None:
+    """What the book keeps to spend a wallet's grants faster is not part of its state."""
+    book = make_book()
+    credit(book, ann, 10, expires_at=now + day)
+    before = copy.deepcopy(book)
+    with pytest.raises(errors.InsufficientFunds):
+        rules.apply(book, Debit(idempotency_key=key(), wallet_id=ann, amount=11), now)
+    assert book.wallets[ann].queue is not None
+    assert book == before
 
 
 def test_a_chain_undone_puts_back_the_expiry_its_void_of_an_expiration_gave() -> None:

@@ -297,6 +297,9 @@ def record(book: Book, postings: Iterable[Posting]) -> list[int]:
             del book.grants[made.id]
             made.id = given[made.id]
             book.grants[made.id] = made
+            # Its id, part of the spending order: the wallet's queue is made anew, as a later
+            # batch's book would.
+            book.wallets[made.wallet_id].queue = None
         allocations = tuple(
             (given.get(grant_id, grant_id), change) for grant_id, change in posting.allocations
         )

@@ -100,8 +100,9 @@ class WalletState:
     tracked: int = 0
     grants: list[GrantState] = field(default_factory=list)
     # Its grants split at an instant, kept while neither the grants nor their terms change
-    # (`spend_queue`); None when it must be made anew.
-    queue: SpendQueue | None = None
+    # (`spend_queue`); None when it must be made anew. A cache: not part of the wallet's
+    # state (its equality, its repr).
+    queue: SpendQueue | None = field(default=None, compare=False, repr=False)
 
     @property
     def available(self) -> int:
@@ -345,6 +346,8 @@ class Book:
             elif kind == "new grant":
                 assert isinstance(target, WalletState) and isinstance(before, GrantState)
                 target.grants.remove(before)
+                # (Dropped already by the "grant" entry the new grant's amount made: said
+                # here too, where the grant leaves.)
                 target.queue = None
                 del self.grants[before.id]
             elif kind == "hold":
