@@ -302,6 +302,9 @@ insert_grants = """
                 $6::timestamptz[], $7::timestamptz[]) as v (w, i, t, a, r, f, e)
 """
 
+# A batch's updates from arrays of values name their rows twice: joined to the values, and by
+# `id = any(...)`, through which the planner reads them by key. Joined alone, it may hash the
+# whole table once a batch, past some tens of thousands of rows (tests/core/test_batch_plans.py).
 update_grants = """
     update grants g
     set remaining = v.remaining, expires_at = v.expires_at, expired = v.expired,
@@ -310,7 +313,7 @@ update_grants = """
         announced = g.announced and g.expires_at is not distinct from v.expires_at
     from unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::bigint[], $5::boolean[])
         as v (id, remaining, expires_at, expired, voided)
-    where g.id = v.id
+    where g.id = v.id and g.id = any($1::bigint[])
 """
 
 # The grants whose remainder alone a batch changed (the most): the others, `update_grants`.
@@ -318,7 +321,7 @@ update_grant_remainders = """
     update grants g
     set remaining = v.remaining
     from unnest($1::bigint[], $2::bigint[]) as v (id, remaining)
-    where g.id = v.id
+    where g.id = v.id and g.id = any($1::bigint[])
 """
 
 # Written with COPY, in this order.
@@ -398,13 +401,14 @@ insert_pending_holds = """
 
 delete_pending_holds = "delete from pending_holds where transfer_id = any($1::bigint[])"
 
+# Its rows named twice, as `update_grants` says.
 update_balances = """
     update wallets w
     set posted = v.posted, pending = v.pending, low_balance_crossings = v.crossings,
         tracked = v.tracked
     from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
         as v (id, posted, pending, crossings, tracked)
-    where w.id = v.id
+    where w.id = v.id and w.id = any($1::bigint[])
 """
 
 # The holds lapsed by $1, the earliest first, at most $2.

@@ -1,0 +1,53 @@
+"""A batch's set-based updates (balances, grants) find their rows through the primary key,
+whatever the size of the table. Joined to arrays of values alone, whose contents the planner
+cannot see, they were planned as a hash of the whole table once a batch past some tens of
+thousands of rows: a sequential scan that grew with the table (17 ms a batch of 866 over
+50,000 wallets, 24 ms over 65,000 grants; 4 and 6 ms through the key)."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from coffer.core.store import sql
+
+rows = 50_000
+named = 900
+
+
+async def test_the_batch_updates_read_their_rows_by_key(database_url: str) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute(
+            "insert into units (code, kind, name, scale) values ('seat', 2, 'Seat', 0)"
+        )
+        await connection.execute(
+            "insert into wallets (owner_id, owner_kind, unit, balance_minimum)"
+            " select 'owner-' || n, 1, 'seat', 0 from generate_series(1, $1::int) n",
+            rows,
+        )
+        await connection.execute(
+            "insert into grants"
+            " (wallet_id, id, transfer_id, amount, remaining, valid_from, created_at)"
+            " select n, n, n, 10, 10, now(), now() from generate_series(1, $1::int) n",
+            rows,
+        )
+        await connection.execute("analyze wallets")
+        await connection.execute("analyze grants")
+        ids = list(range(1, rows, rows // named))
+        zeros = [0] * len(ids)
+        updates = (
+            ("wallets", sql.update_balances, (ids, zeros, zeros, zeros, zeros)),
+            ("grants", sql.update_grant_remainders, (ids, zeros)),
+            (
+                "grants",
+                sql.update_grants,
+                (ids, zeros, [None] * len(ids), zeros, [False] * len(ids)),
+            ),
+        )
+        for table, statement, arguments in updates:
+            found = await connection.fetch("explain " + statement, *arguments)
+            plan = "\n".join(row[0] for row in found)
+            assert f"Seq Scan on {table}" not in plan, plan
+            assert f"_pkey on {table}" in plan, plan
+    finally:
+        await connection.close()
