@@ -233,9 +233,14 @@ select_stored_keys = """
     where t.key_digest = any($1::bytea[])
     union all
     select null, r.caller, r.idempotency_key, r.request_hash, null, r.reason, r.message
-    from refusals r
-    join unnest($2::text[], $3::text[]) as k (caller, key)
-      on r.caller = k.caller and r.idempotency_key = k.key
+    from unnest($2::text[], $3::text[]) as k (caller, key)
+    -- One look-up by key each (`limit 1` keeps the planner from joining the whole table,
+    -- which it would hash once a batch over a range of sizes; the key is unique).
+    cross join lateral (
+        select * from refusals
+        where caller = k.caller and idempotency_key = k.key
+        limit 1
+    ) r
 """
 
 # Whether any of the keys in $1, $2 is stored as a refusal, or any digest in $3 is a
@@ -303,8 +308,10 @@ insert_grants = """
 """
 
 # A batch's updates from arrays of values name their rows twice: joined to the values, and by
-# `id = any(...)`, through which the planner reads them by key. Joined alone, it may hash the
-# whole table once a batch, past some tens of thousands of rows (tests/core/test_batch_plans.py).
+# `id = any(...)`, through which the planner reads them by key. Joined alone, it costs the
+# batch's look-ups by key above one pass over the table, and hashes the whole table once a
+# batch over a range of sizes (from some tens of thousands of rows; tests/core/
+# test_batch_plans.py).
 update_grants = """
     update grants g
     set remaining = v.remaining, expires_at = v.expires_at, expired = v.expired,
