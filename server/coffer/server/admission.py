@@ -218,8 +218,8 @@ def register(
     # As a generic handler only, not also as registered methods: grpc.aio's server waits for
     # the next call on one future per registered method, and every call that comes in makes
     # it wait on all of them anew (a set of some forty futures, each given a callback and then
-    # rid of it), a cost per call that grows with the RPCs served. A generic handler is found
-    # by its service's name, one dictionary lookup.
+    # rid of it), a cost per call that grows with the RPCs served. Generic handlers are asked
+    # in turn, one per service, each a dictionary lookup of the method's full name.
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
