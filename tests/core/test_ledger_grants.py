@@ -154,13 +154,29 @@ async def test_a_batch_reads_grants_as_the_rules_see_them(ledger: Ledger) -> Non
     """The batch builds each grant's state by position: the query's first columns are the
     state's fields, in their order."""
     ann = await wallet(ledger)
-    await credit(ledger, ann.id, 10, 5 * day)
+    await credit(ledger, ann.id, 10, 5 * day + timedelta(microseconds=7))
     async with ledger.pool.acquire() as connection:
         [row] = await connection.fetch(sql.select_batch_grants, [ann.id], [], [])
     names = [field.name for field in dataclasses.fields(GrantState)]
     assert list(row.keys())[: len(names)] == names
     state = rows.grant_state(row)
     assert (state.wallet_id, state.amount, state.remaining, state.voided) == (ann.id, 10, 10, False)
+    # The instants, read as microseconds, to the microsecond.
+    [stored] = (await ledger.list_grants(ann.id, page_size=10)).items
+    assert (state.valid_from, state.expires_at) == (stored.valid_from, stored.expires_at)
+    assert state.valid_from.tzinfo is not None and state.expires_at is not None
+
+
+def test_the_instants_read_are_kept_within_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The datetimes made from the microseconds read are kept up to `instants_kept_max`; past
+    it, the cache starts over and still answers rightly."""
+    monkeypatch.setattr(rows, "instants_kept_max", 2)
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    for micros in (0, 1_700_000_000_123_457, 253_402_300_799_999_999, 1, 0):
+        state = rows.grant_state((1, 2, 3, 3, micros, None, 0, False))
+        assert state.valid_from == epoch + timedelta(microseconds=micros)
+        assert state.expires_at is None
+        assert len(rows._instants) <= 2
 
 
 async def test_wallets_without_terms_write_no_grants(ledger: Ledger) -> None:

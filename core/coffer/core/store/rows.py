@@ -7,7 +7,7 @@ Enums are looked up by value in dicts made once: faster than calling the enum, r
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -32,6 +32,7 @@ __all__ = [
     "grant",
     "grant_state",
     "hold",
+    "instants_kept_max",
     "open_hold_state",
     "resolved_hold_state",
     "transfer",
@@ -156,11 +157,51 @@ def grant(row: asyncpg.Record) -> Grant:
 
 def grant_state(row: asyncpg.Record) -> rules.GrantState:
     """From a row of `sql.select_batch_grants`, whose first columns are the state's fields in
-    their order (by position: a batch may read thousands)."""
-    return rules.GrantState(*row[:_grant_state_fields])
+    their order (by position: a batch may read thousands), its instants in microseconds since
+    the epoch."""
+    (
+        grant_id,
+        wallet_id,
+        amount,
+        remaining,
+        valid_from,
+        expires_at,
+        expired,
+        voided,
+    ) = row[:_grant_state_fields]
+    return rules.GrantState(
+        grant_id,
+        wallet_id,
+        amount,
+        remaining,
+        _instants[valid_from],
+        None if expires_at is None else _instants[expires_at],
+        expired,
+        voided,
+    )
 
 
 _grant_state_fields = len(dataclasses.fields(rules.GrantState))
+
+# Instants kept as datetimes by their microseconds since the epoch; past it, the cache starts
+# over.
+instants_kept_max = 100_000
+_epoch = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _Instants(dict[int, datetime]):
+    """Instants by their microseconds since the epoch, made once: the same expiries come back
+    batch after batch (a wallet's grants are read by each batch that touches it; many grants
+    share an expiry, as the end of a month), and a look-up costs a fraction of making one."""
+
+    def __missing__(self, micros: int) -> datetime:
+        if len(self) >= instants_kept_max:
+            self.clear()
+        instant = self[micros] = _epoch + timedelta(microseconds=micros)
+        return instant
+
+
+_instants = _Instants()
 
 
 def open_hold_state(row: asyncpg.Record) -> rules.HoldState:

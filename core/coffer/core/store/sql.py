@@ -287,10 +287,14 @@ select_allocations = """
 # The grants of the wallets in $1 with something left, the grants in $2, and those the
 # transfers in $3 made. Read after their wallets are locked: grants change only under that
 # lock.
-# The fields of rules.GrantState, in its order (`rows.grant_state`), then the transfer.
+# The fields of rules.GrantState, in its order (`rows.grant_state`), then the transfer; the
+# instants as microseconds since the epoch (exact: `extract` gives a numeric), which the batch
+# turns into datetimes through a cache, a few times quicker than decoding a timestamptz.
 select_batch_grants = """
-    select id, wallet_id, amount, remaining, valid_from, expires_at, expired, voided,
-           transfer_id
+    select id, wallet_id, amount, remaining,
+           (extract(epoch from valid_from) * 1000000)::int8 as valid_from,
+           (extract(epoch from expires_at) * 1000000)::int8 as expires_at,
+           expired, voided, transfer_id
     from grants
     where (wallet_id = any($1::bigint[]) and live)
        or id = any($2::bigint[])
