@@ -620,7 +620,9 @@ class Ledger:
                         look_up_keys=look_up_keys,
                         keep_events=self.keep_events,
                     )
-                    return await batch.run()
+                    answer = await batch.run()
+                # Committed: the answers are made out of the locks.
+                return answer()
             except asyncpg.UniqueViolationError as error:
                 if error.constraint_name not in key_constraints:
                     raise  # a broken invariant, not a stored key

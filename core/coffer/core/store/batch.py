@@ -18,7 +18,8 @@
    crossings);
 8. with events kept, write the batch's record last (`events.record`): the transfers in the
    order they were applied, with the balances after each as validation left them, then the
-   low balances and top-ups its end balances call for.
+   low balances and top-ups its end balances call for;
+9. once committed, out of the locks: the answers, made from what was written.
 
 The transfers of one batch share one time; their ids follow the order they were written in,
 which within a batch is not always the order the operations were applied in.
@@ -26,7 +27,7 @@ which within a batch is not always the order the operations were applied in.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -51,7 +52,7 @@ from ..model import (
 )
 from . import events, rows, sql
 from .facts import Facts
-from .journal import Journal, write, write_ahead
+from .journal import Journal, answers, write, write_ahead
 from .keys import check_free, record_refusals, replay_of, settle
 from .queries import stored_results
 
@@ -83,7 +84,9 @@ class Batch:
         self._look_up_keys = look_up_keys
         self._keep_events = keep_events
 
-    async def run(self) -> list[Applied | errors.CofferError]:
+    async def run(self) -> Callable[[], list[Applied | errors.CofferError]]:
+        """Runs the batch; returns how to answer it, to call once it has committed: the
+        answers are made out of its locks."""
         connection, operations, now = self._connection, self._operations, self._now
         # 1. Keys.
         keys = await settle(connection, operations, look_up=self._look_up_keys)
@@ -149,17 +152,12 @@ class Batch:
             after=after,
             spendable_read=spendable_read,
         )
-        written = await write(connection, journal, book, balances_read, hold_created_at)
-        results = written.results[len(lapsed) :]
-        # Answers for replays and for repeats within the batch.
-        if keys.replays:
-            replayed = await stored_results(connection, set(keys.replays.values()), now)
-            for index, operation_id in keys.replays.items():
-                results[index] = replayed[operation_id]
-        for index, first in keys.duplicates.items():
-            results[index] = replay_of(results[first])
-        answers = [result for result in results if result is not None]
-        assert len(answers) == len(results)
+        written = await write(connection, journal, book, balances_read)
+        replayed = (
+            await stored_results(connection, set(keys.replays.values()), now)
+            if keys.replays
+            else {}
+        )
         # 8. The record, last.
         if written.transfer_ids or written.changes:
             await events.record(
@@ -169,7 +167,19 @@ class Batch:
                 balances=events.pack_balances(written.balances),
                 changes=written.changes,
             )
-        return answers
+
+        def answer() -> list[Applied | errors.CofferError]:
+            results = answers(journal, written, book, hold_created_at)[len(lapsed) :]
+            # Answers for replays and for repeats within the batch.
+            for index, operation_id in keys.replays.items():
+                results[index] = replayed[operation_id]
+            for index, first in keys.duplicates.items():
+                results[index] = replay_of(results[first])
+            answered = [result for result in results if result is not None]
+            assert len(answered) == len(results)
+            return answered
+
+        return answer
 
     async def _system_wallets(
         self, fresh: list[int], units: Mapping[int, str], grant_wallets: Mapping[int, int]

@@ -9,7 +9,7 @@ all (never committed, so never seen) and writes the rest.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..model import (
 from . import sql
 from .events import Change, grant_change, low_balance_change, top_up_change
 
-__all__ = ["Ahead", "Journal", "Written", "write", "write_ahead"]
+__all__ = ["Ahead", "Done", "Journal", "Written", "answers", "write", "write_ahead"]
 
 # A transfer written ahead, by the index of its operation: its id, and its posting.
 Ahead = dict[int, tuple[int, rules.Posting]]
@@ -63,14 +63,22 @@ class Journal:
     spendable_read: Mapping[int, int] = field(default_factory=dict)
 
 
+# The transfers an operation wrote: the id of each, and its posting.
+Done = list[tuple[int, rules.Posting]]
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
-    """What `write` wrote: each entry's result (None for one settled before: a replay, or a
-    repeat); and, when the batch keeps events, what its record says: the transfers in the order
-    applied, with the balances after each (four a transfer, flat), and the low balances and
-    top-ups the batch's end balances call for."""
+    """What `write` wrote: for each entry, the transfers it wrote, or its error (None for one
+    settled before: a replay, or a repeat), and what the transfers that drew on grants the
+    batch made changed in grants, as written (by transfer id, the grants' ids given), from
+    which `answers` makes the results once the locks are let go; and, when the batch keeps
+    events, what its record says: the transfers in the order applied, with the balances after
+    each (four a transfer, flat), and the low balances and top-ups the batch's end balances
+    call for."""
 
-    results: list[Applied | errors.CofferError | None]
+    done: list[Done | errors.CofferError | None]
+    allocated: dict[int, list[Allocation]]
     transfer_ids: list[int]
     balances: list[int]
     changes: list[Change]
@@ -135,7 +143,6 @@ async def write(
     journal: Journal,
     book: rules.Book,
     balances_read: Mapping[int, tuple[int, int, int]],
-    hold_created_at: Mapping[int, datetime],
 ) -> Written:
     """Writes what validation decided: the transfers not written ahead, the removal of
     those written ahead that did not happen after all, holds, grants and what each transfer
@@ -161,7 +168,7 @@ async def write(
         if isinstance(outcome, list) and index not in confirmed
     )
     next_id = iter(await _transfer_ids(connection, count) if count else ())
-    results: list[Applied | errors.CofferError | None] = []
+    done: list[Done | errors.CofferError | None] = []
     records: list[tuple[Any, ...]] = []
     new_holds: list[tuple[int, int, int, int, datetime]] = []
     resolved_holds: list[int] = []
@@ -169,22 +176,20 @@ async def write(
     after = journal.after
     transfer_ids: list[int] = []
     balances: list[int] = []
-    # Each transfer's changes to grants, and the grants it made (with provisional ids); the
-    # result of each transfer that changed grants, by transfer id.
+    # Each transfer's changes to grants, and the grants it made (with provisional ids).
     allocations: list[tuple[int, int, int]] = []
     made: list[tuple[int, rules.GrantState, str]] = []
-    allocating: dict[int, int] = {}
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Exception):
-            results.append(outcome)
+            done.append(outcome)
             continue
         if not outcome:
-            results.append(None)
+            done.append(None)
             continue
         operation = operations[index]
         assert not isinstance(operation, Rejected)
         assert len(outcome) <= operation_transfers_max, outcome
-        transfers = []
+        transfers: Done = []
         operation_id = 0
         for position, posting in enumerate(outcome):
             first = position == 0
@@ -204,38 +209,7 @@ async def write(
                         first=first,
                     )
                 )
-            # What it changed in grants, as answered: now, unless it names a grant the batch
-            # made, whose id is given when written (then `_answer_allocations`).
-            answered: tuple[Allocation, ...] = ()
-            if posting.allocations:
-                if all(grant_id > 0 for grant_id, _ in posting.allocations):
-                    answered = tuple(
-                        Allocation(grant_id, change)
-                        for grant_id, change in sorted(posting.allocations)
-                    )
-                else:
-                    allocating[transfer_id] = len(results)
-            transfers.append(
-                Transfer(
-                    transfer_id,
-                    operation_id,
-                    posting.kind,
-                    posting.source_wallet_id,
-                    posting.target_wallet_id,
-                    book.wallets[posting.source_wallet_id].unit,
-                    posting.amount,
-                    posting.amount_requested,
-                    operation.note,
-                    operation.reference,
-                    operation.performed_by,
-                    operation.metadata,
-                    now,
-                    posting.voids_transfer_id,
-                    posting.hold_id,
-                    posting.hold_expires_at,
-                    allocations=answered,
-                )
-            )
+            transfers.append((transfer_id, posting))
             if posting.kind == TransferKind.hold:
                 assert posting.hold_expires_at is not None
                 new_holds.append(
@@ -260,7 +234,7 @@ async def write(
         if after is not None:
             # One transfer an operation (operation_transfers_max): the balances after it.
             balances.extend(after[index])
-        results.append(_applied(transfers, book, hold_created_at))
+        done.append(transfers)
     if stale:
         # Written ahead, not confirmed: never committed, so never seen.
         await connection.execute(sql.delete_transfers, stale)
@@ -276,11 +250,11 @@ async def write(
     if resolved_holds:
         await connection.execute(sql.delete_pending_holds, resolved_holds)
     changes: list[Change] = []
+    allocated: dict[int, list[Allocation]] = {}
     if made or allocations:
         changes, allocated = await _write_grants(
             connection, book, allocations, made, now, keep_events=after is not None
         )
-        _answer_allocations(results, allocating, allocated)
     changed = [
         wallet
         for wallet in book.wallets.values()
@@ -298,7 +272,63 @@ async def write(
             [wallet.low_balance_crossings for wallet in changed],
             [wallet.tracked for wallet in changed],
         )
-    return Written(results, transfer_ids, balances, changes)
+    return Written(done, allocated, transfer_ids, balances, changes)
+
+
+def answers(
+    journal: Journal,
+    written: Written,
+    book: rules.Book,
+    hold_created_at: Mapping[int, datetime],
+) -> list[Applied | errors.CofferError | None]:
+    """Each entry's result, from what `write` wrote. Nothing of it is written: the batch makes
+    it once committed, out of its locks. A transfer answers what it changed in grants by grant
+    id, as a read of it would (those the batch made with their ids given)."""
+    operations, now, allocated = journal.operations, journal.now, written.allocated
+    results: list[Applied | errors.CofferError | None] = []
+    for index, entry in enumerate(written.done):
+        if entry is None or isinstance(entry, Exception):
+            results.append(entry)
+            continue
+        operation = operations[index]
+        assert not isinstance(operation, Rejected)
+        operation_id = entry[0][0]
+        transfers = []
+        for transfer_id, posting in entry:
+            answered: tuple[Allocation, ...] = ()
+            if posting.allocations:
+                if all(grant_id > 0 for grant_id, _ in posting.allocations):
+                    answered = tuple(
+                        Allocation(grant_id, change)
+                        for grant_id, change in sorted(posting.allocations)
+                    )
+                else:
+                    answered = tuple(
+                        sorted(allocated.get(transfer_id, ()), key=lambda each: each.grant_id)
+                    )
+            transfers.append(
+                Transfer(
+                    transfer_id,
+                    operation_id,
+                    posting.kind,
+                    posting.source_wallet_id,
+                    posting.target_wallet_id,
+                    book.wallets[posting.source_wallet_id].unit,
+                    posting.amount,
+                    posting.amount_requested,
+                    operation.note,
+                    operation.reference,
+                    operation.performed_by,
+                    operation.metadata,
+                    now,
+                    posting.voids_transfer_id,
+                    posting.hold_id,
+                    posting.hold_expires_at,
+                    allocations=answered,
+                )
+            )
+        results.append(_applied(transfers, book, hold_created_at))
+    return results
 
 
 async def _write_grants(
@@ -390,31 +420,6 @@ async def _write_grants(
         )
         for transfer_id, grant, actor in made
     ], allocated
-
-
-def _answer_allocations(
-    results: list[Applied | errors.CofferError | None],
-    allocating: Mapping[int, int],
-    allocated: Mapping[int, list[Allocation]],
-) -> None:
-    """Gives the transfers of the results what they changed in grants, as a read of them gives
-    it (by grant id, the grants with their ids now given), in place."""
-    for transfer_id, index in allocating.items():
-        changes = allocated.get(transfer_id)
-        result = results[index]
-        if not changes or not isinstance(result, Applied):
-            continue
-        results[index] = replace(
-            result,
-            transfers=tuple(
-                transfer._replace(
-                    allocations=tuple(sorted(changes, key=lambda change: change.grant_id)),
-                )
-                if transfer.id == transfer_id
-                else transfer
-                for transfer in result.transfers
-            ),
-        )
 
 
 def _low_balances(
