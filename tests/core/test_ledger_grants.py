@@ -42,7 +42,7 @@ from coffer.core.model import (
     Wallet,
     WalletTransfer,
 )
-from coffer.core.rules import GrantState
+from coffer.core.rules import GrantState, WalletState
 from coffer.core.store import reports as reports_module
 from coffer.core.store import rows, sql
 from coffer.core.store.connections import create_pool
@@ -165,6 +165,21 @@ async def test_a_batch_reads_grants_as_the_rules_see_them(ledger: Ledger) -> Non
     [stored] = (await ledger.list_grants(ann.id, page_size=10)).items
     assert (state.valid_from, state.expires_at) == (stored.valid_from, stored.expires_at)
     assert state.valid_from.tzinfo is not None and state.expires_at is not None
+
+
+async def test_a_batch_reads_wallets_as_the_rules_see_them(ledger: Ledger) -> None:
+    """The batch builds each wallet's state by position: the locking query's columns are the
+    state's fields, in their order (all but its grants and their order)."""
+    ann = await wallet(ledger)
+    await credit(ledger, ann.id, 10, 5 * day)
+    async with ledger.pool.acquire() as connection, connection.transaction():
+        [row] = await connection.fetch(sql.lock_wallets, [ann.id])
+    names = [field.name for field in dataclasses.fields(WalletState)]
+    assert list(row.keys()) == names[: len(row)]
+    assert names[len(row) :] == ["grants", "queue"]
+    state = rows.wallet_state(row)
+    assert (state.id, state.unit, state.posted, state.tracked) == (ann.id, ann.unit, 10, 10)
+    assert (state.owner_id, state.owner_kind) == (ann.owner_id, ann.owner_kind)
 
 
 def test_the_instants_read_are_kept_within_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:

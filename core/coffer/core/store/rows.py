@@ -124,20 +124,16 @@ def hold(row: asyncpg.Record, now: datetime) -> Hold:
 
 
 def wallet_state(row: asyncpg.Record) -> rules.WalletState:
+    """From a row of `sql.lock_wallets`, whose columns are the state's fields in their order
+    (by position: a batch locks up to thousands)."""
+    wallet_id, unit, owner_kind, status, *rest = row[:_wallet_state_fields]
     return rules.WalletState(
-        id=row["id"],
-        unit=row["unit"],
-        owner_kind=_owner_kinds[row["owner_kind"]],
-        status=_wallet_statuses[row["status"]],
-        balance_minimum=row["balance_minimum"],
-        posted=row["posted"],
-        pending=row["pending"],
-        owner_id=row["owner_id"],
-        low_balance_threshold=row["low_balance_threshold"],
-        top_up_to=row["top_up_to"],
-        low_balance_crossings=row["low_balance_crossings"],
-        tracked=row["tracked"],
+        wallet_id, unit, _owner_kinds[owner_kind], _wallet_statuses[status], *rest
     )
+
+
+# The fields read: all but the grants and the cache of their order.
+_wallet_state_fields = len(dataclasses.fields(rules.WalletState)) - 2
 
 
 def grant(row: asyncpg.Record) -> Grant:

@@ -340,9 +340,10 @@ allocations_table = "allocations"
 allocation_columns = ("transfer_id", "grant_id", "wallet_id", "amount")
 
 # In ascending id order, so that batches never deadlock.
-# What the rules read of a wallet (`rows.wallet_state`).
+# What the rules read of a wallet: the fields of rules.WalletState, in its order
+# (`rows.wallet_state`).
 _wallet_state_columns = """
-    id, unit, owner_kind, owner_id, status, balance_minimum, posted, pending,
+    id, unit, owner_kind, status, balance_minimum, posted, pending, owner_id,
     low_balance_threshold, top_up_to, low_balance_crossings, tracked
 """
 
