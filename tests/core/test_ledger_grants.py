@@ -41,6 +41,7 @@ from coffer.core.model import (
     Void,
     Wallet,
     WalletTransfer,
+    grant_instant_max,
 )
 from coffer.core.rules import GrantState, WalletState
 from coffer.core.store import reports as reports_module
@@ -182,12 +183,32 @@ async def test_a_batch_reads_wallets_as_the_rules_see_them(ledger: Ledger) -> No
     assert (state.owner_id, state.owner_kind) == (ann.owner_id, ann.owner_kind)
 
 
+async def test_grants_name_only_the_instants_postgresql_keeps(ledger: Ledger) -> None:
+    """The first and last instants Python holds are written as -infinity and infinity, which no
+    grant could be read back from: refused; the ones just inside are kept and read back."""
+    ann = await wallet(ledger)
+    for expires_at in (datetime.max.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC)):
+        with pytest.raises(errors.InvalidArgument) as raised:
+            Credit(idempotency_key=key(), wallet_id=ann.id, amount=1, expires_at=expires_at)
+        assert raised.value.field == "expires_at"
+    with pytest.raises(errors.InvalidArgument):
+        Void(idempotency_key=key(), transfer_id=1, expires_at=datetime.max.replace(tzinfo=UTC))
+    last = grant_instant_max
+    assert last == datetime(9999, 12, 31, 23, 59, 59, 999_998, tzinfo=UTC)
+    await one(ledger, Credit(idempotency_key=key(), wallet_id=ann.id, amount=5, expires_at=last))
+    # The wallet's next batch reads the grant back, and draws on it.
+    await one(ledger, Debit(idempotency_key=key(), wallet_id=ann.id, amount=2))
+    [grant] = await grants(ledger, ann.id)
+    assert (grant.remaining, grant.expires_at) == (3, last)
+    await books(ledger)
+
+
 def test_the_instants_read_are_kept_within_their_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     """The datetimes made from the microseconds read are kept up to `instants_kept_max`; past
     it, the cache starts over and still answers rightly."""
     monkeypatch.setattr(rows, "instants_kept_max", 2)
     epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    for micros in (0, 1_700_000_000_123_457, 253_402_300_799_999_999, 1, 0):
+    for micros in (0, 1_700_000_000_123_457, 253_402_300_799_999_998, -1, 0):
         state = rows.grant_state((1, 2, 3, 3, micros, None, 0, False))
         assert state.valid_from == epoch + timedelta(microseconds=micros)
         assert state.expires_at is None

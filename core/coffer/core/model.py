@@ -14,7 +14,7 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum, IntEnum
 from operator import attrgetter
 from typing import (
@@ -96,6 +96,7 @@ __all__ = [
     "certificate_subject_length_max",
     "check_balance_alert",
     "check_enum",
+    "check_grant_instant",
     "check_grant_terms",
     "check_id",
     "check_principal_fields",
@@ -114,6 +115,8 @@ __all__ = [
     "expiration_runs_grants_max",
     "expiring_within_days_max",
     "grant_expiry_key",
+    "grant_instant_max",
+    "grant_instant_min",
     "grant_spendable",
     "history_balances_scanned_max",
     "hold_lapsed",
@@ -158,6 +161,11 @@ __all__ = [
 # Limits: every string, map and number that comes in has one.
 amount_max = 2**63 - 1
 balance_max = 2**63 - 1
+# The instants a grant's terms may name: those PostgreSQL keeps as they are (the first and last
+# instants Python holds are written as -infinity and infinity, which no grant can be read back
+# from).
+grant_instant_min = datetime.min.replace(tzinfo=UTC) + timedelta(microseconds=1)
+grant_instant_max = datetime.max.replace(tzinfo=UTC) - timedelta(microseconds=1)
 balance_min = -(2**63)
 id_max = 2**63 - 1
 idempotency_key_length_max = 128
@@ -1220,13 +1228,25 @@ def check_balance_alert(low_balance_threshold: int | None, top_up_to: int | None
 
 
 def check_grant_terms(valid_from: datetime | None, expires_at: datetime | None) -> None:
-    """A grant's terms as asked: times with a time zone, the expiry after the start. (That the
-    expiry is still to come is the rules' to check, against the ledger's clock.)"""
+    """A grant's terms as asked: times with a time zone, within the instants a grant may name
+    (`check_grant_instant`), the expiry after the start. (That the expiry is still to come is
+    the rules' to check, against the ledger's clock.)"""
     for name, value in (("valid_from", valid_from), ("expires_at", expires_at)):
-        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
-            raise InvalidArgument(name, "must be a time with a time zone")
+        if value is not None:
+            if not isinstance(value, datetime) or value.tzinfo is None:
+                raise InvalidArgument(name, "must be a time with a time zone")
+            check_grant_instant(name, value)
     if valid_from is not None and expires_at is not None and expires_at <= valid_from:
         raise InvalidArgument("expires_at", "must be after valid_from")
+
+
+def check_grant_instant(name: str, value: datetime) -> None:
+    """An instant of a grant's terms is from `grant_instant_min` to `grant_instant_max`."""
+    if not grant_instant_min <= value <= grant_instant_max:
+        raise InvalidArgument(
+            name,
+            f"must be from {grant_instant_min.isoformat()} to {grant_instant_max.isoformat()}",
+        )
 
 
 def _check_key(idempotency_key: str, caller: str) -> None:

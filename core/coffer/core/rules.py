@@ -44,6 +44,7 @@ from .model import (
     Withdrawal,
     balance_max,
     balance_min,
+    check_grant_instant,
     grant_spendable,
     hold_lapsed,
     hold_status_resolved_by,
@@ -1128,7 +1129,8 @@ def _terms(
         if validity is not None:
             try:
                 expires_at = validity.after(start)
-            except (ValueError, OverflowError) as error:
+                check_grant_instant("valid_from", expires_at)
+            except (ValueError, OverflowError, errors.InvalidArgument) as error:
                 raise errors.InvalidArgument(
                     "valid_from", "is too far ahead: the unit's validity after it passes 9999"
                 ) from error
