@@ -158,6 +158,12 @@ class Batch:
             if keys.replays
             else {}
         )
+        # Every entry is answered, checked while the batch can still roll back: by what it
+        # wrote, or as a replay (its result read) or a repeat.
+        assert {
+            index for index, entry in enumerate(written.done[len(lapsed) :]) if entry is None
+        } == keys.replays.keys() | keys.duplicates.keys()
+        assert replayed.keys() >= set(keys.replays.values())
         # 8. The record, last.
         if written.transfer_ids or written.changes:
             await events.record(
@@ -175,9 +181,7 @@ class Batch:
                 results[index] = replayed[operation_id]
             for index, first in keys.duplicates.items():
                 results[index] = replay_of(results[first])
-            answered = [result for result in results if result is not None]
-            assert len(answered) == len(results)
-            return answered
+            return [result for result in results if result is not None]
 
         return answer
 
