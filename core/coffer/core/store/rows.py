@@ -124,8 +124,8 @@ def hold(row: asyncpg.Record, now: datetime) -> Hold:
 
 
 def wallet_state(row: asyncpg.Record) -> rules.WalletState:
-    """From a row of `sql.lock_wallets`, whose columns are the state's fields in their order
-    (by position: a batch locks up to thousands)."""
+    """From a row of `sql.lock_wallets` (or `sql.select_wallet_states`), whose columns are the
+    state's fields in their order (by position: a batch locks up to thousands)."""
     wallet_id, unit, owner_kind, status, *rest = row[:_wallet_state_fields]
     return rules.WalletState(
         wallet_id, unit, _owner_kinds[owner_kind], _wallet_statuses[status], *rest
@@ -179,8 +179,8 @@ def grant_state(row: asyncpg.Record) -> rules.GrantState:
 
 _grant_state_fields = len(dataclasses.fields(rules.GrantState))
 
-# Instants kept as datetimes by their microseconds since the epoch; past it, the cache starts
-# over.
+# Instants kept as datetimes by their microseconds since the epoch (about 14 MB at most); past
+# this many, the cache starts over.
 instants_kept_max = 100_000
 _epoch = datetime(1970, 1, 1, tzinfo=UTC)
 
