@@ -1174,7 +1174,10 @@ def spendable(wallet: WalletState, now: datetime) -> int:
     its grants hold that is not valid yet, or past its expiry and not yet expired by a run."""
     if not wallet.tracked:
         return wallet.available
-    return wallet.available - sum(grant.remaining for grant in spend_queue(wallet, now).invalid)
+    invalid = spend_queue(wallet, now).invalid
+    if not invalid:
+        return wallet.available
+    return wallet.available - sum(grant.remaining for grant in invalid)
 
 
 _never = datetime.max.replace(tzinfo=UTC)
