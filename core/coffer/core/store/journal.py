@@ -37,7 +37,16 @@ from ..model import (
 from . import sql
 from .events import Change, grant_change, low_balance_change, top_up_change
 
-__all__ = ["Ahead", "Done", "Journal", "Written", "answers", "write", "write_ahead"]
+__all__ = [
+    "Ahead",
+    "AllocationRow",
+    "Done",
+    "Journal",
+    "Written",
+    "answers",
+    "write",
+    "write_ahead",
+]
 
 # A transfer written ahead, by the index of its operation: its id, and its posting.
 Ahead = dict[int, tuple[int, rules.Posting]]
@@ -65,20 +74,22 @@ class Journal:
 
 # The transfers an operation wrote: the id of each, and its posting.
 Done = list[tuple[int, rules.Posting]]
+# An allocation row as written, in the order of sql.allocation_columns: the transfer, the
+# grant, the grant's wallet, the change to what is left of it.
+AllocationRow = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class Written:
     """What `write` wrote: for each entry, the transfers it wrote, or its error (None for one
-    settled before: a replay, or a repeat), and what the transfers that drew on grants the
-    batch made changed in grants, as written (by transfer id, the grants' ids given), from
-    which `answers` makes the results once the locks are let go; and, when the batch keeps
+    settled before: a replay, or a repeat), and the allocation rows (the grants' ids given),
+    from which `answers` makes the results once the locks are let go; and, when the batch keeps
     events, what its record says: the transfers in the order applied, with the balances after
     each (four a transfer, flat), and the low balances and top-ups the batch's end balances
     call for."""
 
     done: list[Done | errors.CofferError | None]
-    allocated: dict[int, list[Allocation]]
+    allocations: list[AllocationRow]
     transfer_ids: list[int]
     balances: list[int]
     changes: list[Change]
@@ -250,9 +261,9 @@ async def write(
     if resolved_holds:
         await connection.execute(sql.delete_pending_holds, resolved_holds)
     changes: list[Change] = []
-    allocated: dict[int, list[Allocation]] = {}
+    allocation_rows: list[AllocationRow] = []
     if made or allocations:
-        changes, allocated = await _write_grants(
+        changes, allocation_rows = await _write_grants(
             connection, book, allocations, made, now, keep_events=after is not None
         )
     changed = [
@@ -272,7 +283,7 @@ async def write(
             [wallet.low_balance_crossings for wallet in changed],
             [wallet.tracked for wallet in changed],
         )
-    return Written(done, allocated, transfer_ids, balances, changes)
+    return Written(done, allocation_rows, transfer_ids, balances, changes)
 
 
 def answers(
@@ -284,7 +295,10 @@ def answers(
     """Each entry's result, from what `write` wrote. Nothing of it is written: the batch makes
     it once committed, out of its locks. A transfer answers what it changed in grants by grant
     id, as a read of it would (those the batch made with their ids given)."""
-    operations, now, allocated = journal.operations, journal.now, written.allocated
+    operations, now = journal.operations, journal.now
+    # What the transfers that drew on grants the batch made changed, by transfer: made once,
+    # when first asked.
+    allocated: dict[int, list[Allocation]] | None = None
     results: list[Applied | errors.CofferError | None] = []
     for index, entry in enumerate(written.done):
         if entry is None or isinstance(entry, Exception):
@@ -303,6 +317,12 @@ def answers(
                         for grant_id, change in sorted(posting.allocations)
                     )
                 else:
+                    if allocated is None:
+                        allocated = {}
+                        for row_transfer_id, grant_id, _, change in written.allocations:
+                            allocated.setdefault(row_transfer_id, []).append(
+                                Allocation(grant_id, change)
+                            )
                     answered = tuple(
                         sorted(allocated.get(transfer_id, ()), key=lambda each: each.grant_id)
                     )
@@ -339,11 +359,11 @@ async def _write_grants(
     now: datetime,
     *,
     keep_events: bool,
-) -> tuple[list[Change], dict[int, list[Allocation]]]:
+) -> tuple[list[Change], list[AllocationRow]]:
     """Writes the grants the batch made (with their ids now given), the changes to the others,
     and each transfer's allocations (one row per transfer and grant, the changes summed);
     returns, when the batch keeps events, a GRANT_CREATED change for each grant made, and the
-    allocations written, by transfer."""
+    allocation rows written."""
     ids: dict[int, int] = {}
     provisional: dict[int, int] = {}
     if made:
@@ -381,26 +401,17 @@ async def _write_grants(
     for transfer_id, grant_id, change in allocations:
         key = (transfer_id, ids.get(grant_id, grant_id))
         summed[key] = summed.get(key, 0) + change
-    rows = [(key, change) for key, change in summed.items() if change]
-    allocated: dict[int, list[Allocation]] = {}
-    for (transfer_id, grant_id), change in rows:
-        allocated.setdefault(transfer_id, []).append(Allocation(grant_id, change))
+    rows = [
+        (transfer_id, grant_id, book.grants[provisional.get(grant_id, grant_id)].wallet_id, change)
+        for (transfer_id, grant_id), change in summed.items()
+        if change
+    ]
     if rows:
         await connection.copy_records_to_table(
-            sql.allocations_table,
-            records=[
-                (
-                    transfer_id,
-                    grant_id,
-                    book.grants[provisional.get(grant_id, grant_id)].wallet_id,
-                    change,
-                )
-                for (transfer_id, grant_id), change in rows
-            ],
-            columns=sql.allocation_columns,
+            sql.allocations_table, records=rows, columns=sql.allocation_columns
         )
     if not keep_events:
-        return [], allocated
+        return [], rows
     return [
         grant_change(
             EventType.grant_created,
@@ -419,7 +430,7 @@ async def _write_grants(
             actor,
         )
         for transfer_id, grant, actor in made
-    ], allocated
+    ], rows
 
 
 def _low_balances(
