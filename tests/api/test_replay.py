@@ -358,6 +358,26 @@ async def test_a_request_twice_in_a_linked_chain(world: World) -> None:
     assert await world.posted(wallet_id) == 700
 
 
+async def test_a_stored_request_in_a_linked_chain_that_fails(world: World) -> None:
+    """A request stored before, sent again inside a chain the batch undoes: its stored answer,
+    replayed (the chain's failure does not undo what an earlier batch did), the others the
+    chain's."""
+    wallet_id = await world.funded(1000)
+    debit = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=300)
+    [first] = await world.batch([operation("debit", debit)])
+    assert first.code == Code.OK, first
+    refused = transfers_pb2.DebitRequest(idempotency_key=key(), wallet_id=wallet_id, amount=5000)
+    answers = await world.batch(
+        [operation("debit", debit, linked=True), operation("debit", refused)]
+    )
+    assert [answer.code for answer in answers] == [Code.OK, Code.FAILED_PRECONDITION], answers
+    assert answers[1].reason == "INSUFFICIENT_FUNDS", answers
+    assert [answer.replayed for answer in answers] == [True, False], answers
+    assert answers[0].same_as(first)
+    assert await world.stored(debit) == (1, 0)
+    assert await world.posted(wallet_id) == 700
+
+
 async def test_a_key_reused_in_a_batch(world: World) -> None:
     """The same key with another request in one batch: the first is answered as it would be
     alone, the other is IDEMPOTENCY_KEY_REUSED; for a success and for a refusal."""

@@ -159,11 +159,13 @@ class Batch:
             else {}
         )
         # Every entry is answered, checked while the batch can still roll back: by what it
-        # wrote, or as a replay (its result read) or a repeat (a repeat in a linked chain
-        # undone has its error too, which its first's answer replaces).
-        assert {
-            index for index, entry in enumerate(written.done[len(lapsed) :]) if entry is None
-        } <= keys.replays.keys() | keys.duplicates.keys()
+        # wrote, or as a replay (its result read) or a repeat, which write nothing (one in a
+        # linked chain undone has the chain's error, which its stored or first answer
+        # replaces).
+        done = written.done[len(lapsed) :]
+        settled = keys.replays.keys() | keys.duplicates.keys()
+        assert {index for index, entry in enumerate(done) if entry is None} <= settled
+        assert not any(isinstance(done[index], list) for index in settled)
         assert replayed.keys() >= set(keys.replays.values())
         # 8. The record, last.
         if written.transfer_ids or written.changes:

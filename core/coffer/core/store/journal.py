@@ -82,7 +82,8 @@ AllocationRow = tuple[int, int, int, int]
 @dataclass(frozen=True, slots=True)
 class Written:
     """What `write` wrote: for each entry, the transfers it wrote, or its error (None for one
-    settled before: a replay, or a repeat), and the allocation rows (the grants' ids given),
+    settled before: a replay, or a repeat; in a linked chain undone, the chain's error), and
+    the allocation rows (the grants' ids given),
     from which `answers` makes the results once the locks are let go; and, when the batch keeps
     events, what its record says: the transfers in the order applied, with the balances after
     each (four a transfer, flat), and the low balances and top-ups the batch's end balances
@@ -296,8 +297,8 @@ def answers(
     it once committed, out of its locks. A transfer answers what it changed in grants by grant
     id, as a read of it would (those the batch made with their ids given)."""
     operations, now = journal.operations, journal.now
-    # What the transfers that drew on grants the batch made changed, by transfer: made once,
-    # when first asked.
+    # The allocation rows by transfer: made once, when a transfer that drew on a grant the
+    # batch made first asks.
     allocated: dict[int, list[Allocation]] | None = None
     results: list[Applied | errors.CofferError | None] = []
     for index, entry in enumerate(written.done):
