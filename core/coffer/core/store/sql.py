@@ -15,8 +15,6 @@ from ..model import TransferFilter, UsageFilter
 __all__ = [
     "allocation_columns",
     "allocations_table",
-    "analyze_transfers",
-    "analyze_wallets",
     "announce_expiring_grants",
     "audit_expired_mismatched",
     "audit_floors_broken",
@@ -102,6 +100,7 @@ __all__ = [
     "update_grant_remainders",
     "update_grants",
     "update_wallet_status",
+    "vacuum_preloaded",
 ]
 
 select_one = "select 1"
@@ -994,5 +993,7 @@ update wallets set posted = wallets.posted + changes.change
 from changes where wallets.id = changes.wallet_id
 """
 
-analyze_transfers = "analyze transfers"
-analyze_wallets = "analyze wallets"
+# After a bulk load: what autovacuum would otherwise do over the whole load at once, later
+# (marking its pages all-visible, dropping the wallets' replaced rows), and the planner's
+# statistics. Not in a transaction block.
+vacuum_preloaded = "vacuum (analyze) transfers, wallets"
