@@ -43,7 +43,7 @@ from coffer.postgres.supervisor import (
     supervise,
 )
 
-from . import logs, workers
+from . import collector, logs, workers
 from .app import Server, cluster_connections_max
 from .settings import Settings, SettingsError, listen_default, workers_default, workers_max
 from .tls import ServerTls, TlsError
@@ -455,6 +455,7 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     connections_max = cluster_connections_max(settings)
     async with _database(arguments, connections_max=connections_max) as (database_url, description):
         server = await Server.start(dataclasses.replace(settings, database_url=database_url))
+        collector.tune()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
