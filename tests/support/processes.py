@@ -50,10 +50,17 @@ class Serving:
         """Stops it with SIGTERM; what it printed after its ready line, and its whole log."""
         assert self.process.stdout is not None
         self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(60):
-            rest = (await self.process.stdout.read()).decode()
-            log = (await self._log).decode()
-            assert await self.process.wait() == 0, rest + log
+        try:
+            async with asyncio.timeout(60):
+                rest = (await self.process.stdout.read()).decode()
+                log = (await self._log).decode()
+                status = await self.process.wait()
+        except TimeoutError:
+            # Not left behind the test.
+            self.process.kill()
+            await self.process.wait()
+            raise
+        assert status == 0, rest + log
         return rest, log
 
 

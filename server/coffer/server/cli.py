@@ -454,8 +454,8 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     worker = arguments.worker
     connections_max = cluster_connections_max(settings)
     async with _database(arguments, connections_max=connections_max) as (database_url, description):
-        server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         collector.tune()
+        server = await Server.start(dataclasses.replace(settings, database_url=database_url))
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGTERM, signal.SIGINT):
