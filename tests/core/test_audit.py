@@ -238,7 +238,12 @@ async def test_a_preload_keeps_the_books_balanced(ledger: Ledger) -> None:
     wallets = [*customers, merchant]
     before = await _audit(ledger)
     written: list[int] = []
+    maintenance = (
+        "select relname, last_vacuum, last_analyze from pg_stat_user_tables"
+        " where relname in ('transfers', 'wallets') order by relname"
+    )
     async with ledger.pool.acquire() as connection:
+        maintained_before = await connection.fetch(maintenance)
         await preload_transfers(
             connection, wallets, 3000, spread=timedelta(days=1), progress=written.append
         )
@@ -247,6 +252,14 @@ async def test_a_preload_keeps_the_books_balanced(ledger: Ledger) -> None:
             " idempotency_key from transfers where performed_by = 'preload' order by id"
         )
         started = await connection.fetchval("select now()")
+        # Vacuumed and analyzed once loaded: autovacuum has nothing of it left to do.
+        maintained = await connection.fetch(maintenance)
+    assert len(maintained) == 2
+    for (_, vacuumed, analyzed), (_, vacuumed_before, analyzed_before) in zip(
+        maintained, maintained_before, strict=True
+    ):
+        assert vacuumed is not None and vacuumed != vacuumed_before
+        assert analyzed is not None and analyzed != analyzed_before
     audit = await _audit(ledger)
     assert audit.passed, audit.summary()
     assert audit.transfers == before.transfers + 3000

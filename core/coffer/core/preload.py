@@ -7,8 +7,8 @@ as the ledger itself would have: transfers of kind `TransferKind.transfer` betwe
 wallets of one unit, the wallets' posted balances updated in the same transaction, so that the
 books still balance afterwards (see `coffer.core.audit`).
 
-    async with ledger.pool.acquire() as connection:
-        await preload_transfers(connection, wallet_ids, 10_000_000)
+    connection = await asyncpg.connect(dsn)  # of its own: no statement timeout
+    await preload_transfers(connection, wallet_ids, 10_000_000)
 
 The wallets are checked first by the ledger's own rule for a transfer (`rules.apply`): they
 exist, are active customers' or merchants' wallets, of one unit. Their floors are kept by the
@@ -93,10 +93,13 @@ async def preload_transfers(
     progress: Progress | None = None,
 ) -> None:
     """Stores `count` transfers among `wallet_ids` (two or more distinct wallets), each from
-    one wallet to another chosen at random, then VACUUMs and ANALYZEs the tables it grew (so
+    one wallet to another chosen at random, then VACUUMs and ANALYZEs the tables it wrote (so
     that autovacuum's pass over the whole load does not come later, in the middle of what is
-    measured on it). `progress` is called with the number written so far after each chunk.
-    `connection` must not be in a transaction: each chunk is one of its own."""
+    measured on it; PostgreSQL skips them, with a warning, for a role that may not). `progress`
+    is called with the number written so far after each chunk. `connection` must not be in a
+    transaction: each chunk is one of its own, and VACUUM runs in none; nor, for millions of
+    transfers, bound by a statement timeout (as the ledger's pool connections are)."""
+    assert not connection.is_in_transaction()
     if count < 0:
         raise errors.InvalidArgument("count", "must not be negative")
     if not 1 <= amount_max <= model.amount_max:
