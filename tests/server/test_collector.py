@@ -12,7 +12,7 @@ from coffer.clients import Client, operations
 from coffer.server import collector
 
 from support.metrics import scrape
-from support.processes import serve_beside
+from support.processes import one_process_with_metrics, serve_beside
 
 coffer = Path(sys.executable).parent / "coffer"
 
@@ -23,18 +23,11 @@ batch_size = 500
 async def test_a_serving_process_collects_cycles_rarely(database_url: str) -> None:
     serving = await serve_beside(
         coffer,
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--workers",
-        "1",
+        *one_process_with_metrics,
         env={**os.environ, "DATABASE_URL": database_url},
     )
     try:
-        [metrics_line] = [line for line in serving.printed if "metrics on" in line]
-        metrics_port = int(metrics_line.rsplit(":", 1)[1].split("/", 1)[0])
-        target = serving.ready.split("serving on ", 1)[1].split()[0]
+        metrics_port, target = serving.metrics_port, serving.target
         async with Client(target, caller="collector") as client:
             await client.create_unit(code="GCX", kind="currency", name="Collected", scale=2)
             wallet = await client.create_wallet(

@@ -30,7 +30,7 @@ from coffer.v1 import (
 
 from support.database import refuse_unexpected_amount, unexpected_amount
 from support.metrics import scrape
-from support.processes import serve_beside
+from support.processes import one_process_with_metrics, serve_beside
 
 coffer = Path(sys.executable).parent / "coffer"
 
@@ -93,23 +93,15 @@ async def test_the_log_never_holds_a_secret_of_a_call(database_url: str) -> None
     the lines of the refused and failed batch calls parse and carry their fields."""
     serving = await serve_beside(
         coffer,
-        "--listen",
-        "127.0.0.1:0",
+        *one_process_with_metrics,
         "--log-format",
         "json",
         "--log-level",
         "debug",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        # One process, whose metrics count every call.
-        "--workers",
-        "1",
         env={**os.environ, "DATABASE_URL": database_url},
     )
     try:
-        [metrics_line] = [line for line in serving.printed if "metrics on" in line]
-        metrics_port = int(metrics_line.rsplit(":", 1)[1].split("/", 1)[0])
-        target = serving.ready.split("serving on ", 1)[1].split()[0]
+        metrics_port, target = serving.metrics_port, serving.target
         # The secret is a real API key, made as `coffer keys create` makes one.
         pool = await create_pool(database_url, size_max=1)
         try:

@@ -153,7 +153,7 @@ async def test_serve_with_metrics_and_json_logs(database_url: str) -> None:
         for number, port in enumerate(metrics_ports, start=1):
             said = f"coffer: metrics on http://127.0.0.1:{port}/metrics (worker {number})\n"
             assert said in serving.printed
-        target = serving.ready.split("serving on ", 1)[1].split()[0]
+        target = serving.target
         async with grpc.aio.insecure_channel(target) as channel:
             with pytest.raises(grpc.aio.AioRpcError):
                 # No operations: refused whole, and logged.

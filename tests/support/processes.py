@@ -9,9 +9,26 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Serving", "run_beside", "run_timeout_s_default", "serve_beside"]
+__all__ = [
+    "Serving",
+    "one_process_with_metrics",
+    "run_beside",
+    "run_timeout_s_default",
+    "serve_beside",
+]
 
 run_timeout_s_default = 120.0
+
+# The arguments of `coffer serve` for one process on free ports, its metrics served (they
+# count every call: one process).
+one_process_with_metrics = (
+    "--listen",
+    "127.0.0.1:0",
+    "--metrics-listen",
+    "127.0.0.1:0",
+    "--workers",
+    "1",
+)
 
 
 async def run_beside(
@@ -45,6 +62,17 @@ class Serving:
     @property
     def ready(self) -> str:
         return self.printed[-1]
+
+    @property
+    def target(self) -> str:
+        """The address its ready line says it serves on."""
+        return self.ready.split("serving on ", 1)[1].split()[0]
+
+    @property
+    def metrics_port(self) -> int:
+        """The port of its metrics, as printed (one process: one line)."""
+        [line] = [line for line in self.printed if "metrics on" in line]
+        return int(line.rsplit(":", 1)[1].split("/", 1)[0])
 
     async def stop(self) -> tuple[str, str]:
         """Stops it with SIGTERM; what it printed after its ready line, and its whole log."""
