@@ -36,6 +36,7 @@ from coffer.server.workers import (
 
 from support.metrics import scrape, value
 from support.ports import children, free_ports, gone
+from support.processes import served_address
 
 coffer = str(Path(sys.executable).parent / "coffer")
 ready_timeout_s = 120.0
@@ -85,7 +86,7 @@ class Serving:
 
     @property
     def target(self) -> str:
-        return self.ready.split("serving on ", 1)[1].split()[0]
+        return served_address(self.ready)
 
     async def exited(self, timeout_s: float = 60.0) -> int:
         """Its exit status, once it has exited and said everything."""

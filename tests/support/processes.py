@@ -15,6 +15,7 @@ __all__ = [
     "run_beside",
     "run_timeout_s_default",
     "serve_beside",
+    "served_address",
 ]
 
 run_timeout_s_default = 120.0
@@ -50,6 +51,11 @@ async def run_beside(
     return process.returncode, out.decode(), err.decode()
 
 
+def served_address(ready: str) -> str:
+    """The address a ready line of `coffer serve` ("… serving on HOST:PORT …") names."""
+    return ready.split("serving on ", 1)[1].split()[0]
+
+
 @dataclass
 class Serving:
     """A `coffer serve` process that said it is ready: what it printed on stdout up to its
@@ -66,7 +72,7 @@ class Serving:
     @property
     def target(self) -> str:
         """The address its ready line says it serves on."""
-        return self.ready.split("serving on ", 1)[1].split()[0]
+        return served_address(self.ready)
 
     @property
     def metrics_port(self) -> int:
