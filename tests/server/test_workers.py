@@ -19,9 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import asyncpg
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from coffer.clients import Client
+from coffer.clients.workers import worker_metadata_key
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
 from coffer.server.workers import (
@@ -201,6 +204,58 @@ async def test_workers_share_one_port_and_a_replay_applies_once_across_them(
     assert all(gone(pid) for pid in workers)
 
 
+async def health_trailer(target: str) -> str:
+    """The worker a health check over a connection of its own names."""
+    async with grpc.aio.insecure_channel(
+        target, options=[("grpc.use_local_subchannel_pool", 1)]
+    ) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        call = check(health_pb2.HealthCheckRequest())
+        assert (await call).status == health_pb2.HealthCheckResponse.SERVING
+        return dict(await call.trailing_metadata())[worker_metadata_key]
+
+
+async def test_a_client_spreads_its_connections_evenly_over_the_workers(
+    database_url: str,
+) -> None:
+    """Each worker's health check says which it is (a server alone: 1/1); a client of two
+    connections finds one on each worker, whatever the kernel chose first, and its calls, one
+    at a time, take them in turn."""
+    metrics_port = free_ports(2)
+    async with serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        environment={"DATABASE_URL": database_url},
+    ) as server:
+        trailers = {await health_trailer(server.target) for _ in range(16)}
+        assert trailers == {"1/2", "2/2"}, trailers
+        for _ in range(3):
+            async with Client(server.target, caller="tests", connections=2) as client:
+                await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+                wallet = await client.create_wallet(
+                    owner_id="c-1", owner_kind="customer", unit="EUR"
+                )
+                before = await credits_counted([metrics_port, metrics_port + 1])
+                for _ in range(10):
+                    await client.credit(wallet_id=wallet.id, amount=1)
+                after = await credits_counted([metrics_port, metrics_port + 1])
+            assert [b - a for a, b in zip(before, after, strict=True)] == [5, 5], (before, after)
+        await server.stop()
+    async with serving(
+        "--listen", "127.0.0.1:0", "--workers", "1", environment={"DATABASE_URL": database_url}
+    ) as alone:
+        assert await health_trailer(alone.target) == "1/1"
+        await alone.stop()
+
+
 async def test_a_killed_worker_is_started_again_within_a_budget(database_url: str) -> None:
     async with serving(
         "--listen",
@@ -347,7 +402,7 @@ async def test_workers_stop_when_their_supervisor_is_killed(database_url: str) -
 _hold_workers = """
 import os, sys, time
 if "--worker" in sys.argv:
-    number = sys.argv[sys.argv.index("--worker") + 1]
+    number = sys.argv[sys.argv.index("--worker") + 1].split("/")[0]
     open(os.path.join(os.environ["HOLD_DIRECTORY"], "worker-" + number), "w").close()
     time.sleep(3600)
 """

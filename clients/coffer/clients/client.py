@@ -22,9 +22,12 @@ Every call:
 
 With `connections=N` the client opens N connections (a gRPC channel each) and sends its calls
 over them in turn. A server of several processes (`coffer serve --workers`) gives each
-connection to one of its processes, so a client that opens one reaches one of them: open a
-few per process to reach them all (the kernel picks a process for each connection, evenly
-only on average).
+connection to one of its processes, so a client that opens one reaches one of them: open at
+least one per process to reach them all. The kernel picks a process for each connection, by a
+hash of its addresses, so before its first call the client asks each connection which process
+it reached (`coffer.clients.workers`) and opens again those that crowd one, until every
+process holds its share (at most `spread_rounds_max` rounds; a server that does not say, or a
+check that fails, leaves them as they are).
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
 makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
@@ -43,6 +46,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -52,7 +56,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Protocol, Self, TypeVar
@@ -65,6 +69,7 @@ from grpc_health.v1 import health_pb2
 from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.errors import ResourceExhausted, from_rpc_error
 from coffer.clients.tls import Tls
+from coffer.clients.workers import Worker, crowded, worker_metadata_key
 from coffer.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -103,6 +108,11 @@ expiring_within_days_default = 30
 retries_max_default = 3
 retries_max_limit = 10
 connections_max = 64
+# Spreading a client's connections over a server's workers: at most this many rounds of
+# asking each connection which worker it reached and opening again those that crowd one,
+# each check within spread_check_timeout_s.
+spread_rounds_max = 32
+spread_check_timeout_s = 2.0
 backoff_s_min = 0.1
 backoff_s_max = 2.0
 reconnect_backoff_ms_min = 100
@@ -504,6 +514,9 @@ class _Stubs:
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
+    # The calls in flight on the server process this connection reached: one counter, shared
+    # by the connections known to reach the same one.
+    calls: list[int] = field(default_factory=lambda: [0])
 
 
 class _TransferResponse(Protocol):
@@ -626,6 +639,9 @@ class Client:
         # One a connection, once opened; the one the next call takes.
         self._stubs_open: list[_Stubs] = []
         self._turn = 0
+        # Whether the connections opened are still to be spread over the server's workers.
+        self._spread_due = False
+        self._spreading = asyncio.Lock()
 
     async def __aenter__(self) -> Self:
         self._stubs()
@@ -961,6 +977,8 @@ class Client:
             request = events_pb2.WatchEventsRequest(
                 after_cursor=cursor, filter=_event_filter(wallet_ids, owner_id, types)
             )
+            if self._spread_due or not self._stubs_open:
+                await self._connect()
             stream = self._stubs().events.WatchEvents(request, metadata=self._call_metadata)
             try:
                 async for response in stream:
@@ -1184,17 +1202,85 @@ class Client:
         response = await self._call(lambda stubs: stubs.health_check, request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
+    async def _connect(self) -> None:
+        """Opens the connections, if they are not, and spreads those just opened over the
+        server's workers: asks each which it reached and opens again those that crowd one
+        (`workers.crowded`), at most `spread_rounds_max` rounds. Calls wait for it: none is
+        in flight on a connection it closes."""
+        async with self._spreading:
+            if not self._stubs_open:
+                self._stubs(taken=False)
+            if not self._spread_due:
+                return
+            try:
+                for _ in range(spread_rounds_max):
+                    reached = await asyncio.gather(*map(self._worker_of, self._stubs_open))
+                    again = crowded(reached)
+                    if not again:
+                        self._share_counts(reached)
+                        return
+                    for position in again:
+                        crowding = self._stubs_open[position]
+                        self._stubs_open[position] = self._open()
+                        await crowding.channel.close()
+            finally:
+                self._spread_due = False
+
+    def _share_counts(self, reached: Sequence[Worker | None]) -> None:
+        """With the worker each connection reached known: the connections to one worker
+        share its count of calls in flight, and take turns worker after worker."""
+        if None in reached:
+            return
+        counts: dict[Worker | None, list[int]] = {}
+        rank: Counter[Worker | None] = Counter()
+        order = []
+        for stubs, worker in zip(self._stubs_open, reached, strict=True):
+            shared = replace(stubs, calls=counts.setdefault(worker, [0]))
+            order.append((rank[worker], worker.number if worker else 0, shared))
+            rank[worker] += 1
+        order.sort(key=lambda each: each[:2])
+        self._stubs_open = [stubs for _, _, stubs in order]
+
+    async def _worker_of(self, stubs: _Stubs) -> Worker | None:
+        """The worker a connection reached, as its health check says; None if it does not
+        (a server of another kind) or the check fails."""
+        call = stubs.health_check(
+            health_pb2.HealthCheckRequest(),
+            timeout=min(self.timeout_s, spread_check_timeout_s),
+            metadata=self._call_metadata,
+        )
+        try:
+            await call
+            trailing = await call.trailing_metadata()
+        except grpc.RpcError:
+            return None
+        for key, value in trailing or ():
+            if key == worker_metadata_key and isinstance(value, str):
+                return Worker.parse(value)
+        return None
+
     # The boundary: every call goes through here.
 
     def _stubs(self, *, taken: bool = True) -> _Stubs:
         """The stubs of the connection whose turn it is (the channels opened first); once
-        `taken`, the turn passes to the next."""
-        if not self._stubs_open:
-            self._stubs_open = [self._open() for _ in range(self.connections)]
-        stubs = self._stubs_open[self._turn]
-        if taken:
-            self._turn = (self._turn + 1) % len(self._stubs_open)
-        return stubs
+        `taken`, of the connection that reaches the server process with the fewest calls in
+        flight, the first such from the one whose turn it is, and the turn passes to the
+        next."""
+        opened = self._stubs_open
+        if not opened:
+            opened = self._stubs_open = [self._open() for _ in range(self.connections)]
+            self._spread_due = self.connections > 1
+        chosen = self._turn
+        if taken and len(opened) > 1:
+            fewest = opened[chosen].calls[0]
+            step = 1
+            while fewest and step < len(opened):
+                position = (self._turn + step) % len(opened)
+                if opened[position].calls[0] < fewest:
+                    chosen, fewest = position, opened[position].calls[0]
+                step += 1
+            self._turn = (chosen + 1) % len(opened)
+        return opened[chosen]
 
     def _open(self) -> _Stubs:
         options = [
@@ -1242,11 +1328,15 @@ class Client:
         error worth retrying (`retryable`), there are retries left and the backoff ends before
         the deadline. The server is given the time left as its deadline, so its
         DEADLINE_EXCEEDED, like gRPC's own, means that none is left: raised at once."""
+        if self._spread_due or not self._stubs_open:
+            await self._connect()
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
+            stubs = self._stubs()
+            stubs.calls[0] += 1
             try:
-                return await method(self._stubs())(
+                return await method(stubs)(
                     request,
                     timeout=max(deadline - time.monotonic(), 0.0),
                     metadata=self._call_metadata,
@@ -1262,6 +1352,8 @@ class Client:
                     or time.monotonic() + backoff_s >= deadline
                 ):
                     raise error from cause
+            finally:
+                stubs.calls[0] -= 1
             await asyncio.sleep(backoff_s)
             attempt += 1
 
@@ -1517,6 +1609,8 @@ __all__ = [
     "connections_max",
     "expiring_within_days_default",
     "operations",
+    "spread_check_timeout_s",
+    "spread_rounds_max",
     "target_default",
     "timeout_s_default",
 ]

@@ -31,7 +31,9 @@ Health tells the truth: every `health_check_interval_s`, and at once when its co
 closes, a connection of its own asks the database `select 1`; while it gets no answer within
 `health_check_timeout_s`, every service (and "") is NOT_SERVING, and SERVING again once it
 does. An outage is logged when it starts
-and when it ends; the hold-expiry sweep, failing meanwhile, says so once.
+and when it ends; the hold-expiry sweep, failing meanwhile, says so once. Its answers to Check
+also say which of a supervisor's workers answered (`coffer.clients.workers`), so that a client
+can spread its connections over them.
 
 With `metrics_listen` set, the server serves its Prometheus metrics over HTTP there
 (`metrics_port` is the port bound), from a registry of its own (`coffer.server.metrics`),
@@ -50,6 +52,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coffer.clients.workers import Worker, worker_metadata_key
 from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.ledger import Ledger
@@ -181,6 +184,24 @@ async def migrate_database(database_url: str, timeout_s: float) -> None:
         await connection.close()
     if applied:
         logger.info("applied migrations %s", applied)
+
+
+class _Health(health.aio.HealthServicer):
+    """The standard health check, whose answers to Check also say which worker answered."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__()
+        self._trailer = ((worker_metadata_key, worker.metadata()),)
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ],
+    ) -> health_pb2.HealthCheckResponse:
+        context.set_trailing_metadata(self._trailer)
+        return await super().Check(request, context)
 
 
 class Server:
@@ -335,7 +356,7 @@ class Server:
                     admitting,
                     None if metrics is None else metrics.observed,
                 )
-            health_servicer = health.aio.HealthServicer()
+            health_servicer = _Health(settings.worker)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             reflection.Reflection(
                 (

@@ -30,6 +30,7 @@ import asyncpg
 import uvloop
 
 from coffer.clients.cli import add_principal_options, moment
+from coffer.clients.workers import Worker, sole_worker
 from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
@@ -80,10 +81,11 @@ made_by_command = "coffer keys"
 
 def _main(argv: list[str]) -> int:
     arguments = _parser().parse_args(argv)
-    worker = getattr(arguments, "worker", None)
-    logs.configure(arguments.log_level, arguments.log_format, worker=worker)
+    worker: Worker | None = getattr(arguments, "worker", None)
+    number = None if worker is None else worker.number
+    logs.configure(arguments.log_level, arguments.log_format, worker=number)
     # Who says what went wrong: a worker's words reach the supervisor's standard error.
-    program = "coffer" if worker is None else f"coffer (worker {worker})"
+    program = "coffer" if worker is None else f"coffer (worker {number})"
     if worker is not None:
         # A worker serves alone, on the database its supervisor found (given in DATABASE_URL
         # when the command line named none).
@@ -271,8 +273,8 @@ def _parser() -> argparse.ArgumentParser:
         "COFFER_WORKERS; default: the cores this process may run on, within its CPU quota, "
         f"{workers_default()})",
     )
-    # A worker of a supervisor (server/workers.py): its number, 1 to N.
-    serve.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    # A worker of a supervisor (server/workers.py): K/N, worker K of N.
+    serve.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)
     serve.add_argument(
         "--reuse-port",
         action="store_true",
@@ -443,8 +445,9 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         expiration_interval_s=arguments.expiration_interval_s,
         expiry_notice_days=arguments.expiry_notice_days,
         workers=arguments.workers,
+        worker=arguments.worker or sole_worker,
         # Of a supervisor's workers, the first alone.
-        background_jobs=arguments.worker in (None, 1),
+        background_jobs=arguments.worker is None or arguments.worker.number == 1,
     )
 
 
@@ -501,6 +504,14 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     if worker is None:
         print("coffer: stopped", flush=True)
     return 0
+
+
+def _worker(value: str) -> Worker:
+    """`--worker K/N`, as the supervisor passes it."""
+    worker = Worker.parse(value)
+    if worker is None:
+        raise argparse.ArgumentTypeError(f"must be K/N, worker K of N, not {value!r}")
+    return worker
 
 
 def _security(server: Server) -> str:

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from coffer.clients.workers import Worker, sole_worker
 from coffer.core.model import (
     batch_operations_max,
     events_retention_days_default,
@@ -259,6 +260,9 @@ class Settings:
     # is one process: `Server.start` takes 1 only). With more than one and a metrics port P,
     # worker k serves its metrics on P + k - 1.
     workers: int = 1
+    # Which of a supervisor's workers this server is, as its health check tells clients
+    # (`coffer.clients.workers`): a server alone is worker 1 of 1.
+    worker: Worker = sole_worker
     # Whether this server runs the background jobs: the hold-expiry sweep, the deletion of old
     # events, the expiration runs and their notices. Safe from several servers at once, but
     # each run is work done again: of `coffer serve`'s workers, only the first runs them.
@@ -297,6 +301,8 @@ class Settings:
         for flag in ("reuse_port", "insecure", "events", "background_jobs"):
             if not isinstance(getattr(self, flag), bool):
                 raise SettingsError(flag, f"must be true or false, not {getattr(self, flag)!r}")
+        if not isinstance(self.worker, Worker):
+            raise SettingsError("worker", f"must be a Worker (K of N), not {self.worker!r}")
         self._check_tls()
         if not self.loopback and self.tls_files is None and not self.insecure:
             raise SettingsError(

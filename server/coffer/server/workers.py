@@ -14,7 +14,7 @@ The supervisor (`supervise`):
 - finds the database as one `coffer serve` does (starting the embedded PostgreSQL, once,
   here), and applies the migrations, once;
 - starts the workers: the same program with the same arguments, then `--workers 1
-  --reuse-port --listen HOST:PORT --worker K` (K from 1 to N; a flag for this alone), with
+  --reuse-port --listen HOST:PORT --worker K/N` (K from 1 to N; a flag for this alone), with
   the database's URL in DATABASE_URL; with `--metrics-listen HOST:P`, worker K's metrics on
   HOST:P+K-1 (port 0: each on a free port of its own); worker 1 alone runs the background
   jobs (`Settings.background_jobs`). Each says on its standard output when it serves, with a
@@ -56,6 +56,8 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+
+from coffer.clients.workers import Worker
 
 from .app import migrate_database
 from .settings import Settings
@@ -288,7 +290,11 @@ class _Workers:
         self.failed = asyncio.Event()
 
     def _arguments(self, number: int) -> list[str]:
-        arguments = [*self._command, "--worker", str(number)]
+        arguments = [
+            *self._command,
+            "--worker",
+            Worker(number, self._settings.workers).metadata(),
+        ]
         metrics = self._settings.metrics_listen
         if metrics:
             host, _, port = metrics.rpartition(":")
