@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from coffer.clients.workers import Worker, sole_worker
+from coffer.clients.workers import Worker, new_instance
 from coffer.core.model import (
     batch_operations_max,
     events_retention_days_max,
@@ -154,8 +154,8 @@ bounds: dict[str, tuple[list[Changes], list[Changes]]] = {
         [{"workers": value} for value in (0, workers_max + 1, 1.5, True, math.nan)],
     ),
     "worker": (
-        [{"worker": sole_worker}, {"worker": Worker(2, 2)}],
-        [{"worker": value} for value in ("2/2", 2, None)],
+        [{"worker": Worker(1, 1, new_instance())}, {"worker": Worker(2, 2, new_instance())}],
+        [{"worker": value} for value in (f"2/2@{new_instance()}", 2, None)],
     ),
     "background_jobs": (
         [{"background_jobs": False}, {"background_jobs": True}],

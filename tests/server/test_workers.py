@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from coffer.clients import Client
-from coffer.clients.workers import worker_metadata_key
+from coffer.clients.workers import Worker, worker_metadata_key
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
 from coffer.server.workers import (
@@ -141,21 +142,15 @@ def data_dir() -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+async def answered(port: int, service: str, method: str) -> float:
+    """The calls of `method` answered OK, as the metrics on `port` count them."""
+    samples = await scrape(port)
+    return value(samples, "coffer_rpcs_total", service=service, method=method, code="OK")
+
+
 async def credits_counted(metrics_ports: list[int]) -> list[float]:
     """The Credit calls answered OK, as each worker's metrics count them."""
-    counted = []
-    for port in metrics_ports:
-        samples = await scrape(port)
-        counted.append(
-            value(
-                samples,
-                "coffer_rpcs_total",
-                service="coffer.v1.TransferService",
-                method="Credit",
-                code="OK",
-            )
-        )
-    return counted
+    return [await answered(port, "coffer.v1.TransferService", "Credit") for port in metrics_ports]
 
 
 async def test_workers_share_one_port_and_a_replay_applies_once_across_them(
@@ -204,7 +199,7 @@ async def test_workers_share_one_port_and_a_replay_applies_once_across_them(
     assert all(gone(pid) for pid in workers)
 
 
-async def health_trailer(target: str) -> str:
+async def health_worker(target: str) -> Worker:
     """The worker a health check over a connection of its own names."""
     async with grpc.aio.insecure_channel(
         target, options=[("grpc.use_local_subchannel_pool", 1)]
@@ -216,15 +211,31 @@ async def health_trailer(target: str) -> str:
         )
         call = check(health_pb2.HealthCheckRequest())
         assert (await call).status == health_pb2.HealthCheckResponse.SERVING
-        return dict(await call.trailing_metadata())[worker_metadata_key]
+        worker = Worker.parse(dict(await call.trailing_metadata())[worker_metadata_key])
+        assert worker is not None
+        return worker
 
 
-async def test_a_client_spreads_its_connections_evenly_over_the_workers(
+async def answered_by_each(
+    metrics_port: int, calls: Callable[[], Awaitable[object]], method: str = "Credit"
+) -> list[int]:
+    """The calls of `method` (of TransferService, or else WalletService) each of two workers
+    answered while `calls` ran."""
+    ports = [metrics_port, metrics_port + 1]
+    service = "coffer.v1.TransferService" if method == "Credit" else "coffer.v1.WalletService"
+    before = [await answered(port, service, method) for port in ports]
+    await calls()
+    after = [await answered(port, service, method) for port in ports]
+    return [int(late - early) for early, late in zip(before, after, strict=True)]
+
+
+async def test_a_client_spreads_its_connections_over_the_workers(
     database_url: str,
 ) -> None:
-    """Each worker's health check says which it is (a server alone: 1/1); a client of two
-    connections finds one on each worker, whatever the kernel chose first, and its calls, one
-    at a time, take them in turn."""
+    """Each worker's health check says which it is (a server alone: 1/1). A client of two
+    connections finds one on each worker, whatever the kernel chose first (also when its
+    first call was cancelled, and again once closed and used again); its calls, one at a time,
+    take them in turn; and while a call is held on one worker, the others go to the other."""
     metrics_port = free_ports(2)
     async with serving(
         "--listen",
@@ -235,24 +246,69 @@ async def test_a_client_spreads_its_connections_evenly_over_the_workers(
         f"127.0.0.1:{metrics_port}",
         environment={"DATABASE_URL": database_url},
     ) as server:
-        trailers = {await health_trailer(server.target) for _ in range(16)}
-        assert trailers == {"1/2", "2/2"}, trailers
+        said = [await health_worker(server.target) for _ in range(16)]
+        assert {worker.number for worker in said} == {1, 2}, said
+        assert {(worker.count, worker.instance) for worker in said} == {(2, said[0].instance)}
+        async with Client(server.target, caller="tests") as setup:
+            await setup.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+            held, other = [
+                (await setup.create_wallet(owner_id=f"c-{n}", owner_kind="customer", unit="EUR")).id
+                for n in range(2)
+            ]
+
+        async def ten(client: Client) -> None:
+            for _ in range(10):
+                await client.credit(wallet_id=other, amount=1)
+
+        async def balances(client: Client) -> None:
+            for _ in range(10):
+                await client.get_balance(wallet_id=other)
+
         for _ in range(3):
-            async with Client(server.target, caller="tests", connections=2) as client:
-                await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
-                wallet = await client.create_wallet(
-                    owner_id="c-1", owner_kind="customer", unit="EUR"
-                )
-                before = await credits_counted([metrics_port, metrics_port + 1])
-                for _ in range(10):
-                    await client.credit(wallet_id=wallet.id, amount=1)
-                after = await credits_counted([metrics_port, metrics_port + 1])
-            assert [b - a for a, b in zip(before, after, strict=True)] == [5, 5], (before, after)
+            client = Client(server.target, caller="tests", connections=2)
+            try:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(client.health(), 0)
+                calls = functools.partial(ten, client)
+                assert await answered_by_each(metrics_port, calls) == [5, 5]
+                await client.close()
+                assert await answered_by_each(metrics_port, calls) == [5, 5]
+            finally:
+                await client.close()
+
+        # A credit held on its worker (its wallet's row locked here): the calls meanwhile (reads,
+        # which take no lock) take the other.
+        async with Client(server.target, caller="tests", connections=2) as client:
+            await client.health()
+            database = await asyncpg.connect(database_url)
+            try:
+                locking = database.transaction()
+                await locking.start()
+                await database.execute("select 1 from wallets where id = $1 for update", held)
+                blocked = asyncio.create_task(client.credit(wallet_id=held, amount=1))
+
+                async def meanwhile() -> None:
+                    async with asyncio.timeout(30):
+                        while not await database.fetchval(
+                            "select count(*) from pg_locks where not granted"
+                        ):
+                            await asyncio.sleep(0.01)
+                    read = await answered_by_each(
+                        metrics_port, functools.partial(balances, client), "GetBalance"
+                    )
+                    assert sorted(read) == [0, 10], read
+                    await locking.rollback()
+                    await blocked
+
+                assert sorted(await answered_by_each(metrics_port, meanwhile)) == [0, 1]
+            finally:
+                await database.close()
         await server.stop()
     async with serving(
         "--listen", "127.0.0.1:0", "--workers", "1", environment={"DATABASE_URL": database_url}
     ) as alone:
-        assert await health_trailer(alone.target) == "1/1"
+        worker = await health_worker(alone.target)
+        assert (worker.number, worker.count) == (1, 1)
         await alone.stop()
 
 

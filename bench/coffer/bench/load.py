@@ -93,9 +93,9 @@ class Fixture:
 
 
 def open_client(target: str, connections: int, api_key: str | None = None) -> Client:
-    """The bench's client: every call carrying `api_key` if given, the calls taking
-    `connections` connections in turn (the kernel gives each connection to one process of a
-    server of several: to reach them all, the client needs several)."""
+    """The bench's client: every call carrying `api_key` if given, over `connections`
+    connections, which it spreads over the processes of a server of several (to reach them
+    all, the client needs one a process at least)."""
     return Client(
         target,
         caller=caller,

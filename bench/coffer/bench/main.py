@@ -60,8 +60,9 @@ __all__ = ["bench", "connections_per_worker", "main", "parse_arguments"]
 inflight_default_batch = 2
 inflight_default_single = 64
 echo_inflight = 64
-# The kernel gives each connection to one worker, picked by a hash: a few per worker let
-# every worker have some.
+# The kernel gives each connection to one worker, picked by a hash, and the client opens
+# again those that leave a worker unreached: two per worker, each call to the worker with the
+# fewest of the client's calls in flight.
 connections_per_worker = 2
 
 
@@ -183,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         "--connections",
         type=int,
         default=None,
-        help=f"gRPC connections of the client, which its calls take in turn (default "
+        help=f"gRPC connections of the client, spread over the workers (default "
         f"{connections_per_worker} per worker, at most {connections_max}; 1 with --target)",
     )
     parser.add_argument(
@@ -505,8 +506,8 @@ async def _measure(
             "grpc": grpc.__version__,
             "platform": platform.platform(),
         },
-        "client": "coffer.clients.Client (typed; retries off; its calls taking its "
-        "connections in turn), one uvloop event loop",
+        "client": "coffer.clients.Client (typed; retries off; its connections spread over "
+        "the workers, each call to the one with the fewest in flight), one uvloop event loop",
     }
     return result
 

@@ -20,14 +20,16 @@ Every call:
   when the deadline has passed, so it is raised at once;
 - raises the typed errors of `coffer.clients.errors`.
 
-With `connections=N` the client opens N connections (a gRPC channel each) and sends its calls
-over them in turn. A server of several processes (`coffer serve --workers`) gives each
-connection to one of its processes, so a client that opens one reaches one of them: open at
-least one per process to reach them all. The kernel picks a process for each connection, by a
-hash of its addresses, so before its first call the client asks each connection which process
-it reached (`coffer.clients.workers`) and opens again those that crowd one, until every
-process holds its share (at most `spread_rounds_max` rounds; a server that does not say, or a
-check that fails, leaves them as they are).
+With `connections=N` the client opens N connections (a gRPC channel each). A server of
+several processes (`coffer serve --workers`) gives each connection to one of its processes, so
+a client that opens one reaches one of them: open at least one per process to reach them all.
+The kernel picks a process for each connection by a hash of its addresses, so before its first
+call (and again after a call finds the server unavailable) the client asks each connection
+which process it reached (`coffer.clients.workers`) and opens again those that leave a process
+unreached, at most `spread_rounds_max` rounds within the call's deadline. Each call then goes
+to the process with the fewest of the client's calls in flight (the first such in turn), over
+its connections in turn. Where the workers are not known (a server that does not say, a check
+that failed, a proxy in between), each connection counts as a process of its own.
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
 makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
@@ -46,7 +48,6 @@ import re
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -56,7 +57,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Concatenate, Generic, Literal, ParamSpec, Protocol, Self, TypeVar
@@ -69,7 +70,7 @@ from grpc_health.v1 import health_pb2
 from coffer.clients.caller import caller_metadata_key, check_caller
 from coffer.clients.errors import ResourceExhausted, from_rpc_error
 from coffer.clients.tls import Tls
-from coffer.clients.workers import Worker, crowded, worker_metadata_key
+from coffer.clients.workers import Worker, spread, worker_metadata_key
 from coffer.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -514,9 +515,18 @@ class _Stubs:
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
-    # The calls in flight on the server process this connection reached: one counter, shared
-    # by the connections known to reach the same one.
+    # The calls in flight on this connection (one item, the dataclass being frozen).
     calls: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass(slots=True)
+class _Group:
+    """The connections known to reach one server process (each connection a group of its
+    own while that is not known), the calls in flight on them, and whose turn it is."""
+
+    connections: list[_Stubs]
+    calls: int = 0
+    turn: int = 0
 
 
 class _TransferResponse(Protocol):
@@ -560,7 +570,7 @@ def _single_call(
         self: Client, /, *args: ParametersP.args, **kwargs: ParametersP.kwargs
     ) -> ResultT:
         operation = build(False, *args, **kwargs)
-        _, request = route(self._stubs(taken=False), operation)
+        _, request = route(self._stubs(), operation)
         return result(await self._call(lambda stubs: route(stubs, operation)[0], request))
 
     # What help() and editors show: the builder's name, words and arguments, without `linked`.
@@ -602,8 +612,9 @@ class Client:
         (e.g. grpc.ssl_channel_credentials()) does too, built by hand, in its place;
         `channel_options` are added to the channel's gRPC arguments (e.g.
         `("grpc.use_local_subchannel_pool", 1)` for a connection of its own); `connections`
-        (1 to `connections_max`) channels are opened, each its own connection, and the calls
-        take them in turn."""
+        (1 to `connections_max`) channels are opened, each its own connection, and each call
+        takes one of the server process with the fewest calls in flight (see the module's
+        words)."""
         if not target:
             raise ValueError("target must name a server, e.g. 127.0.0.1:50051")
         try:
@@ -636,10 +647,13 @@ class Client:
         self._call_metadata: tuple[tuple[str, str], ...] = ((caller_metadata_key, caller),)
         if api_key is not None:
             self._call_metadata += ((authorization_metadata_key, f"Bearer {api_key}"),)
-        # One a connection, once opened; the one the next call takes.
+        # One a connection, once opened; the same by server process reached; the group whose
+        # turn it is.
         self._stubs_open: list[_Stubs] = []
+        self._groups: list[_Group] = []
         self._turn = 0
-        # Whether the connections opened are still to be spread over the server's workers.
+        # Whether the connections are to be spread over the server's workers before the next
+        # call: once opened, and after a call found the server unavailable.
         self._spread_due = False
         self._spreading = asyncio.Lock()
 
@@ -657,9 +671,10 @@ class Client:
 
     async def close(self) -> None:
         """Closes the channels; a later call opens new ones."""
-        opened, self._stubs_open = self._stubs_open, []
-        for stubs in opened:
-            await stubs.channel.close()
+        async with self._spreading:
+            opened, self._stubs_open, self._groups = self._stubs_open, [], []
+            for stubs in opened:
+                await stubs.channel.close()
 
     # Units.
 
@@ -978,7 +993,7 @@ class Client:
                 after_cursor=cursor, filter=_event_filter(wallet_ids, owner_id, types)
             )
             if self._spread_due or not self._stubs_open:
-                await self._connect()
+                await self._connect(time.monotonic() + self.timeout_s)
             stream = self._stubs().events.WatchEvents(request, metadata=self._call_metadata)
             try:
                 async for response in stream:
@@ -1202,52 +1217,70 @@ class Client:
         response = await self._call(lambda stubs: stubs.health_check, request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    async def _connect(self) -> None:
-        """Opens the connections, if they are not, and spreads those just opened over the
-        server's workers: asks each which it reached and opens again those that crowd one
-        (`workers.crowded`), at most `spread_rounds_max` rounds. Calls wait for it: none is
-        in flight on a connection it closes."""
+    async def _connect(self, deadline: float) -> None:
+        """Opens the connections, if they are not, and spreads them over the server's workers
+        (`workers.spread`): asks each which worker it reached and opens again those that leave
+        a worker unreached, at most `spread_rounds_max` rounds, and not past `deadline` (a
+        call's); a connection with calls in flight is not closed. What it leaves, it checks
+        last, and the calls then go worker by worker. Calls wait for it; if it is cancelled,
+        the next call spreads them again."""
         async with self._spreading:
             if not self._stubs_open:
-                self._stubs(taken=False)
+                self._open_all()
             if not self._spread_due:
                 return
-            try:
-                for _ in range(spread_rounds_max):
-                    reached = await asyncio.gather(*map(self._worker_of, self._stubs_open))
-                    again = crowded(reached)
-                    if not again:
-                        self._share_counts(reached)
-                        return
-                    for position in again:
-                        crowding = self._stubs_open[position]
-                        self._stubs_open[position] = self._open()
-                        await crowding.channel.close()
-            finally:
-                self._spread_due = False
+            # What the connections kept from the round before had reached, by position.
+            kept: dict[int, Worker | None] = {}
+            # The connections by worker, once known.
+            groups: list[_Group] = []
+            for spread_round in range(spread_rounds_max):
+                opened = self._stubs_open
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    break
+                reached = await asyncio.gather(
+                    *(
+                        self._worker_of(stubs, min(remaining_s, spread_check_timeout_s))
+                        for stubs in opened
+                    )
+                )
+                # A connection that changed worker between checks goes through a proxy.
+                if any(reached[position] != worker for position, worker in kept.items()):
+                    break
+                found = spread(reached)
+                if found is None:
+                    break
+                groups = [
+                    _Group([opened[position] for position in group]) for group in found.groups
+                ]
+                again = [position for position in found.again if not opened[position].calls[0]]
+                if not again or spread_round == spread_rounds_max - 1:
+                    break
+                groups = []
+                kept = dict(enumerate(reached))
+                replaced = list(opened)
+                for position in again:
+                    del kept[position]
+                    replaced[position] = self._open()
+                self._stubs_open = replaced
+                self._groups = [_Group([stubs]) for stubs in replaced]
+                for position in again:
+                    await opened[position].channel.close()
+            self._groups = groups or [_Group([stubs]) for stubs in self._stubs_open]
+            self._spread_due = False
 
-    def _share_counts(self, reached: Sequence[Worker | None]) -> None:
-        """With the worker each connection reached known: the connections to one worker
-        share its count of calls in flight, and take turns worker after worker."""
-        if None in reached:
-            return
-        counts: dict[Worker | None, list[int]] = {}
-        rank: Counter[Worker | None] = Counter()
-        order = []
-        for stubs, worker in zip(self._stubs_open, reached, strict=True):
-            shared = replace(stubs, calls=counts.setdefault(worker, [0]))
-            order.append((rank[worker], worker.number if worker else 0, shared))
-            rank[worker] += 1
-        order.sort(key=lambda each: each[:2])
-        self._stubs_open = [stubs for _, _, stubs in order]
+    def _open_all(self) -> None:
+        """Opens the connections, each a group of its own until their workers are known."""
+        self._stubs_open = [self._open() for _ in range(self.connections)]
+        self._groups = [_Group([stubs]) for stubs in self._stubs_open]
+        self._turn = 0
+        self._spread_due = self.connections > 1
 
-    async def _worker_of(self, stubs: _Stubs) -> Worker | None:
+    async def _worker_of(self, stubs: _Stubs, timeout_s: float) -> Worker | None:
         """The worker a connection reached, as its health check says; None if it does not
         (a server of another kind) or the check fails."""
         call = stubs.health_check(
-            health_pb2.HealthCheckRequest(),
-            timeout=min(self.timeout_s, spread_check_timeout_s),
-            metadata=self._call_metadata,
+            health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=self._call_metadata
         )
         try:
             await call
@@ -1261,26 +1294,33 @@ class Client:
 
     # The boundary: every call goes through here.
 
-    def _stubs(self, *, taken: bool = True) -> _Stubs:
-        """The stubs of the connection whose turn it is (the channels opened first); once
-        `taken`, of the connection that reaches the server process with the fewest calls in
-        flight, the first such from the one whose turn it is, and the turn passes to the
-        next."""
-        opened = self._stubs_open
-        if not opened:
-            opened = self._stubs_open = [self._open() for _ in range(self.connections)]
-            self._spread_due = self.connections > 1
-        chosen = self._turn
-        if taken and len(opened) > 1:
-            fewest = opened[chosen].calls[0]
-            step = 1
-            while fewest and step < len(opened):
-                position = (self._turn + step) % len(opened)
-                if opened[position].calls[0] < fewest:
-                    chosen, fewest = position, opened[position].calls[0]
-                step += 1
-            self._turn = (chosen + 1) % len(opened)
-        return opened[chosen]
+    def _stubs(self) -> _Stubs:
+        """The stubs of the connection the next call would take (opening them first)."""
+        if not self._stubs_open:
+            self._open_all()
+        group = self._groups[self._turn % len(self._groups)]
+        return group.connections[group.turn % len(group.connections)]
+
+    def _take(self) -> tuple[_Group, _Stubs]:
+        """The connection a call takes: of the group (the server process) with the fewest
+        calls in flight, the first such from the one whose turn it is, the connection whose
+        turn it is; the turns pass to the next."""
+        if not self._stubs_open:
+            self._open_all()
+        groups = self._groups
+        chosen = self._turn % len(groups)
+        group = groups[chosen]
+        fewest = group.calls
+        step = 1
+        while fewest and step < len(groups):
+            position = (self._turn + step) % len(groups)
+            if groups[position].calls < fewest:
+                chosen, group, fewest = position, groups[position], groups[position].calls
+            step += 1
+        self._turn = (chosen + 1) % len(groups)
+        stubs = group.connections[group.turn % len(group.connections)]
+        group.turn = (group.turn + 1) % len(group.connections)
+        return group, stubs
 
     def _open(self) -> _Stubs:
         options = [
@@ -1324,16 +1364,17 @@ class Client:
         request: RequestT,
     ) -> ResponseT:
         """Sends the request to the RPC `method` picks from a connection's stubs, and again
-        (the same request, over the connection whose turn it is then) while it fails with an
+        (the same request, over the connection it takes then) while it fails with an
         error worth retrying (`retryable`), there are retries left and the backoff ends before
         the deadline. The server is given the time left as its deadline, so its
         DEADLINE_EXCEEDED, like gRPC's own, means that none is left: raised at once."""
-        if self._spread_due or not self._stubs_open:
-            await self._connect()
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
-            stubs = self._stubs()
+            if self._spread_due or not self._stubs_open:
+                await self._connect(deadline)
+            group, stubs = self._take()
+            group.calls += 1
             stubs.calls[0] += 1
             try:
                 return await method(stubs)(
@@ -1343,6 +1384,9 @@ class Client:
                 )
             except grpc.RpcError as cause:
                 error = from_rpc_error(cause)
+                if error.code == grpc.StatusCode.UNAVAILABLE and self.connections > 1:
+                    # A worker may have stopped, and its connections gone to the others.
+                    self._spread_due = True
                 backoff_s = _backoff_s(attempt)
                 if isinstance(error, ResourceExhausted) and error.retry_after_ms:
                     backoff_s = max(backoff_s, error.retry_after_ms / 1000)
@@ -1353,6 +1397,7 @@ class Client:
                 ):
                     raise error from cause
             finally:
+                group.calls -= 1
                 stubs.calls[0] -= 1
             await asyncio.sleep(backoff_s)
             attempt += 1

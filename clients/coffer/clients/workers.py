@@ -3,41 +3,67 @@
 A server of several processes (`coffer serve --workers N`) listens with all of them on one
 port, and the kernel gives each connection to one of them by a hash of its addresses: evenly
 only on average. So every process answers the standard health check
-(`/grpc.health.v1.Health/Check`) with the trailing metadata `coffer-worker: K/N`, worker K of
-N (a server of one process: 1/1), and a client that opens several connections can check where
-each landed and open again those that crowd one worker (`Client(…, connections=…)`).
+(`/grpc.health.v1.Health/Check`) with the trailing metadata `coffer-worker: K/N@ID`: worker K
+of N of the server started as ID (random hex, new at each start of the server; a server of one
+process: 1/1@ID). A client that opens several connections can check which worker each
+reached, open again those that leave a worker unreached, and send each call to the worker with
+the fewest of its calls in flight (`Client(…, connections=…)`).
 
-The one rule for that metadata, defined once: the server (which imports this module) writes
-it, the client reads it. Standard library only, so that both can use it.
+Behind a proxy that balances calls itself (an HTTP/2 proxy), a connection reaches the proxy,
+and which worker answers is the proxy's choice each call: the answers then name workers of
+several servers, or a connection changes worker between checks, and the client leaves its
+connections as they are.
+
+The one rule for that metadata and for what a client does with it, defined once: the server
+(which imports this module) writes it, the client reads it. Standard library only, so that
+both can use it.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from collections.abc import Iterable
+import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Worker", "crowded", "sole_worker", "worker_metadata_key"]
+__all__ = [
+    "Spread",
+    "Worker",
+    "instance_id_bytes",
+    "new_instance",
+    "spread",
+    "worker_metadata_key",
+    "workers_max",
+]
 
 worker_metadata_key = "coffer-worker"
+# Processes of `coffer serve` at most (each opens its own database pools).
+workers_max = 64
+# The random bytes of a server's instance id, in hex in the metadata.
+instance_id_bytes = 8
 
-_worker_pattern = re.compile(r"([1-9][0-9]{0,3})/([1-9][0-9]{0,3})")
+_worker_pattern = re.compile(
+    rf"([1-9][0-9]{{0,4}})/([1-9][0-9]{{0,4}})@([0-9a-f]{{{2 * instance_id_bytes}}})"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Worker:
-    """Worker `number` (from 1) of a server's `count`."""
+    """Worker `number` (from 1) of the `count` of the server started as `instance`."""
 
     number: int
     count: int
+    instance: str
 
     def __post_init__(self) -> None:
-        if not 1 <= self.number <= self.count:
-            raise ValueError(f"worker {self.number} of {self.count}: must be 1 to {self.count}")
+        if not 1 <= self.number <= self.count <= workers_max:
+            raise ValueError(
+                f"worker {self.number} of {self.count}: must be 1 to {self.count}, of 1 to "
+                f"{workers_max}"
+            )
 
     def metadata(self) -> str:
-        return f"{self.number}/{self.count}"
+        return f"{self.number}/{self.count}@{self.instance}"
 
     @classmethod
     def parse(cls, value: str) -> Worker | None:
@@ -46,34 +72,45 @@ class Worker:
         found = _worker_pattern.fullmatch(value)
         if found is None:
             return None
-        number, count = int(found[1]), int(found[2])
-        return cls(number, count) if number <= count else None
+        number, count, instance = int(found[1]), int(found[2]), found[3]
+        if not number <= count <= workers_max:
+            return None
+        return cls(number, count, instance)
 
 
-# A server of one process.
-sole_worker = Worker(1, 1)
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """What a client does with its connections, given the worker each reached: `again`, the
+    positions of the connections to open again, and `groups`, the positions of the
+    connections of each worker, by worker number."""
+
+    again: list[int]
+    groups: list[list[int]]
 
 
-def crowded(reached: Iterable[Worker | None]) -> list[int]:
-    """Of connections that reached these workers (in order; None where it is not known), the
-    positions of those to open again so that the workers share them evenly: of C connections
-    over W workers, each worker keeps C // W, and C % W of them one more. Empty when they
-    share them so, or when it is not known (a connection whose worker is unknown, or workers
-    that disagree on how many they are)."""
-    workers = list(reached)
-    counts = {worker.count for worker in workers if worker is not None}
-    if not workers or None in workers or len(counts) != 1:
-        return []
-    (count,) = counts
-    share, extras = divmod(len(workers), count)
-    held: Counter[Worker | None] = Counter()
-    again = []
-    for position, worker in enumerate(workers):
-        if held[worker] < share:
-            held[worker] += 1
-        elif held[worker] == share and extras:
-            held[worker] += 1
-            extras -= 1
-        else:
-            again.append(position)
-    return again
+def new_instance() -> str:
+    """The instance id of a server starting now, which each of its workers says."""
+    return secrets.token_hex(instance_id_bytes)
+
+
+def spread(reached: Sequence[Worker | None]) -> Spread | None:
+    """Of connections that reached these workers (in order; None where a check failed or the
+    server does not say), which to open again so that every worker is reached (of fewer
+    connections than workers, so that no two reach one): while some worker is reached by
+    none, every connection to a worker after its first. None when it is not known: a
+    connection's worker unknown, or workers of several servers (a proxy's choice)."""
+    if not reached or None in reached:
+        return None
+    instances = {(worker.instance, worker.count) for worker in reached if worker is not None}
+    if len(instances) != 1:
+        return None
+    ((_, count),) = instances
+    by_number: dict[int, list[int]] = {}
+    for position, worker in enumerate(reached):
+        assert worker is not None
+        by_number.setdefault(worker.number, []).append(position)
+    groups = [by_number[number] for number in sorted(by_number)]
+    again: list[int] = []
+    if len(groups) < count:
+        again = sorted(position for positions in groups for position in positions[1:])
+    return Spread(again, groups)

@@ -30,7 +30,7 @@ import asyncpg
 import uvloop
 
 from coffer.clients.cli import add_principal_options, moment
-from coffer.clients.workers import Worker, sole_worker
+from coffer.clients.workers import Worker, new_instance
 from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
@@ -273,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
         "COFFER_WORKERS; default: the cores this process may run on, within its CPU quota, "
         f"{workers_default()})",
     )
-    # A worker of a supervisor (server/workers.py): K/N, worker K of N.
+    # A worker of a supervisor (server/workers.py): K/N@ID, worker K of N of supervisor ID.
     serve.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)
     serve.add_argument(
         "--reuse-port",
@@ -445,7 +445,7 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         expiration_interval_s=arguments.expiration_interval_s,
         expiry_notice_days=arguments.expiry_notice_days,
         workers=arguments.workers,
-        worker=arguments.worker or sole_worker,
+        worker=arguments.worker or Worker(1, 1, new_instance()),
         # Of a supervisor's workers, the first alone.
         background_jobs=arguments.worker is None or arguments.worker.number == 1,
     )
@@ -507,10 +507,10 @@ async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(value: str) -> Worker:
-    """`--worker K/N`, as the supervisor passes it."""
+    """`--worker K/N@ID`, as the supervisor passes it."""
     worker = Worker.parse(value)
     if worker is None:
-        raise argparse.ArgumentTypeError(f"must be K/N, worker K of N, not {value!r}")
+        raise argparse.ArgumentTypeError(f"must be K/N@ID, worker K of N, not {value!r}")
     return worker
 
 

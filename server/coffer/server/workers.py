@@ -14,9 +14,10 @@ The supervisor (`supervise`):
 - finds the database as one `coffer serve` does (starting the embedded PostgreSQL, once,
   here), and applies the migrations, once;
 - starts the workers: the same program with the same arguments, then `--workers 1
-  --reuse-port --listen HOST:PORT --worker K/N` (K from 1 to N; a flag for this alone), with
-  the database's URL in DATABASE_URL; with `--metrics-listen HOST:P`, worker K's metrics on
-  HOST:P+K-1 (port 0: each on a free port of its own); worker 1 alone runs the background
+  --reuse-port --listen HOST:PORT --worker K/N@ID` (K from 1 to N, ID this supervisor's; a
+  flag for this alone), with the database's URL in DATABASE_URL; with `--metrics-listen
+  HOST:P`, worker K's metrics on HOST:P+K-1 (port 0: each on a free port of its own); worker
+  1 alone runs the background
   jobs (`Settings.background_jobs`). Each says on its standard output when it serves, with a
   `WorkerReady` line;
 - prints one ready line once every worker serves (`serving_line`, the first worker's words
@@ -57,7 +58,7 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
-from coffer.clients.workers import Worker
+from coffer.clients.workers import Worker, new_instance
 
 from .app import migrate_database
 from .settings import Settings
@@ -267,6 +268,8 @@ class _Workers:
         self, argv: Sequence[str], settings: Settings, database_url: str, address: str
     ) -> None:
         self._settings = settings
+        # What its workers' health checks say they are part of (`coffer.clients.workers`).
+        self._instance = new_instance()
         self._environment = {**os.environ, "DATABASE_URL": database_url}
         self._command = [
             sys.executable,
@@ -293,7 +296,7 @@ class _Workers:
         arguments = [
             *self._command,
             "--worker",
-            Worker(number, self._settings.workers).metadata(),
+            Worker(number, self._settings.workers, self._instance).metadata(),
         ]
         metrics = self._settings.metrics_listen
         if metrics:
