@@ -41,10 +41,18 @@ def test_parse(value: str, worker: Worker | None) -> None:
         assert worker.metadata() == value
 
 
-@pytest.mark.parametrize(("number", "count"), [(0, 1), (3, 2), (1, workers_max + 1)])
+@pytest.mark.parametrize(
+    ("number", "count"), [(0, 1), (3, 2), (1, workers_max + 1), (True, 1), (1.0, 2)]
+)
 def test_a_worker_is_one_of_its_count(number: int, count: int) -> None:
     with pytest.raises(ValueError, match="must be 1 to"):
         Worker(number, count, instance)
+
+
+@pytest.mark.parametrize("bad", ["", instance[:-1], instance.upper(), f"{instance}0", 7])
+def test_an_instance_is_what_the_metadata_carries(bad: str) -> None:
+    with pytest.raises(ValueError, match="hex digits"):
+        Worker(1, 1, bad)
 
 
 def workers(*numbers: int, count: int = 2) -> list[Worker | None]:

@@ -123,6 +123,10 @@ server_imports_from_clients: dict[str, frozenset[str] | None] = {
     # `coffer keys` and `coffer certificates` take the same options on the database as
     # through the server.
     "coffer.clients.cli": frozenset({"add_principal_options", "moment"}),
+    # What a worker's health check says of it, which the client reads.
+    "coffer.clients.workers": frozenset(
+        {"Worker", "new_instance", "worker_metadata_key", "workers_max"}
+    ),
 }
 
 

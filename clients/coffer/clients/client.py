@@ -114,6 +114,11 @@ connections_max = 64
 # each check within spread_check_timeout_s.
 spread_rounds_max = 32
 spread_check_timeout_s = 2.0
+# A spread that left a worker unreached (a worker restarting, say) is tried again after
+# spread_retry_s_min, then twice as long each time, up to spread_retry_s_max; one after a
+# call found the server unreachable, no sooner than spread_retry_s_min after the last.
+spread_retry_s_min = 1.0
+spread_retry_s_max = 30.0
 backoff_s_min = 0.1
 backoff_s_max = 2.0
 reconnect_backoff_ms_min = 100
@@ -522,11 +527,14 @@ class _Stubs:
 @dataclass(slots=True)
 class _Group:
     """The connections known to reach one server process (each connection a group of its
-    own while that is not known), the calls in flight on them, and whose turn it is."""
+    own while that is not known), and whose turn it is."""
 
     connections: list[_Stubs]
-    calls: int = 0
     turn: int = 0
+
+    def calls(self) -> int:
+        """The calls in flight on the process, over its connections."""
+        return sum(stubs.calls[0] for stubs in self.connections)
 
 
 class _TransferResponse(Protocol):
@@ -652,10 +660,15 @@ class Client:
         self._stubs_open: list[_Stubs] = []
         self._groups: list[_Group] = []
         self._turn = 0
-        # Whether the connections are to be spread over the server's workers before the next
-        # call: once opened, and after a call found the server unavailable.
-        self._spread_due = False
+        # When the connections are to be spread over the server's workers, before the call
+        # that comes after it (time.monotonic()): once opened, again when a spread left a
+        # worker unreached or a call found the server unreachable; None, not again.
+        self._spread_at: float | None = None
+        self._spread_last = 0.0
+        self._spread_retry_s = spread_retry_s_min
         self._spreading = asyncio.Lock()
+        # The closing of connections a spread replaced, which had calls in flight.
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Self:
         self._stubs()
@@ -675,6 +688,8 @@ class Client:
             opened, self._stubs_open, self._groups = self._stubs_open, [], []
             for stubs in opened:
                 await stubs.channel.close()
+            # Those a spread replaced, once their calls end.
+            await asyncio.gather(*self._closing)
 
     # Units.
 
@@ -992,9 +1007,12 @@ class Client:
             request = events_pb2.WatchEventsRequest(
                 after_cursor=cursor, filter=_event_filter(wallet_ids, owner_id, types)
             )
-            if self._spread_due or not self._stubs_open:
-                await self._connect(time.monotonic() + self.timeout_s)
-            stream = self._stubs().events.WatchEvents(request, metadata=self._call_metadata)
+            now = time.monotonic()
+            if not self._stubs_open or (self._spread_at is not None and now >= self._spread_at):
+                await self._connect(now + self.timeout_s)
+            _, stubs = self._take()
+            stubs.calls[0] += 1
+            stream = stubs.events.WatchEvents(request, metadata=self._call_metadata)
             try:
                 async for response in stream:
                     attempt = 0
@@ -1010,6 +1028,7 @@ class Client:
                 await asyncio.sleep(backoff_s)
                 attempt += 1
             finally:
+                stubs.calls[0] -= 1
                 stream.cancel()
 
     # Grants: credits that expire.
@@ -1219,66 +1238,106 @@ class Client:
 
     async def _connect(self, deadline: float) -> None:
         """Opens the connections, if they are not, and spreads them over the server's workers
-        (`workers.spread`): asks each which worker it reached and opens again those that leave
-        a worker unreached, at most `spread_rounds_max` rounds, and not past `deadline` (a
-        call's); a connection with calls in flight is not closed. What it leaves, it checks
-        last, and the calls then go worker by worker. Calls wait for it; if it is cancelled,
-        the next call spreads them again."""
+        if it is time to (`workers.spread`): asks each which worker it reached and opens again
+        those that leave a worker unreached, at most `spread_rounds_max` rounds, within half
+        the time to `deadline` (a call's). A connection replaced with calls in flight closes
+        once they end (within the client's timeout). What it leaves, it checks last, and the
+        calls then go worker by worker; if a worker is left unreached, it spreads them again
+        later. Calls wait for it; if it is cancelled, the next call spreads them again."""
         async with self._spreading:
             if not self._stubs_open:
                 self._open_all()
-            if not self._spread_due:
+            now = time.monotonic()
+            if self._spread_at is None or now < self._spread_at:
                 return
-            # What the connections kept from the round before had reached, by position.
-            kept: dict[int, Worker | None] = {}
-            # The connections by worker, once known.
-            groups: list[_Group] = []
-            for spread_round in range(spread_rounds_max):
-                opened = self._stubs_open
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    break
-                reached = await asyncio.gather(
-                    *(
-                        self._worker_of(stubs, min(remaining_s, spread_check_timeout_s))
-                        for stubs in opened
-                    )
-                )
-                # A connection that changed worker between checks goes through a proxy.
-                if any(reached[position] != worker for position, worker in kept.items()):
-                    break
-                found = spread(reached)
-                if found is None:
-                    break
-                groups = [
-                    _Group([opened[position] for position in group]) for group in found.groups
-                ]
-                again = [position for position in found.again if not opened[position].calls[0]]
-                if not again or spread_round == spread_rounds_max - 1:
-                    break
-                groups = []
-                kept = dict(enumerate(reached))
-                replaced = list(opened)
-                for position in again:
-                    del kept[position]
-                    replaced[position] = self._open()
-                self._stubs_open = replaced
-                self._groups = [_Group([stubs]) for stubs in replaced]
-                for position in again:
-                    await opened[position].channel.close()
-            self._groups = groups or [_Group([stubs]) for stubs in self._stubs_open]
-            self._spread_due = False
+            self._spread_at = None
+            self._spread_last = now
+            try:
+                unreached = await self._spread(now + (deadline - now) / 2)
+            except BaseException:
+                self._spread_at = now
+                raise
+            if unreached:
+                self._spread_by(now + self._spread_retry_s)
+                self._spread_retry_s = min(2 * self._spread_retry_s, spread_retry_s_max)
+            else:
+                self._spread_retry_s = spread_retry_s_min
+
+    async def _spread(self, deadline: float) -> bool:
+        """The rounds of a spread (`_connect`); whether to spread again later: it left a
+        worker unreached, or a check failed or did not end in time. (Not when the server
+        does not say which worker answered, or the answers look like a proxy's.)"""
+        # What the connections kept from the round before had reached, by position.
+        kept: dict[int, Worker | None] = {}
+        groups: list[_Group] = []
+        unreached = True
+        for spread_round in range(spread_rounds_max):
+            opened = self._stubs_open
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                break
+            check_s = min(remaining_s, spread_check_timeout_s)
+            checks = await asyncio.gather(*(self._worker_of(each, check_s) for each in opened))
+            if not all(answered for _, answered in checks):
+                break
+            reached = [worker for worker, _ in checks]
+            # A connection that changed worker between checks goes through a proxy.
+            if any(reached[position] != worker for position, worker in kept.items()):
+                unreached = False
+                break
+            found = spread(reached)
+            if found is None:
+                unreached = False
+                break
+            groups = [_Group([opened[position] for position in group]) for group in found.groups]
+            unreached = bool(found.again)
+            if not found.again or spread_round == spread_rounds_max - 1:
+                break
+            groups = []
+            kept = dict(enumerate(reached))
+            replaced = list(opened)
+            for position in found.again:
+                del kept[position]
+                replaced[position] = self._open()
+            self._stubs_open = replaced
+            self._groups = [_Group([stubs]) for stubs in replaced]
+            for position in found.again:
+                self._close_later(opened[position])
+        self._groups = groups or [_Group([stubs]) for stubs in self._stubs_open]
+        return unreached
+
+    def _close_later(self, stubs: _Stubs) -> None:
+        """Closes a connection a spread replaced: at once if no call is in flight on it, else
+        once they end, within the client's timeout."""
+        task = asyncio.ensure_future(
+            stubs.channel.close(grace=self.timeout_s if stubs.calls[0] else None)
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _spread_soon(self) -> None:
+        """After a call found the server unreachable (a worker stopped, its connections
+        gone to others): spread the connections again before the next call, though no sooner
+        than `spread_retry_s_min` after the last spread."""
+        if self.connections > 1:
+            self._spread_by(self._spread_last + spread_retry_s_min)
+
+    def _spread_by(self, at: float) -> None:
+        """Spread the connections again at `at` (time.monotonic()), or sooner if asked."""
+        if self._spread_at is None or at < self._spread_at:
+            self._spread_at = at
 
     def _open_all(self) -> None:
         """Opens the connections, each a group of its own until their workers are known."""
         self._stubs_open = [self._open() for _ in range(self.connections)]
         self._groups = [_Group([stubs]) for stubs in self._stubs_open]
         self._turn = 0
-        self._spread_due = self.connections > 1
+        self._spread_at = 0.0 if self.connections > 1 else None
+        self._spread_retry_s = spread_retry_s_min
 
-    async def _worker_of(self, stubs: _Stubs, timeout_s: float) -> Worker | None:
-        """The worker a connection reached, as its health check says; None if it does not
-        (a server of another kind) or the check fails."""
+    async def _worker_of(self, stubs: _Stubs, timeout_s: float) -> tuple[Worker | None, bool]:
+        """The worker a connection reached, as its health check says (None if it does not
+        say: a server of another kind), and whether the check was answered."""
         call = stubs.health_check(
             health_pb2.HealthCheckRequest(), timeout=timeout_s, metadata=self._call_metadata
         )
@@ -1286,11 +1345,11 @@ class Client:
             await call
             trailing = await call.trailing_metadata()
         except grpc.RpcError:
-            return None
+            return None, False
         for key, value in trailing or ():
             if key == worker_metadata_key and isinstance(value, str):
-                return Worker.parse(value)
-        return None
+                return Worker.parse(value), True
+        return None, True
 
     # The boundary: every call goes through here.
 
@@ -1310,12 +1369,13 @@ class Client:
         groups = self._groups
         chosen = self._turn % len(groups)
         group = groups[chosen]
-        fewest = group.calls
+        fewest = group.calls() if len(groups) > 1 else 0
         step = 1
         while fewest and step < len(groups):
             position = (self._turn + step) % len(groups)
-            if groups[position].calls < fewest:
-                chosen, group, fewest = position, groups[position], groups[position].calls
+            calls = groups[position].calls()
+            if calls < fewest:
+                chosen, group, fewest = position, groups[position], calls
             step += 1
         self._turn = (chosen + 1) % len(groups)
         stubs = group.connections[group.turn % len(group.connections)]
@@ -1371,10 +1431,11 @@ class Client:
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
-            if self._spread_due or not self._stubs_open:
+            if not self._stubs_open or (
+                self._spread_at is not None and time.monotonic() >= self._spread_at
+            ):
                 await self._connect(deadline)
-            group, stubs = self._take()
-            group.calls += 1
+            _, stubs = self._take()
             stubs.calls[0] += 1
             try:
                 return await method(stubs)(
@@ -1384,9 +1445,8 @@ class Client:
                 )
             except grpc.RpcError as cause:
                 error = from_rpc_error(cause)
-                if error.code == grpc.StatusCode.UNAVAILABLE and self.connections > 1:
-                    # A worker may have stopped, and its connections gone to the others.
-                    self._spread_due = True
+                if error.code == grpc.StatusCode.UNAVAILABLE and not error.from_server:
+                    self._spread_soon()
                 backoff_s = _backoff_s(attempt)
                 if isinstance(error, ResourceExhausted) and error.retry_after_ms:
                     backoff_s = max(backoff_s, error.retry_after_ms / 1000)
@@ -1397,7 +1457,6 @@ class Client:
                 ):
                     raise error from cause
             finally:
-                group.calls -= 1
                 stubs.calls[0] -= 1
             await asyncio.sleep(backoff_s)
             attempt += 1

@@ -144,9 +144,13 @@ class CofferError(Exception):
         field: str | None = None,
         metadata: Mapping[str, str] | None = None,
         replayed: bool = False,
+        from_server: bool = True,
     ) -> None:
         super().__init__(message)
         self.message = message
+        # False when the status came without the server's ErrorInfo detail: gRPC's own (the
+        # server unreachable, a deadline passed on the way) or a proxy's.
+        self.from_server = from_server
         # True when the server answered with the stored refusal of an earlier request with
         # the same idempotency key (what it refused then, it refuses again).
         self.replayed = replayed
@@ -467,7 +471,9 @@ def from_rpc_error(error: grpc.RpcError) -> CofferError:
     message = _call_details(error)
     info, bad_request = _status_details(error)
     if info is None:
-        return _error_by_code.get(code, Internal)(message, reason=code.name, code=code)
+        return _error_by_code.get(code, Internal)(
+            message, reason=code.name, code=code, from_server=False
+        )
     error_class = _error_by_reason.get(info.reason) or _error_by_code.get(code, Internal)
     field = info.metadata.get(field_metadata_key) or None
     if field is None and bad_request is not None and bad_request.field_violations:

@@ -42,8 +42,9 @@ workers_max = 64
 # The random bytes of a server's instance id, in hex in the metadata.
 instance_id_bytes = 8
 
+_instance_pattern = re.compile(rf"[0-9a-f]{{{2 * instance_id_bytes}}}")
 _worker_pattern = re.compile(
-    rf"([1-9][0-9]{{0,4}})/([1-9][0-9]{{0,4}})@([0-9a-f]{{{2 * instance_id_bytes}}})"
+    rf"([1-9][0-9]{{0,4}})/([1-9][0-9]{{0,4}})@({_instance_pattern.pattern})"
 )
 
 
@@ -56,10 +57,17 @@ class Worker:
     instance: str
 
     def __post_init__(self) -> None:
-        if not 1 <= self.number <= self.count <= workers_max:
+        if (
+            not all(type(each) is int for each in (self.number, self.count))
+            or not 1 <= self.number <= self.count <= workers_max
+        ):
             raise ValueError(
-                f"worker {self.number} of {self.count}: must be 1 to {self.count}, of 1 to "
-                f"{workers_max}"
+                f"worker {self.number!r} of {self.count!r}: must be 1 to {self.count}, of 1 "
+                f"to {workers_max}"
+            )
+        if not isinstance(self.instance, str) or not _instance_pattern.fullmatch(self.instance):
+            raise ValueError(
+                f"instance {self.instance!r}: must be {2 * instance_id_bytes} hex digits"
             )
 
     def metadata(self) -> str:

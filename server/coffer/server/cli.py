@@ -9,7 +9,7 @@ DATABASE_URL, else the embedded PostgreSQL in the data directory, the running se
 runs there (through its socket), else started for the command and stopped after it.
 
 `coffer serve --workers N` with N > 1 runs a supervisor and N workers on one port
-(`coffer.server.workers`); each worker is this same command, with `--worker K`."""
+(`coffer.server.workers`); each worker is this same command, with `--worker K/N@ID`."""
 
 from __future__ import annotations
 
@@ -453,7 +453,7 @@ def _settings(arguments: argparse.Namespace) -> Settings:
 
 async def _serve(arguments: argparse.Namespace, settings: Settings) -> int:
     """One server in this process: `coffer serve --workers 1`, or a worker of a supervisor
-    (`--worker K`), which says it serves to its supervisor alone (`workers.WorkerReady`)."""
+    (`--worker K/N@ID`), which says it serves to its supervisor alone (`workers.WorkerReady`)."""
     worker = arguments.worker
     connections_max = cluster_connections_max(settings)
     async with _database(arguments, connections_max=connections_max) as (database_url, description):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from coffer.clients.workers import Worker, new_instance, workers_max
@@ -127,8 +127,6 @@ credentials_cache_ttl_s_default = 2.0
 credentials_cache_ttl_s_max = 60.0
 # Processes of `coffer serve` (server/workers.py): by default one a core this process may run
 # on, at most `workers_max` (coffer.clients.workers, which the clients read too).
-# A server of one process, as its health check names it, unless told otherwise.
-_alone = Worker(1, 1, new_instance())
 # The names of the loopback interface that are not IP addresses.
 _loopback_names = frozenset({"localhost"})
 
@@ -263,7 +261,7 @@ class Settings:
     workers: int = 1
     # Which of a supervisor's workers this server is, as its health check tells clients
     # (`coffer.clients.workers`): a server alone is worker 1 of 1.
-    worker: Worker = _alone
+    worker: Worker = field(default_factory=lambda: Worker(1, 1, new_instance()))
     # Whether this server runs the background jobs: the hold-expiry sweep, the deletion of old
     # events, the expiration runs and their notices. Safe from several servers at once, but
     # each run is work done again: of `coffer serve`'s workers, only the first runs them.
