@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from coffer.clients import Client
+from coffer.clients import client as client_module
 from coffer.clients.workers import Worker, worker_metadata_key
 from coffer.postgres.supervisor import CONNECTIONS_MAX_DEFAULT, EmbeddedPostgres
 from coffer.server.app import Server, Settings, database_connections_max
@@ -308,6 +309,41 @@ async def test_a_client_spreads_its_connections_over_the_workers(
         worker = await health_worker(alone.target)
         assert (worker.number, worker.count) == (1, 1)
         await alone.stop()
+
+
+async def test_a_client_reaches_a_restarted_worker_again(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's connections to a worker that was killed reconnect to the other; once the
+    supervisor has started it again, the client's next spread (sooner than the 30 s it waits
+    outside tests) finds it, and the calls go to both again."""
+    monkeypatch.setattr(client_module, "spread_recheck_s", 0.2)
+    monkeypatch.setattr(client_module, "spread_retry_s_min", 0.1)
+    metrics_port = free_ports(2)
+    async with serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        environment={"DATABASE_URL": database_url},
+    ) as server:
+        async with Client(server.target, caller="tests", connections=2) as client:
+            await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
+            wallet = await client.create_wallet(owner_id="c-1", owner_kind="customer", unit="EUR")
+
+            async def ten() -> None:
+                for _ in range(10):
+                    await client.get_balance(wallet_id=wallet.id)
+
+            assert await answered_by_each(metrics_port, ten, "GetBalance") == [5, 5]
+            os.kill(children(server.process.pid)[1], signal.SIGKILL)
+            await server.line(lambda line: "serves again" in line)
+            async with asyncio.timeout(30):
+                while await answered_by_each(metrics_port, ten, "GetBalance") != [5, 5]:
+                    await asyncio.sleep(0.1)
+        await server.stop()
 
 
 async def test_a_killed_worker_is_started_again_within_a_budget(database_url: str) -> None:

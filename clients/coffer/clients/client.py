@@ -119,6 +119,9 @@ spread_check_timeout_s = 2.0
 # call found the server unreachable, no sooner than spread_retry_s_min after the last.
 spread_retry_s_min = 1.0
 spread_retry_s_max = 30.0
+# A spread that reached every worker is made again after spread_recheck_s: a worker restarted,
+# or a connection that reconnected to another worker on its own, is found then.
+spread_recheck_s = 30.0
 backoff_s_min = 0.1
 backoff_s_max = 2.0
 reconnect_backoff_ms_min = 100
@@ -1243,7 +1246,8 @@ class Client:
         the time to `deadline` (a call's). A connection replaced with calls in flight closes
         once they end (within the client's timeout). What it leaves, it checks last, and the
         calls then go worker by worker; if a worker is left unreached, it spreads them again
-        later. Calls wait for it; if it is cancelled, the next call spreads them again."""
+        later, and else again after `spread_recheck_s`. Calls wait for it; if it is
+        cancelled, the next call spreads them again."""
         async with self._spreading:
             if not self._stubs_open:
                 self._open_all()
@@ -1261,6 +1265,7 @@ class Client:
                 self._spread_by(now + self._spread_retry_s)
                 self._spread_retry_s = min(2 * self._spread_retry_s, spread_retry_s_max)
             else:
+                self._spread_by(now + spread_recheck_s)
                 self._spread_retry_s = spread_retry_s_min
 
     async def _spread(self, deadline: float) -> bool:
@@ -1714,6 +1719,9 @@ __all__ = [
     "expiring_within_days_default",
     "operations",
     "spread_check_timeout_s",
+    "spread_recheck_s",
+    "spread_retry_s_max",
+    "spread_retry_s_min",
     "spread_rounds_max",
     "target_default",
     "timeout_s_default",
