@@ -319,6 +319,7 @@ async def test_a_client_reaches_a_restarted_worker_again(
     outside tests) finds it, and the calls go to both again."""
     monkeypatch.setattr(client_module, "spread_recheck_s", 0.2)
     monkeypatch.setattr(client_module, "spread_retry_s_min", 0.1)
+    monkeypatch.setattr(client_module, "spread_retry_s_max", 0.5)
     metrics_port = free_ports(2)
     async with serving(
         "--listen",

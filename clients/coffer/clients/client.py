@@ -22,14 +22,18 @@ Every call:
 
 With `connections=N` the client opens N connections (a gRPC channel each). A server of
 several processes (`coffer serve --workers`) gives each connection to one of its processes, so
-a client that opens one reaches one of them: open at least one per process to reach them all.
-The kernel picks a process for each connection by a hash of its addresses, so before its first
-call (and again after a call finds the server unavailable) the client asks each connection
-which process it reached (`coffer.clients.workers`) and opens again those that leave a process
-unreached, at most `spread_rounds_max` rounds within the call's deadline. Each call then goes
-to the process with the fewest of the client's calls in flight (the first such in turn), over
-its connections in turn. Where the workers are not known (a server that does not say, a check
-that failed, a proxy in between), each connection counts as a process of its own.
+a client that opens one reaches one of them: open two per process to reach them all. The
+kernel picks a process for each connection by a hash of its addresses, so the client asks each
+connection which process it reached (`coffer.clients.workers`) and opens again those that
+leave a process unreached: before its first call, within half its deadline and at most
+`spread_rounds_max` rounds; then every `spread_recheck_s`; sooner while a process is left
+unreached (after `spread_retry_s_min`, doubling up to `spread_retry_s_max`), or once a call
+gets gRPC's own UNAVAILABLE (a process gone: not the server's UNAVAILABLE errors). Calls do
+not wait for a spread that runs. Each call goes to the process with the fewest of the client's
+calls in flight (the first such in turn), over its connections in turn; event streams count
+apart, and a spread never replaces a connection that carries one. Where the processes are not
+known (a server that does not say, a check that failed, a proxy in between), each connection
+counts as a process of its own.
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
 makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
@@ -523,8 +527,10 @@ class _Stubs:
     health_check: grpc.aio.UnaryUnaryMultiCallable[
         health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
     ]
-    # The calls in flight on this connection (one item, the dataclass being frozen).
+    # The calls in flight on this connection, and its event streams (one item each, the
+    # dataclass being frozen). A spread never replaces a connection that carries a stream.
     calls: list[int] = field(default_factory=lambda: [0])
+    streams: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass(slots=True)
@@ -663,9 +669,10 @@ class Client:
         self._stubs_open: list[_Stubs] = []
         self._groups: list[_Group] = []
         self._turn = 0
-        # When the connections are to be spread over the server's workers, before the call
-        # that comes after it (time.monotonic()): once opened, again when a spread left a
-        # worker unreached or a call found the server unreachable; None, not again.
+        # When the connections are to be spread over the server's workers, by the first call
+        # after it (time.monotonic()): once opened, then spread_recheck_s after each spread,
+        # sooner while a worker is unreached or once a call found the server unreachable;
+        # None with one connection, or while a spread runs. When the last spread ended.
         self._spread_at: float | None = None
         self._spread_last = 0.0
         self._spread_retry_s = spread_retry_s_min
@@ -1010,12 +1017,11 @@ class Client:
             request = events_pb2.WatchEventsRequest(
                 after_cursor=cursor, filter=_event_filter(wallet_ids, owner_id, types)
             )
-            now = time.monotonic()
-            if not self._stubs_open or (self._spread_at is not None and now >= self._spread_at):
-                await self._connect(now + self.timeout_s)
+            if self._spread_due():
+                await self._connect(time.monotonic() + self.timeout_s)
             _, stubs = self._take()
-            stubs.calls[0] += 1
             stream = stubs.events.WatchEvents(request, metadata=self._call_metadata)
+            stubs.streams[0] += 1
             try:
                 async for response in stream:
                     attempt = 0
@@ -1023,6 +1029,8 @@ class Client:
                     yield response.event
             except grpc.RpcError as cause:
                 error = from_rpc_error(cause)
+                if error.code == grpc.StatusCode.UNAVAILABLE and not error.from_server:
+                    self._spread_soon()
                 if not error.retryable or attempt >= self.retries_max:
                     raise error from cause
                 backoff_s = _backoff_s(attempt)
@@ -1031,7 +1039,7 @@ class Client:
                 await asyncio.sleep(backoff_s)
                 attempt += 1
             finally:
-                stubs.calls[0] -= 1
+                stubs.streams[0] -= 1
                 stream.cancel()
 
     # Grants: credits that expire.
@@ -1239,14 +1247,25 @@ class Client:
         response = await self._call(lambda stubs: stubs.health_check, request)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
+    def _spread_due(self) -> bool:
+        """Whether a call is to spread the connections first: none is open yet, or it is time
+        to and no spread runs (calls do not wait for one that does: they take the
+        connections as they are)."""
+        return not self._stubs_open or (
+            self._spread_at is not None
+            and time.monotonic() >= self._spread_at
+            and not self._spreading.locked()
+        )
+
     async def _connect(self, deadline: float) -> None:
         """Opens the connections, if they are not, and spreads them over the server's workers
         if it is time to (`workers.spread`): asks each which worker it reached and opens again
         those that leave a worker unreached, at most `spread_rounds_max` rounds, within half
-        the time to `deadline` (a call's). A connection replaced with calls in flight closes
-        once they end (within the client's timeout). What it leaves, it checks last, and the
-        calls then go worker by worker; if a worker is left unreached, it spreads them again
-        later, and else again after `spread_recheck_s`. Calls wait for it; if it is
+        the time to `deadline` (a call's). A replaced connection closes once its calls end
+        (within the client's timeout); one that carries an event stream is not replaced. What
+        it leaves, it checks last, and the calls then go worker by worker. It spreads them
+        again `spread_retry_s_min` after it ends while a worker is unreached (then twice as
+        long each time, up to `spread_retry_s_max`), else `spread_recheck_s` after. If it is
         cancelled, the next call spreads them again."""
         async with self._spreading:
             if not self._stubs_open:
@@ -1255,17 +1274,18 @@ class Client:
             if self._spread_at is None or now < self._spread_at:
                 return
             self._spread_at = None
-            self._spread_last = now
             try:
                 unreached = await self._spread(now + (deadline - now) / 2)
             except BaseException:
-                self._spread_at = now
+                self._spread_by(now)
                 raise
+            finally:
+                self._spread_last = time.monotonic()
             if unreached:
-                self._spread_by(now + self._spread_retry_s)
+                self._spread_by(self._spread_last + self._spread_retry_s)
                 self._spread_retry_s = min(2 * self._spread_retry_s, spread_retry_s_max)
             else:
-                self._spread_by(now + spread_recheck_s)
+                self._spread_by(self._spread_last + spread_recheck_s)
                 self._spread_retry_s = spread_retry_s_min
 
     async def _spread(self, deadline: float) -> bool:
@@ -1274,7 +1294,8 @@ class Client:
         does not say which worker answered, or the answers look like a proxy's.)"""
         # What the connections kept from the round before had reached, by position.
         kept: dict[int, Worker | None] = {}
-        groups: list[_Group] = []
+        # As known before, until a connection is replaced.
+        groups = self._groups
         unreached = True
         for spread_round in range(spread_rounds_max):
             opened = self._stubs_open
@@ -1296,17 +1317,18 @@ class Client:
                 break
             groups = [_Group([opened[position] for position in group]) for group in found.groups]
             unreached = bool(found.again)
-            if not found.again or spread_round == spread_rounds_max - 1:
+            again = [position for position in found.again if not opened[position].streams[0]]
+            if not again or spread_round == spread_rounds_max - 1:
                 break
             groups = []
             kept = dict(enumerate(reached))
             replaced = list(opened)
-            for position in found.again:
+            for position in again:
                 del kept[position]
                 replaced[position] = self._open()
             self._stubs_open = replaced
             self._groups = [_Group([stubs]) for stubs in replaced]
-            for position in found.again:
+            for position in again:
                 self._close_later(opened[position])
         self._groups = groups or [_Group([stubs]) for stubs in self._stubs_open]
         return unreached
@@ -1349,8 +1371,10 @@ class Client:
         try:
             await call
             trailing = await call.trailing_metadata()
-        except grpc.RpcError:
-            return None, False
+        except grpc.RpcError as error:
+            # A server without the health service answers, and says no worker.
+            answered = error.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
+            return None, answered
         for key, value in trailing or ():
             if key == worker_metadata_key and isinstance(value, str):
                 return Worker.parse(value), True
@@ -1436,9 +1460,7 @@ class Client:
         deadline = time.monotonic() + self.timeout_s
         attempt = 0
         while True:
-            if not self._stubs_open or (
-                self._spread_at is not None and time.monotonic() >= self._spread_at
-            ):
+            if self._spread_due():
                 await self._connect(deadline)
             _, stubs = self._take()
             stubs.calls[0] += 1
