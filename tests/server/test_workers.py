@@ -15,7 +15,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -131,6 +131,19 @@ async def serving(*arguments: str, environment: dict[str, str]) -> AsyncIterator
                 os.kill(pid, signal.SIGKILL)
 
 
+def two_workers(database_url: str, metrics_port: int) -> AbstractAsyncContextManager[Serving]:
+    """`coffer serve --workers 2` on `database_url`, worker K's metrics on metrics_port + K - 1."""
+    return serving(
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "2",
+        "--metrics-listen",
+        f"127.0.0.1:{metrics_port}",
+        environment={"DATABASE_URL": database_url},
+    )
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     # Not pytest's tmp_path, which is private (0700): as root the embedded cluster runs as a
@@ -158,15 +171,7 @@ async def test_workers_share_one_port_and_a_replay_applies_once_across_them(
     database_url: str,
 ) -> None:
     metrics_port = free_ports(2)
-    async with serving(
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        environment={"DATABASE_URL": database_url},
-    ) as server:
+    async with two_workers(database_url, metrics_port) as server:
         # One ready line, on the port chosen for all, after a metrics line for each worker.
         assert sum("serving on" in line for line in server.lines) == 1, server.lines
         assert "(DATABASE_URL, 2 workers); open: " in server.ready, server.ready
@@ -238,15 +243,7 @@ async def test_a_client_spreads_its_connections_over_the_workers(
     closed and used again); its calls, one at a time, take them in turn; and while a call is
     held on one worker, the others go to the other."""
     metrics_port = free_ports(2)
-    async with serving(
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        environment={"DATABASE_URL": database_url},
-    ) as server:
+    async with two_workers(database_url, metrics_port) as server:
         said = [await health_worker(server.target) for _ in range(16)]
         assert {worker.number for worker in said} == {1, 2}, said
         assert {(worker.count, worker.instance) for worker in said} == {(2, said[0].instance)}
@@ -321,15 +318,7 @@ async def test_a_client_reaches_a_restarted_worker_again(
     monkeypatch.setattr(client_module, "spread_retry_s_min", 0.1)
     monkeypatch.setattr(client_module, "spread_retry_s_max", 0.5)
     metrics_port = free_ports(2)
-    async with serving(
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        "--metrics-listen",
-        f"127.0.0.1:{metrics_port}",
-        environment={"DATABASE_URL": database_url},
-    ) as server:
+    async with two_workers(database_url, metrics_port) as server:
         async with Client(server.target, caller="tests", connections=2) as client:
             await client.create_unit(code="EUR", kind="currency", name="Euro", scale=2)
             wallet = await client.create_wallet(owner_id="c-1", owner_kind="customer", unit="EUR")
