@@ -163,16 +163,37 @@ async def test_only_grpcs_own_unavailable_spreads_them_again(
         assert raised.value.from_server is False
 
 
+async def test_a_call_does_not_wait_for_a_spread_another_runs(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every call after a spread finds the next one due.
+    monkeypatch.setattr(client_module, "spread_recheck_s", 0.0)
+    play = server.play
+    play.worker = by_arrival(play, [1, 2])
+    async with Client(server.target, connections=2, timeout_s=5.0) as client:
+        await client.get_balance(wallet_id=7)
+        # The next spread, held by its checks.
+        play.check_delay_s = 600.0
+        spreading = asyncio.create_task(client.get_balance(wallet_id=7))
+        await asyncio.sleep(0.5)
+        assert not spreading.done()
+        await client.get_balance(wallet_id=7)
+        assert not spreading.done()
+        await spreading
+
+
 async def test_a_spread_takes_half_the_first_calls_deadline_at_most(server: Server) -> None:
     play = server.play
     play.worker = by_arrival(play, [1, 2])
-    play.check_delay_s = 2.0
-    started = time.monotonic()
-    async with Client(server.target, connections=2, timeout_s=1.0) as client:
-        # The checks did not answer within half the second: the call went on without them.
+    # Checks that never answer (the server's stop ends them).
+    play.check_delay_s = 600.0
+    async with Client(server.target, connections=2, timeout_s=5.0) as client:
+        # The checks were given half the call's 5 s, at most spread_check_timeout_s (2 s)
+        # each round, and the call went on without them.
+        started = time.monotonic()
         await client.get_balance(wallet_id=7)
-        assert time.monotonic() - started < 1.0
-        # Until the next spread is due (after spread_retry_s_min), calls do not wait.
-        play.check_delay_s = 0.0
+        assert 1.9 < time.monotonic() - started < 4.0
+        assert sum(play.checks.values()) == 2
+        # Until the next spread is due (spread_retry_s_min after), no call spreads them.
         await client.get_balance(wallet_id=7)
-    assert time.monotonic() - started < 1.5
+        assert sum(play.checks.values()) == 2

@@ -119,3 +119,18 @@ def test_what_is_kept_reaches_distinct_workers_and_groups_cover_all(
     )
     assert [numbers[group[0]] for group in found.groups] == sorted(reached)
     assert all(len({numbers[position] for position in group}) == 1 for group in found.groups)
+
+
+def test_a_connection_with_a_stream_is_kept_in_its_group() -> None:
+    # Worker 2 unreached; of worker 1's connections, the one with a stream (position 2) is
+    # kept, the others opened again; with every other one streaming too, none is, and the
+    # worker is still unreached.
+    found = spread(workers(1, 1, 1), pinned=[2])
+    assert found is not None
+    assert (found.again, found.groups, found.unreached) == ([0, 1], [[2, 0, 1]], True)
+    found = spread(workers(1, 1, 1), pinned=[0, 1, 2])
+    assert found is not None
+    assert (found.again, found.unreached) == ([], True)
+    found = spread(workers(1, 2))
+    assert found is not None
+    assert (found.again, found.unreached) == ([], False)

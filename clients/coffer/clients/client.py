@@ -22,18 +22,19 @@ Every call:
 
 With `connections=N` the client opens N connections (a gRPC channel each). A server of
 several processes (`coffer serve --workers`) gives each connection to one of its processes, so
-a client that opens one reaches one of them: open two per process to reach them all. The
-kernel picks a process for each connection by a hash of its addresses, so the client asks each
-connection which process it reached (`coffer.clients.workers`) and opens again those that
-leave a process unreached: before its first call, within half its deadline and at most
-`spread_rounds_max` rounds; then every `spread_recheck_s`; sooner while a process is left
-unreached (after `spread_retry_s_min`, doubling up to `spread_retry_s_max`), or once a call
-gets gRPC's own UNAVAILABLE (a process gone: not the server's UNAVAILABLE errors). Calls do
-not wait for a spread that runs. Each call goes to the process with the fewest of the client's
-calls in flight (the first such in turn), over its connections in turn; event streams count
-apart, and a spread never replaces a connection that carries one. Where the processes are not
-known (a server that does not say, a check that failed, a proxy in between), each connection
-counts as a process of its own.
+a client that opens one reaches one of them: open one per process at least (two are advised)
+to reach them all. The kernel picks a process for each connection by a hash of its addresses,
+so the client asks each connection which process it reached (`coffer.clients.workers`) and
+opens again those that leave a process unreached: before its first call, within half its
+deadline and at most `spread_rounds_max` rounds; then every `spread_recheck_s`; sooner while a
+process is left unreached (after `spread_retry_s_min`, doubling up to `spread_retry_s_max`), or
+once a call gets gRPC's own UNAVAILABLE (a process gone: not the server's UNAVAILABLE errors).
+The call that finds a spread due makes it (within half its deadline); other calls do not wait
+for it. Each call goes to the process with the fewest of the client's calls in flight (the
+first such in turn), over its connections in turn; event streams count apart, and a spread
+never replaces a connection that carries one. Where the processes are not known (a server
+that does not say, a check that failed, a proxy in between), each connection counts as a
+process of its own.
 
 Mutating calls take an `idempotency_key`; without one they use a fresh uuid4 hex, which still
 makes the client's own retries safe. Pass your own (e.g. derived from an order id) to make
@@ -1281,6 +1282,9 @@ class Client:
                 raise
             finally:
                 self._spread_last = time.monotonic()
+            # One asked meanwhile (a call found the server unreachable): no sooner than
+            # spread_retry_s_min after this one.
+            self._spread_not_before(self._spread_last + spread_retry_s_min)
             if unreached:
                 self._spread_by(self._spread_last + self._spread_retry_s)
                 self._spread_retry_s = min(2 * self._spread_retry_s, spread_retry_s_max)
@@ -1311,13 +1315,14 @@ class Client:
             if any(reached[position] != worker for position, worker in kept.items()):
                 unreached = False
                 break
-            found = spread(reached)
+            found = spread(
+                reached, [position for position, each in enumerate(opened) if each.streams[0]]
+            )
             if found is None:
                 unreached = False
                 break
             groups = [_Group([opened[position] for position in group]) for group in found.groups]
-            unreached = bool(found.again)
-            again = [position for position in found.again if not opened[position].streams[0]]
+            unreached, again = found.unreached, found.again
             if not again or spread_round == spread_rounds_max - 1:
                 break
             groups = []
@@ -1348,6 +1353,11 @@ class Client:
         than `spread_retry_s_min` after the last spread."""
         if self.connections > 1:
             self._spread_by(self._spread_last + spread_retry_s_min)
+
+    def _spread_not_before(self, at: float) -> None:
+        """A spread asked for, if any, comes no sooner than `at`."""
+        if self._spread_at is not None:
+            self._spread_at = max(self._spread_at, at)
 
     def _spread_by(self, at: float) -> None:
         """Spread the connections again at `at` (time.monotonic()), or sooner if asked."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -89,11 +89,13 @@ class Worker:
 @dataclass(frozen=True, slots=True)
 class Spread:
     """What a client does with its connections, given the worker each reached: `again`, the
-    positions of the connections to open again, and `groups`, the positions of the
-    connections of each worker, by worker number."""
+    positions of the connections to open again; `groups`, the positions of the connections
+    of each worker, by worker number; and whether a worker is left unreached (possibly with
+    nothing to open again: every connection that could be carries a stream)."""
 
     again: list[int]
     groups: list[list[int]]
+    unreached: bool
 
 
 def new_instance() -> str:
@@ -101,12 +103,13 @@ def new_instance() -> str:
     return secrets.token_hex(instance_id_bytes)
 
 
-def spread(reached: Sequence[Worker | None]) -> Spread | None:
+def spread(reached: Sequence[Worker | None], pinned: Collection[int] = ()) -> Spread | None:
     """Of connections that reached these workers (in order; None where a check failed or the
     server does not say), which to open again so that every worker is reached (of fewer
     connections than workers, so that no two reach one): while some worker is reached by
-    none, every connection to a worker after its first. None when it is not known: a
-    connection's worker unknown, or workers of several servers (a proxy's choice)."""
+    none, every connection to a worker after its first, the `pinned` ones (positions: those
+    that carry a stream) first in their group and never opened again. None when it is not
+    known: a connection's worker unknown, or workers of several servers (a proxy's choice)."""
     if not reached or None in reached:
         return None
     instances = {(worker.instance, worker.count) for worker in reached if worker is not None}
@@ -117,8 +120,14 @@ def spread(reached: Sequence[Worker | None]) -> Spread | None:
     for position, worker in enumerate(reached):
         assert worker is not None
         by_number.setdefault(worker.number, []).append(position)
-    groups = [by_number[number] for number in sorted(by_number)]
+    groups = [
+        sorted(by_number[number], key=lambda position: position not in pinned)
+        for number in sorted(by_number)
+    ]
     again: list[int] = []
-    if len(groups) < count:
-        again = sorted(position for positions in groups for position in positions[1:])
-    return Spread(again, groups)
+    unreached = len(groups) < min(count, len(reached))
+    if unreached:
+        again = sorted(
+            position for positions in groups for position in positions[1:] if position not in pinned
+        )
+    return Spread(again, groups, unreached)
