@@ -30,7 +30,7 @@ import asyncpg
 import uvloop
 
 from coffer.clients.cli import add_principal_options, moment
-from coffer.clients.workers import Worker, new_instance
+from coffer.clients.workers import Worker
 from coffer.core import errors
 from coffer.core.access import Access
 from coffer.core.migrate import migrate as apply_migrations
@@ -46,7 +46,14 @@ from coffer.postgres.supervisor import (
 
 from . import collector, logs, workers
 from .app import Server, cluster_connections_max
-from .settings import Settings, SettingsError, listen_default, workers_default, workers_max
+from .settings import (
+    Settings,
+    SettingsError,
+    listen_default,
+    worker_alone,
+    workers_default,
+    workers_max,
+)
 from .tls import ServerTls, TlsError
 
 __all__ = ["certificates", "keys", "migrate", "serve", "serve_settings"]
@@ -445,7 +452,7 @@ def _settings(arguments: argparse.Namespace) -> Settings:
         expiration_interval_s=arguments.expiration_interval_s,
         expiry_notice_days=arguments.expiry_notice_days,
         workers=arguments.workers,
-        worker=arguments.worker or Worker(1, 1, new_instance()),
+        worker=arguments.worker or worker_alone(),
         # Of a supervisor's workers, the first alone.
         background_jobs=arguments.worker is None or arguments.worker.number == 1,
     )

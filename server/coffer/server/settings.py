@@ -66,6 +66,7 @@ __all__ = [
     "rate_limit_calls_per_s_max",
     "rate_min",
     "shutdown_grace_s_max",
+    "worker_alone",
     "workers_default",
     "workers_max",
 ]
@@ -129,6 +130,12 @@ credentials_cache_ttl_s_max = 60.0
 # on, at most `workers_max` (coffer.clients.workers, which the clients read too).
 # The names of the loopback interface that are not IP addresses.
 _loopback_names = frozenset({"localhost"})
+
+
+def worker_alone() -> Worker:
+    """A server of one process, as its health check names it: worker 1 of 1, of an instance
+    of its own."""
+    return Worker(1, 1, new_instance())
 
 
 def workers_default() -> int:
@@ -261,7 +268,7 @@ class Settings:
     workers: int = 1
     # Which of a supervisor's workers this server is, as its health check tells clients
     # (`coffer.clients.workers`): a server alone is worker 1 of 1.
-    worker: Worker = field(default_factory=lambda: Worker(1, 1, new_instance()))
+    worker: Worker = field(default_factory=worker_alone)
     # Whether this server runs the background jobs: the hold-expiry sweep, the deletion of old
     # events, the expiration runs and their notices. Safe from several servers at once, but
     # each run is work done again: of `coffer serve`'s workers, only the first runs them.
