@@ -151,13 +151,17 @@ async def test_a_batch_writes_grants_and_what_each_transfer_drew(ledger: Ledger)
     await books(ledger)
 
 
-async def test_a_batch_reads_grants_as_the_rules_see_them(ledger: Ledger) -> None:
-    """The batch builds each grant's state by position: the query's first columns are the
+@pytest.mark.parametrize("read", ["live", "named"])
+async def test_a_batch_reads_grants_as_the_rules_see_them(ledger: Ledger, read: str) -> None:
+    """The batch builds each grant's state by position: the queries' first columns are the
     state's fields, in their order."""
     ann = await wallet(ledger)
-    await credit(ledger, ann.id, 10, 5 * day + timedelta(microseconds=7))
+    made = await credit(ledger, ann.id, 10, 5 * day + timedelta(microseconds=7))
     async with ledger.pool.acquire() as connection:
-        [row] = await connection.fetch(sql.select_batch_grants, [ann.id], [], [])
+        if read == "live":
+            [row] = await connection.fetch(sql.select_live_grants, [ann.id])
+        else:
+            [row] = await connection.fetch(sql.select_named_grants, [], [made.transfer.id])
     names = [field.name for field in dataclasses.fields(GrantState)]
     assert list(row.keys())[: len(names)] == names
     state = rows.grant_state(row)

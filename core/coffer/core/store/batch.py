@@ -268,16 +268,22 @@ class Batch:
         named = {grant_id for each in allocated.values() for grant_id, _ in each} | grant_ids
         if not tracked and not named and not voids:
             return
-        made_by = set(voids)
         grants, wallets = book.grants, book.wallets
-        for row in await self._connection.fetch(
-            sql.select_batch_grants, tracked, list(named), voids
-        ):
-            grant = rows.grant_state(row)
-            grants[grant.id] = grant
-            wallets[grant.wallet_id].grants.append(grant)
-            if made_by and row["transfer_id"] in made_by:
-                book.transfer_grants.setdefault(row["transfer_id"], []).append(grant.id)
+        found = await self._connection.fetch(sql.select_live_grants, tracked) if tracked else []
+        named_found = (
+            await self._connection.fetch(sql.select_named_grants, list(named), voids)
+            if named or voids
+            else []
+        )
+        for row in (*found, *named_found):
+            if row[0] not in grants:
+                grant = rows.grant_state(row)
+                grants[grant.id] = grant
+                wallets[grant.wallet_id].grants.append(grant)
+        made_by = set(voids)
+        for row in named_found:
+            if row["transfer_id"] in made_by:
+                book.transfer_grants.setdefault(row["transfer_id"], []).append(row[0])
 
     async def _referenced_transfers(self, ids: set[int]) -> dict[int, asyncpg.Record]:
         if not ids:

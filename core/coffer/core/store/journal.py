@@ -74,8 +74,8 @@ class Journal:
 
 # The transfers an operation wrote: the id of each, and its posting.
 Done = list[tuple[int, rules.Posting]]
-# An allocation row as written, in the order of sql.allocation_columns: the transfer, the
-# grant, the grant's wallet, the change to what is left of it.
+# An allocation row as written (`sql.update_balances_and_grants`, $15 to $18): the transfer,
+# the grant, the grant's wallet, the change to what is left of it.
 AllocationRow = tuple[int, int, int, int]
 
 
@@ -263,8 +263,9 @@ async def write(
         await connection.execute(sql.delete_pending_holds, resolved_holds)
     changes: list[Change] = []
     allocation_rows: list[AllocationRow] = []
+    grant_arguments: tuple[list[Any], ...] | None = None
     if made or allocations:
-        changes, allocation_rows = await _write_grants(
+        changes, allocation_rows, grant_arguments = await _grant_writes(
             connection, book, allocations, made, now, keep_events=after is not None
         )
     changed = [
@@ -275,15 +276,19 @@ async def write(
     ]
     if after is not None:
         changes.extend(_low_balances(changed, journal.spendable_read, now))
-    if changed:
+    balance_arguments = (
+        [wallet.id for wallet in changed],
+        [wallet.posted for wallet in changed],
+        [wallet.pending for wallet in changed],
+        [wallet.low_balance_crossings for wallet in changed],
+        [wallet.tracked for wallet in changed],
+    )
+    if grant_arguments is not None:
         await connection.execute(
-            sql.update_balances,
-            [wallet.id for wallet in changed],
-            [wallet.posted for wallet in changed],
-            [wallet.pending for wallet in changed],
-            [wallet.low_balance_crossings for wallet in changed],
-            [wallet.tracked for wallet in changed],
+            sql.update_balances_and_grants, *balance_arguments, *grant_arguments, now
         )
+    elif changed:
+        await connection.execute(sql.update_balances, *balance_arguments)
     return Written(done, allocation_rows, transfer_ids, balances, changes)
 
 
@@ -352,7 +357,7 @@ def answers(
     return results
 
 
-async def _write_grants(
+async def _grant_writes(
     connection: asyncpg.Connection,
     book: rules.Book,
     allocations: Sequence[tuple[int, int, int]],
@@ -360,35 +365,20 @@ async def _write_grants(
     now: datetime,
     *,
     keep_events: bool,
-) -> tuple[list[Change], list[AllocationRow]]:
-    """Writes the grants the batch made (with their ids now given), the changes to the others,
-    and each transfer's allocations (one row per transfer and grant, the changes summed);
-    returns, when the batch keeps events, a GRANT_CREATED change for each grant made, and the
-    allocation rows written."""
+) -> tuple[list[Change], list[AllocationRow], tuple[list[Any], ...]]:
+    """What the batch writes of grants: gives the grants it made their ids, and writes the
+    changes to grants other than their remainders; returns, when the batch keeps events, a
+    GRANT_CREATED change for each grant made, each transfer's allocations (one row per transfer
+    and grant, the changes summed), and the arguments of `sql.update_balances_and_grants` that
+    write the rest (the grants made, the remainders, the allocations) with the balances."""
     ids: dict[int, int] = {}
     provisional: dict[int, int] = {}
+    given: list[int] = []
     if made:
         given = await _ids(connection, sql.next_grant_ids, len(made))
         ids = {grant.id: grant_id for (_, grant, _), grant_id in zip(made, given, strict=True)}
         provisional = {grant_id: made_id for made_id, grant_id in ids.items()}
-        await connection.execute(
-            sql.insert_grants,
-            [grant.wallet_id for _, grant, _ in made],
-            given,
-            [transfer_id for transfer_id, _, _ in made],
-            [grant.amount for _, grant, _ in made],
-            [grant.remaining for _, grant, _ in made],
-            [grant.valid_from for _, grant, _ in made],
-            [grant.expires_at for _, grant, _ in made],
-            now,
-        )
     drawn, others = book.changed_grants()
-    if drawn:
-        await connection.execute(
-            sql.update_grant_remainders,
-            [grant.id for grant in drawn],
-            [grant.remaining for grant in drawn],
-        )
     if others:
         await connection.execute(
             sql.update_grants,
@@ -407,31 +397,43 @@ async def _write_grants(
         for (transfer_id, grant_id), change in summed.items()
         if change
     ]
-    if rows:
-        await connection.copy_records_to_table(
-            sql.allocations_table, records=rows, columns=sql.allocation_columns
-        )
+    arguments: tuple[list[Any], ...] = (
+        [grant.wallet_id for _, grant, _ in made],
+        given,
+        [transfer_id for transfer_id, _, _ in made],
+        [grant.amount for _, grant, _ in made],
+        [grant.remaining for _, grant, _ in made],
+        [grant.valid_from for _, grant, _ in made],
+        [grant.expires_at for _, grant, _ in made],
+        [grant.id for grant in drawn],
+        [grant.remaining for grant in drawn],
+        *([list(column) for column in zip(*rows, strict=True)] if rows else [[], [], [], []]),
+    )
     if not keep_events:
-        return [], rows
-    return [
-        grant_change(
-            EventType.grant_created,
-            Grant(
-                id=ids[grant.id],
-                wallet_id=grant.wallet_id,
-                unit=book.wallets[grant.wallet_id].unit,
-                transfer_id=transfer_id,
-                amount=grant.amount,
-                remaining=grant.amount,
-                valid_from=grant.valid_from,
-                expires_at=grant.expires_at,
-                expired=0,
-                created_at=now,
-            ),
-            actor,
-        )
-        for transfer_id, grant, actor in made
-    ], rows
+        return [], rows, arguments
+    return (
+        [
+            grant_change(
+                EventType.grant_created,
+                Grant(
+                    id=ids[grant.id],
+                    wallet_id=grant.wallet_id,
+                    unit=book.wallets[grant.wallet_id].unit,
+                    transfer_id=transfer_id,
+                    amount=grant.amount,
+                    remaining=grant.amount,
+                    valid_from=grant.valid_from,
+                    expires_at=grant.expires_at,
+                    expired=0,
+                    created_at=now,
+                ),
+                actor,
+            )
+            for transfer_id, grant, actor in made
+        ],
+        rows,
+        arguments,
+    )
 
 
 def _low_balances(

@@ -152,9 +152,9 @@ def grant(row: asyncpg.Record) -> Grant:
 
 
 def grant_state(row: asyncpg.Record) -> rules.GrantState:
-    """From a row of `sql.select_batch_grants`, whose first columns are the state's fields in
-    their order (by position: a batch may read thousands), its instants in microseconds since
-    the epoch."""
+    """From a row of `sql.select_live_grants` or `sql.select_named_grants`, whose first columns
+    are the state's fields in their order (by position: a batch may read thousands), its
+    instants in microseconds since the epoch."""
     (
         grant_id,
         wallet_id,

@@ -13,8 +13,6 @@ from typing import Any
 from ..model import TransferFilter, UsageFilter
 
 __all__ = [
-    "allocation_columns",
-    "allocations_table",
     "announce_expiring_grants",
     "audit_expired_mismatched",
     "audit_floors_broken",
@@ -32,7 +30,6 @@ __all__ = [
     "delete_transfers",
     "insert_commit",
     "insert_expired_wallets",
-    "insert_grants",
     "insert_pending_holds",
     "insert_preload_chunk",
     "insert_system_wallet",
@@ -47,7 +44,6 @@ __all__ = [
     "refusals_table",
     "select_allocations",
     "select_allocations_drawn",
-    "select_batch_grants",
     "select_commits",
     "select_event_bounds",
     "select_event_transfers",
@@ -61,6 +57,8 @@ __all__ = [
     "select_holds_open_at",
     "select_keys_taken",
     "select_lapsed_holds",
+    "select_live_grants",
+    "select_named_grants",
     "select_oldest_commits",
     "select_one",
     "select_operation_transfers",
@@ -97,7 +95,6 @@ __all__ = [
     "transfers_table",
     "update_balance_alert",
     "update_balances",
-    "update_grant_remainders",
     "update_grants",
     "update_wallet_status",
     "vacuum_preloaded",
@@ -283,32 +280,29 @@ select_allocations = """
     select transfer_id, grant_id, amount from allocations where transfer_id = any($1::bigint[])
 """
 
-# The grants of the wallets in $1 with something left, the grants in $2, and those the
-# transfers in $3 made. Read after their wallets are locked: grants change only under that
-# lock.
-# The fields of rules.GrantState, in its order (`rows.grant_state`), then the transfer; the
-# instants as microseconds since the epoch (exact: `extract` gives a numeric), which the batch
-# turns into datetimes through a cache, a few times quicker than decoding a timestamptz.
-select_batch_grants = """
-    select id, wallet_id, amount, remaining,
-           (extract(epoch from valid_from) * 1000000)::int8 as valid_from,
-           (extract(epoch from expires_at) * 1000000)::int8 as expires_at,
-           expired, voided, transfer_id
-    from grants
-    where (wallet_id = any($1::bigint[]) and live)
-       or id = any($2::bigint[])
-       or transfer_id = any($3::bigint[])
+# The grants a batch reads, after their wallets are locked (grants change only under that
+# lock). The fields of rules.GrantState, in its order (`rows.grant_state`), then the transfer;
+# the instants as microseconds since the epoch (exact: `extract` gives a numeric), which the
+# batch turns into datetimes through a cache, a few times quicker than decoding a timestamptz.
+_batch_grant_columns = """
+    id, wallet_id, amount, remaining,
+    (extract(epoch from valid_from) * 1000000)::int8 as valid_from,
+    (extract(epoch from expires_at) * 1000000)::int8 as expires_at,
+    expired, voided, transfer_id
+"""
+
+# The grants of the wallets in $1 with something left: by an index scan of `grants_live`, in
+# its order, never a bitmap scan (migration 0009 says why; tests/core/test_batch_plans.py).
+select_live_grants = f"select {_batch_grant_columns} from batch_live_grants($1::bigint[])"
+
+# The grants in $1, and those the transfers in $2 made, the oldest first.
+select_named_grants = f"""
+    select {_batch_grant_columns} from grants
+    where id = any($1::bigint[]) or transfer_id = any($2::bigint[])
+    order by id
 """
 
 next_grant_ids = "select array(select nextval('grants_id') from generate_series(1, $1))"
-
-insert_grants = """
-    insert into grants
-        (wallet_id, id, transfer_id, amount, remaining, valid_from, expires_at, created_at)
-    select w, i, t, a, r, f, e, $8
-    from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                $6::timestamptz[], $7::timestamptz[]) as v (w, i, t, a, r, f, e)
-"""
 
 # A batch's updates from arrays of values name their rows twice: joined to the values, and by
 # `id = any(...)`, through which the planner reads them by key. Joined alone, it costs the
@@ -325,18 +319,6 @@ update_grants = """
         as v (id, remaining, expires_at, expired, voided)
     where g.id = v.id and g.id = any($1::bigint[])
 """
-
-# The grants whose remainder alone a batch changed (the most): the others, `update_grants`.
-update_grant_remainders = """
-    update grants g
-    set remaining = v.remaining
-    from unnest($1::bigint[], $2::bigint[]) as v (id, remaining)
-    where g.id = v.id and g.id = any($1::bigint[])
-"""
-
-# Written with COPY, in this order.
-allocations_table = "allocations"
-allocation_columns = ("transfer_id", "grant_id", "wallet_id", "amount")
 
 # In ascending id order, so that batches never deadlock.
 # What the rules read of a wallet: the fields of rules.WalletState, in its order
@@ -420,6 +402,33 @@ update_balances = """
     from unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
         as v (id, posted, pending, crossings, tracked)
     where w.id = v.id and w.id = any($1::bigint[])
+"""
+
+# What a batch that changed grants writes of them and of its wallets, in one statement (one
+# round trip under the locks, where four took 2.5 ms more a batch of the credits load): the
+# balances as `update_balances` ($1 to $5); the grants made, with their ids ($6 to $12, their
+# time $19); the remainders of the grants it drew from or returned to, the most of those it
+# changed ($13, $14; the others: `update_grants`, before); each transfer's allocations ($15 to
+# $18: transfer, grant, the grant's wallet, the change to what is left of it). Each part names
+# rows none of the others does (the grants made are not among those drawn from: `Book.
+# changed_grants`): the parts see the rows as they were before the statement.
+update_balances_and_grants = f"""
+    with made as (
+        insert into grants
+            (wallet_id, id, transfer_id, amount, remaining, valid_from, expires_at, created_at)
+        select w, i, t, a, r, f, e, $19::timestamptz
+        from unnest($6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
+                    $11::timestamptz[], $12::timestamptz[]) as v (w, i, t, a, r, f, e)
+    ), remainders as (
+        update grants g
+        set remaining = v.remaining
+        from unnest($13::bigint[], $14::bigint[]) as v (id, remaining)
+        where g.id = v.id and g.id = any($13::bigint[])
+    ), allocated as (
+        insert into allocations (transfer_id, grant_id, wallet_id, amount)
+        select * from unnest($15::bigint[], $16::bigint[], $17::bigint[], $18::bigint[])
+    )
+    {update_balances}
 """
 
 # The holds lapsed by $1, the earliest first, at most $2.
